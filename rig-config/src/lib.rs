@@ -1,0 +1,320 @@
+//! The rig's configuration file, `rig.toml`: its schema with a documented
+//! default for every key, units in the key names, validation that reports
+//! every problem as `file:line:column: key = value: rule`, and the valve
+//! calibration maths (volume to open time and back).
+//!
+//! Architecture invariant: this crate does no I/O beyond reading the one file
+//! [`load`] is given. It never opens the serial port, the socket or the data
+//! root, and never checks that paths named in the file exist: that is the
+//! daemon's job when it starts a session.
+//!
+//! ```
+//! let loaded = rig_config::parse_str("[task]\nreward_ul = 3.0\n", "rig.toml".as_ref())?;
+//! assert_eq!(loaded.config.task.reward_ul, 3.0);
+//! assert_eq!(loaded.config.rig.sample_rate_hz, 1000); // a default
+//! assert_eq!(loaded.warnings.len(), 1); // the valve is not calibrated
+//! # Ok::<(), rig_config::ConfigError>(())
+//! ```
+
+mod error;
+mod locate;
+mod schema;
+mod validate;
+mod valve;
+
+use std::path::Path;
+
+use toml_edit::ImDocument;
+
+pub use error::{ConfigError, Problem, ToTomlError};
+pub use schema::{
+    BaselineMethod, BaselineSection, CalibrationPoint, ControlSection, ImagingSection,
+    PreviewSection, RigConfig, RigSection, SafetySection, StorageSection, TaskSection,
+    ValveSection,
+};
+pub use validate::{BITS_PER_BYTE_8N1, MAX_LEVER_LINK_SHARE, MAX_SOCKET_PATH_BYTES};
+pub use valve::CalibrationError;
+
+use locate::{find_span, line_col, locate};
+use validate::{validate, KeyPath, Segment};
+
+/// A configuration that passed validation, and the warnings worth showing
+/// (things that are allowed but probably not what the rig needs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    /// The effective configuration, defaults filled in.
+    pub config: RigConfig,
+    /// Human-readable warnings, one sentence each, without a `warning:` prefix.
+    pub warnings: Vec<String>,
+}
+
+/// Reads and validates the configuration file at `path`.
+///
+/// Errors: [`ConfigError::Read`] if the file cannot be read,
+/// [`ConfigError::NotUtf8`] if it is not text, [`ConfigError::Invalid`] with
+/// every located problem otherwise.
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    let bytes = std::fs::read(path).map_err(|error| ConfigError::Read {
+        path: path.to_path_buf(),
+        error,
+    })?;
+    let text = match String::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(e) => {
+            let offset = e.utf8_error().valid_up_to();
+            let valid = String::from_utf8_lossy(e.as_bytes().get(..offset).unwrap_or_default());
+            let (line, column) = line_col(&valid, offset);
+            return Err(ConfigError::NotUtf8 {
+                path: path.to_path_buf(),
+                line,
+                column,
+                offset,
+            });
+        }
+    };
+    parse_str(&text, path)
+}
+
+/// Parses and validates configuration `text`; `path_for_messages` is only
+/// used to prefix problems (`rig.toml:14:15: ...`).
+pub fn parse_str(text: &str, path_for_messages: &Path) -> Result<Loaded, ConfigError> {
+    let file = path_for_messages;
+    let invalid = |problems: Vec<Problem>| ConfigError::Invalid {
+        path: file.to_path_buf(),
+        problems,
+    };
+
+    // 1. TOML syntax, with spans kept for locating keys later.
+    let doc = match ImDocument::parse(text) {
+        Ok(doc) => doc,
+        Err(e) => {
+            let offset = e.span().map_or(0, |s| s.start);
+            let (line, column) = line_col(text, offset);
+            let message = format!(
+                "not valid TOML: {}; each line must be `key = value`, `[section]`, \
+                 `[[array.of.tables]]` or a `# comment`",
+                e.message().trim_end()
+            );
+            return Err(invalid(vec![Problem {
+                file: file.to_path_buf(),
+                line,
+                column,
+                key: None,
+                value: None,
+                message,
+            }]));
+        }
+    };
+
+    // 2. The schema: types and unknown keys.
+    let config: RigConfig = match toml::from_str(text) {
+        Ok(config) => config,
+        Err(e) => return Err(invalid(vec![schema_problem(&doc, file, &e)])),
+    };
+
+    // 3. The rules, all of them, reported in file order.
+    let issues = validate(&config);
+    if !issues.is_empty() {
+        let mut problems: Vec<Problem> = issues
+            .into_iter()
+            .map(|issue| {
+                let at = locate(&doc, &issue.key);
+                let (line, column) = line_col(text, at.offset);
+                let value = match at.raw_value {
+                    Some(raw) => raw,
+                    None if at.present => issue.value,
+                    None => format!("{} (default)", issue.value),
+                };
+                Problem {
+                    file: file.to_path_buf(),
+                    line,
+                    column,
+                    key: Some(issue.key.to_string()),
+                    value: Some(value),
+                    message: issue.rule,
+                }
+            })
+            .collect();
+        problems.sort_by_key(|p| (p.line, p.column));
+        return Err(invalid(problems));
+    }
+
+    let mut warnings = Vec::new();
+    if !locate(&doc, &KeyPath::dotted("valve.calibration")).present {
+        let points: Vec<String> = ValveSection::EXAMPLE_CALIBRATION
+            .iter()
+            .map(|p| format!("{} ms -> {} µL", p.open_ms, p.volume_ul))
+            .collect();
+        warnings.push(format!(
+            "{}: valve.calibration is not set, so the EXAMPLE calibration ({}) is in use; \
+             it is not a measurement of this valve: calibrate the valve and add \
+             [[valve.calibration]] points before giving water to a mouse",
+            file.display(),
+            points.join(", ")
+        ));
+    }
+    Ok(Loaded { config, warnings })
+}
+
+impl RigConfig {
+    /// The configuration as TOML, every key written (optional keys only when
+    /// set), `control.mode` in octal. Parsing the output gives back `self`.
+    pub fn to_toml_string(&self) -> Result<String, ToTomlError> {
+        let plain = toml::to_string(self).map_err(|e| ToTomlError(e.to_string()))?;
+        let mut doc: toml_edit::DocumentMut = plain
+            .parse()
+            .map_err(|e: toml_edit::TomlError| ToTomlError(e.to_string()))?;
+        let octal: Option<toml_edit::Value> = format!("0o{:o}", self.control.mode).parse().ok();
+        let mode = doc
+            .get_mut("control")
+            .and_then(toml_edit::Item::as_table_like_mut)
+            .and_then(|t| t.get_mut("mode"))
+            .and_then(toml_edit::Item::as_value_mut);
+        if let (Some(mode), Some(mut octal)) = (mode, octal) {
+            *octal.decor_mut() = mode.decor().clone();
+            *mode = octal;
+        }
+        Ok(doc.to_string())
+    }
+}
+
+/// Turns a deserialization error (wrong type, unknown key, bad enum value)
+/// into a located problem naming the key.
+fn schema_problem(doc: &ImDocument<&str>, file: &Path, e: &toml::de::Error) -> Problem {
+    let text = doc.raw();
+    let span = e.span();
+    let offset = span.as_ref().map_or(0, |s| s.start);
+    let (line, column) = line_col(text, offset);
+    let found = span.as_ref().and_then(|s| find_span(doc, s));
+    let raw_message = e.message().trim_end();
+
+    let (key, value, message) = match (found, unknown_field(raw_message)) {
+        (Some(found), Some((name, allowed))) => {
+            let parent = KeyPath(
+                found
+                    .path
+                    .0
+                    .split_last()
+                    .map(|(_, parent)| parent.to_vec())
+                    .unwrap_or_default(),
+            );
+            let message = unknown_key_message(&parent, &name, &allowed);
+            (Some(found.path.to_string()), found.raw_value, message)
+        }
+        (None, Some((name, allowed))) => (
+            None,
+            None,
+            unknown_key_message(&KeyPath::default(), &name, &allowed),
+        ),
+        (Some(found), None) => {
+            let value = if found.is_key { None } else { found.raw_value };
+            (Some(found.path.to_string()), value, humanize(raw_message))
+        }
+        (None, None) => (None, None, humanize(raw_message)),
+    };
+    Problem {
+        file: file.to_path_buf(),
+        line,
+        column,
+        key,
+        value,
+        message,
+    }
+}
+
+/// Parses serde's "unknown field `x`, expected one of `a`, `b`" (or
+/// "expected `a`", or "there are no fields") into the name and allowed keys.
+fn unknown_field(message: &str) -> Option<(String, Vec<String>)> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (name, rest) = rest.split_once('`')?;
+    let allowed = rest
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect();
+    Some((name.to_owned(), allowed))
+}
+
+fn unknown_key_message(parent: &KeyPath, name: &str, allowed: &[String]) -> String {
+    let place = match parent.0.last() {
+        None => "at the top level".to_owned(),
+        Some(Segment::Index(_)) => {
+            let mut table = parent.clone();
+            table.0.pop();
+            format!("in [[{table}]]")
+        }
+        Some(Segment::Key(_)) => format!("in [{parent}]"),
+    };
+    let mut message = format!("unknown key {place}");
+    if let Some(best) = closest(name, allowed) {
+        message.push_str(&format!(" (did you mean `{best}`?)"));
+    }
+    if allowed.is_empty() {
+        message.push_str("; this table takes no keys");
+    } else {
+        message.push_str(&format!("; allowed keys: {}", allowed.join(", ")));
+    }
+    message
+}
+
+/// The allowed key closest to `name` by edit distance, if it is close enough
+/// to be a typo, or else the one `name` is the start of (a key written
+/// without its unit, `threshold` for `threshold_mm`).
+fn closest<'a>(name: &str, allowed: &'a [String]) -> Option<&'a str> {
+    let limit = (name.chars().count() / 3).max(1);
+    let typo = allowed
+        .iter()
+        .map(|a| (edit_distance(name, a), a))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, a)| a.as_str());
+    let unit_missing = || {
+        allowed
+            .iter()
+            .find(|a| name.len() >= 3 && a.starts_with(name) && a[name.len()..].starts_with('_'))
+            .map(String::as_str)
+    };
+    typo.or_else(unit_missing)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(diagonal + 1);
+        }
+    }
+    row[b.len()]
+}
+
+/// Rewrites serde's type names in a message into words a person uses.
+fn humanize(message: &str) -> String {
+    const TYPES: &[(&str, &str)] = &[
+        ("expected u16", "expected a whole number from 0 to 65535"),
+        (
+            "expected u32",
+            "expected a whole number from 0 to 4294967295",
+        ),
+        ("expected f64", "expected a number"),
+        ("expected a boolean", "expected true or false"),
+        ("expected a string", "expected a string in quotes"),
+        ("expected a sequence", "expected an array"),
+    ];
+    let mut out = message.to_owned();
+    for (from, to) in TYPES {
+        if out.ends_with(from) {
+            out.truncate(out.len() - from.len());
+            out.push_str(to);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,414 @@
+//! The `rig.toml` schema: one struct per section, every key with a documented
+//! default so that an empty file is a complete configuration.
+//!
+//! Units are in the key names (`_ms`, `_mm`, `_ul`, `_hz`, `_pct`, `_min`, `_s`).
+//! The rules each value must satisfy live in [`crate::validate`] and are listed
+//! in `docs/configuration.md`.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration of one rig: every section of `rig.toml`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RigConfig {
+    /// `[rig]`: the hardware: serial link, lever sampling, lever geometry.
+    pub rig: RigSection,
+    /// `[task]`: the lever-press task.
+    pub task: TaskSection,
+    /// `[valve]`: the water valve's calibration.
+    pub valve: ValveSection,
+    /// `[imaging]`: the two-photon frame ring and online dF/F.
+    pub imaging: ImagingSection,
+    /// `[storage]`: where and how sessions are written.
+    pub storage: StorageSection,
+    /// `[control]`: the experimenter's control socket.
+    pub control: ControlSection,
+    /// `[preview]`: the live preview web server.
+    pub preview: PreviewSection,
+    /// `[safety]`: caps that protect the mouse.
+    pub safety: SafetySection,
+}
+
+/// `[rig]`: the rig's hardware and the serial link to its microcontroller.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RigSection {
+    /// Rig name, `[A-Za-z0-9_-]{1,64}`. Default `"rig1"`.
+    pub name: String,
+    /// Serial device of the microcontroller. Default `"/dev/ttyACM0"`.
+    pub serial_port: String,
+    /// Serial baud rate (8N1). Default 1 000 000.
+    pub baud: u32,
+    /// Lever sampling rate on the device, Hz. Must divide 1 000 000 (the device
+    /// samples on a microsecond timer) and be 1..=20 000. Default 1000.
+    pub sample_rate_hz: u32,
+    /// Lever samples per serial frame, 1..=`MAX_SAMPLES_PER_BATCH`. Default 1.
+    pub samples_per_batch: u32,
+    /// Encoder counts per millimetre of lever travel, > 0. Default 40 (an
+    /// assumption: measure it on the rig).
+    pub encoder_counts_per_mm: f64,
+    /// Full lever travel, mm, > 0. Default 6.
+    pub lever_travel_mm: f64,
+}
+
+impl Default for RigSection {
+    fn default() -> Self {
+        Self {
+            name: "rig1".to_owned(),
+            serial_port: "/dev/ttyACM0".to_owned(),
+            baud: 1_000_000,
+            sample_rate_hz: 1000,
+            samples_per_batch: 1,
+            encoder_counts_per_mm: 40.0,
+            lever_travel_mm: 6.0,
+        }
+    }
+}
+
+impl RigSection {
+    /// Microseconds between two lever samples (`1_000_000 / sample_rate_hz`),
+    /// or `None` for a rate of 0 (which validation rejects).
+    pub fn sample_period_us(&self) -> Option<u32> {
+        1_000_000u32.checked_div(self.sample_rate_hz)
+    }
+
+    /// Lever displacement in encoder counts for `mm` millimetres.
+    pub fn mm_to_counts(&self, mm: f64) -> f64 {
+        mm * self.encoder_counts_per_mm
+    }
+
+    /// Lever displacement in millimetres for `counts` encoder counts.
+    pub fn counts_to_mm(&self, counts: f64) -> f64 {
+        counts / self.encoder_counts_per_mm
+    }
+}
+
+/// `[task]`: the lever-press task (inter-trial interval, cue, response window,
+/// reward or miss).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TaskSection {
+    /// Cue tone frequency, Hz, 1000..=40 000. Default 6000.
+    pub cue_tone_hz: u32,
+    /// Cue tone duration, ms, 1..=60 000. Default 1000.
+    pub cue_duration_ms: u32,
+    /// Cue tone level, percent of the speaker's full scale, 0..=100. Default 80.
+    pub cue_level_pct: u32,
+    /// Time after cue onset in which a press earns a reward, ms, 1..=600 000.
+    /// Default 10 000.
+    pub response_window_ms: u32,
+    /// Lever displacement that counts as a press, mm, > 0 and <
+    /// `rig.lever_travel_mm`. Default 1.5.
+    pub threshold_mm: f64,
+    /// Shortest inter-trial interval, ms, <= `iti_max_ms`. Default 3000.
+    pub iti_min_ms: u32,
+    /// Longest inter-trial interval, ms, <= 600 000. Default 6000.
+    pub iti_max_ms: u32,
+    /// Whether a press during the ITI restarts it. Default false.
+    pub iti_press_restarts: bool,
+    /// The lever must be still this long before the cue, ms, 0 (off)..=60 000.
+    /// Default 0.
+    pub quiescence_ms: u32,
+    /// Water per reward, µL, inside the valve calibration's range. Default 4.
+    pub reward_ul: f64,
+    /// Extra wait after a miss, ms, 0..=600 000. Default 2000.
+    pub miss_timeout_ms: u32,
+    /// Stop after this many trials; absent = no limit; > 0 if set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_trials: Option<u32>,
+    /// Stop after this many rewards; absent = no limit; > 0 if set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_rewards: Option<u32>,
+    /// Stop after this many minutes; absent = no limit; > 0 if set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_duration_min: Option<u32>,
+}
+
+impl Default for TaskSection {
+    fn default() -> Self {
+        Self {
+            cue_tone_hz: 6000,
+            cue_duration_ms: 1000,
+            cue_level_pct: 80,
+            response_window_ms: 10_000,
+            threshold_mm: 1.5,
+            iti_min_ms: 3000,
+            iti_max_ms: 6000,
+            iti_press_restarts: false,
+            quiescence_ms: 0,
+            reward_ul: 4.0,
+            miss_timeout_ms: 2000,
+            max_trials: None,
+            max_rewards: None,
+            max_duration_min: None,
+        }
+    }
+}
+
+/// `[valve]`: the water valve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ValveSection {
+    /// Measured points of the valve's open-time to volume curve, at least 2,
+    /// `open_ms` and `volume_ul` both strictly increasing. Between points the
+    /// curve is linear; outside them it is not defined. Default:
+    /// [`ValveSection::EXAMPLE_CALIBRATION`], which is an example only.
+    pub calibration: Vec<CalibrationPoint>,
+}
+
+/// One measured point of the valve calibration: opening the valve for
+/// `open_ms` delivers `volume_ul`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalibrationPoint {
+    /// Valve open time, ms.
+    pub open_ms: f64,
+    /// Water delivered per opening, µL.
+    pub volume_ul: f64,
+}
+
+impl ValveSection {
+    /// The calibration used when the file sets none. A plausible example, not a
+    /// measurement: loading a file without `[[valve.calibration]]` warns.
+    pub const EXAMPLE_CALIBRATION: [CalibrationPoint; 3] = [
+        CalibrationPoint {
+            open_ms: 20.0,
+            volume_ul: 2.0,
+        },
+        CalibrationPoint {
+            open_ms: 40.0,
+            volume_ul: 4.2,
+        },
+        CalibrationPoint {
+            open_ms: 80.0,
+            volume_ul: 8.6,
+        },
+    ];
+}
+
+impl Default for ValveSection {
+    fn default() -> Self {
+        Self {
+            calibration: Self::EXAMPLE_CALIBRATION.to_vec(),
+        }
+    }
+}
+
+/// `[imaging]`: the microscope's shared-memory frame ring and online dF/F.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImagingSection {
+    /// Whether to read frames at all. Default true.
+    pub enabled: bool,
+    /// POSIX shared-memory name of the frame ring: starts with `/`, no other
+    /// `/`, 2..=255 characters. Default `"/rigd-frames"`.
+    pub shm_name: String,
+    /// Frame width, pixels, 1..=8192. Default 512.
+    pub width: u32,
+    /// Frame height, pixels, 1..=8192. Default 512.
+    pub height: u32,
+    /// Colour channels per frame, 1 or 2. Default 1.
+    pub channels: u32,
+    /// Nominal frame rate, Hz, > 0 and <= 1000. Default 28.7.
+    pub frame_rate_hz: f64,
+    /// Whether the microscope's frame-clock TTL is wired to the device.
+    /// Default true.
+    pub ttl_wired: bool,
+    /// ROI label image (one integer label per pixel). Absent = no ROIs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub roi_labels: Option<PathBuf>,
+    /// ROI table (names, cell types). Absent = none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub roi_table: Option<PathBuf>,
+    /// Rigid motion correction against a reference image. Default true.
+    pub motion_correction: bool,
+    /// Reference image for motion correction. Absent = built from the first
+    /// frames of the session.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference_image: Option<PathBuf>,
+    /// Neuropil coefficient r in F - r * Fneu, 0..=1. Default 0.7.
+    pub neuropil_coefficient: f64,
+    /// `[imaging.baseline]`: the causal F0 estimate.
+    pub baseline: BaselineSection,
+}
+
+impl Default for ImagingSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            shm_name: "/rigd-frames".to_owned(),
+            width: 512,
+            height: 512,
+            channels: 1,
+            frame_rate_hz: 28.7,
+            ttl_wired: true,
+            roi_labels: None,
+            roi_table: None,
+            motion_correction: true,
+            reference_image: None,
+            neuropil_coefficient: 0.7,
+            baseline: BaselineSection::default(),
+        }
+    }
+}
+
+/// `[imaging.baseline]`: how F0 is estimated from a trailing window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BaselineSection {
+    /// `"maximin"` or `"percentile"`. Default `"maximin"`.
+    pub method: BaselineMethod,
+    /// Trailing window, s, > 0. Default 60.
+    pub window_s: f64,
+    /// Percentile for the `percentile` method, >= 0 and < 100. Default 8.
+    pub percentile: f64,
+    /// Gaussian smoothing before the window filter, frames, >= 0. Default 10.
+    pub smoothing_sigma_frames: f64,
+}
+
+impl Default for BaselineSection {
+    fn default() -> Self {
+        Self {
+            method: BaselineMethod::Maximin,
+            window_s: 60.0,
+            percentile: 8.0,
+            smoothing_sigma_frames: 10.0,
+        }
+    }
+}
+
+/// The baseline (F0) estimator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BaselineMethod {
+    /// Smooth, then a minimum filter, then a maximum filter over the window.
+    Maximin,
+    /// A low percentile of the smoothed trace over the window.
+    Percentile,
+}
+
+/// `[storage]`: where session folders go and how they are written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSection {
+    /// Root of the session folders, an absolute path.
+    /// Default `"/var/lib/rigd/sessions"`.
+    pub data_root: PathBuf,
+    /// Whether to store every raw frame as well. Default false.
+    pub raw_frames: bool,
+    /// Longest time between two syncs of the session files to disk, ms,
+    /// 1..=1000 (a crash loses at most one second). Default 1000.
+    pub fsync_interval_ms: u32,
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        Self {
+            data_root: PathBuf::from("/var/lib/rigd/sessions"),
+            raw_frames: false,
+            fsync_interval_ms: 1000,
+        }
+    }
+}
+
+/// `[control]`: the control socket `rigctl` talks to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlSection {
+    /// Unix socket path, absolute, at most 107 bytes.
+    /// Default `"/run/rigd/rigd.sock"`.
+    pub socket: PathBuf,
+    /// Socket file permissions, <= 0o777 and not world-writable. Default 0o660.
+    pub mode: u32,
+    /// Group to own the socket. Absent = the daemon's group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+impl Default for ControlSection {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("/run/rigd/rigd.sock"),
+            mode: 0o660,
+            group: None,
+        }
+    }
+}
+
+/// `[preview]`: the live preview web server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PreviewSection {
+    /// Whether to serve the preview. Default true.
+    pub enabled: bool,
+    /// Address to listen on, an IP address. Default `"127.0.0.1"`.
+    pub bind: String,
+    /// TCP port, != 0. Default 8787.
+    pub port: u16,
+    /// Must be true to listen on anything but loopback. Default false.
+    pub allow_non_loopback: bool,
+}
+
+impl Default for PreviewSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            bind: "127.0.0.1".to_owned(),
+            port: 8787,
+            allow_non_loopback: false,
+        }
+    }
+}
+
+impl PreviewSection {
+    /// The bind address, if it parses (validation guarantees it does).
+    pub fn bind_addr(&self) -> Option<IpAddr> {
+        self.bind.parse().ok()
+    }
+}
+
+/// `[safety]`: limits that protect the mouse, enforced by the device (valve
+/// time, heartbeat) and by the host (water, session length).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SafetySection {
+    /// Longest reward pulse the device will open the valve for, ms, 1..=5000.
+    /// Default 200.
+    pub max_valve_open_ms: u32,
+    /// Longest manual flush (`ValveOpen`), ms, 1..=60 000. Default 5000.
+    pub max_flush_ms: u32,
+    /// Host heartbeat period, ms, 1..=10 000. Default 100.
+    pub heartbeat_interval_ms: u32,
+    /// The device goes to its safe state after this long without a heartbeat,
+    /// ms, >= 2 x `heartbeat_interval_ms`. Default 500.
+    pub heartbeat_timeout_ms: u32,
+    /// Water cap per session, µL, > 0 and <= `max_water_per_day_ul`.
+    /// Default 1000.
+    pub max_water_per_session_ul: f64,
+    /// Water cap per mouse per day, µL, > 0. Default 1500.
+    pub max_water_per_day_ul: f64,
+    /// Longest session, min, 1..=1440. Default 120.
+    pub max_session_min: u32,
+    /// Daily water the mouse should get (supplement after the session).
+    /// Absent = not tracked; > 0 and <= `max_water_per_day_ul` if set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub daily_water_target_ul: Option<f64>,
+}
+
+impl Default for SafetySection {
+    fn default() -> Self {
+        Self {
+            max_valve_open_ms: 200,
+            max_flush_ms: 5000,
+            heartbeat_interval_ms: 100,
+            heartbeat_timeout_ms: 500,
+            max_water_per_session_ul: 1000.0,
+            max_water_per_day_ul: 1500.0,
+            max_session_min: 120,
+            daily_water_target_ul: None,
+        }
+    }
+}
