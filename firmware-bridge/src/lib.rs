@@ -5,5 +5,6 @@
 //! events and commands and puts them on one clock.
 
 pub mod clock;
+pub mod link;
 pub mod rng;
 pub mod sync;

@@ -15,7 +15,7 @@ fn one_second_stream(samples_per_batch: usize) -> (Vec<u8>, u64) {
     let mut buf = [0u8; MAX_WIRE_FRAME];
     let mut seq = 0u16;
     let mut messages = 0u64;
-    let mut push = |n: usize, out: &mut Vec<u8>, buf: &[u8; MAX_WIRE_FRAME], messages: &mut u64| {
+    let push = |n: usize, out: &mut Vec<u8>, buf: &[u8; MAX_WIRE_FRAME], messages: &mut u64| {
         out.extend_from_slice(&buf[..n]);
         *messages += 1;
     };

@@ -147,8 +147,27 @@ pub struct StartRequest {
     pub notes: Option<String>,
     /// Task parameters for this session; absent fields keep the configured
     /// value. The daemon validates the merged task like the config file.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "task_object"
+    )]
     pub task: Option<TaskOverrides>,
+}
+
+/// `task` must be a JSON object (or null): serde would otherwise also accept
+/// an array and fill the fields by position.
+fn task_object<'de, D: Deserializer<'de>>(d: D) -> Result<Option<TaskOverrides>, D::Error> {
+    match Option::<Value>::deserialize(d)? {
+        None | Some(Value::Null) => Ok(None),
+        Some(value @ Value::Object(_)) => serde_json::from_value(value)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+        Some(other) => Err(serde::de::Error::custom(format!(
+            "task = {}: expected an object of task parameters",
+            brief(&other)
+        ))),
+    }
 }
 
 /// Per-session overrides of the `[task]` section of the rig configuration.
@@ -216,12 +235,12 @@ impl ValveRequest {
             }
         };
         match (self.pulse_ms, self.flush_ms) {
-            (Some(ms), None) => positive("pulse_ms", ms).map(|duration_ms| ValveAction::Pulse {
-                duration_ms,
-            }),
-            (None, Some(ms)) => positive("flush_ms", ms).map(|duration_ms| ValveAction::Flush {
-                duration_ms,
-            }),
+            (Some(ms), None) => {
+                positive("pulse_ms", ms).map(|duration_ms| ValveAction::Pulse { duration_ms })
+            }
+            (None, Some(ms)) => {
+                positive("flush_ms", ms).map(|duration_ms| ValveAction::Flush { duration_ms })
+            }
             (Some(_), Some(_)) => {
                 Err("valve: both pulse_ms and flush_ms given: expected exactly one".to_owned())
             }
@@ -309,7 +328,10 @@ pub fn parse_request_line(line: &[u8]) -> Result<RequestEnvelope, ControlError> 
         ));
     }
     let value: Value = serde_json::from_str(text).map_err(|e| {
-        ControlError::new(ErrorCode::BadJson, format!("request is not valid JSON: {e}"))
+        ControlError::new(
+            ErrorCode::BadJson,
+            format!("request is not valid JSON: {e}"),
+        )
     })?;
     parse_request_value(value)
 }
@@ -735,7 +757,7 @@ pub enum Event {
 impl Event {
     /// The event as one line (newline included).
     pub fn to_line(&self) -> Vec<u8> {
-        // Cannot fail for this type; an empty line would be ignored.
+        // Cannot fail for this type; if it somehow did, nothing is sent.
         encode_line(self).unwrap_or_default()
     }
 }

@@ -81,7 +81,12 @@ fn round_trip_many_frames_in_order() {
     let mut out = vec![0u16; reader.frame_pixels()];
     for i in 0..10u16 {
         writer
-            .publish(u64::from(i) + 100, u64::from(i) * 10, None, &frame_of(i, &g))
+            .publish(
+                u64::from(i) + 100,
+                u64::from(i) * 10,
+                None,
+                &frame_of(i, &g),
+            )
             .expect("publish");
         let meta = expect_frame(&mut reader, &mut out);
         assert_eq!(meta.index, u64::from(i));
@@ -118,7 +123,10 @@ fn two_channel_frames_are_channel_major() {
     // And the bytes in the slot are little-endian uint16 in that order.
     let mut bytes = vec![0u8; reader.frame_bytes()];
     writer.publish(2, 2, None, &pixels).expect("publish");
-    assert!(matches!(reader.poll_bytes(&mut bytes), Ok(PollOutcome::Frame(_))));
+    assert!(matches!(
+        reader.poll_bytes(&mut bytes),
+        Ok(PollOutcome::Frame(_))
+    ));
     assert_eq!(bytes, pixels.as_bytes());
     assert_eq!(&bytes[2..4], &1u16.to_le_bytes());
 }
@@ -203,7 +211,10 @@ fn two_phase_write_refuses_ranges_that_split_words() {
     assert_eq!(slot.write_pixels(1, &[0; 3]), Err(err(1, 4)));
     assert_eq!(slot.write_pixels(0, &[0; 3]), Err(err(0, 3)));
     assert_eq!(slot.write_pixels(8, &[0; 2]), Err(err(8, 10)));
-    assert_eq!(slot.write_pixels(usize::MAX, &[0; 2]), Err(err(usize::MAX, usize::MAX)));
+    assert_eq!(
+        slot.write_pixels(usize::MAX, &[0; 2]),
+        Err(err(usize::MAX, usize::MAX))
+    );
     assert_eq!(slot.write_pixels(4, &[0; 5]), Ok(()));
     assert_eq!(slot.write_pixels(8, &[0; 1]), Ok(()));
     assert_eq!(slot.write_pixels(0, &[]), Ok(()));
@@ -236,7 +247,10 @@ fn writer_laps_reader_overrun_is_counted() {
     }
     let mut out = vec![0u16; 16];
     // Frames 0..6 are gone; 6..10 are still in the 4 slots.
-    assert_eq!(reader.poll(&mut out), Ok(PollOutcome::Overrun { skipped: 6 }));
+    assert_eq!(
+        reader.poll(&mut out),
+        Ok(PollOutcome::Overrun { skipped: 6 })
+    );
     for i in 6..10u16 {
         let meta = expect_frame(&mut reader, &mut out);
         assert_eq!(meta.index, u64::from(i));
@@ -252,7 +266,9 @@ fn reader_exactly_one_ring_behind_loses_nothing() {
     let g = geometry(4, 4, 1, 4);
     let (mut writer, mut reader) = ring(g);
     for i in 0..4u16 {
-        writer.publish(0, 0, None, &frame_of(i, &g)).expect("publish");
+        writer
+            .publish(0, 0, None, &frame_of(i, &g))
+            .expect("publish");
     }
     let mut out = vec![0u16; 16];
     for i in 0..4 {
@@ -266,12 +282,17 @@ fn slot_being_overwritten_is_an_overrun_of_one() {
     let g = geometry(4, 4, 1, 4);
     let (mut writer, mut reader) = ring(g);
     for i in 0..4u16 {
-        writer.publish(0, 0, None, &frame_of(i, &g)).expect("publish");
+        writer
+            .publish(0, 0, None, &frame_of(i, &g))
+            .expect("publish");
     }
     // Frame 4 is being written into frame 0's slot.
     let slot = writer.begin_frame();
     let mut out = vec![0u16; 16];
-    assert_eq!(reader.poll(&mut out), Ok(PollOutcome::Overrun { skipped: 1 }));
+    assert_eq!(
+        reader.poll(&mut out),
+        Ok(PollOutcome::Overrun { skipped: 1 })
+    );
     assert_eq!(expect_frame(&mut reader, &mut out).index, 1);
     slot.commit(0, 0, None);
 }
@@ -282,7 +303,9 @@ fn attach_starts_at_the_live_edge_and_seek_reads_history() {
     let region = RingRegion::new_owned(g.region_len_usize().expect("fits"));
     let mut writer = RingWriter::init(region.clone(), g, 3, 1, 0).expect("init");
     for i in 0..5u16 {
-        writer.publish(0, 0, None, &frame_of(i, &g)).expect("publish");
+        writer
+            .publish(0, 0, None, &frame_of(i, &g))
+            .expect("publish");
     }
     let mut reader = RingReader::attach(region).expect("attach");
     assert_eq!(reader.next_index(), 5);
@@ -300,7 +323,9 @@ fn producer_restart_is_detected_and_followed() {
     let g = geometry(4, 4, 1, 4);
     let (writer, mut reader) = ring(g);
     let mut writer = writer;
-    writer.publish(0, 0, None, &frame_of(1, &g)).expect("publish");
+    writer
+        .publish(0, 0, None, &frame_of(1, &g))
+        .expect("publish");
     let mut out = vec![0u16; 16];
     expect_frame(&mut reader, &mut out);
 
@@ -308,7 +333,9 @@ fn producer_restart_is_detected_and_followed() {
     let region = writer.region().clone();
     drop(writer);
     let mut writer = RingWriter::init(region, g, 2, 999, 50).expect("restart");
-    writer.publish(0, 60, None, &frame_of(7, &g)).expect("publish");
+    writer
+        .publish(0, 60, None, &frame_of(7, &g))
+        .expect("publish");
     assert_eq!(
         reader.poll(&mut out),
         Ok(PollOutcome::ProducerRestarted {
@@ -331,7 +358,9 @@ fn restart_with_a_new_geometry_changes_the_readers_layout() {
     let mut reader = RingReader::attach(region).expect("attach");
     let region = writer.close();
     let mut writer = RingWriter::init(region, small, 11, 1, 0).expect("restart");
-    writer.publish(0, 0, None, &frame_of(3, &small)).expect("publish");
+    writer
+        .publish(0, 0, None, &frame_of(3, &small))
+        .expect("publish");
     let mut out = vec![0u16; big.frame_pixels() as usize];
     assert!(matches!(
         reader.poll(&mut out),
@@ -405,7 +434,10 @@ fn attach_to_an_uninitialised_region_is_not_ready() {
     let tiny = RingRegion::new_owned(64);
     assert!(matches!(
         RingReader::attach(tiny),
-        Err(RingError::Layout(LayoutError::RegionTooSmall { needed: 4096, .. }))
+        Err(RingError::Layout(LayoutError::RegionTooSmall {
+            needed: 4096,
+            ..
+        }))
     ));
 }
 
@@ -467,7 +499,9 @@ fn ring_over_raw_memory_works_like_an_owned_one() {
     let region = unsafe { RingRegion::from_raw(words.as_mut_ptr().cast(), len) }.expect("aligned");
     let mut writer = RingWriter::init(region.clone(), g, 9, 1, 0).expect("init");
     let mut reader = RingReader::attach(region).expect("attach");
-    writer.publish(1, 2, None, &frame_of(4, &g)).expect("publish");
+    writer
+        .publish(1, 2, None, &frame_of(4, &g))
+        .expect("publish");
     let mut out = vec![0u16; 32];
     expect_frame(&mut reader, &mut out);
     assert!(out.iter().all(|&p| p == 4));
@@ -479,8 +513,8 @@ fn ring_over_raw_memory_works_like_an_owned_one() {
 fn header_bytes_match_the_documented_layout() {
     let g = geometry(512, 256, 2, 16);
     let region = RingRegion::new_owned(g.region_len_usize().expect("fits"));
-    let mut writer = RingWriter::init(region.clone(), g, 0x1122_3344_5566_7788, 4321, 99)
-        .expect("init");
+    let mut writer =
+        RingWriter::init(region.clone(), g, 0x1122_3344_5566_7788, 4321, 99).expect("init");
     writer.set_nominal_frame_rate_mhz(30_000);
     writer
         .publish(5, 123_456, Some(42), &frame_of(1, &g))
@@ -495,8 +529,8 @@ fn header_bytes_match_the_documented_layout() {
     assert_eq!(le_u32(&b, 28), 1, "pixel_type");
     assert_eq!(le_u32(&b, 32), 16, "slot_count");
     assert_eq!(le_u32(&b, 36), 64, "slot_header_size");
-    let frame_bytes = 512 * 256 * 2 * 2;
-    assert_eq!(le_u64(&b, 40), (64 + frame_bytes as u64).div_ceil(4096) * 4096);
+    let frame_bytes: u64 = 512 * 256 * 2 * 2;
+    assert_eq!(le_u64(&b, 40), (64 + frame_bytes).div_ceil(4096) * 4096);
     assert_eq!(le_u64(&b, 48), frame_bytes, "frame_bytes");
     assert_eq!(le_u64(&b, 56), 0x1122_3344_5566_7788, "generation");
     assert_eq!(le_u64(&b, 64), 1, "write_seq");
@@ -507,7 +541,10 @@ fn header_bytes_match_the_documented_layout() {
     assert!(b[92..].iter().all(|&x| x == 0), "reserved bytes are zero");
 
     let header = RingHeader::parse(&b).expect("parse");
-    assert_eq!(header.validate(region.len() as u64), Ok(RingLayout::for_geometry(g)));
+    assert_eq!(
+        header.validate(region.len() as u64),
+        Ok(RingLayout::for_geometry(g))
+    );
     assert_eq!(header.producer_state(), ProducerState::Live);
     let mut expected = g.header_for(0x1122_3344_5566_7788, 4321);
     expected.write_seq = 1;
@@ -540,11 +577,16 @@ fn heartbeat_close_and_staleness() {
     assert!(reader.is_stale(1_600_000_001, 500_000_000));
     // A clock reading before the heartbeat is never stale.
     assert!(!reader.is_stale(0, 0));
-    writer.publish(0, 2_000_000_000, None, &frame_of(0, &g)).expect("publish");
+    writer
+        .publish(0, 2_000_000_000, None, &frame_of(0, &g))
+        .expect("publish");
     assert_eq!(reader.heartbeat_ns(), 2_000_000_000);
     let _region = writer.close();
     assert_eq!(reader.producer_state(), ProducerState::Closed);
-    assert_eq!(reader.header().expect("header").state, ProducerState::CLOSED);
+    assert_eq!(
+        reader.header().expect("header").state,
+        ProducerState::CLOSED
+    );
 }
 
 #[test]
@@ -552,7 +594,9 @@ fn closed_ring_can_still_be_attached_and_drained() {
     let g = geometry(4, 4, 1, 4);
     let region = RingRegion::new_owned(g.region_len_usize().expect("fits"));
     let mut writer = RingWriter::init(region.clone(), g, 1, 1, 0).expect("init");
-    writer.publish(0, 0, None, &frame_of(8, &g)).expect("publish");
+    writer
+        .publish(0, 0, None, &frame_of(8, &g))
+        .expect("publish");
     writer.close();
     let mut reader = RingReader::attach(region).expect("attach closed ring");
     assert_eq!(reader.producer_state(), ProducerState::Closed);
@@ -594,7 +638,10 @@ fn valid_header_validates() {
 fn header_validation_errors_name_field_value_and_expectation() {
     let (err, msg) = invalid_message(|h| h.magic = *b"NOTARING");
     assert!(matches!(err, LayoutError::BadMagic { .. }));
-    assert!(msg.contains("magic = NOTARING") && msg.contains("RIGFRAME"), "{msg}");
+    assert!(
+        msg.contains("magic = NOTARING") && msg.contains("RIGFRAME"),
+        "{msg}"
+    );
 
     let (_, msg) = invalid_message(|h| h.magic = [0; 8]);
     assert!(msg.contains(r"\x00"), "{msg}");
@@ -609,9 +656,18 @@ fn header_validation_errors_name_field_value_and_expectation() {
     );
     assert!(msg.starts_with("layout_version = 2: expected 1"), "{msg}");
 
-    let cases: [(&str, fn(&mut RingHeader), &str); 12] = [
-        ("header_size = 128", |h| h.header_size = 128, "expected 4096"),
-        ("slot_header_size = 32", |h| h.slot_header_size = 32, "expected 64"),
+    type Case = (&'static str, fn(&mut RingHeader), &'static str);
+    let cases: [Case; 12] = [
+        (
+            "header_size = 128",
+            |h| h.header_size = 128,
+            "expected 4096",
+        ),
+        (
+            "slot_header_size = 32",
+            |h| h.slot_header_size = 32,
+            "expected 64",
+        ),
         ("pixel_type = 2", |h| h.pixel_type = 2, "uint16"),
         ("channels = 3", |h| h.channels = 3, "1 or 2"),
         ("channels = 0", |h| h.channels = 0, "1 or 2"),
@@ -619,15 +675,30 @@ fn header_validation_errors_name_field_value_and_expectation() {
         ("height = 20000", |h| h.height = 20000, "1..=16384"),
         ("slot_count = 0", |h| h.slot_count = 0, "1..=65536"),
         ("frame_bytes = 1", |h| h.frame_bytes = 1, "= 8192"),
-        ("slot_stride = 8200", |h| h.slot_stride = 8200, "multiple of 64"),
-        ("slot_stride = 8192", |h| h.slot_stride = 8192, "at least 64 + frame_bytes = 8256"),
-        ("state = 7", |h| h.state = 7, "0 (initialising), 1 (live) or 2 (closed)"),
+        (
+            "slot_stride = 8200",
+            |h| h.slot_stride = 8200,
+            "multiple of 64",
+        ),
+        (
+            "slot_stride = 8192",
+            |h| h.slot_stride = 8192,
+            "at least 64 + frame_bytes = 8256",
+        ),
+        (
+            "state = 7",
+            |h| h.state = 7,
+            "0 (initialising), 1 (live) or 2 (closed)",
+        ),
     ];
     for (prefix, mutate, expectation) in cases {
         let (err, msg) = invalid_message(mutate);
         assert!(matches!(err, LayoutError::InvalidField { .. }), "{err:?}");
         assert!(msg.starts_with(prefix), "{msg} should start with {prefix}");
-        assert!(msg.contains(expectation), "{msg} should mention {expectation}");
+        assert!(
+            msg.contains(expectation),
+            "{msg} should mention {expectation}"
+        );
     }
 }
 
@@ -751,7 +822,12 @@ fn concurrent_stress_never_accepts_a_torn_frame() {
                     assert_eq!(reader.next_index(), FRAMES);
                     assert_eq!(reader.frames_read() + reader.frames_dropped(), FRAMES);
                     assert_eq!(reader.torn_reads(), torn);
-                    (reader.frames_read(), reader.frames_dropped(), torn, overruns)
+                    (
+                        reader.frames_read(),
+                        reader.frames_dropped(),
+                        torn,
+                        overruns,
+                    )
                 })
             })
             .collect();
@@ -767,6 +843,72 @@ fn concurrent_stress_never_accepts_a_torn_frame() {
             eprintln!("reader: {read} read, {dropped} dropped in {overruns} overruns, {torn} torn");
             assert!(read > 0);
         }
+    });
+}
+
+/// The producer restarts in place (a new generation) while a reader polls:
+/// the reader reports the restart once, follows the new generation and never
+/// accepts a frame that mixes the two.
+#[test]
+fn concurrent_restart_is_followed_without_torn_frames() {
+    const PER_GENERATION: u64 = 3000;
+    let g = geometry(32, 16, 1, 4);
+    let region = RingRegion::new_owned(g.region_len_usize().expect("fits"));
+    let first = RingWriter::init(region.clone(), g, 1, 1, 0).expect("init");
+    let mut reader = RingReader::attach(region.clone()).expect("attach");
+    let done = AtomicBool::new(false);
+    let value = |generation: u64, index: u64| (generation * 4000 + index) as u16;
+
+    std::thread::scope(|scope| {
+        let done = &done;
+        let handle = scope.spawn(move || {
+            let mut out = vec![0u16; reader.frame_pixels()];
+            let mut restarts = Vec::new();
+            loop {
+                let finished = done.load(Ordering::Acquire);
+                match reader.poll(&mut out).expect("poll") {
+                    PollOutcome::Frame(meta) => {
+                        let generation = reader.generation();
+                        assert_eq!(meta.frame_number, generation * 1_000_000 + meta.index);
+                        let want = value(generation, meta.index);
+                        assert!(
+                            out.iter().all(|&p| p == want),
+                            "mixed frame accepted: generation {generation}, index {}",
+                            meta.index
+                        );
+                    }
+                    PollOutcome::ProducerRestarted { old_gen, new_gen } => {
+                        restarts.push((old_gen, new_gen));
+                    }
+                    PollOutcome::Overrun { .. } | PollOutcome::Torn => {}
+                    PollOutcome::NothingNew => {
+                        if finished {
+                            break;
+                        }
+                        std::thread::yield_now();
+                    }
+                }
+            }
+            (restarts, reader.next_index())
+        });
+
+        let mut pixels = vec![0u16; g.frame_pixels() as usize];
+        let mut writer = first;
+        for generation in 1..=2u64 {
+            if generation == 2 {
+                writer = RingWriter::init(region.clone(), g, 2, 2, 0).expect("restart");
+            }
+            for i in 0..PER_GENERATION {
+                pixels.fill(value(generation, i));
+                writer
+                    .publish(generation * 1_000_000 + i, i, None, &pixels)
+                    .expect("publish");
+            }
+        }
+        done.store(true, Ordering::Release);
+        let (restarts, next) = handle.join().expect("reader thread");
+        assert_eq!(restarts, vec![(1, 2)]);
+        assert_eq!(next, PER_GENERATION);
     });
 }
 

@@ -84,3 +84,97 @@ pub fn workspace_root() -> PathBuf {
         .expect("tests crate sits in the workspace root")
         .to_path_buf()
 }
+
+/// A fresh, empty directory under the system temp dir, unique to this process
+/// and `name`. Removed when the value is dropped.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("rig-tests-{}-{name}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create a temp dir");
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `rig-sim`, killed (SIGTERM, then SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct Sim {
+    pub child: std::process::Child,
+    pub link: PathBuf,
+}
+
+impl Sim {
+    /// Start `rig-sim --link <dir>/ttyRIG --quiet <args>` and wait until the
+    /// link path exists.
+    pub fn start(dir: &Path, args: &[&str]) -> Self {
+        let link = dir.join("ttyRIG");
+        let child = Command::new(bin("rig-sim"))
+            .arg("--link")
+            .arg(&link)
+            .arg("--quiet")
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("start rig-sim");
+        let sim = Self { child, link };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !sim.link.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "rig-sim did not create {}",
+                sim.link.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        sim
+    }
+
+    /// Ask the sim to stop (SIGTERM) and wait for it.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id() as i32;
+        // kill(1) keeps this crate free of libc; a process already gone is fine.
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                return self.child.wait().expect("wait for rig-sim");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate();
+        }
+    }
+}

@@ -1,4 +1,289 @@
-fn main() {
-    eprintln!("rig-probe: not built yet (the firmware-bridge issue adds it)");
-    std::process::exit(2);
+//! `rig-probe PORT`: the bring-up tool for a newly wired rig. Connects,
+//! prints the device's Hello, shows the lever live, and measures round-trip
+//! latency, clock drift and offset, the sample rate and losses.
+//!
+//! Exit codes: 0 measured, 1 the device misbehaved (lost, refused, samples
+//! lost), 2 cannot connect or bad usage.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use firmware_bridge::link::{
+    host_now_ns, ChannelHandler, LinkEvent, LinkSettings, LostReason, SerialLink,
+};
+use protocol::serial::{Configure, EventKind, Hello};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rig-probe",
+    version,
+    about = "Bring-up checks for a rig's microcontroller"
+)]
+struct Args {
+    /// The serial port (e.g. /dev/ttyACM0, or the link path of rig-sim).
+    port: PathBuf,
+    /// Measure for this many seconds (of host time).
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Baud rate (ignored by native-USB boards and ptys).
+    #[arg(long, default_value_t = 1_000_000)]
+    baud: u32,
+    /// Lever sample rate to configure, Hz (must divide 1,000,000).
+    #[arg(long, default_value_t = 1000)]
+    rate: u32,
+    /// Samples per frame.
+    #[arg(long, default_value_t = 1)]
+    batch: u8,
+    /// Encoder counts per mm, for showing the lever in mm.
+    #[arg(long, default_value_t = 40.0)]
+    counts_per_mm: f64,
+    /// How long to wait for the device to answer, seconds.
+    #[arg(long, default_value_t = 5.0)]
+    connect_timeout: f64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Default)]
+struct Measurements {
+    hello: Option<Hello>,
+    samples: u64,
+    samples_lost: u64,
+    first_sample_us: Option<u64>,
+    last_sample_us: u64,
+    last_counts: i32,
+    rtts_us: Vec<f64>,
+    drift_ppm: Option<f64>,
+    offset_us: Option<f64>,
+    uncertainty_us: Option<f64>,
+    bad_frames: u64,
+    frames_lost: u64,
+    device_samples_dropped: u32,
+    licks: u64,
+    ttl_edges: u64,
+    lost: Vec<String>,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    if !(args.seconds > 0.0 && args.seconds.is_finite())
+        || args.rate == 0
+        || 1_000_000 % args.rate != 0
+        || args.batch == 0
+    {
+        eprintln!(
+            "error: --seconds must be > 0, --rate must divide 1000000 and --batch must be >= 1"
+        );
+        return ExitCode::from(2);
+    }
+    let configure = Configure {
+        sample_rate_hz: args.rate,
+        samples_per_batch: args.batch,
+        heartbeat_interval_ms: 100,
+        heartbeat_timeout_ms: 1000,
+        // The probe never opens the valve; keep the caps small.
+        max_valve_open_ms: 100,
+        max_flush_ms: 100,
+    };
+    let settings = LinkSettings::new(args.port.clone(), args.baud, configure);
+    let (handler, rx, dropped) = ChannelHandler::new(1 << 16);
+    let link = match SerialLink::spawn(settings, handler) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: cannot start the link threads: {e}");
+            return ExitCode::from(2);
+        }
+    };
+
+    let mut m = Measurements::default();
+    // Wait for the handshake.
+    let deadline = Instant::now() + Duration::from_secs_f64(args.connect_timeout);
+    while m.hello.is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            let why = m.lost.last().cloned().unwrap_or_else(|| "no answer".into());
+            eprintln!("error: no rig at {}: {why}", args.port.display());
+            link.shutdown();
+            return ExitCode::from(2);
+        }
+        match rx.recv_timeout(left) {
+            Ok(LinkEvent::Connected { hello, .. }) => m.hello = Some(hello),
+            Ok(LinkEvent::Lost { reason, .. }) => {
+                if let LostReason::VersionMismatch { .. } | LostReason::ConfigureRefused { .. } =
+                    reason
+                {
+                    eprintln!("error: {}: {reason}", args.port.display());
+                    link.shutdown();
+                    return ExitCode::from(2);
+                }
+                m.lost.push(reason.to_string());
+            }
+            Ok(_) | Err(_) => {}
+        }
+    }
+    let hello = m.hello.unwrap_or_default();
+    if !args.json {
+        println!(
+            "device {:016x}: firmware {}.{}.{}, protocol {}, clock {} Hz, max rate {} Hz, valve hard cap {} ms, capabilities 0x{:02x}",
+            hello.device_id,
+            hello.firmware_major,
+            hello.firmware_minor,
+            hello.firmware_patch,
+            hello.protocol_version,
+            hello.clock_hz,
+            hello.max_sample_rate_hz,
+            hello.hard_max_valve_open_ms,
+            hello.capabilities
+        );
+    }
+
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(args.seconds);
+    let mut last_print = Instant::now();
+    let mut stderr = std::io::stderr();
+    while Instant::now() < end {
+        let ev = match rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+            Ok(ev) => ev,
+            Err(_) => break,
+        };
+        match ev {
+            LinkEvent::Lever(b) => {
+                m.samples += b.counts().len() as u64;
+                m.first_sample_us.get_or_insert(b.t_first_us);
+                m.last_sample_us =
+                    b.t_first_us + (b.counts().len() as u64 - 1) * u64::from(b.period_us);
+                m.last_counts = b.counts().last().copied().unwrap_or(0);
+            }
+            LinkEvent::SampleGap { missing, .. } => m.samples_lost += missing,
+            LinkEvent::BadFrames { frames, .. } => m.bad_frames += frames,
+            LinkEvent::FramesLost { count } => m.frames_lost += count,
+            LinkEvent::Clock { fit, rtt_us } => {
+                m.rtts_us.push(rtt_us);
+                m.drift_ppm = Some(fit.drift_ppm);
+                m.offset_us =
+                    Some(fit.host_to_rig_us(host_now_ns()) - host_now_ns() as f64 / 1000.0);
+                m.uncertainty_us = Some(fit.half_band_us);
+            }
+            LinkEvent::Heartbeat {
+                samples_dropped, ..
+            } => m.device_samples_dropped = samples_dropped,
+            LinkEvent::Device {
+                kind: EventKind::LickOn,
+                ..
+            } => m.licks += 1,
+            LinkEvent::Device {
+                kind: EventKind::FrameTtl,
+                ..
+            } => m.ttl_edges += 1,
+            LinkEvent::Lost { reason, .. } => m.lost.push(reason.to_string()),
+            _ => {}
+        }
+        if !args.json && last_print.elapsed() > Duration::from_millis(100) {
+            last_print = Instant::now();
+            let _ = write!(
+                stderr,
+                "\rlever {:7.2} mm ({:7} counts)   samples {:8}   lost {:4}   rtt {:6.0} us   ",
+                f64::from(m.last_counts) / args.counts_per_mm,
+                m.last_counts,
+                m.samples,
+                m.samples_lost,
+                m.rtts_us.last().copied().unwrap_or(f64::NAN)
+            );
+        }
+    }
+    link.shutdown();
+    if !args.json {
+        let _ = writeln!(stderr);
+    }
+
+    let mut rtts = m.rtts_us.clone();
+    rtts.sort_by(f64::total_cmp);
+    let span_s = m
+        .first_sample_us
+        .map_or(0.0, |f| m.last_sample_us.saturating_sub(f) as f64 / 1e6);
+    let measured_rate = if span_s > 0.0 {
+        (m.samples.saturating_sub(1)) as f64 / span_s
+    } else {
+        0.0
+    };
+    let samples_lost = m.samples_lost;
+    let report = serde_json::json!({
+        "port": args.port.display().to_string(),
+        "firmware_version": format!("{}.{}.{}", hello.firmware_major, hello.firmware_minor, hello.firmware_patch),
+        "protocol_version": hello.protocol_version,
+        "device_id": format!("{:016x}", hello.device_id),
+        "clock_hz": hello.clock_hz,
+        "configured_rate_hz": args.rate,
+        "sample_rate_hz": measured_rate,
+        "samples": m.samples,
+        "samples_lost": samples_lost,
+        "device_samples_dropped": m.device_samples_dropped,
+        "bad_frames": m.bad_frames,
+        "frames_lost": m.frames_lost,
+        "rtt_us": {
+            "min": percentile(&rtts, 0.0),
+            "median": percentile(&rtts, 0.5),
+            "p99": percentile(&rtts, 0.99),
+            "count": rtts.len(),
+        },
+        "drift_ppm": m.drift_ppm,
+        "offset_us": m.offset_us,
+        "clock_half_band_us": m.uncertainty_us,
+        "licks": m.licks,
+        "frame_ttl_edges": m.ttl_edges,
+        "link_lost": m.lost,
+        "events_dropped": dropped.load(std::sync::atomic::Ordering::Relaxed),
+        "seconds": args.seconds,
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!(
+            "samples      {} over {:.2} s of rig time: {:.1} Hz (configured {} Hz)",
+            m.samples, span_s, measured_rate, args.rate
+        );
+        println!(
+            "lost         {} samples, {} bad frames, {} frames lost on the line, device dropped {}",
+            samples_lost, m.bad_frames, m.frames_lost, m.device_samples_dropped
+        );
+        println!(
+            "round trip   min {:.0} us, median {:.0} us, p99 {:.0} us ({} pings)",
+            percentile(&rtts, 0.0),
+            percentile(&rtts, 0.5),
+            percentile(&rtts, 0.99),
+            rtts.len()
+        );
+        match (m.drift_ppm, m.offset_us) {
+            (Some(d), Some(o)) => println!(
+                "clock        drift {d:+.2} ppm, offset rig - host {o:.0} us (band +/- {:.0} us)",
+                m.uncertainty_us.unwrap_or(f64::NAN)
+            ),
+            _ => println!("clock        no ping/pong exchange completed"),
+        }
+        for l in &m.lost {
+            println!("link lost    {l}");
+        }
+    }
+    if samples_lost > 0 || !m.lost.is_empty() {
+        return ExitCode::from(1);
+    }
+    ExitCode::SUCCESS
 }

@@ -155,9 +155,7 @@ impl RingReader {
 
     /// Frames published so far in the current generation (`write_seq`).
     pub fn published(&self) -> u64 {
-        self.region
-            .u64_at(off::WRITE_SEQ)
-            .load(Ordering::Acquire)
+        self.region.u64_at(off::WRITE_SEQ).load(Ordering::Acquire)
     }
 
     /// Frames published but not yet read by this reader.
@@ -230,16 +228,10 @@ impl RingReader {
                 actual: out.len() / 2,
             });
         }
-        let write_seq = self
-            .region
-            .u64_at(off::WRITE_SEQ)
-            .load(Ordering::Acquire);
+        let write_seq = self.region.u64_at(off::WRITE_SEQ).load(Ordering::Acquire);
         // Loaded after write_seq: if write_seq came from a restarted
         // producer, this sees 0 or the new generation.
-        let generation = self
-            .region
-            .u64_at(off::GENERATION)
-            .load(Ordering::Acquire);
+        let generation = self.region.u64_at(off::GENERATION).load(Ordering::Acquire);
         if generation != self.generation {
             return self.reattach(generation);
         }
@@ -263,15 +255,15 @@ impl RingReader {
             SlotCheck::Overwritten => self.after_overwrite(n),
             SlotCheck::Ready(s1) => {
                 let meta = self.slot_copy(n, &mut out[..frame_bytes]);
-                match self.slot_end(s1) {
+                match self.slot_end(n, s1) {
                     SlotEnd::GenerationChanged(g) => self.reattach(g),
                     SlotEnd::Torn => {
-                        self.torn_reads += 1;
+                        self.torn_reads = self.torn_reads.saturating_add(1);
                         Ok(PollOutcome::Torn)
                     }
                     SlotEnd::Consistent => {
                         self.next_index = n + 1;
-                        self.frames_read += 1;
+                        self.frames_read = self.frames_read.saturating_add(1);
                         Ok(PollOutcome::Frame(meta))
                     }
                 }
@@ -282,14 +274,8 @@ impl RingReader {
     /// The slot of frame `n` was reused: jump to the oldest frame that may
     /// still be intact (and at least past `n`).
     fn after_overwrite(&mut self, n: u64) -> Result<PollOutcome, RingError> {
-        let write_seq = self
-            .region
-            .u64_at(off::WRITE_SEQ)
-            .load(Ordering::Acquire);
-        let generation = self
-            .region
-            .u64_at(off::GENERATION)
-            .load(Ordering::Acquire);
+        let write_seq = self.region.u64_at(off::WRITE_SEQ).load(Ordering::Acquire);
+        let generation = self.region.u64_at(off::GENERATION).load(Ordering::Acquire);
         if generation != self.generation {
             return self.reattach(generation);
         }
@@ -302,7 +288,7 @@ impl RingReader {
     fn skip_to(&mut self, index: u64) -> PollOutcome {
         let skipped = index - self.next_index;
         self.next_index = index;
-        self.frames_dropped += skipped;
+        self.frames_dropped = self.frames_dropped.saturating_add(skipped);
         PollOutcome::Overrun { skipped }
     }
 
@@ -371,18 +357,14 @@ impl RingReader {
 
     /// Step 3: after an acquire fence, the sequence lock must be unchanged
     /// and the generation the same, or the copy may mix two frames.
-    fn slot_end(&self, s1: u64) -> SlotEnd {
+    fn slot_end(&self, n: u64, s1: u64) -> SlotEnd {
         fence(Ordering::Acquire);
-        let n = self.next_index;
         let base = self.layout.slot_offset(n) as usize;
         let s2 = self
             .region
             .u64_at(base + off::SLOT_SEQ)
             .load(Ordering::Relaxed);
-        let generation = self
-            .region
-            .u64_at(off::GENERATION)
-            .load(Ordering::Relaxed);
+        let generation = self.region.u64_at(off::GENERATION).load(Ordering::Relaxed);
         if generation != self.generation {
             SlotEnd::GenerationChanged(generation)
         } else if s2 != s1 {
@@ -470,10 +452,13 @@ mod tests {
         // Frame 1 goes to slot 1; frame 2 starts overwriting slot 0.
         writer.publish(1, 11, None, &[2; 32]).expect("publish");
         let slot = writer.begin_frame();
-        assert_eq!(reader.slot_end(s1), SlotEnd::Torn);
+        assert_eq!(reader.slot_end(0, s1), SlotEnd::Torn);
         slot.commit(2, 12, None);
 
-        assert_eq!(reader.poll_bytes(&mut out), Ok(PollOutcome::Overrun { skipped: 1 }));
+        assert_eq!(
+            reader.poll_bytes(&mut out),
+            Ok(PollOutcome::Overrun { skipped: 1 })
+        );
         let mut pixels = [0u16; 32];
         match reader.poll(&mut pixels) {
             Ok(PollOutcome::Frame(meta)) => assert_eq!(meta.index, 1),
@@ -492,7 +477,7 @@ mod tests {
             panic!("frame 0 should be ready");
         };
         writer.publish(1, 11, None, &[2; 32]).expect("publish");
-        assert_eq!(reader.slot_end(s1), SlotEnd::Torn);
+        assert_eq!(reader.slot_end(0, s1), SlotEnd::Torn);
     }
 
     #[test]
@@ -519,7 +504,7 @@ mod tests {
         let geometry = writer.layout().geometry();
         let region = writer.close();
         let _writer = RingWriter::init(region, geometry, 8, 2, 0).expect("re-init");
-        assert_eq!(reader.slot_end(s1), SlotEnd::GenerationChanged(8));
+        assert_eq!(reader.slot_end(0, s1), SlotEnd::GenerationChanged(8));
         assert_eq!(
             reader.reattach(8),
             Ok(PollOutcome::ProducerRestarted {

@@ -158,7 +158,11 @@ impl RingRegion {
     /// against a validated layout first.
     #[inline]
     pub(crate) fn u64_at(&self, off: usize) -> &AtomicU64 {
-        assert!(off % 8 == 0 && off + 8 <= self.len, "u64 access at {off} of {}", self.len);
+        assert!(
+            off % 8 == 0 && off + 8 <= self.len,
+            "u64 access at {off} of {}",
+            self.len
+        );
         // SAFETY: in range and aligned (checked above; `ptr` is 8-aligned);
         // the memory is valid for the lifetime of `self` (constructor
         // contract) and only ever accessed atomically.
@@ -168,7 +172,11 @@ impl RingRegion {
     /// The 4-byte atomic at byte offset `off` (see [`Self::u64_at`]).
     #[inline]
     pub(crate) fn u32_at(&self, off: usize) -> &AtomicU32 {
-        assert!(off % 4 == 0 && off + 4 <= self.len, "u32 access at {off} of {}", self.len);
+        assert!(
+            off % 4 == 0 && off + 4 <= self.len,
+            "u32 access at {off} of {}",
+            self.len
+        );
         // SAFETY: as in `u64_at`.
         unsafe { AtomicU32::from_ptr(self.ptr.as_ptr().add(off).cast()) }
     }
@@ -176,7 +184,11 @@ impl RingRegion {
     /// The 2-byte atomic at byte offset `off` (see [`Self::u64_at`]).
     #[inline]
     pub(crate) fn u16_at(&self, off: usize) -> &AtomicU16 {
-        assert!(off % 2 == 0 && off + 2 <= self.len, "u16 access at {off} of {}", self.len);
+        assert!(
+            off % 2 == 0 && off + 2 <= self.len,
+            "u16 access at {off} of {}",
+            self.len
+        );
         // SAFETY: as in `u64_at`.
         unsafe { AtomicU16::from_ptr(self.ptr.as_ptr().add(off).cast()) }
     }
@@ -196,7 +208,8 @@ impl RingRegion {
         for chunk in body.chunks_exact(8) {
             let mut word = [0u8; 8];
             word.copy_from_slice(chunk);
-            self.u64_at(at).store(u64::from_ne_bytes(word), Ordering::Relaxed);
+            self.u64_at(at)
+                .store(u64::from_ne_bytes(word), Ordering::Relaxed);
             at += 8;
         }
         for chunk in tail.chunks_exact(2) {

@@ -104,7 +104,10 @@ impl RingWriter {
             r.u32_at(base + off::SLOT_FLAGS).store(0, Ordering::Relaxed);
             r.u32_at(base + off::SLOT_RESERVED0)
                 .store(0, Ordering::Relaxed);
-            r.zero_words(base + off::SLOT_RESERVED, SLOT_HEADER_SIZE - off::SLOT_RESERVED);
+            r.zero_words(
+                base + off::SLOT_RESERVED,
+                SLOT_HEADER_SIZE - off::SLOT_RESERVED,
+            );
         }
 
         // Publish the header: everything above happens-before a reader's
