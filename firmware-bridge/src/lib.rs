@@ -7,4 +7,5 @@
 pub mod clock;
 pub mod link;
 pub mod rng;
+pub mod sim;
 pub mod sync;

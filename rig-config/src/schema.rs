@@ -402,7 +402,7 @@ impl Default for SafetySection {
     fn default() -> Self {
         Self {
             max_valve_open_ms: 200,
-            max_flush_ms: 5000,
+            max_flush_ms: 1000,
             heartbeat_interval_ms: 100,
             heartbeat_timeout_ms: 500,
             max_water_per_session_ul: 1000.0,

@@ -1,4 +1,159 @@
-fn main() {
-    eprintln!("rig-sim: not built yet (the firmware-bridge issue adds it)");
-    std::process::exit(2);
+//! `rig-sim`: the virtual rig. A simulated microcontroller, lever and mouse
+//! speaking the rig's serial protocol on a pty, with a symlink (`--link`) the
+//! host opens like `/dev/ttyACM0`. See `firmware_bridge::sim`.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use firmware_bridge::sim::{
+    self, FaultSpec, Firmware, LatencyModel, LeverSpec, SimClock, SimOptions,
+};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+
+/// The virtual rig: a simulated rig microcontroller (lever, lick sensor,
+/// valve, tone, frame-clock TTL, sync-out) and a simulated mouse, on a pty.
+#[derive(Debug, Parser)]
+#[command(name = "rig-sim", version, about, long_about = None)]
+struct Args {
+    /// Symlink to create, pointing at the pty (an existing symlink is
+    /// replaced; any other file is refused).
+    #[arg(long, value_name = "PATH")]
+    link: PathBuf,
+    /// Write the ground truth (TSV: true_s, device_us, kind, value, detail).
+    #[arg(long, value_name = "PATH")]
+    truth: Option<PathBuf>,
+    /// Seed of every random choice (mouse, latency, garbage).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Simulated seconds per wall-clock second.
+    #[arg(long, default_value_t = 1.0)]
+    speed: f64,
+    /// Device clock error, ppm (positive: the device clock runs fast).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    drift_ppm: f64,
+    /// Device counter at start, µs (e.g. 4289967296 = 2^32 - 5 s to test the wrap).
+    #[arg(long, visible_alias = "counter-start", default_value_t = 0)]
+    offset_us: u64,
+    /// Protocol version announced in Hello (to test the host's check).
+    #[arg(long, default_value_t = protocol::serial::PROTOCOL_VERSION)]
+    protocol_version: u16,
+    /// The firmware's compile-time cap on any valve opening, ms.
+    #[arg(long, default_value_t = 1000)]
+    hard_max_valve_open_ms: u16,
+    /// Highest lever sample rate the firmware accepts, Hz.
+    #[arg(long, default_value_t = 20_000)]
+    max_sample_rate_hz: u32,
+    /// Device id announced in Hello.
+    #[arg(long, default_value_t = Firmware::DEFAULT_DEVICE_ID)]
+    device_id: u64,
+    /// Training day, 1 (naive) ..= 14 (expert).
+    #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u8).range(1..=14))]
+    day: u8,
+    /// Full lever travel, mm.
+    #[arg(long, default_value_t = 6.0)]
+    lever_travel_mm: f64,
+    /// Encoder counts per mm of lever travel.
+    #[arg(long, default_value_t = 40.0)]
+    counts_per_mm: f64,
+    /// Lever position whose upward crossings the truth log records, mm.
+    #[arg(long, default_value_t = 1.5)]
+    truth_threshold_mm: f64,
+    /// Microscope frame clock, Hz (0: no frame TTL).
+    #[arg(long, default_value_t = 28.7)]
+    frame_rate_hz: f64,
+    /// One-way link latency, both directions, µs.
+    #[arg(long, default_value_t = 0.0)]
+    latency_us: f64,
+    /// Uniform extra latency, 0..jitter, µs.
+    #[arg(long, default_value_t = 0.0)]
+    jitter_us: f64,
+    /// Probability of a latency spike per frame.
+    #[arg(long, default_value_t = 0.0)]
+    spike_prob: f64,
+    /// Size of a latency spike (drawn from 0.5..1.5 times this), µs.
+    #[arg(long, default_value_t = 0.0)]
+    spike_us: f64,
+    /// Scheduled fault, repeatable: unplug@T:D, silent@T:D, garbage@T:N,
+    /// reboot@T (T and D in simulated seconds).
+    #[arg(long = "fault", value_name = "SPEC")]
+    faults: Vec<FaultSpec>,
+    /// Stop after this many simulated seconds.
+    #[arg(long, value_name = "S")]
+    duration_s: Option<f64>,
+    /// Bytes the device holds back while the host does not read; beyond that
+    /// it drops frames and counts them.
+    #[arg(long, default_value_t = 1024)]
+    tx_buffer_bytes: usize,
+    /// No status lines (the start line is still printed).
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl Args {
+    fn options(self) -> SimOptions {
+        SimOptions {
+            link: self.link,
+            truth: self.truth,
+            seed: self.seed,
+            clock: SimClock::new(self.offset_us, self.drift_ppm, self.speed),
+            firmware: Firmware {
+                protocol_version: self.protocol_version,
+                device_id: self.device_id,
+                max_sample_rate_hz: self.max_sample_rate_hz,
+                hard_max_valve_open_ms: self.hard_max_valve_open_ms,
+                ..Firmware::default()
+            },
+            day: self.day,
+            lever: LeverSpec {
+                travel_mm: self.lever_travel_mm,
+                counts_per_mm: self.counts_per_mm,
+            },
+            truth_threshold_mm: self.truth_threshold_mm,
+            frame_rate_hz: self.frame_rate_hz,
+            latency: LatencyModel {
+                base_us: self.latency_us,
+                jitter_us: self.jitter_us,
+                spike_prob: self.spike_prob,
+                spike_us: self.spike_us,
+            },
+            faults: self.faults,
+            duration_s: self.duration_s,
+            tx_buffer_bytes: self.tx_buffer_bytes,
+            quiet: self.quiet,
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let opts = Args::parse().options();
+
+    // SIGINT and SIGTERM are blocked on every thread and taken by one waiting
+    // thread, which asks the loop to stop; the loop removes the link.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&signals), None)
+        .context("blocking SIGINT and SIGTERM")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = Arc::clone(&stop);
+    std::thread::Builder::new()
+        .name("signals".to_string())
+        .spawn(move || {
+            if signals.wait().is_ok() {
+                stop2.store(true, Ordering::Relaxed);
+            }
+        })
+        .context("starting the signal thread")?;
+
+    let stats = sim::run(&opts, &stop).context("rig-sim")?;
+    if !opts.quiet {
+        eprintln!(
+            "rig-sim: stopped: {} frames sent, {} dropped, {} host bytes in, {} truth rows",
+            stats.frames_sent, stats.frames_dropped, stats.host_bytes_in, stats.truth_rows
+        );
+    }
+    Ok(())
 }

@@ -1,6 +1,6 @@
 //! Serial framing between host and device (the microcontroller).
 //!
-//! A frame on the wire is `COBS(raw) 0x00`, where `raw` is
+//! A frame on the wire is `0x00 COBS(raw) 0x00`, where `raw` is
 //! `type:u8 flags:u8 seq:u16le body… crc:u16le` and the CRC
 //! (CRC-16/CCITT-FALSE) covers everything before it. Message types 0x01..=0x7F
 //! go device -> host, 0x80..=0xFF host -> device. Host commands carry the
@@ -54,9 +54,12 @@ pub mod host_type {
 
 /// Worst-case bytes on the wire for one frame whose unencoded length
 /// (header + body + CRC) is `raw_len`: COBS adds one byte per started 254-byte
-/// block, and the 0x00 delimiter ends the frame.
+/// block, and a 0x00 delimiter both starts and ends the frame. The leading
+/// delimiter costs one byte and means bytes inserted between frames (line
+/// noise, a half-sent frame from before a reset) can never take the next
+/// frame down with them.
 pub const fn wire_len(raw_len: usize) -> usize {
-    cobs::max_encoded_len(raw_len) + 1
+    cobs::max_encoded_len(raw_len) + 2
 }
 
 /// Bytes per second the lever stream alone puts on the serial line at
@@ -264,10 +267,11 @@ fn encode_frame(
     raw[crc_at..crc_at + CRC_LEN].copy_from_slice(&crc.to_le_bytes());
     let raw_len = crc_at + CRC_LEN;
     // `out` holds MAX_WIRE_FRAME bytes, enough for any raw frame.
-    let n = cobs::encode(&raw[..raw_len], out).ok_or(EncodeError::BufferTooSmall {
+    out[0] = 0;
+    let n = cobs::encode(&raw[..raw_len], &mut out[1..]).ok_or(EncodeError::BufferTooSmall {
         need: wire_len(raw_len),
         have: out.len(),
     })?;
-    out[n] = 0;
-    Ok(n + 1)
+    out[n + 1] = 0;
+    Ok(n + 2)
 }

@@ -1,0 +1,475 @@
+//! The virtual rig: a simulated microcontroller, lever and mouse that speak the
+//! serial protocol (docs/protocol.md, section 1) on a real pty, so the host
+//! opens it like `/dev/ttyACM0`.
+//!
+//! * [`clock`]: true time, the device clock (offset, drift, 32-bit wrap) and
+//!   the link latency model.
+//! * [`device`]: the firmware as a pure state machine (time and bytes in,
+//!   frames out).
+//! * [`mouse`]: the lever physics and the simulated mouse (naive to expert).
+//! * [`truth`]: the ground-truth log.
+//! * [`run`] / [`spawn`]: the real-time loop on one thread that joins them on a
+//!   pty, with link latency and scheduled faults (unplug, silence, garbage,
+//!   reboot).
+//!
+//! Architecture invariant: the device state machine reads no clock; only the
+//! runner looks at `CLOCK_MONOTONIC`, and it hands the device its own time.
+
+pub mod clock;
+pub mod device;
+pub mod mouse;
+mod pty;
+mod runner;
+pub mod truth;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+pub use clock::{LatencyModel, SimClock};
+pub use device::{Device, DeviceIo, DeviceStatus, DigitalInput, Firmware, OutputChange};
+pub use mouse::{Behaviour, LeverSpec, Mouse};
+pub use pty::LinkError;
+pub use truth::{TruthEvent, TruthLog, TRUTH_HEADER};
+
+/// A fault scheduled at a sim true time (seconds since the simulator started).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FaultSpec {
+    /// `unplug@T:D`: close the pty and remove the link at T; after D seconds
+    /// make a new pty behind the same link. The device keeps running (its clock,
+    /// its watchdog); only its receive buffer is lost.
+    Unplug { at_s: f64, duration_s: f64 },
+    /// `silent@T:D`: keep the port open but send nothing and ignore input for D
+    /// seconds. Frames produced meanwhile are dropped and counted.
+    Silent { at_s: f64, duration_s: f64 },
+    /// `garbage@T:N`: write N random bytes between two frames.
+    Garbage { at_s: f64, bytes: usize },
+    /// `reboot@T`: the device restarts (counter from 0, `Hello`, not streaming).
+    Reboot { at_s: f64 },
+}
+
+impl FaultSpec {
+    /// When it happens, true seconds.
+    pub fn at_s(&self) -> f64 {
+        match *self {
+            Self::Unplug { at_s, .. }
+            | Self::Silent { at_s, .. }
+            | Self::Garbage { at_s, .. }
+            | Self::Reboot { at_s } => at_s,
+        }
+    }
+}
+
+impl fmt::Display for FaultSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::Unplug { at_s, duration_s } => write!(f, "unplug@{at_s}:{duration_s}"),
+            Self::Silent { at_s, duration_s } => write!(f, "silent@{at_s}:{duration_s}"),
+            Self::Garbage { at_s, bytes } => write!(f, "garbage@{at_s}:{bytes}"),
+            Self::Reboot { at_s } => write!(f, "reboot@{at_s}"),
+        }
+    }
+}
+
+const FAULT_FORMS: &str = "unplug@T:D, silent@T:D, garbage@T:N or reboot@T (T, D in seconds)";
+
+impl FromStr for FaultSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| format!("fault '{s}': {why}; expected {FAULT_FORMS}");
+        let (kind, rest) = s.split_once('@').ok_or_else(|| bad("missing '@'"))?;
+        let (at, arg) = match rest.split_once(':') {
+            Some((a, b)) => (a, Some(b)),
+            None => (rest, None),
+        };
+        let secs = |v: &str, what: &str| -> Result<f64, String> {
+            match v.trim().parse::<f64>() {
+                Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+                _ => Err(bad(&format!(
+                    "{what} '{v}' is not a number of seconds >= 0"
+                ))),
+            }
+        };
+        let at_s = secs(at, "time")?;
+        let need_arg = |what: &str| arg.ok_or_else(|| bad(&format!("missing ':{what}'")));
+        match kind.trim() {
+            "unplug" | "silent" => {
+                let duration_s = secs(need_arg("D")?, "duration")?;
+                if duration_s <= 0.0 {
+                    return Err(bad("the duration must be > 0"));
+                }
+                Ok(if kind.trim() == "unplug" {
+                    Self::Unplug { at_s, duration_s }
+                } else {
+                    Self::Silent { at_s, duration_s }
+                })
+            }
+            "garbage" => {
+                let n = need_arg("N")?;
+                let bytes = n
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|&b| (1..=1_000_000).contains(&b))
+                    .ok_or_else(|| bad(&format!("byte count '{n}' must be 1..=1000000")))?;
+                Ok(Self::Garbage { at_s, bytes })
+            }
+            "reboot" => {
+                if arg.is_some() {
+                    return Err(bad("reboot takes no ':' argument"));
+                }
+                Ok(Self::Reboot { at_s })
+            }
+            other => Err(bad(&format!("unknown fault '{other}'"))),
+        }
+    }
+}
+
+/// Everything the simulator can be told. [`SimOptions::new`] gives the
+/// defaults of the `rig-sim` command line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimOptions {
+    /// Where to put the symlink to the pty's slave device.
+    pub link: PathBuf,
+    /// Ground-truth TSV, if wanted.
+    pub truth: Option<PathBuf>,
+    pub seed: u64,
+    /// Device clock at start (`offset_us`), drift and speed.
+    pub clock: SimClock,
+    /// The firmware: protocol version, caps, device id.
+    pub firmware: Firmware,
+    /// Training day 1..=14 (naive to expert).
+    pub day: u8,
+    pub lever: LeverSpec,
+    /// Lever position whose upward crossings the truth log records, mm.
+    pub truth_threshold_mm: f64,
+    /// Microscope frame clock, Hz (0: none).
+    pub frame_rate_hz: f64,
+    /// One-way latency of the link, both directions, host µs.
+    pub latency: LatencyModel,
+    pub faults: Vec<FaultSpec>,
+    /// Stop after this much true time.
+    pub duration_s: Option<f64>,
+    /// Bytes the device can hold back when the host does not read (its
+    /// transmit buffer); beyond that it drops frames and counts them.
+    pub tx_buffer_bytes: usize,
+    /// No status lines on stderr (the start line is still printed).
+    pub quiet: bool,
+}
+
+impl SimOptions {
+    /// Defaults, with the link at `link`.
+    pub fn new(link: impl Into<PathBuf>) -> Self {
+        Self {
+            link: link.into(),
+            truth: None,
+            seed: 1,
+            clock: SimClock::default(),
+            firmware: Firmware::default(),
+            day: 14,
+            lever: LeverSpec::default(),
+            truth_threshold_mm: 1.5,
+            frame_rate_hz: 28.7,
+            latency: LatencyModel::ZERO,
+            faults: Vec::new(),
+            duration_s: None,
+            tx_buffer_bytes: 1024,
+            quiet: false,
+        }
+    }
+
+    /// Check the values; the message names the option, the value and the rule.
+    pub fn validate(&self) -> Result<(), SimError> {
+        let bad = |s: String| Err(SimError::BadOption(s));
+        let c = &self.clock;
+        if !(c.speed.is_finite() && c.speed > 0.0 && c.speed <= 1000.0) {
+            return bad(format!("--speed {}: must be > 0 and <= 1000", c.speed));
+        }
+        if !(c.drift_ppm.is_finite() && c.drift_ppm.abs() <= 10_000.0) {
+            return bad(format!(
+                "--drift-ppm {}: must be within ±10000",
+                c.drift_ppm
+            ));
+        }
+        if !(1..=14).contains(&self.day) {
+            return bad(format!("--day {}: must be 1..=14", self.day));
+        }
+        let l = &self.lever;
+        if !(l.travel_mm.is_finite() && l.travel_mm > 0.0 && l.travel_mm <= 100.0) {
+            return bad(format!(
+                "--lever-travel-mm {}: must be > 0 and <= 100",
+                l.travel_mm
+            ));
+        }
+        if !(l.counts_per_mm.is_finite() && l.counts_per_mm > 0.0 && l.counts_per_mm <= 1e6) {
+            return bad(format!("--counts-per-mm {}: must be > 0", l.counts_per_mm));
+        }
+        let thr = self.truth_threshold_mm;
+        if !(thr.is_finite() && thr > 0.0 && thr < l.travel_mm) {
+            return bad(format!(
+                "--truth-threshold-mm {thr}: must be > 0 and < the lever travel ({} mm)",
+                l.travel_mm
+            ));
+        }
+        if !(self.frame_rate_hz.is_finite() && (0.0..=10_000.0).contains(&self.frame_rate_hz)) {
+            return bad(format!(
+                "--frame-rate-hz {}: must be 0 (off) ..= 10000",
+                self.frame_rate_hz
+            ));
+        }
+        let lat = &self.latency;
+        for (name, v) in [
+            ("--latency-us", lat.base_us),
+            ("--jitter-us", lat.jitter_us),
+            ("--spike-us", lat.spike_us),
+        ] {
+            if !(v.is_finite() && (0.0..=10e6).contains(&v)) {
+                return bad(format!("{name} {v}: must be 0..=10000000 µs"));
+            }
+        }
+        if !(0.0..=1.0).contains(&lat.spike_prob) {
+            return bad(format!("--spike-prob {}: must be 0..=1", lat.spike_prob));
+        }
+        if self.firmware.hard_max_valve_open_ms == 0 {
+            return bad("--hard-max-valve-open-ms 0: must be > 0".to_string());
+        }
+        let rate = self.firmware.max_sample_rate_hz;
+        if rate == 0 || rate > 1_000_000 {
+            return bad(format!("--max-sample-rate-hz {rate}: must be 1..=1000000"));
+        }
+        if let Some(d) = self.duration_s {
+            if !(d.is_finite() && d > 0.0) {
+                return bad(format!("--duration-s {d}: must be > 0"));
+            }
+        }
+        if self.tx_buffer_bytes < 64 {
+            return bad(format!(
+                "--tx-buffer-bytes {}: must be >= 64",
+                self.tx_buffer_bytes
+            ));
+        }
+        pty::check_link(&self.link)?;
+        Ok(())
+    }
+}
+
+/// Why the simulator could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("{0}")]
+    BadOption(String),
+    #[error("--link {0}")]
+    Link(#[from] LinkError),
+    #[error("cannot create a pty: {0}")]
+    Pty(#[source] std::io::Error),
+    #[error("--truth {path}: {source}")]
+    Truth {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the simulator thread panicked")]
+    Panicked,
+}
+
+/// What the simulator did, returned when it stops.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SimStats {
+    /// Frames the device put on the wire (all boots).
+    pub frames_sent: u64,
+    /// Frames the device could not send (all boots).
+    pub frames_dropped: u64,
+    /// Bytes written to the pty.
+    pub bytes_written: u64,
+    /// Bytes read from the host (including those ignored while silent).
+    pub host_bytes_in: u64,
+    /// Garbage bytes injected.
+    pub garbage_bytes: u64,
+    pub reboots: u32,
+    pub unplugs: u32,
+    /// Times a host opened the port.
+    pub host_opens: u32,
+    /// Rows in the truth log.
+    pub truth_rows: u64,
+}
+
+/// Run the simulator on this thread until `stop` is set, `duration_s` has
+/// passed, or an error. The link is removed before it returns.
+pub fn run(opts: &SimOptions, stop: &AtomicBool) -> Result<SimStats, SimError> {
+    runner::Sim::new(opts)?.run(stop)
+}
+
+/// A simulator running on its own thread; dropping it stops it.
+#[derive(Debug)]
+pub struct SimHandle {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<SimStats, SimError>>>,
+    link: PathBuf,
+    pty_path: PathBuf,
+    start_host_ns: u64,
+    clock: SimClock,
+}
+
+/// Start the simulator on a new thread. It returns once the pty and the link
+/// exist, so the host can open the link right away.
+pub fn spawn(opts: SimOptions) -> Result<SimHandle, SimError> {
+    let sim = runner::Sim::new(&opts)?;
+    let pty_path = sim.pty_path().to_path_buf();
+    let start_host_ns = sim.start_host_ns();
+    let clock = opts.clock;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = Arc::clone(&stop);
+    let thread = std::thread::Builder::new()
+        .name("rig-sim".to_string())
+        .spawn(move || sim.run(&stop2))
+        .map_err(SimError::Pty)?;
+    Ok(SimHandle {
+        stop,
+        thread: Some(thread),
+        link: opts.link,
+        pty_path,
+        start_host_ns,
+        clock,
+    })
+}
+
+impl SimHandle {
+    /// The symlink the host opens.
+    pub fn link(&self) -> &Path {
+        &self.link
+    }
+
+    /// The pty's slave device when the simulator started (a new one after an
+    /// unplug).
+    pub fn pty_path(&self) -> &Path {
+        &self.pty_path
+    }
+
+    /// Host `CLOCK_MONOTONIC`, ns, at the simulator's true time 0: with
+    /// [`SimClock::true_us_at_host_ns`] it maps a host timestamp (e.g.
+    /// `firmware_bridge::link::host_now_ns()`) to true time, and so to the
+    /// device clock, for checking a clock-sync estimate.
+    pub fn start_host_ns(&self) -> u64 {
+        self.start_host_ns
+    }
+
+    /// The simulator's clock (offset, drift, speed) of its first boot.
+    pub fn clock(&self) -> SimClock {
+        self.clock
+    }
+
+    /// Whether the simulator has stopped by itself (duration, error).
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().map_or(true, |t| t.is_finished())
+    }
+
+    /// Stop it and wait for it.
+    pub fn stop(mut self) -> Result<SimStats, SimError> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.join()
+    }
+
+    /// Wait until it stops by itself (needs `duration_s`).
+    pub fn wait(mut self) -> Result<SimStats, SimError> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<SimStats, SimError> {
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| SimError::Panicked)?,
+            None => Ok(SimStats::default()),
+        }
+    }
+}
+
+impl Drop for SimHandle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_specs_parse_and_print() {
+        for (s, f) in [
+            (
+                "unplug@12.5:3",
+                FaultSpec::Unplug {
+                    at_s: 12.5,
+                    duration_s: 3.0,
+                },
+            ),
+            (
+                "silent@1:0.5",
+                FaultSpec::Silent {
+                    at_s: 1.0,
+                    duration_s: 0.5,
+                },
+            ),
+            (
+                "garbage@2:100",
+                FaultSpec::Garbage {
+                    at_s: 2.0,
+                    bytes: 100,
+                },
+            ),
+            ("reboot@30", FaultSpec::Reboot { at_s: 30.0 }),
+        ] {
+            assert_eq!(s.parse::<FaultSpec>(), Ok(f));
+            assert_eq!(f.to_string().parse::<FaultSpec>(), Ok(f));
+        }
+        for bad in [
+            "unplug",
+            "unplug@x:1",
+            "unplug@1",
+            "unplug@1:0",
+            "garbage@1:0",
+            "garbage@1:-3",
+            "reboot@1:2",
+            "melt@1",
+            "silent@-1:1",
+        ] {
+            let e = bad.parse::<FaultSpec>().expect_err(bad);
+            assert!(e.contains(bad) && e.contains("expected"), "{e}");
+        }
+    }
+
+    #[test]
+    fn options_are_validated() {
+        let dir = std::env::temp_dir();
+        let ok = SimOptions::new(dir.join(format!("rig-sim-opt-{}", std::process::id())));
+        assert!(ok.validate().is_ok());
+        let mut o = ok.clone();
+        o.clock.speed = 0.0;
+        assert!(o
+            .validate()
+            .expect_err("invalid")
+            .to_string()
+            .contains("--speed 0"));
+        let mut o = ok.clone();
+        o.truth_threshold_mm = 7.0;
+        assert!(o
+            .validate()
+            .expect_err("invalid")
+            .to_string()
+            .contains("--truth-threshold-mm 7"));
+        let mut o = ok.clone();
+        o.latency.spike_prob = 2.0;
+        assert!(o.validate().is_err());
+        // An existing regular file at --link is refused.
+        let file = dir.join(format!("rig-sim-opt-file-{}", std::process::id()));
+        std::fs::write(&file, b"x").expect("write");
+        let o = SimOptions::new(&file);
+        let e = o.validate().expect_err("invalid").to_string();
+        assert!(e.contains("not a symlink"), "{e}");
+        let _ = std::fs::remove_file(&file);
+    }
+}
