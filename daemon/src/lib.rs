@@ -3,3 +3,13 @@
 //!
 //! Architecture invariant: the daemon never encodes or decodes wire bytes
 //! itself; it uses the `protocol` crate for every wire.
+pub mod app;
+pub mod behaviour;
+pub mod control;
+pub mod core;
+pub mod demo;
+pub mod rig;
+pub mod storage;
+pub mod storage_thread;
+pub mod task;
+pub mod trial;

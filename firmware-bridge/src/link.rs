@@ -254,6 +254,11 @@ pub trait LinkHandler: Send + 'static {
     /// Called for every event, in order. `commander` sends commands right away
     /// from this thread (the low-latency path).
     fn on_event(&mut self, event: &LinkEvent, commander: &Commander);
+
+    /// Called on the reader thread when nothing arrived for a while (every
+    /// read timeout, about 20 ms, and while waiting to reconnect), so the
+    /// handler can act on requests even when the device is silent or gone.
+    fn on_idle(&mut self, _commander: &Commander) {}
 }
 
 /// A handler that forwards events into a bounded channel, dropping (and
@@ -335,9 +340,11 @@ impl Writer {
         let n = cmd
             .encode(seq, &mut self.buf)
             .map_err(|e| SendError::Io(e.to_string()))?;
+        // Stamp before writing: the device may read the frame before write()
+        // returns, and a send time later than the truth would bias clock sync.
+        let host_ns = host_now_ns();
         port.write_all(&self.buf[..n])
             .map_err(|e| SendError::Io(e.to_string()))?;
-        let host_ns = host_now_ns();
         self.next_seq = seq.wrapping_add(1);
         self.last_tx_ns = host_ns;
         // Bounded: at most 256 outstanding commands are tracked; older ones
@@ -640,7 +647,7 @@ impl Reader {
             );
             last_reason = Some(reason);
             let wait = if slow { self.s.reconnect_max } else { backoff };
-            self.sleep(wait);
+            self.sleep(wait, handler);
             backoff = (backoff * 2).min(self.s.reconnect_max);
         }
         handler.on_event(
@@ -652,9 +659,10 @@ impl Reader {
         );
     }
 
-    fn sleep(&self, d: Duration) {
+    fn sleep(&self, d: Duration, handler: &mut impl LinkHandler) {
         let end = host_now_ns() + d.as_nanos() as u64;
         while !self.stop.load(Ordering::Relaxed) && host_now_ns() < end {
+            handler.on_idle(&self.commander);
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -721,6 +729,9 @@ impl Reader {
                 Err(e) => return LostReason::Io(e.to_string()),
             };
             let now = host_now_ns();
+            if n == 0 {
+                handler.on_idle(&self.commander);
+            }
             if n > 0 {
                 let mut result = None;
                 let mut frames = 0u32;

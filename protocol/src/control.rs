@@ -720,7 +720,7 @@ pub struct StopReply {
 }
 
 /// The numbers of a finished session. Statistics that are undefined (no
-/// trials, no hits) are `null`, never omitted.
+/// trials, no rewarded trials) are `null`, never omitted.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct SessionSummary {
     pub session_dir: String,
@@ -770,10 +770,10 @@ pub struct TrialEvent {
     pub outcome: TrialOutcome,
     /// Rig clock when the outcome was decided.
     pub t_us: u64,
-    /// Cue onset to threshold crossing, seconds (hits only).
+    /// Cue onset to threshold crossing, seconds (rewarded trials only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reaction_time_s: Option<f64>,
-    /// Water given for this trial, µL (hits only).
+    /// Water given for this trial, µL (rewarded trials only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reward_ul: Option<f64>,
     /// Rewards so far in the session.
@@ -787,7 +787,7 @@ pub struct TrialEvent {
 #[serde(rename_all = "snake_case")]
 pub enum TrialOutcome {
     /// Press past threshold within the response window: rewarded.
-    Hit,
+    Rewarded,
     /// No press within the response window.
     Miss,
     /// The session stopped during the trial.

@@ -669,14 +669,14 @@ fn every_event() -> Vec<(Event, Value)> {
         (
             Event::Trial(TrialEvent {
                 trial: 3,
-                outcome: TrialOutcome::Hit,
+                outcome: TrialOutcome::Rewarded,
                 t_us: 123_456_789,
                 reaction_time_s: Some(0.85),
                 reward_ul: Some(4.0),
                 rewards: 2,
                 water_ul: 8.0,
             }),
-            json!({"event": "trial", "trial": 3, "outcome": "hit", "t_us": 123_456_789u64,
+            json!({"event": "trial", "trial": 3, "outcome": "rewarded", "t_us": 123_456_789u64,
                    "reaction_time_s": 0.85, "reward_ul": 4.0, "rewards": 2, "water_ul": 8.0}),
         ),
         (

@@ -178,3 +178,109 @@ impl Drop for Sim {
         }
     }
 }
+
+/// The Python interpreter for file checks: `$RIG_PYTHON`, else `python3`.
+/// Tests that load session files with numpy require it (CI installs it).
+pub fn python() -> PathBuf {
+    std::env::var_os("RIG_PYTHON").map_or_else(|| PathBuf::from("python3"), PathBuf::from)
+}
+
+/// Run a Python snippet with `args`; panics with its output if it fails.
+pub fn run_python(code: &str, args: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new(python())
+        .arg("-c")
+        .arg(code)
+        .args(args)
+        .output()
+        .expect("run python (set RIG_PYTHON to a python3 with numpy)");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "python check failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// A running `rigd --config <path>`, killed when dropped.
+#[derive(Debug)]
+pub struct Rigd {
+    pub child: std::process::Child,
+    pub socket: PathBuf,
+}
+
+impl Rigd {
+    /// Start rigd and wait until its control socket answers.
+    pub fn start(config: &Path, socket: &Path) -> Self {
+        let child = Command::new(bin("rigd"))
+            .arg("--config")
+            .arg(config)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start rigd");
+        let me = Self {
+            child,
+            socket: socket.to_path_buf(),
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "rigd did not open {}",
+                socket.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        me
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
+    /// Wait for exit (up to `secs`), returning the status and stderr.
+    pub fn wait(mut self, secs: u64) -> (std::process::ExitStatus, String) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut err);
+                }
+                return (status, err);
+            }
+            assert!(std::time::Instant::now() < deadline, "rigd did not exit");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Rigd {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Run `rigctl --socket <socket> <args>`; returns (exit code, stdout, stderr).
+pub fn rigctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin("rigctl"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run rigctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -1,10 +1,14 @@
 //! `rigd`, the rig controller daemon.
 //!
-//! Today it has one subcommand, `rigd check-config PATH`, which loads and
-//! validates a configuration file and prints the effective configuration.
-//! Exit codes: 0 = fine, 1 = could not write the output, 2 = usage error or
-//! configuration not loaded. Errors are printed as text, never as a panic or
-//! a `Debug` dump.
+//! * `rigd --config PATH` runs the daemon (until SIGTERM/SIGINT; SIGHUP
+//!   reloads the configuration between sessions).
+//! * `rigd demo` runs a whole session against the virtual rig.
+//! * `rigd check-config PATH` loads and validates a configuration file and
+//!   prints the effective configuration.
+//!
+//! Exit codes: 0 = fine, 1 = could not write the output or the daemon failed
+//! at run time, 2 = usage error or configuration not loaded. Errors are
+//! printed as text, never as a panic or a `Debug` dump.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -22,8 +26,14 @@ const EXIT_CONFIG_NOT_LOADED: u8 = 2;
 #[derive(Debug, Parser)]
 #[command(name = "rigd", version)]
 struct Cli {
+    /// Run the daemon with this rig configuration.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value = "human", global = true)]
+    log_format: daemon::app::LogFormat,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -34,15 +44,123 @@ enum Command {
         /// The configuration file, e.g. /etc/rigd/rig.toml.
         path: PathBuf,
     },
-    // Later subcommands go here: `run --config PATH` (the daemon itself) and
-    // `demo` (a session against the virtual rig). They do not exist yet.
+    /// Run a whole simulated session against the virtual rig, with no
+    /// configuration: trial outcomes as they happen, then the summary.
+    Demo {
+        /// Session length, minutes of device time.
+        #[arg(long, default_value_t = 5)]
+        minutes: u32,
+        /// Device time per wall-clock time (10 = a 5-minute session in 30 s).
+        #[arg(long, default_value_t = 10.0)]
+        speed: f64,
+        /// Training day of the simulated mouse: 1 naive ..= 14 expert.
+        #[arg(long, default_value_t = 14)]
+        day: u8,
+        /// Where the session folder goes.
+        #[arg(long, default_value = "rig-data")]
+        data: PathBuf,
+        /// Seed of the simulated mouse.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Mouse id of the session.
+        #[arg(long, default_value = "DEMO")]
+        mouse: String,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { path } => check_config(&path),
+        Some(Command::CheckConfig { path }) => check_config(&path),
+        Some(Command::Demo {
+            minutes,
+            speed,
+            day,
+            data,
+            seed,
+            mouse,
+        }) => {
+            let opts = daemon::demo::DemoOptions {
+                minutes,
+                speed,
+                day,
+                data,
+                seed,
+                mouse,
+            };
+            with_runtime(cli.log_format, true, |log| async move {
+                daemon::demo::run(opts, log).await.map(|_| ())
+            })
+        }
+        None => match cli.config {
+            Some(path) => run_daemon(path, cli.log_format),
+            None => {
+                eprintln!("error: nothing to do: give --config PATH to run the daemon, or a subcommand (see rigd --help)");
+                ExitCode::from(EXIT_CONFIG_NOT_LOADED)
+            }
+        },
     }
+}
+
+/// Run `body` on a tokio runtime with logging set up; errors are printed as
+/// one line and give exit code 1.
+fn with_runtime<F, Fut>(format: daemon::app::LogFormat, quiet: bool, body: F) -> ExitCode
+where
+    F: FnOnce(daemon::core::SessionLog) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let log: daemon::core::SessionLog = Default::default();
+    daemon::app::init_logging(format, log.clone(), quiet);
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_OUTPUT_FAILED);
+        }
+    };
+    match rt.block_on(body(log)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_OUTPUT_FAILED)
+        }
+    }
+}
+
+fn run_daemon(path: PathBuf, format: daemon::app::LogFormat) -> ExitCode {
+    let loaded = match rig_config::load(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            for p in e.problems() {
+                eprintln!("error: {p}");
+            }
+            if e.problems().is_empty() {
+                eprintln!("error: {e}");
+            }
+            return ExitCode::from(EXIT_CONFIG_NOT_LOADED);
+        }
+    };
+    with_runtime(format, false, |log| async move {
+        for w in &loaded.warnings {
+            tracing::warn!("{w}");
+        }
+        let cfg = loaded.config;
+        // Sessions a crash left `running` are repaired before anything else.
+        for dir in daemon::storage::find_running(std::path::Path::new(&cfg.storage.data_root)) {
+            match daemon::storage::recover(&dir) {
+                Ok(r) => tracing::warn!("recovered {}: {r}", dir.display()),
+                Err(e) => tracing::error!("could not recover {}: {e}", dir.display()),
+            }
+        }
+        let settings = firmware_bridge::link::LinkSettings::from_config(&cfg);
+        let mut app = daemon::app::App::start(cfg, Some(path), settings, log).await?;
+        let result = app.run_until_signal().await;
+        app.shutdown().await;
+        result
+    })
 }
 
 fn check_config(path: &std::path::Path) -> ExitCode {

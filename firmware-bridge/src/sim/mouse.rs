@@ -271,7 +271,9 @@ impl Mouse {
 
     /// The encoder reading at true time `t_us`.
     pub fn lever_counts(&mut self, t_us: f64) -> i32 {
-        (self.lever_mm(t_us) * self.lever.counts_per_mm).round() as i32
+        // A quadrature encoder reports count n once the lever has passed line
+        // n: the floor of the position in counts, not the nearest count.
+        (self.lever_mm(t_us) * self.lever.counts_per_mm).floor() as i32
     }
 
     /// Run the world up to true time `t_us` (the physics grid may end up to

@@ -428,7 +428,7 @@ impl Sim {
                 }
             }
             self.watch_host(now);
-            self.read_host(now);
+            self.read_host();
             self.simulate_to(target);
             self.link.flush(now);
             self.commit_truth();
@@ -514,7 +514,7 @@ impl Sim {
         }
     }
 
-    fn read_host(&mut self, now: Instant) {
+    fn read_host(&mut self) {
         if !self.link.host_present {
             return;
         }
@@ -526,11 +526,16 @@ impl Sim {
                 Ok(n) => n,
                 Err(_) => return, // the host closed it; watch_host will see
             };
+            // Stamp the bytes when they were actually read, not at the top of
+            // the loop: the host may have written them after that, and a
+            // device receive time before the host's send time would break the
+            // causality that clock sync relies on.
+            let arrived = Instant::now();
             self.link.host_bytes_in += n as u64;
             if self.link.silent {
                 continue;
             }
-            let due = (now + self.link.delay()).max(self.link.last_in_due);
+            let due = (arrived + self.link.delay()).max(self.link.last_in_due);
             self.link.last_in_due = due;
             self.link.inbound.push_back((due, buf[..n].to_vec()));
         }

@@ -1,0 +1,203 @@
+//! Wiring: the serial link with the rig thread's handler, the control socket,
+//! the core, signals and logging. `rigd --config` and `rigd demo` both run
+//! through [`App`].
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use firmware_bridge::link::{LinkSettings, SerialLink};
+use rig_config::RigConfig;
+use tokio::sync::{broadcast, mpsc, watch};
+
+use crate::control::{self, CoreRequest, EventLine};
+use crate::core::{Core, SessionLog};
+use crate::rig::{LiveStatus, RigHandler, RigNotice};
+
+/// How the daemon logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Set up tracing: human lines (or JSON) on stderr, and the same events in the
+/// running session's `rigd.log`.
+pub fn init_logging(format: LogFormat, session_log: SessionLog, quiet: bool) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let level = if quiet {
+        tracing::Level::WARN
+    } else {
+        tracing::Level::INFO
+    };
+    let filter = tracing_subscriber::filter::LevelFilter::from_level(level);
+    let stderr: Box<dyn Layer<_> + Send + Sync> = match format {
+        LogFormat::Human => Box::new(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_target(false)
+                .with_filter(filter),
+        ),
+        LogFormat::Json => Box::new(
+            tracing_subscriber::fmt::layer()
+                .json()
+                .with_writer(std::io::stderr)
+                .with_filter(filter),
+        ),
+    };
+    let file = tracing_subscriber::fmt::layer()
+        .with_ansi(false)
+        .with_target(false)
+        .with_writer(SessionLogWriter(session_log))
+        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+    let _ = tracing_subscriber::registry()
+        .with(stderr)
+        .with(file)
+        .try_init();
+}
+
+#[derive(Clone)]
+struct SessionLogWriter(SessionLog);
+
+/// Writes to the session's log file while one is open, else nowhere.
+struct SessionLogHandle(SessionLog);
+
+impl std::io::Write for SessionLogHandle {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut g) = self.0.lock() {
+            if let Some(f) = g.as_mut() {
+                return f.write(buf);
+            }
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        if let Ok(mut g) = self.0.lock() {
+            if let Some(f) = g.as_mut() {
+                return f.flush();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for SessionLogWriter {
+    type Writer = SessionLogHandle;
+    fn make_writer(&'a self) -> Self::Writer {
+        SessionLogHandle(self.0.clone())
+    }
+}
+
+/// A running daemon.
+pub struct App {
+    pub core: Core,
+    pub core_rx: mpsc::Receiver<CoreRequest>,
+    pub notices: mpsc::UnboundedReceiver<RigNotice>,
+    pub events: broadcast::Sender<EventLine>,
+    pub status: Arc<Mutex<LiveStatus>>,
+    link: Option<SerialLink>,
+    shutdown: watch::Sender<bool>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// Start the link and the control socket.
+    pub async fn start(
+        cfg: RigConfig,
+        config_path: Option<PathBuf>,
+        link_settings: LinkSettings,
+        session_log: SessionLog,
+    ) -> anyhow::Result<Self> {
+        let cfg = Arc::new(cfg);
+        let (events, _) = broadcast::channel(4096);
+        let status = Arc::new(Mutex::new(LiveStatus::default()));
+        let (rig_tx, rig_rx) = crossbeam_channel::bounded(64);
+        let (notice_tx, notices) = mpsc::unbounded_channel();
+        let socket = PathBuf::from(&cfg.control.socket);
+        let listener =
+            control::bind(&socket, cfg.control.mode, cfg.control.group.as_deref()).await?;
+        let handler = RigHandler::new(rig_rx, status.clone(), events.clone(), notice_tx);
+        let link = SerialLink::spawn(link_settings, handler)
+            .context("cannot start the serial link threads")?;
+        let (core_tx, core_rx) = mpsc::channel(64);
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let server = tokio::spawn(control::serve(
+            listener,
+            socket.clone(),
+            core_tx,
+            events.clone(),
+            shutdown_rx,
+        ));
+        tracing::info!(socket = %socket.display(), port = %cfg.rig.serial_port, "rigd ready");
+        let core = Core::new(
+            cfg,
+            config_path,
+            rig_tx,
+            status.clone(),
+            events.clone(),
+            session_log,
+        );
+        Ok(Self {
+            core,
+            core_rx,
+            notices,
+            events,
+            status,
+            link: Some(link),
+            shutdown,
+            server: Some(server),
+        })
+    }
+
+    /// Serve requests until SIGTERM or SIGINT; SIGHUP reloads the
+    /// configuration between sessions. A running session is stopped cleanly
+    /// (files finished) before returning.
+    pub async fn run_until_signal(&mut self) -> anyhow::Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                Some(req) = self.core_rx.recv() => self.core.handle(req).await,
+                Some(n) = self.notices.recv() => { let _ = self.core.on_notice(n).await; }
+                _ = term.recv() => { self.stop_for("SIGTERM").await; break; }
+                _ = int.recv() => { self.stop_for("SIGINT").await; break; }
+                _ = hup.recv() => match self.core.reload() {
+                    Ok(()) => tracing::info!("configuration reloaded (SIGHUP)"),
+                    Err(e) => tracing::warn!("SIGHUP: configuration not reloaded: {e}"),
+                },
+            }
+        }
+        Ok(())
+    }
+
+    async fn stop_for(&mut self, what: &str) {
+        if self.core.is_running() {
+            tracing::info!("{what}: stopping the running session");
+            if let Err(e) = self.core.stop(what).await {
+                tracing::error!("stopping on {what}: {}", e.message);
+            }
+        }
+    }
+
+    /// Close the control socket and the link.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        if let Some(s) = self.server.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), s).await;
+        }
+        if let Some(link) = self.link.take() {
+            let _ = tokio::task::spawn_blocking(move || link.shutdown()).await;
+        }
+    }
+}

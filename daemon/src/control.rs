@@ -1,0 +1,281 @@
+//! The control socket: a Unix domain socket speaking newline-delimited JSON
+//! (`docs/protocol.md` section 3). Each connection gets its own task; requests
+//! go to the daemon's core as [`CoreRequest`]s and the answers come back on a
+//! oneshot. Subscribers get the event stream from a broadcast channel; a slow
+//! subscriber loses events (and is told how many with a `lagged` event), it
+//! never slows the daemon down. A malformed request gets an error answer and
+//! the connection carries on; nothing a client sends can stop the daemon.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use protocol::control::{
+    parse_request_line, ControlError, ErrorCode, Event, Request, RequestId, Response, SplitLine,
+    MAX_LINE_BYTES,
+};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+/// Who is on the other end of a connection (from `SO_PEERCRED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.pid {
+            Some(pid) => write!(f, "uid {} pid {}", self.uid, pid),
+            None => write!(f, "uid {}", self.uid),
+        }
+    }
+}
+
+/// A request for the core, with the channel its answer goes back on. The
+/// answer is the success payload (a JSON object merged into `{"ok":true}`) or
+/// an error.
+#[derive(Debug)]
+pub struct CoreRequest {
+    pub request: Request,
+    pub peer: Peer,
+    pub reply: oneshot::Sender<Result<Value, ControlError>>,
+}
+
+/// Events for subscribers, already encoded as lines.
+pub type EventLine = Arc<Vec<u8>>;
+
+/// Encode an event once for every subscriber.
+pub fn event_line(event: &Event) -> EventLine {
+    Arc::new(event.to_line())
+}
+
+/// Bind the control socket at `path` with permission bits `mode` (and group
+/// `group`, if given). A stale socket file left by a crashed daemon is
+/// replaced; a live one (another rigd answering) is an error.
+pub async fn bind(path: &Path, mode: u32, group: Option<&str>) -> anyhow::Result<UnixListener> {
+    use anyhow::Context;
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() && !dir.exists() {
+            std::fs::create_dir_all(dir).with_context(|| {
+                format!(
+                    "cannot create the control socket's directory {}",
+                    dir.display()
+                )
+            })?;
+        }
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            anyhow::bail!(
+                "another rigd is already listening on {}: stop it first, or set [control].socket to another path",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("cannot bind the control socket at {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set mode {mode:o} on {}", path.display()))?;
+    if let Some(group) = group {
+        let g = nix::unistd::Group::from_name(group)
+            .ok()
+            .flatten()
+            .with_context(|| format!("[control].group = {group:?}: no such group"))?;
+        nix::unistd::chown(path, None, Some(g.gid))
+            .with_context(|| format!("cannot give {} to group {group}", path.display()))?;
+    }
+    Ok(listener)
+}
+
+/// Accept connections until `shutdown` turns true. The socket file is removed
+/// on the way out.
+pub async fn serve(
+    listener: UnixListener,
+    path: PathBuf,
+    core: mpsc::Sender<CoreRequest>,
+    events: broadcast::Sender<EventLine>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let core = core.clone();
+                    let events = events.clone();
+                    let shutdown = shutdown.clone();
+                    tokio::spawn(async move { connection(stream, core, events, shutdown).await });
+                }
+                Err(e) => {
+                    tracing::warn!("control socket accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.changed() => break,
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Lines waiting for one client's writer; events beyond this are dropped for
+/// that client and reported as `lagged`.
+const CLIENT_QUEUE: usize = 1024;
+
+async fn connection(
+    stream: UnixStream,
+    core: mpsc::Sender<CoreRequest>,
+    events: broadcast::Sender<EventLine>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let peer = match stream.peer_cred() {
+        Ok(c) => Peer {
+            uid: c.uid(),
+            gid: c.gid(),
+            pid: c.pid(),
+        },
+        Err(e) => {
+            tracing::warn!("control connection without peer credentials: {e}");
+            Peer {
+                uid: u32::MAX,
+                gid: u32::MAX,
+                pid: None,
+            }
+        }
+    };
+    let (mut rd, mut wr) = stream.into_split();
+    // One writer task per client: responses and events go through it in order.
+    let (out_tx, mut out_rx) = mpsc::channel::<EventLine>(CLIENT_QUEUE);
+    let writer = tokio::spawn(async move {
+        while let Some(line) = out_rx.recv().await {
+            if wr.write_all(&line).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut splitter = protocol::control::LineSplitter::with_limit(MAX_LINE_BYTES);
+    let mut buf = vec![0u8; 8192];
+    let mut subscribed: Option<tokio::task::JoinHandle<()>> = None;
+    'conn: loop {
+        let n = tokio::select! {
+            r = rd.read(&mut buf) => match r {
+                Ok(0) | Err(_) => 0,
+                Ok(n) => n,
+            },
+            _ = shutdown.changed() => break,
+        };
+        if n == 0 {
+            // Answer a last request sent without a newline, then close.
+            if let Some(line) = splitter.finish() {
+                let _ = handle_line(line, peer, &core, &events, &out_tx, &mut subscribed).await;
+            }
+            break;
+        }
+        splitter.push(&buf[..n]);
+        while let Some(line) = splitter.next_line() {
+            if handle_line(line, peer, &core, &events, &out_tx, &mut subscribed)
+                .await
+                .is_err()
+            {
+                break 'conn;
+            }
+        }
+    }
+    if let Some(s) = subscribed {
+        s.abort();
+    }
+    drop(out_tx);
+    let _ = writer.await;
+}
+
+/// Handle one line; `Err` means the client is gone.
+async fn handle_line(
+    line: SplitLine,
+    peer: Peer,
+    core: &mpsc::Sender<CoreRequest>,
+    events: &broadcast::Sender<EventLine>,
+    out: &mpsc::Sender<EventLine>,
+    subscribed: &mut Option<tokio::task::JoinHandle<()>>,
+) -> Result<(), ()> {
+    let response = match line {
+        SplitLine::TooLong => Response::from(ControlError::line_too_long()),
+        SplitLine::Line(bytes) => match parse_request_line(&bytes) {
+            Err(e) => Response::from(e),
+            Ok(env) => {
+                let id = env.id.clone();
+                match env.request {
+                    Request::Subscribe {} => {
+                        if subscribed.is_none() {
+                            *subscribed = Some(spawn_forwarder(events.subscribe(), out.clone()));
+                        }
+                        Response::ok_empty(id)
+                    }
+                    request => ask_core(request, peer, id, core).await,
+                }
+            }
+        },
+    };
+    out.send(Arc::new(response.to_line())).await.map_err(|_| ())
+}
+
+async fn ask_core(
+    request: Request,
+    peer: Peer,
+    id: Option<RequestId>,
+    core: &mpsc::Sender<CoreRequest>,
+) -> Response {
+    let (tx, rx) = oneshot::channel();
+    if core
+        .send(CoreRequest {
+            request,
+            peer,
+            reply: tx,
+        })
+        .await
+        .is_err()
+    {
+        return Response::error(id, ErrorCode::Internal, "the daemon is shutting down");
+    }
+    match rx.await {
+        Ok(Ok(payload)) => Response::ok(id, &payload),
+        Ok(Err(e)) => Response::from(e.with_id(id)),
+        Err(_) => Response::error(id, ErrorCode::Internal, "the daemon dropped the request"),
+    }
+}
+
+/// Copy broadcast events to one client's queue, dropping (and counting) what
+/// it cannot take.
+fn spawn_forwarder(
+    mut rx: broadcast::Receiver<EventLine>,
+    out: mpsc::Sender<EventLine>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut dropped = 0u64;
+        loop {
+            let line = match rx.recv().await {
+                Ok(line) => line,
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    dropped += n;
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
+            };
+            if dropped > 0 {
+                let lagged = event_line(&Event::Lagged { dropped });
+                if out.try_send(lagged).is_ok() {
+                    dropped = 0;
+                }
+            }
+            match out.try_send(line) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => dropped += 1,
+                Err(mpsc::error::TrySendError::Closed(_)) => break,
+            }
+        }
+    })
+}

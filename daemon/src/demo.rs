@@ -1,0 +1,238 @@
+//! `rigd demo`: a whole session against the virtual rig, with no
+//! configuration. The virtual rig runs in this process on a real pty; the
+//! daemon talks to it through the same serial link, task engine, storage and
+//! control socket as on a real rig.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use firmware_bridge::link::LinkSettings;
+use firmware_bridge::sim::{self, SimOptions};
+use protocol::control::{Event, LinkState, SessionEvent, StartRequest, TrialOutcome};
+
+use crate::app::App;
+use crate::core::SessionLog;
+
+/// What `rigd demo` was asked for.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Session length in minutes of device time.
+    pub minutes: u32,
+    /// Device time per wall time.
+    pub speed: f64,
+    /// Training day of the simulated mouse, 1 (naive) ..= 14 (expert).
+    pub day: u8,
+    /// Where session folders go.
+    pub data: PathBuf,
+    pub seed: u64,
+    /// Mouse id for the session.
+    pub mouse: String,
+}
+
+/// Run the demo; returns the session folder.
+pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<PathBuf> {
+    if !(opts.speed > 0.0 && opts.speed <= 100.0) {
+        anyhow::bail!("--speed {}: must be > 0 and <= 100", opts.speed);
+    }
+    if !(1..=14).contains(&opts.day) {
+        anyhow::bail!("--day {}: must be 1..=14", opts.day);
+    }
+    if opts.minutes == 0 || opts.minutes > 24 * 60 {
+        anyhow::bail!("--minutes {}: must be 1..=1440", opts.minutes);
+    }
+    let data = if opts.data.is_absolute() {
+        opts.data.clone()
+    } else {
+        std::env::current_dir()
+            .context("cannot read the current directory")?
+            .join(&opts.data)
+    };
+    std::fs::create_dir_all(&data)
+        .with_context(|| format!("cannot create the data folder {}", data.display()))?;
+    let run_dir = std::env::temp_dir().join(format!("rigd-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    let link_path = run_dir.join("ttyRIG");
+
+    // The virtual rig, in this process.
+    let mut sim_opts = SimOptions::new(&link_path);
+    sim_opts.seed = opts.seed;
+    sim_opts.clock.speed = opts.speed;
+    sim_opts.day = opts.day;
+    sim_opts.quiet = true;
+    sim_opts.truth = Some(run_dir.join("truth.tsv"));
+    let sim =
+        sim::spawn(sim_opts).map_err(|e| anyhow::anyhow!("cannot start the virtual rig: {e}"))?;
+
+    // A configuration with every default, pointed at the virtual rig.
+    let mut cfg = rig_config::RigConfig::default();
+    cfg.rig.name = "demo".into();
+    cfg.rig.serial_port = link_path.display().to_string();
+    cfg.storage.data_root = data.clone();
+    cfg.control.socket = run_dir.join("rigd.sock");
+    cfg.task.max_duration_min = Some(opts.minutes);
+    cfg.preview.enabled = false;
+    cfg.imaging.enabled = false;
+    let mut settings = LinkSettings::from_config(&cfg);
+    // The device's watchdog counts device time, which runs `speed` times
+    // faster than the host's heartbeats: scale its timeout so it trips after
+    // the same wall time as on a real rig.
+    let scaled =
+        (f64::from(settings.configure.heartbeat_timeout_ms) * opts.speed).min(f64::from(u16::MAX));
+    settings.configure.heartbeat_timeout_ms = scaled as u16;
+
+    let mut app = App::start(cfg, None, settings, session_log).await?;
+    let mut events = app.events.subscribe();
+    println!(
+        "rigd demo: virtual rig at {} (day {}, {}x speed), {} min session",
+        link_path.display(),
+        opts.day,
+        opts.speed,
+        opts.minutes
+    );
+    println!(
+        "control socket: {}  (try: rigctl --socket {} status)",
+        run_dir.join("rigd.sock").display(),
+        run_dir.join("rigd.sock").display()
+    );
+
+    // Wait for the handshake.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let link = app.status.lock().map(|s| s.link).unwrap_or(None);
+        if link == Some(LinkState::Connected)
+            && app.status.lock().map(|s| s.rig_now_us > 0).unwrap_or(false)
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            app.shutdown().await;
+            let _ = sim.stop();
+            anyhow::bail!("the virtual rig did not connect within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let reply = app
+        .core
+        .start(StartRequest {
+            mouse: opts.mouse.clone(),
+            notes: Some(format!(
+                "rigd demo: virtual rig, day {}, speed {}x, seed {}",
+                opts.day, opts.speed, opts.seed
+            )),
+            task: None,
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot start the session: {}", e.message))?;
+    println!("session {}", reply.session_dir);
+
+    let total_us = f64::from(opts.minutes) * 60e6;
+    let mut last_bar = Instant::now();
+    let mut stdout = std::io::stdout();
+    let result = loop {
+        tokio::select! {
+            Some(req) = app.core_rx.recv() => app.core.handle(req).await,
+            Some(n) = app.notices.recv() => {
+                if let Some(r) = app.core.on_notice(n).await { break r; }
+            }
+            ev = events.recv() => {
+                if let Ok(line) = ev {
+                    if let Ok(protocol::control::ServerMessage::Event(e)) = protocol::control::parse_server_line(&line) {
+                        print_event(&e, &mut stdout);
+                    }
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = tokio::signal::ctrl_c() => {
+                println!("\ninterrupted: stopping the session");
+                break app.core.stop("interrupted (Ctrl-C)").await;
+            }
+        }
+        if last_bar.elapsed() > Duration::from_secs(2) {
+            last_bar = Instant::now();
+            let (now, t0, trials, rewards) = app
+                .status
+                .lock()
+                .map(|s| {
+                    (
+                        s.rig_now_us,
+                        s.t0_us.unwrap_or(s.rig_now_us),
+                        s.trials,
+                        s.rewards,
+                    )
+                })
+                .unwrap_or_default();
+            let frac = (now.saturating_sub(t0) as f64 / total_us).clamp(0.0, 1.0);
+            let filled = (frac * 30.0).round() as usize;
+            let _ = writeln!(
+                stdout,
+                "[{}{}] {:3.0} %  {:.1} of {} min   trials {trials}   rewards {rewards}",
+                "#".repeat(filled),
+                ".".repeat(30 - filled),
+                frac * 100.0,
+                now.saturating_sub(t0) as f64 / 60e6,
+                opts.minutes
+            );
+        }
+    };
+    app.shutdown().await;
+    if let Err(e) = sim.stop() {
+        tracing::warn!("virtual rig: {e}");
+    }
+    let _ = std::fs::remove_dir_all(&run_dir);
+    let reply = result.map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let s = &reply.summary;
+    println!();
+    println!("session finished: {}", s.session_dir);
+    println!(
+        "trials {}   rewards {}   water {:.1} µL   success {}",
+        s.trials,
+        s.rewards,
+        s.water_ul,
+        s.success_rate
+            .map_or("-".into(), |x| format!("{:.0} %", x * 100.0))
+    );
+    println!(
+        "reaction time median {}   trajectory correlation median {}",
+        s.reaction_time_median_s
+            .map_or("-".into(), |x| format!("{x:.3} s")),
+        s.trajectory_corr_median
+            .map_or("-".into(), |x| format!("{x:.2}"))
+    );
+    Ok(PathBuf::from(&s.session_dir))
+}
+
+fn print_event(e: &Event, out: &mut impl Write) {
+    match e {
+        Event::Trial(t) => {
+            let what = match t.outcome {
+                TrialOutcome::Rewarded => "rewarded",
+                TrialOutcome::Miss => "miss",
+                TrialOutcome::Aborted => "aborted",
+            };
+            let _ = writeln!(
+                out,
+                "trial {:4}  {:8}  {}",
+                t.trial,
+                what,
+                t.reaction_time_s
+                    .map_or(String::new(), |r| format!("rt {r:.3} s"))
+            );
+        }
+        Event::Link(l) if l.state != LinkState::Connected => {
+            let _ = writeln!(
+                out,
+                "link {:?}: {}",
+                l.state,
+                l.detail.as_deref().unwrap_or("")
+            );
+        }
+        Event::Session(SessionEvent::Stopped { reason, .. }) => {
+            let _ = writeln!(out, "session stopped: {}", reason.as_deref().unwrap_or(""));
+        }
+        _ => {}
+    }
+}

@@ -1,0 +1,689 @@
+//! The rig side of the daemon, on the serial link's reader thread: the
+//! [`RigHandler`] receives every lever sample and device event from the link,
+//! runs the task engine on it and sends the engine's commands right away, on
+//! the same thread (the latency path: encoder sample in, valve command out,
+//! with no queue, lock that I/O holds, or async runtime in between). Everything
+//! else it hands on without waiting: records to the session's storage thread
+//! through a bounded queue (a full queue is counted, never waited on), events
+//! to subscribers through a broadcast channel, notices to the core.
+
+use std::sync::{Arc, Mutex};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use firmware_bridge::link::{Commander, LinkEvent, LinkHandler, LostReason};
+use firmware_bridge::sync::ClockFit;
+use protocol::control::{
+    DeviceEvent, Event, LinkEvent as LinkEventMsg, LinkState, TrialEvent, TrialOutcome,
+};
+use protocol::serial::{AckStatus, EventKind, HostCommand, Tone, ValvePulse};
+use tokio::sync::broadcast;
+
+use crate::control::{event_line, EventLine};
+use crate::storage_thread::{StorageMsg, StorageSource};
+use crate::task::{TaskEngine, TaskInput, TaskOutput};
+use crate::trial::{Outcome, TrialRecord};
+
+/// What the core asks of the rig thread.
+#[derive(Debug)]
+pub enum RigRequest {
+    /// Start running the task; records go to `storage`.
+    Start(Box<SessionStart>),
+    /// Stop the task (tone off) and tell the storage thread to finish.
+    Stop { reason: String },
+    /// One valve pulse outside the task (refused while a session runs).
+    ValvePulse {
+        duration_us: u32,
+        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+    /// Open the valve for a flush (capped by the device).
+    ValveFlush {
+        duration_ms: u16,
+        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+    /// Play a tone outside the task.
+    Tone {
+        tone: Tone,
+        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// Everything a session needs on the rig thread.
+#[derive(Debug)]
+pub struct SessionStart {
+    pub engine: TaskEngine,
+    pub storage: Sender<StorageMsg>,
+}
+
+/// What the rig thread tells the core.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RigNotice {
+    /// The task finished by itself (a cap or the duration) or after a stop;
+    /// the storage thread has its `Finish` queued.
+    TaskFinished { reason: String },
+}
+
+/// Counters the core reads for `status` (under a mutex the rig thread holds
+/// only for a few assignments).
+#[derive(Debug, Clone, Default)]
+pub struct LiveStatus {
+    pub link: Option<LinkState>,
+    pub link_detail: Option<String>,
+    pub trials: u64,
+    pub rewards: u64,
+    pub water_ul: f64,
+    /// Rig time of the latest sample, µs.
+    pub rig_now_us: u64,
+    /// Rig time of session start, µs.
+    pub t0_us: Option<u64>,
+    pub clock: Option<ClockFit>,
+    /// Records the storage thread could not take (queue full).
+    pub storage_drops: u64,
+    pub samples_lost: u64,
+}
+
+struct ActiveSession {
+    engine: TaskEngine,
+    storage: Sender<StorageMsg>,
+    t0_us: Option<u64>,
+    finished: bool,
+    /// Why the experimenter (or a signal) stopped the session.
+    stop_reason: Option<String>,
+}
+
+/// The link handler that runs the task. See the module docs.
+pub struct RigHandler {
+    requests: Receiver<RigRequest>,
+    session: Option<ActiveSession>,
+    status: Arc<Mutex<LiveStatus>>,
+    events: broadcast::Sender<EventLine>,
+    notices: tokio::sync::mpsc::UnboundedSender<RigNotice>,
+    /// Outstanding manual commands waiting for their Ack: (seq, reply).
+    manual: Vec<(u16, tokio::sync::oneshot::Sender<Result<(), String>>)>,
+    connected: bool,
+    ttl_edges: u64,
+}
+
+impl std::fmt::Debug for RigHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RigHandler")
+            .field("connected", &self.connected)
+            .finish()
+    }
+}
+
+impl RigHandler {
+    pub fn new(
+        requests: Receiver<RigRequest>,
+        status: Arc<Mutex<LiveStatus>>,
+        events: broadcast::Sender<EventLine>,
+        notices: tokio::sync::mpsc::UnboundedSender<RigNotice>,
+    ) -> Self {
+        Self {
+            requests,
+            session: None,
+            status,
+            events,
+            notices,
+            manual: Vec::new(),
+            connected: false,
+            ttl_edges: 0,
+        }
+    }
+
+    fn status(&self) -> std::sync::MutexGuard<'_, LiveStatus> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn broadcast(&self, event: Event) {
+        // No subscribers is fine.
+        let _ = self.events.send(event_line(&event));
+    }
+
+    fn take_requests(&mut self, commander: &Commander) {
+        while let Ok(req) = self.requests.try_recv() {
+            match req {
+                RigRequest::Start(start) => {
+                    let SessionStart { engine, storage } = *start;
+                    {
+                        let mut st = self.status();
+                        st.trials = 0;
+                        st.rewards = 0;
+                        st.water_ul = 0.0;
+                        st.t0_us = None;
+                        st.storage_drops = 0;
+                        st.samples_lost = 0;
+                    }
+                    self.session = Some(ActiveSession {
+                        engine,
+                        storage,
+                        t0_us: None,
+                        finished: false,
+                        stop_reason: None,
+                    });
+                }
+                RigRequest::Stop { reason } => {
+                    let t_us = self.status().rig_now_us;
+                    if let Some(s) = self.session.as_mut() {
+                        s.stop_reason = Some(reason.clone());
+                    }
+                    self.feed(&TaskInput::Stop { t_us }, commander);
+                    // In case the engine had already finished by itself.
+                    self.finish_session(&reason, t_us);
+                }
+                RigRequest::ValvePulse { duration_us, reply } => {
+                    if self.session.is_some() {
+                        let _ = reply.send(Err(
+                            "a session is running: the valve belongs to the task".into(),
+                        ));
+                    } else {
+                        self.manual_command(
+                            HostCommand::ValvePulse(ValvePulse { duration_us }),
+                            reply,
+                            commander,
+                        );
+                    }
+                }
+                RigRequest::ValveFlush { duration_ms, reply } => {
+                    if self.session.is_some() {
+                        let _ = reply.send(Err(
+                            "a session is running: the valve belongs to the task".into(),
+                        ));
+                    } else {
+                        self.manual_command(
+                            HostCommand::ValveOpen(protocol::serial::ValveOpen {
+                                max_ms: duration_ms,
+                            }),
+                            reply,
+                            commander,
+                        );
+                    }
+                }
+                RigRequest::Tone { tone, reply } => {
+                    if self.session.is_some() {
+                        let _ = reply.send(Err(
+                            "a session is running: the speaker belongs to the task".into(),
+                        ));
+                    } else {
+                        self.manual_command(HostCommand::Tone(tone), reply, commander);
+                    }
+                }
+            }
+        }
+    }
+
+    fn manual_command(
+        &mut self,
+        cmd: HostCommand,
+        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+        commander: &Commander,
+    ) {
+        match commander.send(cmd) {
+            Ok(sent) => self.manual.push((sent.seq, reply)),
+            Err(e) => {
+                let _ = reply.send(Err(format!("the rig did not take the command: {e}")));
+            }
+        }
+    }
+
+    fn to_storage(&mut self, msg: StorageMsg) {
+        let Some(s) = &self.session else { return };
+        match s.storage.try_send(msg) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => self.status().storage_drops += 1,
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    fn log(
+        &mut self,
+        t_us: u64,
+        source: StorageSource,
+        kind: &'static str,
+        value: f64,
+        detail: String,
+    ) {
+        if self.session.is_some() {
+            self.to_storage(StorageMsg::Event {
+                t_us,
+                source,
+                kind,
+                value,
+                detail,
+            });
+        }
+    }
+
+    /// Feed one input to the engine and act on its outputs.
+    fn feed(&mut self, input: &TaskInput, commander: &Commander) {
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        if s.finished {
+            return;
+        }
+        // Collect outputs first (the engine borrows `s`); a step yields at
+        // most a handful, and commands go out before anything is logged.
+        let mut outputs: [Option<TaskOutput>; 8] = Default::default();
+        let mut n = 0;
+        let mut overflow = 0;
+        s.engine.step(input, &mut |out| {
+            if let TaskOutput::Command(cmd) = &out {
+                // The latency path: send now, log after.
+                if let Err(e) = commander.send(*cmd) {
+                    tracing::warn!("task command {cmd:?} not sent: {e}");
+                }
+            }
+            if n < outputs.len() {
+                outputs[n] = Some(out);
+                n += 1;
+            } else {
+                overflow += 1;
+            }
+        });
+        if overflow > 0 {
+            tracing::error!(
+                "task engine produced {overflow} outputs beyond the buffer; they were not logged"
+            );
+        }
+        let t_now = input_time(input);
+        for out in outputs.into_iter().take(n).flatten() {
+            self.on_output(out, t_now);
+        }
+    }
+
+    fn on_output(&mut self, out: TaskOutput, t_us: u64) {
+        match out {
+            TaskOutput::Command(cmd) => {
+                let (kind, value) = command_kind(&cmd);
+                self.log(
+                    t_us,
+                    StorageSource::Command,
+                    kind,
+                    value,
+                    format!("{cmd:?}"),
+                );
+            }
+            TaskOutput::State { t_us, state } => {
+                self.log(
+                    t_us,
+                    StorageSource::Task,
+                    "state",
+                    0.0,
+                    format!("{state:?}"),
+                );
+            }
+            TaskOutput::Trial(rec) => self.on_trial(rec),
+            TaskOutput::Finished { t_us, reason } => {
+                // A stop request's own reason wins over the engine's "stopped".
+                let reason = self
+                    .session
+                    .as_mut()
+                    .and_then(|s| s.stop_reason.take())
+                    .unwrap_or_else(|| reason.as_str().to_owned());
+                self.finish_session(&reason, t_us);
+            }
+        }
+    }
+
+    fn on_trial(&mut self, rec: TrialRecord) {
+        let (rewards, water) = {
+            let mut st = self.status();
+            st.trials += 1;
+            if rec.outcome == Outcome::Rewarded && !rec.capped && rec.reward_ul > 0.0 {
+                st.rewards += 1;
+                st.water_ul += rec.reward_ul;
+            }
+            (st.rewards, st.water_ul)
+        };
+        let outcome = match rec.outcome {
+            Outcome::Rewarded => TrialOutcome::Rewarded,
+            Outcome::Miss => TrialOutcome::Miss,
+        };
+        let event = Event::Trial(TrialEvent {
+            trial: u64::from(rec.trial),
+            outcome,
+            t_us: rec.t_response_us.unwrap_or(rec.t_cue_us),
+            reaction_time_s: rec
+                .t_response_us
+                .map(|r| r.saturating_sub(rec.t_cue_us) as f64 / 1e6),
+            reward_ul: (rec.outcome == Outcome::Rewarded).then_some(rec.reward_ul),
+            rewards,
+            water_ul: water,
+        });
+        self.to_storage(StorageMsg::Trial(rec));
+        self.broadcast(event);
+    }
+
+    fn finish_session(&mut self, reason: &str, t_us: u64) {
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        if s.finished {
+            return;
+        }
+        s.finished = true;
+        let _ = s.storage.send_timeout(
+            StorageMsg::Finish {
+                reason: reason.to_owned(),
+                t_us,
+            },
+            std::time::Duration::from_millis(200),
+        );
+        self.session = None;
+        let _ = self.notices.send(RigNotice::TaskFinished {
+            reason: reason.to_owned(),
+        });
+    }
+
+    fn on_lever(&mut self, batch: &firmware_bridge::link::LeverBatch, commander: &Commander) {
+        let Some(s) = self.session.as_mut() else {
+            if let Some(last) = batch.samples().last() {
+                self.status().rig_now_us = last.1;
+            }
+            return;
+        };
+        if s.t0_us.is_none() {
+            s.t0_us = Some(batch.t_first_us);
+            self.status().t0_us = Some(batch.t_first_us);
+        }
+        for (_, t_us, counts) in batch.samples() {
+            self.feed(&TaskInput::Lever { t_us, counts }, commander);
+        }
+        self.to_storage(StorageMsg::Lever(*batch));
+        if let Some(last) = batch.samples().last() {
+            self.status().rig_now_us = last.1;
+        }
+    }
+
+    fn on_device(
+        &mut self,
+        t_us: u64,
+        kind: EventKind,
+        aux: u16,
+        value: u32,
+        commander: &Commander,
+    ) {
+        self.feed(
+            &TaskInput::Device {
+                t_us,
+                kind,
+                aux,
+                value,
+            },
+            commander,
+        );
+        let (name, ev) = match kind {
+            EventKind::LickOn => ("lick_on", Some(DeviceEvent::Lick { t_us, on: true })),
+            EventKind::LickOff => ("lick_off", Some(DeviceEvent::Lick { t_us, on: false })),
+            EventKind::FrameTtl => {
+                self.ttl_edges += 1;
+                ("frame_ttl", None)
+            }
+            EventKind::ValveOpen => (
+                "valve_open",
+                Some(DeviceEvent::Valve {
+                    t_us,
+                    open: true,
+                    duration_ms: Some(f64::from(value) / 1000.0),
+                }),
+            ),
+            EventKind::ValveClose => (
+                "valve_close",
+                Some(DeviceEvent::Valve {
+                    t_us,
+                    open: false,
+                    duration_ms: None,
+                }),
+            ),
+            EventKind::ToneOn => (
+                "tone_on",
+                Some(DeviceEvent::Tone {
+                    t_us,
+                    on: true,
+                    freq_hz: Some(f64::from(value)),
+                }),
+            ),
+            EventKind::ToneOff => (
+                "tone_off",
+                Some(DeviceEvent::Tone {
+                    t_us,
+                    on: false,
+                    freq_hz: None,
+                }),
+            ),
+            EventKind::SyncOutStart => ("sync_start", None),
+            EventKind::SyncOutEnd => ("sync_end", None),
+            EventKind::SafeState => ("safe_state", None),
+            EventKind::SafeStateCleared => ("safe_state_cleared", None),
+            EventKind::Unknown(_) => ("unknown", None),
+        };
+        self.log(
+            t_us,
+            StorageSource::Device,
+            name,
+            f64::from(value),
+            format!("aux={aux}"),
+        );
+        if let Some(ev) = ev {
+            self.broadcast(Event::Device(ev));
+        }
+    }
+
+    fn on_ack(
+        &mut self,
+        seq: u16,
+        cmd_type: u8,
+        status: AckStatus,
+        t_us: u64,
+        commander: &Commander,
+    ) {
+        if let Some(i) = self.manual.iter().position(|(s, _)| *s == seq) {
+            let (_, reply) = self.manual.swap_remove(i);
+            let _ = reply.send(match status {
+                AckStatus::Ok => Ok(()),
+                other => Err(format!("the device refused it: {other:?}")),
+            });
+            self.log(
+                t_us,
+                StorageSource::Device,
+                "ack",
+                f64::from(seq),
+                format!("type=0x{cmd_type:02x} status={status:?}"),
+            );
+            return;
+        }
+        if status != AckStatus::Ok {
+            self.feed(&TaskInput::CommandRefused { t_us, cmd_type }, commander);
+            self.log(
+                t_us,
+                StorageSource::Device,
+                "ack_refused",
+                f64::from(seq),
+                format!("type=0x{cmd_type:02x} status={status:?}"),
+            );
+        }
+    }
+
+    fn set_link(&mut self, state: LinkState, detail: Option<String>) {
+        {
+            let mut st = self.status();
+            st.link = Some(state);
+            st.link_detail = detail.clone();
+        }
+        self.broadcast(Event::Link(LinkEventMsg { state, detail }));
+    }
+}
+
+fn input_time(input: &TaskInput) -> u64 {
+    match *input {
+        TaskInput::Lever { t_us, .. }
+        | TaskInput::Device { t_us, .. }
+        | TaskInput::CommandRefused { t_us, .. }
+        | TaskInput::LinkLost { t_us }
+        | TaskInput::LinkRestored { t_us }
+        | TaskInput::Stop { t_us } => t_us,
+    }
+}
+
+fn command_kind(cmd: &HostCommand) -> (&'static str, f64) {
+    match cmd {
+        HostCommand::ValvePulse(p) => ("valve_pulse", f64::from(p.duration_us)),
+        HostCommand::Tone(t) => ("tone", f64::from(t.frequency_hz)),
+        HostCommand::ToneOff => ("tone_off", 0.0),
+        HostCommand::SyncOut(s) => ("sync_out", f64::from(s.value)),
+        HostCommand::ValveOpen(v) => ("valve_open", f64::from(v.max_ms)),
+        HostCommand::ValveClose => ("valve_close", 0.0),
+        HostCommand::Configure(_) => ("configure", 0.0),
+        HostCommand::Ping => ("ping", 0.0),
+        HostCommand::HostHeartbeat => ("heartbeat", 0.0),
+        HostCommand::Reset => ("reset", 0.0),
+    }
+}
+
+impl LinkHandler for RigHandler {
+    fn on_idle(&mut self, commander: &Commander) {
+        self.take_requests(commander);
+    }
+
+    fn on_event(&mut self, event: &LinkEvent, commander: &Commander) {
+        self.take_requests(commander);
+        match event {
+            LinkEvent::Lever(batch) => self.on_lever(batch, commander),
+            LinkEvent::Device {
+                t_us,
+                kind,
+                aux,
+                value,
+            } => self.on_device(*t_us, *kind, *aux, *value, commander),
+            LinkEvent::Acked {
+                seq,
+                cmd_type,
+                status,
+                t_us,
+            } => self.on_ack(*seq, *cmd_type, *status, *t_us, commander),
+            LinkEvent::NoAck { seq, cmd_type } => {
+                let t_us = self.status().rig_now_us;
+                if let Some(i) = self.manual.iter().position(|(s, _)| s == seq) {
+                    let (_, reply) = self.manual.swap_remove(i);
+                    let _ = reply.send(Err("the device did not acknowledge the command".into()));
+                } else {
+                    self.feed(
+                        &TaskInput::CommandRefused {
+                            t_us,
+                            cmd_type: *cmd_type,
+                        },
+                        commander,
+                    );
+                }
+                self.log(
+                    t_us,
+                    StorageSource::Link,
+                    "no_ack",
+                    f64::from(*seq),
+                    format!("type=0x{cmd_type:02x}"),
+                );
+            }
+            LinkEvent::Connected {
+                hello,
+                reconnect,
+                device_rebooted,
+            } => {
+                self.connected = true;
+                let t_us = self.status().rig_now_us;
+                self.set_link(
+                    LinkState::Connected,
+                    Some(format!(
+                        "firmware {}.{}.{}{}",
+                        hello.firmware_major,
+                        hello.firmware_minor,
+                        hello.firmware_patch,
+                        if *device_rebooted {
+                            ", device rebooted"
+                        } else {
+                            ""
+                        }
+                    )),
+                );
+                tracing::info!(reconnect, device_rebooted, "rig connected");
+                self.log(
+                    t_us,
+                    StorageSource::Link,
+                    "connected",
+                    0.0,
+                    format!("reconnect={reconnect} rebooted={device_rebooted}"),
+                );
+                if *reconnect {
+                    self.feed(&TaskInput::LinkRestored { t_us }, commander);
+                }
+            }
+            LinkEvent::Lost { reason, .. } => {
+                let t_us = self.status().rig_now_us;
+                if *reason == LostReason::Shutdown {
+                    tracing::debug!("rig link closed");
+                } else if self.connected {
+                    tracing::warn!("rig link lost: {reason}");
+                    self.feed(&TaskInput::LinkLost { t_us }, commander);
+                } else {
+                    tracing::warn!("rig not reachable: {reason}");
+                }
+                self.connected = false;
+                for (_, reply) in self.manual.drain(..) {
+                    let _ = reply.send(Err(format!("link lost: {reason}")));
+                }
+                self.log(t_us, StorageSource::Link, "lost", 0.0, reason.to_string());
+                if *reason != LostReason::Shutdown {
+                    self.set_link(LinkState::Lost, Some(reason.to_string()));
+                }
+            }
+            LinkEvent::SampleGap {
+                from_index,
+                missing,
+                t_us,
+            } => {
+                self.status().samples_lost += missing;
+                tracing::warn!("lever samples missing: {missing} from index {from_index}");
+                self.log(
+                    *t_us,
+                    StorageSource::Link,
+                    "sample_gap",
+                    *missing as f64,
+                    format!("from_index={from_index}"),
+                );
+            }
+            LinkEvent::FramesLost { count } => {
+                let t_us = self.status().rig_now_us;
+                self.log(
+                    t_us,
+                    StorageSource::Link,
+                    "frames_lost",
+                    *count as f64,
+                    String::new(),
+                );
+            }
+            LinkEvent::BadFrames { frames, bytes } => {
+                let t_us = self.status().rig_now_us;
+                self.log(
+                    t_us,
+                    StorageSource::Link,
+                    "bad_frames",
+                    *frames as f64,
+                    format!("bytes={bytes}"),
+                );
+            }
+            LinkEvent::Fault { t_us, code, detail } => {
+                tracing::warn!("device fault {code:?} ({detail})");
+                self.log(
+                    *t_us,
+                    StorageSource::Device,
+                    "fault",
+                    f64::from(*detail),
+                    format!("{code:?}"),
+                );
+            }
+            LinkEvent::Heartbeat { .. } => {}
+            LinkEvent::Clock { fit, .. } => {
+                self.status().clock = Some(*fit);
+            }
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! `session.toml`: what the session was and whether its folder is complete.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::{StorageError, SESSION_FILE};
+
+/// Version of the session folder format (`format_version` in session.toml).
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Whether a session folder is finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionState {
+    /// Being written, or left by a crash (then [`super::recover`] repairs it).
+    Running,
+    /// Stopped cleanly: every file final, manifest written.
+    Complete,
+    /// Repaired after a crash: loadable, at most the last second lost.
+    Recovered,
+}
+
+impl SessionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Complete => "complete",
+            Self::Recovered => "recovered",
+        }
+    }
+}
+
+/// The host -> rig clock mapping in force, as fitted by the clock-sync
+/// estimator: `rig_us = rig_ref_us + (host_us - host_ref_us) * (1 + drift_ppm * 1e-6)`,
+/// where `host_us` is the host's `CLOCK_MONOTONIC` in µs and `rig_us` the
+/// unwrapped rig clock (absolute, not session time).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ClockSyncRecord {
+    /// Host CLOCK_MONOTONIC reference point, µs.
+    pub host_ref_us: f64,
+    /// Rig clock at the reference point, µs.
+    pub rig_ref_us: f64,
+    /// Rig µs per host µs minus one, parts per million.
+    pub drift_ppm: f64,
+    /// Half-width of the band the ping/pong exchanges leave for the offset
+    /// line, µs: an upper bound on the mapping error.
+    pub half_band_us: f64,
+    /// Exchanges behind the fit.
+    pub exchanges: u64,
+    /// Shortest round trip seen, µs.
+    pub min_rtt_us: f64,
+}
+
+/// What the caller knows about a session, for `session.toml`. The mouse and
+/// the UTC start come from the [`super::SessionDir`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionInfo {
+    /// Rig name (`[rig].name`).
+    pub rig: String,
+    /// The experimenter's notes (may be empty).
+    pub notes: String,
+    /// The effective configuration as TOML text; embedded in session.toml as
+    /// the `[config]` table.
+    pub config_toml: String,
+    /// The rig clock (unwrapped, µs) at session time 0. Every time in the
+    /// session's tables is rig time minus this.
+    pub t0_rig_us: u64,
+    /// Host CLOCK_MONOTONIC (ns) at the session start.
+    pub host_monotonic_start_ns: u64,
+    /// The clock-sync fit, when there is one (update it as it improves).
+    pub clock_sync: Option<ClockSyncRecord>,
+}
+
+/// The on-disk shape of session.toml. Field order is file order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct SessionToml {
+    pub format_version: u32,
+    pub state: SessionState,
+    pub mouse: String,
+    pub rig: String,
+    pub software: String,
+    pub software_version: String,
+    pub notes: String,
+    pub start_utc: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_utc: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovered_utc: Option<String>,
+    /// What recovery repaired, one line per change.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recovery: Vec<String>,
+    pub t0_rig_us: u64,
+    pub host_monotonic_start_ns: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_sync: Option<ClockSyncRecord>,
+    /// The effective configuration.
+    #[serde(default)]
+    pub config: toml::Table,
+    /// Keys this version does not know (from a newer rigd), kept as they are
+    /// when recovery rewrites the file.
+    #[serde(flatten)]
+    pub extra: toml::Table,
+}
+
+impl SessionToml {
+    pub(crate) fn to_text(&self) -> Result<String, StorageError> {
+        let body = toml::to_string(self).map_err(|e| StorageError::Format {
+            path: SESSION_FILE.into(),
+            reason: format!("cannot serialise: {e}"),
+        })?;
+        Ok(format!(
+            "# rigd session metadata; format: docs/session-format.md\n{body}"
+        ))
+    }
+
+    pub(crate) fn read(dir: &Path) -> Result<SessionToml, StorageError> {
+        let path = dir.join(SESSION_FILE);
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| StorageError::io("read", &path, e))?;
+        toml::from_str(&text).map_err(|e| StorageError::Format {
+            path,
+            reason: format!("not a rigd session.toml: {}", e.message()),
+        })
+    }
+}
+
+/// Parse the caller's config snapshot.
+pub(crate) fn parse_config(text: &str) -> Result<toml::Table, StorageError> {
+    text.parse::<toml::Table>()
+        .map_err(|e| StorageError::ConfigSnapshot(e.message().to_owned()))
+}

@@ -1,0 +1,213 @@
+//! Session recording: one folder per session, append-only files that survive a
+//! crash, and the recovery step that repairs what a crash left.
+//!
+//! The folder format is specified for readers (numpy, MATLAB, pandas) in
+//! `docs/session-format.md`; this module is its only writer. Everything here is
+//! plain blocking I/O driven from one thread (the daemon's storage thread): no
+//! async, no threads of its own, no clock of its own except the UTC wall time
+//! the caller passes in.
+//!
+//! * [`SessionDir`] creates `<data_root>/<mouse>/<YYYY-MM-DD>_<HHMMSS>/`
+//!   exclusively.
+//! * [`SessionWriter`] owns the files of one running session: `trials.tsv`,
+//!   `events.tsv`, `lever.npy`, `session.toml`, and at a clean stop
+//!   `summary.json` and `MANIFEST.sha256`.
+//! * [`NpyAppender`] is the append-only `.npy` writer every dense array uses.
+//! * [`recover`] and [`find_running`] repair folders left `running` by a crash.
+//!
+//! Architecture invariant: a session file is never overwritten or truncated
+//! except by [`recover`], which only cuts what a crash left half-written; every
+//! rewrite of a whole file (`session.toml`, `summary.json`, the manifest) goes
+//! through a temporary file, `fsync` and `rename`, so a reader sees the old
+//! version or the new one, never a mixture.
+
+mod manifest;
+mod meta;
+mod npy;
+mod recover;
+mod session_dir;
+mod tsv;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+pub use manifest::write_manifest;
+pub use meta::{ClockSyncRecord, SessionInfo, SessionState};
+pub use npy::{read_npy_header, NpyAppender, NpyDtype, NpyElement, NpyHeader};
+pub use recover::{find_running, recover, recover_with_summary, RecoveryOutcome, RecoveryReport};
+pub use session_dir::SessionDir;
+pub use tsv::{EventSource, EventValue, EVENTS_COLUMNS, TRIALS_COLUMNS};
+pub use writer::{ArrayId, SessionWriter};
+
+/// Behaviour table, one row per trial.
+pub const TRIALS_FILE: &str = "trials.tsv";
+/// Every device event, command, link and task state change.
+pub const EVENTS_FILE: &str = "events.tsv";
+/// Lever samples, float64 (N, 3): session time s, position mm, raw counts.
+pub const LEVER_FILE: &str = "lever.npy";
+/// Session metadata; `state` says whether the folder is complete.
+pub const SESSION_FILE: &str = "session.toml";
+/// Behavioural summary, written at stop (or by recovery, counts only).
+pub const SUMMARY_FILE: &str = "summary.json";
+/// `sha256sum` lines for every other file, written at a clean stop.
+pub const MANIFEST_FILE: &str = "MANIFEST.sha256";
+/// The session's log, written by the daemon's tracing layer (not by this
+/// module). Close it before [`SessionWriter::finish`] so the manifest's hash
+/// of it stays true.
+pub const LOG_FILE: &str = "rigd.log";
+/// Suffix of the temporary files of atomic rewrites; never part of a session.
+pub const TMP_SUFFIX: &str = ".tmp";
+
+/// Everything that can go wrong while writing or repairing a session folder.
+/// Each message names the file and, for I/O, the OS error.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// An operating-system call failed on `path`.
+    #[error("cannot {action} {}: {source}{}", .path.display(), io_hint(.source))]
+    Io {
+        /// What was being done: "create", "write", "fsync", ...
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    /// The data root is missing: refuse rather than create it, since a missing
+    /// root usually means the data disk is not mounted.
+    #[error(
+        "data root {} does not exist or is not a directory: mount the data disk or \
+         create the folder, or fix [storage].data_root",
+        .path.display()
+    )]
+    DataRootMissing { path: PathBuf },
+    /// Every name for this second (`<stamp>`, `<stamp>_2` ... `<stamp>_9`) is taken.
+    #[error(
+        "session folder {} and its suffixes _2.._9 all exist: wait a second and start again",
+        .path.display()
+    )]
+    SessionExists { path: PathBuf },
+    /// The mouse id would not name exactly one folder.
+    #[error("refusing to create a session folder: {0}")]
+    InvalidMouse(#[from] protocol::control::InvalidMouseId),
+    /// The caller's config snapshot is not TOML.
+    #[error("config snapshot for session.toml is not valid TOML: {0}")]
+    ConfigSnapshot(String),
+    /// A folder given to recovery is not a session folder.
+    #[error("{} is not a session folder: {reason}", .path.display())]
+    NotASession { path: PathBuf, reason: String },
+    /// A file's content is not what this module writes (a foreign or damaged
+    /// `.npy` header, an unparsable `session.toml`).
+    #[error("{}: {reason}", .path.display())]
+    Format { path: PathBuf, reason: String },
+    /// A call that does not fit the file (wrong dtype, a partial row).
+    #[error("{}: {reason}", .path.display())]
+    Usage { path: PathBuf, reason: String },
+    /// An earlier write to this file failed; it takes no more data so that
+    /// what is on disk stays a clean prefix for recovery.
+    #[error(
+        "{}: closed after an earlier write error; stop the session and run recovery",
+        .path.display()
+    )]
+    FileClosed { path: PathBuf },
+}
+
+impl StorageError {
+    pub(crate) fn io(action: &'static str, path: &Path, source: io::Error) -> Self {
+        Self::Io {
+            action,
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// A hint for the errors a person can fix at the rig.
+fn io_hint(e: &io::Error) -> &'static str {
+    const ENOSPC: i32 = 28;
+    const EDQUOT: i32 = 122;
+    const EROFS: i32 = 30;
+    match e.raw_os_error() {
+        Some(ENOSPC) | Some(EDQUOT) => {
+            " (the data disk is full: free space or move [storage].data_root)"
+        }
+        Some(EROFS) => " (the file system is mounted read-only)",
+        _ if e.kind() == io::ErrorKind::PermissionDenied => {
+            " (check that rigd's user may write there)"
+        }
+        _ => "",
+    }
+}
+
+/// `fsync` a directory so that entries created or renamed in it survive a
+/// power cut.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    let f = File::open(dir).map_err(|e| StorageError::io("open directory", dir, e))?;
+    f.sync_all()
+        .map_err(|e| StorageError::io("fsync directory", dir, e))
+}
+
+/// Replace `dir/name` with `bytes` atomically: write `name.tmp`, fsync, rename,
+/// fsync the directory.
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StorageError> {
+    let tmp = stage_tmp(dir, name, bytes)?;
+    commit_tmp(dir, &tmp, name)
+}
+
+/// First half of [`write_atomic`]: the temporary file, written and fsynced.
+pub(crate) fn stage_tmp(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf, StorageError> {
+    use std::io::Write;
+    let tmp = dir.join(format!("{name}{TMP_SUFFIX}"));
+    let result = (|| {
+        let mut f = File::create(&tmp).map_err(|e| StorageError::io("create", &tmp, e))?;
+        f.write_all(bytes)
+            .map_err(|e| StorageError::io("write", &tmp, e))?;
+        f.sync_all().map_err(|e| StorageError::io("fsync", &tmp, e))
+    })();
+    match result {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Second half of [`write_atomic`]: rename into place and fsync the directory.
+pub(crate) fn commit_tmp(dir: &Path, tmp: &Path, name: &str) -> Result<(), StorageError> {
+    let dst = dir.join(name);
+    std::fs::rename(tmp, &dst).map_err(|e| StorageError::io("rename into place", &dst, e))?;
+    sync_dir(dir)
+}
+
+/// A UTC wall time as RFC 3339 with microseconds: `2024-05-01T09:30:12.123456Z`.
+pub fn rfc3339_utc(t: SystemTime) -> String {
+    let dt = time::OffsetDateTime::from(t);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+        dt.year(),
+        u8::from(dt.month()),
+        dt.day(),
+        dt.hour(),
+        dt.minute(),
+        dt.second(),
+        dt.microsecond()
+    )
+}
+
+/// The folder stamp `YYYY-MM-DD_HHMMSS` (UTC) of a session start.
+pub(crate) fn folder_stamp(t: SystemTime) -> String {
+    let dt = time::OffsetDateTime::from(t);
+    format!(
+        "{:04}-{:02}-{:02}_{:02}{:02}{:02}",
+        dt.year(),
+        u8::from(dt.month()),
+        dt.day(),
+        dt.hour(),
+        dt.minute(),
+        dt.second()
+    )
+}

@@ -1,0 +1,96 @@
+//! Creating a session folder exclusively.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use super::{folder_stamp, sync_dir, StorageError};
+
+/// Highest suffix tried when a folder for the same mouse and second exists.
+const MAX_SUFFIX: u32 = 9;
+
+/// A freshly created, empty session folder
+/// `<data_root>/<mouse>/<YYYY-MM-DD>_<HHMMSS>[_n]/` (UTC).
+///
+/// Policy for two starts of one mouse within the same UTC second: the second
+/// folder gets `_2`, the next `_3`, up to `_9`; after that the start is refused.
+/// A folder is never reused or overwritten: the leaf is made with `mkdir`, which
+/// fails if anything is already there, so two processes cannot share a folder.
+#[derive(Debug, Clone)]
+pub struct SessionDir {
+    path: PathBuf,
+    mouse: String,
+    start_utc: SystemTime,
+}
+
+impl SessionDir {
+    /// Create the folder for `mouse`'s session starting at `start_utc`.
+    ///
+    /// `data_root` must already exist (a missing root usually means an
+    /// unmounted data disk, and writing to the system disk instead would be
+    /// worse than refusing); `<data_root>/<mouse>/` is created if needed. The
+    /// mouse id must match `[A-Za-z0-9_-]{1,64}`, so it can never name a path
+    /// outside the data root. The new entries are fsynced into their parents.
+    pub fn create(
+        data_root: &Path,
+        mouse: &str,
+        start_utc: SystemTime,
+    ) -> Result<SessionDir, StorageError> {
+        protocol::control::validate_mouse_id(mouse)?;
+        // Belt and braces: the rule above already excludes these.
+        assert!(
+            !mouse.contains(['/', '\\', '\0']) && mouse != "." && mouse != "..",
+            "mouse id {mouse:?} passed validation but names a path"
+        );
+        if !data_root.is_dir() {
+            return Err(StorageError::DataRootMissing {
+                path: data_root.to_owned(),
+            });
+        }
+        let mouse_dir = data_root.join(mouse);
+        match std::fs::create_dir(&mouse_dir) {
+            Ok(()) => sync_dir(data_root)?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && mouse_dir.is_dir() => {}
+            Err(e) => return Err(StorageError::io("create folder", &mouse_dir, e)),
+        }
+        let stamp = folder_stamp(start_utc);
+        for n in 1..=MAX_SUFFIX {
+            let leaf = if n == 1 {
+                stamp.clone()
+            } else {
+                format!("{stamp}_{n}")
+            };
+            let path = mouse_dir.join(leaf);
+            match std::fs::create_dir(&path) {
+                Ok(()) => {
+                    sync_dir(&mouse_dir)?;
+                    return Ok(SessionDir {
+                        path,
+                        mouse: mouse.to_owned(),
+                        start_utc,
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(StorageError::io("create session folder", &path, e)),
+            }
+        }
+        Err(StorageError::SessionExists {
+            path: mouse_dir.join(stamp),
+        })
+    }
+
+    /// The session folder.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The mouse id.
+    pub fn mouse(&self) -> &str {
+        &self.mouse
+    }
+
+    /// UTC wall time of the session start, as passed to [`SessionDir::create`].
+    pub fn start_utc(&self) -> SystemTime {
+        self.start_utc
+    }
+}

@@ -1,0 +1,1126 @@
+//! Tests of the session folder: every file round-trips, stays loadable after
+//! each sync, and a crash at any point is repaired by recovery.
+
+#![allow(clippy::unwrap_used)]
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::manifest::sha256_file;
+use super::npy::read_f8;
+use super::tsv::{put_escaped, put_us_as_s, unescape};
+use super::*;
+use crate::trial::{Outcome, TrialRecord};
+
+// ---- helpers -------------------------------------------------------------------
+
+/// A unique scratch folder, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "rigd-storage-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::set_permissions(&self.0, std::fs::Permissions::from_mode(0o755));
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// 2024-05-01T09:30:12.123456Z
+fn start_time() -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(1_714_555_812_123_456)
+}
+
+fn info() -> SessionInfo {
+    SessionInfo {
+        rig: "rig7".to_owned(),
+        notes: "day 3, \"good\" mouse".to_owned(),
+        config_toml: toml::to_string(&rig_config::RigConfig::default()).unwrap(),
+        t0_rig_us: 5_000_000,
+        host_monotonic_start_ns: 987_654_321_000,
+        clock_sync: None,
+    }
+}
+
+fn new_writer(root: &Path) -> SessionWriter {
+    let dir = SessionDir::create(root, "M12", start_time()).unwrap();
+    SessionWriter::create(dir, info(), Duration::from_millis(1000)).unwrap()
+}
+
+fn trial(n: u32) -> TrialRecord {
+    let rewarded = n % 3 != 0;
+    let t = u64::from(n) * 7_000_001;
+    TrialRecord {
+        trial: n,
+        t_start_us: t,
+        t_cue_us: t + 1_500_000,
+        t_response_us: rewarded.then_some(t + 1_812_345),
+        outcome: if rewarded {
+            Outcome::Rewarded
+        } else {
+            Outcome::Miss
+        },
+        t_reward_us: rewarded.then_some(t + 1_812_845),
+        reward_ul: if rewarded { 2.5 } else { 0.0 },
+        valve_open_us: if rewarded { 41_250 } else { 0 },
+        lever_mm_at_cue: 0.1 * f64::from(n),
+        iti_presses: n % 2,
+        capped: n == 4,
+    }
+}
+
+/// Header and rows of a TSV; asserts the file ends with a complete line.
+fn read_tsv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.ends_with('\n'), "{} ends mid-line", path.display());
+    assert!(!text.contains('\0'));
+    let mut lines = text.lines();
+    let header: Vec<String> = lines
+        .next()
+        .unwrap()
+        .split('\t')
+        .map(str::to_owned)
+        .collect();
+    let rows: Vec<Vec<String>> = lines
+        .map(|l| l.split('\t').map(str::to_owned).collect())
+        .collect();
+    for r in &rows {
+        assert_eq!(r.len(), header.len(), "row {r:?}");
+    }
+    (header, rows)
+}
+
+fn opt_s(cell: &str) -> Option<u64> {
+    (!cell.is_empty()).then(|| s_to_us(cell))
+}
+
+/// Parse "12.000250" back to µs exactly.
+fn s_to_us(cell: &str) -> u64 {
+    let (s, frac) = cell.split_once('.').unwrap();
+    assert_eq!(frac.len(), 6, "{cell}");
+    s.parse::<u64>().unwrap() * 1_000_000 + frac.parse::<u64>().unwrap()
+}
+
+fn parse_trial(row: &[String]) -> TrialRecord {
+    TrialRecord {
+        trial: row[0].parse().unwrap(),
+        t_start_us: s_to_us(&row[1]),
+        t_cue_us: s_to_us(&row[2]),
+        t_response_us: opt_s(&row[3]),
+        outcome: match row[4].as_str() {
+            "rewarded" => Outcome::Rewarded,
+            "miss" => Outcome::Miss,
+            o => panic!("outcome {o}"),
+        },
+        t_reward_us: opt_s(&row[5]),
+        reward_ul: row[6].parse().unwrap(),
+        valve_open_us: row[7].parse().unwrap(),
+        lever_mm_at_cue: row[8].parse().unwrap(),
+        iti_presses: row[9].parse().unwrap(),
+        capped: match row[10].as_str() {
+            "0" => false,
+            "1" => true,
+            c => panic!("capped {c}"),
+        },
+    }
+}
+
+fn session_toml(dir: &Path) -> toml::Table {
+    std::fs::read_to_string(dir.join(SESSION_FILE))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn state(dir: &Path) -> String {
+    session_toml(dir)["state"].as_str().unwrap().to_owned()
+}
+
+/// Every file's bytes, for before/after comparisons.
+fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .map(|e| {
+            (
+                e.file_name().into_string().unwrap(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Check MANIFEST.sha256 against the files, with our hasher.
+fn check_manifest(dir: &Path) {
+    let text = std::fs::read_to_string(dir.join(MANIFEST_FILE)).unwrap();
+    let mut listed = Vec::new();
+    for line in text.lines() {
+        let (hex, name) = line.split_once("  ").unwrap();
+        assert_eq!(hex.len(), 64);
+        assert_eq!(sha256_file(&dir.join(name)).unwrap(), hex, "{name}");
+        listed.push(name.to_owned());
+    }
+    let mut present: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n != MANIFEST_FILE)
+        .collect();
+    present.sort();
+    assert_eq!(listed, present);
+}
+
+fn has_dev_full() -> bool {
+    OpenOptions::new().write(true).open("/dev/full").is_ok()
+}
+
+// ---- session folder ------------------------------------------------------------
+
+#[test]
+fn folder_is_utc_stamp_and_a_second_start_gets_a_suffix() {
+    let root = Scratch::new("dir");
+    let a = SessionDir::create(&root.0, "M12", start_time()).unwrap();
+    assert_eq!(a.path(), root.0.join("M12").join("2024-05-01_093012"));
+    assert!(a.path().is_dir());
+    assert_eq!(a.mouse(), "M12");
+    let b = SessionDir::create(&root.0, "M12", start_time()).unwrap();
+    assert_eq!(b.path(), root.0.join("M12").join("2024-05-01_093012_2"));
+    let c = SessionDir::create(&root.0, "M12", start_time()).unwrap();
+    assert_eq!(c.path(), root.0.join("M12").join("2024-05-01_093012_3"));
+    // An existing folder is never reused: fill up the suffixes, then refuse.
+    for _ in 4..=9 {
+        SessionDir::create(&root.0, "M12", start_time()).unwrap();
+    }
+    let err = SessionDir::create(&root.0, "M12", start_time()).unwrap_err();
+    assert!(matches!(err, StorageError::SessionExists { .. }), "{err}");
+    assert!(err.to_string().contains("2024-05-01_093012"), "{err}");
+    // Another mouse, same second: its own folder.
+    let other = SessionDir::create(&root.0, "M13", start_time()).unwrap();
+    assert!(other.path().ends_with("M13/2024-05-01_093012"));
+}
+
+#[test]
+fn mouse_ids_that_name_paths_are_refused() {
+    let root = Scratch::new("mouse");
+    for bad in [
+        "../x",
+        "a/b",
+        "",
+        "..",
+        ".",
+        "a\\b",
+        "M 1",
+        "m\0",
+        &"x".repeat(65),
+    ] {
+        let err = SessionDir::create(&root.0, bad, start_time()).unwrap_err();
+        assert!(
+            matches!(err, StorageError::InvalidMouse(_)),
+            "{bad:?}: {err}"
+        );
+    }
+    assert_eq!(std::fs::read_dir(&root.0).unwrap().count(), 0);
+}
+
+#[test]
+fn missing_data_root_is_refused_not_created() {
+    let root = Scratch::new("missing");
+    let gone = root.0.join("not-mounted");
+    let err = SessionDir::create(&gone, "M12", start_time()).unwrap_err();
+    assert!(matches!(err, StorageError::DataRootMissing { .. }));
+    let msg = err.to_string();
+    assert!(msg.contains(&*gone.to_string_lossy()), "{msg}");
+    assert!(msg.contains("[storage].data_root"), "{msg}");
+    assert!(!gone.exists());
+    // A file where the root should be.
+    let file = root.0.join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let err = SessionDir::create(&file, "M12", start_time()).unwrap_err();
+    assert!(matches!(err, StorageError::DataRootMissing { .. }), "{err}");
+}
+
+#[test]
+fn unwritable_data_root_gives_a_clear_error() {
+    let root = Scratch::new("readonly");
+    std::fs::set_permissions(&root.0, std::fs::Permissions::from_mode(0o555)).unwrap();
+    match SessionDir::create(&root.0, "M12", start_time()) {
+        Err(err) => {
+            let msg = err.to_string();
+            assert!(
+                msg.contains(&*root.0.join("M12").to_string_lossy()),
+                "{msg}"
+            );
+            assert!(msg.contains("Permission denied"), "{msg}");
+            assert!(msg.contains("may write"), "{msg}");
+        }
+        Ok(dir) => {
+            // Root ignores permission bits; sysfs refuses everyone instead.
+            println!(
+                "note: running as root, mode 0555 did not stop {}",
+                dir.path().display()
+            );
+            let sys = Path::new("/sys");
+            if sys.is_dir() {
+                let err = SessionDir::create(sys, "M12", start_time()).unwrap_err();
+                let msg = err.to_string();
+                assert!(msg.starts_with("cannot create folder /sys/M12: "), "{msg}");
+                assert!(msg.contains("os error"), "{msg}");
+            }
+        }
+    }
+}
+
+// ---- npy -------------------------------------------------------------------------
+
+#[test]
+fn npy_header_is_fixed_length_64_aligned_and_declares_the_rows() {
+    let root = Scratch::new("npyhdr");
+    for (dtype, shape) in [
+        (NpyDtype::F8, vec![3]),
+        (NpyDtype::F4, vec![]),
+        (NpyDtype::U2, vec![2, 512, 512]),
+    ] {
+        let path = root.0.join(format!(
+            "{}-{}.npy",
+            dtype.descr().trim_start_matches('<'),
+            shape.len()
+        ));
+        let mut a = NpyAppender::create(&path, dtype, &shape).unwrap();
+        let h0 = read_npy_header(&path).unwrap();
+        assert_eq!(h0.version, (1, 0));
+        assert_eq!(h0.descr, dtype.descr());
+        assert!(!h0.fortran_order);
+        assert_eq!(h0.data_offset % 64, 0);
+        let mut want = vec![0u64];
+        want.extend(shape.iter().map(|&d| d as u64));
+        assert_eq!(h0.shape, want);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), h0.data_offset);
+        // The header text is what numpy writes, padded, ending in a newline.
+        let bytes = std::fs::read(&path).unwrap();
+        let text = std::str::from_utf8(&bytes[10..h0.data_offset as usize]).unwrap();
+        assert!(text.ends_with('\n'));
+        let expected_shape = match shape.len() {
+            0 => "(0,)".to_owned(),
+            _ => format!(
+                "(0, {})",
+                shape
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        assert!(
+            text.starts_with(&format!(
+                "{{'descr': '{}', 'fortran_order': False, 'shape': {expected_shape}, }}",
+                dtype.descr()
+            )),
+            "{text}"
+        );
+        // Rows appended and synced: same header length, new count.
+        let row_len: usize = shape.iter().product();
+        let rows = 3;
+        match dtype {
+            NpyDtype::F8 => a.append(&vec![1.5f64; row_len * rows]).unwrap(),
+            NpyDtype::F4 => a.append(&vec![1.5f32; row_len * rows]).unwrap(),
+            NpyDtype::U2 => a.append(&vec![7u16; row_len * rows]).unwrap(),
+        }
+        a.sync().unwrap();
+        let h1 = read_npy_header(&path).unwrap();
+        assert_eq!(h1.data_offset, h0.data_offset);
+        assert_eq!(h1.shape[0], 3);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            h1.data_offset + 3 * h1.row_bytes().unwrap()
+        );
+    }
+    // The largest row count still fits the reserved header.
+    assert!(super::npy::header_fits("<f8", &[3], u64::MAX));
+    assert!(super::npy::header_fits("<u2", &[4, 2048, 2048], u64::MAX));
+}
+
+#[test]
+fn npy_appender_round_trips_each_dtype() {
+    let root = Scratch::new("npyrt");
+    let f8: Vec<f64> = (0..12).map(|i| f64::from(i) * 0.25 - 1.0).collect();
+    let f4: Vec<f32> = (0..10).map(|i| i as f32 / 3.0).collect();
+    let u2: Vec<u16> = (0..2 * 2 * 3 * 4).map(|i| (i * 2731) as u16).collect();
+    let cases: Vec<(&str, NpyDtype, Vec<usize>, Vec<u8>)> = vec![
+        (
+            "a.npy",
+            NpyDtype::F8,
+            vec![3],
+            f8.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
+        (
+            "b.npy",
+            NpyDtype::F4,
+            vec![5],
+            f4.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
+        (
+            "c.npy",
+            NpyDtype::U2,
+            vec![2, 3, 4],
+            u2.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
+    ];
+    for (name, dtype, shape, want) in cases {
+        let path = root.0.join(name);
+        let mut a = NpyAppender::create(&path, dtype, &shape).unwrap();
+        // Two appends, so rows cross calls.
+        match dtype {
+            NpyDtype::F8 => {
+                a.append(&f8[..3]).unwrap();
+                a.append(&f8[3..]).unwrap();
+            }
+            NpyDtype::F4 => {
+                a.append(&f4[..5]).unwrap();
+                a.append(&f4[5..]).unwrap();
+            }
+            NpyDtype::U2 => {
+                a.append(&u2[..24]).unwrap();
+                a.append(&u2[24..]).unwrap();
+            }
+        }
+        a.sync().unwrap();
+        let h = read_npy_header(&path).unwrap();
+        let rows = want.len() as u64 / h.row_bytes().unwrap();
+        assert_eq!(h.shape[0], rows, "{name}");
+        assert_eq!(a.rows(), rows);
+        assert_eq!(a.synced_rows(), rows);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[h.data_offset as usize..], &want[..], "{name}");
+    }
+}
+
+#[test]
+fn npy_refuses_wrong_dtype_and_partial_rows() {
+    let root = Scratch::new("npybad");
+    let path = root.0.join("x.npy");
+    let mut a = NpyAppender::create(&path, NpyDtype::F8, &[3]).unwrap();
+    let err = a.append(&[1.0f32, 2.0, 3.0]).unwrap_err();
+    assert!(
+        err.to_string().contains("<f4 values to a <f8 array"),
+        "{err}"
+    );
+    let err = a.append(&[1.0f64, 2.0]).unwrap_err();
+    assert!(
+        err.to_string().contains("not a whole number of rows"),
+        "{err}"
+    );
+    assert_eq!(a.rows(), 0);
+    // Never overwrites.
+    let err = NpyAppender::create(&path, NpyDtype::F8, &[3]).unwrap_err();
+    assert!(err.to_string().contains("File exists"), "{err}");
+}
+
+#[test]
+fn lever_npy_is_loadable_after_every_sync() {
+    let root = Scratch::new("lever");
+    let mut w = new_writer(&root.0);
+    let path = w.path().join(LEVER_FILE);
+    let mut n = 0u64;
+    for round in 1..=5u64 {
+        for _ in 0..200 {
+            w.write_lever(n * 1000, n as f64 * 0.025, n as i64 - 100)
+                .unwrap();
+            n += 1;
+        }
+        w.sync().unwrap();
+        let (h, vals) = read_f8(&path);
+        assert_eq!(h.shape, vec![round * 200, 3]);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            h.data_offset + round * 200 * 24
+        );
+        for (i, row) in vals.chunks_exact(3).enumerate() {
+            let i = i as u64;
+            assert_eq!(row[0], (i * 1000) as f64 / 1e6);
+            assert_eq!(row[1], i as f64 * 0.025);
+            assert_eq!(row[2], i as f64 - 100.0);
+        }
+    }
+    assert_eq!(w.lever_rows(), 1000);
+}
+
+// ---- tables ----------------------------------------------------------------------
+
+#[test]
+fn trials_tsv_round_trips_and_columns_follow_trial_record() {
+    let root = Scratch::new("trials");
+    let mut w = new_writer(&root.0);
+    let recs: Vec<TrialRecord> = (1..=9).map(trial).collect();
+    for r in &recs {
+        w.write_trial(r).unwrap();
+    }
+    w.sync().unwrap();
+    let (header, rows) = read_tsv(&w.path().join(TRIALS_FILE));
+    assert_eq!(header, TRIALS_COLUMNS);
+    let back: Vec<TrialRecord> = rows.iter().map(|r| parse_trial(r)).collect();
+    assert_eq!(back, recs);
+    // Missing times are empty cells.
+    assert_eq!(rows[2][3], "");
+    assert_eq!(rows[2][4], "miss");
+    assert_eq!(rows[0][1], "7.000001");
+    // Every TrialRecord field has its column, `_us` times as `_s`.
+    let fields = serde_json::to_value(&recs[0]).unwrap();
+    let mut from_struct: Vec<String> = fields
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(
+            |k| match k.strip_prefix("t_").and_then(|r| r.strip_suffix("_us")) {
+                Some(mid) => format!("t_{mid}_s"),
+                None => k.clone(),
+            },
+        )
+        .collect();
+    let mut cols: Vec<String> = TRIALS_COLUMNS.iter().map(|c| c.to_string()).collect();
+    from_struct.sort();
+    cols.sort();
+    assert_eq!(from_struct, cols);
+    assert_eq!(w.trials_written(), 9);
+}
+
+#[test]
+fn events_tsv_round_trips_and_escapes_text() {
+    let root = Scratch::new("events");
+    let mut w = new_writer(&root.0);
+    let details = [
+        "plain",
+        "tab\there",
+        "two\nlines\r\n",
+        "\"quoted\" at the start",
+        "back\\slash",
+        "",
+        "µs ünïcode",
+    ];
+    for (i, d) in details.iter().enumerate() {
+        let t = i as u64 * 1_000_250;
+        match i % 4 {
+            0 => w.write_event(t, EventSource::Device, "lick", 1, d).unwrap(),
+            1 => w
+                .write_event(t, EventSource::Command, "valve_pulse", 41_250u32, d)
+                .unwrap(),
+            2 => w
+                .write_event(t, EventSource::Task, "state", EventValue::None, d)
+                .unwrap(),
+            _ => w
+                .write_event(t, EventSource::Link, "rtt_us", 123.25, d)
+                .unwrap(),
+        }
+    }
+    w.write_event(9_000_000, EventSource::Daemon, "nan\tkind", f64::NAN, "x")
+        .unwrap();
+    w.sync().unwrap();
+    let (header, rows) = read_tsv(&w.path().join(EVENTS_FILE));
+    assert_eq!(header, EVENTS_COLUMNS);
+    assert_eq!(rows.len(), details.len() + 1);
+    for (i, (row, d)) in rows.iter().zip(details).enumerate() {
+        assert_eq!(s_to_us(&row[0]), i as u64 * 1_000_250);
+        assert_eq!(unescape(&row[4]), d);
+        assert!(!row[4].starts_with('"'));
+    }
+    assert_eq!(rows[0][1..4], ["device", "lick", "1"]);
+    assert_eq!(rows[1][1..4], ["command", "valve_pulse", "41250"]);
+    assert_eq!(rows[2][1..4], ["task", "state", ""]);
+    assert_eq!(rows[3][1..4], ["link", "rtt_us", "123.25"]);
+    assert_eq!(rows[7][1..4], ["daemon", "nan\\tkind", "NaN"]);
+    assert_eq!(w.events_written(), 8);
+}
+
+#[test]
+fn text_cells_and_times_format_exactly() {
+    let mut s = String::new();
+    put_us_as_s(&mut s, 0);
+    s.push(' ');
+    put_us_as_s(&mut s, 1_234_567);
+    s.push(' ');
+    put_us_as_s(&mut s, u64::MAX);
+    assert_eq!(s, "0.000000 1.234567 18446744073709.551615");
+    let mut e = String::new();
+    put_escaped(&mut e, "\"a\tb\\\n");
+    assert_eq!(e, "\\\"a\\tb\\\\\\n");
+    assert_eq!(unescape(&e), "\"a\tb\\\n");
+}
+
+// ---- session.toml, summary, manifest ----------------------------------------------------
+
+#[test]
+fn session_toml_says_running_then_complete_with_summary_and_manifest() {
+    let root = Scratch::new("meta");
+    let mut w = new_writer(&root.0);
+    let dir = w.path().to_owned();
+    let t = session_toml(&dir);
+    assert_eq!(t["state"].as_str(), Some("running"));
+    assert_eq!(t["format_version"].as_integer(), Some(1));
+    assert_eq!(t["mouse"].as_str(), Some("M12"));
+    assert_eq!(t["rig"].as_str(), Some("rig7"));
+    assert_eq!(t["software"].as_str(), Some("rigd"));
+    assert_eq!(
+        t["software_version"].as_str(),
+        Some(env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(t["notes"].as_str(), Some("day 3, \"good\" mouse"));
+    assert_eq!(t["start_utc"].as_str(), Some("2024-05-01T09:30:12.123456Z"));
+    assert_eq!(t["t0_rig_us"].as_integer(), Some(5_000_000));
+    assert_eq!(
+        t["host_monotonic_start_ns"].as_integer(),
+        Some(987_654_321_000)
+    );
+    assert!(t.get("stop_utc").is_none());
+    assert!(t.get("clock_sync").is_none());
+    // The config is embedded as a table and equals the effective config.
+    let cfg: rig_config::RigConfig = t["config"].clone().try_into().unwrap();
+    assert_eq!(cfg, rig_config::RigConfig::default());
+
+    let fit = ClockSyncRecord {
+        host_ref_us: 1.0e9,
+        rig_ref_us: 5.0e6,
+        drift_ppm: -12.5,
+        half_band_us: 38.0,
+        exchanges: 40,
+        min_rtt_us: 210.0,
+    };
+    w.update_info(|i| i.clock_sync = Some(fit)).unwrap();
+    let t = session_toml(&dir);
+    assert_eq!(t["state"].as_str(), Some("running"));
+    let back: ClockSyncRecord = t["clock_sync"].clone().try_into().unwrap();
+    assert_eq!(back, fit);
+    assert_eq!(w.info().clock_sync, Some(fit));
+    assert!(w
+        .update_info(|i| i.config_toml = "not = [toml".to_owned())
+        .is_err());
+
+    w.write_trial(&trial(1)).unwrap();
+    std::fs::write(dir.join(LOG_FILE), "log line\n").unwrap();
+    let summary = serde_json::json!({"trials": 1, "rewards": 1, "water_ul": 2.5});
+    let stop = start_time() + Duration::from_secs(3600);
+    let path = w.finish(stop, "rigctl stop", &summary).unwrap();
+    assert_eq!(path, dir);
+    let t = session_toml(&dir);
+    assert_eq!(t["state"].as_str(), Some("complete"));
+    assert_eq!(t["stop_utc"].as_str(), Some("2024-05-01T10:30:12.123456Z"));
+    assert_eq!(t["stop_reason"].as_str(), Some("rigctl stop"));
+    assert!(t.get("clock_sync").is_some());
+    let s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(SUMMARY_FILE)).unwrap()).unwrap();
+    assert_eq!(s, summary);
+    check_manifest(&dir);
+    let manifest = std::fs::read_to_string(dir.join(MANIFEST_FILE)).unwrap();
+    let names: Vec<&str> = manifest.lines().map(|l| &l[66..]).collect();
+    assert_eq!(
+        names,
+        [
+            EVENTS_FILE,
+            LEVER_FILE,
+            LOG_FILE,
+            SESSION_FILE,
+            SUMMARY_FILE,
+            TRIALS_FILE
+        ]
+    );
+    // No temporary files left behind.
+    assert!(snapshot(&dir).iter().all(|(n, _)| !n.ends_with(TMP_SUFFIX)));
+    assert!(find_running(&root.0).is_empty());
+}
+
+#[test]
+fn a_bad_config_snapshot_is_refused_and_leaves_no_folder() {
+    let root = Scratch::new("badcfg");
+    let dir = SessionDir::create(&root.0, "M12", start_time()).unwrap();
+    let path = dir.path().to_owned();
+    let mut i = info();
+    i.config_toml = "[task\nthreshold_mm = 1".to_owned();
+    let err = SessionWriter::create(dir, i, Duration::from_secs(1)).unwrap_err();
+    assert!(matches!(err, StorageError::ConfigSnapshot(_)), "{err}");
+    assert!(!path.exists());
+}
+
+#[test]
+fn manifest_verifies_with_sha256sum() {
+    let root = Scratch::new("sha");
+    let mut w = new_writer(&root.0);
+    for i in 0..100u64 {
+        w.write_lever(i * 1000, 0.5, 20).unwrap();
+    }
+    w.write_trial(&trial(2)).unwrap();
+    let dir = w
+        .finish(start_time(), "test", &serde_json::json!({}))
+        .unwrap();
+    check_manifest(&dir);
+    match Command::new("sha256sum")
+        .args(["-c", "--strict", MANIFEST_FILE])
+        .current_dir(&dir)
+        .output()
+    {
+        Ok(out) => {
+            assert!(
+                out.status.success(),
+                "sha256sum -c: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let said = String::from_utf8_lossy(&out.stdout);
+            assert_eq!(said.matches(": OK").count(), 5, "{said}");
+        }
+        Err(e) => println!("note: sha256sum not run ({e}); checked with our own hasher only"),
+    }
+}
+
+// ---- cadence --------------------------------------------------------------------------
+
+#[test]
+fn maybe_sync_syncs_once_the_interval_has_passed() {
+    let root = Scratch::new("cadence");
+    let dir = SessionDir::create(&root.0, "M1", start_time()).unwrap();
+    // Intervals over a second are capped at one second.
+    let mut w = SessionWriter::create(dir, info(), Duration::from_secs(60)).unwrap();
+    let path = w.path().join(LEVER_FILE);
+    let t0 = Instant::now();
+    assert!(!w.maybe_sync(t0).unwrap());
+    w.write_lever(1, 0.0, 0).unwrap();
+    assert!(!w.maybe_sync(t0 + Duration::from_millis(999)).unwrap());
+    assert_eq!(read_npy_header(&path).unwrap().shape[0], 0);
+    assert!(w.maybe_sync(t0 + Duration::from_millis(1000)).unwrap());
+    assert_eq!(read_npy_header(&path).unwrap().shape[0], 1);
+    assert!(!w.maybe_sync(t0 + Duration::from_millis(1500)).unwrap());
+    assert!(w.maybe_sync(t0 + Duration::from_millis(2000)).unwrap());
+}
+
+// ---- crashes and recovery -------------------------------------------------------------
+
+/// Write `n` trials, events and lever rows starting at index `from`.
+fn write_some(w: &mut SessionWriter, from: u32, n: u32) {
+    for i in from..from + n {
+        w.write_trial(&trial(i + 1)).unwrap();
+        w.write_event(u64::from(i) * 1000, EventSource::Device, "lick", 1, "")
+            .unwrap();
+        for k in 0..10u64 {
+            let t = u64::from(i) * 10 + k;
+            w.write_lever(t * 1000, t as f64, t as i64).unwrap();
+        }
+    }
+}
+
+#[test]
+fn sigkill_loses_only_what_was_not_synced() {
+    let root = Scratch::new("kill");
+    let mut w = new_writer(&root.0);
+    let dir = w.path().to_owned();
+    write_some(&mut w, 0, 20);
+    w.sync().unwrap();
+    write_some(&mut w, 20, 5); // still in the buffers
+    w.simulate_kill();
+    assert_eq!(find_running(&root.0), vec![dir.clone()]);
+
+    let report = recover(&dir).unwrap();
+    assert_eq!(report.outcome, RecoveryOutcome::Recovered);
+    assert!(report.summary_written);
+    assert!(report.problems.is_empty(), "{report}");
+    let (_, trials) = read_tsv(&dir.join(TRIALS_FILE));
+    let back: Vec<TrialRecord> = trials.iter().map(|r| parse_trial(r)).collect();
+    assert_eq!(back, (1..=20).map(trial).collect::<Vec<_>>());
+    let (_, events) = read_tsv(&dir.join(EVENTS_FILE));
+    assert_eq!(events.len(), 20);
+    let (h, vals) = read_f8(&dir.join(LEVER_FILE));
+    assert_eq!(h.shape, vec![200, 3]);
+    assert_eq!(vals[199 * 3], 199.0 * 1000.0 / 1e6);
+    assert_eq!(state(&dir), "recovered");
+    let t = session_toml(&dir);
+    assert!(t["recovered_utc"].as_str().unwrap().ends_with('Z'));
+    let s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(SUMMARY_FILE)).unwrap()).unwrap();
+    let rewards = (1..=20).filter(|n| n % 3 != 0).count();
+    assert_eq!(s["trials"], 20);
+    assert_eq!(s["rewards"], rewards);
+    assert_eq!(s["water_ul"], rewards as f64 * 2.5);
+    assert_eq!(s["source"], "recovery");
+    check_manifest(&dir);
+    assert!(find_running(&root.0).is_empty());
+}
+
+#[test]
+fn half_written_rows_are_cut_and_headers_fixed() {
+    let root = Scratch::new("partial");
+    let mut w = new_writer(&root.0);
+    let dir = w.path().to_owned();
+    let ext = w.add_array("dff.npy", NpyDtype::F4, &[4]).unwrap();
+    write_some(&mut w, 0, 10);
+    w.array(ext).append(&[0.5f32; 8]).unwrap();
+    w.sync().unwrap();
+    write_some(&mut w, 10, 3);
+    w.array(ext).append(&[0.25f32; 4]).unwrap();
+    drop(w); // buffers reach the OS, but no sync: headers still say 100 rows
+
+    // The crash also cut files mid-row / mid-line, and one file system left
+    // zeros at the end of the events.
+    let lever = dir.join(LEVER_FILE);
+    let len = std::fs::metadata(&lever).unwrap().len();
+    OpenOptions::new()
+        .write(true)
+        .open(&lever)
+        .unwrap()
+        .set_len(len - 7)
+        .unwrap();
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(dir.join(TRIALS_FILE))
+        .unwrap();
+    f.write_all(b"14\t98.000014\t99.5").unwrap();
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(dir.join(EVENTS_FILE))
+        .unwrap();
+    f.write_all(b"13.000000\tdevice\tli\0\0\0\0\0\0\0\0")
+        .unwrap();
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(dir.join("dff.npy"))
+        .unwrap();
+    f.write_all(&[1, 2, 3]).unwrap();
+    assert_eq!(read_npy_header(&lever).unwrap().shape[0], 100);
+
+    let report = recover(&dir).unwrap();
+    assert_eq!(report.outcome, RecoveryOutcome::Recovered);
+    let text = report.to_string();
+    for name in [
+        LEVER_FILE,
+        TRIALS_FILE,
+        EVENTS_FILE,
+        "dff.npy",
+        SUMMARY_FILE,
+    ] {
+        assert!(text.contains(name), "{text}");
+    }
+    // Everything complete is kept (the 13 full trials, 129 full lever rows);
+    // nothing half-written remains.
+    let (_, trials) = read_tsv(&dir.join(TRIALS_FILE));
+    assert_eq!(trials.len(), 13);
+    let (_, events) = read_tsv(&dir.join(EVENTS_FILE));
+    assert_eq!(events.len(), 13);
+    let (h, vals) = read_f8(&lever);
+    assert_eq!(h.shape, vec![129, 3]);
+    assert_eq!(
+        std::fs::metadata(&lever).unwrap().len(),
+        h.data_offset + 129 * 24
+    );
+    assert_eq!(vals[128 * 3 + 1], 128.0);
+    let h = read_npy_header(&dir.join("dff.npy")).unwrap();
+    assert_eq!(h.shape, vec![3, 4]);
+    assert_eq!(
+        std::fs::metadata(dir.join("dff.npy")).unwrap().len(),
+        h.data_offset + 3 * 16
+    );
+    let t = session_toml(&dir);
+    assert_eq!(t["state"].as_str(), Some("recovered"));
+    let recorded = t["recovery"].as_array().unwrap();
+    assert_eq!(recorded.len(), report.repairs.len());
+    check_manifest(&dir);
+}
+
+#[test]
+fn zero_filled_tail_after_a_power_cut_is_dropped() {
+    let root = Scratch::new("zeros");
+    let mut w = new_writer(&root.0);
+    let dir = w.path().to_owned();
+    // A synced all-zero row is data and stays (t = 0, at rest, count 0).
+    w.write_lever(0, 0.0, 0).unwrap();
+    w.write_lever(1000, 0.5, 20).unwrap();
+    w.sync().unwrap();
+    w.write_lever(2000, 0.75, 30).unwrap();
+    w.simulate_kill();
+    // The file system extended the file with zeros for unwritten blocks.
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(dir.join(LEVER_FILE))
+        .unwrap();
+    f.write_all(&[1u8; 24]).unwrap(); // one unsynced row that did land
+    f.write_all(&[0u8; 3 * 24 + 5]).unwrap();
+    let report = recover(&dir).unwrap();
+    let (h, vals) = read_f8(&dir.join(LEVER_FILE));
+    assert_eq!(h.shape, vec![3, 3], "{report}");
+    assert_eq!(&vals[..3], &[0.0, 0.0, 0.0]);
+    assert!(
+        report.to_string().contains("3 unsynced all-zero rows"),
+        "{report}"
+    );
+    assert!(
+        report.to_string().contains("partial last row (5 bytes)"),
+        "{report}"
+    );
+}
+
+#[test]
+fn recovery_is_idempotent_and_leaves_finished_sessions_alone() {
+    let root = Scratch::new("idem");
+    let mut w = new_writer(&root.0);
+    let dir = w.path().to_owned();
+    write_some(&mut w, 0, 3);
+    drop(w);
+    recover(&dir).unwrap();
+    let before = snapshot(&dir);
+    let again = recover(&dir).unwrap();
+    assert_eq!(again.outcome, RecoveryOutcome::AlreadyRecovered);
+    assert!(again.repairs.is_empty());
+    assert_eq!(snapshot(&dir), before);
+    assert!(again.to_string().ends_with("already recovered"));
+
+    let w = new_writer(&root.0);
+    let dir = w
+        .finish(start_time(), "done", &serde_json::json!({"trials": 0}))
+        .unwrap();
+    let before = snapshot(&dir);
+    let r = recover(&dir).unwrap();
+    assert_eq!(r.outcome, RecoveryOutcome::AlreadyComplete);
+    assert_eq!(snapshot(&dir), before);
+}
+
+#[test]
+fn recovery_keeps_or_replaces_the_summary() {
+    let root = Scratch::new("summary");
+    let mut w = new_writer(&root.0);
+    let dir = w.path().to_owned();
+    write_some(&mut w, 0, 4);
+    drop(w);
+    let full = serde_json::json!({"trials": 4, "success_rate": 0.75});
+    let mut saw_repaired = false;
+    let report = recover_with_summary(&dir, |d| {
+        // The callback sees the repaired files.
+        saw_repaired = read_npy_header(&d.join(LEVER_FILE)).unwrap().shape[0] == 40;
+        Some(full.clone())
+    })
+    .unwrap();
+    assert!(saw_repaired);
+    assert!(report.summary_written);
+    let s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(SUMMARY_FILE)).unwrap()).unwrap();
+    assert_eq!(s, full);
+    check_manifest(&dir);
+}
+
+#[test]
+fn crash_inside_finish_is_recovered() {
+    // finish() got as far as the manifest but not session.toml.
+    let root = Scratch::new("midfinish");
+    let mut w = new_writer(&root.0);
+    let dir = w.path().to_owned();
+    write_some(&mut w, 0, 2);
+    w.sync().unwrap();
+    drop(w);
+    std::fs::write(dir.join(SUMMARY_FILE), b"{\"trials\": 2}\n").unwrap();
+    std::fs::write(dir.join(MANIFEST_FILE), b"stale\n").unwrap();
+    std::fs::write(dir.join(format!("{SESSION_FILE}{TMP_SUFFIX}")), b"half").unwrap();
+    // A key from a newer rigd survives recovery.
+    let toml_text = std::fs::read_to_string(dir.join(SESSION_FILE)).unwrap();
+    std::fs::write(
+        dir.join(SESSION_FILE),
+        format!("future_key = \"kept\"\n{toml_text}"),
+    )
+    .unwrap();
+    let r = recover(&dir).unwrap();
+    assert_eq!(session_toml(&dir)["future_key"].as_str(), Some("kept"));
+    assert_eq!(r.outcome, RecoveryOutcome::Recovered);
+    assert!(!r.summary_written, "an existing summary is kept");
+    assert!(!dir.join(format!("{SESSION_FILE}{TMP_SUFFIX}")).exists());
+    assert_eq!(
+        std::fs::read(dir.join(SUMMARY_FILE)).unwrap(),
+        b"{\"trials\": 2}\n"
+    );
+    check_manifest(&dir);
+}
+
+#[test]
+fn recovery_refuses_what_is_not_a_stopped_session() {
+    let root = Scratch::new("refuse");
+    let err = recover(&root.0).unwrap_err();
+    assert!(matches!(err, StorageError::NotASession { .. }));
+    assert!(err.to_string().contains("has no session.toml"), "{err}");
+    assert!(matches!(
+        recover(&root.0.join("nope")).unwrap_err(),
+        StorageError::NotASession { .. }
+    ));
+    std::fs::write(root.0.join(SESSION_FILE), "hello = 1\n").unwrap();
+    let err = recover(&root.0).unwrap_err();
+    assert!(matches!(err, StorageError::NotASession { .. }), "{err}");
+    // A session being recorded right now is left alone.
+    let w = new_writer(&root.0);
+    let err = recover(w.path()).unwrap_err();
+    assert!(err.to_string().contains("being recorded"), "{err}");
+    assert_eq!(state(w.path()), "running");
+}
+
+#[test]
+fn find_running_lists_only_running_sessions() {
+    let root = Scratch::new("find");
+    let a = new_writer(&root.0);
+    let a_dir = a.path().to_owned();
+    a.simulate_kill();
+    let b = new_writer(&root.0);
+    b.finish(start_time(), "done", &serde_json::json!({}))
+        .unwrap();
+    let dir = SessionDir::create(&root.0, "M99", start_time()).unwrap();
+    let c = SessionWriter::create(dir, info(), Duration::from_secs(1)).unwrap();
+    let c_dir = c.path().to_owned();
+    drop(c);
+    std::fs::create_dir_all(root.0.join("M5/not-a-session")).unwrap();
+    std::fs::write(root.0.join("stray-file"), b"").unwrap();
+    assert_eq!(find_running(&root.0), vec![a_dir.clone(), c_dir]);
+    recover(&a_dir).unwrap();
+    assert_eq!(find_running(&root.0).len(), 1);
+    assert!(find_running(&root.0.join("missing")).is_empty());
+}
+
+// ---- disk errors ----------------------------------------------------------------------
+
+#[test]
+fn disk_full_names_the_file_and_leaves_the_session_recoverable() {
+    if !has_dev_full() {
+        println!("note: no writable /dev/full; disk-full test skipped");
+        return;
+    }
+    let root = Scratch::new("full");
+    let mut w = new_writer(&root.0);
+    let dir = w.path().to_owned();
+    write_some(&mut w, 0, 5);
+    w.sync().unwrap();
+    let full = OpenOptions::new().write(true).open("/dev/full").unwrap();
+    w.trials_file_for_test().replace_file_for_test(full);
+    w.write_trial(&trial(6)).unwrap(); // buffered
+    let err = w.sync().unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&*dir.join(TRIALS_FILE).to_string_lossy()),
+        "{msg}"
+    );
+    assert!(msg.contains("os error 28"), "{msg}");
+    assert!(msg.contains("disk is full"), "{msg}");
+    // The file takes nothing more; the others carry on.
+    let err = w.write_trial(&trial(7)).unwrap_err();
+    assert!(matches!(err, StorageError::FileClosed { .. }), "{err}");
+    w.write_lever(1, 0.0, 0).unwrap();
+    // finish() fails naming the file, and the state stays `running`.
+    let err = w
+        .finish(start_time(), "stop", &serde_json::json!({}))
+        .unwrap_err();
+    assert!(err.to_string().contains(TRIALS_FILE), "{err}");
+    assert_eq!(state(&dir), "running");
+    assert!(!dir.join(MANIFEST_FILE).exists());
+    assert!(snapshot(&dir).iter().all(|(n, _)| !n.ends_with(TMP_SUFFIX)));
+    // Recovery keeps everything synced before the failure.
+    recover(&dir).unwrap();
+    let (_, trials) = read_tsv(&dir.join(TRIALS_FILE));
+    assert_eq!(trials.len(), 5);
+    assert_eq!(read_npy_header(&dir.join(LEVER_FILE)).unwrap().shape[0], 51);
+}
+
+#[test]
+fn abort_after_a_disk_error_marks_the_session_recovered() {
+    if !has_dev_full() {
+        println!("note: no writable /dev/full; abort test skipped");
+        return;
+    }
+    let root = Scratch::new("abort");
+    let mut w = new_writer(&root.0);
+    let dir = w.path().to_owned();
+    write_some(&mut w, 0, 3);
+    w.sync().unwrap();
+    let full = OpenOptions::new().write(true).open("/dev/full").unwrap();
+    w.lever_for_test().replace_file_for_test(full);
+    write_some(&mut w, 3, 1);
+    assert!(w.sync().is_err());
+    let stop = start_time() + Duration::from_secs(60);
+    let report = w.abort(stop, "disk error on lever.npy", None).unwrap();
+    assert_eq!(report.outcome, RecoveryOutcome::Recovered);
+    assert!(
+        report.problems.iter().any(|p| p.contains(LEVER_FILE)),
+        "{report}"
+    );
+    let t = session_toml(&dir);
+    assert_eq!(t["state"].as_str(), Some("recovered"));
+    assert_eq!(t["stop_reason"].as_str(), Some("disk error on lever.npy"));
+    assert_eq!(t["stop_utc"].as_str(), Some("2024-05-01T09:31:12.123456Z"));
+    // The trial and event written after the last sync were synced by abort.
+    assert_eq!(read_tsv(&dir.join(TRIALS_FILE)).1.len(), 4);
+    assert_eq!(read_npy_header(&dir.join(LEVER_FILE)).unwrap().shape[0], 30);
+    check_manifest(&dir);
+}
+
+// ---- a real reader ----------------------------------------------------------------------
+
+#[test]
+fn numpy_loads_the_session_files() {
+    let has_numpy = Command::new("python3")
+        .args(["-c", "import numpy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_numpy {
+        println!("note: python3 with numpy not available; numpy check skipped");
+        return;
+    }
+    let root = Scratch::new("numpy");
+    let mut w = new_writer(&root.0);
+    let frames = w.add_array("frames.npy", NpyDtype::U2, &[2, 3, 4]).unwrap();
+    write_some(&mut w, 0, 7);
+    w.array(frames)
+        .append(&(0..48u16).collect::<Vec<_>>())
+        .unwrap();
+    w.sync().unwrap();
+    write_some(&mut w, 7, 1);
+    let dir = w.path().to_owned();
+    // Loadable mid-session, after a sync (the unsynced row is not declared).
+    let script = r#"
+import sys, csv, json, numpy as np
+d, mid = sys.argv[1], sys.argv[2] == "mid"
+lever = np.load(d + "/lever.npy")
+assert lever.dtype == np.float64 and lever.shape == ((70, 3) if mid else (80, 3)), lever.shape
+assert lever[69, 0] == 0.069 and lever[69, 1] == 69.0, lever[69]
+f = np.load(d + "/frames.npy")
+assert f.dtype == np.uint16 and f.shape == (2, 2, 3, 4) and f[1, 1, 2, 3] == 47, f.shape
+with open(d + "/trials.tsv", newline="") as fh:
+    rows = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+assert len(rows) == (7 if mid else 8) and rows[0]["outcome"] == "rewarded", rows[0]
+if not mid:
+    import tomllib
+    meta = tomllib.load(open(d + "/session.toml", "rb"))
+    assert meta["state"] == "complete" and meta["config"]["rig"]["name"] == "rig1", meta["state"]
+print("numpy ok")
+"#;
+    let run = |phase: &str| {
+        let out = Command::new("python3")
+            .args(["-c", script])
+            .arg(&dir)
+            .arg(phase)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "python ({phase}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run("mid");
+    w.finish(start_time(), "done", &serde_json::json!({}))
+        .unwrap();
+    run("end");
+}

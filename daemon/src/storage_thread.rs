@@ -1,0 +1,249 @@
+//! The session's storage thread: owns the [`SessionWriter`], takes records
+//! from the rig thread through a bounded queue, syncs the files at least every
+//! `fsync_interval_ms`, and at the end computes the summary, finishes the
+//! folder and hands the summary to the core. Disk work never runs on the rig
+//! thread; a disk error stops the session cleanly with the data so far intact.
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use firmware_bridge::link::LeverBatch;
+
+use crate::rig::LiveStatus;
+use crate::storage::{ClockSyncRecord, EventSource, SessionWriter};
+use crate::trial::TrialRecord;
+
+pub use crate::storage::EventSource as StorageSource;
+
+/// Capacity of the rig -> storage queue, in messages. A lever batch is one
+/// message, so this is several seconds of a 10 kHz stream.
+pub const STORAGE_QUEUE: usize = 1 << 16;
+
+/// A record for the session files.
+#[derive(Debug)]
+pub enum StorageMsg {
+    Lever(LeverBatch),
+    Event {
+        t_us: u64,
+        source: EventSource,
+        kind: &'static str,
+        value: f64,
+        detail: String,
+    },
+    Trial(TrialRecord),
+    /// The task is over: finish the folder.
+    Finish {
+        reason: String,
+        t_us: u64,
+    },
+}
+
+/// What the storage thread hands back when the session folder is finished.
+#[derive(Debug, Clone)]
+pub struct FinishedSession {
+    pub summary: protocol::control::SessionSummary,
+    /// The full summary as written to summary.json.
+    pub summary_json: serde_json::Value,
+    pub reason: String,
+}
+
+/// Session parameters the thread needs besides the writer.
+#[derive(Debug, Clone)]
+pub struct StorageSetup {
+    /// Rig time (µs) of session time 0.
+    pub t0_us: u64,
+    pub counts_per_mm: f64,
+    pub fsync_interval: Duration,
+    pub behaviour: crate::behaviour::SummaryParams,
+}
+
+/// Start the storage thread. `done` gets the result when the folder is
+/// finished (or the error that stopped it).
+pub fn spawn(
+    writer: SessionWriter,
+    setup: StorageSetup,
+    rx: Receiver<StorageMsg>,
+    status: Arc<Mutex<LiveStatus>>,
+    done: tokio::sync::oneshot::Sender<Result<FinishedSession, String>>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("rig-storage".into())
+        .spawn(move || {
+            let result = run(writer, &setup, &rx, &status);
+            if let Err(e) = &result {
+                tracing::error!("session storage failed: {e}");
+            }
+            let _ = done.send(result);
+        })
+}
+
+struct State {
+    zero_counts: Option<i32>,
+    /// The lever trace kept for the summary: (rig µs, mm).
+    lever: Vec<(u64, f64)>,
+    trials: Vec<TrialRecord>,
+    last_info_update: Instant,
+}
+
+fn run(
+    mut w: SessionWriter,
+    setup: &StorageSetup,
+    rx: &Receiver<StorageMsg>,
+    status: &Arc<Mutex<LiveStatus>>,
+) -> Result<FinishedSession, String> {
+    let mut st = State {
+        zero_counts: None,
+        lever: Vec::new(),
+        trials: Vec::new(),
+        last_info_update: Instant::now(),
+    };
+    let tick = setup
+        .fsync_interval
+        .min(Duration::from_millis(250))
+        .max(Duration::from_millis(10));
+    loop {
+        let msg = match rx.recv_timeout(tick) {
+            Ok(m) => Some(m),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => {
+                // The rig thread went away without finishing (daemon shutting
+                // down hard): keep what we have, finish as stopped.
+                return finish(w, setup, st, "daemon stopped".into(), status);
+            }
+        };
+        if let Some(msg) = msg {
+            match msg {
+                StorageMsg::Finish { reason, .. } => {
+                    // Take whatever is still queued behind us, then finish.
+                    while let Ok(m) = rx.try_recv() {
+                        if let Err(e) = write(&mut w, setup, &mut st, m) {
+                            return fail(w, e);
+                        }
+                    }
+                    return finish(w, setup, st, reason, status);
+                }
+                m => {
+                    if let Err(e) = write(&mut w, setup, &mut st, m) {
+                        return fail(w, e);
+                    }
+                }
+            }
+        }
+        if let Err(e) = w.maybe_sync(Instant::now()) {
+            return fail(w, e.to_string());
+        }
+        if st.last_info_update.elapsed() > Duration::from_secs(10) {
+            st.last_info_update = Instant::now();
+            let fit = status.lock().map(|s| s.clock).unwrap_or(None);
+            if let Some(fit) = fit {
+                if let Err(e) = w.update_info(|i| i.clock_sync = Some(clock_record(&fit))) {
+                    return fail(w, e.to_string());
+                }
+            }
+        }
+    }
+}
+
+/// Session-relative µs.
+fn rel(setup: &StorageSetup, t_us: u64) -> u64 {
+    t_us.saturating_sub(setup.t0_us)
+}
+
+fn write(
+    w: &mut SessionWriter,
+    setup: &StorageSetup,
+    st: &mut State,
+    msg: StorageMsg,
+) -> Result<(), String> {
+    match msg {
+        StorageMsg::Lever(batch) => {
+            let zero = *st
+                .zero_counts
+                .get_or_insert(batch.counts().first().copied().unwrap_or(0));
+            for (_, t_us, counts) in batch.samples() {
+                let mm = f64::from(counts.wrapping_sub(zero)) / setup.counts_per_mm;
+                w.write_lever(rel(setup, t_us), mm, i64::from(counts))
+                    .map_err(|e| e.to_string())?;
+                st.lever.push((t_us, mm));
+            }
+        }
+        StorageMsg::Event {
+            t_us,
+            source,
+            kind,
+            value,
+            detail,
+        } => {
+            w.write_event(rel(setup, t_us), source, kind, value, &detail)
+                .map_err(|e| e.to_string())?;
+        }
+        StorageMsg::Trial(rec) => {
+            let shifted = shift_trial(&rec, setup.t0_us);
+            w.write_trial(&shifted).map_err(|e| e.to_string())?;
+            st.trials.push(rec);
+        }
+        StorageMsg::Finish { .. } => {}
+    }
+    Ok(())
+}
+
+/// The trial with its times made session-relative, for trials.tsv.
+fn shift_trial(rec: &TrialRecord, t0: u64) -> TrialRecord {
+    let s = |t: u64| t.saturating_sub(t0);
+    TrialRecord {
+        t_start_us: s(rec.t_start_us),
+        t_cue_us: s(rec.t_cue_us),
+        t_response_us: rec.t_response_us.map(s),
+        t_reward_us: rec.t_reward_us.map(s),
+        ..rec.clone()
+    }
+}
+
+fn clock_record(fit: &firmware_bridge::sync::ClockFit) -> ClockSyncRecord {
+    ClockSyncRecord {
+        host_ref_us: fit.host_ref_us,
+        rig_ref_us: fit.rig_ref_us,
+        drift_ppm: fit.drift_ppm,
+        half_band_us: fit.half_band_us,
+        exchanges: fit.exchanges as u64,
+        min_rtt_us: fit.min_rtt_us,
+    }
+}
+
+fn finish(
+    mut w: SessionWriter,
+    setup: &StorageSetup,
+    st: State,
+    reason: String,
+    status: &Arc<Mutex<LiveStatus>>,
+) -> Result<FinishedSession, String> {
+    let fit = status.lock().map(|s| s.clock).unwrap_or(None);
+    if let Some(fit) = fit {
+        let _ = w.update_info(|i| i.clock_sync = Some(clock_record(&fit)));
+    }
+    let summary = crate::behaviour::summarize(&st.trials, &st.lever, &setup.behaviour);
+    let summary_json = serde_json::to_value(&summary).map_err(|e| e.to_string())?;
+    let dir = w.path().display().to_string();
+    w.finish(SystemTime::now(), &reason, &summary_json)
+        .map_err(|e| e.to_string())?;
+    Ok(FinishedSession {
+        summary: protocol::control::SessionSummary {
+            session_dir: dir,
+            trials: summary.trials,
+            rewards: summary.rewards,
+            water_ul: summary.water_ul,
+            success_rate: summary.success_rate,
+            reaction_time_median_s: summary.reaction_time_median_s,
+            trajectory_corr_median: summary.trajectory_corr_median,
+        },
+        summary_json,
+        reason,
+    })
+}
+
+fn fail(w: SessionWriter, error: String) -> Result<FinishedSession, String> {
+    let _ = w.abort(SystemTime::now(), &format!("storage error: {error}"), None);
+    Err(error)
+}

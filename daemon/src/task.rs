@@ -1,0 +1,808 @@
+//! The lever-press task engine: a pure (sans-IO) state machine.
+//!
+//! [`TaskEngine::step`] takes one timestamped [`TaskInput`] (a lever sample, a
+//! device event, a refused command, a link change, a stop) and hands every
+//! resulting [`TaskOutput`] (a command for the device, a finished trial, a
+//! state change, the end of the session) to a callback, in order.
+//!
+//! Architecture invariant: the task engine reads no clock, does no I/O, starts
+//! no threads and does not allocate in `step`. Time is the rig-clock timestamp
+//! (µs) carried by each input, and the only randomness (the ITI draw) comes
+//! from a seeded generator inside the engine, so the same input stream always
+//! gives the same outputs (replay).
+//!
+//! The state machine, what each output means and the safety rules are
+//! described in `docs/behaviour.md`.
+
+use protocol::serial::{host_type, sync_mode, EventKind, HostCommand, SyncOut, Tone, ValvePulse};
+use rig_config::RigConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::trial::{Outcome, TrialRecord};
+
+/// During quiescence the lever must stay within this distance (mm) of where
+/// it was when the quiet period began; any larger movement restarts the wait.
+pub const QUIESCENCE_TOLERANCE_MM: f64 = 0.25;
+
+/// After a threshold crossing, the lever must fall this far (mm) below the
+/// threshold before another crossing counts. Keeps encoder jitter of a count
+/// or two around the threshold from counting as many presses.
+pub const REARM_HYSTERESIS_MM: f64 = 0.1;
+
+/// Trial-number bitcode on sync-out: bits per code (as the original rig).
+pub const BITCODE_NBITS: u8 = 12;
+/// Trial-number bitcode on sync-out: start pulse, bit and gap length, µs.
+pub const BITCODE_UNIT_US: u16 = 5000;
+
+/// No call to [`TaskEngine::step`] produces more outputs than this, so a
+/// caller can collect them in a fixed array.
+pub const MAX_OUTPUTS_PER_STEP: usize = 5;
+
+/// When a time cap ends the session right after a reward, the engine waits at
+/// most this long (µs after the pulse was commanded) for the device's
+/// `ValveOpen` event before it writes the trial without a reward time.
+pub const REWARD_CONFIRM_GRACE_US: u64 = 500_000;
+
+/// The task's parameters, in the units the engine works in. Built from the
+/// configuration by [`TaskParams::from_config`]; every field is public so a
+/// session can apply overrides (and tests can build odd cases).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskParams {
+    /// Cue tone frequency, Hz.
+    pub cue_tone_hz: u32,
+    /// Cue tone duration, ms (the `Tone` command's field is 16 bits).
+    pub cue_duration_ms: u16,
+    /// Cue tone level, percent of full scale.
+    pub cue_level_pct: u8,
+    /// Response window from the cue command, µs.
+    pub response_window_us: u64,
+    /// Encoder counts per mm of lever travel.
+    pub counts_per_mm: f64,
+    /// Press threshold, mm from the rest position.
+    pub threshold_mm: f64,
+    /// Re-arm hysteresis below the threshold, mm ([`REARM_HYSTERESIS_MM`]).
+    pub rearm_hysteresis_mm: f64,
+    /// Quiet time required before the cue, µs; 0 = no quiescence state.
+    pub quiescence_us: u64,
+    /// Movement tolerance during quiescence, mm ([`QUIESCENCE_TOLERANCE_MM`]).
+    pub quiescence_tolerance_mm: f64,
+    /// Shortest and longest ITI, µs (uniform draw, both ends included).
+    pub iti_min_us: u64,
+    pub iti_max_us: u64,
+    /// Whether a press during the ITI restarts it.
+    pub iti_press_restarts: bool,
+    /// Extra ITI after a miss, µs.
+    pub miss_timeout_us: u64,
+    /// Water per reward, µL.
+    pub reward_ul: f64,
+    /// Valve open time that delivers `reward_ul` by the calibration, µs.
+    pub valve_open_us: u32,
+    /// Stop after this many trials.
+    pub max_trials: Option<u32>,
+    /// Stop after this many rewards.
+    pub max_rewards: Option<u32>,
+    /// Start no trial after this much time since the first lever sample, µs.
+    pub max_duration_us: Option<u64>,
+    /// Water cap for this session, µL.
+    pub max_water_session_ul: f64,
+    /// Water this mouse may still get today (the per-day cap minus what it
+    /// already had), µL; `None` = not tracked. Set by the daemon.
+    pub water_remaining_today_ul: Option<f64>,
+    /// Seed of the ITI draws.
+    pub seed: u64,
+}
+
+impl TaskParams {
+    /// The task as configured. `seed` is 0 and `water_remaining_today_ul` is
+    /// `None`; set them with [`Self::with_seed`] and
+    /// [`Self::with_water_remaining_today_ul`].
+    ///
+    /// `max_duration_us` is the shorter of `task.max_duration_min` and
+    /// `safety.max_session_min`. Errors name the key, the value and the fix
+    /// (validation normally catches all of them first).
+    pub fn from_config(cfg: &RigConfig) -> Result<Self, String> {
+        let t = &cfg.task;
+        let cpm = cfg.rig.encoder_counts_per_mm;
+        if !(cpm.is_finite() && cpm > 0.0) {
+            return Err(format!(
+                "rig.encoder_counts_per_mm = {cpm}: must be a number > 0 (measure it on the rig)"
+            ));
+        }
+        if !(t.threshold_mm.is_finite() && t.threshold_mm > 0.0) {
+            return Err(format!(
+                "task.threshold_mm = {}: must be > 0",
+                t.threshold_mm
+            ));
+        }
+        let cue_duration_ms = u16::try_from(t.cue_duration_ms).map_err(|_| {
+            format!(
+                "task.cue_duration_ms = {}: must be <= {} (the Tone command carries 16 bits)",
+                t.cue_duration_ms,
+                u16::MAX
+            )
+        })?;
+        let cue_level_pct = u8::try_from(t.cue_level_pct)
+            .ok()
+            .filter(|p| *p <= 100)
+            .ok_or_else(|| format!("task.cue_level_pct = {}: must be 0..=100", t.cue_level_pct))?;
+        if t.response_window_ms == 0 {
+            return Err("task.response_window_ms = 0: must be >= 1".to_owned());
+        }
+        if t.iti_min_ms > t.iti_max_ms {
+            return Err(format!(
+                "task.iti_min_ms = {}: must be <= task.iti_max_ms ({})",
+                t.iti_min_ms, t.iti_max_ms
+            ));
+        }
+        if !(t.reward_ul.is_finite() && t.reward_ul > 0.0) {
+            return Err(format!("task.reward_ul = {}: must be > 0", t.reward_ul));
+        }
+        let open_ms = cfg
+            .valve
+            .open_ms_for_volume(t.reward_ul)
+            .map_err(|e| format!("task.reward_ul = {}: {e}", t.reward_ul))?;
+        let open_us = (open_ms * 1000.0).round();
+        let cap_us = f64::from(cfg.safety.max_valve_open_ms) * 1000.0;
+        if open_us.is_nan() || open_us < 1.0 {
+            return Err(format!(
+                "task.reward_ul = {}: the calibration gives a valve time of {open_ms} ms; \
+                 it must be > 0",
+                t.reward_ul
+            ));
+        }
+        if open_us > cap_us {
+            return Err(format!(
+                "task.reward_ul = {}: needs the valve open {open_ms:.1} ms, more than \
+                 safety.max_valve_open_ms ({} ms); lower the reward or raise the cap",
+                t.reward_ul, cfg.safety.max_valve_open_ms
+            ));
+        }
+        let water_cap = cfg.safety.max_water_per_session_ul;
+        if !(water_cap.is_finite() && water_cap > 0.0) {
+            return Err(format!(
+                "safety.max_water_per_session_ul = {water_cap}: must be > 0"
+            ));
+        }
+        let min_to_us = |m: u32| u64::from(m) * 60_000_000;
+        let session_cap_us = min_to_us(cfg.safety.max_session_min);
+        let max_duration_us = Some(match t.max_duration_min {
+            Some(m) => min_to_us(m).min(session_cap_us),
+            None => session_cap_us,
+        });
+        Ok(Self {
+            cue_tone_hz: t.cue_tone_hz,
+            cue_duration_ms,
+            cue_level_pct,
+            response_window_us: u64::from(t.response_window_ms) * 1000,
+            counts_per_mm: cpm,
+            threshold_mm: t.threshold_mm,
+            rearm_hysteresis_mm: REARM_HYSTERESIS_MM,
+            quiescence_us: u64::from(t.quiescence_ms) * 1000,
+            quiescence_tolerance_mm: QUIESCENCE_TOLERANCE_MM,
+            iti_min_us: u64::from(t.iti_min_ms) * 1000,
+            iti_max_us: u64::from(t.iti_max_ms) * 1000,
+            iti_press_restarts: t.iti_press_restarts,
+            miss_timeout_us: u64::from(t.miss_timeout_ms) * 1000,
+            reward_ul: t.reward_ul,
+            // open_us is in 1..=cap_us (<= 5 s), so it fits a u32.
+            valve_open_us: open_us as u32,
+            max_trials: t.max_trials,
+            max_rewards: t.max_rewards,
+            max_duration_us,
+            max_water_session_ul: water_cap,
+            water_remaining_today_ul: None,
+            seed: 0,
+        })
+    }
+
+    /// The same parameters with another ITI seed.
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// The same parameters with the water this mouse may still get today.
+    pub fn with_water_remaining_today_ul(mut self, remaining_ul: Option<f64>) -> Self {
+        self.water_remaining_today_ul = remaining_ul;
+        self
+    }
+}
+
+/// One input to the engine. Every time is the rig clock, µs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskInput {
+    /// One lever sample (the engine's clock: timeouts are checked on samples).
+    Lever { t_us: u64, counts: i32 },
+    /// A device event (`ToneOn`, `ToneOff`, `ValveOpen`, `LickOn`, ...).
+    Device {
+        t_us: u64,
+        kind: EventKind,
+        aux: u16,
+        value: u32,
+    },
+    /// A command the engine sent was answered by an `Ack` other than `Ok`,
+    /// or not answered at all. `cmd_type` is the command's type byte.
+    CommandRefused { t_us: u64, cmd_type: u8 },
+    /// The serial link is down: no command can reach the device.
+    LinkLost { t_us: u64 },
+    /// The link is back and streaming.
+    LinkRestored { t_us: u64 },
+    /// The experimenter (or the daemon) stops the session.
+    Stop { t_us: u64 },
+}
+
+/// The engine's state, reported on every change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// No lever sample yet: the rest position and the time are unknown.
+    Waiting,
+    /// Inter-trial interval.
+    Iti,
+    /// The trial started; waiting for the lever to be still before the cue.
+    Quiescence,
+    /// Cue given, response window open.
+    Response,
+    /// The serial link is down; the task waits for it.
+    LinkDown,
+    /// The session is over; inputs are ignored.
+    Finished,
+}
+
+impl TaskState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Waiting => "waiting",
+            Self::Iti => "iti",
+            Self::Quiescence => "quiescence",
+            Self::Response => "response",
+            Self::LinkDown => "link_down",
+            Self::Finished => "finished",
+        }
+    }
+}
+
+/// Why the engine finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// `task.max_trials` trials were run.
+    MaxTrials,
+    /// `task.max_rewards` rewards were given (or the next would exceed it).
+    RewardCap,
+    /// The next reward would exceed the session's or the day's water cap.
+    WaterCap,
+    /// The session's time cap (`task.max_duration_min`, `safety.max_session_min`).
+    Duration,
+    /// A [`TaskInput::Stop`].
+    Stopped,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MaxTrials => "max_trials",
+            Self::RewardCap => "reward_cap",
+            Self::WaterCap => "water_cap",
+            Self::Duration => "duration",
+            Self::Stopped => "stopped",
+        }
+    }
+}
+
+/// One output of the engine.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskOutput {
+    /// Send this command to the device now (`SyncOut`, `Tone`, `ToneOff`,
+    /// `ValvePulse`).
+    Command(HostCommand),
+    /// A trial is complete (once per trial, in trial order).
+    Trial(TrialRecord),
+    /// The engine entered `state` at `t_us`.
+    State { t_us: u64, state: TaskState },
+    /// The session is over; this is the last output.
+    Finished { t_us: u64, reason: FinishReason },
+}
+
+/// splitmix64: a tiny, well-mixed, deterministic generator for the ITI draws.
+#[derive(Debug, Clone)]
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo..=hi` (multiply-shift; the bias is below 2^-40 for
+    /// any range an ITI can have).
+    fn range_inclusive(&mut self, lo: u64, hi: u64) -> u64 {
+        if hi <= lo {
+            return lo;
+        }
+        let span = u128::from(hi - lo) + 1;
+        lo + ((u128::from(self.next_u64()) * span) >> 64) as u64
+    }
+}
+
+/// A rewarded trial waiting for the device's `ValveOpen` event.
+#[derive(Debug, Clone)]
+struct PendingReward {
+    record: TrialRecord,
+    t_pulse_us: u64,
+}
+
+/// The task engine. See the module documentation and `docs/behaviour.md`.
+#[derive(Debug, Clone)]
+pub struct TaskEngine {
+    p: TaskParams,
+    threshold_counts: f64,
+    rearm_counts: f64,
+    quiet_counts: f64,
+    rng: SplitMix64,
+    state: TaskState,
+    link_up: bool,
+
+    /// Time and position of the first lever sample.
+    origin_us: Option<u64>,
+    rest_counts: i32,
+    last_counts: i32,
+    /// A crossing counts only when armed (the lever was below threshold -
+    /// hysteresis since the last crossing).
+    armed: bool,
+
+    iti_start_us: u64,
+    iti_duration_us: u64,
+    /// Presses outside the response window since the last cue.
+    iti_presses: u32,
+
+    trial_start_us: u64,
+    quiet_anchor_counts: i32,
+    quiet_since_us: u64,
+
+    cue_cmd_us: u64,
+    awaiting_tone_on: bool,
+    tone_on: bool,
+    tone_cmd_us: u64,
+    tone_until_us: u64,
+    current: Option<TrialRecord>,
+    pending: Option<PendingReward>,
+
+    trials: u32,
+    rewards: u32,
+    water_ul: f64,
+    refused: u32,
+}
+
+impl TaskEngine {
+    pub fn new(params: TaskParams) -> Self {
+        let cpm = params.counts_per_mm;
+        Self {
+            threshold_counts: params.threshold_mm * cpm,
+            rearm_counts: (params.threshold_mm - params.rearm_hysteresis_mm) * cpm,
+            quiet_counts: params.quiescence_tolerance_mm * cpm,
+            rng: SplitMix64(params.seed),
+            p: params,
+            state: TaskState::Waiting,
+            link_up: true,
+            origin_us: None,
+            rest_counts: 0,
+            last_counts: 0,
+            armed: false,
+            iti_start_us: 0,
+            iti_duration_us: 0,
+            iti_presses: 0,
+            trial_start_us: 0,
+            quiet_anchor_counts: 0,
+            quiet_since_us: 0,
+            cue_cmd_us: 0,
+            awaiting_tone_on: false,
+            tone_on: false,
+            tone_cmd_us: 0,
+            tone_until_us: 0,
+            current: None,
+            pending: None,
+            trials: 0,
+            rewards: 0,
+            water_ul: 0.0,
+            refused: 0,
+        }
+    }
+
+    pub fn params(&self) -> &TaskParams {
+        &self.p
+    }
+
+    /// Trials started (cues given) so far; the current trial's number.
+    pub fn trials(&self) -> u32 {
+        self.trials
+    }
+
+    /// Reward pulses commanded so far.
+    pub fn rewards(&self) -> u32 {
+        self.rewards
+    }
+
+    /// Water commanded so far, µL (what the caps are checked against; a
+    /// pulse the device refused is still counted, to err on the safe side).
+    pub fn water_ul(&self) -> f64 {
+        self.water_ul
+    }
+
+    pub fn state(&self) -> TaskState {
+        self.state
+    }
+
+    /// Lever position at the latest sample, mm from rest (0 before any sample).
+    pub fn lever_mm(&self) -> f64 {
+        (i64::from(self.last_counts) - i64::from(self.rest_counts)) as f64 / self.p.counts_per_mm
+    }
+
+    /// Rest position, encoder counts (the first sample's), once known.
+    pub fn rest_counts(&self) -> Option<i32> {
+        self.origin_us.map(|_| self.rest_counts)
+    }
+
+    /// Commands reported refused or unanswered so far.
+    pub fn refused_commands(&self) -> u32 {
+        self.refused
+    }
+
+    /// Update the water this mouse may still get today (for example after
+    /// the experimenter gave water by hand during the session). Takes effect
+    /// from the next reward on.
+    pub fn set_water_remaining_today_ul(&mut self, remaining_ul: Option<f64>) {
+        self.p.water_remaining_today_ul = remaining_ul;
+    }
+
+    /// Feed one input; every output goes to `out`, in order (at most
+    /// [`MAX_OUTPUTS_PER_STEP`]). A `ValvePulse` is always the first output
+    /// of its step.
+    pub fn step(&mut self, input: &TaskInput, out: &mut impl FnMut(TaskOutput)) {
+        if self.state == TaskState::Finished {
+            return;
+        }
+        match *input {
+            TaskInput::Lever { t_us, counts } => self.on_lever(t_us, counts, out),
+            TaskInput::Device {
+                t_us, kind, value, ..
+            } => self.on_device(t_us, kind, value, out),
+            TaskInput::CommandRefused { t_us, cmd_type } => self.on_refused(t_us, cmd_type, out),
+            TaskInput::LinkLost { t_us } => self.on_link_lost(t_us, out),
+            TaskInput::LinkRestored { t_us } => self.on_link_restored(t_us, out),
+            TaskInput::Stop { t_us } => self.finish(t_us, FinishReason::Stopped, out),
+        }
+    }
+
+    // ---- inputs -----------------------------------------------------------
+
+    fn on_lever(&mut self, t: u64, counts: i32, out: &mut impl FnMut(TaskOutput)) {
+        if self.origin_us.is_none() {
+            self.origin_us = Some(t);
+            self.rest_counts = counts;
+            self.last_counts = counts;
+            self.armed = true;
+            if self.state == TaskState::Waiting {
+                self.enter_iti(t, 0, out);
+            }
+            return;
+        }
+        self.last_counts = counts;
+        let disp = self.displacement(counts);
+        let crossed = self.armed && disp >= self.threshold_counts;
+        if crossed {
+            self.armed = false;
+        } else if disp < self.rearm_counts {
+            self.armed = true;
+        }
+
+        match self.state {
+            TaskState::Iti => {
+                if crossed {
+                    self.iti_presses = self.iti_presses.saturating_add(1);
+                    if self.p.iti_press_restarts {
+                        self.iti_start_us = t;
+                    }
+                }
+                if self.duration_finish(t, out) {
+                    return;
+                }
+                if t >= self.iti_start_us.saturating_add(self.iti_duration_us) {
+                    self.end_iti(t, counts, out);
+                }
+            }
+            TaskState::Quiescence => {
+                if crossed {
+                    self.iti_presses = self.iti_presses.saturating_add(1);
+                }
+                if self.duration_finish(t, out) {
+                    return;
+                }
+                let moved = (i64::from(counts) - i64::from(self.quiet_anchor_counts)).abs() as f64;
+                if moved > self.quiet_counts {
+                    self.quiet_anchor_counts = counts;
+                    self.quiet_since_us = t;
+                } else if t.saturating_sub(self.quiet_since_us) >= self.p.quiescence_us {
+                    self.start_cue(t, counts, out);
+                }
+            }
+            TaskState::Response => {
+                if t >= self.cue_cmd_us.saturating_add(self.p.response_window_us) {
+                    self.miss(t, out);
+                    if crossed {
+                        // Too late for this trial: an ITI press of the next.
+                        self.iti_presses = self.iti_presses.saturating_add(1);
+                    }
+                } else if crossed && t > self.cue_cmd_us {
+                    self.reward(t, out);
+                }
+            }
+            TaskState::LinkDown => {
+                // Samples while the link is reported down: keep the lever
+                // state, start nothing.
+                if crossed {
+                    self.iti_presses = self.iti_presses.saturating_add(1);
+                }
+            }
+            TaskState::Waiting | TaskState::Finished => {}
+        }
+    }
+
+    fn on_device(&mut self, t: u64, kind: EventKind, value: u32, out: &mut impl FnMut(TaskOutput)) {
+        match kind {
+            EventKind::ToneOn if self.awaiting_tone_on && t >= self.cue_cmd_us => {
+                self.awaiting_tone_on = false;
+                let trial = self.trials;
+                if let Some(rec) = self.current.as_mut().filter(|r| r.trial == trial) {
+                    rec.t_cue_us = t;
+                } else if let Some(p) = self.pending.as_mut().filter(|p| p.record.trial == trial) {
+                    p.record.t_cue_us = t;
+                }
+            }
+            EventKind::ToneOff if t >= self.tone_cmd_us => self.tone_on = false,
+            EventKind::SafeState => self.tone_on = false,
+            EventKind::ValveOpen => {
+                // value 0 is a flush, not a reward pulse.
+                let ours = self
+                    .pending
+                    .as_ref()
+                    .is_some_and(|p| value != 0 && t >= p.t_pulse_us);
+                if ours {
+                    if let Some(mut p) = self.pending.take() {
+                        p.record.t_reward_us = Some(t);
+                        out(TaskOutput::Trial(p.record));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_refused(&mut self, _t: u64, cmd_type: u8, out: &mut impl FnMut(TaskOutput)) {
+        self.refused = self.refused.saturating_add(1);
+        if cmd_type == host_type::VALVE_PULSE {
+            // The device did not confirm the pulse: write the trial without a
+            // reward time or volume. The water stays counted against the caps
+            // (a missing Ack does not prove a missing pulse).
+            if let Some(mut p) = self.pending.take() {
+                p.record.reward_ul = 0.0;
+                out(TaskOutput::Trial(p.record));
+            }
+        }
+    }
+
+    fn on_link_lost(&mut self, t: u64, out: &mut impl FnMut(TaskOutput)) {
+        if !self.link_up {
+            return;
+        }
+        self.link_up = false;
+        // The device silences the tone itself when the host goes quiet.
+        self.tone_on = false;
+        if let Some(rec) = self.current.take() {
+            out(TaskOutput::Trial(rec));
+        }
+        self.awaiting_tone_on = false;
+        self.set_state(t, TaskState::LinkDown, out);
+    }
+
+    fn on_link_restored(&mut self, t: u64, out: &mut impl FnMut(TaskOutput)) {
+        if self.link_up {
+            return;
+        }
+        self.link_up = true;
+        if self.state == TaskState::LinkDown {
+            if self.origin_us.is_some() {
+                self.enter_iti(t, 0, out);
+            } else {
+                self.set_state(t, TaskState::Waiting, out);
+            }
+        }
+    }
+
+    // ---- transitions ------------------------------------------------------
+
+    fn displacement(&self, counts: i32) -> f64 {
+        (i64::from(counts) - i64::from(self.rest_counts)) as f64
+    }
+
+    fn set_state(&mut self, t: u64, state: TaskState, out: &mut impl FnMut(TaskOutput)) {
+        if self.state != state {
+            self.state = state;
+            out(TaskOutput::State { t_us: t, state });
+        }
+    }
+
+    fn enter_iti(&mut self, t: u64, extra_us: u64, out: &mut impl FnMut(TaskOutput)) {
+        self.iti_start_us = t;
+        self.iti_duration_us = self
+            .rng
+            .range_inclusive(self.p.iti_min_us, self.p.iti_max_us)
+            .saturating_add(extra_us);
+        self.set_state(t, TaskState::Iti, out);
+    }
+
+    /// The session's time is up (checked between trials only). Returns true
+    /// when the engine finished.
+    fn duration_finish(&mut self, t: u64, out: &mut impl FnMut(TaskOutput)) -> bool {
+        let (Some(max), Some(origin)) = (self.p.max_duration_us, self.origin_us) else {
+            return false;
+        };
+        if t.saturating_sub(origin) < max {
+            return false;
+        }
+        if let Some(p) = &self.pending {
+            if t < p.t_pulse_us.saturating_add(REWARD_CONFIRM_GRACE_US) {
+                return false; // give the last reward's ValveOpen a moment
+            }
+        }
+        self.finish(t, FinishReason::Duration, out);
+        true
+    }
+
+    /// Which cap stops the next trial, if any.
+    fn trial_cap(&self) -> Option<FinishReason> {
+        if self.p.max_trials.is_some_and(|m| self.trials >= m) {
+            return Some(FinishReason::MaxTrials);
+        }
+        self.reward_cap()
+    }
+
+    /// Which cap one more reward would exceed, if any.
+    fn reward_cap(&self) -> Option<FinishReason> {
+        if self.p.max_rewards.is_some_and(|m| self.rewards >= m) {
+            return Some(FinishReason::RewardCap);
+        }
+        // A hair of tolerance so that caps that are exact multiples of the
+        // reward are reached, not missed by rounding.
+        // `fits` is false for NaN, so a cap that is not a number stops rewards.
+        let fits = |total: f64, cap: f64| total <= cap;
+        let after = self.water_ul + self.p.reward_ul - 1e-9;
+        let over_day = self
+            .p
+            .water_remaining_today_ul
+            .is_some_and(|left| !fits(after, left));
+        if !fits(after, self.p.max_water_session_ul) || over_day {
+            return Some(FinishReason::WaterCap);
+        }
+        None
+    }
+
+    fn end_iti(&mut self, t: u64, counts: i32, out: &mut impl FnMut(TaskOutput)) {
+        self.flush_pending(out);
+        if let Some(reason) = self.trial_cap() {
+            self.finish(t, reason, out);
+            return;
+        }
+        self.trial_start_us = t;
+        if self.p.quiescence_us > 0 {
+            self.quiet_anchor_counts = counts;
+            self.quiet_since_us = t;
+            self.set_state(t, TaskState::Quiescence, out);
+        } else {
+            self.start_cue(t, counts, out);
+        }
+    }
+
+    fn start_cue(&mut self, t: u64, counts: i32, out: &mut impl FnMut(TaskOutput)) {
+        self.trials += 1;
+        let trial = self.trials;
+        out(TaskOutput::Command(HostCommand::SyncOut(SyncOut {
+            mode: sync_mode::BITCODE,
+            nbits: BITCODE_NBITS,
+            unit_us: BITCODE_UNIT_US,
+            value: trial % (1 << BITCODE_NBITS),
+        })));
+        out(TaskOutput::Command(HostCommand::Tone(Tone {
+            frequency_hz: self.p.cue_tone_hz,
+            duration_ms: self.p.cue_duration_ms,
+            level_pct: self.p.cue_level_pct,
+        })));
+        self.tone_on = true;
+        self.tone_cmd_us = t;
+        self.tone_until_us = t + u64::from(self.p.cue_duration_ms) * 1000;
+        self.awaiting_tone_on = true;
+        self.cue_cmd_us = t;
+        self.current = Some(TrialRecord {
+            trial,
+            t_start_us: self.trial_start_us,
+            t_cue_us: t,
+            t_response_us: None,
+            outcome: Outcome::Miss,
+            t_reward_us: None,
+            reward_ul: 0.0,
+            valve_open_us: 0,
+            lever_mm_at_cue: self.displacement(counts) / self.p.counts_per_mm,
+            iti_presses: self.iti_presses,
+            capped: false,
+        });
+        self.iti_presses = 0;
+        self.set_state(t, TaskState::Response, out);
+    }
+
+    fn reward(&mut self, t: u64, out: &mut impl FnMut(TaskOutput)) {
+        let Some(mut rec) = self.current.take() else {
+            return;
+        };
+        rec.outcome = Outcome::Rewarded;
+        rec.t_response_us = Some(t);
+        if let Some(reason) = self.reward_cap() {
+            // Caps are checked before every cue, so this only happens when
+            // the day's remaining water was lowered during the trial.
+            rec.capped = true;
+            out(TaskOutput::Trial(rec));
+            self.finish(t, reason, out);
+            return;
+        }
+        out(TaskOutput::Command(HostCommand::ValvePulse(ValvePulse {
+            duration_us: self.p.valve_open_us,
+        })));
+        self.rewards += 1;
+        self.water_ul += self.p.reward_ul;
+        self.tone_off_if_on(t, out);
+        rec.reward_ul = self.p.reward_ul;
+        rec.valve_open_us = self.p.valve_open_us;
+        self.pending = Some(PendingReward {
+            record: rec,
+            t_pulse_us: t,
+        });
+        self.enter_iti(t, 0, out);
+    }
+
+    fn miss(&mut self, t: u64, out: &mut impl FnMut(TaskOutput)) {
+        self.tone_off_if_on(t, out);
+        if let Some(rec) = self.current.take() {
+            out(TaskOutput::Trial(rec));
+        }
+        self.enter_iti(t, self.p.miss_timeout_us, out);
+    }
+
+    fn tone_off_if_on(&mut self, t: u64, out: &mut impl FnMut(TaskOutput)) {
+        if self.tone_on && t < self.tone_until_us && self.link_up {
+            out(TaskOutput::Command(HostCommand::ToneOff));
+        }
+        self.tone_on = false;
+    }
+
+    fn flush_pending(&mut self, out: &mut impl FnMut(TaskOutput)) {
+        if let Some(p) = self.pending.take() {
+            out(TaskOutput::Trial(p.record));
+        }
+    }
+
+    fn finish(&mut self, t: u64, reason: FinishReason, out: &mut impl FnMut(TaskOutput)) {
+        self.tone_off_if_on(t, out);
+        // A trial cut short in its response window is written as a miss.
+        if let Some(rec) = self.current.take() {
+            out(TaskOutput::Trial(rec));
+        }
+        self.flush_pending(out);
+        self.set_state(t, TaskState::Finished, out);
+        out(TaskOutput::Finished { t_us: t, reason });
+    }
+}
+
+#[cfg(test)]
+mod tests;

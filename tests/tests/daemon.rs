@@ -1,0 +1,394 @@
+//! The daemon end to end: real `rigd`, `rigctl` and `rig-sim` over a real pty
+//! and a real Unix socket; the session files checked against the virtual
+//! rig's ground truth and loaded with numpy.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rig_tests::{rigctl, run_python, Rigd, Sim, TempDir};
+
+struct Rig {
+    dir: TempDir,
+    sim: Sim,
+    socket: PathBuf,
+    config: PathBuf,
+    data: PathBuf,
+    truth: PathBuf,
+}
+
+/// A virtual rig at `speed` and a config for rigd pointing at it.
+fn rig(name: &str, speed: f64, extra_toml: &str, sim_args: &[&str]) -> Rig {
+    let dir = TempDir::new(name);
+    let truth = dir.path().join("truth.tsv");
+    let speed_s = speed.to_string();
+    let mut args = vec![
+        "--speed",
+        &speed_s,
+        "--truth",
+        truth.to_str().expect("utf-8 path"),
+        "--day",
+        "14",
+    ];
+    args.extend_from_slice(sim_args);
+    let sim = Sim::start(dir.path(), &args);
+    let socket = dir.path().join("rigd.sock");
+    let data = dir.path().join("data");
+    // Host heartbeats every 20 ms of wall time; the device's watchdog counts
+    // device time, which runs `speed` times faster.
+    let timeout_ms = (200.0 * speed).max(500.0) as u32;
+    let config = dir.path().join("rig.toml");
+    let text = format!(
+        "[rig]\nserial_port = {:?}\n\n[storage]\ndata_root = {:?}\nfsync_interval_ms = 100\n\n[control]\nsocket = {:?}\n\n\
+         [preview]\nenabled = false\n\n[imaging]\nenabled = false\n\n\
+         [safety]\nheartbeat_interval_ms = 20\nheartbeat_timeout_ms = {timeout_ms}\n\n{extra_toml}\n",
+        sim.link.display().to_string(),
+        data.display().to_string(),
+        socket.display().to_string(),
+    );
+    std::fs::write(&config, text).expect("write config");
+    std::fs::create_dir_all(&data).expect("create the data root");
+    Rig {
+        dir,
+        sim,
+        socket,
+        config,
+        data,
+        truth,
+    }
+}
+
+fn wait_connected(socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (code, out, _) = rigctl(socket, &["status", "--json"]);
+        if code == 0 && out.contains("\"link\":\"connected\"") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "rig never connected: {out}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn start(socket: &Path, mouse: &str) -> PathBuf {
+    let (code, out, err) = rigctl(socket, &["start", "--mouse", mouse, "--json"]);
+    assert_eq!(code, 0, "start failed: {out} {err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    PathBuf::from(v["session_dir"].as_str().expect("session_dir"))
+}
+
+fn wait_idle(socket: &Path, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let (code, out, _) = rigctl(socket, &["status", "--json"]);
+        if code == 0 && out.contains("\"state\":\"idle\"") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "session did not end: {out}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A TSV file as header-keyed rows.
+fn read_tsv(path: &Path) -> Vec<HashMap<String, String>> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut lines = text.lines().filter(|l| !l.starts_with('#'));
+    let header: Vec<String> = lines
+        .next()
+        .expect("header")
+        .split('\t')
+        .map(str::to_owned)
+        .collect();
+    lines
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            header
+                .iter()
+                .cloned()
+                .zip(l.split('\t').map(str::to_owned))
+                .collect()
+        })
+        .collect()
+}
+
+fn session_value(dir: &Path, key: &str) -> String {
+    let text = std::fs::read_to_string(dir.join("session.toml")).expect("session.toml");
+    let table: toml::Table = text.parse().expect("session.toml is TOML");
+    table
+        .get(key)
+        .map(|v| v.to_string().trim_matches('"').to_owned())
+        .unwrap_or_default()
+}
+
+const NUMPY_CHECK: &str = r##"
+import sys, json, numpy as np
+d = sys.argv[1]
+lever = np.load(d + "/lever.npy")
+assert lever.ndim == 2 and lever.shape[1] == 3 and lever.shape[0] > 0, lever.shape
+assert np.all(np.diff(lever[:, 0]) > 0), "lever times increase"
+def tsv(name):
+    rows = [l.rstrip("\n").split("\t") for l in open(d + "/" + name) if not l.startswith("#")]
+    return rows[0], rows[1:]
+th, trials = tsv("trials.tsv")
+eh, events = tsv("events.tsv")
+assert "outcome" in th and all(len(r) == len(th) for r in trials)
+assert all(len(r) == len(eh) for r in events)
+summary = json.load(open(d + "/summary.json"))
+print(json.dumps({"lever_rows": int(lever.shape[0]), "last_t": float(lever[-1, 0]), "trials": len(trials), "summary_trials": summary["trials"]}))
+"##;
+
+#[test]
+fn five_minute_session_matches_the_truth_and_loads_with_numpy() {
+    let rig = rig("session", 10.0, "[task]\nmax_duration_min = 5\n", &[]);
+    let rigd = Rigd::start(&rig.config, &rig.socket);
+    wait_connected(&rig.socket);
+    let dir = start(&rig.socket, "M12");
+    // Five minutes of device time at 10x: about 30 s; the session ends itself.
+    wait_idle(&rig.socket, 120);
+    assert_eq!(session_value(&dir, "state"), "complete");
+    let t0: u64 = session_value(&dir, "t0_rig_us").parse().expect("t0");
+
+    let cfg = rig_config::load(&rig.config).expect("config").config;
+    let window_us = u64::from(cfg.task.response_window_ms) * 1000;
+    let open_ms = cfg
+        .valve
+        .open_ms_for_volume(cfg.task.reward_ul)
+        .expect("calibrated");
+    let trials = read_tsv(&dir.join("trials.tsv"));
+    assert!(
+        trials.len() >= 10,
+        "only {} trials in 5 minutes",
+        trials.len()
+    );
+    let secs =
+        |s: &str| -> Option<u64> { s.parse::<f64>().ok().map(|x| t0 + (x * 1e6).round() as u64) };
+    let truth = read_tsv(&rig.truth);
+    let crossings: Vec<u64> = truth
+        .iter()
+        .filter(|r| r["kind"] == "threshold_crossing")
+        .map(|r| r["device_us"].parse().expect("device_us"))
+        .collect();
+    let mut rewarded = 0;
+    for t in &trials {
+        let cue = secs(&t["t_cue_s"]).expect("cue time");
+        let end = cue + window_us;
+        // The window runs from the sample that sent the cue, a link latency
+        // before the device's ToneOn (t_cue); a crossing in the last sample
+        // period may be seen only after the window closed.
+        let in_window: Vec<u64> = crossings
+            .iter()
+            .copied()
+            .filter(|&c| c + 5_000 >= cue && c < end)
+            .collect();
+        let surely_in_window: Vec<u64> = crossings
+            .iter()
+            .copied()
+            .filter(|&c| c >= cue && c + 2_000 < end)
+            .collect();
+        match t["outcome"].as_str() {
+            "rewarded" => {
+                rewarded += 1;
+                let resp = secs(&t["t_response_s"]).expect("response time");
+                let first = *in_window.first().unwrap_or_else(|| {
+                    panic!(
+                        "rewarded trial {} has no true crossing in its window",
+                        t["trial"]
+                    )
+                });
+                // The response is the first sample at or after the true crossing.
+                assert!(
+                    resp >= first && resp - first <= 2_000,
+                    "trial {}: response {resp} vs true crossing {first}",
+                    t["trial"]
+                );
+                let vol: f64 = t["reward_ul"].parse().expect("reward_ul");
+                assert!((vol - cfg.task.reward_ul).abs() < 1e-9, "reward {vol} µL");
+                let open_us: f64 = t["valve_open_us"].parse().expect("valve_open_us");
+                assert!(
+                    (open_us - open_ms * 1000.0).abs() <= 1.0,
+                    "valve open {open_us} µs, calibration says {} µs",
+                    open_ms * 1000.0
+                );
+            }
+            "miss" => assert!(
+                surely_in_window.is_empty(),
+                "trial {} missed but the mouse crossed at {:?}",
+                t["trial"],
+                surely_in_window
+            ),
+            other => panic!("unknown outcome {other}"),
+        }
+    }
+    assert!(rewarded >= 5, "an expert mouse earns rewards: {rewarded}");
+    // The device's own valve events carry the calibrated duration.
+    let events = read_tsv(&dir.join("events.tsv"));
+    let opens: Vec<&HashMap<String, String>> = events
+        .iter()
+        .filter(|e| e["source"] == "device" && e["kind"] == "valve_open")
+        .collect();
+    assert_eq!(
+        opens.len(),
+        rewarded,
+        "one valve opening per rewarded trial"
+    );
+
+    let out = run_python(NUMPY_CHECK, &[dir.as_os_str()]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("python json");
+    assert_eq!(v["trials"].as_u64(), Some(trials.len() as u64));
+    assert_eq!(v["summary_trials"].as_u64(), Some(trials.len() as u64));
+    assert!(v["last_t"].as_f64().expect("last_t") > 290.0, "{v}");
+    assert!(dir.join("MANIFEST.sha256").exists());
+    drop(rigd);
+    drop(rig);
+}
+
+#[test]
+fn sigterm_finishes_the_session_cleanly() {
+    let rig = rig("sigterm", 5.0, "", &[]);
+    let rigd = Rigd::start(&rig.config, &rig.socket);
+    wait_connected(&rig.socket);
+    let dir = start(&rig.socket, "M7");
+    std::thread::sleep(Duration::from_secs(3));
+    rigd.signal("TERM");
+    let (status, stderr) = rigd.wait(60);
+    assert!(status.success(), "rigd exit {status}: {stderr}");
+    assert_eq!(session_value(&dir, "state"), "complete", "{stderr}");
+    assert!(session_value(&dir, "stop_reason").contains("SIGTERM"));
+    assert!(!rig.socket.exists(), "socket removed at exit");
+    run_python(NUMPY_CHECK, &[dir.as_os_str()]);
+}
+
+#[test]
+fn sigkill_then_recover_loses_at_most_a_second() {
+    let rig = rig("sigkill", 5.0, "", &[]);
+    let rigd = Rigd::start(&rig.config, &rig.socket);
+    wait_connected(&rig.socket);
+    let dir = start(&rig.socket, "M3");
+    std::thread::sleep(Duration::from_secs(4));
+    let (_, out, _) = rigctl(&rig.socket, &["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("status json");
+    let elapsed_before = v["elapsed_s"].as_f64().expect("elapsed");
+    rigd.signal("KILL");
+    let _ = rigd.wait(10);
+    assert_eq!(session_value(&dir, "state"), "running");
+    let (code, out, err) = rigctl(&rig.socket, &["recover", dir.to_str().expect("utf-8")]);
+    assert_eq!(code, 0, "recover: {out} {err}");
+    assert_eq!(session_value(&dir, "state"), "recovered");
+    let out = run_python(NUMPY_CHECK, &[dir.as_os_str()]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("python json");
+    let last_t = v["last_t"].as_f64().expect("last_t");
+    // At most one second of device time lost (status was read just before the kill).
+    assert!(
+        last_t >= elapsed_before - 1.0,
+        "last lever sample at {last_t} s, status said {elapsed_before} s"
+    );
+    // Recovering twice is harmless.
+    let (code, _, _) = rigctl(&rig.socket, &["recover", dir.to_str().expect("utf-8")]);
+    assert_eq!(code, 0);
+}
+
+fn send_lines(socket: &Path, lines: &[&[u8]]) -> Vec<serde_json::Value> {
+    let mut s = UnixStream::connect(socket).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut r = BufReader::new(s.try_clone().expect("clone"));
+    let mut answers = Vec::new();
+    for l in lines {
+        s.write_all(l).expect("write");
+        s.write_all(b"\n").expect("write");
+        let mut line = String::new();
+        r.read_line(&mut line).expect("answer");
+        answers.push(
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad answer {line:?}: {e}")),
+        );
+    }
+    answers
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_the_daemon_carries_on() {
+    let rig = rig("badinput", 1.0, "", &[]);
+    let rigd = Rigd::start(&rig.config, &rig.socket);
+    wait_connected(&rig.socket);
+    // A second client stays connected through all of it.
+    let mut watcher = UnixStream::connect(&rig.socket).expect("connect");
+    watcher
+        .write_all(b"{\"cmd\":\"subscribe\",\"id\":1}\n")
+        .expect("subscribe");
+
+    let huge = vec![b'x'; 70_000];
+    let answers = send_lines(
+        &rig.socket,
+        &[
+            b"{not json",
+            b"{\"cmd\":\"explode\",\"id\":7}",
+            &huge,
+            b"{\"cmd\":\"stop\",\"id\":8}",
+            b"{\"cmd\":\"start\",\"mouse\":\"../x\",\"id\":9}",
+            b"{\"cmd\":\"start\",\"mouse\":\"\",\"id\":10}",
+            b"{\"cmd\":\"start\",\"mouse\":\"a/b\",\"id\":11}",
+            b"{\"cmd\":\"start\",\"id\":12}",
+            b"{\"cmd\":\"valve\",\"pulse_ms\":5000,\"id\":13}",
+            b"{\"cmd\":\"status\",\"id\":14}",
+        ],
+    );
+    let codes: Vec<&str> = answers
+        .iter()
+        .map(|a| a["error"]["code"].as_str().unwrap_or("ok"))
+        .collect();
+    assert_eq!(
+        codes,
+        vec![
+            "bad_json",
+            "unknown_command",
+            "line_too_long",
+            "not_running",
+            "invalid_mouse",
+            "invalid_mouse",
+            "invalid_mouse",
+            "bad_request",
+            "refused_by_safety",
+            "ok"
+        ]
+    );
+    assert_eq!(answers[1]["id"], 7, "the id survives an unknown command");
+    for a in &answers[..9] {
+        assert_eq!(a["ok"], false);
+        assert!(
+            a["error"]["message"].as_str().is_some_and(|m| m.len() > 10),
+            "{a}"
+        );
+    }
+    // Start while running is refused; the watcher saw the session start.
+    let _dir = start(&rig.socket, "M5");
+    let (code, _, err) = rigctl(&rig.socket, &["start", "--mouse", "M6"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("already_running"), "{err}");
+    let (code, out, err) = rigctl(&rig.socket, &["stop"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, _, err) = rigctl(&rig.socket, &["stop"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not_running"), "{err}");
+    let mut r = BufReader::new(watcher.try_clone().expect("clone"));
+    watcher
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut saw_start = false;
+    for _ in 0..200 {
+        let mut line = String::new();
+        if r.read_line(&mut line).is_err() {
+            break;
+        }
+        if line.contains("\"state\":\"started\"") {
+            saw_start = true;
+            break;
+        }
+    }
+    assert!(saw_start, "the subscribed client kept getting events");
+    // No connection: exit code 2.
+    let (code, _, err) = rigctl(&rig.dir.path().join("nope.sock"), &["status"]);
+    assert_eq!(code, 2, "{err}");
+    drop(rigd);
+}
