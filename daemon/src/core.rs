@@ -17,6 +17,7 @@ use serde_json::Value;
 use tokio::sync::{broadcast, oneshot};
 
 use crate::control::{event_line, CoreRequest, EventLine};
+use crate::imaging::ingest::{check_disk_rate, Ingest, IngestCounters, IngestSetup};
 use crate::rig::{LiveStatus, RigNotice, RigRequest, SessionStart};
 use crate::storage::{SessionDir, SessionInfo, SessionWriter};
 use crate::storage_thread::{self, FinishedSession, StorageSetup};
@@ -35,6 +36,7 @@ struct Running {
     started: Instant,
     done: Option<oneshot::Receiver<Result<FinishedSession, String>>>,
     stop_reason: Option<String>,
+    imaging: Option<Arc<IngestCounters>>,
 }
 
 /// The core's state. See the module docs.
@@ -151,6 +153,11 @@ impl Core {
             reply.trials = Some(live.trials);
             reply.rewards = Some(live.rewards);
             reply.water_ul = Some(live.water_ul);
+            if let Some(c) = &s.imaging {
+                use std::sync::atomic::Ordering::Relaxed;
+                reply.frames = Some(c.frames.load(Relaxed));
+                reply.drops = Some(c.dropped.load(Relaxed));
+            }
         }
         reply
     }
@@ -220,6 +227,16 @@ impl Core {
             .with_water_remaining_today_ul(Some(remaining));
         let engine = TaskEngine::new(params);
 
+        if cfg.imaging.enabled && cfg.storage.raw_frames {
+            let im = &cfg.imaging;
+            let bytes_per_s = f64::from(im.width)
+                * f64::from(im.height)
+                * f64::from(im.channels)
+                * 2.0
+                * im.frame_rate_hz;
+            check_disk_rate(&cfg.storage.data_root, bytes_per_s)
+                .map_err(|e| err(ErrorCode::RefusedBySafety, e))?;
+        }
         // The folder and its writer.
         let start_utc = SystemTime::now();
         let dir = SessionDir::create(Path::new(&cfg.storage.data_root), &req.mouse, start_utc)
@@ -253,11 +270,41 @@ impl Core {
 
         let (tx, rx) = crossbeam_channel::bounded(storage_thread::STORAGE_QUEUE);
         let (done_tx, done_rx) = oneshot::channel();
+        // Imaging: its own thread, writing frames.tsv (and frames.npy) into
+        // the same folder; frame-clock edges come from the rig thread.
+        let (ingest, ttl_edges, imaging) = if cfg.imaging.enabled {
+            let im = &cfg.imaging;
+            let (edge_tx, edge_rx) = crossbeam_channel::bounded(4096);
+            let setup = IngestSetup {
+                shm_name: im.shm_name.clone(),
+                width: im.width,
+                height: im.height,
+                channels: im.channels,
+                ttl_wired: im.ttl_wired,
+                frame_rate_hz: im.frame_rate_hz,
+                raw_frames: cfg.storage.raw_frames,
+                t0_us,
+                session_dir: path.clone(),
+                fsync_interval: fsync,
+            };
+            let ingest =
+                Ingest::start(setup, edge_rx, self.status.clone(), tx.clone()).map_err(|e| {
+                    err(
+                        ErrorCode::Internal,
+                        format!("cannot start the imaging thread: {e}"),
+                    )
+                })?;
+            let counters = ingest.counters.clone();
+            (Some(ingest), Some(edge_tx), Some(counters))
+        } else {
+            (None, None, None)
+        };
         let setup = StorageSetup {
             t0_us,
             counts_per_mm: cfg.rig.encoder_counts_per_mm,
             fsync_interval: fsync,
             behaviour: crate::behaviour::SummaryParams::from_config(&cfg),
+            ingest,
         };
         storage_thread::spawn(writer, setup, rx, self.status.clone(), done_tx).map_err(|e| {
             err(
@@ -270,6 +317,7 @@ impl Core {
             .send(RigRequest::Start(Box::new(SessionStart {
                 engine,
                 storage: tx,
+                ttl_edges,
             })))
             .map_err(|_| err(ErrorCode::Internal, "the rig thread is gone"))?;
         tracing::info!(mouse = %req.mouse, dir = %path.display(), "session started");
@@ -280,6 +328,7 @@ impl Core {
             started: Instant::now(),
             done: Some(done_rx),
             stop_reason: None,
+            imaging,
         });
         let _ = self
             .events

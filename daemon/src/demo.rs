@@ -63,6 +63,16 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
     sim_opts.day = opts.day;
     sim_opts.quiet = true;
     sim_opts.truth = Some(run_dir.join("truth.tsv"));
+    // The simulated microscope: 256x256 keeps a 10x-speed demo light (the
+    // default 512x512 is for real-time sessions; see docs/performance.md).
+    let shm_name = format!("/rigd-demo-{}", std::process::id());
+    let mut scope =
+        firmware_bridge::sim::microscope::live::MicroscopeOptions::new(Some(shm_name.clone()));
+    scope.width = 256;
+    scope.height = 256;
+    scope.neurons = 100;
+    scope.slot_count = 256;
+    sim_opts.microscope = Some(scope);
     let sim =
         sim::spawn(sim_opts).map_err(|e| anyhow::anyhow!("cannot start the virtual rig: {e}"))?;
 
@@ -74,7 +84,11 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
     cfg.control.socket = run_dir.join("rigd.sock");
     cfg.task.max_duration_min = Some(opts.minutes);
     cfg.preview.enabled = false;
-    cfg.imaging.enabled = false;
+    cfg.imaging.enabled = true;
+    cfg.imaging.shm_name = shm_name.clone();
+    cfg.imaging.width = 256;
+    cfg.imaging.height = 256;
+    cfg.imaging.channels = 1;
     let mut settings = LinkSettings::from_config(&cfg);
     // The device's watchdog counts device time, which runs `speed` times
     // faster than the host's heartbeats: scale its timeout so it trips after
@@ -183,6 +197,7 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
         tracing::warn!("virtual rig: {e}");
     }
     let _ = std::fs::remove_dir_all(&run_dir);
+    let _ = firmware_bridge::shm::unlink_ring(&shm_name);
     let reply = result.map_err(|e| anyhow::anyhow!("{}", e.message))?;
     let s = &reply.summary;
     println!();
@@ -202,6 +217,22 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
         s.trajectory_corr_median
             .map_or("-".into(), |x| format!("{x:.2}"))
     );
+    let frames = std::path::Path::new(&s.session_dir).join(crate::imaging::ingest::FRAMES_TSV);
+    if let Ok(text) = std::fs::read_to_string(frames) {
+        let rows: Vec<Vec<&str>> = text
+            .lines()
+            .skip(1)
+            .map(|r| r.split('\t').collect())
+            .collect();
+        let ttl = rows.iter().filter(|r| r.get(3) == Some(&"ttl")).count();
+        let dropped = rows.iter().filter(|r| r.get(4) == Some(&"1")).count();
+        println!(
+            "imaging: {} frames ({} stamped by the frame clock), {} dropped",
+            rows.len(),
+            ttl,
+            dropped
+        );
+    }
     Ok(PathBuf::from(&s.session_dir))
 }
 

@@ -8,6 +8,7 @@ pub mod behaviour;
 pub mod control;
 pub mod core;
 pub mod demo;
+pub mod imaging;
 pub mod rig;
 pub mod storage;
 pub mod storage_thread;

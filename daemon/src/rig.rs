@@ -23,6 +23,9 @@ use crate::storage_thread::{StorageMsg, StorageSource};
 use crate::task::{TaskEngine, TaskInput, TaskOutput};
 use crate::trial::{Outcome, TrialRecord};
 
+/// Frame-clock edges remembered for the next session's ingest (~9 s at 28.7 Hz).
+const RECENT_TTL: usize = 256;
+
 /// What the core asks of the rig thread.
 #[derive(Debug)]
 pub enum RigRequest {
@@ -52,6 +55,8 @@ pub enum RigRequest {
 pub struct SessionStart {
     pub engine: TaskEngine,
     pub storage: Sender<StorageMsg>,
+    /// Frame-clock edges `(count, rig µs)` for the imaging ingest.
+    pub ttl_edges: Option<Sender<(u64, u64)>>,
 }
 
 /// What the rig thread tells the core.
@@ -84,6 +89,7 @@ pub struct LiveStatus {
 struct ActiveSession {
     engine: TaskEngine,
     storage: Sender<StorageMsg>,
+    ttl_edges: Option<Sender<(u64, u64)>>,
     t0_us: Option<u64>,
     finished: bool,
     /// Why the experimenter (or a signal) stopped the session.
@@ -101,6 +107,10 @@ pub struct RigHandler {
     manual: Vec<(u16, tokio::sync::oneshot::Sender<Result<(), String>>)>,
     connected: bool,
     ttl_edges: u64,
+    /// The last frame-clock edges `(count, rig µs)`, handed to a new
+    /// session's imaging ingest: frames that started just before the session
+    /// still find their edge.
+    recent_ttl: std::collections::VecDeque<(u64, u64)>,
 }
 
 impl std::fmt::Debug for RigHandler {
@@ -127,6 +137,7 @@ impl RigHandler {
             manual: Vec::new(),
             connected: false,
             ttl_edges: 0,
+            recent_ttl: std::collections::VecDeque::with_capacity(RECENT_TTL),
         }
     }
 
@@ -143,7 +154,16 @@ impl RigHandler {
         while let Ok(req) = self.requests.try_recv() {
             match req {
                 RigRequest::Start(start) => {
-                    let SessionStart { engine, storage } = *start;
+                    let SessionStart {
+                        engine,
+                        storage,
+                        ttl_edges,
+                    } = *start;
+                    if let Some(tx) = &ttl_edges {
+                        for &edge in &self.recent_ttl {
+                            let _ = tx.try_send(edge);
+                        }
+                    }
                     {
                         let mut st = self.status();
                         st.trials = 0;
@@ -156,6 +176,7 @@ impl RigHandler {
                     self.session = Some(ActiveSession {
                         engine,
                         storage,
+                        ttl_edges,
                         t0_us: None,
                         finished: false,
                         stop_reason: None,
@@ -417,6 +438,13 @@ impl RigHandler {
             EventKind::LickOff => ("lick_off", Some(DeviceEvent::Lick { t_us, on: false })),
             EventKind::FrameTtl => {
                 self.ttl_edges += 1;
+                if self.recent_ttl.len() == RECENT_TTL {
+                    self.recent_ttl.pop_front();
+                }
+                self.recent_ttl.push_back((u64::from(value), t_us));
+                if let Some(tx) = self.session.as_ref().and_then(|s| s.ttl_edges.as_ref()) {
+                    let _ = tx.try_send((u64::from(value), t_us));
+                }
                 ("frame_ttl", None)
             }
             EventKind::ValveOpen => (

@@ -50,13 +50,16 @@ pub struct FinishedSession {
 }
 
 /// Session parameters the thread needs besides the writer.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct StorageSetup {
     /// Rig time (µs) of session time 0.
     pub t0_us: u64,
     pub counts_per_mm: f64,
     pub fsync_interval: Duration,
     pub behaviour: crate::behaviour::SummaryParams,
+    /// The imaging ingest writing into the same folder: stopped (its files
+    /// closed) before the folder is finished.
+    pub ingest: Option<crate::imaging::ingest::Ingest>,
 }
 
 /// Start the storage thread. `done` gets the result when the folder is
@@ -71,7 +74,8 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("rig-storage".into())
         .spawn(move || {
-            let result = run(writer, &setup, &rx, &status);
+            let mut setup = setup;
+            let result = run(writer, &mut setup, &rx, &status);
             if let Err(e) = &result {
                 tracing::error!("session storage failed: {e}");
             }
@@ -89,7 +93,7 @@ struct State {
 
 fn run(
     mut w: SessionWriter,
-    setup: &StorageSetup,
+    setup: &mut StorageSetup,
     rx: &Receiver<StorageMsg>,
     status: &Arc<Mutex<LiveStatus>>,
 ) -> Result<FinishedSession, String> {
@@ -214,11 +218,17 @@ fn clock_record(fit: &firmware_bridge::sync::ClockFit) -> ClockSyncRecord {
 
 fn finish(
     mut w: SessionWriter,
-    setup: &StorageSetup,
+    setup: &mut StorageSetup,
     st: State,
     reason: String,
     status: &Arc<Mutex<LiveStatus>>,
 ) -> Result<FinishedSession, String> {
+    if let Some(ingest) = setup.ingest.take() {
+        if let Err(e) = ingest.finish() {
+            tracing::error!("imaging: {e}");
+            let _ = w.write_event(0, EventSource::Daemon, "imaging_error", 0.0, &e);
+        }
+    }
     let fit = status.lock().map(|s| s.clock).unwrap_or(None);
     if let Some(fit) = fit {
         let _ = w.update_info(|i| i.clock_sync = Some(clock_record(&fit)));
@@ -244,6 +254,8 @@ fn finish(
 }
 
 fn fail(w: SessionWriter, error: String) -> Result<FinishedSession, String> {
+    // The ingest (if any) is dropped with the setup: its thread stops and its
+    // files stay as last synced; recovery repairs them.
     let _ = w.abort(SystemTime::now(), &format!("storage error: {error}"), None);
     Err(error)
 }

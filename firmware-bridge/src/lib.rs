@@ -7,5 +7,7 @@
 pub mod clock;
 pub mod link;
 pub mod rng;
+pub mod rt;
+pub mod shm;
 pub mod sim;
 pub mod sync;

@@ -31,6 +31,9 @@ use serialport::TTYPort;
 use crate::clock::RigClock;
 use crate::sync::{ClockFit, ClockSync, SyncSample};
 
+/// How often the handshake repeats `Reset` while waiting for `Hello`.
+const RESET_REPEAT: Duration = Duration::from_millis(250);
+
 /// Host `CLOCK_MONOTONIC` in nanoseconds: the clock the frame producer stamps
 /// frames with, so it is the one mapped onto the rig clock.
 pub fn host_now_ns() -> u64 {
@@ -64,6 +67,9 @@ pub struct LinkSettings {
     /// Reconnect backoff, doubling from `min` to `max`.
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// `SCHED_FIFO` priority for the reader thread (the latency path), or
+    /// `None` to leave it a normal thread. See [`crate::rt`].
+    pub realtime_priority: Option<i32>,
 }
 
 impl LinkSettings {
@@ -89,7 +95,9 @@ impl LinkSettings {
             port,
             baud,
             configure,
-            hello_timeout: Duration::from_secs(2),
+            // An Arduino that resets when the port opens spends ~1.6 s in
+            // its bootloader before the firmware can say Hello.
+            hello_timeout: Duration::from_secs(3),
             ack_timeout: Duration::from_millis(500),
             // The device sends a heartbeat every interval; allow several to go missing.
             silence_timeout: (hb * 5).max(Duration::from_millis(500)),
@@ -99,6 +107,7 @@ impl LinkSettings {
             ping_interval: Duration::from_millis(100),
             reconnect_min: Duration::from_millis(50),
             reconnect_max: Duration::from_secs(1),
+            realtime_priority: Some(50),
         }
     }
 }
@@ -575,9 +584,11 @@ struct Reader {
 }
 
 enum Phase {
-    /// Waiting for `Hello` after `Reset`, until the deadline.
+    /// Waiting for `Hello` after `Reset`, until the deadline; the Reset is
+    /// sent again at `next_reset_ns`.
     Hello {
         deadline_ns: u64,
+        next_reset_ns: u64,
     },
     /// `Configure` sent with this seq; waiting for its `Ack`.
     Configuring {
@@ -617,6 +628,11 @@ impl Reader {
     }
 
     fn run(&mut self, handler: &mut impl LinkHandler) {
+        if let Some(p) = self.s.realtime_priority {
+            if let Err(e) = crate::rt::make_current_thread_realtime(p) {
+                tracing::warn!("serial link reader is not real-time: {e}");
+            }
+        }
         let mut backoff = self.s.reconnect_min;
         let mut last_reason: Option<LostReason> = None;
         while !self.stop.load(Ordering::Relaxed) {
@@ -693,23 +709,31 @@ impl Reader {
         self.expected_dev_seq = None;
     }
 
+    fn send_reset(&self) -> Result<(), LostReason> {
+        let mut w = self.commander.lock();
+        let Some(p) = w.port.as_mut() else {
+            return Err(LostReason::Shutdown);
+        };
+        p.write_all(&[0])
+            .map_err(|e| LostReason::Io(e.to_string()))?;
+        w.write_cmd(&HostCommand::Reset)
+            .map_err(|e| LostReason::Io(e.to_string()))?;
+        Ok(())
+    }
+
     /// One connection, from handshake to loss. Returns why it ended.
     fn session(&mut self, mut port: TTYPort, handler: &mut impl LinkHandler) -> LostReason {
         // End any partial frame at the device, then ask for a fresh Hello.
-        {
-            let mut w = self.commander.lock();
-            let Some(p) = w.port.as_mut() else {
-                return LostReason::Shutdown;
-            };
-            if let Err(e) = p.write_all(&[0]) {
-                return LostReason::Io(e.to_string());
-            }
-            if let Err(e) = w.write_cmd(&HostCommand::Reset) {
-                return LostReason::Io(e.to_string());
-            }
+        // Bytes sent right after opening may be lost (a board that resets
+        // on open is still in its bootloader; a device may flush its input),
+        // so the Reset is repeated until the Hello comes. Reset only makes
+        // the device safe and say Hello: repeating it is harmless.
+        if let Err(e) = self.send_reset() {
+            return e;
         }
         let mut phase = Phase::Hello {
             deadline_ns: host_now_ns() + self.s.hello_timeout.as_nanos() as u64,
+            next_reset_ns: host_now_ns() + RESET_REPEAT.as_nanos() as u64,
         };
         let mut last_rx_ns = host_now_ns();
         let mut buf = [0u8; 4096];
@@ -762,8 +786,20 @@ impl Reader {
                     &self.commander,
                 );
             }
+            if let Phase::Hello { next_reset_ns, .. } = &mut phase {
+                if now > *next_reset_ns {
+                    *next_reset_ns = now + RESET_REPEAT.as_nanos() as u64;
+                    if let Err(e) = self.send_reset() {
+                        return e;
+                    }
+                }
+                // A device still booting is quiet: only the Hello deadline applies.
+                last_rx_ns = now;
+            }
             match phase {
-                Phase::Hello { deadline_ns } if now > deadline_ns => return LostReason::NoHello,
+                Phase::Hello { deadline_ns, .. } if now > deadline_ns => {
+                    return LostReason::NoHello
+                }
                 Phase::Configuring { deadline_ns, .. } if now > deadline_ns => {
                     return LostReason::Io("no Ack for Configure".into())
                 }

@@ -108,7 +108,10 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        // RIG_KEEP_TMP=1 keeps the files of a failing test for inspection.
+        if std::env::var_os("RIG_KEEP_TMP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 

@@ -364,3 +364,83 @@ fn counter_wrap_is_crossed_without_a_hiccup() {
         "{tally:?}"
     );
 }
+
+#[test]
+fn device_reboot_keeps_rig_time_moving_forward() {
+    let dir = TempDir::new("reboot");
+    let sim = Sim::start(dir.path(), &["--fault", "reboot@3"]);
+    let (link, rx) = start_link(&sim, configure(1000, 1));
+    let mut tally = Tally::default();
+    let mut rebooted = false;
+    let mut last_t = 0u64;
+    let mut backwards = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(rebooted && tally.samples > 6000) {
+        assert!(Instant::now() < deadline, "no reboot seen: {tally:?}");
+        let Ok(ev) = rx.recv_timeout(Duration::from_secs(1)) else {
+            continue;
+        };
+        match &ev {
+            LinkEvent::Connected {
+                device_rebooted: true,
+                ..
+            } => rebooted = true,
+            LinkEvent::Lever(b) => {
+                if b.t_first_us < last_t {
+                    backwards += 1;
+                }
+                last_t = b.t_first_us;
+            }
+            _ => {}
+        }
+        tally.add(&ev);
+    }
+    link.shutdown();
+    assert_eq!(
+        backwards, 0,
+        "rig time went backwards after the device's counter restarted"
+    );
+    assert_eq!(tally.connected, 2, "{tally:?}");
+    // The virtual rig reboots instantly and the link reconfigures it within
+    // a sample or two: at most one small gap, placed by rig time.
+    assert!(
+        tally.gaps.len() <= 1 && tally.gaps.iter().all(|g| g.1 < 100),
+        "{:?}",
+        tally.gaps
+    );
+}
+
+#[test]
+fn silent_device_is_declared_lost_and_recovered() {
+    let dir = TempDir::new("silent");
+    let sim = Sim::start(dir.path(), &["--fault", "silent@2:2"]);
+    let (link, rx) = start_link(&sim, configure(1000, 1));
+    let mut tally = Tally::default();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tally.connected < 2 || tally.samples < 4000 {
+        assert!(Instant::now() < deadline, "{tally:?}");
+        if let Ok(ev) = rx.recv_timeout(Duration::from_secs(1)) {
+            tally.add(&ev);
+        }
+    }
+    link.shutdown();
+    assert!(
+        tally
+            .lost
+            .iter()
+            .any(|r| matches!(r, LostReason::Silent { .. })),
+        "silence detected: {:?}",
+        tally.lost
+    );
+    assert_eq!(
+        tally.gaps.len(),
+        1,
+        "the silent stretch is one reported gap: {:?}",
+        tally.gaps
+    );
+    let (_, missing) = tally.gaps[0];
+    assert!(
+        (1500..5000).contains(&missing),
+        "gap of {missing} samples for 2 s of silence"
+    );
+}

@@ -28,7 +28,7 @@ fn probe_measures_drift_and_reports_no_loss_as_json() {
         "{v}"
     );
     let drift = v["drift_ppm"].as_f64().expect("drift");
-    assert!((drift - 40.0).abs() <= 5.0, "drift {drift} ppm");
+    assert!((drift - 40.0).abs() <= 5.0, "drift {drift} ppm: {v}");
     for k in ["min", "median", "p99"] {
         assert!(
             v["rtt_us"][k].as_f64().is_some_and(|x| x > 0.0),

@@ -103,7 +103,11 @@ fn main() -> ExitCode {
         max_valve_open_ms: 100,
         max_flush_ms: 100,
     };
-    let settings = LinkSettings::new(args.port.clone(), args.baud, configure);
+    let mut settings = LinkSettings::new(args.port.clone(), args.baud, configure);
+    // A probe has seconds, not minutes, to measure drift: ping 200 times a
+    // second so that enough exchanges find the link at its quickest.
+    settings.fast_ping_interval = std::time::Duration::from_millis(5);
+    settings.fast_ping_for = std::time::Duration::from_secs(3600);
     let (handler, rx, dropped) = ChannelHandler::new(1 << 16);
     let link = match SerialLink::spawn(settings, handler) {
         Ok(l) => l,

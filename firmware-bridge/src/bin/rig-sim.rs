@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use firmware_bridge::sim::microscope::live::MicroscopeOptions; // [microscope hook]
 use firmware_bridge::sim::{
     self, FaultSpec, Firmware, LatencyModel, LeverSpec, SimClock, SimOptions,
 };
@@ -90,6 +91,40 @@ struct Args {
     /// No status lines (the start line is still printed).
     #[arg(long)]
     quiet: bool,
+    // ---- [microscope hook] the simulated two-photon microscope ----
+    /// Run the simulated microscope, publishing frames at the frame-clock
+    /// TTL edges into this POSIX shared-memory frame ring (e.g. /rigd-frames).
+    #[arg(long, value_name = "SHM_NAME")]
+    microscope: Option<String>,
+    /// Microscope frame size, WxH.
+    #[arg(long, value_name = "WxH", default_value = "512x512", value_parser = parse_size)]
+    microscope_size: (u32, u32),
+    /// Microscope channels: 1 (GCaMP) or 2 (plus tdTomato in inhibitory neurons).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2))]
+    channels: u32,
+    /// Neurons in the simulated field of view.
+    #[arg(long, default_value_t = 200)]
+    neurons: usize,
+    /// Write the microscope's ground truth to this directory (frames_truth.tsv,
+    /// dff_truth.npy, labels.npy, labels.tif, neurons.tsv); implies the
+    /// microscope even without --microscope (frames are then not published).
+    #[arg(long, value_name = "DIR")]
+    microscope_truth: Option<PathBuf>,
+}
+
+/// `WxH`, e.g. `512x512`.
+fn parse_size(s: &str) -> Result<(u32, u32), String> {
+    let (w, h) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("'{s}': expected WxH, e.g. 512x512"))?;
+    let n = |v: &str| {
+        v.trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|&n| (8..=4096).contains(&n))
+            .ok_or_else(|| format!("'{s}': each side must be 8..=4096"))
+    };
+    Ok((n(w)?, n(h)?))
 }
 
 impl Args {
@@ -123,6 +158,15 @@ impl Args {
             duration_s: self.duration_s,
             tx_buffer_bytes: self.tx_buffer_bytes,
             quiet: self.quiet,
+            // [microscope hook]
+            microscope: (self.microscope.is_some() || self.microscope_truth.is_some()).then(|| {
+                let mut m = MicroscopeOptions::new(self.microscope);
+                (m.width, m.height) = self.microscope_size;
+                m.channels = self.channels;
+                m.neurons = self.neurons;
+                m.truth_dir = self.microscope_truth;
+                m
+            }),
         }
     }
 }
@@ -148,6 +192,11 @@ fn main() -> anyhow::Result<()> {
         })
         .context("starting the signal thread")?;
 
+    // The virtual rig stands for a microcontroller, which host load does not
+    // slow down: ask for SCHED_FIFO so that load on this machine shows up in
+    // the daemon's latency, not in the device's. Without the privilege it
+    // runs as a normal thread.
+    let _ = firmware_bridge::rt::make_current_thread_realtime(60);
     let stats = sim::run(&opts, &stop).context("rig-sim")?;
     if !opts.quiet {
         eprintln!(

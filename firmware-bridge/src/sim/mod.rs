@@ -17,6 +17,7 @@
 
 pub mod clock;
 pub mod device;
+pub mod microscope; // [microscope hook] the simulated two-photon microscope
 pub mod mouse;
 mod pty;
 mod runner;
@@ -159,6 +160,9 @@ pub struct SimOptions {
     pub tx_buffer_bytes: usize,
     /// No status lines on stderr (the start line is still printed).
     pub quiet: bool,
+    /// [microscope hook] The simulated microscope, rendered at the frame-clock
+    /// TTL edges (`--microscope`); `None`: no imaging.
+    pub microscope: Option<microscope::live::MicroscopeOptions>,
 }
 
 impl SimOptions {
@@ -179,6 +183,7 @@ impl SimOptions {
             duration_s: None,
             tx_buffer_bytes: 1024,
             quiet: false,
+            microscope: None, // [microscope hook]
         }
     }
 
@@ -252,6 +257,11 @@ impl SimOptions {
                 self.tx_buffer_bytes
             ));
         }
+        // [microscope hook]
+        if let Some(m) = &self.microscope {
+            m.validate(self.frame_rate_hz)
+                .map_err(SimError::BadOption)?;
+        }
         pty::check_link(&self.link)?;
         Ok(())
     }
@@ -272,6 +282,9 @@ pub enum SimError {
         #[source]
         source: std::io::Error,
     },
+    /// [microscope hook] The microscope could not start (ring, truth dir).
+    #[error("{0}")]
+    Microscope(String),
     #[error("the simulator thread panicked")]
     Panicked,
 }

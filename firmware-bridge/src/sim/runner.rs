@@ -22,6 +22,7 @@ use nix::poll::{PollFd, PollFlags};
 use nix::sys::time::TimeSpec;
 
 use super::device::{Device, DeviceIo, DigitalInput, OutputChange};
+use super::microscope::live::{host_ns_at, FrameTick, LiveMicroscope}; // [microscope hook]
 use super::mouse::Mouse;
 use super::pty::{self, Pty};
 use super::truth::{TruthEvent, TruthLog};
@@ -290,6 +291,10 @@ pub(crate) struct Sim {
     first_pty_path: std::path::PathBuf,
     /// `CLOCK_MONOTONIC` (ns) at true time 0.
     start_host_ns: u64,
+    /// [microscope hook] The simulated microscope, and the frame-clock TTL
+    /// edges since the start (all boots; its `frame_number`).
+    microscope: Option<LiveMicroscope>,
+    ttl_total: u64,
 }
 
 impl Sim {
@@ -300,6 +305,14 @@ impl Sim {
                 path: path.clone(),
                 source,
             })?),
+            None => None,
+        };
+        // [microscope hook] Ring, truth directory, renderer thread.
+        let microscope = match &opts.microscope {
+            Some(m) => Some(
+                m.start(opts.seed, opts.day, opts.frame_rate_hz)
+                    .map_err(SimError::Microscope)?,
+            ),
             None => None,
         };
         let pty = Pty::open().map_err(SimError::Pty)?;
@@ -402,6 +415,8 @@ impl Sim {
             earlier_dropped: 0,
             first_pty_path,
             start_host_ns,
+            microscope,
+            ttl_total: 0,
         })
     }
 
@@ -418,6 +433,12 @@ impl Sim {
     pub(crate) fn run(mut self, stop: &AtomicBool) -> Result<SimStats, SimError> {
         let end_us = self.opts.duration_s.map(|d| d * 1e6);
         loop {
+            self.watch_host(Instant::now());
+            self.read_host();
+            // Simulate up to after the read, so bytes that just arrived are
+            // delivered (and answered, e.g. a Ping's Pong) in this turn rather
+            // than after the next sleep: a reply written a sleep later than
+            // its device timestamp says would bias the host's clock sync.
             let now = Instant::now();
             let mut target = self.opts.clock.true_us(now - self.start);
             let mut done = stop.load(Ordering::Relaxed);
@@ -427,8 +448,6 @@ impl Sim {
                     done = true;
                 }
             }
-            self.watch_host(now);
-            self.read_host();
             self.simulate_to(target);
             self.link.flush(now);
             self.commit_truth();
@@ -446,6 +465,20 @@ impl Sim {
             pty::remove_link(&self.opts.link, p.slave_path());
         }
         self.commit_truth();
+        // [microscope hook] Render what is queued, close the ring.
+        if let Some(m) = self.microscope.take() {
+            let st = m.finish();
+            if !self.opts.quiet {
+                eprintln!(
+                    "rig-sim: microscope: {} frames, {} published, {} dropped, render {:.2} ms mean / {:.2} ms max",
+                    st.frames,
+                    st.frames_published,
+                    st.frames_dropped,
+                    st.render_mean_us / 1e3,
+                    st.render_max_us / 1e3
+                );
+            }
+        }
         if let Some(t) = self.truth.take() {
             if let Err(e) = t.finish() {
                 eprintln!("rig-sim: --truth: {e}");
@@ -613,6 +646,10 @@ impl Sim {
     fn drain_mouse_truth(&mut self) {
         let epoch = self.epoch;
         for ev in self.mouse.drain_truth() {
+            // [microscope hook] Press onsets drive the movement neurons.
+            if let Some(m) = self.microscope.as_mut() {
+                m.mouse_event(&ev);
+            }
             let dev = epoch.device_us(ev.true_us);
             self.rows.push((ev, dev));
         }
@@ -658,6 +695,16 @@ impl Sim {
                 self.device.input(dev_t, DigitalInput::FrameTtl, &mut world);
                 let edges = self.device.status().frame_ttl_edges;
                 self.row(t, "ttl", f64::from(edges));
+                // [microscope hook] Render and publish this frame.
+                self.ttl_total += 1;
+                if let Some(m) = self.microscope.as_mut() {
+                    m.frame(FrameTick {
+                        frame_number: self.ttl_total,
+                        true_us: t,
+                        device_us: dev_t,
+                        host_ns: host_ns_at(&self.opts.clock, self.start_host_ns, t),
+                    });
+                }
             }
             Input::Fault => {
                 let f = self.faults[self.next_fault];

@@ -1,0 +1,5 @@
+//! Imaging ingest: frames from the shared-memory ring, stamped on the rig
+//! clock.
+
+pub mod ingest;
+pub mod timing;

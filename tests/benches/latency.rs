@@ -1,0 +1,173 @@
+//! Control latency, end to end through the pty: from the device time of the
+//! lever sample that crossed the threshold to the device time at which the
+//! virtual rig received the valve command (its ValveOpen event), for every
+//! rewarded trial. Real `rigd`, real `rig-sim` at real-time speed, real pty.
+//!
+//! Two runs: the machine idle, and under load (a parallel disk writer doing
+//! fsync'd writes and one CPU hog per core).
+//!
+//! Run: `cargo bench -p rig-tests --bench latency [-- --minutes M]`.
+//! Target: p99 <= 250 µs on the 2-core CI machine.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use rig_tests::{rigctl, Rigd, Sim, TempDir};
+
+fn read_tsv(path: &Path) -> Vec<HashMap<String, String>> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut lines = text.lines().filter(|l| !l.starts_with('#'));
+    let Some(header) = lines.next() else {
+        return vec![];
+    };
+    let header: Vec<&str> = header.split('\t').collect();
+    lines
+        .map(|l| {
+            header
+                .iter()
+                .map(|h| h.to_string())
+                .zip(l.split('\t').map(str::to_owned))
+                .collect()
+        })
+        .collect()
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// One session of `minutes` real-time minutes; returns the latencies in µs.
+fn run_session(minutes: f64, name: &str) -> Vec<f64> {
+    let dir = TempDir::new(name);
+    let sim = Sim::start(
+        dir.path(),
+        &["--speed", "1", "--day", "14", "--frame-rate-hz", "28.7"],
+    );
+    let socket = dir.path().join("rigd.sock");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).expect("data root");
+    let config = dir.path().join("rig.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[rig]\nserial_port = {:?}\n\n[task]\niti_min_ms = 500\niti_max_ms = 1000\nresponse_window_ms = 3000\nmiss_timeout_ms = 0\n\n\
+             [storage]\ndata_root = {:?}\n\n[control]\nsocket = {:?}\n\n[preview]\nenabled = false\n\n[imaging]\nenabled = false\n",
+            sim.link.display().to_string(),
+            data.display().to_string(),
+            socket.display().to_string()
+        ),
+    )
+    .expect("config");
+    let rigd = Rigd::start(&config, &socket);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (code, out, _) = rigctl(&socket, &["status", "--json"]);
+        if code == 0 && out.contains("\"link\":\"connected\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "rig did not connect");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, out, err) = rigctl(&socket, &["start", "--mouse", "LAT", "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    let session = std::path::PathBuf::from(v["session_dir"].as_str().expect("dir"));
+    std::thread::sleep(Duration::from_secs_f64(minutes * 60.0));
+    let (code, out, err) = rigctl(&socket, &["stop"]);
+    assert_eq!(code, 0, "{out}{err}");
+    drop(rigd);
+    drop(sim);
+
+    // Pair each rewarded trial's response sample with the device's valve opening.
+    let trials = read_tsv(&session.join("trials.tsv"));
+    let events = read_tsv(&session.join("events.tsv"));
+    let mut opens: Vec<f64> = events
+        .iter()
+        .filter(|e| e["source"] == "device" && e["kind"] == "valve_open")
+        .filter_map(|e| e["t_s"].parse::<f64>().ok())
+        .collect();
+    opens.sort_by(f64::total_cmp);
+    let mut lat = Vec::new();
+    for t in trials.iter().filter(|t| t["outcome"] == "rewarded") {
+        let Ok(resp) = t["t_response_s"].parse::<f64>() else {
+            continue;
+        };
+        if let Some(open) = opens.iter().find(|&&o| o >= resp) {
+            let us = (open - resp) * 1e6;
+            if us < 1e6 {
+                lat.push(us);
+            }
+        }
+    }
+    lat.sort_by(f64::total_cmp);
+    lat
+}
+
+fn load() -> Vec<Child> {
+    let mut hogs = Vec::new();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    for _ in 0..cores {
+        hogs.push(
+            Command::new("sh")
+                .arg("-c")
+                .arg("while :; do :; done")
+                .spawn()
+                .expect("cpu hog"),
+        );
+    }
+    let disk = std::env::temp_dir().join(format!("rig-latency-disk-{}", std::process::id()));
+    hogs.push(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "while :; do dd if=/dev/zero of={} bs=1M count=64 conv=fsync status=none; done",
+                disk.display()
+            ))
+            .spawn()
+            .expect("disk writer"),
+    );
+    hogs
+}
+
+fn report(name: &str, lat: &[f64]) {
+    println!(
+        "| {name} | {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+        lat.len(),
+        pct(lat, 0.0),
+        pct(lat, 0.5),
+        pct(lat, 0.99),
+        pct(lat, 1.0)
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let minutes = args
+        .iter()
+        .position(|a| a == "--minutes")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(3.0);
+    println!("control latency: threshold-crossing sample -> valve command at the device, µs (device clock), 1 kHz lever, {minutes} min per run");
+    println!("| condition | rewarded trials | min | p50 | p99 | max |");
+    println!("|---|---|---|---|---|---|");
+    let idle = run_session(minutes, "lat-idle");
+    report("idle", &idle);
+    let mut hogs = load();
+    let loaded = run_session(minutes, "lat-load");
+    for h in &mut hogs {
+        let _ = h.kill();
+        let _ = h.wait();
+    }
+    let _ = std::fs::remove_file(
+        std::env::temp_dir().join(format!("rig-latency-disk-{}", std::process::id())),
+    );
+    report("load: CPU hog per core + fsync'd disk writer", &loaded);
+}

@@ -1,0 +1,315 @@
+//! Imaging ingest end to end: the virtual rig's simulated microscope (and the
+//! C and Python example producers) feed a real POSIX shared-memory ring; the
+//! real `rigd` stamps every frame on the rig clock and writes `frames.tsv`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use rig_tests::{python, rigctl, workspace_root, Rigd, Sim, TempDir};
+
+fn read_tsv(path: &Path) -> Vec<HashMap<String, String>> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut lines = text.lines().filter(|l| !l.starts_with('#'));
+    let header: Vec<String> = lines
+        .next()
+        .expect("header")
+        .split('\t')
+        .map(str::to_owned)
+        .collect();
+    lines
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            header
+                .iter()
+                .cloned()
+                .zip(l.split('\t').map(str::to_owned))
+                .collect()
+        })
+        .collect()
+}
+
+fn session_value(dir: &Path, key: &str) -> String {
+    let text = std::fs::read_to_string(dir.join("session.toml")).expect("session.toml");
+    let table: toml::Table = text.parse().expect("toml");
+    table
+        .get(key)
+        .map(|v| v.to_string().trim_matches('"').to_owned())
+        .unwrap_or_default()
+}
+
+struct Setup {
+    dir: TempDir,
+    socket: PathBuf,
+    config: PathBuf,
+}
+
+fn config(name: &str, link: &Path, shm: &str, w: u32, h: u32, ttl: bool) -> Setup {
+    let dir = TempDir::new(name);
+    let socket = dir.path().join("rigd.sock");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).expect("data");
+    let config = dir.path().join("rig.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[rig]\nserial_port = {:?}\n\n[storage]\ndata_root = {:?}\nfsync_interval_ms = 200\n\n[control]\nsocket = {:?}\n\n\
+             [preview]\nenabled = false\n\n[imaging]\nenabled = true\nshm_name = {shm:?}\nwidth = {w}\nheight = {h}\nchannels = 1\nttl_wired = {ttl}\n",
+            link.display().to_string(),
+            data.display().to_string(),
+            socket.display().to_string()
+        ),
+    )
+    .expect("config");
+    Setup {
+        dir,
+        socket,
+        config,
+    }
+}
+
+fn wait_connected(socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (code, out, _) = rigctl(socket, &["status", "--json"]);
+        if code == 0 && out.contains("\"link\":\"connected\"") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not connected: {out}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn start(socket: &Path) -> PathBuf {
+    let (code, out, err) = rigctl(socket, &["start", "--mouse", "IMG", "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    PathBuf::from(v["session_dir"].as_str().expect("dir"))
+}
+
+fn stop(socket: &Path) {
+    let (code, out, err) = rigctl(socket, &["stop"]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+/// Run a session with the simulated microscope; return (frames.tsv rows,
+/// truth rows by frame number, t0).
+type FrameRows = Vec<HashMap<String, String>>;
+type TruthByFrame = HashMap<u64, HashMap<String, String>>;
+
+/// Returns the frames.tsv rows, the truth by frame number, t0, the session
+/// folder, and the guard that keeps the temp folder alive.
+fn microscope_session(name: &str, ttl: bool) -> (FrameRows, TruthByFrame, u64, PathBuf, Setup) {
+    let shm = format!("/rig-e2e-{}-{name}", std::process::id());
+    let sim_dir = TempDir::new(&format!("{name}-sim"));
+    let truth = sim_dir.path().join("mtruth");
+    let sim = Sim::start(
+        sim_dir.path(),
+        &[
+            "--microscope",
+            &shm,
+            "--microscope-size",
+            "64x48",
+            "--neurons",
+            "20",
+            "--microscope-truth",
+            truth.to_str().expect("utf-8"),
+        ],
+    );
+    let s = config(name, &sim.link, &shm, 64, 48, ttl);
+    let rigd = Rigd::start(&s.config, &s.socket);
+    wait_connected(&s.socket);
+    let dir = start(&s.socket);
+    std::thread::sleep(Duration::from_secs(8));
+    stop(&s.socket);
+    drop(rigd);
+    drop(sim);
+    let frames = read_tsv(&dir.join("frames.tsv"));
+    let truth_rows = read_tsv(&truth.join("frames_truth.tsv"));
+    let by_number: HashMap<u64, HashMap<String, String>> = truth_rows
+        .into_iter()
+        .map(|r| (r["frame_number"].parse().expect("frame_number"), r))
+        .collect();
+    let t0: u64 = session_value(&dir, "t0_rig_us").parse().expect("t0");
+    let _ = Command::new("rm")
+        .arg("-f")
+        .arg(format!("/dev/shm{shm}"))
+        .status();
+    (frames, by_number, t0, dir, s)
+}
+
+#[test]
+fn ttl_stamped_frames_match_the_truth_within_10_us_and_none_is_dropped() {
+    let (frames, truth, t0, dir, _keep) = microscope_session("ttl", true);
+    assert!(
+        frames.len() >= 150,
+        "{} frames in 8 s at 28.7 Hz",
+        frames.len()
+    );
+    let mut worst = 0.0f64;
+    for f in &frames {
+        assert_eq!(f["dropped"], "0", "{f:?}");
+        assert_eq!(f["source"], "ttl", "{f:?}");
+        let n: u64 = f["frame"].parse().expect("frame");
+        let t = truth
+            .get(&n)
+            .unwrap_or_else(|| panic!("frame {n} not in the truth"));
+        let true_us: f64 = t["device_us"].parse().expect("device_us");
+        let got_us = t0 as f64 + f["t_s"].parse::<f64>().expect("t_s") * 1e6;
+        worst = worst.max((got_us - true_us).abs());
+    }
+    assert!(worst <= 10.0, "worst TTL-mode error {worst} µs");
+    // Consecutive: every frame from the first to the last is there.
+    let numbers: Vec<u64> = frames
+        .iter()
+        .map(|f| f["frame"].parse().expect("frame"))
+        .collect();
+    assert!(
+        numbers.windows(2).all(|w| w[1] == w[0] + 1),
+        "frames missing: {numbers:?}"
+    );
+    let events = std::fs::read_to_string(dir.join("events.tsv")).unwrap_or_default();
+    let notes: Vec<&str> = events
+        .lines()
+        .filter(|l| l.contains("imaging") || l.contains("producer"))
+        .collect();
+    assert!(
+        dir.join("mean_image.npy").exists(),
+        "no mean image; imaging events: {notes:?}"
+    );
+}
+
+#[test]
+fn mapped_frames_are_within_100_us_at_p99() {
+    let (frames, truth, t0, _dir, _keep) = microscope_session("mapped", false);
+    assert!(frames.len() >= 150);
+    let mut errs: Vec<f64> = frames
+        .iter()
+        .map(|f| {
+            assert_eq!(f["source"], "mapped", "{f:?}");
+            let n: u64 = f["frame"].parse().expect("frame");
+            let true_us: f64 = truth[&n]["device_us"].parse().expect("device_us");
+            (t0 as f64 + f["t_s"].parse::<f64>().expect("t_s") * 1e6 - true_us).abs()
+        })
+        .collect();
+    let signed: Vec<f64> = frames
+        .iter()
+        .map(|f| {
+            let n: u64 = f["frame"].parse().expect("frame");
+            let true_us: f64 = truth[&n]["device_us"].parse().expect("device_us");
+            t0 as f64 + f["t_s"].parse::<f64>().expect("t_s") * 1e6 - true_us
+        })
+        .collect();
+    let _ = signed;
+    errs.sort_by(f64::total_cmp);
+    let p99 = errs[(errs.len() - 1) * 99 / 100];
+    assert!(p99 <= 100.0, "mapped p99 {p99} µs");
+}
+
+/// A producer command feeds 300 frames at 100 Hz; all arrive in frames.tsv.
+fn producer_feeds_the_daemon(name: &str, producer: impl FnOnce(&str, &Path) -> Command) {
+    let shm = format!("/rig-e2e-{}-{name}", std::process::id());
+    let sim_dir = TempDir::new(&format!("{name}-sim"));
+    let sim = Sim::start(sim_dir.path(), &[]);
+    let s = config(name, &sim.link, &shm, 64, 48, false);
+    let rigd = Rigd::start(&s.config, &s.socket);
+    wait_connected(&s.socket);
+    let dir = start(&s.socket);
+    let mut cmd = producer(&shm, s.dir.path());
+    let status = cmd.status().expect("run the producer");
+    assert!(status.success(), "producer failed");
+    std::thread::sleep(Duration::from_millis(500));
+    stop(&s.socket);
+    drop(rigd);
+    drop(sim);
+    let _ = Command::new("rm")
+        .arg("-f")
+        .arg(format!("/dev/shm{shm}"))
+        .status();
+    let frames = read_tsv(&dir.join("frames.tsv"));
+    let numbers: Vec<u64> = frames
+        .iter()
+        .map(|f| f["frame"].parse().expect("frame"))
+        .collect();
+    // The daemon attaches within half a second of the ring appearing (the
+    // producer waits a second before its first frame): every frame arrives.
+    assert_eq!(
+        numbers,
+        (1..=300).collect::<Vec<u64>>(),
+        "frames from {name}"
+    );
+    assert!(frames
+        .iter()
+        .all(|f| f["dropped"] == "0" && f["source"] == "mapped"));
+}
+
+#[test]
+fn the_c_producer_feeds_the_daemon() {
+    producer_feeds_the_daemon("cprod", |shm, dir| {
+        let src = workspace_root().join("firmware-bridge/producers/example_producer.c");
+        let exe = dir.join("example_producer");
+        let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+        let ok = Command::new(cc)
+            .args(["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-o"])
+            .arg(&exe)
+            .arg(&src)
+            .status()
+            .expect("cc");
+        assert!(ok.success(), "the example producer compiles");
+        let mut c = Command::new(exe);
+        c.args([
+            "--name",
+            shm,
+            "--width",
+            "64",
+            "--height",
+            "48",
+            "--frames",
+            "300",
+            "--rate",
+            "100",
+            "--start-delay-ms",
+            "1000",
+        ]);
+        c
+    });
+}
+
+#[test]
+fn the_python_producer_feeds_the_daemon() {
+    let has_numpy = Command::new(python())
+        .args(["-c", "import numpy"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_numpy {
+        assert!(
+            std::env::var_os("RIG_REQUIRE_NUMPY").is_none(),
+            "numpy is required (RIG_REQUIRE_NUMPY=1)"
+        );
+        eprintln!(
+            "skipped: no numpy for {} (set RIG_PYTHON)",
+            python().display()
+        );
+        return;
+    }
+    producer_feeds_the_daemon("pyprod", |shm, _| {
+        let mut c = Command::new(python());
+        c.arg(workspace_root().join("firmware-bridge/producers/rigframes_producer.py"))
+            .args([
+                "--name",
+                shm,
+                "--width",
+                "64",
+                "--height",
+                "48",
+                "--frames",
+                "300",
+                "--rate",
+                "100",
+                "--start-delay-ms",
+                "1000",
+            ]);
+        c
+    });
+}
