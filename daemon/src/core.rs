@@ -186,6 +186,12 @@ impl Core {
                 ),
             ));
         }
+        if live.rig_now_us == 0 {
+            return Err(err(
+                ErrorCode::DeviceUnavailable,
+                "the rig is connected but no lever sample has arrived yet: try again in a moment",
+            ));
+        }
         // The task for this session: the configuration plus any overrides.
         let mut cfg = (*self.cfg).clone();
         if let Some(t) = &req.task {

@@ -313,3 +313,115 @@ fn the_python_producer_feeds_the_daemon() {
         c
     });
 }
+
+fn build_c_producer(dir: &Path) -> PathBuf {
+    let src = workspace_root().join("firmware-bridge/producers/example_producer.c");
+    let exe = dir.join("example_producer");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let ok = Command::new(cc)
+        .args(["-std=c11", "-O2", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .status()
+        .expect("cc");
+    assert!(ok.success(), "the example producer compiles");
+    exe
+}
+
+#[test]
+fn a_restarted_producer_is_recorded_and_ingest_resumes() {
+    let shm = format!("/rig-e2e-{}-restart", std::process::id());
+    let sim_dir = TempDir::new("restart-sim");
+    let sim = Sim::start(sim_dir.path(), &[]);
+    let s = config("restart", &sim.link, &shm, 64, 48, false);
+    let exe = build_c_producer(s.dir.path());
+    let rigd = Rigd::start(&s.config, &s.socket);
+    wait_connected(&s.socket);
+    let dir = start(&s.socket);
+    let run = |first: &str, delay: &str| {
+        let st = Command::new(&exe)
+            .args([
+                "--name", &shm, "--width", "64", "--height", "48", "--frames", "100", "--rate",
+                "100",
+            ])
+            .args(["--first-frame", first, "--start-delay-ms", delay])
+            .status()
+            .expect("producer");
+        assert!(st.success());
+    };
+    run("1", "1000");
+    // The acquisition program restarts: same ring name, new generation.
+    run("1", "300");
+    std::thread::sleep(Duration::from_millis(500));
+    stop(&s.socket);
+    drop(rigd);
+    drop(sim);
+    let _ = Command::new("rm")
+        .arg("-f")
+        .arg(format!("/dev/shm{shm}"))
+        .status();
+    let frames = read_tsv(&dir.join("frames.tsv"));
+    assert_eq!(frames.len(), 200, "both runs ingested");
+    let events = std::fs::read_to_string(dir.join("events.tsv")).expect("events");
+    assert!(
+        events.contains("producer_restarted"),
+        "the restart is recorded in events.tsv"
+    );
+    let numbers: Vec<u64> = frames
+        .iter()
+        .map(|f| f["frame"].parse().expect("frame"))
+        .collect();
+    assert_eq!(&numbers[..100], &(1..=100).collect::<Vec<u64>>()[..]);
+    assert_eq!(&numbers[100..], &(1..=100).collect::<Vec<u64>>()[..]);
+}
+
+#[test]
+fn a_producer_with_the_wrong_geometry_is_a_clear_error() {
+    let shm = format!("/rig-e2e-{}-geometry", std::process::id());
+    let sim_dir = TempDir::new("geometry-sim");
+    let sim = Sim::start(sim_dir.path(), &[]);
+    let s = config("geometry", &sim.link, &shm, 64, 48, false);
+    let exe = build_c_producer(s.dir.path());
+    let rigd = Rigd::start(&s.config, &s.socket);
+    wait_connected(&s.socket);
+    let dir = start(&s.socket);
+    let st = Command::new(&exe)
+        .args([
+            "--name",
+            &shm,
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--frames",
+            "50",
+            "--rate",
+            "50",
+            "--start-delay-ms",
+            "1000",
+        ])
+        .status()
+        .expect("producer");
+    assert!(st.success());
+    stop(&s.socket);
+    drop(rigd);
+    drop(sim);
+    let _ = Command::new("rm")
+        .arg("-f")
+        .arg(format!("/dev/shm{shm}"))
+        .status();
+    let frames = read_tsv(&dir.join("frames.tsv"));
+    assert!(
+        frames.is_empty(),
+        "frames of the wrong size are not ingested"
+    );
+    let events = std::fs::read_to_string(dir.join("events.tsv")).expect("events");
+    let line = events
+        .lines()
+        .find(|l| l.contains("imaging_unavailable") && l.contains("32"))
+        .unwrap_or_else(|| panic!("no geometry error in events.tsv:\n{events}"));
+    assert!(
+        line.contains("imaging.width") || line.contains("width"),
+        "{line}"
+    );
+}

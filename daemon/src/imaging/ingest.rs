@@ -435,3 +435,21 @@ pub fn check_disk_rate(dir: &Path, bytes_per_s: f64) -> Result<f64, String> {
     }
     Ok(rate)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_disk_too_slow_for_the_stream_is_refused_with_the_numbers() {
+        let dir = std::env::temp_dir();
+        let rate = check_disk_rate(&dir, 1.0).expect("any disk writes 2 bytes/s");
+        assert!(rate > 0.0);
+        let e = check_disk_rate(&dir, 1e15).expect_err("no disk writes a petabyte a second");
+        assert!(e.contains("raw_frames") && e.contains("MB/s"), "{e}");
+        assert!(
+            !dir.join(".disk-check.tmp").exists(),
+            "the test file is removed"
+        );
+    }
+}
