@@ -58,6 +58,7 @@ fn trial(rate: f64, secs: f64, raw: bool) -> (u64, u64, u64) {
         t0_us: 0,
         session_dir: dir.clone(),
         fsync_interval: Duration::from_secs(1),
+        analysis: None,
     };
     // Without a clock fit frames wait for one: give the ingest an identity fit.
     status.lock().expect("status").clock = Some(firmware_bridge::sync::ClockFit {

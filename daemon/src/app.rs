@@ -101,6 +101,7 @@ pub struct App {
     link: Option<SerialLink>,
     shutdown: watch::Sender<bool>,
     server: Option<tokio::task::JoinHandle<()>>,
+    preview_server: Option<crate::preview::PreviewHandle>,
 }
 
 impl std::fmt::Debug for App {
@@ -125,7 +126,24 @@ impl App {
         let socket = PathBuf::from(&cfg.control.socket);
         let listener =
             control::bind(&socket, cfg.control.mode, cfg.control.group.as_deref()).await?;
-        let handler = RigHandler::new(rig_rx, status.clone(), events.clone(), notice_tx);
+        let preview = Arc::new(crate::preview::PreviewState::new());
+        let handler = RigHandler::new(rig_rx, status.clone(), events.clone(), notice_tx)
+            .with_preview(preview.clone());
+        let preview_server = if cfg.preview.enabled {
+            match crate::preview::start_preview(&cfg.preview, preview.clone()) {
+                Ok((addr, handle)) => {
+                    crate::outln!("preview: http://{addr}/");
+                    tracing::info!("live preview at http://{addr}/");
+                    Some(handle)
+                }
+                Err(e) => {
+                    tracing::warn!("live preview not started: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let link = SerialLink::spawn(link_settings, handler)
             .context("cannot start the serial link threads")?;
         let (core_tx, core_rx) = mpsc::channel(64);
@@ -138,7 +156,7 @@ impl App {
             shutdown_rx,
         ));
         tracing::info!(socket = %socket.display(), port = %cfg.rig.serial_port, "rigd ready");
-        let core = Core::new(
+        let mut core = Core::new(
             cfg,
             config_path,
             rig_tx,
@@ -146,6 +164,7 @@ impl App {
             events.clone(),
             session_log,
         );
+        core.set_preview(preview);
         Ok(Self {
             core,
             core_rx,
@@ -155,6 +174,7 @@ impl App {
             link: Some(link),
             shutdown,
             server: Some(server),
+            preview_server,
         })
     }
 
@@ -166,8 +186,10 @@ impl App {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
+        let mut health = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
+                _ = health.tick() => self.core.update_preview_health(),
                 Some(req) = self.core_rx.recv() => self.core.handle(req).await,
                 Some(n) = self.notices.recv() => { let _ = self.core.on_notice(n).await; }
                 _ = term.recv() => { self.stop_for("SIGTERM").await; break; }
@@ -198,6 +220,9 @@ impl App {
         }
         if let Some(link) = self.link.take() {
             let _ = tokio::task::spawn_blocking(move || link.shutdown()).await;
+        }
+        if let Some(p) = self.preview_server.take() {
+            let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;
         }
     }
 }

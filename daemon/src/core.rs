@@ -50,6 +50,7 @@ pub struct Core {
     session: Option<Running>,
     session_log: SessionLog,
     seed: u64,
+    preview: Option<Arc<crate::preview::PreviewState>>,
 }
 
 fn err(code: ErrorCode, msg: impl Into<String>) -> ControlError {
@@ -78,7 +79,57 @@ impl Core {
             session: None,
             session_log,
             seed,
+            preview: None,
         }
+    }
+
+    /// Feed the live preview page (sessions' imaging and the health panel).
+    pub fn set_preview(&mut self, preview: Arc<crate::preview::PreviewState>) {
+        self.preview = Some(preview);
+    }
+
+    /// Refresh the preview's health panel (called about once a second).
+    pub fn update_preview_health(&self) {
+        let Some(p) = &self.preview else { return };
+        let live = self.live();
+        let mut lat: Vec<f64> = live.latencies_us.iter().copied().collect();
+        lat.sort_by(f64::total_cmp);
+        let pct = |q: f64| {
+            if lat.is_empty() {
+                0.0
+            } else {
+                lat[((lat.len() - 1) as f64 * q).round() as usize]
+            }
+        };
+        let (frames, drops) = self
+            .session
+            .as_ref()
+            .and_then(|s| s.imaging.as_ref())
+            .map(|c| {
+                use std::sync::atomic::Ordering::Relaxed;
+                (c.frames.load(Relaxed), c.dropped.load(Relaxed))
+            })
+            .unwrap_or((0, 0));
+        p.set_health(crate::preview::Health {
+            frames,
+            drops,
+            link: match live.link {
+                Some(LinkState::Connected) => "up".into(),
+                Some(LinkState::Lost) => format!("down: {}", live.link_detail.unwrap_or_default()),
+                Some(LinkState::Reconnecting) => "reconnecting".into(),
+                None => "not connected yet".into(),
+            },
+            clock_band_us: live.clock.map_or(0.0, |c| c.half_band_us),
+            latency_p50_us: pct(0.5),
+            latency_p99_us: pct(0.99),
+            trials: live.trials as u32,
+            rewards: live.rewards as u32,
+            water_ul: live.water_ul,
+            session: self
+                .session
+                .as_ref()
+                .map(|s| format!("{} {}", s.mouse, s.dir.display())),
+        });
     }
 
     fn live(&self) -> LiveStatus {
@@ -292,6 +343,20 @@ impl Core {
                 t0_us,
                 session_dir: path.clone(),
                 fsync_interval: fsync,
+                analysis: Some(crate::imaging::analysis::AnalysisSetup {
+                    width: im.width as usize,
+                    height: im.height as usize,
+                    roi_labels: im.roi_labels.clone(),
+                    roi_table: im.roi_table.clone(),
+                    motion_correction: im.motion_correction,
+                    reference_image: im.reference_image.clone(),
+                    neuropil_coefficient: im.neuropil_coefficient,
+                    baseline: crate::imaging::dff::BaselineParams::from_config(
+                        &im.baseline,
+                        im.frame_rate_hz,
+                    ),
+                }),
+                preview: self.preview.clone(),
             };
             let ingest =
                 Ingest::start(setup, edge_rx, self.status.clone(), tx.clone()).map_err(|e| {

@@ -83,7 +83,9 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
     cfg.storage.data_root = data.clone();
     cfg.control.socket = run_dir.join("rigd.sock");
     cfg.task.max_duration_min = Some(opts.minutes);
-    cfg.preview.enabled = false;
+    // The preview page on a free loopback port (printed at start).
+    cfg.preview.enabled = true;
+    cfg.preview.port = 0;
     cfg.imaging.enabled = true;
     cfg.imaging.shm_name = shm_name.clone();
     cfg.imaging.width = 256;
@@ -99,14 +101,14 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
 
     let mut app = App::start(cfg, None, settings, session_log).await?;
     let mut events = app.events.subscribe();
-    println!(
+    crate::outln!(
         "rigd demo: virtual rig at {} (day {}, {}x speed), {} min session",
         link_path.display(),
         opts.day,
         opts.speed,
         opts.minutes
     );
-    println!(
+    crate::outln!(
         "control socket: {}  (try: rigctl --socket {} status)",
         run_dir.join("rigd.sock").display(),
         run_dir.join("rigd.sock").display()
@@ -141,7 +143,7 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
         })
         .await
         .map_err(|e| anyhow::anyhow!("cannot start the session: {}", e.message))?;
-    println!("session {}", reply.session_dir);
+    crate::outln!("session {}", reply.session_dir);
 
     let total_us = f64::from(opts.minutes) * 60e6;
     let mut last_bar = Instant::now();
@@ -159,9 +161,9 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
                     }
                 }
             }
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(250)) => app.core.update_preview_health(),
             _ = tokio::signal::ctrl_c() => {
-                println!("\ninterrupted: stopping the session");
+                crate::outln!("\ninterrupted: stopping the session");
                 break app.core.stop("interrupted (Ctrl-C)").await;
             }
         }
@@ -200,9 +202,9 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
     let _ = firmware_bridge::shm::unlink_ring(&shm_name);
     let reply = result.map_err(|e| anyhow::anyhow!("{}", e.message))?;
     let s = &reply.summary;
-    println!();
-    println!("session finished: {}", s.session_dir);
-    println!(
+    crate::outln!();
+    crate::outln!("session finished: {}", s.session_dir);
+    crate::outln!(
         "trials {}   rewards {}   water {:.1} µL   success {}",
         s.trials,
         s.rewards,
@@ -210,7 +212,7 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
         s.success_rate
             .map_or("-".into(), |x| format!("{:.0} %", x * 100.0))
     );
-    println!(
+    crate::outln!(
         "reaction time median {}   trajectory correlation median {}",
         s.reaction_time_median_s
             .map_or("-".into(), |x| format!("{x:.3} s")),
@@ -226,7 +228,7 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
             .collect();
         let ttl = rows.iter().filter(|r| r.get(3) == Some(&"ttl")).count();
         let dropped = rows.iter().filter(|r| r.get(4) == Some(&"1")).count();
-        println!(
+        crate::outln!(
             "imaging: {} frames ({} stamped by the frame clock), {} dropped",
             rows.len(),
             ttl,

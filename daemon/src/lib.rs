@@ -13,4 +13,15 @@ pub mod rig;
 pub mod storage;
 pub mod storage_thread;
 pub mod task;
+/// `println!` that ignores a closed stdout (a pager quit, a pipe closed)
+/// instead of panicking: progress output must never stop a session.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+pub mod preview;
 pub mod trial;

@@ -84,6 +84,9 @@ pub struct LiveStatus {
     /// Records the storage thread could not take (queue full).
     pub storage_drops: u64,
     pub samples_lost: u64,
+    /// Control latency of recent rewards: crossing sample -> valve open at
+    /// the device, µs (newest last, at most 200).
+    pub latencies_us: std::collections::VecDeque<f64>,
 }
 
 struct ActiveSession {
@@ -111,6 +114,7 @@ pub struct RigHandler {
     /// session's imaging ingest: frames that started just before the session
     /// still find their edge.
     recent_ttl: std::collections::VecDeque<(u64, u64)>,
+    preview: Option<Arc<crate::preview::PreviewState>>,
 }
 
 impl std::fmt::Debug for RigHandler {
@@ -138,7 +142,14 @@ impl RigHandler {
             connected: false,
             ttl_edges: 0,
             recent_ttl: std::collections::VecDeque::with_capacity(RECENT_TTL),
+            preview: None,
         }
+    }
+
+    /// Feed the live preview page from this thread (after the commands).
+    pub fn with_preview(mut self, preview: Arc<crate::preview::PreviewState>) -> Self {
+        self.preview = Some(preview);
+        self
     }
 
     fn status(&self) -> std::sync::MutexGuard<'_, LiveStatus> {
@@ -347,8 +358,24 @@ impl RigHandler {
     }
 
     fn on_trial(&mut self, rec: TrialRecord) {
+        if let Some(p) = &self.preview {
+            let outcome = match rec.outcome {
+                Outcome::Rewarded => "rewarded",
+                Outcome::Miss => "miss",
+            };
+            let rt = rec
+                .t_response_us
+                .map(|r| r.saturating_sub(rec.t_cue_us) as f32 / 1e6);
+            p.push_trial(rec.trial, outcome, rec.t_cue_us, rt);
+        }
         let (rewards, water) = {
             let mut st = self.status();
+            if let (Some(resp), Some(open)) = (rec.t_response_us, rec.t_reward_us) {
+                if st.latencies_us.len() == 200 {
+                    st.latencies_us.pop_front();
+                }
+                st.latencies_us.push_back(open.saturating_sub(resp) as f64);
+            }
             st.trials += 1;
             if rec.outcome == Outcome::Rewarded && !rec.capped && rec.reward_ul > 0.0 {
                 st.rewards += 1;
@@ -409,6 +436,9 @@ impl RigHandler {
         }
         for (_, t_us, counts) in batch.samples() {
             self.feed(&TaskInput::Lever { t_us, counts }, commander);
+            if let (Some(p), Some(s)) = (&self.preview, &self.session) {
+                p.push_lever(t_us, s.engine.lever_mm() as f32);
+            }
         }
         self.to_storage(StorageMsg::Lever(*batch));
         if let Some(last) = batch.samples().last() {

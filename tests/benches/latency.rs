@@ -9,30 +9,10 @@
 //! Run: `cargo bench -p rig-tests --bench latency [-- --minutes M]`.
 //! Target: p99 <= 250 µs on the 2-core CI machine.
 
-use std::collections::HashMap;
-use std::path::Path;
 use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rig_tests::{rigctl, Rigd, Sim, TempDir};
-
-fn read_tsv(path: &Path) -> Vec<HashMap<String, String>> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let mut lines = text.lines().filter(|l| !l.starts_with('#'));
-    let Some(header) = lines.next() else {
-        return vec![];
-    };
-    let header: Vec<&str> = header.split('\t').collect();
-    lines
-        .map(|l| {
-            header
-                .iter()
-                .map(|h| h.to_string())
-                .zip(l.split('\t').map(str::to_owned))
-                .collect()
-        })
-        .collect()
-}
+use rig_tests::{read_tsv, start_session, stop_session, wait_connected, Rigd, Sim, TempDir};
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -64,22 +44,10 @@ fn run_session(minutes: f64, name: &str) -> Vec<f64> {
     )
     .expect("config");
     let rigd = Rigd::start(&config, &socket);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let (code, out, _) = rigctl(&socket, &["status", "--json"]);
-        if code == 0 && out.contains("\"link\":\"connected\"") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "rig did not connect");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let (code, out, err) = rigctl(&socket, &["start", "--mouse", "LAT", "--json"]);
-    assert_eq!(code, 0, "{out}{err}");
-    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
-    let session = std::path::PathBuf::from(v["session_dir"].as_str().expect("dir"));
+    wait_connected(&socket);
+    let session = start_session(&socket, "LAT");
     std::thread::sleep(Duration::from_secs_f64(minutes * 60.0));
-    let (code, out, err) = rigctl(&socket, &["stop"]);
-    assert_eq!(code, 0, "{out}{err}");
+    stop_session(&socket);
     drop(rigd);
     drop(sim);
 

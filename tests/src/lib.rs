@@ -287,3 +287,74 @@ pub fn rigctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A TSV file (header row first, `#` lines skipped) as header-keyed rows.
+pub fn read_tsv(path: &Path) -> Vec<std::collections::HashMap<String, String>> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut lines = text.lines().filter(|l| !l.starts_with('#'));
+    let Some(header) = lines.next() else {
+        return Vec::new();
+    };
+    let header: Vec<String> = header.split('\t').map(str::to_owned).collect();
+    lines
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            header
+                .iter()
+                .cloned()
+                .zip(l.split('\t').map(str::to_owned))
+                .collect()
+        })
+        .collect()
+}
+
+/// A top-level value of a session's `session.toml`, as text.
+pub fn session_value(dir: &Path, key: &str) -> String {
+    let text = std::fs::read_to_string(dir.join("session.toml")).expect("session.toml");
+    let table: toml::Table = text.parse().expect("session.toml is TOML");
+    table
+        .get(key)
+        .map(|v| v.to_string().trim_matches('"').to_owned())
+        .unwrap_or_default()
+}
+
+/// Wait (up to 15 s) until rigd reports the rig connected.
+pub fn wait_connected(socket: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let (code, out, _) = rigctl(socket, &["status", "--json"]);
+        if code == 0 && out.contains("\"link\":\"connected\"") {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rig never connected: {out}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// `rigctl start --mouse <mouse>`; returns the session folder.
+pub fn start_session(socket: &Path, mouse: &str) -> PathBuf {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (code, out, err) = rigctl(socket, &["start", "--mouse", mouse, "--json"]);
+        if code == 0 {
+            let v: serde_json::Value =
+                serde_json::from_str(out.trim()).expect("start answers JSON");
+            return PathBuf::from(v["session_dir"].as_str().expect("session_dir"));
+        }
+        // Right after connecting, the first lever sample may not be in yet.
+        assert!(
+            err.contains("no lever sample") && std::time::Instant::now() < deadline,
+            "start failed: {out} {err}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// `rigctl stop`, asserting it succeeded.
+pub fn stop_session(socket: &Path) {
+    let (code, out, err) = rigctl(socket, &["stop"]);
+    assert_eq!(code, 0, "stop failed: {out}{err}");
+}

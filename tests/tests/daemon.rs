@@ -8,14 +8,16 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use rig_tests::{rigctl, run_python, Rigd, Sim, TempDir};
+use rig_tests::{
+    read_tsv, rigctl, run_python, session_value, start_session, wait_connected, Rigd, Sim, TempDir,
+};
 
 struct Rig {
     dir: TempDir,
-    sim: Sim,
+    /// Keeps the virtual rig running for the test.
+    _sim: Sim,
     socket: PathBuf,
     config: PathBuf,
-    data: PathBuf,
     truth: PathBuf,
 }
 
@@ -52,31 +54,11 @@ fn rig(name: &str, speed: f64, extra_toml: &str, sim_args: &[&str]) -> Rig {
     std::fs::create_dir_all(&data).expect("create the data root");
     Rig {
         dir,
-        sim,
+        _sim: sim,
         socket,
         config,
-        data,
         truth,
     }
-}
-
-fn wait_connected(socket: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let (code, out, _) = rigctl(socket, &["status", "--json"]);
-        if code == 0 && out.contains("\"link\":\"connected\"") {
-            return;
-        }
-        assert!(Instant::now() < deadline, "rig never connected: {out}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn start(socket: &Path, mouse: &str) -> PathBuf {
-    let (code, out, err) = rigctl(socket, &["start", "--mouse", mouse, "--json"]);
-    assert_eq!(code, 0, "start failed: {out} {err}");
-    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
-    PathBuf::from(v["session_dir"].as_str().expect("session_dir"))
 }
 
 fn wait_idle(socket: &Path, secs: u64) {
@@ -89,37 +71,6 @@ fn wait_idle(socket: &Path, secs: u64) {
         assert!(Instant::now() < deadline, "session did not end: {out}");
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-/// A TSV file as header-keyed rows.
-fn read_tsv(path: &Path) -> Vec<HashMap<String, String>> {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut lines = text.lines().filter(|l| !l.starts_with('#'));
-    let header: Vec<String> = lines
-        .next()
-        .expect("header")
-        .split('\t')
-        .map(str::to_owned)
-        .collect();
-    lines
-        .filter(|l| !l.is_empty())
-        .map(|l| {
-            header
-                .iter()
-                .cloned()
-                .zip(l.split('\t').map(str::to_owned))
-                .collect()
-        })
-        .collect()
-}
-
-fn session_value(dir: &Path, key: &str) -> String {
-    let text = std::fs::read_to_string(dir.join("session.toml")).expect("session.toml");
-    let table: toml::Table = text.parse().expect("session.toml is TOML");
-    table
-        .get(key)
-        .map(|v| v.to_string().trim_matches('"').to_owned())
-        .unwrap_or_default()
 }
 
 const NUMPY_CHECK: &str = r##"
@@ -144,7 +95,7 @@ fn five_minute_session_matches_the_truth_and_loads_with_numpy() {
     let rig = rig("session", 10.0, "[task]\nmax_duration_min = 5\n", &[]);
     let rigd = Rigd::start(&rig.config, &rig.socket);
     wait_connected(&rig.socket);
-    let dir = start(&rig.socket, "M12");
+    let dir = start_session(&rig.socket, "M12");
     // Five minutes of device time at 10x: about 30 s; the session ends itself.
     wait_idle(&rig.socket, 120);
     assert_eq!(session_value(&dir, "state"), "complete");
@@ -249,7 +200,7 @@ fn sigterm_finishes_the_session_cleanly() {
     let rig = rig("sigterm", 5.0, "", &[]);
     let rigd = Rigd::start(&rig.config, &rig.socket);
     wait_connected(&rig.socket);
-    let dir = start(&rig.socket, "M7");
+    let dir = start_session(&rig.socket, "M7");
     std::thread::sleep(Duration::from_secs(3));
     rigd.signal("TERM");
     let (status, stderr) = rigd.wait(60);
@@ -265,7 +216,7 @@ fn sigkill_then_recover_loses_at_most_a_second() {
     let rig = rig("sigkill", 5.0, "", &[]);
     let rigd = Rigd::start(&rig.config, &rig.socket);
     wait_connected(&rig.socket);
-    let dir = start(&rig.socket, "M3");
+    let dir = start_session(&rig.socket, "M3");
     std::thread::sleep(Duration::from_secs(4));
     let (_, out, _) = rigctl(&rig.socket, &["status", "--json"]);
     let v: serde_json::Value = serde_json::from_str(out.trim()).expect("status json");
@@ -362,7 +313,7 @@ fn bad_requests_get_clear_errors_and_the_daemon_carries_on() {
         );
     }
     // Start while running is refused; the watcher saw the session start.
-    let _dir = start(&rig.socket, "M5");
+    let _dir = start_session(&rig.socket, "M5");
     let (code, _, err) = rigctl(&rig.socket, &["start", "--mouse", "M6"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("already_running"), "{err}");

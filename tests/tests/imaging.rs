@@ -5,39 +5,12 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rig_tests::{python, rigctl, workspace_root, Rigd, Sim, TempDir};
-
-fn read_tsv(path: &Path) -> Vec<HashMap<String, String>> {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut lines = text.lines().filter(|l| !l.starts_with('#'));
-    let header: Vec<String> = lines
-        .next()
-        .expect("header")
-        .split('\t')
-        .map(str::to_owned)
-        .collect();
-    lines
-        .filter(|l| !l.is_empty())
-        .map(|l| {
-            header
-                .iter()
-                .cloned()
-                .zip(l.split('\t').map(str::to_owned))
-                .collect()
-        })
-        .collect()
-}
-
-fn session_value(dir: &Path, key: &str) -> String {
-    let text = std::fs::read_to_string(dir.join("session.toml")).expect("session.toml");
-    let table: toml::Table = text.parse().expect("toml");
-    table
-        .get(key)
-        .map(|v| v.to_string().trim_matches('"').to_owned())
-        .unwrap_or_default()
-}
+use rig_tests::{
+    python, read_tsv, session_value, start_session, stop_session, wait_connected, workspace_root,
+    Rigd, Sim, TempDir,
+};
 
 struct Setup {
     dir: TempDir,
@@ -69,30 +42,6 @@ fn config(name: &str, link: &Path, shm: &str, w: u32, h: u32, ttl: bool) -> Setu
     }
 }
 
-fn wait_connected(socket: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let (code, out, _) = rigctl(socket, &["status", "--json"]);
-        if code == 0 && out.contains("\"link\":\"connected\"") {
-            return;
-        }
-        assert!(Instant::now() < deadline, "not connected: {out}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn start(socket: &Path) -> PathBuf {
-    let (code, out, err) = rigctl(socket, &["start", "--mouse", "IMG", "--json"]);
-    assert_eq!(code, 0, "{out}{err}");
-    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
-    PathBuf::from(v["session_dir"].as_str().expect("dir"))
-}
-
-fn stop(socket: &Path) {
-    let (code, out, err) = rigctl(socket, &["stop"]);
-    assert_eq!(code, 0, "{out}{err}");
-}
-
 /// Run a session with the simulated microscope; return (frames.tsv rows,
 /// truth rows by frame number, t0).
 type FrameRows = Vec<HashMap<String, String>>;
@@ -120,9 +69,9 @@ fn microscope_session(name: &str, ttl: bool) -> (FrameRows, TruthByFrame, u64, P
     let s = config(name, &sim.link, &shm, 64, 48, ttl);
     let rigd = Rigd::start(&s.config, &s.socket);
     wait_connected(&s.socket);
-    let dir = start(&s.socket);
+    let dir = start_session(&s.socket, "IMG");
     std::thread::sleep(Duration::from_secs(8));
-    stop(&s.socket);
+    stop_session(&s.socket);
     drop(rigd);
     drop(sim);
     let frames = read_tsv(&dir.join("frames.tsv"));
@@ -215,12 +164,12 @@ fn producer_feeds_the_daemon(name: &str, producer: impl FnOnce(&str, &Path) -> C
     let s = config(name, &sim.link, &shm, 64, 48, false);
     let rigd = Rigd::start(&s.config, &s.socket);
     wait_connected(&s.socket);
-    let dir = start(&s.socket);
+    let dir = start_session(&s.socket, "IMG");
     let mut cmd = producer(&shm, s.dir.path());
     let status = cmd.status().expect("run the producer");
     assert!(status.success(), "producer failed");
     std::thread::sleep(Duration::from_millis(500));
-    stop(&s.socket);
+    stop_session(&s.socket);
     drop(rigd);
     drop(sim);
     let _ = Command::new("rm")
@@ -247,16 +196,7 @@ fn producer_feeds_the_daemon(name: &str, producer: impl FnOnce(&str, &Path) -> C
 #[test]
 fn the_c_producer_feeds_the_daemon() {
     producer_feeds_the_daemon("cprod", |shm, dir| {
-        let src = workspace_root().join("firmware-bridge/producers/example_producer.c");
-        let exe = dir.join("example_producer");
-        let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-        let ok = Command::new(cc)
-            .args(["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-o"])
-            .arg(&exe)
-            .arg(&src)
-            .status()
-            .expect("cc");
-        assert!(ok.success(), "the example producer compiles");
+        let exe = build_c_producer(dir);
         let mut c = Command::new(exe);
         c.args([
             "--name",
@@ -337,7 +277,7 @@ fn a_restarted_producer_is_recorded_and_ingest_resumes() {
     let exe = build_c_producer(s.dir.path());
     let rigd = Rigd::start(&s.config, &s.socket);
     wait_connected(&s.socket);
-    let dir = start(&s.socket);
+    let dir = start_session(&s.socket, "IMG");
     let run = |first: &str, delay: &str| {
         let st = Command::new(&exe)
             .args([
@@ -353,7 +293,7 @@ fn a_restarted_producer_is_recorded_and_ingest_resumes() {
     // The acquisition program restarts: same ring name, new generation.
     run("1", "300");
     std::thread::sleep(Duration::from_millis(500));
-    stop(&s.socket);
+    stop_session(&s.socket);
     drop(rigd);
     drop(sim);
     let _ = Command::new("rm")
@@ -384,7 +324,7 @@ fn a_producer_with_the_wrong_geometry_is_a_clear_error() {
     let exe = build_c_producer(s.dir.path());
     let rigd = Rigd::start(&s.config, &s.socket);
     wait_connected(&s.socket);
-    let dir = start(&s.socket);
+    let dir = start_session(&s.socket, "IMG");
     let st = Command::new(&exe)
         .args([
             "--name",
@@ -403,7 +343,7 @@ fn a_producer_with_the_wrong_geometry_is_a_clear_error() {
         .status()
         .expect("producer");
     assert!(st.success());
-    stop(&s.socket);
+    stop_session(&s.socket);
     drop(rigd);
     drop(sim);
     let _ = Command::new("rm")
@@ -424,4 +364,78 @@ fn a_producer_with_the_wrong_geometry_is_a_clear_error() {
         line.contains("imaging.width") || line.contains("width"),
         "{line}"
     );
+}
+
+#[test]
+fn online_dff_and_motion_match_the_simulated_truth() {
+    let has_numpy = Command::new(python())
+        .args(["-c", "import numpy"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_numpy {
+        assert!(
+            std::env::var_os("RIG_REQUIRE_NUMPY").is_none(),
+            "numpy is required (RIG_REQUIRE_NUMPY=1)"
+        );
+        eprintln!("skipped: no numpy for {}", python().display());
+        return;
+    }
+    let shm = format!("/rig-e2e-{}-analysis", std::process::id());
+    let sim_dir = TempDir::new("analysis-sim");
+    let truth = sim_dir.path().join("mtruth");
+    // Expert day, the default 512 x 512 frames, 30 neurons, real time.
+    let sim = Sim::start(
+        sim_dir.path(),
+        &[
+            "--speed",
+            "1",
+            "--day",
+            "14",
+            "--microscope",
+            &shm,
+            "--microscope-size",
+            "512x512",
+            "--neurons",
+            "30",
+            "--microscope-truth",
+            truth.to_str().expect("utf-8"),
+        ],
+    );
+    let s = config("analysis", &sim.link, &shm, 512, 512, true);
+    // ROIs from the simulator's label image; a 20 s baseline window so the
+    // baseline settles within the test.
+    let mut text = std::fs::read_to_string(&s.config).expect("config");
+    text = text.replace(
+        "ttl_wired = true\n",
+        &format!(
+            "ttl_wired = true\nroi_labels = {:?}\n\n[imaging.baseline]\nwindow_s = 20.0\n",
+            truth.join("labels.npy").display().to_string()
+        ),
+    );
+    std::fs::write(&s.config, text).expect("config");
+    let rigd = Rigd::start(&s.config, &s.socket);
+    wait_connected(&s.socket);
+    let dir = start_session(&s.socket, "IMG");
+    std::thread::sleep(Duration::from_secs(45));
+    stop_session(&s.socket);
+    drop(rigd);
+    drop(sim);
+    let _ = Command::new("rm")
+        .arg("-f")
+        .arg(format!("/dev/shm{shm}"))
+        .status();
+    let script = workspace_root().join("tests/python/check_analysis.py");
+    let out = rig_tests::run_python(
+        &std::fs::read_to_string(script).expect("script"),
+        &[
+            dir.as_os_str(),
+            truth.as_os_str(),
+            std::ffi::OsStr::new("20"),
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    eprintln!("analysis vs truth: {v}");
+    assert_eq!(v["rois"], 30);
+    assert!(v["median_r"].as_f64().expect("r") >= 0.9, "{v}");
+    assert!(v["shift_err_p95"].as_f64().expect("err") <= 0.5, "{v}");
 }

@@ -40,6 +40,10 @@ pub struct IngestSetup {
     pub t0_us: u64,
     pub session_dir: PathBuf,
     pub fsync_interval: Duration,
+    /// Motion correction, ROIs and dF/F; `None` records frames only.
+    pub analysis: Option<super::analysis::AnalysisSetup>,
+    /// The live preview page, fed with dF/F rows, ROIs and the mean image.
+    pub preview: Option<Arc<crate::preview::PreviewState>>,
 }
 
 /// Counters the daemon shows (frames, drops).
@@ -112,6 +116,7 @@ struct Pending {
 }
 
 struct Files {
+    analysis: Option<super::analysis::Analysis>,
     tsv: std::io::BufWriter<std::fs::File>,
     tsv_file: std::fs::File,
     raw: Option<NpyAppender>,
@@ -145,6 +150,7 @@ impl Files {
             None
         };
         Ok(Self {
+            analysis: None,
             tsv,
             tsv_file,
             raw,
@@ -175,6 +181,9 @@ impl Files {
             .map_err(|e| format!("{FRAMES_TSV}: {e}"))?;
         if let Some(r) = self.raw.as_mut() {
             r.sync().map_err(|e| e.to_string())?;
+        }
+        if let Some(a) = self.analysis.as_mut() {
+            a.sync()?;
         }
         self.last_sync = Instant::now();
         Ok(())
@@ -238,6 +247,28 @@ fn run(
             detail,
         });
     };
+    if let Some(a) = &setup.analysis {
+        match super::analysis::Analysis::create(a, &setup.session_dir) {
+            Ok(an) => {
+                if let Some(p) = &setup.preview {
+                    let outlines = an.rois().rois.iter().map(|r| r.outline.clone()).collect();
+                    let kinds = an
+                        .rois()
+                        .rois
+                        .iter()
+                        .map(|r| format!("{:?}", r.kind).to_lowercase())
+                        .collect();
+                    p.set_rois(outlines, kinds);
+                }
+                files.analysis = Some(an);
+            }
+            Err(e) => {
+                // Frames are still recorded; only the online analysis is off.
+                tracing::error!("imaging analysis off: {e}");
+                notice("analysis_unavailable", 0.0, e);
+            }
+        }
+    }
     let mut timer = FrameTimer::new(setup.ttl_wired, setup.frame_rate_hz);
     let mut buf = vec![0u16; pixels];
     let mut pending: std::collections::VecDeque<Pending> = std::collections::VecDeque::new();
@@ -300,6 +331,22 @@ fn run(
                     if let Some(raw) = files.raw.as_mut() {
                         raw.append(&buf).map_err(|e| e.to_string())?;
                     }
+                    if let Some(a) = files.analysis.as_mut() {
+                        a.frame(meta.frame_number, &buf)?;
+                        if let Some(p) = &setup.preview {
+                            let t = mapped_us.map_or(live().1, |m| m.max(0.0) as u64);
+                            p.push_dff(t, a.dff_row());
+                            if files.mean_n % 150 == 1 {
+                                let n = files.mean_n as f64;
+                                let mean: Vec<f32> = files.mean
+                                    [..(setup.width * setup.height) as usize]
+                                    .iter()
+                                    .map(|s| (s / n) as f32)
+                                    .collect();
+                                p.set_mean_image(setup.width, setup.height, &mean);
+                            }
+                        }
+                    }
                 }
                 Ok(PollOutcome::Overrun { skipped }) => {
                     got = true;
@@ -313,6 +360,9 @@ fn run(
                             mapped_us: None,
                             dropped: true,
                         });
+                        if let Some(a) = files.analysis.as_mut() {
+                            a.dropped(first + k)?;
+                        }
                     }
                     if let Some(n) = last_frame_number.as_mut() {
                         *n += skipped;

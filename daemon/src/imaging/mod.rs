@@ -1,5 +1,9 @@
 //! Imaging ingest: frames from the shared-memory ring, stamped on the rig
 //! clock.
 
+pub mod analysis;
+pub mod dff;
 pub mod ingest;
+pub mod motion;
+pub mod rois;
 pub mod timing;

@@ -1,0 +1,24 @@
+//! The live preview page: a small read-only web server (axum, HTTP/1.1) that
+//! serves one page (plain JS + canvas, all assets embedded) and streams what
+//! [`PreviewState`] holds to it over Server-Sent Events.
+//!
+//! Routes (all `GET`; other methods get 405, other paths 404):
+//! * `/` — the page; `/?poll=1` makes it poll `/api/state` instead of SSE.
+//! * `/page.js`, `/page.css` — its assets.
+//! * `/events` — SSE: a full snapshot first (`"reset": true`), then every
+//!   [`server::TICK`] what is new (lever points, trials, dF/F rows, health;
+//!   ROIs and the mean image when they change).
+//! * `/api/state` — the full snapshot as JSON.
+
+mod outline;
+mod server;
+mod state;
+
+pub use outline::roi_outlines;
+pub use server::{
+    bind_listener, serve, serve_listener, start_preview, PreviewError, PreviewHandle, TICK,
+};
+pub use state::{
+    Cursor, DffRow, Health, MeanImage, PreviewState, Rois, TrialEvent, Update, DFF_BIN_US,
+    DFF_WINDOW_US, LEVER_BIN_US, LEVER_WINDOW_US, MAX_IMAGE_SIDE, MAX_ROIS_SENT, MAX_TRIALS_KEPT,
+};

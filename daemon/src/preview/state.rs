@@ -1,0 +1,518 @@
+//! [`PreviewState`]: what the preview page shows, fed from the daemon's
+//! threads. Every `push_*`/`set_*` call does its (small) computation outside
+//! the lock and then holds one `Mutex` for a few microseconds; nothing here
+//! blocks on I/O or on a browser.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::ser::{SerializeSeq, Serializer};
+use serde::Serialize;
+
+/// Lever points kept for the page: the last this many microseconds.
+pub const LEVER_WINDOW_US: u64 = 10_000_000;
+/// Lever points are averaged into bins this long (100 Hz on the page).
+pub const LEVER_BIN_US: u64 = 10_000;
+/// dF/F rows kept for the page: the last this many microseconds.
+pub const DFF_WINDOW_US: u64 = 60_000_000;
+/// dF/F frames are averaged into bins this long (10 Hz on the page).
+pub const DFF_BIN_US: u64 = 100_000;
+/// At most this many ROIs are sent to the page (the first ones).
+pub const MAX_ROIS_SENT: usize = 512;
+/// Trials kept for the raster.
+pub const MAX_TRIALS_KEPT: usize = 2000;
+/// The mean image is block-averaged down to at most this many pixels a side.
+pub const MAX_IMAGE_SIDE: usize = 256;
+
+/// The rig's health, as shown in the page's health panel.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Health {
+    /// Imaging frames received this session.
+    pub frames: u64,
+    /// Imaging frames dropped this session.
+    pub drops: u64,
+    /// Link state to the microcontroller, e.g. `"up"`, `"down"`.
+    pub link: String,
+    /// Width of the host/device clock-fit band, µs.
+    pub clock_band_us: f64,
+    /// Control latency, median, µs.
+    pub latency_p50_us: f64,
+    /// Control latency, 99th percentile, µs.
+    pub latency_p99_us: f64,
+    /// Trials run this session.
+    pub trials: u32,
+    /// Rewards given this session.
+    pub rewards: u32,
+    /// Water given this session, µl.
+    pub water_ul: f64,
+    /// Session id, if a session is running.
+    pub session: Option<String>,
+}
+
+/// One trial as shown in the raster.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrialEvent {
+    /// Trial number.
+    pub trial: u32,
+    /// `"rewarded"` or `"miss"` (anything else is shown as given).
+    pub outcome: String,
+    /// Cue onset, µs, on the same clock as the lever and dF/F timestamps.
+    pub t_us: u64,
+    /// Cue-to-press reaction time, s (the reward tick is drawn at
+    /// `t_us + reaction_s`), if the mouse pressed.
+    pub reaction_s: Option<f32>,
+}
+
+/// The mean image, scaled to 8 bits (and block-averaged to at most
+/// [`MAX_IMAGE_SIDE`] a side).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeanImage {
+    /// Width of the original image, px (ROI outlines are in these pixels).
+    pub src_w: u32,
+    /// Height of the original image, px.
+    pub src_h: u32,
+    /// Width of `pixels`.
+    pub w: u32,
+    /// Height of `pixels`.
+    pub h: u32,
+    /// Row-major 8-bit pixels, `w * h` of them.
+    pub pixels: Vec<u8>,
+}
+
+impl Serialize for MeanImage {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut hex = String::with_capacity(self.pixels.len() * 2);
+        for &p in &self.pixels {
+            hex.push(char::from(HEX[usize::from(p >> 4)]));
+            hex.push(char::from(HEX[usize::from(p & 15)]));
+        }
+        let mut st = s.serialize_struct("MeanImage", 5)?;
+        st.serialize_field("src_w", &self.src_w)?;
+        st.serialize_field("src_h", &self.src_h)?;
+        st.serialize_field("w", &self.w)?;
+        st.serialize_field("h", &self.h)?;
+        st.serialize_field("hex", &hex)?;
+        st.end()
+    }
+}
+
+/// ROI outlines and kinds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Rois {
+    /// Number of ROIs in the session.
+    pub n: usize,
+    /// Outline polygons (pixel coordinates of the original image), at most
+    /// [`MAX_ROIS_SENT`].
+    pub outlines: Vec<Vec<(u16, u16)>>,
+    /// Kinds (`"excitatory"`, `"inhibitory"`, `""`...), one per outline.
+    pub kinds: Vec<String>,
+}
+
+/// A dF/F row: one time bin, one value per ROI sent (`null` if not finite).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DffRow(pub Arc<Vec<f32>>);
+
+impl Serialize for DffRow {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for &v in self.0.iter() {
+            if v.is_finite() {
+                seq.serialize_element(&Some((f64::from(v) * 1000.0).round() / 1000.0))?;
+            } else {
+                seq.serialize_element(&None::<f64>)?;
+            }
+        }
+        seq.end()
+    }
+}
+
+/// Where a reader (one SSE connection) is in each stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cursor {
+    lever: u64,
+    trials: u64,
+    dff: u64,
+    rois_version: u64,
+    image_version: u64,
+    started: bool,
+}
+
+/// One message to the page: a full snapshot (`reset: true`) or what is new
+/// since a [`Cursor`]. The page handles both the same way (a reset clears its
+/// buffers first).
+#[derive(Debug, Clone, Serialize)]
+pub struct Update {
+    /// True for a full snapshot: the page drops what it had.
+    pub reset: bool,
+    /// Latest timestamp seen (lever or dF/F), µs.
+    pub now_us: u64,
+    /// Lever points ever binned (the page's `data-lever-points`).
+    pub lever_total: u64,
+    /// dF/F rows ever binned (the page's `data-heatmap-rows`).
+    pub dff_total: u64,
+    /// Trials ever pushed (the page's `data-trials`).
+    pub trial_count: u64,
+    /// Rewarded trials ever pushed.
+    pub rewarded_count: u64,
+    /// New lever points, `[t_us, mm]`.
+    pub lever: Vec<(u64, f32)>,
+    /// New trials.
+    pub trials: Vec<TrialEvent>,
+    /// Timestamps (bin centres, µs) of the new dF/F rows.
+    pub dff_t_us: Vec<u64>,
+    /// New dF/F rows.
+    pub dff: Vec<DffRow>,
+    /// ROIs, when they changed (or on reset).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser_arc")]
+    pub rois: Option<Arc<Rois>>,
+    /// Mean image, when it changed (or on reset, if there is one).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser_arc")]
+    pub mean_image: Option<Arc<MeanImage>>,
+    /// Current health.
+    pub health: Health,
+}
+
+#[allow(clippy::ref_option)] // serde's `serialize_with` passes `&Option<_>`
+fn ser_arc<T: Serialize, S: Serializer>(v: &Option<Arc<T>>, s: S) -> Result<S::Ok, S::Error> {
+    v.as_deref().serialize(s)
+}
+
+#[derive(Debug, Default)]
+struct Bin {
+    index: u64,
+    sum: Vec<f64>,
+    n: u32,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    now_us: u64,
+    lever_bin: Option<(u64, f64, u32)>,
+    lever: VecDeque<(u64, f32)>,
+    lever_total: u64,
+    trials: VecDeque<TrialEvent>,
+    trial_count: u64,
+    rewarded_count: u64,
+    dff_bin: Option<Bin>,
+    dff: VecDeque<(u64, DffRow)>,
+    dff_total: u64,
+    rois: Arc<Rois>,
+    rois_version: u64,
+    image: Option<Arc<MeanImage>>,
+    image_version: u64,
+    health: Health,
+}
+
+/// The data the preview page shows. Share it as `Arc<PreviewState>`.
+#[derive(Debug, Default)]
+pub struct PreviewState {
+    inner: Mutex<Inner>,
+}
+
+impl PreviewState {
+    /// An empty state.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain data behind: keep going.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// One lever sample (`mm` of travel at `t_us`). Samples are averaged
+    /// into [`LEVER_BIN_US`] bins; the last [`LEVER_WINDOW_US`] are kept.
+    pub fn push_lever(&self, t_us: u64, mm: f32) {
+        let mut g = self.lock();
+        g.now_us = g.now_us.max(t_us);
+        let idx = t_us / LEVER_BIN_US;
+        match g.lever_bin {
+            Some((i, sum, n)) if i == idx => g.lever_bin = Some((i, sum + f64::from(mm), n + 1)),
+            Some((i, sum, n)) => {
+                // Narrowing to f32 is the point: the page draws f32.
+                #[allow(clippy::cast_possible_truncation)]
+                let mean = (sum / f64::from(n)) as f32;
+                g.lever
+                    .push_back((i * LEVER_BIN_US + LEVER_BIN_US / 2, mean));
+                g.lever_total += 1;
+                g.lever_bin = Some((idx, f64::from(mm), 1));
+            }
+            None => g.lever_bin = Some((idx, f64::from(mm), 1)),
+        }
+        let cut = g.now_us.saturating_sub(LEVER_WINDOW_US);
+        while g.lever.front().is_some_and(|&(t, _)| t < cut) {
+            g.lever.pop_front();
+        }
+    }
+
+    /// A finished trial: `outcome` is `"rewarded"` or `"miss"`, `t_us` the cue
+    /// onset, `reaction_s` the cue-to-press time if the mouse pressed.
+    pub fn push_trial(&self, trial: u32, outcome: &str, t_us: u64, reaction_s: Option<f32>) {
+        let ev = TrialEvent {
+            trial,
+            outcome: outcome.to_owned(),
+            t_us,
+            reaction_s,
+        };
+        let mut g = self.lock();
+        if outcome == "rewarded" {
+            g.rewarded_count += 1;
+        }
+        g.trial_count += 1;
+        g.trials.push_back(ev);
+        while g.trials.len() > MAX_TRIALS_KEPT {
+            g.trials.pop_front();
+        }
+    }
+
+    /// The session's ROIs: one outline polygon (original image pixels) and
+    /// one kind per ROI. Only the first [`MAX_ROIS_SENT`] are sent.
+    pub fn set_rois(&self, mut outlines: Vec<Vec<(u16, u16)>>, mut kinds: Vec<String>) {
+        let n = outlines.len();
+        outlines.truncate(MAX_ROIS_SENT);
+        kinds.resize(outlines.len(), String::new());
+        let rois = Arc::new(Rois { n, outlines, kinds });
+        let mut g = self.lock();
+        g.rois = rois;
+        g.rois_version += 1;
+    }
+
+    /// One imaging frame's dF/F, one value per ROI. Frames are averaged into
+    /// [`DFF_BIN_US`] bins; the last [`DFF_WINDOW_US`] are kept; only the
+    /// first [`MAX_ROIS_SENT`] ROIs are kept.
+    pub fn push_dff(&self, t_us: u64, dff: &[f32]) {
+        let vals = &dff[..dff.len().min(MAX_ROIS_SENT)];
+        let idx = t_us / DFF_BIN_US;
+        let mut g = self.lock();
+        g.now_us = g.now_us.max(t_us);
+        let flush = match &g.dff_bin {
+            Some(b) => b.index != idx,
+            None => false,
+        };
+        if flush {
+            if let Some(b) = g.dff_bin.take() {
+                let n = f64::from(b.n.max(1));
+                #[allow(clippy::cast_possible_truncation)]
+                let row: Vec<f32> = b.sum.iter().map(|s| (s / n) as f32).collect();
+                g.dff
+                    .push_back((b.index * DFF_BIN_US + DFF_BIN_US / 2, DffRow(Arc::new(row))));
+                g.dff_total += 1;
+            }
+        }
+        let bin = g.dff_bin.get_or_insert_with(|| Bin {
+            index: idx,
+            sum: Vec::new(),
+            n: 0,
+        });
+        if bin.sum.len() != vals.len() {
+            // ROI count changed: restart the bin.
+            bin.sum = vec![0.0; vals.len()];
+            bin.n = 0;
+        }
+        for (s, &v) in bin.sum.iter_mut().zip(vals) {
+            *s += f64::from(v);
+        }
+        bin.n += 1;
+        let cut = g.now_us.saturating_sub(DFF_WINDOW_US);
+        while g.dff.front().is_some_and(|&(t, _)| t < cut) {
+            g.dff.pop_front();
+        }
+    }
+
+    /// The mean image (`w * h` row-major pixels). Scaled to 8 bits between
+    /// its 0.5th and 99.5th percentiles and block-averaged to at most
+    /// [`MAX_IMAGE_SIDE`] a side. Call it rarely (every few seconds at most).
+    pub fn set_mean_image(&self, w: u32, h: u32, pixels: &[f32]) {
+        let Some(img) = scale_image(w, h, pixels) else {
+            return;
+        };
+        let img = Arc::new(img);
+        let mut g = self.lock();
+        g.image = Some(img);
+        g.image_version += 1;
+    }
+
+    /// The current health.
+    pub fn set_health(&self, health: Health) {
+        self.lock().health = health;
+    }
+
+    /// A full snapshot (what `GET /api/state` returns).
+    pub fn snapshot(&self) -> Update {
+        self.update_since(&mut Cursor::default())
+    }
+
+    /// What is new since `cursor` (a full snapshot for a fresh cursor), and
+    /// move the cursor on.
+    pub fn update_since(&self, cursor: &mut Cursor) -> Update {
+        let g = self.lock();
+        let reset = !cursor.started;
+        let lever = tail(&g.lever, g.lever_total, cursor.lever);
+        let trials = tail(&g.trials, g.trial_count, cursor.trials);
+        let dff = tail(&g.dff, g.dff_total, cursor.dff);
+        let rois = (reset || cursor.rois_version != g.rois_version).then(|| Arc::clone(&g.rois));
+        let mean_image = if reset || cursor.image_version != g.image_version {
+            g.image.clone()
+        } else {
+            None
+        };
+        let up = Update {
+            reset,
+            now_us: g.now_us,
+            lever_total: g.lever_total,
+            dff_total: g.dff_total,
+            trial_count: g.trial_count,
+            rewarded_count: g.rewarded_count,
+            lever,
+            trials,
+            dff_t_us: dff.iter().map(|(t, _)| *t).collect(),
+            dff: dff.into_iter().map(|(_, r)| r).collect(),
+            rois,
+            mean_image,
+            health: g.health.clone(),
+        };
+        *cursor = Cursor {
+            lever: g.lever_total,
+            trials: g.trial_count,
+            dff: g.dff_total,
+            rois_version: g.rois_version,
+            image_version: g.image_version,
+            started: true,
+        };
+        up
+    }
+}
+
+/// The items of `q` (whose last item is number `total`) after item number
+/// `seen`.
+fn tail<T: Clone>(q: &VecDeque<T>, total: u64, seen: u64) -> Vec<T> {
+    let new = usize::try_from(total.saturating_sub(seen)).unwrap_or(usize::MAX);
+    let skip = q.len().saturating_sub(new);
+    q.iter().skip(skip).cloned().collect()
+}
+
+fn scale_image(w: u32, h: u32, pixels: &[f32]) -> Option<MeanImage> {
+    let (wu, hu) = (usize::try_from(w).ok()?, usize::try_from(h).ok()?);
+    if wu == 0 || hu == 0 || pixels.len() != wu.checked_mul(hu)? {
+        return None;
+    }
+    // Percentiles from a strided sample of finite values.
+    let step = (pixels.len() / 65_536).max(1);
+    let mut sample: Vec<f32> = pixels
+        .iter()
+        .step_by(step)
+        .copied()
+        .filter(|v| v.is_finite())
+        .collect();
+    if sample.is_empty() {
+        return None;
+    }
+    sample.sort_by(f32::total_cmp);
+    let lo = sample[sample.len() * 5 / 1000];
+    let hi = sample[(sample.len() * 995 / 1000).min(sample.len() - 1)];
+    let span = if hi > lo { hi - lo } else { 1.0 };
+    let block = wu.max(hu).div_ceil(MAX_IMAGE_SIDE).max(1);
+    let (ow, oh) = (wu.div_ceil(block), hu.div_ceil(block));
+    let mut out = Vec::with_capacity(ow * oh);
+    for by in 0..oh {
+        for bx in 0..ow {
+            let (mut sum, mut n) = (0.0f32, 0u32);
+            for y in by * block..((by + 1) * block).min(hu) {
+                for x in bx * block..((bx + 1) * block).min(wu) {
+                    let v = pixels[y * wu + x];
+                    if v.is_finite() {
+                        sum += v;
+                        n += 1;
+                    }
+                }
+            }
+            let v = if n == 0 { lo } else { sum / n as f32 };
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let b = (((v - lo) / span).clamp(0.0, 1.0) * 255.0).round() as u8;
+            out.push(b);
+        }
+    }
+    Some(MeanImage {
+        src_w: w,
+        src_h: h,
+        w: u32::try_from(ow).ok()?,
+        h: u32::try_from(oh).ok()?,
+        pixels: out,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lever_is_binned_and_windowed() {
+        let s = PreviewState::new();
+        // 1 kHz for 12 s.
+        for i in 0..12_000u64 {
+            s.push_lever(i * 1000, 1.0);
+        }
+        let up = s.snapshot();
+        assert_eq!(up.lever_total, 1199);
+        assert!(
+            up.lever.len() <= 1001 && up.lever.len() >= 999,
+            "{}",
+            up.lever.len()
+        );
+        assert!(up.lever.iter().all(|&(_, mm)| (mm - 1.0).abs() < 1e-6));
+    }
+
+    #[test]
+    fn cursor_gives_only_new_items() {
+        let s = PreviewState::new();
+        let mut c = Cursor::default();
+        s.push_trial(1, "rewarded", 0, Some(0.4));
+        let up = s.update_since(&mut c);
+        assert!(up.reset);
+        assert_eq!(up.trials.len(), 1);
+        assert!(up.rois.is_some());
+        s.push_trial(2, "miss", 1_000_000, None);
+        let up = s.update_since(&mut c);
+        assert!(!up.reset);
+        assert_eq!(up.trials.len(), 1);
+        assert_eq!(up.trials[0].trial, 2);
+        assert_eq!((up.trial_count, up.rewarded_count), (2, 1));
+        assert!(up.rois.is_none());
+        let up = s.update_since(&mut c);
+        assert!(up.trials.is_empty());
+    }
+
+    #[test]
+    fn dff_is_binned_to_10_hz_and_capped() {
+        let s = PreviewState::new();
+        let row = vec![0.5f32; MAX_ROIS_SENT + 10];
+        // 30 Hz for 70 s.
+        for i in 0..2100u64 {
+            s.push_dff(i * 33_333, &row);
+        }
+        let up = s.snapshot();
+        assert!(
+            up.dff.len() >= 595 && up.dff.len() <= 601,
+            "{}",
+            up.dff.len()
+        );
+        assert_eq!(up.dff[0].0.len(), MAX_ROIS_SENT);
+        assert!((up.dff[0].0[0] - 0.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn mean_image_is_scaled_and_shrunk() {
+        let s = PreviewState::new();
+        let px: Vec<f32> = (0..512 * 512).map(|i| (i % 512) as f32).collect();
+        s.set_mean_image(512, 512, &px);
+        let img = s.snapshot().mean_image.expect("image");
+        assert_eq!((img.w, img.h, img.src_w), (256, 256, 512));
+        assert!(img.pixels[0] < 5 && img.pixels[255] > 250);
+        let json = serde_json::to_value(&*img).expect("json");
+        assert_eq!(json["hex"].as_str().map(str::len), Some(256 * 256 * 2));
+    }
+}

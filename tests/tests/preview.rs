@@ -1,0 +1,266 @@
+//! The live preview page in a real headless browser (Debian's `chromium`):
+//! load the page twice a few seconds apart and check from the dumped DOM that
+//! the trial count, the lever trace and the dF/F heatmap update; save a
+//! screenshot as `<target>/preview.png`.
+//!
+//! The server is, for now, the `preview_feed` example of the daemon crate (a
+//! real preview server fed with changing synthetic data by a thread); once
+//! `rigd demo` serves the preview, `start_server` switches to it.
+//!
+//! Without `/usr/bin/chromium` (or `$RIG_CHROMIUM`) the test prints a skip
+//! note, unless `RIG_REQUIRE_BROWSER=1`, when it fails.
+//!
+//! `--dump-dom` never returns while an `EventSource` is open (virtual time
+//! waits for the endless `/events` request to go idle), so the page is loaded
+//! with `?close_after=5`: it takes five SSE messages (a snapshot and four
+//! updates) from `/events`, closes the stream, and the virtual-time budget then
+//! runs out and the DOM is dumped. The polling mode (`?poll=1`, fetching
+//! `/api/state` every 500 ms) is checked once too, and used for the screenshot.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rig_tests::TempDir;
+
+/// `<target>/<profile>` of this test binary.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("<target>/<profile>/deps/<test>")
+        .to_path_buf()
+}
+
+fn chromium() -> Option<PathBuf> {
+    let path = std::env::var_os("RIG_CHROMIUM")
+        .map_or_else(|| PathBuf::from("/usr/bin/chromium"), PathBuf::from);
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var("RIG_REQUIRE_BROWSER").as_deref() != Ok("1"),
+        "RIG_REQUIRE_BROWSER=1 but there is no browser at {} (apt-get install chromium)",
+        path.display()
+    );
+    eprintln!(
+        "SKIP preview browser test: no browser at {} (apt-get install chromium; set RIG_REQUIRE_BROWSER=1 to make this fail)",
+        path.display()
+    );
+    None
+}
+
+/// Kills the child on drop.
+/// The running demo (killed on drop) and its data folder.
+struct Server(Child, #[allow(dead_code)] TempDir);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Build and start the preview server; returns it and the page's URL.
+fn start_server() -> (Server, String) {
+    // The real thing: `rigd demo` runs a virtual rig, the task, the simulated
+    // microscope and the preview page; its first stdout line is the address.
+    let data = TempDir::new("preview-demo");
+    let mut child = Command::new(rig_tests::bin("rigd"))
+        .args(["demo", "--minutes", "3", "--speed", "10", "--data"])
+        .arg(data.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start rigd demo");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let server = Server(child, data);
+    let mut reader = BufReader::new(stdout);
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("read the address line");
+    // Keep reading the demo's progress so it never writes into a closed pipe.
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        while reader.read_line(&mut sink).is_ok_and(|n| n > 0) {
+            sink.clear();
+        }
+    });
+    let url = line
+        .trim()
+        .strip_prefix("preview: ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    (server, url)
+}
+
+/// Run chromium headless on `url` with `extra` args, killing it after
+/// `limit`; returns its stdout.
+fn run_chromium(
+    browser: &Path,
+    profile: &Path,
+    url: &str,
+    extra: &[&str],
+    limit: Duration,
+) -> String {
+    let out = profile.with_extension("out");
+    let mut child = Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(extra)
+        .arg(url)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).expect("stdout file"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {}: {e}", browser.display()));
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().expect("wait for chromium") {
+            assert!(st.success(), "chromium exited with {st}");
+            break;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("chromium did not finish within {limit:?} on {url}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::read_to_string(&out).expect("chromium output")
+}
+
+/// The `data-*` attributes of the dumped `<body>`.
+fn body_data(dom: &str) -> HashMap<String, String> {
+    let start = dom
+        .find("<body")
+        .unwrap_or_else(|| panic!("no <body> in dump: {dom}"));
+    let tag = &dom[start..start + dom[start..].find('>').expect("end of <body>")];
+    let mut out = HashMap::new();
+    let mut rest = tag;
+    while let Some(i) = rest.find(" data-") {
+        rest = &rest[i + " data-".len()..];
+        let Some((name, after)) = rest.split_once("=\"") else {
+            break;
+        };
+        let Some((value, after)) = after.split_once('"') else {
+            break;
+        };
+        out.insert(name.to_owned(), value.to_owned());
+        rest = after;
+    }
+    out
+}
+
+fn num(d: &HashMap<String, String>, k: &str) -> u64 {
+    d.get(k)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no numeric {k} in {d:?}"))
+}
+
+#[test]
+fn preview_page_updates_in_headless_chromium() {
+    let Some(browser) = chromium() else { return };
+    let (_server, url) = start_server();
+    let sse_page = format!("{url}?close_after=5");
+    let page = format!("{url}?poll=1");
+    let dir = TempDir::new("preview-browser");
+    let dump = |n: u32, page: &str| {
+        let profile = dir.path().join(format!("chromium-{n}"));
+        let dom = run_chromium(
+            &browser,
+            &profile,
+            page,
+            &["--virtual-time-budget=2500", "--dump-dom"],
+            Duration::from_secs(60),
+        );
+        body_data(&dom)
+    };
+
+    // Let the feed produce some data first.
+    std::thread::sleep(Duration::from_secs(2));
+    let first = dump(1, &sse_page);
+    std::thread::sleep(Duration::from_secs(4));
+    let second = dump(2, &sse_page);
+    let polled = dump(3, &page);
+    eprintln!("first:  {first:?}\nsecond: {second:?}\npolled: {polled:?}");
+
+    for d in [&first, &second] {
+        assert_eq!(d.get("mode").map(String::as_str), Some("sse"), "{d:?}");
+        assert_eq!(
+            num(d, "updates"),
+            5,
+            "not all SSE messages reached the page: {d:?}"
+        );
+        assert_eq!(d.get("closed").map(String::as_str), Some("1"), "{d:?}");
+    }
+    assert_eq!(polled.get("mode").map(String::as_str), Some("poll"));
+    assert_eq!(
+        polled.get("connected").map(String::as_str),
+        Some("1"),
+        "{polled:?}"
+    );
+    assert!(
+        num(&polled, "updates") >= 1,
+        "no poll reached the page: {polled:?}"
+    );
+    assert!(num(&polled, "trials") >= num(&second, "trials"));
+    for d in [&first, &second, &polled] {
+        assert_eq!(d.get("connected").map(String::as_str), Some("1"), "{d:?}");
+        assert!(d.get("error").is_none(), "page error: {d:?}");
+        // No label image in the demo: the 8 x 8 grid of tiles.
+        assert_eq!(num(d, "rois"), 64);
+        assert!(num(d, "lever-points") > 0 && num(d, "lever-shown") > 0);
+        assert!(num(d, "heatmap-rows") > 0 && num(d, "heatmap-shown") > 0);
+    }
+    assert!(
+        num(&second, "trials") > num(&first, "trials"),
+        "trial count did not update"
+    );
+    assert!(
+        num(&second, "lever-points") > num(&first, "lever-points"),
+        "lever trace did not update"
+    );
+    assert!(
+        num(&second, "heatmap-rows") > num(&first, "heatmap-rows"),
+        "heatmap did not update"
+    );
+    assert!(num(&second, "now-us") > num(&first, "now-us"));
+
+    let png = profile_dir()
+        .parent()
+        .expect("target dir")
+        .join("preview.png");
+    let _ = std::fs::remove_file(&png);
+    let profile = dir.path().join("chromium-shot");
+    run_chromium(
+        &browser,
+        &profile,
+        &page,
+        &[
+            "--virtual-time-budget=2500",
+            "--window-size=1280,900",
+            "--hide-scrollbars",
+            &format!("--screenshot={}", png.display()),
+        ],
+        Duration::from_secs(60),
+    );
+    let bytes =
+        std::fs::read(&png).unwrap_or_else(|e| panic!("no screenshot at {}: {e}", png.display()));
+    assert!(
+        bytes.starts_with(b"\x89PNG") && bytes.len() > 10_000,
+        "bad screenshot"
+    );
+    eprintln!("screenshot: {}", png.display());
+}
