@@ -32,8 +32,39 @@ fn rss_kb() -> u64 {
         .unwrap_or(0)
 }
 
+/// A 512 x 512 label image with 500 disc ROIs (radius 5 px) on a grid.
+fn write_labels(path: &std::path::Path) {
+    let mut npy = daemon::storage::NpyAppender::create(path, daemon::storage::NpyDtype::U2, &[512])
+        .expect("labels");
+    let mut img = vec![0u16; 512 * 512];
+    let mut id = 0u16;
+    'grid: for gy in 0..23 {
+        for gx in 0..22 {
+            id += 1;
+            if id > 500 {
+                break 'grid;
+            }
+            let (cx, cy) = (11 + gx * 22 + (gy % 2) * 5, 11 + gy * 22);
+            for y in cy.saturating_sub(5)..(cy + 6).min(512) {
+                for x in cx.saturating_sub(5)..(cx + 6).min(512) {
+                    let (dx, dy) = (x as i32 - cx as i32, y as i32 - cy as i32);
+                    if dx * dx + dy * dy <= 25 {
+                        img[y * 512 + x] = id;
+                    }
+                }
+            }
+        }
+    }
+    for row in img.chunks(512) {
+        npy.append(row).expect("row");
+    }
+    npy.sync().expect("sync");
+}
+
 /// Publish `rate` frames/s for `secs`; returns (published, ingested, dropped).
-fn trial(rate: f64, secs: f64, raw: bool) -> (u64, u64, u64) {
+/// With `analysis`, every frame is also motion-corrected and its 500 ROIs'
+/// dF/F computed (the full per-frame path).
+fn trial(rate: f64, secs: f64, raw: bool, analysis: bool) -> (u64, u64, u64) {
     let name = format!("/rigd-bench-{}", std::process::id());
     let dir = std::env::temp_dir().join(format!(
         "rigd-ingest-bench-{}-{}",
@@ -58,7 +89,24 @@ fn trial(rate: f64, secs: f64, raw: bool) -> (u64, u64, u64) {
         t0_us: 0,
         session_dir: dir.clone(),
         fsync_interval: Duration::from_secs(1),
-        analysis: None,
+        analysis: analysis.then(|| {
+            let labels = dir.join("labels.npy");
+            write_labels(&labels);
+            daemon::imaging::analysis::AnalysisSetup {
+                width: 512,
+                height: 512,
+                roi_labels: Some(labels),
+                roi_table: None,
+                motion_correction: true,
+                reference_image: None,
+                neuropil_coefficient: 0.7,
+                baseline: daemon::imaging::dff::BaselineParams::from_config(
+                    &rig_config::BaselineSection::default(),
+                    rate,
+                ),
+            }
+        }),
+        preview: None,
     };
     // Without a clock fit frames wait for one: give the ingest an identity fit.
     status.lock().expect("status").clock = Some(firmware_bridge::sync::ClockFit {
@@ -71,7 +119,10 @@ fn trial(rate: f64, secs: f64, raw: bool) -> (u64, u64, u64) {
     });
     let ingest = Ingest::start(setup, edge_rx, status.clone(), notice_tx).expect("ingest");
     std::thread::sleep(Duration::from_millis(700)); // let it attach
-    let pixels = vec![1000u16; 512 * 512];
+                                                    // A textured frame (so motion correction has something to lock on).
+    let pixels: Vec<u16> = (0..512 * 512)
+        .map(|i| 1000 + ((i * 7919) % 997) as u16)
+        .collect();
     let n = (rate * secs) as u64;
     let start = Instant::now();
     for k in 0..n {

@@ -14,8 +14,8 @@ use rig_tests::{
 
 struct Rig {
     dir: TempDir,
-    /// Keeps the virtual rig running for the test.
-    _sim: Sim,
+    /// The virtual rig (stopped by dropping, or by `take()` + `stop()`).
+    sim: Option<Sim>,
     socket: PathBuf,
     config: PathBuf,
     truth: PathBuf,
@@ -54,7 +54,7 @@ fn rig(name: &str, speed: f64, extra_toml: &str, sim_args: &[&str]) -> Rig {
     std::fs::create_dir_all(&data).expect("create the data root");
     Rig {
         dir,
-        _sim: sim,
+        sim: Some(sim),
         socket,
         config,
         truth,
@@ -99,6 +99,12 @@ fn five_minute_session_matches_the_truth_and_loads_with_numpy() {
     // Five minutes of device time at 10x: about 30 s; the session ends itself.
     wait_idle(&rig.socket, 120);
     assert_eq!(session_value(&dir, "state"), "complete");
+    // Stop the virtual rig so its truth log is complete (it flushes every
+    // half second of wall time, i.e. five device seconds at 10x).
+    let mut rig = rig;
+    if let Some(sim) = rig.sim.take() {
+        sim.stop();
+    }
     let t0: u64 = session_value(&dir, "t0_rig_us").parse().expect("t0");
 
     let cfg = rig_config::load(&rig.config).expect("config").config;
