@@ -38,8 +38,8 @@ fn write_labels(path: &std::path::Path) {
         .expect("labels");
     let mut img = vec![0u16; 512 * 512];
     let mut id = 0u16;
-    'grid: for gy in 0..23 {
-        for gx in 0..22 {
+    'grid: for gy in 0..23usize {
+        for gx in 0..22usize {
             id += 1;
             if id > 500 {
                 break 'grid;
@@ -152,15 +152,18 @@ fn trial(rate: f64, secs: f64, raw: bool, analysis: bool) -> (u64, u64, u64) {
 
 fn main() {
     println!("imaging ingest, 512x512x1 uint16, POSIX shm ring of 64 slots, 3 s per step");
-    println!("| raw storage | rate frames/s | published | ingested | dropped | RSS MB after |");
+    println!("| condition | rate frames/s | published | ingested | dropped | RSS MB after |");
     println!("|---|---|---|---|---|---|");
-    for raw in [false, true] {
+    for (raw, analysis, name) in [
+        (false, false, "storage off"),
+        (true, false, "raw storage on"),
+        (false, true, "storage off, motion + 500 ROIs + dF/F"),
+    ] {
         let mut best = 0.0;
         for rate in [250.0, 500.0, 1000.0, 1500.0, 2000.0, 3000.0, 4000.0] {
-            let (n, got, dropped) = trial(rate, 3.0, raw);
+            let (n, got, dropped) = trial(rate, 3.0, raw, analysis);
             println!(
-                "| {} | {rate} | {n} | {got} | {dropped} | {:.0} |",
-                if raw { "on" } else { "off" },
+                "| {name} | {rate} | {n} | {got} | {dropped} | {:.0} |",
                 rss_kb() as f64 / 1024.0
             );
             if dropped == 0 && got == n {
@@ -169,9 +172,6 @@ fn main() {
                 break;
             }
         }
-        println!(
-            "max sustained with zero drops, storage {}: {best} frames/s",
-            if raw { "on" } else { "off" }
-        );
+        println!("max sustained with zero drops, {name}: {best} frames/s");
     }
 }
