@@ -35,11 +35,9 @@ const CHUNK_US: f64 = 2_000.0;
 /// every turn).
 const MAX_SLEEP: Duration = Duration::from_millis(5);
 /// Shortest sleep: at high sample rates and speeds several frames go out per
-/// turn rather than one turn per frame. Kept short because a frame can go out
-/// up to this late after its device timestamp, which a real microcontroller
-/// (sending from its timer interrupt) would not do; 200 µs here added about
-/// 100 µs to the measured control latency.
-const MIN_SLEEP: Duration = Duration::from_micros(20);
+/// turn rather than one turn per frame. (Lowering it to 20 µs did not change
+/// the measured control latency; docs/performance.md.)
+const MIN_SLEEP: Duration = Duration::from_micros(200);
 /// Most bytes handed to one `write`.
 const WRITE_CHUNK: usize = 64 * 1024;
 
