@@ -35,6 +35,9 @@ pub struct AnalysisSetup {
 enum Motion {
     Off,
     Building(Box<ReferenceBuilder>),
+    /// The first frames are in; the reference (and its FFT plans) is being
+    /// made on a helper thread so the frame loop never stalls for it.
+    Preparing(std::thread::JoinHandle<Result<MotionCorrector, String>>),
     Ready(Box<MotionCorrector>),
 }
 
@@ -206,13 +209,29 @@ impl Analysis {
             Motion::Off => {}
             Motion::Building(b) => {
                 if b.push(first).map_err(|e| e.to_string())? {
-                    let reference = b.build(&self.params).map_err(|e| e.to_string())?;
-                    self.motion = Motion::Ready(Box::new(
-                        MotionCorrector::new(&reference, self.params.clone())
-                            .map_err(|e| e.to_string())?,
-                    ));
+                    let builder = (**b).clone();
+                    let params = self.params.clone();
+                    let job = std::thread::Builder::new()
+                        .name("rig-motion-ref".into())
+                        .spawn(move || {
+                            let reference = builder.build(&params).map_err(|e| e.to_string())?;
+                            MotionCorrector::new(&reference, params).map_err(|e| e.to_string())
+                        })
+                        .map_err(|e| format!("cannot start the motion reference thread: {e}"))?;
+                    self.motion = Motion::Preparing(job);
                 }
             }
+            Motion::Preparing(job) if job.is_finished() => {
+                let Motion::Preparing(job) = std::mem::replace(&mut self.motion, Motion::Off)
+                else {
+                    unreachable!("matched above")
+                };
+                let corrector = job
+                    .join()
+                    .map_err(|_| "the motion reference thread panicked".to_owned())??;
+                self.motion = Motion::Ready(Box::new(corrector));
+            }
+            Motion::Preparing(_) => {}
             Motion::Ready(m) => {
                 let s = m.register(first);
                 m.apply(first, s, &mut self.shifted);
