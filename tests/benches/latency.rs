@@ -24,9 +24,21 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 /// One session of `minutes` real-time minutes; returns the latencies in µs.
 fn run_session(minutes: f64, name: &str) -> Vec<f64> {
     let dir = TempDir::new(name);
+    // The virtual rig sends each sample on time (spinning the last 300 µs
+    // before it), as a microcontroller's timer interrupt would; without this
+    // its own timer lateness would be counted as the daemon's latency.
     let sim = Sim::start(
         dir.path(),
-        &["--speed", "1", "--day", "14", "--frame-rate-hz", "28.7"],
+        &[
+            "--speed",
+            "1",
+            "--day",
+            "14",
+            "--frame-rate-hz",
+            "28.7",
+            "--precise-us",
+            "300",
+        ],
     );
     let socket = dir.path().join("rigd.sock");
     let data = dir.path().join("data");

@@ -91,6 +91,10 @@ struct Args {
     /// No status lines (the start line is still printed).
     #[arg(long)]
     quiet: bool,
+    /// Spin the last N µs before each device deadline so samples leave on time
+    /// (like a microcontroller's timer interrupt); costs CPU. 0 = off.
+    #[arg(long, default_value_t = 0)]
+    precise_us: u32,
     // ---- [microscope hook] the simulated two-photon microscope ----
     /// Run the simulated microscope, publishing frames at the frame-clock
     /// TTL edges into this POSIX shared-memory frame ring (e.g. /rigd-frames).
@@ -158,6 +162,7 @@ impl Args {
             duration_s: self.duration_s,
             tx_buffer_bytes: self.tx_buffer_bytes,
             quiet: self.quiet,
+            precise_wake_us: self.precise_us,
             // [microscope hook]
             microscope: (self.microscope.is_some() || self.microscope_truth.is_some()).then(|| {
                 let mut m = MicroscopeOptions::new(self.microscope);

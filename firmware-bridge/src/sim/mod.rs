@@ -160,6 +160,10 @@ pub struct SimOptions {
     pub tx_buffer_bytes: usize,
     /// No status lines on stderr (the start line is still printed).
     pub quiet: bool,
+    /// Spin (instead of sleeping) the last this-many µs before each device
+    /// deadline, so samples go out on time as from a microcontroller's timer
+    /// interrupt. 0 = off (default): timed sleeps only, no busy CPU.
+    pub precise_wake_us: u32,
     /// [microscope hook] The simulated microscope, rendered at the frame-clock
     /// TTL edges (`--microscope`); `None`: no imaging.
     pub microscope: Option<microscope::live::MicroscopeOptions>,
@@ -183,6 +187,7 @@ impl SimOptions {
             duration_s: None,
             tx_buffer_bytes: 1024,
             quiet: false,
+            precise_wake_us: 0,
             microscope: None, // [microscope hook]
         }
     }

@@ -864,9 +864,26 @@ impl Sim {
                 wake = wake.min(c.due);
             }
         }
-        let timeout = wake
-            .saturating_duration_since(Instant::now())
-            .clamp(MIN_SLEEP, MAX_SLEEP);
+        let precise = Duration::from_micros(u64::from(self.opts.precise_wake_us));
+        let remaining = wake.saturating_duration_since(Instant::now());
+        if !precise.is_zero() && remaining <= precise {
+            // A microcontroller sends a sample from its timer interrupt, on
+            // time; a timed sleep on this host can end tens of µs late. So
+            // with `--precise-us` the last stretch before a deadline is spun,
+            // returning early only if the host sends something.
+            while Instant::now() < wake {
+                if self.host_input_ready() {
+                    return;
+                }
+                std::hint::spin_loop();
+            }
+            return;
+        }
+        let timeout = if precise.is_zero() {
+            remaining.clamp(MIN_SLEEP, MAX_SLEEP)
+        } else {
+            (remaining - precise).min(MAX_SLEEP)
+        };
         match self.link.pty.as_ref().filter(|_| self.link.host_present) {
             Some(p) => {
                 let mut events = PollFlags::POLLIN;
@@ -878,6 +895,15 @@ impl Sim {
             }
             None => std::thread::sleep(timeout),
         }
+    }
+
+    /// Whether the host has written something (a zero-timeout poll).
+    fn host_input_ready(&self) -> bool {
+        let Some(p) = self.link.pty.as_ref().filter(|_| self.link.host_present) else {
+            return false;
+        };
+        let mut fds = [PollFd::new(p.master().as_fd(), PollFlags::POLLIN)];
+        matches!(nix::poll::ppoll(&mut fds, Some(TimeSpec::from(Duration::ZERO)), None), Ok(n) if n > 0)
     }
 }
 
