@@ -109,7 +109,6 @@ pub struct RigHandler {
     /// Outstanding manual commands waiting for their Ack: (seq, reply).
     manual: Vec<(u16, tokio::sync::oneshot::Sender<Result<(), String>>)>,
     connected: bool,
-    ttl_edges: u64,
     /// The last frame-clock edges `(count, rig µs)`, handed to a new
     /// session's imaging ingest: frames that started just before the session
     /// still find their edge.
@@ -140,7 +139,6 @@ impl RigHandler {
             notices,
             manual: Vec::new(),
             connected: false,
-            ttl_edges: 0,
             recent_ttl: std::collections::VecDeque::with_capacity(RECENT_TTL),
             preview: None,
         }
@@ -467,7 +465,6 @@ impl RigHandler {
             EventKind::LickOn => ("lick_on", Some(DeviceEvent::Lick { t_us, on: true })),
             EventKind::LickOff => ("lick_off", Some(DeviceEvent::Lick { t_us, on: false })),
             EventKind::FrameTtl => {
-                self.ttl_edges += 1;
                 if self.recent_ttl.len() == RECENT_TTL {
                     self.recent_ttl.pop_front();
                 }

@@ -229,9 +229,24 @@ fn finish(
             let _ = w.write_event(0, EventSource::Daemon, "imaging_error", 0.0, &e);
         }
     }
-    let fit = status.lock().map(|s| s.clock).unwrap_or(None);
+    let (fit, dropped) = status
+        .lock()
+        .map(|s| (s.clock, s.storage_drops))
+        .unwrap_or((None, 0));
     if let Some(fit) = fit {
         let _ = w.update_info(|i| i.clock_sync = Some(clock_record(&fit)));
+    }
+    if dropped > 0 {
+        // Records the rig thread could not queue (this thread fell behind):
+        // say so in the session itself, never lose them silently.
+        tracing::error!("{dropped} records could not be queued for storage and are missing");
+        let _ = w.write_event(
+            0,
+            EventSource::Daemon,
+            "storage_dropped",
+            dropped as f64,
+            "records not written: storage queue full",
+        );
     }
     let summary = crate::behaviour::summarize(&st.trials, &st.lever, &setup.behaviour);
     let summary_json = serde_json::to_value(&summary).map_err(|e| e.to_string())?;
