@@ -189,7 +189,7 @@ impl App {
         let mut health = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
-                _ = health.tick() => self.core.update_preview_health(),
+                _ = health.tick() => self.core.tick(),
                 Some(req) = self.core_rx.recv() => self.core.handle(req).await,
                 Some(n) = self.notices.recv() => { let _ = self.core.on_notice(n).await; }
                 _ = term.recv() => { self.stop_for("SIGTERM").await; break; }

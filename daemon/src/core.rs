@@ -16,6 +16,7 @@ use rig_config::RigConfig;
 use serde_json::Value;
 use tokio::sync::{broadcast, oneshot};
 
+use crate::alerts::{Alert, AlertKind, Alerter};
 use crate::control::{event_line, CoreRequest, EventLine};
 use crate::imaging::ingest::{check_disk_rate, Ingest, IngestCounters, IngestSetup};
 use crate::rig::{LiveStatus, RigNotice, RigRequest, SessionStart};
@@ -51,7 +52,24 @@ pub struct Core {
     session_log: SessionLog,
     seed: u64,
     preview: Option<Arc<crate::preview::PreviewState>>,
+    alerts: Alerter,
+    watch: Watch,
 }
+
+/// What the core's once-a-second tick watches for alerts.
+#[derive(Debug)]
+struct Watch {
+    /// When the link was last seen leaving `Connected` (None while up).
+    link_down_since: Option<Instant>,
+    /// The link was up at least once since rigd started.
+    ever_connected: bool,
+    device_lost_alerted: bool,
+    last_disk_check: Option<Instant>,
+    disk_low_alerted: bool,
+}
+
+/// How often the data root's free space is checked.
+const DISK_CHECK_EVERY: Duration = Duration::from_secs(10);
 
 fn err(code: ErrorCode, msg: impl Into<String>) -> ControlError {
     ControlError::new(code, msg)
@@ -70,6 +88,7 @@ impl Core {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1);
+        let alerts = Alerter::new(cfg.alerts.clone(), cfg.rig.name.clone());
         Self {
             cfg,
             config_path,
@@ -80,6 +99,99 @@ impl Core {
             session_log,
             seed,
             preview: None,
+            alerts,
+            watch: Watch {
+                link_down_since: Some(Instant::now()),
+                ever_connected: false,
+                device_lost_alerted: false,
+                last_disk_check: None,
+                disk_low_alerted: false,
+            },
+        }
+    }
+
+    /// The alerter (for the daemon's other parts).
+    pub fn alerter(&self) -> &Alerter {
+        &self.alerts
+    }
+
+    /// Raise an alert about the running session (if any).
+    fn alert(&self, alert: Alert) {
+        let mut alert = alert;
+        if let Some(s) = &self.session {
+            alert.mouse.get_or_insert_with(|| s.mouse.clone());
+            alert
+                .session_dir
+                .get_or_insert_with(|| s.dir.display().to_string());
+        }
+        self.alerts.raise(alert);
+    }
+
+    /// Once a second: the preview's health panel, and the conditions that
+    /// raise alerts (the rig unreachable for long, the data disk filling).
+    pub fn tick(&mut self) {
+        self.update_preview_health();
+        let now = Instant::now();
+        let link = self.live().link;
+        if link == Some(LinkState::Connected) {
+            if self.watch.device_lost_alerted {
+                tracing::info!("the rig is reachable again");
+            }
+            self.watch.link_down_since = None;
+            self.watch.ever_connected = true;
+            self.watch.device_lost_alerted = false;
+        } else {
+            let since = *self.watch.link_down_since.get_or_insert(now);
+            let limit = Duration::from_secs(u64::from(self.cfg.alerts.device_lost_s));
+            let matters = self.watch.ever_connected || self.session.is_some();
+            if matters && !self.watch.device_lost_alerted && now - since >= limit {
+                self.watch.device_lost_alerted = true;
+                let lost_s = (now - since).as_secs();
+                self.alert(
+                    Alert::new(
+                        AlertKind::DeviceLost,
+                        "critical",
+                        format!(
+                            "the rig has been unreachable for {lost_s} s ({}); check the USB                              cable and the microcontroller's power; a running session continues                              when it returns",
+                            self.live().link_detail.unwrap_or_else(|| "no detail".into())
+                        ),
+                    )
+                    .details(serde_json::json!({ "lost_s": lost_s })),
+                );
+            }
+        }
+        if self
+            .watch
+            .last_disk_check
+            .is_none_or(|t| now - t >= DISK_CHECK_EVERY)
+        {
+            self.watch.last_disk_check = Some(now);
+            self.check_disk();
+        }
+    }
+
+    fn check_disk(&mut self) {
+        let root = PathBuf::from(&self.cfg.storage.data_root);
+        let Some(free) = crate::alerts::free_mb(&root) else {
+            return;
+        };
+        let min = self.cfg.alerts.disk_free_min_mb;
+        if free < min && !self.watch.disk_low_alerted {
+            self.watch.disk_low_alerted = true;
+            self.alert(
+                Alert::new(
+                    AlertKind::DiskLow,
+                    "warning",
+                    format!(
+                        "the data disk ({}) has {free} MB free, less than [alerts].disk_free_min_mb =                          {min} MB; move old sessions off it",
+                        root.display()
+                    ),
+                )
+                .details(serde_json::json!({ "free_mb": free, "min_mb": min })),
+            );
+        } else if free >= min.saturating_add(min / 10) {
+            // 10 % hysteresis: one alert per shortage, not one per check.
+            self.watch.disk_low_alerted = false;
         }
     }
 
@@ -376,6 +488,18 @@ impl Core {
             fsync_interval: fsync,
             behaviour: crate::behaviour::SummaryParams::from_config(&cfg),
             ingest,
+            water_before_today_ul: today,
+            daily_water_target_ul: cfg.safety.daily_water_target_ul,
+            on_storage_error: Some({
+                // A disk error ends the session: stop the task at once (no
+                // trial may run, and no water flow, without a record).
+                let rig = self.rig.clone();
+                Box::new(move |e: String| {
+                    let _ = rig.send(RigRequest::Stop {
+                        reason: format!("storage error: {e}"),
+                    });
+                })
+            }),
         };
         storage_thread::spawn(writer, setup, rx, self.status.clone(), done_tx).map_err(|e| {
             err(
@@ -435,13 +559,81 @@ impl Core {
         &mut self,
         notice: RigNotice,
     ) -> Option<Result<StopReply, ControlError>> {
-        let RigNotice::TaskFinished { reason } = notice;
+        let reason = match notice {
+            RigNotice::TaskFinished { reason } => reason,
+            RigNotice::DeviceFault { t_us, code, detail } => {
+                self.on_device_fault(t_us, code, detail);
+                return None;
+            }
+        };
         let s = self.session.as_mut()?;
         if s.done.is_none() {
             return None; // already being finished by a stop request
         }
-        s.stop_reason.get_or_insert(reason);
-        Some(self.wait_finished().await)
+        // No stop request came first: the session ended by itself.
+        let automatic = s.stop_reason.is_none();
+        s.stop_reason.get_or_insert(reason.clone());
+        let (mouse, dir) = (s.mouse.clone(), s.dir.display().to_string());
+        let result = self.wait_finished().await;
+        if automatic || reason.starts_with("storage error") {
+            let (kind, severity, message) = match &result {
+                Err(e) => (
+                    AlertKind::StorageError,
+                    "critical",
+                    format!(
+                        "the session of {mouse} stopped on a disk error ({reason}); {}",
+                        e.message
+                    ),
+                ),
+                Ok(r) => (
+                    AlertKind::SessionAutoStopped,
+                    // The planned ends are news, the others need a look.
+                    if reason == "duration" || reason == "max_trials" {
+                        "info"
+                    } else {
+                        "warning"
+                    },
+                    format!(
+                        "the session of {mouse} stopped by itself: {reason} ({} trials, {}                          rewards, {:.1} µL{})",
+                        r.summary.trials,
+                        r.summary.rewards,
+                        r.summary.water_ul,
+                        r.summary
+                            .supplement_ul
+                            .filter(|s| *s > 0.0)
+                            .map_or(String::new(), |s| format!(
+                                "; give {s:.0} µL by hand today"
+                            ))
+                    ),
+                ),
+            };
+            let mut a = Alert::new(kind, severity, message).details(serde_json::json!({
+                "reason": reason,
+                "summary": result.as_ref().ok().map(|r| &r.summary),
+            }));
+            a.mouse = Some(mouse);
+            a.session_dir = Some(dir);
+            self.alerts.raise(a);
+        }
+        Some(result)
+    }
+
+    fn on_device_fault(&self, t_us: u64, code: protocol::serial::FaultCode, detail: u32) {
+        use protocol::serial::FaultCode;
+        let message = match code {
+            FaultCode::WatchdogTripped => format!(
+                "the device closed the valve and silenced the tone: it heard nothing from                  rigd for {detail} ms (its heartbeat watchdog); check that rigd is running                  and not stalled"
+            ),
+            FaultCode::ValveCapTripped => format!(
+                "the device cut a valve opening at its cap ({detail} ms); check the                  commanded times and the valve"
+            ),
+            _ => return,
+        };
+        self.alert(
+            Alert::new(AlertKind::ValveSafetyTrip, "critical", message).details(
+                serde_json::json!({ "code": format!("{code:?}"), "detail": detail, "t_us": t_us }),
+            ),
+        );
     }
 
     async fn wait_finished(&mut self) -> Result<StopReply, ControlError> {
@@ -638,10 +830,16 @@ fn apply_overrides(cfg: &mut RigConfig, t: &protocol::control::TaskOverrides) {
     if t.max_duration_min.is_some() {
         task.max_duration_min = t.max_duration_min;
     }
+    if t.sated_after_min.is_some() {
+        task.sated_after_min = t.sated_after_min;
+    }
 }
 
-/// Water the mouse already had today (UTC date of the session folders), from
-/// the `summary.json` of its finished sessions.
+/// Water the mouse already had today (UTC date of the session folders): each
+/// folder's `summary.json` `water_ul`, or, for a folder without one (a
+/// session still running on another rig, or a crash not yet recovered), the
+/// sum of `trials.tsv`'s `reward_ul` column. Unreadable numbers are not
+/// guessed as 0 silently: they are logged.
 pub fn water_today_ul(data_root: &Path, mouse: &str) -> f64 {
     let today = crate::storage::rfc3339_utc(SystemTime::now());
     let day = &today[..10.min(today.len())];
@@ -654,12 +852,71 @@ pub fn water_today_ul(data_root: &Path, mouse: &str) -> f64 {
         if !name.starts_with(day) {
             continue;
         }
-        let Ok(text) = std::fs::read_to_string(e.path().join(crate::storage::SUMMARY_FILE)) else {
-            continue;
+        let dir = e.path();
+        let from_summary = std::fs::read_to_string(dir.join(crate::storage::SUMMARY_FILE))
+            .ok()
+            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+            .and_then(|v| v["water_ul"].as_f64());
+        let water = match from_summary {
+            Some(w) => w,
+            None => water_from_trials(&dir.join(crate::storage::TRIALS_FILE)),
         };
-        if let Ok(v) = serde_json::from_str::<Value>(&text) {
-            total += v["water_ul"].as_f64().unwrap_or(0.0);
-        }
+        total += water;
     }
     total
+}
+
+/// Sum of the `reward_ul` column of a `trials.tsv` (0 when absent).
+fn water_from_trials(path: &Path) -> f64 {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return 0.0;
+    };
+    let mut lines = text.lines();
+    let Some(col) = lines
+        .next()
+        .and_then(|h| h.split('\t').position(|c| c == "reward_ul"))
+    else {
+        tracing::warn!(
+            "{}: no reward_ul column; its water is not counted",
+            path.display()
+        );
+        return 0.0;
+    };
+    lines
+        .filter_map(|l| l.split('\t').nth(col))
+        .filter_map(|v| v.parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .sum()
+}
+
+#[cfg(test)]
+mod water_tests {
+    use super::*;
+
+    #[test]
+    fn the_days_water_counts_summaries_and_unfinished_sessions() {
+        let root = std::env::temp_dir().join(format!("rigd-water-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let today = crate::storage::rfc3339_utc(SystemTime::now());
+        let day = &today[..10];
+        let mk = |name: &str| {
+            let d = root.join("M1").join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            d
+        };
+        let a = mk(&format!("{day}_080000"));
+        std::fs::write(a.join("summary.json"), r#"{"water_ul": 400.0}"#).unwrap();
+        let b = mk(&format!("{day}_120000"));
+        std::fs::write(
+            b.join("trials.tsv"),
+            "trial\toutcome\treward_ul\n1\trewarded\t4.0\n2\tmiss\t0\n3\trewarded\t4.5\n",
+        )
+        .unwrap();
+        let old = mk("1999-01-01_080000");
+        std::fs::write(old.join("summary.json"), r#"{"water_ul": 999.0}"#).unwrap();
+        let w = water_today_ul(&root, "M1");
+        assert!((w - 408.5).abs() < 1e-9, "{w}");
+        assert_eq!(water_today_ul(&root, "M2"), 0.0);
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }

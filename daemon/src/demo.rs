@@ -161,7 +161,7 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
                     }
                 }
             }
-            _ = tokio::time::sleep(Duration::from_millis(250)) => app.core.update_preview_health(),
+            _ = tokio::time::sleep(Duration::from_millis(250)) => app.core.tick(),
             _ = tokio::signal::ctrl_c() => {
                 crate::outln!("\ninterrupted: stopping the session");
                 break app.core.stop("interrupted (Ctrl-C)").await;

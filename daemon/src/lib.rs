@@ -3,6 +3,7 @@
 //!
 //! Architecture invariant: the daemon never encodes or decodes wire bytes
 //! itself; it uses the `protocol` crate for every wire.
+pub mod alerts;
 pub mod app;
 pub mod behaviour;
 pub mod control;

@@ -65,6 +65,12 @@ pub enum RigNotice {
     /// The task finished by itself (a cap or the duration) or after a stop;
     /// the storage thread has its `Finish` queued.
     TaskFinished { reason: String },
+    /// The device reported a fault (watchdog trip, valve cap, overflow...).
+    DeviceFault {
+        t_us: u64,
+        code: protocol::serial::FaultCode,
+        detail: u32,
+    },
 }
 
 /// Counters the core reads for `status` (under a mutex the rig thread holds
@@ -357,10 +363,7 @@ impl RigHandler {
 
     fn on_trial(&mut self, rec: TrialRecord) {
         if let Some(p) = &self.preview {
-            let outcome = match rec.outcome {
-                Outcome::Rewarded => "rewarded",
-                Outcome::Miss => "miss",
-            };
+            let outcome = rec.outcome.as_str();
             let rt = rec
                 .t_response_us
                 .map(|r| r.saturating_sub(rec.t_cue_us) as f32 / 1e6);
@@ -384,6 +387,7 @@ impl RigHandler {
         let outcome = match rec.outcome {
             Outcome::Rewarded => TrialOutcome::Rewarded,
             Outcome::Miss => TrialOutcome::Miss,
+            Outcome::Aborted => TrialOutcome::Aborted,
         };
         let event = Event::Trial(TrialEvent {
             trial: u64::from(rec.trial),
@@ -727,6 +731,11 @@ impl LinkHandler for RigHandler {
             }
             LinkEvent::Fault { t_us, code, detail } => {
                 tracing::warn!("device fault {code:?} ({detail})");
+                let _ = self.notices.send(RigNotice::DeviceFault {
+                    t_us: *t_us,
+                    code: *code,
+                    detail: *detail,
+                });
                 self.log(
                     *t_us,
                     StorageSource::Device,

@@ -50,7 +50,6 @@ pub struct FinishedSession {
 }
 
 /// Session parameters the thread needs besides the writer.
-#[derive(Debug)]
 pub struct StorageSetup {
     /// Rig time (µs) of session time 0.
     pub t0_us: u64,
@@ -60,6 +59,23 @@ pub struct StorageSetup {
     /// The imaging ingest writing into the same folder: stopped (its files
     /// closed) before the folder is finished.
     pub ingest: Option<crate::imaging::ingest::Ingest>,
+    /// Water the mouse had today before this session, µL, and the daily
+    /// target: for `summary.json`'s `water_today_ul` and `supplement_ul`.
+    pub water_before_today_ul: f64,
+    pub daily_water_target_ul: Option<f64>,
+    /// Called (once) when a disk error ends the session early, with the
+    /// error: stops the task at once so no trial runs unrecorded.
+    pub on_storage_error: Option<Box<dyn FnOnce(String) + Send>>,
+}
+
+impl std::fmt::Debug for StorageSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StorageSetup")
+            .field("t0_us", &self.t0_us)
+            .field("fsync_interval", &self.fsync_interval)
+            .field("ingest", &self.ingest.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Start the storage thread. `done` gets the result when the folder is
@@ -78,6 +94,9 @@ pub fn spawn(
             let result = run(writer, &mut setup, &rx, &status);
             if let Err(e) = &result {
                 tracing::error!("session storage failed: {e}");
+                if let Some(stop) = setup.on_storage_error.take() {
+                    stop(e.clone());
+                }
             }
             let _ = done.send(result);
         })
@@ -248,7 +267,8 @@ fn finish(
             "records not written: storage queue full",
         );
     }
-    let summary = crate::behaviour::summarize(&st.trials, &st.lever, &setup.behaviour);
+    let mut summary = crate::behaviour::summarize(&st.trials, &st.lever, &setup.behaviour);
+    summary.set_water_today(setup.water_before_today_ul, setup.daily_water_target_ul);
     let summary_json = serde_json::to_value(&summary).map_err(|e| e.to_string())?;
     let dir = w.path().display().to_string();
     w.finish(SystemTime::now(), &reason, &summary_json)
@@ -262,6 +282,9 @@ fn finish(
             success_rate: summary.success_rate,
             reaction_time_median_s: summary.reaction_time_median_s,
             trajectory_corr_median: summary.trajectory_corr_median,
+            stop_reason: Some(reason.clone()),
+            water_today_ul: summary.water_today_ul,
+            supplement_ul: summary.supplement_ul,
         },
         summary_json,
         reason,

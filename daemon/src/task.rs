@@ -83,6 +83,8 @@ pub struct TaskParams {
     pub max_rewards: Option<u32>,
     /// Start no trial after this much time since the first lever sample, µs.
     pub max_duration_us: Option<u64>,
+    /// Finish (between trials) when no press was seen for this long, µs.
+    pub sated_after_us: Option<u64>,
     /// Water cap for this session, µL.
     pub max_water_session_ul: f64,
     /// Water this mouse may still get today (the per-day cap minus what it
@@ -189,6 +191,7 @@ impl TaskParams {
             max_trials: t.max_trials,
             max_rewards: t.max_rewards,
             max_duration_us,
+            sated_after_us: t.sated_after_min.map(min_to_us),
             max_water_session_ul: water_cap,
             water_remaining_today_ul: None,
             seed: 0,
@@ -276,6 +279,8 @@ pub enum FinishReason {
     Duration,
     /// A [`TaskInput::Stop`].
     Stopped,
+    /// No press for `task.sated_after_min` (the mouse stopped working).
+    Sated,
 }
 
 impl FinishReason {
@@ -286,6 +291,7 @@ impl FinishReason {
             Self::WaterCap => "water_cap",
             Self::Duration => "duration",
             Self::Stopped => "stopped",
+            Self::Sated => "sated",
         }
     }
 }
@@ -358,6 +364,9 @@ pub struct TaskEngine {
     iti_duration_us: u64,
     /// Presses outside the response window since the last cue.
     iti_presses: u32,
+    /// The latest press (any threshold crossing), or the first sample or the
+    /// link's return when later: what `sated_after_us` counts from.
+    last_press_us: u64,
 
     trial_start_us: u64,
     quiet_anchor_counts: i32,
@@ -395,6 +404,7 @@ impl TaskEngine {
             iti_start_us: 0,
             iti_duration_us: 0,
             iti_presses: 0,
+            last_press_us: 0,
             trial_start_us: 0,
             quiet_anchor_counts: 0,
             quiet_since_us: 0,
@@ -482,6 +492,7 @@ impl TaskEngine {
     fn on_lever(&mut self, t: u64, counts: i32, out: &mut impl FnMut(TaskOutput)) {
         if self.origin_us.is_none() {
             self.origin_us = Some(t);
+            self.last_press_us = t;
             self.rest_counts = counts;
             self.last_counts = counts;
             self.armed = true;
@@ -495,6 +506,7 @@ impl TaskEngine {
         let crossed = self.armed && disp >= self.threshold_counts;
         if crossed {
             self.armed = false;
+            self.last_press_us = t;
         } else if disp < self.rearm_counts {
             self.armed = true;
         }
@@ -601,7 +613,8 @@ impl TaskEngine {
         self.link_up = false;
         // The device silences the tone itself when the host goes quiet.
         self.tone_on = false;
-        if let Some(rec) = self.current.take() {
+        if let Some(mut rec) = self.current.take() {
+            rec.outcome = Outcome::Aborted;
             out(TaskOutput::Trial(rec));
         }
         self.awaiting_tone_on = false;
@@ -613,6 +626,9 @@ impl TaskEngine {
             return;
         }
         self.link_up = true;
+        // The lever was not seen while the link was down: count the mouse's
+        // idle time afresh, never declare it sated over an unplugged cable.
+        self.last_press_us = self.last_press_us.max(t);
         if self.state == TaskState::LinkDown {
             if self.origin_us.is_some() {
                 self.enter_iti(t, 0, out);
@@ -644,13 +660,21 @@ impl TaskEngine {
         self.set_state(t, TaskState::Iti, out);
     }
 
-    /// The session's time is up (checked between trials only). Returns true
-    /// when the engine finished.
+    /// The session's time is up, or the mouse is sated (checked between
+    /// trials only). Returns true when the engine finished.
     fn duration_finish(&mut self, t: u64, out: &mut impl FnMut(TaskOutput)) -> bool {
-        let (Some(max), Some(origin)) = (self.p.max_duration_us, self.origin_us) else {
+        let Some(origin) = self.origin_us else {
             return false;
         };
-        if t.saturating_sub(origin) < max {
+        let timed_out = self
+            .p
+            .max_duration_us
+            .is_some_and(|max| t.saturating_sub(origin) >= max);
+        let sated = self
+            .p
+            .sated_after_us
+            .is_some_and(|idle| t.saturating_sub(self.last_press_us) >= idle);
+        if !timed_out && !sated {
             return false;
         }
         if let Some(p) = &self.pending {
@@ -658,7 +682,12 @@ impl TaskEngine {
                 return false; // give the last reward's ValveOpen a moment
             }
         }
-        self.finish(t, FinishReason::Duration, out);
+        let reason = if timed_out {
+            FinishReason::Duration
+        } else {
+            FinishReason::Sated
+        };
+        self.finish(t, reason, out);
         true
     }
 
@@ -794,8 +823,9 @@ impl TaskEngine {
 
     fn finish(&mut self, t: u64, reason: FinishReason, out: &mut impl FnMut(TaskOutput)) {
         self.tone_off_if_on(t, out);
-        // A trial cut short in its response window is written as a miss.
-        if let Some(rec) = self.current.take() {
+        // A trial cut short in its response window is written as aborted.
+        if let Some(mut rec) = self.current.take() {
+            rec.outcome = Outcome::Aborted;
             out(TaskOutput::Trial(rec));
         }
         self.flush_pending(out);

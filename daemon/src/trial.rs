@@ -13,6 +13,11 @@ pub enum Outcome {
     Rewarded,
     /// The response window ended without a crossing.
     Miss,
+    /// The trial was cut short before its window ended: the serial link was
+    /// lost (the device cannot be seen, so neither a press nor its absence
+    /// is known) or the session was stopped mid-window. Not a miss: the
+    /// summary leaves aborted trials out of the success rate.
+    Aborted,
 }
 
 impl Outcome {
@@ -20,6 +25,7 @@ impl Outcome {
         match self {
             Self::Rewarded => "rewarded",
             Self::Miss => "miss",
+            Self::Aborted => "aborted",
         }
     }
 }

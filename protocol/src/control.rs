@@ -192,6 +192,8 @@ pub struct TaskOverrides {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_rewards: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sated_after_min: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_duration_min: Option<u32>,
 }
 
@@ -733,6 +735,16 @@ pub struct SessionSummary {
     pub reaction_time_median_s: Option<f64>,
     /// Median correlation of rewarded lever trajectories.
     pub trajectory_corr_median: Option<f64>,
+    /// Why the session ended (`max_trials`, `water_cap`, `sated`, `stopped
+    /// by ...`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
+    /// Water the mouse had today including this session, µL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub water_today_ul: Option<f64>,
+    /// Water still to give by hand to reach the daily target, µL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supplement_ul: Option<f64>,
 }
 
 // ---- events --------------------------------------------------------------------

@@ -43,6 +43,7 @@ fn every_request() -> Vec<Request> {
                 max_trials: Some(300),
                 max_rewards: Some(250),
                 max_duration_min: Some(60),
+                sated_after_min: None,
             }),
         }),
         Request::Start(StartRequest {
@@ -614,6 +615,9 @@ fn typed_replies_round_trip() {
             success_rate: None,
             reaction_time_median_s: None,
             trajectory_corr_median: None,
+            stop_reason: None,
+            water_today_ul: None,
+            supplement_ul: None,
         },
     };
     let response = Response::ok(Some(2.into()), &stop);
@@ -664,6 +668,9 @@ fn every_event() -> Vec<(Event, Value)> {
         success_rate: Some(0.7),
         reaction_time_median_s: Some(0.8),
         trajectory_corr_median: Some(0.5),
+        stop_reason: Some("water_cap".into()),
+        water_today_ul: Some(900.0),
+        supplement_ul: Some(100.0),
     };
     vec![
         (

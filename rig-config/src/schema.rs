@@ -30,6 +30,8 @@ pub struct RigConfig {
     pub preview: PreviewSection,
     /// `[safety]`: caps that protect the mouse.
     pub safety: SafetySection,
+    /// `[alerts]`: who hears about trouble when nobody is in the room.
+    pub alerts: AlertsSection,
 }
 
 /// `[rig]`: the rig's hardware and the serial link to its microcontroller.
@@ -125,6 +127,10 @@ pub struct TaskSection {
     /// Stop after this many minutes; absent = no limit; > 0 if set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_duration_min: Option<u32>,
+    /// Stop (between trials) when the mouse has not pressed for this many
+    /// minutes: it is sated. Absent = never; 1..=1440 if set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sated_after_min: Option<u32>,
 }
 
 impl Default for TaskSection {
@@ -144,6 +150,7 @@ impl Default for TaskSection {
             max_trials: None,
             max_rewards: None,
             max_duration_min: None,
+            sated_after_min: None,
         }
     }
 }
@@ -409,6 +416,38 @@ impl Default for SafetySection {
             max_water_per_day_ul: 1500.0,
             max_session_min: 120,
             daily_water_target_ul: None,
+        }
+    }
+}
+
+/// `[alerts]`: a command run for every alert (a valve safety trip, the device
+/// lost for long, a disk nearly full, a session stopped automatically), with
+/// the alert as one JSON object on its standard input.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AlertsSection {
+    /// Shell command (run with `/bin/sh -c`); absent = alerts are only
+    /// logged and counted. No default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// Alert when the rig has been unreachable this long, s, 1..=86 400.
+    /// Default 30.
+    pub device_lost_s: u32,
+    /// Alert when the data root has less free space than this, MB, >= 1.
+    /// Default 2048.
+    pub disk_free_min_mb: u64,
+    /// The command is killed if it runs longer than this, s, 1..=600.
+    /// Default 30.
+    pub command_timeout_s: u32,
+}
+
+impl Default for AlertsSection {
+    fn default() -> Self {
+        Self {
+            command: None,
+            device_lost_s: 30,
+            disk_free_min_mb: 2048,
+            command_timeout_s: 30,
         }
     }
 }

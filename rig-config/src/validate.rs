@@ -151,6 +151,7 @@ pub(crate) fn validate(c: &RigConfig) -> Vec<Issue> {
     control(c, &mut out);
     preview(c, &mut out);
     safety(c, &mut out);
+    alerts(c, &mut out);
     out.0
 }
 
@@ -304,6 +305,7 @@ fn task(c: &RigConfig, out: &mut Issues) {
         ("task.max_trials", t.max_trials),
         ("task.max_rewards", t.max_rewards),
         ("task.max_duration_min", t.max_duration_min),
+        ("task.sated_after_min", t.sated_after_min),
     ] {
         if v == Some(0) {
             out.push(
@@ -619,4 +621,34 @@ fn safety(c: &RigConfig, out: &mut Issues) {
             );
         }
     }
+}
+
+fn alerts(c: &RigConfig, out: &mut Issues) {
+    let a = &c.alerts;
+    if let Some(cmd) = &a.command {
+        if cmd.trim().is_empty() {
+            out.push(
+                "alerts.command",
+                quoted(cmd),
+                "must be a shell command; remove the key to only log alerts",
+            );
+        }
+    }
+    out.int_range(
+        "alerts.device_lost_s",
+        a.device_lost_s.into(),
+        1,
+        86_400,
+        " s",
+    );
+    if a.disk_free_min_mb == 0 {
+        out.push("alerts.disk_free_min_mb", "0".to_owned(), "must be >= 1");
+    }
+    out.int_range(
+        "alerts.command_timeout_s",
+        a.command_timeout_s.into(),
+        1,
+        600,
+        " s",
+    );
 }

@@ -175,6 +175,12 @@ fn five_minute_session_matches_the_truth_and_loads_with_numpy() {
                 t["trial"],
                 surely_in_window
             ),
+            // Only the trial the session's stop cut short.
+            "aborted" => assert!(
+                std::ptr::eq(t, trials.last().expect("trials")),
+                "trial {} aborted mid-session without a fault",
+                t["trial"]
+            ),
             other => panic!("unknown outcome {other}"),
         }
     }

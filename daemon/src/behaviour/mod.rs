@@ -91,11 +91,25 @@ pub struct Summary {
     /// Rewarded trials in which water was given (not capped, not refused).
     pub rewards: u64,
     pub misses: u64,
+    /// Trials cut short (link lost, or the session stopped mid-window).
+    #[serde(default)]
+    pub aborted: u64,
     /// Rewarded trials whose water a cap withheld.
     pub capped: u64,
     /// Water given, µL (sum of the records' `reward_ul`).
     pub water_ul: f64,
-    /// Rewarded outcomes / trials.
+    /// Water this mouse had today (UTC date) including this session, µL.
+    /// Filled in by the daemon (`None` from [`summarize`] alone).
+    #[serde(default)]
+    pub water_today_ul: Option<f64>,
+    /// `safety.daily_water_target_ul`, when configured.
+    #[serde(default)]
+    pub daily_water_target_ul: Option<f64>,
+    /// Water still to give by hand today to reach the target, µL (0 when
+    /// reached); `None` without a target.
+    #[serde(default)]
+    pub supplement_ul: Option<f64>,
+    /// Rewarded outcomes / trials that were not aborted.
     pub success_rate: Option<f64>,
     /// Median of cue -> first movement onset, over trials with an onset in
     /// the response window.
@@ -157,8 +171,10 @@ pub fn summarize_parsed(
     let capped = count(&|r| r.capped);
     let rewards = count(&|r| r.outcome == Outcome::Rewarded && !r.capped && r.reward_ul > 0.0);
     let misses = count(&|r| r.outcome == Outcome::Miss);
+    let aborted = count(&|r| r.outcome == Outcome::Aborted);
     let water_ul = trials.iter().map(|r| r.reward_ul).sum();
-    let success_rate = (n_trials > 0).then(|| rewarded as f64 / n_trials as f64);
+    let judged = n_trials - aborted;
+    let success_rate = (judged > 0).then(|| rewarded as f64 / judged as f64);
     let iti_presses_total = trials.iter().map(|r| u64::from(r.iti_presses)).sum();
 
     let moves = &parsed.movements;
@@ -211,8 +227,12 @@ pub fn summarize_parsed(
         trials: n_trials,
         rewards,
         misses,
+        aborted,
         capped,
         water_ul,
+        water_today_ul: None,
+        daily_water_target_ul: None,
+        supplement_ul: None,
         success_rate,
         reaction_time_median_s: median(rts),
         reaction_time_n,
@@ -330,3 +350,14 @@ pub fn median_pairwise_correlation(trajectories: &[Vec<f64>]) -> Option<f64> {
 
 #[cfg(test)]
 mod tests;
+
+impl Summary {
+    /// Fill in the day's water: `before_ul` is what the mouse had today
+    /// before this session; `target_ul` the configured daily target.
+    pub fn set_water_today(&mut self, before_ul: f64, target_ul: Option<f64>) {
+        let today = before_ul + self.water_ul;
+        self.water_today_ul = Some(today);
+        self.daily_water_target_ul = target_ul;
+        self.supplement_ul = target_ul.map(|t| (t - today).max(0.0));
+    }
+}

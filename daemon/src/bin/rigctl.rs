@@ -291,6 +291,16 @@ fn print_summary(s: &Value) {
         fmt_opt(&s["reaction_time_median_s"], 3),
         fmt_opt(&s["trajectory_corr_median"], 2)
     );
+    if let Some(reason) = s["stop_reason"].as_str() {
+        println!("stopped  {reason}");
+    }
+    if let Some(today) = s["water_today_ul"].as_f64() {
+        print!("water today {today:.1} µL");
+        if let Some(sup) = s["supplement_ul"].as_f64() {
+            print!("   SUPPLEMENT {sup:.1} µL by hand to reach the daily target");
+        }
+        println!();
+    }
 }
 
 fn print_status(v: &Value) {

@@ -204,14 +204,14 @@ fn scripted_rewarded_trial_gives_exact_commands_and_record() {
         sync2,
         tone2,
         state(2_360_000, TaskState::Response),
-        // Stop in the response window: tone off, the trial written as a miss.
+        // Stop in the response window: tone off, the trial written as aborted.
         TaskOutput::Command(HostCommand::ToneOff),
         TaskOutput::Trial(TrialRecord {
             trial: 2,
             t_start_us: 2_360_000,
             t_cue_us: 2_360_000,
             t_response_us: None,
-            outcome: Outcome::Miss,
+            outcome: Outcome::Aborted,
             t_reward_us: None,
             reward_ul: 0.0,
             valve_open_us: 0,
@@ -530,7 +530,7 @@ fn duration_cap_finishes_between_trials() {
 }
 
 #[test]
-fn link_loss_mid_response_records_a_miss_and_waits() {
+fn link_loss_mid_response_records_an_aborted_trial_and_waits() {
     let mut e = TaskEngine::new(params());
     let inputs = merge(
         trace(0, 5000, |ms| {
@@ -544,7 +544,7 @@ fn link_loss_mid_response_records_a_miss_and_waits() {
     );
     let outs = run(&mut e, &inputs);
     let recs = trials(&outs);
-    assert_eq!(recs[0].outcome, Outcome::Miss);
+    assert_eq!(recs[0].outcome, Outcome::Aborted);
     assert!(outs.contains(&state(1_500_000, TaskState::LinkDown)));
     assert!(outs.contains(&state(3_000_000, TaskState::Iti)));
     // No command at all while the link was down.
@@ -823,4 +823,43 @@ mod prop {
             prop_assert_eq!(e.rewards(), pulses_total);
         }
     }
+}
+
+#[test]
+fn a_mouse_that_stops_pressing_is_sated_and_the_session_ends_between_trials() {
+    let mut p = params();
+    p.sated_after_us = Some(10_000_000);
+    p.max_duration_us = None;
+    let mut e = TaskEngine::new(p);
+    // One press at 1.5 s (trial 1, rewarded), then nothing.
+    let outs = run(&mut e, &trace(0, 30_000, press_at(1_500)));
+    assert_eq!(finished(&outs), Some(FinishReason::Sated));
+    let Some(TaskOutput::Finished { t_us, .. }) = outs.last() else {
+        panic!("not finished: {outs:?}");
+    };
+    // The press crossed at 1.56 s; sated 10 s later, at the first sample
+    // outside a response window from then on.
+    assert!(*t_us >= 11_560_000 && *t_us < 16_000_000, "{t_us}");
+    // No trial was cut short by it.
+    assert!(trials(&outs).iter().all(|r| r.outcome != Outcome::Aborted));
+}
+
+#[test]
+fn time_with_the_link_down_does_not_make_a_mouse_sated() {
+    let mut p = params();
+    p.sated_after_us = Some(5_000_000);
+    p.max_duration_us = None;
+    let mut e = TaskEngine::new(p);
+    let inputs = merge(
+        trace(0, 9_000, |_| 0),
+        &[
+            TaskInput::LinkLost { t_us: 500_000 },
+            TaskInput::LinkRestored { t_us: 8_000_000 },
+        ],
+    );
+    let outs = run(&mut e, &inputs);
+    assert_eq!(finished(&outs), None, "sated over an unplugged cable");
+    // It still counts from the link's return.
+    let outs = run(&mut e, &trace(9_001, 20_000, |_| 0));
+    assert_eq!(finished(&outs), Some(FinishReason::Sated));
 }

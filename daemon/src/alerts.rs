@@ -1,0 +1,258 @@
+//! Alerts: the things someone must hear about when nobody is in the room (a
+//! valve safety trip, the rig unreachable for long, the data disk nearly
+//! full, a session that stopped by itself or on a disk error).
+//!
+//! Every alert is logged (error level) and counted; with `[alerts] command`
+//! it is also handed to that command — `/bin/sh -c COMMAND` with the alert as
+//! one JSON object and a newline on standard input. The command runs on its
+//! own short-lived thread, is killed after `command_timeout_s`, and never
+//! blocks the core; at most [`MAX_RUNNING`] run at once (more are logged and
+//! dropped, so a flapping condition cannot fork-bomb the rig PC).
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use rig_config::AlertsSection;
+use serde::Serialize;
+
+/// Alert commands allowed to run at the same time.
+pub const MAX_RUNNING: usize = 4;
+
+/// What an alert is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertKind {
+    /// The device closed the valve by itself: its heartbeat watchdog fired
+    /// (the host went quiet) or a valve opening hit its cap.
+    ValveSafetyTrip,
+    /// The rig has been unreachable for `[alerts] device_lost_s`.
+    DeviceLost,
+    /// The data root has less than `[alerts] disk_free_min_mb` free.
+    DiskLow,
+    /// A session ended without anyone asking (a cap, its duration, the mouse
+    /// sated).
+    SessionAutoStopped,
+    /// A disk error ended a session early.
+    StorageError,
+}
+
+impl AlertKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ValveSafetyTrip => "valve_safety_trip",
+            Self::DeviceLost => "device_lost",
+            Self::DiskLow => "disk_low",
+            Self::SessionAutoStopped => "session_auto_stopped",
+            Self::StorageError => "storage_error",
+        }
+    }
+}
+
+/// One alert, as the command receives it (JSON).
+#[derive(Debug, Clone, Serialize)]
+pub struct Alert {
+    pub kind: AlertKind,
+    /// `"critical"` (the animal or the data may be at risk), `"warning"`
+    /// (someone should look) or `"info"` (a planned end, e.g. the session's
+    /// duration or trial count reached).
+    pub severity: &'static str,
+    /// One human sentence: what happened and what to do.
+    pub message: String,
+    pub rig: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mouse: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_dir: Option<String>,
+    /// RFC 3339 UTC, filled in when raised.
+    pub time_utc: String,
+    /// Kind-specific numbers (fault code, seconds lost, MB free, reason...).
+    pub details: serde_json::Value,
+}
+
+impl Alert {
+    pub fn new(kind: AlertKind, severity: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            severity,
+            message: message.into(),
+            rig: String::new(),
+            mouse: None,
+            session_dir: None,
+            time_utc: String::new(),
+            details: serde_json::Value::Null,
+        }
+    }
+
+    pub fn details(mut self, details: serde_json::Value) -> Self {
+        self.details = details;
+        self
+    }
+}
+
+/// Raises alerts. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Alerter {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    cfg: AlertsSection,
+    rig: String,
+    raised: AtomicU64,
+    running: AtomicUsize,
+}
+
+impl Alerter {
+    pub fn new(cfg: AlertsSection, rig: impl Into<String>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                cfg,
+                rig: rig.into(),
+                raised: AtomicU64::new(0),
+                running: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// Alerts raised since start.
+    pub fn raised(&self) -> u64 {
+        self.inner.raised.load(Ordering::Relaxed)
+    }
+
+    /// Log the alert and hand it to the configured command (in the background).
+    pub fn raise(&self, mut alert: Alert) {
+        alert.rig.clone_from(&self.inner.rig);
+        alert.time_utc = crate::storage::rfc3339_utc(SystemTime::now());
+        self.inner.raised.fetch_add(1, Ordering::Relaxed);
+        let kind = alert.kind.as_str();
+        match alert.severity {
+            "critical" => tracing::error!(kind, "ALERT: {}", alert.message),
+            "warning" => tracing::warn!(kind, "ALERT: {}", alert.message),
+            _ => tracing::info!(kind, "ALERT: {}", alert.message),
+        }
+        let Some(cmd) = self.inner.cfg.command.clone() else {
+            return;
+        };
+        let json = match serde_json::to_string(&alert) {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::error!("alert not serialisable: {e}");
+                return;
+            }
+        };
+        let inner = self.inner.clone();
+        if inner.running.fetch_add(1, Ordering::SeqCst) >= MAX_RUNNING {
+            inner.running.fetch_sub(1, Ordering::SeqCst);
+            tracing::error!(
+                "alert command not run: {MAX_RUNNING} alert commands are still running"
+            );
+            return;
+        }
+        let timeout = Duration::from_secs(u64::from(inner.cfg.command_timeout_s));
+        let spawned = std::thread::Builder::new()
+            .name("rig-alert".into())
+            .spawn(move || {
+                if let Err(e) = run_command(&cmd, &json, timeout) {
+                    tracing::error!("alert command `{cmd}` failed: {e}");
+                }
+                inner.running.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            self.inner.running.fetch_sub(1, Ordering::SeqCst);
+            tracing::error!("alert command not run: cannot start a thread: {e}");
+        }
+    }
+}
+
+fn run_command(cmd: &str, json: &str, timeout: Duration) -> Result<(), String> {
+    let mut child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start /bin/sh: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A command that does not read its input is not an error.
+        let _ = stdin.write_all(json.as_bytes());
+        let _ = stdin.write_all(b"\n");
+    }
+    let started = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut err);
+                }
+                return Err(format!("{status}: {}", err.trim()));
+            }
+            Ok(None) if started.elapsed() > timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("killed after {} s", timeout.as_secs()));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// Free space on the filesystem holding `path`, MB.
+pub fn free_mb(path: &std::path::Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(path).ok()?;
+    Some(st.blocks_available() as u64 * st.fragment_size() as u64 / (1024 * 1024))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_gets_the_alert_as_json_on_stdin() {
+        let dir = std::env::temp_dir().join(format!("rigd-alert-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("alerts.jsonl");
+        let cfg = AlertsSection {
+            command: Some(format!("cat >> '{}'", out.display())),
+            ..AlertsSection::default()
+        };
+        let a = Alerter::new(cfg, "rig7");
+        a.raise(
+            Alert::new(AlertKind::DiskLow, "warning", "disk nearly full")
+                .details(serde_json::json!({"free_mb": 12})),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let line = loop {
+            if let Ok(t) = std::fs::read_to_string(&out) {
+                if t.ends_with('\n') {
+                    break t;
+                }
+            }
+            assert!(Instant::now() < deadline, "the alert command did not run");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+        assert_eq!(v["kind"], "disk_low");
+        assert_eq!(v["rig"], "rig7");
+        assert_eq!(v["details"]["free_mb"], 12);
+        assert!(v["time_utc"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(a.raised(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_hanging_command_is_killed() {
+        let e = run_command("sleep 30", "{}", Duration::from_millis(200)).unwrap_err();
+        assert!(e.contains("killed"), "{e}");
+        let e = run_command("echo nope >&2; exit 3", "{}", Duration::from_secs(5)).unwrap_err();
+        assert!(e.contains("nope"), "{e}");
+    }
+}
