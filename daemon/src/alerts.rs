@@ -205,10 +205,15 @@ fn run_command(cmd: &str, json: &str, timeout: Duration) -> Result<(), String> {
     }
 }
 
+/// Free space on the filesystem holding `path`, bytes (for rigd's user).
+pub fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(path).ok()?;
+    Some((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
+}
+
 /// Free space on the filesystem holding `path`, MB.
 pub fn free_mb(path: &std::path::Path) -> Option<u64> {
-    let st = nix::sys::statvfs::statvfs(path).ok()?;
-    Some(st.blocks_available() as u64 * st.fragment_size() as u64 / (1024 * 1024))
+    free_bytes(path).map(|b| b / (1024 * 1024))
 }
 
 #[cfg(test)]

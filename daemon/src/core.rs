@@ -406,6 +406,24 @@ impl Core {
             check_disk_rate(&cfg.storage.data_root, bytes_per_s)
                 .map_err(|e| err(ErrorCode::RefusedBySafety, e))?;
         }
+        // A session needs room for its reserve (see storage_thread) and
+        // then some; on a full disk, refuse rather than start and stop.
+        let min_free = 2 * storage_thread::RESERVE_BYTES as u64;
+        if let Some(free) = crate::alerts::free_bytes(Path::new(&cfg.storage.data_root)) {
+            if free < min_free {
+                return Err(err(
+                    ErrorCode::RefusedBySafety,
+                    format!(
+                        "the data disk holding [storage].data_root = {} has only {} kB free \
+                         (No space left for a session, which needs at least {} kB): free space \
+                         or point data_root at another disk",
+                        cfg.storage.data_root.display(),
+                        free / 1024,
+                        min_free / 1024
+                    ),
+                ));
+            }
+        }
         // The folder and its writer.
         let start_utc = SystemTime::now();
         let dir = SessionDir::create(Path::new(&cfg.storage.data_root), &req.mouse, start_utc)

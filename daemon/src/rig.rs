@@ -160,6 +160,24 @@ impl RigHandler {
         self.status.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Rig time now for records without a device timestamp (link changes):
+    /// the host clock mapped through the clock fit (the latest sample's time
+    /// can be seconds old while the cable is out), else the latest sample's.
+    fn rig_now_us(&self) -> u64 {
+        let st = self.status();
+        match st.clock {
+            Some(fit) => {
+                let mapped = fit.host_to_rig_us(firmware_bridge::link::host_now_ns());
+                if mapped.is_finite() && mapped > 0.0 {
+                    (mapped as u64).max(st.rig_now_us)
+                } else {
+                    st.rig_now_us
+                }
+            }
+            None => st.rig_now_us,
+        }
+    }
+
     fn broadcast(&self, event: Event) {
         // No subscribers is fine.
         let _ = self.events.send(event_line(&event));
@@ -648,7 +666,7 @@ impl LinkHandler for RigHandler {
                 device_rebooted,
             } => {
                 self.connected = true;
-                let t_us = self.status().rig_now_us;
+                let t_us = self.rig_now_us();
                 self.set_link(
                     LinkState::Connected,
                     Some(format!(
@@ -676,7 +694,14 @@ impl LinkHandler for RigHandler {
                 }
             }
             LinkEvent::Lost { reason, .. } => {
-                let t_us = self.status().rig_now_us;
+                let t_us = self.rig_now_us();
+                // One `lost` per loss; the failed attempts to reconnect that
+                // follow are `reconnect_failed`.
+                let kind = if self.connected {
+                    "lost"
+                } else {
+                    "reconnect_failed"
+                };
                 if *reason == LostReason::Shutdown {
                     tracing::debug!("rig link closed");
                 } else if self.connected {
@@ -689,7 +714,7 @@ impl LinkHandler for RigHandler {
                 for (_, reply) in self.manual.drain(..) {
                     let _ = reply.send(Err(format!("link lost: {reason}")));
                 }
-                self.log(t_us, StorageSource::Link, "lost", 0.0, reason.to_string());
+                self.log(t_us, StorageSource::Link, kind, 0.0, reason.to_string());
                 if *reason != LostReason::Shutdown {
                     self.set_link(LinkState::Lost, Some(reason.to_string()));
                 }

@@ -21,6 +21,26 @@ pub use crate::storage::EventSource as StorageSource;
 /// message, so this is several seconds of a 10 kHz stream.
 pub const STORAGE_QUEUE: usize = 1 << 16;
 
+/// Space set aside in every session folder while it is recorded
+/// (`.rigd-reserve.tmp`, zeros): freed when a write fails, so that on a full
+/// disk the session can still be closed properly (`session.toml` with the
+/// stop reason, the summary). Removed at the end; recovery removes a
+/// leftover one with the other temporary files.
+pub const RESERVE_BYTES: usize = 1 << 20;
+/// The reserve's file name (a temporary file: never in the manifest).
+pub const RESERVE_FILE: &str = ".rigd-reserve.tmp";
+
+fn make_reserve(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(dir.join(RESERVE_FILE))?;
+    f.write_all(&vec![0u8; RESERVE_BYTES])?;
+    f.sync_all()
+}
+
+fn free_reserve(dir: &std::path::Path) {
+    let _ = std::fs::remove_file(dir.join(RESERVE_FILE));
+}
+
 /// A record for the session files.
 #[derive(Debug)]
 pub enum StorageMsg {
@@ -91,7 +111,18 @@ pub fn spawn(
         .name("rig-storage".into())
         .spawn(move || {
             let mut setup = setup;
+            let dir = writer.path().to_path_buf();
+            if let Err(e) = make_reserve(&dir) {
+                // Not fatal: the session is recorded, only a full disk would
+                // end it less tidily.
+                tracing::warn!(
+                    "cannot set aside {RESERVE_BYTES} B in {}: {e}",
+                    dir.display()
+                );
+                free_reserve(&dir);
+            }
             let result = run(writer, &mut setup, &rx, &status);
+            free_reserve(&dir);
             if let Err(e) = &result {
                 tracing::error!("session storage failed: {e}");
                 if let Some(stop) = setup.on_storage_error.take() {
@@ -271,6 +302,7 @@ fn finish(
     summary.set_water_today(setup.water_before_today_ul, setup.daily_water_target_ul);
     let summary_json = serde_json::to_value(&summary).map_err(|e| e.to_string())?;
     let dir = w.path().display().to_string();
+    free_reserve(w.path());
     w.finish(SystemTime::now(), &reason, &summary_json)
         .map_err(|e| e.to_string())?;
     Ok(FinishedSession {
@@ -293,7 +325,16 @@ fn finish(
 
 fn fail(w: SessionWriter, error: String) -> Result<FinishedSession, String> {
     // The ingest (if any) is dropped with the setup: its thread stops and its
-    // files stay as last synced; recovery repairs them.
-    let _ = w.abort(SystemTime::now(), &format!("storage error: {error}"), None);
+    // files stay as last synced; recovery repairs them. The reserve makes
+    // room for that on a full disk.
+    free_reserve(w.path());
+    match w.abort(SystemTime::now(), &format!("storage error: {error}"), None) {
+        Ok(report) if report.problems.is_empty() => {}
+        Ok(report) => tracing::error!("closing the session after the error: {report}"),
+        Err(e) => tracing::error!(
+            "the session could not be closed after the error ({e}); the next start of \
+             rigd recovers it"
+        ),
+    }
     Err(error)
 }

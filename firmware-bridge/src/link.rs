@@ -356,6 +356,10 @@ impl Writer {
             .map_err(|e| SendError::Io(e.to_string()))?;
         self.next_seq = seq.wrapping_add(1);
         self.last_tx_ns = host_ns;
+        // `Reset` is answered by `Hello`, never by an `Ack`: not tracked.
+        if cmd.msg_type() == protocol::serial::host_type::RESET {
+            return Ok(Sent { seq, host_ns });
+        }
         // Bounded: at most 256 outstanding commands are tracked; older ones
         // have long timed out and been reported by then.
         if self.pending.len() >= 256 {

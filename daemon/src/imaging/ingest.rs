@@ -276,7 +276,8 @@ fn run(
     let mut reader = None;
     let mut last_open_error = String::new();
     let mut next_open = Instant::now();
-    let mut stale_reported = false;
+    // When the producer went silent (reported), for its `producer_resumed`.
+    let mut stale_since: Option<Instant> = None;
     let mut last_frame_number: Option<u64> = None;
     loop {
         let stopping = stop.load(Ordering::Relaxed);
@@ -313,7 +314,15 @@ fn run(
             match r.poll(&mut buf) {
                 Ok(PollOutcome::Frame(meta)) => {
                     got = true;
-                    stale_reported = false;
+                    if let Some(since) = stale_since.take() {
+                        let s = since.elapsed().as_secs_f64() + 2.0;
+                        notice(
+                            "producer_resumed",
+                            s,
+                            format!("frames again after about {s:.1} s without any"),
+                        );
+                        tracing::info!("imaging: frames again after about {s:.1} s");
+                    }
                     counters.frames.fetch_add(1, Ordering::Relaxed);
                     let (fit, _) = live();
                     let mapped_us = fit.map(|f| f.host_to_rig_us(meta.host_monotonic_ns));
@@ -380,8 +389,8 @@ fn run(
                     tracing::warn!("imaging: the frame producer restarted");
                 }
                 Ok(PollOutcome::NothingNew) => {
-                    if r.is_stale(host_now_ns(), 2_000_000_000) && !stale_reported {
-                        stale_reported = true;
+                    if r.is_stale(host_now_ns(), 2_000_000_000) && stale_since.is_none() {
+                        stale_since = Some(Instant::now());
                         notice(
                             "producer_stale",
                             0.0,

@@ -134,9 +134,12 @@ fn io_hint(e: &io::Error) -> &'static str {
         Some(ENOSPC) | Some(EDQUOT) => {
             " (the data disk is full: free space or move [storage].data_root)"
         }
-        Some(EROFS) => " (the file system is mounted read-only)",
+        Some(EROFS) => {
+            " (the file system is mounted read-only: remount it read-write, or point \
+             [storage].data_root at a writable disk)"
+        }
         _ if e.kind() == io::ErrorKind::PermissionDenied => {
-            " (check that rigd's user may write there)"
+            " (check that rigd's user may write to [storage].data_root)"
         }
         _ => "",
     }

@@ -81,6 +81,15 @@ struct Args {
     /// reboot@T (T and D in simulated seconds).
     #[arg(long = "fault", value_name = "SPEC")]
     faults: Vec<FaultSpec>,
+    /// Fault at a device event, repeatable: KIND@valveN:ARG (the moment the
+    /// valve opens for the Nth time, mid-reward) or KIND@cueN:ARG (the
+    /// moment the Nth cue starts, mid-trial), e.g. unplug@valve2:1.5.
+    #[arg(long = "fault-on", value_name = "SPEC")]
+    faults_on: Vec<firmware_bridge::sim::TriggeredFault>,
+    /// The mouse is sated after this many drinks (valve openings) and stops
+    /// pressing.
+    #[arg(long, value_name = "N")]
+    sated_after: Option<u32>,
     /// Stop after this many simulated seconds.
     #[arg(long, value_name = "S")]
     duration_s: Option<f64>,
@@ -159,6 +168,8 @@ impl Args {
                 spike_us: self.spike_us,
             },
             faults: self.faults,
+            triggered_faults: self.faults_on,
+            sated_after_drinks: self.sated_after,
             duration_s: self.duration_s,
             tx_buffer_bytes: self.tx_buffer_bytes,
             quiet: self.quiet,

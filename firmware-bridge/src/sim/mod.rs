@@ -130,6 +130,62 @@ impl FromStr for FaultSpec {
     }
 }
 
+/// What a [`TriggeredFault`] waits for: the Nth (1-based) valve opening or
+/// cue tone of the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultTrigger {
+    /// `valveN`: the moment the valve opens for the Nth time (mid-reward).
+    Valve(u32),
+    /// `cueN`: the moment the Nth tone starts (mid-trial, in its window).
+    Cue(u32),
+}
+
+/// A fault applied at a device event instead of a time: `unplug@valve2:0.5`
+/// unplugs the cable the moment the valve opens for the second time (the
+/// fault's own time is ignored).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TriggeredFault {
+    pub on: FaultTrigger,
+    pub fault: FaultSpec,
+}
+
+impl FromStr for TriggeredFault {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| {
+            format!("fault '{s}': {why}; expected KIND@valveN:ARG or KIND@cueN:ARG, KIND one of {FAULT_FORMS}")
+        };
+        let (kind, rest) = s.split_once('@').ok_or_else(|| bad("missing '@'"))?;
+        let (when, arg) = match rest.split_once(':') {
+            Some((a, b)) => (a, Some(b)),
+            None => (rest, None),
+        };
+        let nth = |digits: &str| {
+            digits
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n >= 1)
+                .ok_or_else(|| bad(&format!("'{when}': N must be a whole number >= 1")))
+        };
+        let on = if let Some(n) = when.strip_prefix("valve") {
+            FaultTrigger::Valve(nth(n)?)
+        } else if let Some(n) = when.strip_prefix("cue") {
+            FaultTrigger::Cue(nth(n)?)
+        } else {
+            return Err(bad(&format!("'{when}' is neither valveN nor cueN")));
+        };
+        let timed = match arg {
+            Some(a) => format!("{kind}@0:{a}"),
+            None => format!("{kind}@0"),
+        };
+        Ok(Self {
+            on,
+            fault: timed.parse()?,
+        })
+    }
+}
+
 /// Everything the simulator can be told. [`SimOptions::new`] gives the
 /// defaults of the `rig-sim` command line.
 #[derive(Debug, Clone, PartialEq)]
@@ -153,6 +209,11 @@ pub struct SimOptions {
     /// One-way latency of the link, both directions, host µs.
     pub latency: LatencyModel,
     pub faults: Vec<FaultSpec>,
+    /// Faults applied at the Nth valve opening or cue.
+    pub triggered_faults: Vec<TriggeredFault>,
+    /// The mouse is sated after this many drinks (valve openings): it stops
+    /// pressing. `None`: never.
+    pub sated_after_drinks: Option<u32>,
     /// Stop after this much true time.
     pub duration_s: Option<f64>,
     /// Bytes the device can hold back when the host does not read (its
@@ -184,6 +245,8 @@ impl SimOptions {
             frame_rate_hz: 28.7,
             latency: LatencyModel::ZERO,
             faults: Vec::new(),
+            triggered_faults: Vec::new(),
+            sated_after_drinks: None,
             duration_s: None,
             tx_buffer_bytes: 1024,
             quiet: false,

@@ -222,9 +222,24 @@ pub struct Mouse {
     licks: VecDeque<(f64, bool)>,
     licks_planned_until_us: f64,
     truth: Vec<TruthEvent>,
+    /// After this many drinks the mouse is sated: it ignores cues and stops
+    /// pressing (`None`: never).
+    sated_after: Option<u32>,
+    drinks: u32,
 }
 
 impl Mouse {
+    /// The same mouse, sated after `drinks` valve openings.
+    pub fn with_sated_after(mut self, drinks: Option<u32>) -> Self {
+        self.sated_after = drinks;
+        self
+    }
+
+    /// Whether it has had its fill.
+    pub fn sated(&self) -> bool {
+        self.sated_after.is_some_and(|n| self.drinks >= n)
+    }
+
     /// A mouse on training day `day` (1..=14), with a lever, and the threshold
     /// whose upward crossings go into the truth log.
     pub fn new(day: u8, lever: LeverSpec, threshold_mm: f64, seed: u64) -> Self {
@@ -251,6 +266,8 @@ impl Mouse {
             licks: VecDeque::new(),
             licks_planned_until_us: 0.0,
             truth: Vec::new(),
+            sated_after: None,
+            drinks: 0,
         }
     }
 
@@ -299,6 +316,11 @@ impl Mouse {
         if self.queued.is_some() {
             return; // already about to answer a cue
         }
+        if self.sated() {
+            self.truth
+                .push(TruthEvent::new(t_us, "cue_ignored", 0.0).with_detail("sated".to_string()));
+            return;
+        }
         if self.rng.chance(self.b.response_prob) {
             let rt_s = self
                 .rng
@@ -314,6 +336,13 @@ impl Mouse {
 
     /// Water came (the valve opened) at `t_us`: a lick bout follows.
     pub fn water(&mut self, t_us: f64) {
+        self.drinks += 1;
+        if self.sated_after == Some(self.drinks) {
+            self.truth
+                .push(TruthEvent::new(t_us, "sated", f64::from(self.drinks)));
+            // No more spontaneous presses either.
+            self.next_spontaneous_us = f64::INFINITY;
+        }
         let delay_ms = self
             .rng
             .lognormal(self.b.lick_delay_median_ms, 0.3)

@@ -280,6 +280,12 @@ pub(crate) struct Sim {
     frame_clock: Option<FrameClock>,
     faults: Vec<FaultSpec>,
     next_fault: usize,
+    /// Event-triggered faults still waiting, valve openings and cues so
+    /// far, and how many truth rows were already scanned for them.
+    triggered: Vec<super::TriggeredFault>,
+    valve_opens: u32,
+    cues: u32,
+    rows_scanned: usize,
     replug_at_us: Option<f64>,
     silent_until_us: Option<f64>,
     garbage_rng: Rng,
@@ -326,7 +332,8 @@ impl Sim {
             opts.lever,
             opts.truth_threshold_mm,
             seeds.next_u64(),
-        );
+        )
+        .with_sated_after(opts.sated_after_drinks);
         let link_rng = Rng::new(seeds.next_u64());
         let garbage_rng = Rng::new(seeds.next_u64());
         let mut frame_rng = Rng::new(seeds.next_u64());
@@ -405,6 +412,10 @@ impl Sim {
             cursor_us: 0.0,
             frame_clock,
             faults,
+            triggered: opts.triggered_faults.clone(),
+            valve_opens: 0,
+            cues: 0,
+            rows_scanned: 0,
             next_fault: 0,
             replug_at_us: None,
             silent_until_us: None,
@@ -622,10 +633,49 @@ impl Sim {
                 self.advance_world(t);
                 self.cursor_us = t;
                 self.apply(t, input);
+                self.fire_triggers();
             }
             self.advance_world(chunk_end);
             self.cursor_us = chunk_end;
+            self.fire_triggers();
         }
+    }
+
+    /// Apply the event-triggered faults whose valve opening or cue has just
+    /// happened (at the simulation's current time).
+    fn fire_triggers(&mut self) {
+        if self.triggered.is_empty() {
+            self.rows_scanned = self.rows.len();
+            return;
+        }
+        let mut due = Vec::new();
+        for (ev, _) in &self.rows[self.rows_scanned.min(self.rows.len())..] {
+            let hit = match ev.kind {
+                "valve_open" => {
+                    self.valve_opens += 1;
+                    super::FaultTrigger::Valve(self.valve_opens)
+                }
+                "tone_on" => {
+                    self.cues += 1;
+                    super::FaultTrigger::Cue(self.cues)
+                }
+                _ => continue,
+            };
+            self.triggered.retain(|f| {
+                if f.on == hit {
+                    due.push(f.fault);
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        self.rows_scanned = self.rows.len();
+        let t = self.cursor_us;
+        for f in due {
+            self.apply_fault(t, f);
+        }
+        self.rows_scanned = self.rows.len();
     }
 
     /// Run the device's timers and the mouse up to true time `t`.
@@ -806,6 +856,7 @@ impl Sim {
     }
 
     fn commit_truth(&mut self) {
+        self.rows_scanned = 0;
         if self.truth.is_none() {
             self.rows.clear();
             return;

@@ -1,0 +1,535 @@
+//! Faults an unattended rig must survive, one test each, with the real
+//! `rigd`, `rigctl`, `rig-sim` and frame producer: the cable unplugged
+//! mid-trial and mid-reward, the device silent with the port open, rigd
+//! SIGKILLed (the device's watchdog closes the valve; the next start recovers
+//! the session), the disk filling up, an unwritable data folder, the frame
+//! producer stalling. Each checks the record the fault leaves in the session
+//! files. (The producer killed and restarted: tests/imaging.rs; the wall
+//! clock jumping: tests/wallclock.rs, alone in its binary because it moves the
+//! machine's clock.)
+//!
+//! The tests run one at a time (a lock): each runs a virtual rig at several
+//! times real time, and two of them at once on a 2-core machine would test
+//! the machine, not rigd.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rig_tests::{
+    read_tsv, rigctl, run_python, session_value, start_session, wait_connected, Rigd, Sim, TempDir,
+};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Rig {
+    dir: TempDir,
+    sim: Option<Sim>,
+    socket: PathBuf,
+    config: PathBuf,
+    truth: PathBuf,
+    data: PathBuf,
+    alerts: PathBuf,
+}
+
+/// A virtual rig at `speed` (expert mouse) and a config for rigd. `data`
+/// overrides the data root (which must then exist).
+fn rig(name: &str, speed: f64, extra_toml: &str, sim_args: &[&str], data: Option<&Path>) -> Rig {
+    let dir = TempDir::new(name);
+    let truth = dir.path().join("truth.tsv");
+    let speed_s = speed.to_string();
+    let mut args = vec![
+        "--speed",
+        &speed_s,
+        "--truth",
+        truth.to_str().expect("utf-8 path"),
+        "--day",
+        "14",
+    ];
+    args.extend_from_slice(sim_args);
+    let sim = Sim::start(dir.path(), &args);
+    let socket = dir.path().join("rigd.sock");
+    let data = data.map_or_else(|| dir.path().join("data"), Path::to_path_buf);
+    std::fs::create_dir_all(&data).expect("create the data root");
+    let alerts = dir.path().join("alerts.jsonl");
+    // Host heartbeats every 20 ms of wall time; the device's watchdog counts
+    // device time, which runs `speed` times faster.
+    let timeout_ms = (200.0 * speed).max(200.0) as u32;
+    let config = dir.path().join("rig.toml");
+    let text = format!(
+        "[rig]\nserial_port = {:?}\n\n[storage]\ndata_root = {:?}\nfsync_interval_ms = 100\n\n\
+         [control]\nsocket = {:?}\n\n[preview]\nenabled = false\n\n[imaging]\nenabled = false\n\n\
+         [safety]\nheartbeat_interval_ms = 20\nheartbeat_timeout_ms = {timeout_ms}\n\n\
+         [alerts]\ncommand = {:?}\ndisk_free_min_mb = 1\n\n{extra_toml}\n",
+        sim.link.display().to_string(),
+        data.display().to_string(),
+        socket.display().to_string(),
+        format!("cat >> '{}'", alerts.display()),
+    );
+    std::fs::write(&config, text).expect("write config");
+    Rig {
+        dir,
+        sim: Some(sim),
+        socket,
+        config,
+        truth,
+        data,
+        alerts,
+    }
+}
+
+fn wait_idle(socket: &Path, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let (code, out, _) = rigctl(socket, &["status", "--json"]);
+        if code == 0 && out.contains("\"state\":\"idle\"") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "session did not end: {out}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The alerts the `[alerts] command` received, as JSON.
+fn alerts(rig: &Rig) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(&rig.alerts)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("an alert is one JSON object"))
+        .collect()
+}
+
+fn wait_alert(rig: &Rig, kind: &str, secs: u64) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(a) = alerts(rig).into_iter().find(|a| a["kind"] == kind) {
+            return a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {kind} alert; got {:?}",
+            alerts(rig)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn truth_rows(rig: &Rig, kind: &str) -> Vec<HashMap<String, String>> {
+    read_tsv(&rig.truth)
+        .into_iter()
+        .filter(|r| r["kind"] == kind)
+        .collect()
+}
+
+fn num(row: &HashMap<String, String>, key: &str) -> f64 {
+    row[key]
+        .parse()
+        .unwrap_or_else(|_| panic!("{key} = {:?} is not a number", row[key]))
+}
+
+/// The valve never stayed open past its cap: every opening in the device's
+/// truth closed within `cap_ms`.
+fn assert_valve_within(rig: &Rig, cap_ms: f64) {
+    let closes = truth_rows(rig, "valve_close");
+    assert!(!closes.is_empty(), "the valve never opened");
+    for c in &closes {
+        let open_ms = num(c, "value") / 1000.0;
+        assert!(
+            open_ms <= cap_ms + 0.01,
+            "the valve was open {open_ms} ms (> {cap_ms} ms): {c:?}"
+        );
+    }
+    assert_eq!(
+        truth_rows(rig, "valve_open").len(),
+        closes.len(),
+        "every opening closed"
+    );
+}
+
+/// Lever gaps (> 5 sample periods) in the session, as session seconds.
+const LEVER_GAPS: &str = r#"
+import sys, json, numpy as np
+lever = np.load(sys.argv[1] + "/lever.npy")
+t = lever[:, 0]
+assert np.all(np.diff(t) > 0), "lever times increase"
+d = np.diff(t)
+gaps = [[float(t[i]), float(t[i + 1])] for i in np.nonzero(d > 0.005)[0]]
+print(json.dumps({"rows": int(len(t)), "last": float(t[-1]), "gaps": gaps}))
+"#;
+
+#[test]
+fn unplugged_mid_trial_and_mid_reward_the_session_goes_on() {
+    let _one = serial();
+    let rig = rig(
+        "unplug",
+        5.0,
+        "[task]\nmax_duration_min = 2\niti_min_ms = 1000\niti_max_ms = 2000\n",
+        &[
+            "--fault-on",
+            "unplug@cue3:1.5",
+            "--fault-on",
+            "unplug@valve6:1.5",
+        ],
+        None,
+    );
+    let _rigd = Rigd::start(&rig.config, &rig.socket);
+    wait_connected(&rig.socket);
+    let dir = start_session(&rig.socket, "M21");
+    wait_idle(&rig.socket, 120);
+    assert_eq!(session_value(&dir, "state"), "complete");
+    assert_eq!(session_value(&dir, "stop_reason"), "duration");
+
+    // Both unplugs happened, and the device's valve never stayed open.
+    assert_eq!(truth_rows(&rig, "fault_unplug").len(), 2);
+    assert_eq!(truth_rows(&rig, "fault_replug").len(), 2);
+    assert_valve_within(&rig, 200.0);
+
+    // Each is in events.tsv: lost, then connected again, and the samples
+    // the cable did not carry are one gap each.
+    let events = read_tsv(&dir.join("events.tsv"));
+    let count = |kind: &str| events.iter().filter(|e| e["kind"] == kind).count();
+    assert_eq!(count("lost"), 2, "two losses recorded");
+    let reconnects = events
+        .iter()
+        .filter(|e| e["kind"] == "connected" && e["detail"].contains("reconnect=true"))
+        .count();
+    assert_eq!(reconnects, 2, "two reconnections recorded");
+    assert!(count("sample_gap") >= 2, "the missing samples are recorded");
+
+    // The trial whose cue the unplug interrupted is aborted, not a miss.
+    let trials = read_tsv(&dir.join("trials.tsv"));
+    let t3 = trials.iter().find(|t| t["trial"] == "3").expect("trial 3");
+    assert_eq!(t3["outcome"], "aborted", "{t3:?}");
+    // The reward the unplug interrupted was given (the device finished the
+    // pulse on its own) and is recorded with its volume.
+    let sixth_open = &truth_rows(&rig, "valve_open")[5];
+    let t0: f64 = session_value(&dir, "t0_rig_us").parse().expect("t0");
+    let open_s = (num(sixth_open, "device_us") - t0) / 1e6;
+    let rewarded_then = trials
+        .iter()
+        .filter(|t| t["outcome"] == "rewarded")
+        .find(|t| {
+            let resp: f64 = t["t_response_s"].parse().unwrap_or(f64::NAN);
+            (open_s - resp).abs() < 0.05
+        })
+        .unwrap_or_else(|| panic!("no rewarded trial for the valve opening at {open_s} s"));
+    assert_eq!(rewarded_then["reward_ul"], "4", "{rewarded_then:?}");
+    // Trials went on after both faults.
+    let last_cue: f64 = trials
+        .last()
+        .expect("trials")
+        .get("t_cue_s")
+        .and_then(|s| s.parse().ok())
+        .expect("cue");
+    assert!(last_cue > open_s + 5.0, "no trials after the second unplug");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).expect("summary"))
+            .expect("json");
+    assert!(summary["aborted"].as_u64() >= Some(1), "{summary}");
+
+    // Lever gaps only where the cable was out (each ~1.5 s plus reconnect).
+    let out = run_python(LEVER_GAPS, &[dir.as_os_str()]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    let unplugs: Vec<f64> = truth_rows(&rig, "fault_unplug")
+        .iter()
+        .map(|r| (num(r, "device_us") - t0) / 1e6)
+        .collect();
+    let gaps = v["gaps"].as_array().expect("gaps");
+    assert_eq!(gaps.len(), 2, "gaps {gaps:?} vs unplugs at {unplugs:?}");
+    for g in gaps {
+        let (a, b) = (g[0].as_f64().expect("a"), g[1].as_f64().expect("b"));
+        assert!(
+            unplugs
+                .iter()
+                .any(|&u| a <= u + 0.01 && b >= u + 1.5 && b < u + 15.0),
+            "gap {a}..{b} s is not an unplug (at {unplugs:?})"
+        );
+    }
+}
+
+#[test]
+fn a_silent_device_is_detected_and_the_session_resumes() {
+    let _one = serial();
+    let rig = rig(
+        "silent",
+        5.0,
+        "[task]\nmax_duration_min = 1\niti_min_ms = 1000\niti_max_ms = 2000\n",
+        &["--fault-on", "silent@cue2:3"],
+        None,
+    );
+    let _rigd = Rigd::start(&rig.config, &rig.socket);
+    wait_connected(&rig.socket);
+    let dir = start_session(&rig.socket, "M22");
+    wait_idle(&rig.socket, 120);
+    assert_eq!(session_value(&dir, "state"), "complete");
+    assert_eq!(truth_rows(&rig, "fault_silent_start").len(), 1);
+    let events = read_tsv(&dir.join("events.tsv"));
+    let lost: Vec<_> = events.iter().filter(|e| e["kind"] == "lost").collect();
+    assert_eq!(lost.len(), 1, "one loss: {lost:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "connected" && e["detail"].contains("reconnect=true")),
+        "reconnected"
+    );
+    let trials = read_tsv(&dir.join("trials.tsv"));
+    let t2 = trials.iter().find(|t| t["trial"] == "2").expect("trial 2");
+    assert_eq!(t2["outcome"], "aborted");
+    assert!(
+        trials.len() >= 4,
+        "the session went on: {} trials",
+        trials.len()
+    );
+    assert_valve_within(&rig, 200.0);
+}
+
+#[test]
+fn rigd_killed_the_device_closes_the_valve_and_the_next_start_recovers() {
+    let _one = serial();
+    // Real time: the watchdog (200 ms) against a 1 s flush.
+    let rig = rig("killed", 1.0, "", &[], None);
+    let rigd = Rigd::start(&rig.config, &rig.socket);
+    wait_connected(&rig.socket);
+    let (code, out, err) = rigctl(&rig.socket, &["valve", "flush", "--ms", "1000"]);
+    assert_eq!(code, 0, "flush: {out}{err}");
+    rigd.signal("KILL");
+    let _ = rigd.wait(10);
+    std::thread::sleep(Duration::from_millis(1500));
+    let opens = truth_rows(&rig, "valve_open");
+    let closes = truth_rows(&rig, "valve_close");
+    assert_eq!(opens.len(), 1, "{opens:?}");
+    assert_eq!(closes.len(), 1, "the valve closed");
+    let open_ms = num(&closes[0], "value") / 1000.0;
+    assert!(
+        closes[0]["detail"].contains("cause=3"),
+        "closed by the watchdog: {:?}",
+        closes[0]
+    );
+    // The watchdog (200 ms) plus up to one heartbeat period and the time
+    // from the flush's Ack to the kill; far below the 1 s flush.
+    assert!(
+        open_ms < 600.0,
+        "the valve stayed open {open_ms} ms after rigd died"
+    );
+    assert_eq!(truth_rows(&rig, "safe_state").len(), 1);
+
+    // A session, then rigd dies again mid-session.
+    let rigd = Rigd::start(&rig.config, &rig.socket);
+    wait_connected(&rig.socket);
+    let dir = start_session(&rig.socket, "M23");
+    std::thread::sleep(Duration::from_secs(3));
+    rigd.signal("KILL");
+    let _ = rigd.wait(10);
+    assert_eq!(session_value(&dir, "state"), "running");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while truth_rows(&rig, "safe_state").len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no watchdog after the second kill"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The next start recovers the folder by itself and can run a session.
+    let rigd = Rigd::start(&rig.config, &rig.socket);
+    assert_eq!(session_value(&dir, "state"), "recovered");
+    let out = run_python(LEVER_GAPS, &[dir.as_os_str()]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    assert!(v["last"].as_f64() > Some(1.5), "{v}");
+    wait_connected(&rig.socket);
+    let dir2 = start_session(&rig.socket, "M23");
+    assert_ne!(dir, dir2);
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, out, err) = rigctl(&rig.socket, &["stop"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(session_value(&dir2, "state"), "complete");
+    drop(rigd);
+}
+
+/// A tmpfs mounted for a test (root only), unmounted when dropped.
+struct Mount(PathBuf);
+
+impl Mount {
+    fn tmpfs(at: &Path, options: &str) -> Option<Self> {
+        std::fs::create_dir_all(at).expect("mount point");
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            Some(Self(at.to_path_buf()))
+        } else if std::env::var_os("RIG_REQUIRE_ROOT").is_some() {
+            panic!("cannot mount a tmpfs at {} (needs root)", at.display());
+        } else {
+            eprintln!("skipped: cannot mount a tmpfs (needs root; CI sets RIG_REQUIRE_ROOT)");
+            None
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_stops_the_session_cleanly_and_keeps_what_was_written() {
+    let _one = serial();
+    let scratch = TempDir::new("diskfull-mnt");
+    let mnt = scratch.path().join("data");
+    // 1 MiB of it is the session's reserve; the lever stream at 10x fills
+    // the rest in a few seconds.
+    let Some(_mount) = Mount::tmpfs(&mnt, "size=3m") else {
+        return;
+    };
+    let rig = rig("diskfull", 10.0, "", &[], Some(&mnt));
+    let rigd = Rigd::start(&rig.config, &rig.socket);
+    wait_connected(&rig.socket);
+    let dir = start_session(&rig.socket, "M24");
+    wait_idle(&rig.socket, 90);
+    let alert = wait_alert(&rig, "storage_error", 10);
+    assert_eq!(alert["severity"], "critical");
+    assert_eq!(alert["mouse"], "M24");
+    // The folder is closed with the reason, not left running.
+    assert_eq!(session_value(&dir, "state"), "recovered");
+    let reason = session_value(&dir, "stop_reason");
+    assert!(
+        reason.contains("storage error") && reason.contains("No space left"),
+        "{reason}"
+    );
+    // What was written before is intact and loads.
+    let out = run_python(LEVER_GAPS, &[dir.as_os_str()]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    assert!(v["rows"].as_u64() > Some(10_000), "{v}");
+    assert_eq!(v["gaps"].as_array().map(Vec::len), Some(0), "{v}");
+    let _ = read_tsv(&dir.join("trials.tsv"));
+    assert!(!dir.join(".rigd-reserve.tmp").exists());
+    // The daemon is still there, the disk-low alert came too, and a new
+    // start on the full disk is refused clearly.
+    let _ = wait_alert(&rig, "disk_low", 20);
+    let (code, out, err) = rigctl(&rig.socket, &["start", "--mouse", "M24"]);
+    assert_eq!(code, 1, "start on a full disk: {out}{err}");
+    assert!(
+        err.contains("No space left") || err.contains("space"),
+        "{err}"
+    );
+    drop(rigd);
+    drop(rig);
+}
+
+#[test]
+fn an_unwritable_data_folder_is_refused_at_start_with_a_clear_error() {
+    let _one = serial();
+    let scratch = TempDir::new("readonly-mnt");
+    let mnt = scratch.path().join("data");
+    let Some(_mount) = Mount::tmpfs(&mnt, "ro,size=16m") else {
+        return;
+    };
+    let rig = rig("readonly", 1.0, "", &[], Some(&mnt));
+    let _rigd = Rigd::start(&rig.config, &rig.socket);
+    wait_connected(&rig.socket);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (code, err) = loop {
+        let (code, _, err) = rigctl(&rig.socket, &["start", "--mouse", "M25"]);
+        if !err.contains("no lever sample") || Instant::now() > deadline {
+            break (code, err);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&mnt.display().to_string()),
+        "names the folder: {err}"
+    );
+    assert!(err.contains("Read-only"), "says why: {err}");
+    assert!(err.contains("data_root"), "says what to fix: {err}");
+    let (_, out, _) = rigctl(&rig.socket, &["status", "--json"]);
+    assert!(out.contains("\"state\":\"idle\""), "{out}");
+    assert!(std::fs::read_dir(&mnt).expect("list").next().is_none());
+}
+
+#[test]
+fn a_stalled_frame_producer_is_recorded_and_ingest_resumes() {
+    let _one = serial();
+    let shm = format!("/rig-e2e-{}-stall", std::process::id());
+    let rig = rig("stall", 1.0, "", &[], None);
+    // Imaging on, timed by the producer's clock (no TTL needed).
+    let cfg = std::fs::read_to_string(&rig.config)
+        .expect("config")
+        .replace(
+            "[imaging]\nenabled = false\n",
+            &format!(
+                "[imaging]\nenabled = true\nshm_name = {shm:?}\nwidth = 32\nheight = 32\nttl_wired = false\n"
+            ),
+        );
+    std::fs::write(&rig.config, cfg).expect("config");
+    let _rigd = Rigd::start(&rig.config, &rig.socket);
+    wait_connected(&rig.socket);
+    let dir = start_session(&rig.socket, "M26");
+    let producer =
+        rig_tests::workspace_root().join("firmware-bridge/producers/rigframes_producer.py");
+    let mut child = Command::new(rig_tests::python())
+        .arg(&producer)
+        .args([
+            "--name",
+            &shm,
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--frames",
+            "500",
+            "--rate",
+            "50",
+            "--unlink",
+            "--start-delay-ms",
+            "1500",
+        ])
+        .spawn()
+        .expect("start the producer");
+    let pid = child.id().to_string();
+    std::thread::sleep(Duration::from_millis(4500));
+    let _ = Command::new("kill").args(["-STOP", &pid]).status();
+    std::thread::sleep(Duration::from_secs(4));
+    let _ = Command::new("kill").args(["-CONT", &pid]).status();
+    let st = child.wait().expect("producer");
+    assert!(st.success());
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, out, err) = rigctl(&rig.socket, &["stop"]);
+    assert_eq!(code, 0, "{out}{err}");
+    // Every frame is accounted for: ingested, or (the producer caught up in
+    // a burst after the stall and overran the ring) a `dropped` row.
+    let frames = read_tsv(&dir.join("frames.tsv"));
+    let numbers: Vec<u64> = frames
+        .iter()
+        .map(|f| f["frame"].parse().expect("frame"))
+        .collect();
+    assert_eq!(numbers, (1..=500).collect::<Vec<u64>>());
+    let dropped = frames.iter().filter(|f| f["dropped"] == "1").count();
+    let events = read_tsv(&dir.join("events.tsv"));
+    let reported: f64 = events
+        .iter()
+        .filter(|e| e["kind"] == "frames_dropped")
+        .map(|e| e["value"].parse::<f64>().expect("count"))
+        .sum();
+    assert_eq!(dropped as f64, reported, "each dropped frame is reported");
+    assert!(dropped < 500 - 100, "most frames were ingested");
+    let stale = events
+        .iter()
+        .position(|e| e["kind"] == "producer_stale")
+        .expect("the stall is recorded");
+    let resumed = events
+        .iter()
+        .position(|e| e["kind"] == "producer_resumed")
+        .expect("the resumption is recorded");
+    assert!(stale < resumed);
+    let secs: f64 = events[resumed]["value"].parse().expect("seconds");
+    assert!((3.0..8.0).contains(&secs), "stalled {secs} s");
+}
