@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+pub mod soak;
+
 /// The workspace's binaries that end-to-end tests run.
 pub const BINARIES: &[(&str, &str)] = &[
     ("daemon", "rigd"),

@@ -78,7 +78,23 @@ impl Ingest {
         let (s, c) = (stop.clone(), counters.clone());
         let handle = std::thread::Builder::new()
             .name("rig-imaging".into())
-            .spawn(move || run(&setup, &edges, &status, &notices, &s, &c))?;
+            .spawn(move || {
+                let r = run(&setup, &edges, &status, &notices, &s, &c);
+                if let Err(e) = &r {
+                    // Say so now, in the session and the log, not only when
+                    // the session ends: the lever task goes on without imaging.
+                    tracing::error!("imaging stopped: {e}");
+                    let t_us = status.lock().map(|s| s.rig_now_us).unwrap_or(0);
+                    let _ = notices.try_send(StorageMsg::Event {
+                        t_us,
+                        source: EventSource::Daemon,
+                        kind: "imaging_stopped",
+                        value: 0.0,
+                        detail: e.clone(),
+                    });
+                }
+                r
+            })?;
         Ok(Self {
             stop,
             handle: Some(handle),
@@ -322,6 +338,35 @@ fn run(
                             format!("frames again after about {s:.1} s without any"),
                         );
                         tracing::info!("imaging: frames again after about {s:.1} s");
+                    }
+                    // Frame numbers the producer skipped (it fell behind, or
+                    // a copy was torn): rows marked dropped, so frames.tsv
+                    // stays one row per frame of the acquisition.
+                    if let Some(last) = last_frame_number {
+                        if meta.frame_number > last + 1 {
+                            let missing = meta.frame_number - last - 1;
+                            counters.dropped.fetch_add(missing, Ordering::Relaxed);
+                            notice(
+                                "frames_missing",
+                                missing as f64,
+                                format!(
+                                    "frame numbers {}..={} never arrived",
+                                    last + 1,
+                                    meta.frame_number - 1
+                                ),
+                            );
+                            for k in (last + 1..meta.frame_number).take(100_000) {
+                                pending.push_back(Pending {
+                                    index: 0,
+                                    frame_number: k,
+                                    mapped_us: None,
+                                    dropped: true,
+                                });
+                                if let Some(a) = files.analysis.as_mut() {
+                                    a.dropped(k)?;
+                                }
+                            }
+                        }
                     }
                     counters.frames.fetch_add(1, Ordering::Relaxed);
                     let (fit, _) = live();
