@@ -640,7 +640,8 @@ fn metrics_during_and_after_a_session() {
     assert_eq!(during.get("rigd_sessions_started_total", &[]), 1.0);
     assert_eq!(during.get("rigd_link_up", &[]), 1.0);
     let band = during.get("rigd_clock_sync_half_band_seconds", &[]);
-    assert!(band > 0.0 && band < 0.01, "clock half band {band} s");
+    // Device µs at 10x speed: loose; this checks the unit and that it is set.
+    assert!(band > 0.0 && band < 0.05, "clock half band {band} s");
 
     // One minute of device time at 10x: the session ends by itself.
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -692,7 +693,8 @@ fn metrics_during_and_after_a_session() {
         "one control latency per rewarded trial"
     );
     let mean = after.get("rigd_control_latency_seconds_sum", &[]) / rewarded;
-    assert!(mean > 0.0 && mean < 0.1, "mean control latency {mean} s");
+    // Seconds, not µs; loose, since host delays count ten times at 10x.
+    assert!(mean > 0.0 && mean < 2.0, "mean control latency {mean} s");
     assert_eq!(after.get("rigd_link_up", &[]), 1.0);
     assert_eq!(after.get("rigd_link_losses_total", &[]), 0.0);
     assert_eq!(after.get("rigd_frames_total", &[]), 0.0, "imaging is off");
