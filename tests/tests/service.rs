@@ -17,7 +17,8 @@ use rig_tests::{read_tsv, rigctl, session_value, start_session, wait_connected, 
 /// The asked watchdog period: pings every 200 ms.
 const WATCHDOG_USEC: u64 = 400_000;
 
-/// A rig.toml for `serial_port`, with the preview on `preview_port` (or off).
+/// A rig.toml for `serial_port`, with the preview on `preview_port` (or off);
+/// `extra` may hold an `[imaging]` section (imaging is off otherwise).
 fn write_config(dir: &Path, serial_port: &Path, preview_port: Option<u16>, extra: &str) -> PathBuf {
     let data = dir.join("data");
     std::fs::create_dir_all(&data).expect("create the data root");
@@ -25,10 +26,15 @@ fn write_config(dir: &Path, serial_port: &Path, preview_port: Option<u16>, extra
         Some(p) => format!("[preview]\nenabled = true\nbind = \"127.0.0.1\"\nport = {p}\n"),
         None => "[preview]\nenabled = false\n".to_owned(),
     };
+    let imaging = if extra.contains("[imaging]") {
+        ""
+    } else {
+        "[imaging]\nenabled = false\n\n"
+    };
     let config = dir.join("rig.toml");
     let text = format!(
         "[rig]\nserial_port = {:?}\n\n[storage]\ndata_root = {:?}\nfsync_interval_ms = 100\n\n\
-         [control]\nsocket = {:?}\n\n{preview}\n[imaging]\nenabled = false\n\n\
+         [control]\nsocket = {:?}\n\n{preview}\n{imaging}\
          [safety]\nheartbeat_interval_ms = 20\nheartbeat_timeout_ms = 2000\n\n{extra}\n",
         serial_port.display().to_string(),
         data.display().to_string(),
@@ -604,13 +610,32 @@ const EXPECTED: &[(&str, &str)] = &[
 #[test]
 fn metrics_during_and_after_a_session() {
     let dir = TempDir::new("metrics");
-    let sim = Sim::start(dir.path(), &["--speed", "10", "--day", "14"]);
+    // The simulated microscope too, small, so the frame counters count.
+    let shm = format!("/rig-e2e-{}-metrics", std::process::id());
+    let sim = Sim::start(
+        dir.path(),
+        &[
+            "--speed",
+            "10",
+            "--day",
+            "14",
+            "--microscope",
+            &shm,
+            "--microscope-size",
+            "64x48",
+            "--neurons",
+            "8",
+        ],
+    );
     let port = free_port();
     let config = write_config(
         dir.path(),
         &sim.link,
         Some(port),
-        "[task]\nmax_duration_min = 1\n",
+        &format!(
+            "[task]\nmax_duration_min = 1\n\n[imaging]\nenabled = true\nshm_name = {shm:?}\n\
+             width = 64\nheight = 48\nchannels = 1\nttl_wired = true\n"
+        ),
     );
     let mut rigd = Daemon::start(&config, dir.path(), "");
     let addr = rigd.preview_addr();
@@ -697,9 +722,15 @@ fn metrics_during_and_after_a_session() {
     assert!(mean > 0.0 && mean < 2.0, "mean control latency {mean} s");
     assert_eq!(after.get("rigd_link_up", &[]), 1.0);
     assert_eq!(after.get("rigd_link_losses_total", &[]), 0.0);
-    assert_eq!(after.get("rigd_frames_total", &[]), 0.0, "imaging is off");
+    let frames = read_tsv(&session.join("frames.tsv"));
+    let received = frames.iter().filter(|f| f["dropped"] == "0").count() as f64;
+    let dropped = frames.iter().filter(|f| f["dropped"] == "1").count() as f64;
+    assert!(received > 0.0, "no frames in the session");
+    assert_eq!(after.get("rigd_frames_total", &[]), received);
+    assert_eq!(after.get("rigd_frames_dropped_total", &[]), dropped);
 
     rigd.terminate();
     assert!(rigd.wait(30).success());
     drop(sim);
+    let _ = std::fs::remove_file(format!("/dev/shm{shm}"));
 }
