@@ -590,6 +590,15 @@ fn scrape(addr: &str) -> Scrape {
     parse_scrape(&body)
 }
 
+/// Removes a POSIX shared-memory object when dropped (also when a test fails).
+struct ShmGuard(String);
+
+impl Drop for ShmGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(format!("/dev/shm{}", self.0));
+    }
+}
+
 const EXPECTED: &[(&str, &str)] = &[
     ("rigd_sessions_started_total", "counter"),
     ("rigd_sessions_completed_total", "counter"),
@@ -612,6 +621,7 @@ fn metrics_during_and_after_a_session() {
     let dir = TempDir::new("metrics");
     // The simulated microscope too, small, so the frame counters count.
     let shm = format!("/rig-e2e-{}-metrics", std::process::id());
+    let _ring = ShmGuard(shm.clone());
     let sim = Sim::start(
         dir.path(),
         &[
@@ -732,5 +742,4 @@ fn metrics_during_and_after_a_session() {
     rigd.terminate();
     assert!(rigd.wait(30).success());
     drop(sim);
-    let _ = std::fs::remove_file(format!("/dev/shm{shm}"));
 }
