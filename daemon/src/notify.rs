@@ -53,7 +53,7 @@ impl Notifier {
     /// and disabled silently if it is not set.
     pub fn from_env() -> Self {
         match std::env::var("NOTIFY_SOCKET") {
-            Ok(addr) if !addr.is_empty() => match Self::to_address(&addr) {
+            Ok(addr) if !addr.is_empty() => match Self::for_address(&addr) {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::warn!("systemd notifications off: {e}");
@@ -65,7 +65,7 @@ impl Notifier {
     }
 
     /// Send to `addr`: a filesystem path, or `@name` for an abstract socket.
-    pub fn to_address(addr: &str) -> Result<Self, NotifyError> {
+    pub fn for_address(addr: &str) -> Result<Self, NotifyError> {
         let io = |source| NotifyError::Io {
             addr: addr.to_owned(),
             source,
@@ -390,7 +390,7 @@ mod tests {
         let sock = UnixDatagram::bind(&path).expect("bind");
         sock.set_read_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");
-        let n = Notifier::to_address(path.to_str().expect("utf-8")).expect("notifier");
+        let n = Notifier::for_address(path.to_str().expect("utf-8")).expect("notifier");
         assert!(n.send("READY=1\nSTATUS=x"));
         assert_eq!(recv(&sock), "READY=1\nSTATUS=x");
         let _ = std::fs::remove_dir_all(&dir);
@@ -400,7 +400,7 @@ mod tests {
         let sock = UnixDatagram::bind_addr(&abs).expect("bind abstract");
         sock.set_read_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");
-        let n = Notifier::to_address(&format!("@{name}")).expect("notifier");
+        let n = Notifier::for_address(&format!("@{name}")).expect("notifier");
         assert!(n.send("WATCHDOG=1"));
         assert_eq!(recv(&sock), "WATCHDOG=1");
     }
@@ -417,7 +417,7 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let sock = UnixDatagram::bind(&path).expect("bind");
         sock.set_nonblocking(true).expect("nonblocking");
-        let n = Notifier::to_address(path.to_str().expect("utf-8")).expect("notifier");
+        let n = Notifier::for_address(path.to_str().expect("utf-8")).expect("notifier");
         let mut statuses = Vec::new();
         let mut pings = || {
             let mut buf = [0u8; 512];
@@ -467,7 +467,7 @@ mod tests {
     #[test]
     fn unusable_addresses() {
         assert!(matches!(
-            Notifier::to_address("vsock:2:1234"),
+            Notifier::for_address("vsock:2:1234"),
             Err(NotifyError::Unsupported(_))
         ));
         let n = Notifier::disabled();
