@@ -102,6 +102,8 @@ pub struct App {
     shutdown: watch::Sender<bool>,
     server: Option<tokio::task::JoinHandle<()>>,
     preview_server: Option<crate::preview::PreviewHandle>,
+    /// systemd: READY/STATUS/STOPPING and the watchdog (no-op without it).
+    service: crate::notify::Service,
 }
 
 impl std::fmt::Debug for App {
@@ -165,7 +167,7 @@ impl App {
             session_log,
         );
         core.set_preview(preview);
-        Ok(Self {
+        let mut app = Self {
             core,
             core_rx,
             notices,
@@ -175,7 +177,30 @@ impl App {
             shutdown,
             server: Some(server),
             preview_server,
-        })
+            service: crate::notify::Service::from_env(),
+        };
+        // Ready to take commands: the socket listens and the link threads
+        // run; the device may still be connecting (the status says so).
+        let text = app.service_status();
+        app.service.ready(text);
+        Ok(app)
+    }
+
+    /// The one-line status for systemd.
+    fn service_status(&self) -> String {
+        let reply = self.core.status_reply();
+        let detail = self.status.lock().ok().and_then(|s| s.link_detail.clone());
+        crate::notify::status_text(
+            reply.state,
+            reply.mouse.as_deref(),
+            reply.link,
+            detail.as_deref(),
+        )
+    }
+
+    fn update_service_status(&mut self) {
+        let text = self.service_status();
+        self.service.set_status(text);
     }
 
     /// Serve requests until SIGTERM or SIGINT; SIGHUP reloads the
@@ -194,16 +219,27 @@ impl App {
                 Some(n) = self.notices.recv() => { let _ = self.core.on_notice(n).await; }
                 _ = term.recv() => { self.stop_for("SIGTERM").await; break; }
                 _ = int.recv() => { self.stop_for("SIGINT").await; break; }
-                _ = hup.recv() => match self.core.reload() {
-                    Ok(()) => tracing::info!("configuration reloaded (SIGHUP)"),
-                    Err(e) => tracing::warn!("SIGHUP: configuration not reloaded: {e}"),
-                },
+                _ = hup.recv() => {
+                    self.service.reloading();
+                    match self.core.reload() {
+                        Ok(()) => tracing::info!("configuration reloaded (SIGHUP)"),
+                        Err(e) => tracing::warn!("SIGHUP: configuration not reloaded: {e}"),
+                    }
+                    let text = self.service_status();
+                    self.service.ready(text);
+                }
             }
+            self.update_service_status();
         }
         Ok(())
     }
 
     async fn stop_for(&mut self, what: &str) {
+        let text = match self.core.status_reply().mouse {
+            Some(m) => format!("{what}: finishing the session for mouse {m}"),
+            None => format!("{what}: shutting down"),
+        };
+        self.service.stopping(text);
         if self.core.is_running() {
             tracing::info!("{what}: stopping the running session");
             if let Err(e) = self.core.stop(what).await {
@@ -214,6 +250,7 @@ impl App {
 
     /// Close the control socket and the link.
     pub async fn shutdown(mut self) {
+        self.service.stop_watchdog();
         let _ = self.shutdown.send(true);
         if let Some(s) = self.server.take() {
             let _ = tokio::time::timeout(Duration::from_secs(2), s).await;

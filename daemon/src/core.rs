@@ -543,6 +543,7 @@ impl Core {
             stop_reason: None,
             imaging,
         });
+        crate::metrics::global().session_started();
         let _ = self
             .events
             .send(event_line(&Event::Session(SessionEvent::Started {
@@ -668,6 +669,10 @@ impl Core {
         };
         let s = self.session.take().expect("checked above");
         self.close_session_log();
+        crate::metrics::global().session_ended(match &result {
+            Ok(fin) => &fin.reason,
+            Err(_) => "error",
+        });
         match result {
             Ok(fin) => {
                 tracing::info!(mouse = %s.mouse, reason = %fin.reason, trials = fin.summary.trials, "session stopped");

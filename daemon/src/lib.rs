@@ -10,6 +10,8 @@ pub mod control;
 pub mod core;
 pub mod demo;
 pub mod imaging;
+pub mod metrics;
+pub mod notify;
 pub mod rig;
 pub mod storage;
 pub mod storage_thread;

@@ -283,7 +283,10 @@ impl RigHandler {
         let Some(s) = &self.session else { return };
         match s.storage.try_send(msg) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => self.status().storage_drops += 1,
+            Err(TrySendError::Full(_)) => {
+                self.status().storage_drops += 1;
+                crate::metrics::global().storage_dropped.inc();
+            }
             Err(TrySendError::Disconnected(_)) => {}
         }
     }
@@ -388,17 +391,22 @@ impl RigHandler {
             p.push_trial(rec.trial, outcome, rec.t_cue_us, rt);
         }
         let (rewards, water) = {
+            let m = crate::metrics::global();
             let mut st = self.status();
             if let (Some(resp), Some(open)) = (rec.t_response_us, rec.t_reward_us) {
                 if st.latencies_us.len() == 200 {
                     st.latencies_us.pop_front();
                 }
                 st.latencies_us.push_back(open.saturating_sub(resp) as f64);
+                m.control_latency.observe_us(open.saturating_sub(resp));
             }
             st.trials += 1;
+            m.trials.inc();
             if rec.outcome == Outcome::Rewarded && !rec.capped && rec.reward_ul > 0.0 {
                 st.rewards += 1;
                 st.water_ul += rec.reward_ul;
+                m.rewards.inc();
+                m.water_ul.add(rec.reward_ul);
             }
             (st.rewards, st.water_ul)
         };
@@ -587,6 +595,7 @@ impl RigHandler {
             st.link = Some(state);
             st.link_detail = detail.clone();
         }
+        crate::metrics::global().set_link_up(state == LinkState::Connected);
         self.broadcast(Event::Link(LinkEventMsg { state, detail }));
     }
 }
@@ -619,10 +628,12 @@ fn command_kind(cmd: &HostCommand) -> (&'static str, f64) {
 
 impl LinkHandler for RigHandler {
     fn on_idle(&mut self, commander: &Commander) {
+        crate::metrics::global().rig_thread_beat();
         self.take_requests(commander);
     }
 
     fn on_event(&mut self, event: &LinkEvent, commander: &Commander) {
+        crate::metrics::global().rig_thread_beat();
         self.take_requests(commander);
         match event {
             LinkEvent::Lever(batch) => self.on_lever(batch, commander),
@@ -706,6 +717,7 @@ impl LinkHandler for RigHandler {
                     tracing::debug!("rig link closed");
                 } else if self.connected {
                     tracing::warn!("rig link lost: {reason}");
+                    crate::metrics::global().link_losses.inc();
                     self.feed(&TaskInput::LinkLost { t_us }, commander);
                 } else {
                     tracing::warn!("rig not reachable: {reason}");
@@ -725,6 +737,7 @@ impl LinkHandler for RigHandler {
                 t_us,
             } => {
                 self.status().samples_lost += missing;
+                crate::metrics::global().lever_samples_lost.add(*missing);
                 tracing::warn!("lever samples missing: {missing} from index {from_index}");
                 self.log(
                     *t_us,
@@ -772,6 +785,9 @@ impl LinkHandler for RigHandler {
             LinkEvent::Heartbeat { .. } => {}
             LinkEvent::Clock { fit, .. } => {
                 self.status().clock = Some(*fit);
+                crate::metrics::global()
+                    .clock_half_band_us
+                    .set(fit.half_band_us);
             }
         }
     }

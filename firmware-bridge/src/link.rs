@@ -31,6 +31,10 @@ use serialport::TTYPort;
 use crate::clock::RigClock;
 use crate::sync::{ClockFit, ClockSync, SyncSample};
 
+/// The reader calls [`LinkHandler::on_idle`] at least this often, even while
+/// bytes (say, a stream of garbage that makes no events) keep arriving.
+pub const IDLE_EVERY: Duration = Duration::from_millis(50);
+
 /// How often the handshake repeats `Reset` while waiting for `Hello`.
 const RESET_REPEAT: Duration = Duration::from_millis(250);
 
@@ -266,7 +270,9 @@ pub trait LinkHandler: Send + 'static {
 
     /// Called on the reader thread when nothing arrived for a while (every
     /// read timeout, about 20 ms, and while waiting to reconnect), so the
-    /// handler can act on requests even when the device is silent or gone.
+    /// handler can act on requests even when the device is silent or gone;
+    /// also at least every [`IDLE_EVERY`] while bytes keep arriving, so a
+    /// handler can tell a live reader from a hung one whatever the wire does.
     fn on_idle(&mut self, _commander: &Commander) {}
 }
 
@@ -740,6 +746,7 @@ impl Reader {
             next_reset_ns: host_now_ns() + RESET_REPEAT.as_nanos() as u64,
         };
         let mut last_rx_ns = host_now_ns();
+        let mut last_idle_ns = host_now_ns();
         let mut buf = [0u8; 4096];
         loop {
             if self.stop.load(Ordering::Relaxed) {
@@ -758,6 +765,7 @@ impl Reader {
             };
             let now = host_now_ns();
             if n == 0 {
+                last_idle_ns = now;
                 handler.on_idle(&self.commander);
             }
             if n > 0 {
@@ -780,6 +788,11 @@ impl Reader {
                     last_rx_ns = now;
                 }
                 self.report_decoder_drops(handler);
+                // After the bytes' frames, so never ahead of a lever sample.
+                if now.saturating_sub(last_idle_ns) >= IDLE_EVERY.as_nanos() as u64 {
+                    last_idle_ns = now;
+                    handler.on_idle(&self.commander);
+                }
             }
             while let Ok(p) = self.timeouts.try_recv() {
                 handler.on_event(

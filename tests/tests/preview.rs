@@ -52,12 +52,24 @@ fn chromium() -> Option<PathBuf> {
     None
 }
 
-/// Kills the child on drop.
-/// The running demo (killed on drop) and its data folder.
+/// The running demo (stopped on drop) and its data folder.
 struct Server(Child, #[allow(dead_code)] TempDir);
 
 impl Drop for Server {
     fn drop(&mut self) {
+        // SIGINT (Ctrl-C) lets the demo stop its session and remove its
+        // 34 MB shared-memory ring; SIGKILL would leave it in /dev/shm.
+        let _ = Command::new("kill")
+            .arg("-INT")
+            .arg(self.0.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -69,7 +81,9 @@ fn start_server() -> (Server, String) {
     // microscope and the preview page; its first stdout line is the address.
     let data = TempDir::new("preview-demo");
     let mut child = Command::new(rig_tests::bin("rigd"))
-        .args(["demo", "--minutes", "3", "--speed", "10", "--data"])
+        // Long enough to outlive four chromium runs on a loaded machine (a
+        // cold start alone has taken 15 s); stopped when the test ends.
+        .args(["demo", "--minutes", "30", "--speed", "10", "--data"])
         .arg(data.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

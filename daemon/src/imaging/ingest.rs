@@ -255,13 +255,16 @@ fn run(
     };
     let notice = |kind: &'static str, value: f64, detail: String| {
         let t_us = status.lock().map(|s| s.rig_now_us).unwrap_or(0);
-        let _ = notices.try_send(StorageMsg::Event {
+        let sent = notices.try_send(StorageMsg::Event {
             t_us,
             source: EventSource::Daemon,
             kind,
             value,
             detail,
         });
+        if let Err(crossbeam_channel::TrySendError::Full(_)) = sent {
+            crate::metrics::global().storage_dropped.inc();
+        }
     };
     if let Some(a) = &setup.analysis {
         match super::analysis::Analysis::create(a, &setup.session_dir) {
@@ -369,6 +372,7 @@ fn run(
                         }
                     }
                     counters.frames.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::global().frames.inc();
                     let (fit, _) = live();
                     let mapped_us = fit.map(|f| f.host_to_rig_us(meta.host_monotonic_ns));
                     pending.push_back(Pending {
@@ -405,6 +409,7 @@ fn run(
                 Ok(PollOutcome::Overrun { skipped }) => {
                     got = true;
                     counters.dropped.fetch_add(skipped, Ordering::Relaxed);
+                    crate::metrics::global().frames_dropped.add(skipped);
                     notice("frames_dropped", skipped as f64, "reader overrun".into());
                     let first = last_frame_number.map_or(0, |n| n + 1);
                     for k in 0..skipped.min(100_000) {

@@ -9,6 +9,7 @@
 //!   [`server::TICK`] what is new (lever points, trials, dF/F rows, health;
 //!   ROIs and the mean image when they change).
 //! * `/api/state` — the full snapshot as JSON.
+//! * `/metrics` — the daemon's counters for Prometheus ([`crate::metrics`]).
 
 mod outline;
 mod server;

@@ -127,6 +127,7 @@ fn router(app: App) -> Router {
         .route("/page.css", get(page_css))
         .route("/events", get(events))
         .route("/api/state", get(api_state))
+        .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(app.clone(), guard))
         .with_state(app)
 }
@@ -199,6 +200,17 @@ async fn api_state(State(app): State<App>) -> Response {
         Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
+}
+
+/// The daemon's counters in the Prometheus text format ([`crate::metrics`]).
+async fn metrics() -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::global().render(),
+    )
 }
 
 /// Decrements the open-stream count when a stream ends.
@@ -436,6 +448,13 @@ mod tests {
         assert!(body(&r).contains("page.js"));
         assert_eq!(request(addr, "GET", "/page.js", &host).await.0, 200);
         assert_eq!(request(addr, "GET", "/page.css", &host).await.0, 200);
+        let (st, r) = request(addr, "GET", "/metrics", &host).await;
+        assert_eq!(st, 200);
+        assert!(r
+            .to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"));
+        assert!(body(&r).contains("# TYPE rigd_trials_total counter\n"));
+        assert_eq!(request(addr, "POST", "/metrics", &host).await.0, 405);
         assert_eq!(request(addr, "GET", "/nope", &host).await.0, 404);
         assert_eq!(request(addr, "GET", "/api/state/x", &host).await.0, 404);
         assert_eq!(request(addr, "POST", "/api/state", &host).await.0, 405);

@@ -1,0 +1,476 @@
+//! The daemon's process-lifetime counters and gauges, and their Prometheus
+//! text rendering (`GET /metrics` on the preview server).
+//!
+//! One registry per process ([`global`]): plain atomics, so the rig thread
+//! counts a trial, a lost sample or a storage drop with one relaxed
+//! read-modify-write, never a lock or an allocation. Counters only ever go
+//! up, across sessions, until rigd exits; Prometheus notices the restart and
+//! `rate()`/`increase()` handle it. Rendering allocates the text on the
+//! preview server's thread, on request.
+//!
+//! The registry also holds the rig thread's liveness beat
+//! ([`Metrics::rig_thread_beat`]), which the systemd watchdog
+//! ([`crate::notify`]) checks before every ping.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// A monotonic count.
+#[derive(Debug)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub const fn new() -> Self {
+        Self(AtomicU64::new(0))
+    }
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Relaxed);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+impl Default for Counter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// An `f64` held as its bits: a gauge ([`F64Cell::set`]) or a monotonic
+/// floating-point counter ([`F64Cell::add`], a compare-and-swap loop: lock
+/// free, and only the rig thread adds).
+#[derive(Debug)]
+pub struct F64Cell(AtomicU64);
+
+impl F64Cell {
+    /// Holds `value` (`const`: `f64::to_bits` is not, so only for NaN and 0).
+    const fn from_bits(bits: u64) -> Self {
+        Self(AtomicU64::new(bits))
+    }
+    pub fn set(&self, v: f64) {
+        self.0.store(v.to_bits(), Relaxed);
+    }
+    pub fn add(&self, v: f64) {
+        let _ = self.0.fetch_update(Relaxed, Relaxed, |b| {
+            Some((f64::from_bits(b) + v).to_bits())
+        });
+    }
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Relaxed))
+    }
+}
+
+/// Upper bounds of the control-latency histogram's buckets, µs (50 µs to
+/// 10 ms; an observation lands in the first bucket whose bound it does not
+/// exceed, or in the overflow bucket rendered only as `+Inf`).
+pub const LATENCY_BUCKETS_US: [u64; 13] = [
+    50, 100, 200, 300, 500, 750, 1_000, 1_500, 2_000, 3_000, 5_000, 7_500, 10_000,
+];
+
+/// A fixed-bucket histogram of microsecond values. Each bucket counts its
+/// own observations (not cumulative); the count is the sum of the buckets,
+/// so a render taken during an observation is still self-consistent.
+#[derive(Debug)]
+pub struct LatencyHistogram {
+    /// One per bound in [`LATENCY_BUCKETS_US`], then the overflow bucket.
+    buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub const fn new() -> Self {
+        #[allow(clippy::declare_interior_mutable_const)]
+        const ZERO: AtomicU64 = AtomicU64::new(0);
+        Self {
+            buckets: [ZERO; LATENCY_BUCKETS_US.len() + 1],
+            sum_us: AtomicU64::new(0),
+        }
+    }
+
+    /// Count one observation of `us` microseconds.
+    pub fn observe_us(&self, us: u64) {
+        let i = LATENCY_BUCKETS_US
+            .iter()
+            .position(|&le| us <= le)
+            .unwrap_or(LATENCY_BUCKETS_US.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+    }
+
+    /// Per-bucket counts (not cumulative), the overflow bucket last.
+    pub fn bucket_counts(&self) -> [u64; LATENCY_BUCKETS_US.len() + 1] {
+        std::array::from_fn(|i| self.buckets[i].load(Relaxed))
+    }
+
+    pub fn count(&self) -> u64 {
+        self.bucket_counts().iter().sum()
+    }
+
+    pub fn sum_us(&self) -> u64 {
+        self.sum_us.load(Relaxed)
+    }
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// How a session ended, as the `reason` label of
+/// `rigd_sessions_completed_total`: the task's own reasons, a signal, a stop
+/// request, or an error while finishing the files. A fixed set, so a free-text
+/// stop reason cannot make new time series.
+pub const STOP_REASONS: [&str; 7] = [
+    "max_trials",
+    "reward_cap",
+    "water_cap",
+    "duration",
+    "requested",
+    "signal",
+    "error",
+];
+
+/// The label for a session's stop reason (as the core and the storage
+/// thread word it). See [`STOP_REASONS`].
+pub fn stop_reason_label(reason: &str) -> &'static str {
+    match reason {
+        "max_trials" => "max_trials",
+        "reward_cap" => "reward_cap",
+        "water_cap" => "water_cap",
+        "duration" => "duration",
+        "SIGTERM" | "SIGINT" => "signal",
+        r if r.starts_with("error") => "error",
+        // A stop request: "stopped by <peer>" or the experimenter's words.
+        _ => "requested",
+    }
+}
+
+/// The registry. See the module docs.
+#[derive(Debug)]
+pub struct Metrics {
+    pub sessions_started: Counter,
+    /// One per [`STOP_REASONS`] label.
+    sessions_completed: [Counter; STOP_REASONS.len()],
+    /// 1 from a session's start until its files are finished.
+    pub session_running: Counter,
+    pub trials: Counter,
+    pub rewards: Counter,
+    pub water_ul: F64Cell,
+    pub frames: Counter,
+    pub frames_dropped: Counter,
+    pub storage_dropped: Counter,
+    pub lever_samples_lost: Counter,
+    /// 1 while the serial link is connected.
+    pub link_up: Counter,
+    pub link_losses: Counter,
+    /// The latest clock fit's half band, µs (NaN before the first fit).
+    pub clock_half_band_us: F64Cell,
+    /// Crossing sample -> valve open at the device, per rewarded trial.
+    pub control_latency: LatencyHistogram,
+    /// Bumped by the rig thread every time the link calls it.
+    rig_thread_beats: Counter,
+}
+
+impl Metrics {
+    pub const fn new() -> Self {
+        #[allow(clippy::declare_interior_mutable_const)]
+        const ZERO: Counter = Counter::new();
+        Self {
+            sessions_started: Counter::new(),
+            sessions_completed: [ZERO; STOP_REASONS.len()],
+            session_running: Counter::new(),
+            trials: Counter::new(),
+            rewards: Counter::new(),
+            water_ul: F64Cell::from_bits(0), // 0.0
+            frames: Counter::new(),
+            frames_dropped: Counter::new(),
+            storage_dropped: Counter::new(),
+            lever_samples_lost: Counter::new(),
+            link_up: Counter::new(),
+            link_losses: Counter::new(),
+            clock_half_band_us: F64Cell::from_bits(0x7ff8_0000_0000_0000), // NaN
+            control_latency: LatencyHistogram::new(),
+            rig_thread_beats: Counter::new(),
+        }
+    }
+
+    /// A session started.
+    pub fn session_started(&self) {
+        self.sessions_started.inc();
+        self.session_running.0.store(1, Relaxed);
+    }
+
+    /// A session's files are finished (or failed), for `reason`.
+    pub fn session_ended(&self, reason: &str) {
+        let label = stop_reason_label(reason);
+        if let Some(i) = STOP_REASONS.iter().position(|&r| r == label) {
+            self.sessions_completed[i].inc();
+        }
+        self.session_running.0.store(0, Relaxed);
+    }
+
+    pub fn sessions_completed(&self, label: &str) -> u64 {
+        STOP_REASONS
+            .iter()
+            .position(|&r| r == label)
+            .map_or(0, |i| self.sessions_completed[i].get())
+    }
+
+    pub fn set_link_up(&self, up: bool) {
+        self.link_up.0.store(u64::from(up), Relaxed);
+    }
+
+    /// The rig thread is alive (called on every link callback).
+    pub fn rig_thread_beat(&self) {
+        self.rig_thread_beats.inc();
+    }
+
+    /// How many times the rig thread has beaten so far.
+    pub fn rig_thread_beats(&self) -> u64 {
+        self.rig_thread_beats.get()
+    }
+
+    /// The Prometheus text exposition format, version 0.0.4.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+            family(out, name, help, "counter");
+            let _ = writeln!(out, "{name} {v}");
+        };
+        let gauge = |out: &mut String, name: &str, help: &str, v: f64| {
+            family(out, name, help, "gauge");
+            let _ = writeln!(out, "{name} {}", number(v));
+        };
+        counter(
+            &mut out,
+            "rigd_sessions_started_total",
+            "Sessions started since rigd started.",
+            self.sessions_started.get(),
+        );
+        family(
+            &mut out,
+            "rigd_sessions_completed_total",
+            "Sessions ended (files finished) since rigd started, by why they ended.",
+            "counter",
+        );
+        for (label, c) in STOP_REASONS.iter().zip(&self.sessions_completed) {
+            let _ = writeln!(
+                out,
+                "rigd_sessions_completed_total{{reason=\"{label}\"}} {}",
+                c.get()
+            );
+        }
+        gauge(
+            &mut out,
+            "rigd_session_running",
+            "1 while a session runs (until its files are finished), else 0.",
+            self.session_running.get() as f64,
+        );
+        counter(
+            &mut out,
+            "rigd_trials_total",
+            "Trials run, all sessions.",
+            self.trials.get(),
+        );
+        counter(
+            &mut out,
+            "rigd_rewards_total",
+            "Rewards delivered (rewarded, not capped), all sessions.",
+            self.rewards.get(),
+        );
+        family(
+            &mut out,
+            "rigd_water_delivered_microliters_total",
+            "Water delivered as rewards, microliters, all sessions.",
+            "counter",
+        );
+        let _ = writeln!(
+            out,
+            "rigd_water_delivered_microliters_total {}",
+            number(self.water_ul.get())
+        );
+        counter(
+            &mut out,
+            "rigd_frames_total",
+            "Imaging frames received from the shared-memory ring.",
+            self.frames.get(),
+        );
+        counter(
+            &mut out,
+            "rigd_frames_dropped_total",
+            "Imaging frames overwritten in the ring before rigd read them.",
+            self.frames_dropped.get(),
+        );
+        counter(
+            &mut out,
+            "rigd_storage_dropped_total",
+            "Records the session's storage queue could not take (queue full).",
+            self.storage_dropped.get(),
+        );
+        counter(
+            &mut out,
+            "rigd_lever_samples_lost_total",
+            "Lever samples the device sent but rigd never got (gaps in the sample index).",
+            self.lever_samples_lost.get(),
+        );
+        gauge(
+            &mut out,
+            "rigd_link_up",
+            "1 while the serial link to the rig's microcontroller is connected.",
+            self.link_up.get() as f64,
+        );
+        counter(
+            &mut out,
+            "rigd_link_losses_total",
+            "Times an established serial link was lost.",
+            self.link_losses.get(),
+        );
+        gauge(
+            &mut out,
+            "rigd_clock_sync_half_band_seconds",
+            "Half width of the host-to-rig clock fit's band (NaN before the first fit).",
+            self.clock_half_band_us.get() / 1e6,
+        );
+        let name = "rigd_control_latency_seconds";
+        family(
+            &mut out,
+            name,
+            "Crossing lever sample to valve open at the device, per rewarded trial.",
+            "histogram",
+        );
+        let counts = self.control_latency.bucket_counts();
+        let mut cumulative = 0u64;
+        for (le, n) in LATENCY_BUCKETS_US.iter().zip(counts) {
+            cumulative += n;
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{}\"}} {cumulative}",
+                number(*le as f64 / 1e6)
+            );
+        }
+        cumulative += counts[LATENCY_BUCKETS_US.len()];
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            number(self.control_latency.sum_us() as f64 / 1e6)
+        );
+        let _ = writeln!(out, "{name}_count {cumulative}");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn family(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// A sample value as Prometheus writes it (`NaN`, `+Inf`, `-Inf`, decimal).
+fn number(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".to_owned()
+    } else if v.is_infinite() {
+        if v > 0.0 { "+Inf" } else { "-Inf" }.to_owned()
+    } else {
+        v.to_string()
+    }
+}
+
+static GLOBAL: Metrics = Metrics::new();
+
+/// The process's registry.
+pub fn global() -> &'static Metrics {
+    &GLOBAL
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_end_in_the_count() {
+        let m = Metrics::new();
+        for us in [10, 50, 51, 999, 1_000, 10_000, 10_001, 250_000] {
+            m.control_latency.observe_us(us);
+        }
+        let text = m.render();
+        let bucket = |le: &str| -> u64 {
+            let prefix = format!("rigd_control_latency_seconds_bucket{{le=\"{le}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .unwrap_or_else(|| panic!("no bucket {le} in\n{text}"))
+                .parse()
+                .expect("count")
+        };
+        assert_eq!(bucket("0.00005"), 2);
+        assert_eq!(bucket("0.0001"), 3);
+        assert_eq!(bucket("0.001"), 5);
+        assert_eq!(bucket("0.01"), 6);
+        assert_eq!(bucket("+Inf"), 8);
+        assert!(text.contains("rigd_control_latency_seconds_count 8\n"));
+        assert!(text.contains("rigd_control_latency_seconds_sum 0.272111\n"));
+    }
+
+    #[test]
+    fn every_family_has_help_and_type_and_values_parse() {
+        let m = Metrics::new();
+        m.session_started();
+        m.trials.add(3);
+        m.water_ul.add(2.5);
+        m.water_ul.add(0.25);
+        m.session_ended("stopped by pid 7");
+        m.session_ended("SIGTERM");
+        m.session_ended("duration");
+        let text = m.render();
+        let mut typed = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                typed.insert(rest.split(' ').next().expect("name").to_owned());
+                continue;
+            }
+            if line.starts_with("# HELP ") {
+                continue;
+            }
+            let (name, value) = line.rsplit_once(' ').expect("name value");
+            let base = name.split('{').next().expect("name");
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| base.strip_suffix(s).filter(|b| typed.contains(*b)))
+                .unwrap_or(base);
+            assert!(typed.contains(family), "{line}: no TYPE before it");
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+        }
+        assert!(text.contains("rigd_trials_total 3\n"));
+        assert!(text.contains("rigd_water_delivered_microliters_total 2.75\n"));
+        assert!(text.contains("rigd_sessions_completed_total{reason=\"requested\"} 1\n"));
+        assert!(text.contains("rigd_sessions_completed_total{reason=\"signal\"} 1\n"));
+        assert!(text.contains("rigd_sessions_completed_total{reason=\"duration\"} 1\n"));
+        assert!(text.contains("rigd_session_running 0\n"));
+        assert!(text.contains("rigd_clock_sync_half_band_seconds NaN\n"));
+        assert_eq!(m.sessions_completed("signal"), 1);
+    }
+
+    #[test]
+    fn stop_reasons_map_to_a_fixed_set() {
+        assert_eq!(stop_reason_label("max_trials"), "max_trials");
+        assert_eq!(stop_reason_label("water_cap"), "water_cap");
+        assert_eq!(stop_reason_label("SIGINT"), "signal");
+        assert_eq!(stop_reason_label("error: disk full"), "error");
+        assert_eq!(stop_reason_label("stopped by uid 1000"), "requested");
+        assert_eq!(stop_reason_label("max_trials please"), "requested");
+        for r in ["max_trials", "reward_cap", "water_cap", "duration"] {
+            assert!(STOP_REASONS.contains(&r));
+        }
+    }
+}
