@@ -125,11 +125,12 @@ impl Default for LatencyHistogram {
 /// `rigd_sessions_completed_total`: the task's own reasons, a signal, a stop
 /// request, or an error while finishing the files. A fixed set, so a free-text
 /// stop reason cannot make new time series.
-pub const STOP_REASONS: [&str; 7] = [
+pub const STOP_REASONS: [&str; 8] = [
     "max_trials",
     "reward_cap",
     "water_cap",
     "duration",
+    "sated",
     "requested",
     "signal",
     "error",
@@ -143,8 +144,9 @@ pub fn stop_reason_label(reason: &str) -> &'static str {
         "reward_cap" => "reward_cap",
         "water_cap" => "water_cap",
         "duration" => "duration",
+        "sated" => "sated",
         "SIGTERM" | "SIGINT" => "signal",
-        r if r.starts_with("error") => "error",
+        r if r.starts_with("error") || r.starts_with("storage error") => "error",
         // A stop request: "stopped by <peer>" or the experimenter's words.
         _ => "requested",
     }
@@ -469,7 +471,7 @@ mod tests {
         assert_eq!(stop_reason_label("error: disk full"), "error");
         assert_eq!(stop_reason_label("stopped by uid 1000"), "requested");
         assert_eq!(stop_reason_label("max_trials please"), "requested");
-        for r in ["max_trials", "reward_cap", "water_cap", "duration"] {
+        for r in ["max_trials", "reward_cap", "water_cap", "duration", "sated"] {
             assert!(STOP_REASONS.contains(&r));
         }
     }

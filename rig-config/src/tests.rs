@@ -584,3 +584,24 @@ fn edit_distance_and_suggestions() {
     assert_eq!(closest("window", &allowed), Some("window_s"));
     assert_eq!(closest("win", &allowed), None);
 }
+
+#[test]
+fn motion_correction_needs_frames_of_32_pixels() {
+    let e = error("[imaging]\nwidth = 32\nheight = 24\n");
+    assert!(e.contains("imaging.motion_correction"), "{e}");
+    assert!(e.contains("32 x 24"), "{e}");
+    loaded("[imaging]\nwidth = 32\nheight = 24\nmotion_correction = false\n");
+    loaded("[imaging]\nwidth = 32\nheight = 32\n");
+    loaded("[imaging]\nenabled = false\nwidth = 8\nheight = 8\n");
+}
+
+#[test]
+fn alerts_and_sated_keys_are_checked() {
+    assert!(error("[alerts]\ncommand = \"  \"\n").contains("alerts.command"));
+    assert!(error("[alerts]\ndevice_lost_s = 0\n").contains("alerts.device_lost_s"));
+    assert!(error("[alerts]\ndisk_free_min_mb = 0\n").contains("alerts.disk_free_min_mb"));
+    assert!(error("[task]\nsated_after_min = 0\n").contains("task.sated_after_min"));
+    let c = loaded("[alerts]\ncommand = \"cat >> /tmp/a\"\n[task]\nsated_after_min = 10\n").config;
+    assert_eq!(c.alerts.command.as_deref(), Some("cat >> /tmp/a"));
+    assert_eq!(c.task.sated_after_min, Some(10));
+}

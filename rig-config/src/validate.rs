@@ -413,6 +413,20 @@ fn valve(c: &RigConfig, out: &mut Issues) {
 
 fn imaging(c: &RigConfig, out: &mut Issues) {
     let im = &c.imaging;
+    // Motion correction registers 2x2-binned frames and needs at least
+    // 16 x 16 binned pixels.
+    let sized = im.width >= 1 && im.height >= 1;
+    if im.enabled && im.motion_correction && sized && (im.width < 32 || im.height < 32) {
+        out.push(
+            "imaging.motion_correction",
+            "true".to_owned(),
+            format!(
+                "needs frames of at least 32 x 32 pixels (these are {} x {}); set \
+                 imaging.motion_correction = false",
+                im.width, im.height
+            ),
+        );
+    }
     let name = &im.shm_name;
     let shm_ok = name.starts_with('/')
         && !name[1..].contains('/')
