@@ -99,6 +99,14 @@ fn ttl_stamped_frames_match_the_truth_within_10_us_and_none_is_dropped() {
     let mut worst = 0.0f64;
     for f in &frames {
         assert_eq!(f["dropped"], "0", "{f:?}");
+        // A frame still in the ring from before the session can predate the
+        // serial link itself: its edge was never seen, and it is honestly
+        // stamped by the mapped host clock. Every frame of the session has
+        // its edge.
+        let t_s: f64 = f["t_s"].parse().expect("t_s");
+        if t_s < 0.0 && f["source"] == "mapped" {
+            continue;
+        }
         assert_eq!(f["source"], "ttl", "{f:?}");
         let n: u64 = f["frame"].parse().expect("frame");
         let t = truth
