@@ -316,7 +316,8 @@ impl Core {
             clock_sync: None,
         };
         let fsync = Duration::from_millis(u64::from(cfg.storage.fsync_interval_ms));
-        let writer = SessionWriter::create(dir, info, fsync).map_err(|e| {
+        let chunk_len = Duration::from_secs(u64::from(cfg.storage.chunk_minutes) * 60);
+        let writer = SessionWriter::create(dir, info, fsync, chunk_len).map_err(|e| {
             err(
                 ErrorCode::Internal,
                 format!("cannot write the session folder: {e}"),

@@ -96,6 +96,10 @@ pub(crate) struct SessionToml {
     pub host_monotonic_start_ns: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clock_sync: Option<ClockSyncRecord>,
+    /// Every `.npy` stream and its chunk files in order (`lever =
+    /// ["lever.npy", "lever.001.npy"]`), as of the last rewrite.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub chunks: std::collections::BTreeMap<String, Vec<String>>,
     /// The effective configuration.
     #[serde(default)]
     pub config: toml::Table,

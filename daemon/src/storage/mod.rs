@@ -12,7 +12,10 @@
 //! * [`SessionWriter`] owns the files of one running session: `trials.tsv`,
 //!   `events.tsv`, `lever.npy`, `session.toml`, and at a clean stop
 //!   `summary.json` and `MANIFEST.sha256`.
-//! * [`NpyAppender`] is the append-only `.npy` writer every dense array uses.
+//! * [`NpyAppender`] is the append-only `.npy` writer every dense array uses;
+//!   [`ChunkedNpy`] cuts a stream into chunk files (`lever.npy`,
+//!   `lever.001.npy`, ...) when a [`ChunkClock`] says its session time crossed
+//!   a multiple of `[storage].chunk_minutes`.
 //! * [`recover`] and [`find_running`] repair folders left `running` by a crash.
 //!
 //! Architecture invariant: a session file is never overwritten or truncated
@@ -21,6 +24,7 @@
 //! through a temporary file, `fsync` and `rename`, so a reader sees the old
 //! version or the new one, never a mixture.
 
+mod chunk;
 mod manifest;
 mod meta;
 mod npy;
@@ -37,6 +41,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+pub use chunk::{
+    chunk_file_name, list_chunks, parse_chunk_name, read_lever_trace, ChunkClock, ChunkedNpy,
+};
 pub use manifest::write_manifest;
 pub use meta::{ClockSyncRecord, SessionInfo, SessionState};
 pub use npy::{read_npy_header, NpyAppender, NpyDtype, NpyElement, NpyHeader};
