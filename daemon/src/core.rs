@@ -344,6 +344,7 @@ impl Core {
                 t0_us,
                 session_dir: path.clone(),
                 fsync_interval: fsync,
+                chunk_len,
                 analysis: Some(crate::imaging::analysis::AnalysisSetup {
                     width: im.width as usize,
                     height: im.height as usize,

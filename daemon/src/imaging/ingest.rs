@@ -18,7 +18,7 @@ use protocol::ring::PollOutcome;
 
 use super::timing::{Decision, FrameInfo, FrameTimer, StampSource};
 use crate::rig::LiveStatus;
-use crate::storage::{EventSource, NpyAppender, NpyDtype};
+use crate::storage::{ChunkClock, ChunkedNpy, EventSource, NpyAppender, NpyDtype};
 use crate::storage_thread::StorageMsg;
 
 /// Files the ingest thread writes.
@@ -40,6 +40,9 @@ pub struct IngestSetup {
     pub t0_us: u64,
     pub session_dir: PathBuf,
     pub fsync_interval: Duration,
+    /// `frames.npy`, `f.npy` and `dff.npy` start new chunk files together
+    /// each time the session's rig time crosses a multiple of this.
+    pub chunk_len: Duration,
     /// Motion correction, ROIs and dF/F; `None` records frames only.
     pub analysis: Option<super::analysis::AnalysisSetup>,
     /// The live preview page, fed with dF/F rows, ROIs and the mean image.
@@ -106,6 +109,12 @@ impl Drop for Ingest {
     }
 }
 
+/// Frames held for their stamp at most (minutes at imaging rates; a frame
+/// waits at most a fraction of a second for its edge). Past this the oldest
+/// is written without a time, so a session with no clock fit cannot grow
+/// memory without bound.
+const MAX_PENDING_FRAMES: usize = 4096;
+
 /// One frame waiting for its stamp (or a dropped one waiting for its row).
 #[derive(Debug, Clone, Copy)]
 struct Pending {
@@ -119,7 +128,10 @@ struct Files {
     analysis: Option<super::analysis::Analysis>,
     tsv: std::io::BufWriter<std::fs::File>,
     tsv_file: std::fs::File,
-    raw: Option<NpyAppender>,
+    raw: Option<ChunkedNpy>,
+    /// One roll decision for every imaging array, so they change chunk on
+    /// the same frame.
+    chunks: ChunkClock,
     mean: Vec<f64>,
     mean_n: u64,
     last_sync: Instant,
@@ -143,7 +155,7 @@ impl Files {
                 setup.width as usize,
             ];
             Some(
-                NpyAppender::create(&setup.session_dir.join(FRAMES_NPY), NpyDtype::U2, &shape)
+                ChunkedNpy::create(&setup.session_dir, FRAMES_NPY, NpyDtype::U2, &shape)
                     .map_err(|e| e.to_string())?,
             )
         } else {
@@ -154,6 +166,7 @@ impl Files {
             tsv,
             tsv_file,
             raw,
+            chunks: ChunkClock::new(setup.chunk_len),
             mean: vec![0.0; pixels],
             mean_n: 0,
             last_sync: Instant::now(),
@@ -172,6 +185,21 @@ impl Files {
             u8::from(p.dropped)
         )
         .map_err(|e| format!("{FRAMES_TSV}: {e}"))
+    }
+
+    /// The next frame's rows (pixels, F, dF/F) are at session time `t_us`:
+    /// roll every imaging array here if that crosses a chunk boundary.
+    fn at_frame(&mut self, t_us: u64) -> Result<(), String> {
+        if !self.chunks.crosses(t_us) {
+            return Ok(());
+        }
+        if let Some(r) = self.raw.as_mut() {
+            r.roll().map_err(|e| e.to_string())?;
+        }
+        if let Some(a) = self.analysis.as_mut() {
+            a.roll()?;
+        }
+        Ok(())
     }
 
     fn sync(&mut self) -> Result<(), String> {
@@ -315,8 +343,12 @@ fn run(
                     got = true;
                     stale_reported = false;
                     counters.frames.fetch_add(1, Ordering::Relaxed);
-                    let (fit, _) = live();
+                    let (fit, now_rig) = live();
                     let mapped_us = fit.map(|f| f.host_to_rig_us(meta.host_monotonic_ns));
+                    // The frame's rig time (mapped, or the rig's latest
+                    // sample before a clock fit exists) picks its chunk.
+                    let t_rig = mapped_us.map_or(now_rig, |m| m.max(0.0) as u64);
+                    files.at_frame(t_rig.saturating_sub(setup.t0_us))?;
                     pending.push_back(Pending {
                         index: meta.index,
                         frame_number: meta.frame_number,
@@ -351,6 +383,7 @@ fn run(
                 Ok(PollOutcome::Overrun { skipped }) => {
                     got = true;
                     counters.dropped.fetch_add(skipped, Ordering::Relaxed);
+                    files.at_frame(live().1.saturating_sub(setup.t0_us))?;
                     notice("frames_dropped", skipped as f64, "reader overrun".into());
                     let first = last_frame_number.map_or(0, |n| n + 1);
                     for k in 0..skipped.min(100_000) {
@@ -433,8 +466,9 @@ fn run(
                     files.row(&p, Some(s.t_us), s.source.as_str(), setup.t0_us)?;
                     pending.pop_front();
                 }
-                Decision::Wait if stopping => {
-                    // No clock fit at all: keep the row, without a time.
+                Decision::Wait if stopping || pending.len() > MAX_PENDING_FRAMES => {
+                    // No clock fit at all (or none for minutes): keep the
+                    // row, without a time, rather than hold frames forever.
                     files.row(&p, None, "none", setup.t0_us)?;
                     pending.pop_front();
                 }

@@ -131,6 +131,13 @@ impl SessionToml {
     }
 }
 
+/// A session's `t0_rig_us` and the `[config]` it ran with, from its
+/// `session.toml` (for recomputing a summary from the files).
+pub fn read_t0_and_config(dir: &Path) -> Result<(u64, toml::Table), StorageError> {
+    let meta = SessionToml::read(dir)?;
+    Ok((meta.t0_rig_us, meta.config))
+}
+
 /// Parse the caller's config snapshot.
 pub(crate) fn parse_config(text: &str) -> Result<toml::Table, StorageError> {
     text.parse::<toml::Table>()

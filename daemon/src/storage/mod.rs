@@ -45,11 +45,11 @@ pub use chunk::{
     chunk_file_name, list_chunks, parse_chunk_name, read_lever_trace, ChunkClock, ChunkedNpy,
 };
 pub use manifest::write_manifest;
-pub use meta::{ClockSyncRecord, SessionInfo, SessionState};
+pub use meta::{read_t0_and_config, ClockSyncRecord, SessionInfo, SessionState};
 pub use npy::{read_npy_header, NpyAppender, NpyDtype, NpyElement, NpyHeader};
 pub use recover::{find_running, recover, recover_with_summary, RecoveryOutcome, RecoveryReport};
 pub use session_dir::SessionDir;
-pub use tsv::{EventSource, EventValue, EVENTS_COLUMNS, TRIALS_COLUMNS};
+pub use tsv::{read_trials, EventSource, EventValue, EVENTS_COLUMNS, TRIALS_COLUMNS};
 pub use writer::{ArrayId, SessionWriter};
 
 /// Behaviour table, one row per trial.
