@@ -68,6 +68,18 @@ pub const MANIFEST_FILE: &str = "MANIFEST.sha256";
 /// module). Close it before [`SessionWriter::finish`] so the manifest's hash
 /// of it stays true.
 pub const LOG_FILE: &str = "rigd.log";
+/// Size past which the session log rolls to `rigd.001.log`, `rigd.002.log`,
+/// ... (all kept).
+pub const LOG_ROTATE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Part `n` of the session log: `rigd.log`, then `rigd.001.log`, ...
+pub fn log_file_name(n: u32) -> String {
+    if n == 0 {
+        LOG_FILE.to_owned()
+    } else {
+        format!("rigd.{n:03}.log")
+    }
+}
 /// Suffix of the temporary files of atomic rewrites; never part of a session.
 pub const TMP_SUFFIX: &str = ".tmp";
 
