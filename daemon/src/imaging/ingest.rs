@@ -1,6 +1,8 @@
 //! The ingest thread: reads frames from the shared-memory ring, stamps them on
 //! the rig clock ([`super::timing`]), and writes `frames.tsv`, the optional raw
-//! `frames.npy` and, at the end, `mean_image.npy` into the session folder. It
+//! `frames.npy` and, at the end, `mean_image.npy` into the session folder
+//! (`frames.npy`, `f.npy` and `dff.npy` roll into chunk files together, at
+//! the same frame, see [`crate::storage::ChunkClock`]). It
 //! runs on its own thread, apart from the serial latency path and the storage
 //! thread, and never makes the producer wait.
 
