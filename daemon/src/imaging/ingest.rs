@@ -308,6 +308,8 @@ fn run(
     let mut next_open = Instant::now();
     let mut stale_reported = false;
     let mut last_frame_number: Option<u64> = None;
+    // Rig time of the last frame read (for the chunk of dropped frames).
+    let mut last_frame_t_rig = 0u64;
     loop {
         let stopping = stop.load(Ordering::Relaxed);
         while let Ok((count, t_us)) = edges.try_recv() {
@@ -351,6 +353,7 @@ fn run(
                     // sample before a clock fit exists) picks its chunk.
                     let t_rig = mapped_us.map_or(now_rig, |m| m.max(0.0) as u64);
                     files.at_frame(t_rig.saturating_sub(setup.t0_us))?;
+                    last_frame_t_rig = t_rig;
                     pending.push_back(Pending {
                         index: meta.index,
                         frame_number: meta.frame_number,
@@ -385,7 +388,9 @@ fn run(
                 Ok(PollOutcome::Overrun { skipped }) => {
                     got = true;
                     counters.dropped.fetch_add(skipped, Ordering::Relaxed);
-                    files.at_frame(live().1.saturating_sub(setup.t0_us))?;
+                    // The lost frames came after the last one read: they
+                    // stay in its chunk (the next frame read decides).
+                    files.at_frame(last_frame_t_rig.saturating_sub(setup.t0_us))?;
                     notice("frames_dropped", skipped as f64, "reader overrun".into());
                     let first = last_frame_number.map_or(0, |n| n + 1);
                     for k in 0..skipped.min(100_000) {
