@@ -16,8 +16,9 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use firmware_bridge::link::LeverBatch;
 
+use crate::behaviour::{parse_resampled, resample_1khz_from, summarize_parsed, Summary};
 use crate::rig::LiveStatus;
-use crate::storage::{read_lever_trace, ClockSyncRecord, EventSource, SessionWriter};
+use crate::storage::{ClockSyncRecord, EventSource, LeverFiles, SessionWriter};
 use crate::trial::TrialRecord;
 
 pub use crate::storage::EventSource as StorageSource;
@@ -254,14 +255,7 @@ fn finish(
     // Every lever row on disk and declared, then read back for the summary
     // (the same (rig µs, mm) values that were written).
     w.sync().map_err(|e| e.to_string())?;
-    let lever = read_lever_trace(w.path(), setup.t0_us).unwrap_or_else(|e| {
-        // The files are intact for later analysis; only the lever measures
-        // of this summary are lost (trial counts and water stay right).
-        tracing::error!("cannot read the lever back for the summary: {e}");
-        Vec::new()
-    });
-    let summary = crate::behaviour::summarize(&st.trials, &lever, &setup.behaviour);
-    drop(lever);
+    let summary = summarize_with_lever_on_disk(w.path(), setup.t0_us, &st.trials, &setup.behaviour);
     let summary_json = serde_json::to_value(&summary).map_err(|e| e.to_string())?;
     let dir = w.path().display().to_string();
     w.finish(SystemTime::now(), &reason, &summary_json)
@@ -317,19 +311,35 @@ pub fn summarize_folder(dir: &Path) -> Option<serde_json::Value> {
         }
     };
     let trials: Vec<TrialRecord> = trials.iter().map(|r| shift_trial_back(r, t0)).collect();
-    let lever = match read_lever_trace(dir, t0) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!("summary of {}: {e}", dir.display());
-            return None;
-        }
-    };
-    let summary = crate::behaviour::summarize(&trials, &lever, &params);
+    let summary = summarize_with_lever_on_disk(dir, t0, &trials, &params);
     let mut v = serde_json::to_value(&summary).ok()?;
     if let Some(o) = v.as_object_mut() {
         o.insert("source".into(), "recovery".into());
     }
     Some(v)
+}
+
+/// [`crate::behaviour::summarize`] with the lever streamed from the session's
+/// chunk files (read twice, never held in memory: only the 1 kHz grid of the
+/// movement parsing is). The same result as summarising the trace that was
+/// written. If the lever cannot be read, its measures are null (logged);
+/// the trial counts and water stay right.
+fn summarize_with_lever_on_disk(
+    dir: &Path,
+    t0_rig_us: u64,
+    trials: &[TrialRecord],
+    params: &crate::behaviour::SummaryParams,
+) -> Summary {
+    let grid = LeverFiles::open(dir, t0_rig_us).and_then(|files| {
+        let grid = resample_1khz_from(|| files.samples());
+        files.take_error().map_or(Ok(grid), Err)
+    });
+    let (grid_t0, raw_mm) = grid.unwrap_or_else(|e| {
+        tracing::error!("summary of {}: cannot read the lever: {e}", dir.display());
+        (0, Vec::new())
+    });
+    let parsed = parse_resampled(grid_t0, raw_mm, &params.movement);
+    summarize_parsed(trials, &parsed, params)
 }
 
 /// The inverse of [`shift_trial`]: session times back to rig times.

@@ -212,44 +212,106 @@ impl ChunkedNpy {
     }
 }
 
-/// A lever trace read back from a session's `lever` chunks: `(rig µs, mm)`
-/// per row, where rig µs = session time + `t0_rig_us`. The session time is
-/// stored as µs / 10^6 in float64, which reads back to the exact integer.
-/// Only the rows each header declares are read.
+/// A session's lever chunks, to be read (as often as needed) without holding
+/// the trace in memory: `(rig µs, mm)` per row, where rig µs = session time
+/// + `t0_rig_us`. The session time is stored as µs / 10^6 in float64, which
+/// reads back to the exact integer. Only the rows each header declares (as
+/// of [`LeverFiles::open`]) are read.
+#[derive(Debug)]
+pub struct LeverFiles {
+    t0_rig_us: u64,
+    /// Path, first data byte, declared rows.
+    files: Vec<(PathBuf, u64, u64)>,
+    error: std::cell::RefCell<Option<StorageError>>,
+}
+
+impl LeverFiles {
+    /// The `lever` stream's chunks in `dir`, headers checked.
+    pub fn open(dir: &Path, t0_rig_us: u64) -> Result<Self, StorageError> {
+        let names = list_chunks(dir)?.remove("lever").unwrap_or_default();
+        let mut files = Vec::with_capacity(names.len());
+        for name in &names {
+            let path = dir.join(name);
+            let h = read_npy_header(&path)?;
+            if h.descr != "<f8" || h.fortran_order || h.shape.len() != 2 || h.shape[1] != 3 {
+                return Err(StorageError::Format {
+                    path,
+                    reason: format!("not a lever array: {} {:?}", h.descr, h.shape),
+                });
+            }
+            files.push((path, h.data_offset, h.shape[0]));
+        }
+        Ok(Self {
+            t0_rig_us,
+            files,
+            error: std::cell::RefCell::new(None),
+        })
+    }
+
+    /// Rows in all chunks.
+    pub fn rows(&self) -> u64 {
+        self.files.iter().map(|f| f.2).sum()
+    }
+
+    /// Every row in order, read from the files now. A read error ends the
+    /// iteration early and is kept for [`LeverFiles::take_error`].
+    pub fn samples(&self) -> impl Iterator<Item = (u64, f64)> + '_ {
+        use std::io::{BufReader, Read, Seek, SeekFrom};
+        self.files.iter().flat_map(move |(path, offset, rows)| {
+            let reader = std::fs::File::open(path)
+                .map(|f| BufReader::with_capacity(1 << 20, f))
+                .and_then(|mut r| r.seek(SeekFrom::Start(*offset)).map(|_| r));
+            let mut reader = match reader {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    self.fail(StorageError::io("open", path, e));
+                    None
+                }
+            };
+            let mut left = if reader.is_some() { *rows } else { 0 };
+            std::iter::from_fn(move || {
+                if left == 0 || self.error.borrow().is_some() {
+                    return None;
+                }
+                let r = reader.as_mut()?;
+                let mut row = [0u8; 24];
+                if let Err(e) = r.read_exact(&mut row) {
+                    self.fail(StorageError::io("read", path, e));
+                    return None;
+                }
+                left -= 1;
+                let f = |k: usize| {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(&row[k * 8..k * 8 + 8]);
+                    f64::from_le_bytes(b)
+                };
+                // Session time is never negative; a corrupt value gives 0.
+                let t_us = (f(0) * 1e6).round().max(0.0) as u64;
+                Some((t_us.saturating_add(self.t0_rig_us), f(1)))
+            })
+        })
+    }
+
+    /// The first read error of any [`LeverFiles::samples`] pass, if any.
+    pub fn take_error(&self) -> Option<StorageError> {
+        self.error.borrow_mut().take()
+    }
+
+    fn fail(&self, e: StorageError) {
+        self.error.borrow_mut().get_or_insert(e);
+    }
+}
+
+/// The whole lever trace of a session's chunks, in memory (see
+/// [`LeverFiles`] to read it without).
 pub fn read_lever_trace(dir: &Path, t0_rig_us: u64) -> Result<Vec<(u64, f64)>, StorageError> {
-    use std::io::{BufReader, Read, Seek, SeekFrom};
-    let files = list_chunks(dir)?.remove("lever").unwrap_or_default();
-    let mut headers = Vec::with_capacity(files.len());
-    for name in &files {
-        let path = dir.join(name);
-        let h = read_npy_header(&path)?;
-        if h.descr != "<f8" || h.fortran_order || h.shape.len() != 2 || h.shape[1] != 3 {
-            return Err(StorageError::Format {
-                path,
-                reason: format!("not a lever array: {} {:?}", h.descr, h.shape),
-            });
-        }
-        headers.push((path, h));
+    let files = LeverFiles::open(dir, t0_rig_us)?;
+    let mut out = Vec::with_capacity(usize::try_from(files.rows()).unwrap_or(0));
+    out.extend(files.samples());
+    match files.take_error() {
+        Some(e) => Err(e),
+        None => Ok(out),
     }
-    let total: u64 = headers.iter().map(|(_, h)| h.shape[0]).sum();
-    let mut out = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
-    let mut row = [0u8; 24];
-    for (path, h) in headers {
-        let f = std::fs::File::open(&path).map_err(|e| StorageError::io("open", &path, e))?;
-        let mut r = BufReader::with_capacity(1 << 20, f);
-        r.seek(SeekFrom::Start(h.data_offset))
-            .map_err(|e| StorageError::io("seek", &path, e))?;
-        for _ in 0..h.shape[0] {
-            r.read_exact(&mut row)
-                .map_err(|e| StorageError::io("read", &path, e))?;
-            let t_s = f64::from_le_bytes(row[0..8].try_into().unwrap_or_default());
-            let mm = f64::from_le_bytes(row[8..16].try_into().unwrap_or_default());
-            // Session time is never negative; a corrupt value gives 0.
-            let t_us = (t_s * 1e6).round().max(0.0) as u64;
-            out.push((t_us.saturating_add(t0_rig_us), mm));
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -43,6 +43,7 @@ use std::time::SystemTime;
 
 pub use chunk::{
     chunk_file_name, list_chunks, parse_chunk_name, read_lever_trace, ChunkClock, ChunkedNpy,
+    LeverFiles,
 };
 pub use manifest::write_manifest;
 pub use meta::{read_t0_and_config, ClockSyncRecord, SessionInfo, SessionState};
