@@ -510,6 +510,7 @@ fn simulated_learning_moves_the_summary_as_in_the_paper() {
 /// disk (and recovery from the whole folder) is the summary of the trace
 /// that was written, to the last bit.
 #[test]
+#[allow(clippy::unwrap_used)]
 fn summary_from_the_chunk_files_is_the_summary_of_the_written_trace() {
     use crate::storage::{read_lever_trace, SessionDir, SessionInfo, SessionWriter};
     use std::time::{Duration, SystemTime};

@@ -213,9 +213,9 @@ impl ChunkedNpy {
 }
 
 /// A session's lever chunks, to be read (as often as needed) without holding
-/// the trace in memory: `(rig µs, mm)` per row, where rig µs = session time
-/// + `t0_rig_us`. The session time is stored as µs / 10^6 in float64, which
-/// reads back to the exact integer. Only the rows each header declares (as
+/// the trace in memory: `(rig µs, mm)` per row, where rig µs is session time
+/// plus `t0_rig_us`. The session time is stored as µs / 10^6 in float64,
+/// which reads back to the exact integer. Only the rows each header declares (as
 /// of [`LeverFiles::open`]) are read.
 #[derive(Debug)]
 pub struct LeverFiles {
