@@ -89,6 +89,7 @@ fn trial(rate: f64, secs: f64, raw: bool, analysis: bool) -> (u64, u64, u64) {
         t0_us: 0,
         session_dir: dir.clone(),
         fsync_interval: Duration::from_secs(1),
+        chunk_len: Duration::from_secs(3600),
         analysis: analysis.then(|| {
             let labels = dir.join("labels.npy");
             write_labels(&labels);

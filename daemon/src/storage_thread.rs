@@ -3,7 +3,12 @@
 //! `fsync_interval_ms`, and at the end computes the summary, finishes the
 //! folder and hands the summary to the core. Disk work never runs on the rig
 //! thread; a disk error stops the session cleanly with the data so far intact.
+//!
+//! Memory stays flat however long the session runs: the thread keeps the
+//! trial records (one per trial) and nothing per sample; the lever trace the
+//! summary needs is read back from the lever chunk files at the end.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -11,8 +16,9 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use firmware_bridge::link::LeverBatch;
 
+use crate::behaviour::{parse_resampled, resample_1khz_from, summarize_parsed, Summary};
 use crate::rig::LiveStatus;
-use crate::storage::{ClockSyncRecord, EventSource, SessionWriter};
+use crate::storage::{ClockSyncRecord, EventSource, LeverFiles, SessionWriter};
 use crate::trial::TrialRecord;
 
 pub use crate::storage::EventSource as StorageSource;
@@ -135,8 +141,8 @@ pub fn spawn(
 
 struct State {
     zero_counts: Option<i32>,
-    /// The lever trace kept for the summary: (rig µs, mm).
-    lever: Vec<(u64, f64)>,
+    /// The trials, for the summary (one record per trial; the lever trace
+    /// is read back from disk at the end, never kept here).
     trials: Vec<TrialRecord>,
     last_info_update: Instant,
 }
@@ -149,7 +155,6 @@ fn run(
 ) -> Result<FinishedSession, String> {
     let mut st = State {
         zero_counts: None,
-        lever: Vec::new(),
         trials: Vec::new(),
         last_info_update: Instant::now(),
     };
@@ -220,7 +225,6 @@ fn write(
                 let mm = f64::from(counts.wrapping_sub(zero)) / setup.counts_per_mm;
                 w.write_lever(rel(setup, t_us), mm, i64::from(counts))
                     .map_err(|e| e.to_string())?;
-                st.lever.push((t_us, mm));
             }
         }
         StorageMsg::Event {
@@ -298,7 +302,11 @@ fn finish(
             "records not written: storage queue full",
         );
     }
-    let mut summary = crate::behaviour::summarize(&st.trials, &st.lever, &setup.behaviour);
+    // Every lever row on disk and declared, then read back for the summary
+    // (the same (rig µs, mm) values that were written).
+    w.sync().map_err(|e| e.to_string())?;
+    let mut summary =
+        summarize_with_lever_on_disk(w.path(), setup.t0_us, &st.trials, &setup.behaviour);
     summary.set_water_today(setup.water_before_today_ul, setup.daily_water_target_ul);
     let summary_json = serde_json::to_value(&summary).map_err(|e| e.to_string())?;
     let dir = w.path().display().to_string();
@@ -321,6 +329,85 @@ fn finish(
         summary_json,
         reason,
     })
+}
+
+/// The full behavioural summary of a finished or crashed session folder,
+/// recomputed from its files (`trials.tsv`, the lever chunks, `t0_rig_us`
+/// and the task's response window from `session.toml`), with
+/// `"source": "recovery"`. For [`crate::storage::recover_with_summary`]:
+/// `None` (recovery then writes counts only) if the files cannot be read.
+pub fn summarize_folder(dir: &Path) -> Option<serde_json::Value> {
+    let (t0, config) = match crate::storage::read_t0_and_config(dir) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!("summary of {}: {e}", dir.display());
+            return None;
+        }
+    };
+    let window_ms = config
+        .get("task")
+        .and_then(|t| t.get("response_window_ms"))
+        .and_then(toml::Value::as_integer)
+        .and_then(|v| u64::try_from(v).ok())
+        .unwrap_or_else(|| u64::from(rig_config::RigConfig::default().task.response_window_ms));
+    let params = crate::behaviour::SummaryParams::new(window_ms * 1000);
+    let trials_path = dir.join(crate::storage::TRIALS_FILE);
+    let trials = match crate::storage::read_trials(&trials_path) {
+        Ok((trials, 0)) => trials,
+        Ok((_, skipped)) => {
+            tracing::warn!(
+                "summary of {}: {skipped} rows of trials.tsv do not parse",
+                dir.display()
+            );
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!("summary of {}: {e}", dir.display());
+            return None;
+        }
+    };
+    let trials: Vec<TrialRecord> = trials.iter().map(|r| shift_trial_back(r, t0)).collect();
+    let summary = summarize_with_lever_on_disk(dir, t0, &trials, &params);
+    let mut v = serde_json::to_value(&summary).ok()?;
+    if let Some(o) = v.as_object_mut() {
+        o.insert("source".into(), "recovery".into());
+    }
+    Some(v)
+}
+
+/// [`crate::behaviour::summarize`] with the lever streamed from the session's
+/// chunk files (read twice, never held in memory: only the 1 kHz grid of the
+/// movement parsing is). The same result as summarising the trace that was
+/// written. If the lever cannot be read, its measures are null (logged);
+/// the trial counts and water stay right.
+fn summarize_with_lever_on_disk(
+    dir: &Path,
+    t0_rig_us: u64,
+    trials: &[TrialRecord],
+    params: &crate::behaviour::SummaryParams,
+) -> Summary {
+    let grid = LeverFiles::open(dir, t0_rig_us).and_then(|files| {
+        let grid = resample_1khz_from(|| files.samples());
+        files.take_error().map_or(Ok(grid), Err)
+    });
+    let (grid_t0, raw_mm) = grid.unwrap_or_else(|e| {
+        tracing::error!("summary of {}: cannot read the lever: {e}", dir.display());
+        (0, Vec::new())
+    });
+    let parsed = parse_resampled(grid_t0, raw_mm, &params.movement);
+    summarize_parsed(trials, &parsed, params)
+}
+
+/// The inverse of [`shift_trial`]: session times back to rig times.
+fn shift_trial_back(rec: &TrialRecord, t0: u64) -> TrialRecord {
+    let s = |t: u64| t.saturating_add(t0);
+    TrialRecord {
+        t_start_us: s(rec.t_start_us),
+        t_cue_us: s(rec.t_cue_us),
+        t_response_us: rec.t_response_us.map(s),
+        t_reward_us: rec.t_reward_us.map(s),
+        ..rec.clone()
+    }
 }
 
 fn fail(w: SessionWriter, error: String) -> Result<FinishedSession, String> {

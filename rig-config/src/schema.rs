@@ -309,6 +309,11 @@ pub struct StorageSection {
     /// Longest time between two syncs of the session files to disk, ms,
     /// 1..=1000 (a crash loses at most one second). Default 1000.
     pub fsync_interval_ms: u32,
+    /// Every `.npy` stream of a session (`lever.npy`, `frames.npy`, `f.npy`,
+    /// `dff.npy`) rolls into a new chunk file (`lever.001.npy`, ...) each time
+    /// the session's rig time crosses a multiple of this many minutes,
+    /// 1..=1440. Default 60.
+    pub chunk_minutes: u32,
 }
 
 impl Default for StorageSection {
@@ -317,6 +322,7 @@ impl Default for StorageSection {
             data_root: PathBuf::from("/var/lib/rigd/sessions"),
             raw_frames: false,
             fsync_interval_ms: 1000,
+            chunk_minutes: 60,
         }
     }
 }

@@ -374,6 +374,8 @@ fn single_key_rules() {
             "[storage]\nfsync_interval_ms = 0\n",
             "storage.fsync_interval_ms",
         ),
+        ("[storage]\nchunk_minutes = 0\n", "storage.chunk_minutes"),
+        ("[storage]\nchunk_minutes = 1441\n", "storage.chunk_minutes"),
         ("[control]\nmode = 0o1777\n", "control.mode"),
         ("[control]\nmode = 0o662\n", "control.mode"),
         ("[control]\nsocket = \"rigd.sock\"\n", "control.socket"),
@@ -604,4 +606,22 @@ fn alerts_and_sated_keys_are_checked() {
     let c = loaded("[alerts]\ncommand = \"cat >> /tmp/a\"\n[task]\nsated_after_min = 10\n").config;
     assert_eq!(c.alerts.command.as_deref(), Some("cat >> /tmp/a"));
     assert_eq!(c.task.sated_after_min, Some(10));
+}
+
+#[test]
+fn chunk_minutes_error_names_the_key_the_value_and_the_range() {
+    let e = error("[storage]\nchunk_minutes = 0\n");
+    assert!(e.starts_with("rig.toml:2:"), "{e}");
+    assert!(
+        e.contains("storage.chunk_minutes = 0: must be 1..=1440 minutes"),
+        "{e}"
+    );
+    assert_eq!(
+        loaded("[storage]\nchunk_minutes = 1\n")
+            .config
+            .storage
+            .chunk_minutes,
+        1
+    );
+    assert_eq!(RigConfig::default().storage.chunk_minutes, 60);
 }

@@ -512,6 +512,14 @@ fn storage(c: &RigConfig, out: &mut Issues) {
         1000,
         " ms (a crash may lose at most one second)",
     );
+    out.int_range(
+        "storage.chunk_minutes",
+        s.chunk_minutes.into(),
+        1,
+        1440,
+        " minutes (the session's .npy files start a new chunk file this often; \
+         60 keeps a 12-hour session at 12 files per stream)",
+    );
 }
 
 fn control(c: &RigConfig, out: &mut Issues) {

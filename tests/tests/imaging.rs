@@ -447,3 +447,93 @@ fn online_dff_and_motion_match_the_simulated_truth() {
     assert!(v["median_r"].as_f64().expect("r") >= 0.9, "{v}");
     assert!(v["shift_err_p95"].as_f64().expect("err") <= 0.5, "{v}");
 }
+
+/// Checks the imaging arrays of a chunked session: frames.npy, f.npy and
+/// dff.npy have the same number of chunks, change chunk on the same
+/// frames.tsv row, each chunk holds its own minute (within the mapping error
+/// of the time a frame had on arrival), and concatenated they are
+/// row-aligned with frames.tsv.
+const IMAGING_CHUNKS_CHECK: &str = r##"
+import sys, json, tomllib, numpy as np
+d, chunk_s = sys.argv[1], float(sys.argv[2])
+ch = tomllib.load(open(f"{d}/session.toml", "rb"))["chunks"]
+lines = [l.rstrip("\n").split("\t") for l in open(f"{d}/frames.tsv")]
+h, rows = lines[0], lines[1:]
+t = [r[h.index("t_s")] for r in rows]
+dropped = [r[h.index("dropped")] == "1" for r in rows]
+parts = {s: [np.load(f"{d}/{f}") for f in ch[s]] for s in ("frames", "f", "dff")}
+n = {s: [p.shape[0] for p in parts[s]] for s in parts}
+assert len(n["frames"]) == len(n["f"]) == len(n["dff"]) >= 2, n
+assert n["f"] == n["dff"], n
+assert sum(n["f"]) == len(rows), (n, len(rows))
+start = 0
+for k, m in enumerate(n["f"]):
+    ts = [float(x) for x in t[start:start + m] if x]
+    # The roll is decided when a frame arrives, from its host stamp mapped
+    # onto the rig clock; t_s is its frame-clock edge. At 10x speed a few ms
+    # of host jitter are tens of ms of device time.
+    assert min(ts) >= chunk_s * k - 0.5 and max(ts) < chunk_s * (k + 1) + 0.5, (k, min(ts), max(ts))
+    assert n["frames"][k] == sum(1 for x in dropped[start:start + m] if not x), (k, n)
+    start += m
+f = np.concatenate(parts["f"]); dff = np.concatenate(parts["dff"]); frames = np.concatenate(parts["frames"])
+assert f.shape == dff.shape and f.shape[0] == len(rows)
+assert frames.dtype == np.uint16 and frames.shape[0] == sum(not x for x in dropped)
+print(json.dumps({"rows": len(rows), "chunks": n["f"], "frames_chunks": n["frames"], "dropped": sum(dropped)}))
+"##;
+
+#[test]
+fn imaging_arrays_roll_into_chunks_together() {
+    let has_numpy = Command::new(python())
+        .args(["-c", "import numpy"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_numpy {
+        assert!(
+            std::env::var_os("RIG_REQUIRE_NUMPY").is_none(),
+            "numpy is required (RIG_REQUIRE_NUMPY=1)"
+        );
+        eprintln!("skipped: no numpy for {}", python().display());
+        return;
+    }
+    let shm = format!("/rig-e2e-{}-chunks", std::process::id());
+    let sim_dir = TempDir::new("chunks-sim");
+    // Ten times real time: a minute of device time every 6 s.
+    let sim = Sim::start(
+        sim_dir.path(),
+        &[
+            "--speed",
+            "10",
+            "--microscope",
+            &shm,
+            "--microscope-size",
+            "64x48",
+            "--neurons",
+            "20",
+        ],
+    );
+    let s = config("chunks", &sim.link, &shm, 64, 48, true);
+    let mut text = std::fs::read_to_string(&s.config).expect("config");
+    text = text.replace(
+        "fsync_interval_ms = 200\n",
+        "fsync_interval_ms = 200\nchunk_minutes = 1\nraw_frames = true\n",
+    );
+    // The device's watchdog counts device time, 10x faster.
+    text.push_str("\n[safety]\nheartbeat_interval_ms = 20\nheartbeat_timeout_ms = 2000\n");
+    std::fs::write(&s.config, text).expect("config");
+    let rigd = Rigd::start(&s.config, &s.socket);
+    wait_connected(&s.socket);
+    let dir = start_session(&s.socket, "IMG");
+    std::thread::sleep(Duration::from_secs(14));
+    stop_session(&s.socket);
+    drop(rigd);
+    drop(sim);
+    let _ = Command::new("rm")
+        .arg("-f")
+        .arg(format!("/dev/shm{shm}"))
+        .status();
+    assert_eq!(session_value(&dir, "state"), "complete");
+    let out = rig_tests::run_python(IMAGING_CHUNKS_CHECK, &[dir.as_os_str(), "60".as_ref()]);
+    eprintln!("imaging chunks: {}", out.trim());
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    assert!(v["chunks"].as_array().expect("chunks").len() >= 2, "{v}");
+}

@@ -17,7 +17,8 @@ use crate::task::TaskParams;
 use crate::trial::{Outcome, TrialRecord};
 
 pub use movement::{
-    parse_lever, resample_1khz, LeverTrace, Movement, MovementParams, ParsedLever, GRID_US,
+    parse_lever, parse_resampled, resample_1khz, resample_1khz_from, LeverTrace, Movement,
+    MovementParams, ParsedLever, GRID_US,
 };
 
 /// What the summary needs besides the trials and the lever.

@@ -117,24 +117,48 @@ impl ParsedLever {
 /// linear interpolation across bins without samples (gaps). Samples with a
 /// non-finite position or a time before the first sample's are skipped.
 pub fn resample_1khz(trace: &LeverTrace) -> (u64, Vec<f64>) {
-    let n = trace.len();
-    let valid = |i: usize| trace[i].1.is_finite();
-    let Some(first) = (0..n).find(|&i| valid(i)) else {
+    resample_1khz_from(|| trace.iter().copied())
+}
+
+/// [`resample_1khz`] of a trace that `samples` can read more than once (it
+/// is read twice: its extent, then the bins), e.g. straight from the
+/// session's lever files, so the trace itself is never held in memory.
+/// Same arithmetic in the same order, so the same result.
+pub fn resample_1khz_from<I, F>(samples: F) -> (u64, Vec<f64>)
+where
+    F: Fn() -> I,
+    I: Iterator<Item = (u64, f64)>,
+{
+    // Pass 1: the number of samples, the first valid one, the last bin.
+    let mut n = 0usize;
+    let mut first: Option<(usize, u64)> = None;
+    let mut last_bin = 0usize;
+    for (i, (t, mm)) in samples().enumerate() {
+        n = i + 1;
+        if !mm.is_finite() {
+            continue;
+        }
+        let t0 = match first {
+            Some((_, t0)) => t0,
+            None => {
+                first = Some((i, t));
+                t
+            }
+        };
+        if t >= t0 {
+            last_bin = last_bin.max(((t - t0 + GRID_US / 2) / GRID_US) as usize);
+        }
+    }
+    let Some((first, t0)) = first else {
         return (0, Vec::new());
     };
-    let t0 = trace[first].0;
     let bin_of = |t: u64| ((t - t0 + GRID_US / 2) / GRID_US) as usize;
-    let last_bin = (first..n)
-        .filter(|&i| valid(i) && trace[i].0 >= t0)
-        .map(|i| bin_of(trace[i].0))
-        .max()
-        .unwrap_or(0);
     // Bound the grid by what the samples can plausibly span (gaps included),
     // so one corrupt timestamp cannot make it huge.
     let len = (last_bin + 1).min(MAX_GRID_SAMPLES.min(4 * n + 3_600_000));
     let mut sum = vec![0.0f64; len];
     let mut count = vec![0u32; len];
-    for &(t, mm) in &trace[first..] {
+    for (t, mm) in samples().skip(first) {
         if !mm.is_finite() || t < t0 {
             continue;
         }
@@ -278,6 +302,12 @@ fn refine(x: &[f64], s: usize, e: usize, cutoff: f64, settle: usize) -> Option<(
 /// Parse the lever trace into movements (see `docs/behaviour.md`).
 pub fn parse_lever(trace: &LeverTrace, p: &MovementParams) -> ParsedLever {
     let (t0_us, raw_mm) = resample_1khz(trace);
+    parse_resampled(t0_us, raw_mm, p)
+}
+
+/// [`parse_lever`] of a trace already resampled with [`resample_1khz`] or
+/// [`resample_1khz_from`] (grid sample 0 at `t0_us`).
+pub fn parse_resampled(t0_us: u64, raw_mm: Vec<f64>, p: &MovementParams) -> ParsedLever {
     let n = raw_mm.len();
     if n == 0 {
         return ParsedLever::default();

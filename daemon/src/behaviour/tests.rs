@@ -505,3 +505,63 @@ fn simulated_learning_moves_the_summary_as_in_the_paper() {
     assert!(get(&expert, |s| s.reaction_time_median_s) < get(&naive, |s| s.reaction_time_median_s));
     assert!(get(&expert, |s| s.trajectory_corr_median) > get(&naive, |s| s.trajectory_corr_median));
 }
+
+/// The summary the storage thread now computes from the lever chunks on
+/// disk (and recovery from the whole folder) is the summary of the trace
+/// that was written, to the last bit.
+#[test]
+#[allow(clippy::unwrap_used)]
+fn summary_from_the_chunk_files_is_the_summary_of_the_written_trace() {
+    use crate::storage::{read_lever_trace, SessionDir, SessionInfo, SessionWriter};
+    use std::time::{Duration, SystemTime};
+    let t0 = 7_000_123_457;
+    let (presses, mut trials, len_ms) = session(&RTS, t0);
+    trials.push(miss(10, t0 + 49_000_000));
+    let lever = synth(len_ms, 1000, &presses, 0.01, 0.0125, t0 + 250);
+    let root = std::env::temp_dir().join(format!("rigd-summary-chunks-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let cfg = rig_config::RigConfig::default();
+    let info = SessionInfo {
+        rig: "rig1".into(),
+        notes: String::new(),
+        config_toml: cfg.to_toml_string().unwrap(),
+        t0_rig_us: t0,
+        host_monotonic_start_ns: 0,
+        clock_sync: None,
+    };
+    let dir = SessionDir::create(&root, "M1", SystemTime::now()).unwrap();
+    // 7-second chunks: the 50 s trace spans eight files.
+    let mut w =
+        SessionWriter::create(dir, info, Duration::from_secs(1), Duration::from_secs(7)).unwrap();
+    for &(t, mm) in &lever {
+        w.write_lever(t - t0, mm, (mm * 80.0).round() as i64)
+            .unwrap();
+    }
+    for r in &trials {
+        let rel = |t: u64| t - t0;
+        w.write_trial(&TrialRecord {
+            t_start_us: rel(r.t_start_us),
+            t_cue_us: rel(r.t_cue_us),
+            t_response_us: r.t_response_us.map(rel),
+            t_reward_us: r.t_reward_us.map(rel),
+            ..r.clone()
+        })
+        .unwrap();
+    }
+    w.sync().unwrap();
+    assert_eq!(w.lever_files().len(), 8);
+    let back = read_lever_trace(w.path(), t0).unwrap();
+    assert_eq!(back, lever, "the trace reads back exactly");
+    let params = SummaryParams::from_config(&cfg);
+    let want = summarize(&trials, &lever, &params);
+    assert!(want.reaction_time_n >= 8 && want.movements >= 9, "{want:?}");
+    assert_eq!(summarize(&trials, &back, &params), want);
+    let dir = w.path().to_owned();
+    drop(w);
+    let mut from_folder = crate::storage_thread::summarize_folder(&dir).unwrap();
+    assert_eq!(from_folder["source"], "recovery");
+    from_folder.as_object_mut().unwrap().remove("source");
+    assert_eq!(from_folder, serde_json::to_value(&want).unwrap());
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use super::dff::{BaselineParams, OnlineDff};
 use super::motion::{MotionCorrector, MotionParams, Reference, ReferenceBuilder, Shift};
 use super::rois::{NeuropilParams, RoiSet};
-use crate::storage::{read_npy_header, NpyAppender, NpyDtype};
+use crate::storage::{read_npy_header, ChunkedNpy, NpyDtype};
 
 pub const MOTION_TSV: &str = "motion.tsv";
 pub const F_NPY: &str = "f.npy";
@@ -54,8 +54,8 @@ pub struct Analysis {
     f_row: Vec<f32>,
     dff_row: Vec<f32>,
     nan_row: Vec<f32>,
-    f_npy: NpyAppender,
-    dff_npy: NpyAppender,
+    f_npy: ChunkedNpy,
+    dff_npy: ChunkedNpy,
     motion_tsv: std::io::BufWriter<std::fs::File>,
     motion_file: std::fs::File,
 }
@@ -160,9 +160,9 @@ impl Analysis {
         std::fs::write(dir.join(ROIS_TSV), table.to_lowercase())
             .map_err(|e| format!("{ROIS_TSV}: {e}"))?;
         let f_npy =
-            NpyAppender::create(&dir.join(F_NPY), NpyDtype::F4, &[n]).map_err(|e| e.to_string())?;
-        let dff_npy = NpyAppender::create(&dir.join(DFF_NPY), NpyDtype::F4, &[n])
-            .map_err(|e| e.to_string())?;
+            ChunkedNpy::create(dir, F_NPY, NpyDtype::F4, &[n]).map_err(|e| e.to_string())?;
+        let dff_npy =
+            ChunkedNpy::create(dir, DFF_NPY, NpyDtype::F4, &[n]).map_err(|e| e.to_string())?;
         let path = dir.join(MOTION_TSV);
         let file = std::fs::OpenOptions::new()
             .create_new(true)
@@ -277,6 +277,13 @@ impl Analysis {
             .map_err(|e| e.to_string())?;
         writeln!(self.motion_tsv, "{frame_number}\t\t\t\t")
             .map_err(|e| format!("{MOTION_TSV}: {e}"))
+    }
+
+    /// Close the open chunks of `f.npy` and `dff.npy` and start the next
+    /// ones. The ingest calls this for every array at the same frame.
+    pub fn roll(&mut self) -> Result<(), String> {
+        self.f_npy.roll().map_err(|e| e.to_string())?;
+        self.dff_npy.roll().map_err(|e| e.to_string())
     }
 
     pub fn sync(&mut self) -> Result<(), String> {

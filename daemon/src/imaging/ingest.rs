@@ -1,6 +1,8 @@
 //! The ingest thread: reads frames from the shared-memory ring, stamps them on
 //! the rig clock ([`super::timing`]), and writes `frames.tsv`, the optional raw
-//! `frames.npy` and, at the end, `mean_image.npy` into the session folder. It
+//! `frames.npy` and, at the end, `mean_image.npy` into the session folder
+//! (`frames.npy`, `f.npy` and `dff.npy` roll into chunk files together, at
+//! the same frame, see [`crate::storage::ChunkClock`]). It
 //! runs on its own thread, apart from the serial latency path and the storage
 //! thread, and never makes the producer wait.
 
@@ -18,7 +20,7 @@ use protocol::ring::PollOutcome;
 
 use super::timing::{Decision, FrameInfo, FrameTimer, StampSource};
 use crate::rig::LiveStatus;
-use crate::storage::{EventSource, NpyAppender, NpyDtype};
+use crate::storage::{ChunkClock, ChunkedNpy, EventSource, NpyAppender, NpyDtype};
 use crate::storage_thread::StorageMsg;
 
 /// Files the ingest thread writes.
@@ -40,6 +42,9 @@ pub struct IngestSetup {
     pub t0_us: u64,
     pub session_dir: PathBuf,
     pub fsync_interval: Duration,
+    /// `frames.npy`, `f.npy` and `dff.npy` start new chunk files together
+    /// each time the session's rig time crosses a multiple of this.
+    pub chunk_len: Duration,
     /// Motion correction, ROIs and dF/F; `None` records frames only.
     pub analysis: Option<super::analysis::AnalysisSetup>,
     /// The live preview page, fed with dF/F rows, ROIs and the mean image.
@@ -122,6 +127,12 @@ impl Drop for Ingest {
     }
 }
 
+/// Frames held for their stamp at most (minutes at imaging rates; a frame
+/// waits at most a fraction of a second for its edge). Past this the oldest
+/// is written without a time, so a session with no clock fit cannot grow
+/// memory without bound.
+const MAX_PENDING_FRAMES: usize = 4096;
+
 /// One frame waiting for its stamp (or a dropped one waiting for its row).
 #[derive(Debug, Clone, Copy)]
 struct Pending {
@@ -135,7 +146,10 @@ struct Files {
     analysis: Option<super::analysis::Analysis>,
     tsv: std::io::BufWriter<std::fs::File>,
     tsv_file: std::fs::File,
-    raw: Option<NpyAppender>,
+    raw: Option<ChunkedNpy>,
+    /// One roll decision for every imaging array, so they change chunk on
+    /// the same frame.
+    chunks: ChunkClock,
     mean: Vec<f64>,
     mean_n: u64,
     last_sync: Instant,
@@ -159,7 +173,7 @@ impl Files {
                 setup.width as usize,
             ];
             Some(
-                NpyAppender::create(&setup.session_dir.join(FRAMES_NPY), NpyDtype::U2, &shape)
+                ChunkedNpy::create(&setup.session_dir, FRAMES_NPY, NpyDtype::U2, &shape)
                     .map_err(|e| e.to_string())?,
             )
         } else {
@@ -170,6 +184,7 @@ impl Files {
             tsv,
             tsv_file,
             raw,
+            chunks: ChunkClock::new(setup.chunk_len),
             mean: vec![0.0; pixels],
             mean_n: 0,
             last_sync: Instant::now(),
@@ -188,6 +203,21 @@ impl Files {
             u8::from(p.dropped)
         )
         .map_err(|e| format!("{FRAMES_TSV}: {e}"))
+    }
+
+    /// The next frame's rows (pixels, F, dF/F) are at session time `t_us`:
+    /// roll every imaging array here if that crosses a chunk boundary.
+    fn at_frame(&mut self, t_us: u64) -> Result<(), String> {
+        if !self.chunks.crosses(t_us) {
+            return Ok(());
+        }
+        if let Some(r) = self.raw.as_mut() {
+            r.roll().map_err(|e| e.to_string())?;
+        }
+        if let Some(a) = self.analysis.as_mut() {
+            a.roll()?;
+        }
+        Ok(())
     }
 
     fn sync(&mut self) -> Result<(), String> {
@@ -298,6 +328,8 @@ fn run(
     // When the producer went silent (reported), for its `producer_resumed`.
     let mut stale_since: Option<Instant> = None;
     let mut last_frame_number: Option<u64> = None;
+    // Rig time of the last frame read (for the chunk of dropped frames).
+    let mut last_frame_t_rig = 0u64;
     loop {
         let stopping = stop.load(Ordering::Relaxed);
         while let Ok((count, t_us)) = edges.try_recv() {
@@ -349,6 +381,10 @@ fn run(
                         if meta.frame_number > last + 1 {
                             let missing = meta.frame_number - last - 1;
                             counters.dropped.fetch_add(missing, Ordering::Relaxed);
+                            crate::metrics::global().frames_dropped.add(missing);
+                            // They stay in the last frame's chunk, as an
+                            // overrun's do.
+                            files.at_frame(last_frame_t_rig.saturating_sub(setup.t0_us))?;
                             notice(
                                 "frames_missing",
                                 missing as f64,
@@ -373,8 +409,13 @@ fn run(
                     }
                     counters.frames.fetch_add(1, Ordering::Relaxed);
                     crate::metrics::global().frames.inc();
-                    let (fit, _) = live();
+                    let (fit, now_rig) = live();
                     let mapped_us = fit.map(|f| f.host_to_rig_us(meta.host_monotonic_ns));
+                    // The frame's rig time (mapped, or the rig's latest
+                    // sample before a clock fit exists) picks its chunk.
+                    let t_rig = mapped_us.map_or(now_rig, |m| m.max(0.0) as u64);
+                    files.at_frame(t_rig.saturating_sub(setup.t0_us))?;
+                    last_frame_t_rig = t_rig;
                     pending.push_back(Pending {
                         index: meta.index,
                         frame_number: meta.frame_number,
@@ -410,6 +451,9 @@ fn run(
                     got = true;
                     counters.dropped.fetch_add(skipped, Ordering::Relaxed);
                     crate::metrics::global().frames_dropped.add(skipped);
+                    // The lost frames came after the last one read: they
+                    // stay in its chunk (the next frame read decides).
+                    files.at_frame(last_frame_t_rig.saturating_sub(setup.t0_us))?;
                     notice("frames_dropped", skipped as f64, "reader overrun".into());
                     let first = last_frame_number.map_or(0, |n| n + 1);
                     for k in 0..skipped.min(100_000) {
@@ -492,8 +536,9 @@ fn run(
                     files.row(&p, Some(s.t_us), s.source.as_str(), setup.t0_us)?;
                     pending.pop_front();
                 }
-                Decision::Wait if stopping => {
-                    // No clock fit at all: keep the row, without a time.
+                Decision::Wait if stopping || pending.len() > MAX_PENDING_FRAMES => {
+                    // No clock fit at all (or none for minutes): keep the
+                    // row, without a time, rather than hold frames forever.
                     files.row(&p, None, "none", setup.t0_us)?;
                     pending.pop_front();
                 }

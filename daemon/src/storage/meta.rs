@@ -96,6 +96,10 @@ pub(crate) struct SessionToml {
     pub host_monotonic_start_ns: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clock_sync: Option<ClockSyncRecord>,
+    /// Every `.npy` stream and its chunk files in order (`lever =
+    /// ["lever.npy", "lever.001.npy"]`), as of the last rewrite.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub chunks: std::collections::BTreeMap<String, Vec<String>>,
     /// The effective configuration.
     #[serde(default)]
     pub config: toml::Table,
@@ -125,6 +129,13 @@ impl SessionToml {
             reason: format!("not a rigd session.toml: {}", e.message()),
         })
     }
+}
+
+/// A session's `t0_rig_us` and the `[config]` it ran with, from its
+/// `session.toml` (for recomputing a summary from the files).
+pub fn read_t0_and_config(dir: &Path) -> Result<(u64, toml::Table), StorageError> {
+    let meta = SessionToml::read(dir)?;
+    Ok((meta.t0_rig_us, meta.config))
 }
 
 /// Parse the caller's config snapshot.

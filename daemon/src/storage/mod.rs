@@ -12,7 +12,10 @@
 //! * [`SessionWriter`] owns the files of one running session: `trials.tsv`,
 //!   `events.tsv`, `lever.npy`, `session.toml`, and at a clean stop
 //!   `summary.json` and `MANIFEST.sha256`.
-//! * [`NpyAppender`] is the append-only `.npy` writer every dense array uses.
+//! * [`NpyAppender`] is the append-only `.npy` writer every dense array uses;
+//!   [`ChunkedNpy`] cuts a stream into chunk files (`lever.npy`,
+//!   `lever.001.npy`, ...) when a [`ChunkClock`] says its session time crossed
+//!   a multiple of `[storage].chunk_minutes`.
 //! * [`recover`] and [`find_running`] repair folders left `running` by a crash.
 //!
 //! Architecture invariant: a session file is never overwritten or truncated
@@ -21,6 +24,7 @@
 //! through a temporary file, `fsync` and `rename`, so a reader sees the old
 //! version or the new one, never a mixture.
 
+mod chunk;
 mod manifest;
 mod meta;
 mod npy;
@@ -37,12 +41,16 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+pub use chunk::{
+    chunk_file_name, list_chunks, parse_chunk_name, read_lever_trace, ChunkClock, ChunkedNpy,
+    LeverFiles,
+};
 pub use manifest::write_manifest;
-pub use meta::{ClockSyncRecord, SessionInfo, SessionState};
+pub use meta::{read_t0_and_config, ClockSyncRecord, SessionInfo, SessionState};
 pub use npy::{read_npy_header, NpyAppender, NpyDtype, NpyElement, NpyHeader};
 pub use recover::{find_running, recover, recover_with_summary, RecoveryOutcome, RecoveryReport};
 pub use session_dir::SessionDir;
-pub use tsv::{EventSource, EventValue, EVENTS_COLUMNS, TRIALS_COLUMNS};
+pub use tsv::{read_trials, EventSource, EventValue, EVENTS_COLUMNS, TRIALS_COLUMNS};
 pub use writer::{ArrayId, SessionWriter};
 
 /// Behaviour table, one row per trial.
@@ -61,6 +69,18 @@ pub const MANIFEST_FILE: &str = "MANIFEST.sha256";
 /// module). Close it before [`SessionWriter::finish`] so the manifest's hash
 /// of it stays true.
 pub const LOG_FILE: &str = "rigd.log";
+/// Size past which the session log rolls to `rigd.001.log`, `rigd.002.log`,
+/// ... (all kept).
+pub const LOG_ROTATE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Part `n` of the session log: `rigd.log`, then `rigd.001.log`, ...
+pub fn log_file_name(n: u32) -> String {
+    if n == 0 {
+        LOG_FILE.to_owned()
+    } else {
+        format!("rigd.{n:03}.log")
+    }
+}
 /// Suffix of the temporary files of atomic rewrites; never part of a session.
 pub const TMP_SUFFIX: &str = ".tmp";
 

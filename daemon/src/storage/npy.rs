@@ -279,6 +279,20 @@ impl NpyAppender {
         }
     }
 
+    /// Push the buffer to the OS and fsync it (header not updated): makes a
+    /// freshly created file's header durable.
+    pub(crate) fn fsync(&mut self) -> Result<(), StorageError> {
+        self.flush()?;
+        let result = self
+            .file()?
+            .sync_data()
+            .map_err(|e| StorageError::io("fsync", &self.path, e));
+        if result.is_err() {
+            self.close_discarding();
+        }
+        result
+    }
+
     /// Push the buffer to the OS (no fsync, header not updated).
     pub fn flush(&mut self) -> Result<(), StorageError> {
         let w = self.writer_mut()?;

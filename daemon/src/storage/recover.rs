@@ -6,9 +6,10 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
+use super::chunk::{list_chunks, parse_chunk_name};
 use super::manifest::stage_manifest;
 use super::meta::SessionToml;
-use super::npy::repair_npy;
+use super::npy::{read_npy_header, repair_npy};
 use super::tsv::{count_trials, header_line, repair_tsv, EVENTS_COLUMNS, TRIALS_COLUMNS};
 use super::writer::lock_dir;
 use super::{
@@ -76,12 +77,13 @@ pub fn recover(dir: &Path) -> Result<RecoveryReport, StorageError> {
 /// 2. cut each `*.tsv` after its last complete line (restoring the header
 ///    row of `trials.tsv`/`events.tsv` if nothing is left);
 /// 3. set each `*.npy` header's row count from the file size, dropping a
-///    partial last row;
+///    partial last row, in every chunk of every stream (a later chunk whose
+///    header never reached the disk is removed);
 /// 4. `summary.json`: `summarize(dir)` if it returns a value (it sees the
 ///    repaired files), else keep an existing one, else write counts from
 ///    `trials.tsv` with `"source": "recovery"`;
-/// 5. `session.toml`: state `recovered`, `recovered_utc`, and the list of
-///    repairs; then `MANIFEST.sha256`.
+/// 5. `session.toml`: state `recovered`, `recovered_utc`, the list of
+///    repairs and the `[chunks]` table; then `MANIFEST.sha256`.
 ///
 /// Idempotent: a `recovered` or `complete` folder is left alone. Refuses a folder without a `session.toml` and a
 /// session that a live `SessionWriter` holds. An I/O error stops recovery
@@ -157,6 +159,15 @@ pub fn recover_with_summary(
                 report.repairs.push(format!("{name}: {change}"));
             }
         } else if name.ends_with(".npy") {
+            if is_headerless_chunk(name, &path) {
+                // A crash while a chunk was being started: its header never
+                // reached the disk, so no row did either.
+                std::fs::remove_file(&path).map_err(|e| StorageError::io("remove", &path, e))?;
+                report.repairs.push(format!(
+                    "{name}: removed a chunk file whose header never reached the disk"
+                ));
+                continue;
+            }
             match repair_npy(&path) {
                 Ok(Some(change)) => report.repairs.push(format!("{name}: {change}")),
                 Ok(None) => {}
@@ -185,6 +196,7 @@ pub fn recover_with_summary(
     }
 
     // 5: state and manifest (manifest renamed first, as in finish()).
+    meta.chunks = list_chunks(dir)?;
     meta.state = SessionState::Recovered;
     meta.recovered_utc = Some(rfc3339_utc(SystemTime::now()));
     meta.recovery = report.repairs.clone();
@@ -202,6 +214,18 @@ pub fn recover_with_summary(
         return Err(e);
     }
     Ok(report)
+}
+
+/// A later chunk (`x.001.npy`, ...) shorter than any NPY header, or with no
+/// readable header: what a crash between creating it and fsyncing its
+/// header leaves. Chunk 0 is never judged here (it is created with the
+/// session and synced at once).
+fn is_headerless_chunk(name: &str, path: &Path) -> bool {
+    const MAX_UNSYNCED_HEADER: u64 = 4096;
+    let later = parse_chunk_name(name).is_some_and(|(_, n)| n > 0);
+    later
+        && std::fs::metadata(path).is_ok_and(|m| m.len() < MAX_UNSYNCED_HEADER)
+        && read_npy_header(path).is_err()
 }
 
 /// The counts-only summary recovery writes when there is none.

@@ -43,6 +43,8 @@ impl Drop for Scratch {
     }
 }
 
+const HOUR: Duration = Duration::from_secs(3600);
+
 /// 2024-05-01T09:30:12.123456Z
 fn start_time() -> SystemTime {
     UNIX_EPOCH + Duration::from_micros(1_714_555_812_123_456)
@@ -61,7 +63,7 @@ fn info() -> SessionInfo {
 
 fn new_writer(root: &Path) -> SessionWriter {
     let dir = SessionDir::create(root, "M12", start_time()).unwrap();
-    SessionWriter::create(dir, info(), Duration::from_millis(1000)).unwrap()
+    SessionWriter::create(dir, info(), Duration::from_millis(1000), HOUR).unwrap()
 }
 
 fn trial(n: u32) -> TrialRecord {
@@ -651,7 +653,7 @@ fn a_bad_config_snapshot_is_refused_and_leaves_no_folder() {
     let path = dir.path().to_owned();
     let mut i = info();
     i.config_toml = "[task\nthreshold_mm = 1".to_owned();
-    let err = SessionWriter::create(dir, i, Duration::from_secs(1)).unwrap_err();
+    let err = SessionWriter::create(dir, i, Duration::from_secs(1), HOUR).unwrap_err();
     assert!(matches!(err, StorageError::ConfigSnapshot(_)), "{err}");
     assert!(!path.exists());
 }
@@ -694,7 +696,7 @@ fn maybe_sync_syncs_once_the_interval_has_passed() {
     let root = Scratch::new("cadence");
     let dir = SessionDir::create(&root.0, "M1", start_time()).unwrap();
     // Intervals over a second are capped at one second.
-    let mut w = SessionWriter::create(dir, info(), Duration::from_secs(60)).unwrap();
+    let mut w = SessionWriter::create(dir, info(), Duration::from_secs(60), HOUR).unwrap();
     let path = w.path().join(LEVER_FILE);
     let t0 = Instant::now();
     assert!(!w.maybe_sync(t0).unwrap());
@@ -979,7 +981,7 @@ fn find_running_lists_only_running_sessions() {
     b.finish(start_time(), "done", &serde_json::json!({}))
         .unwrap();
     let dir = SessionDir::create(&root.0, "M99", start_time()).unwrap();
-    let c = SessionWriter::create(dir, info(), Duration::from_secs(1)).unwrap();
+    let c = SessionWriter::create(dir, info(), Duration::from_secs(1), HOUR).unwrap();
     let c_dir = c.path().to_owned();
     drop(c);
     std::fs::create_dir_all(root.0.join("M5/not-a-session")).unwrap();
@@ -1123,4 +1125,267 @@ print("numpy ok")
     w.finish(start_time(), "done", &serde_json::json!({}))
         .unwrap();
     run("end");
+}
+
+// ---- chunks ----------------------------------------------------------------------
+
+/// A writer whose streams roll every `chunk` of session time.
+fn chunked_writer(root: &Path, chunk: Duration) -> SessionWriter {
+    let dir = SessionDir::create(root, "M12", start_time()).unwrap();
+    SessionWriter::create(dir, info(), Duration::from_millis(1000), chunk).unwrap()
+}
+
+/// All rows of a stream's chunks, in order, each chunk checked complete.
+fn read_stream_f8(dir: &Path, files: &[String]) -> Vec<Vec<f64>> {
+    files
+        .iter()
+        .map(|f| {
+            let path = dir.join(f);
+            let (h, vals) = read_f8(&path);
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().len(),
+                h.data_offset + h.shape[0] * h.row_bytes().unwrap(),
+                "{f}: header declares every row in the file"
+            );
+            vals
+        })
+        .collect()
+}
+
+#[test]
+fn every_stream_rolls_into_chunks_at_multiples_of_the_chunk_length() {
+    let root = Scratch::new("chunks");
+    // One-second chunks; 1 kHz lever for 3.5 s; a "frame" every 100 ms
+    // with two row-aligned extra arrays.
+    let mut w = chunked_writer(&root.0, Duration::from_secs(1));
+    let dir = w.path().to_owned();
+    let f = w.add_array("f.npy", NpyDtype::F8, &[2]).unwrap();
+    let dff = w.add_array("dff.npy", NpyDtype::F8, &[2]).unwrap();
+    for n in 0..3500u64 {
+        let t_us = n * 1000 + 250;
+        w.write_lever(t_us, n as f64 * 0.01, n as i64).unwrap();
+        if n % 100 == 0 {
+            let rolled = w.arrays_at(t_us).unwrap();
+            assert_eq!(rolled, n > 0 && n % 1000 == 0, "frame at {t_us} µs");
+            let frame = n as f64 / 100.0;
+            w.array(f).append(&[frame, -frame]).unwrap();
+            w.array(dff).append(&[frame * 2.0, 0.5]).unwrap();
+        }
+        if n % 300 == 0 {
+            w.maybe_sync(Instant::now() + Duration::from_secs(n))
+                .unwrap();
+        }
+    }
+    assert_eq!(w.lever_rows(), 3500);
+    assert_eq!(w.lever_files().len(), 4);
+    assert_eq!(w.array(f).rows(), 35);
+    // While running, session.toml lists the chunks made so far.
+    let running = session_toml(&dir);
+    let listed = running["chunks"]["lever"].as_array().unwrap();
+    assert_eq!(listed.len(), 4);
+    let trace = {
+        w.sync().unwrap();
+        read_lever_trace(&dir, 5_000_000).unwrap()
+    };
+    let dir = w
+        .finish(start_time(), "done", &serde_json::json!({"trials": 0}))
+        .unwrap();
+
+    let lever_files = [
+        "lever.npy",
+        "lever.001.npy",
+        "lever.002.npy",
+        "lever.003.npy",
+    ];
+    let chunks = read_stream_f8(&dir, &lever_files.map(str::to_owned));
+    let mut all = Vec::new();
+    for (k, vals) in chunks.iter().enumerate() {
+        let times: Vec<f64> = vals.chunks_exact(3).map(|r| r[0]).collect();
+        assert_eq!(times.len(), if k < 3 { 1000 } else { 500 }, "chunk {k}");
+        // Each chunk holds exactly the samples of its second.
+        assert!(times.iter().all(|&t| t >= k as f64 && t < (k + 1) as f64));
+        all.extend(vals.chunks_exact(3).map(|r| (r[0], r[1], r[2])));
+    }
+    // Concatenated: every sample once, in order.
+    assert_eq!(all.len(), 3500);
+    for (n, &(t, mm, raw)) in all.iter().enumerate() {
+        assert_eq!(t, (n as u64 * 1000 + 250) as f64 / 1e6);
+        assert_eq!(mm, n as f64 * 0.01);
+        assert_eq!(raw, n as f64);
+    }
+    // The lever read back for the summary: rig µs exactly, in order.
+    assert_eq!(trace.len(), 3500);
+    for (n, &(t, mm)) in trace.iter().enumerate() {
+        assert_eq!(t, 5_000_000 + n as u64 * 1000 + 250);
+        assert_eq!(mm, n as f64 * 0.01);
+    }
+    // The extra arrays rolled together, on the same frame.
+    for name in ["f", "dff"] {
+        let files: Vec<String> = (0..4)
+            .map(|n| chunk_file_name(&format!("{name}.npy"), n))
+            .collect();
+        let rows: Vec<usize> = read_stream_f8(&dir, &files)
+            .iter()
+            .map(|v| v.len() / 2)
+            .collect();
+        assert_eq!(rows, vec![10, 10, 10, 5], "{name}");
+    }
+    let f_all: Vec<f64> = read_stream_f8(
+        &dir,
+        &(0..4)
+            .map(|n| chunk_file_name("f.npy", n))
+            .collect::<Vec<_>>(),
+    )
+    .concat();
+    assert_eq!(f_all.len(), 70);
+    assert!(f_all
+        .chunks_exact(2)
+        .enumerate()
+        .all(|(i, r)| r[0] == i as f64));
+    // session.toml lists every stream's chunks in order; the manifest covers them.
+    let t = session_toml(&dir);
+    let listed: Vec<&str> = t["chunks"]["lever"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(listed, lever_files);
+    assert_eq!(t["chunks"]["dff"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        t["chunks"]["f"].as_array().unwrap()[3].as_str(),
+        Some("f.003.npy")
+    );
+    let manifest = std::fs::read_to_string(dir.join(MANIFEST_FILE)).unwrap();
+    for f in lever_files {
+        assert!(
+            manifest.contains(&format!("  {f}\n")),
+            "{f} in the manifest"
+        );
+    }
+    check_manifest(&dir);
+    // A chunk-like name cannot be registered as a stream of its own.
+    let mut w = chunked_writer(&root.0, Duration::from_secs(1));
+    let err = w.add_array("x.001.npy", NpyDtype::F4, &[1]).unwrap_err();
+    assert!(err.to_string().contains("chunk name"), "{err}");
+}
+
+#[test]
+fn a_short_session_keeps_plain_names_only() {
+    let root = Scratch::new("onechunk");
+    let mut w = chunked_writer(&root.0, Duration::from_secs(60));
+    for n in 0..2000u64 {
+        w.write_lever(n * 1000, 0.0, 0).unwrap();
+    }
+    let dir = w
+        .finish(start_time(), "done", &serde_json::json!({}))
+        .unwrap();
+    let npys: Vec<String> = snapshot(&dir)
+        .into_iter()
+        .map(|(n, _)| n)
+        .filter(|n| n.ends_with(".npy"))
+        .collect();
+    assert_eq!(npys, vec![LEVER_FILE.to_owned()]);
+    let t = session_toml(&dir);
+    assert_eq!(t["chunks"]["lever"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn recovery_repairs_every_chunk_of_a_session_killed_mid_chunk() {
+    let root = Scratch::new("chunkcrash");
+    let mut w = chunked_writer(&root.0, Duration::from_secs(1));
+    let dir = w.path().to_owned();
+    let dff = w.add_array("dff.npy", NpyDtype::F4, &[4]).unwrap();
+    for i in 0..5u32 {
+        w.write_trial(&trial(i + 1)).unwrap();
+    }
+    // 2.5 s of lever and frames, synced; then 0.3 s more, never synced.
+    let write = |w: &mut SessionWriter, from: u64, to: u64| {
+        for n in from..to {
+            let t_us = n * 1000;
+            w.write_lever(t_us, n as f64, n as i64).unwrap();
+            if n % 50 == 0 {
+                w.arrays_at(t_us).unwrap();
+                w.array(dff).append(&[n as f32; 4]).unwrap();
+            }
+        }
+    };
+    write(&mut w, 0, 2500);
+    w.sync().unwrap();
+    write(&mut w, 2500, 2800);
+    // The buffers reach the OS (as after a crash of rigd), headers unsynced.
+    w.lever_for_test().flush().unwrap();
+    let closed: Vec<(String, Vec<u8>)> = snapshot(&dir)
+        .into_iter()
+        .filter(|(n, _)| {
+            ["lever.npy", "lever.001.npy", "dff.npy", "dff.001.npy"].contains(&n.as_str())
+        })
+        .collect();
+    assert_eq!(closed.len(), 4);
+    drop(w);
+    // The crash also cut the open chunk mid-row, and came while the next
+    // chunk was being started (its header never reached the disk).
+    let open = dir.join("lever.002.npy");
+    let len = std::fs::metadata(&open).unwrap().len();
+    OpenOptions::new()
+        .write(true)
+        .open(&open)
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
+    assert_eq!(read_npy_header(&open).unwrap().shape[0], 500);
+    std::fs::write(dir.join("lever.003.npy"), b"").unwrap();
+    std::fs::write(dir.join("dff.003.npy"), b"\x93NUMPY\x01\x00").unwrap();
+
+    let report = recover(&dir).unwrap();
+    assert_eq!(report.outcome, RecoveryOutcome::Recovered);
+    assert!(report.problems.is_empty(), "{report}");
+    let text = report.to_string();
+    assert!(
+        text.contains("lever.002.npy: dropped a partial last row"),
+        "{text}"
+    );
+    assert!(
+        text.contains("lever.002.npy: dropped a partial last row (14 bytes)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("lever.003.npy: removed a chunk file"),
+        "{text}"
+    );
+    assert!(text.contains("dff.003.npy: removed a chunk file"), "{text}");
+    assert!(text.contains("dff.002.npy"), "{text}");
+    // The closed chunks are untouched.
+    for (name, bytes) in &closed {
+        assert_eq!(&std::fs::read(dir.join(name)).unwrap(), bytes, "{name}");
+    }
+    // The open chunk keeps every complete row that reached the OS.
+    let (h, vals) = read_f8(&open);
+    assert_eq!(h.shape, vec![799, 3]);
+    assert_eq!(vals[798 * 3], 2.798);
+    // Together: 0 .. 2.798 s, every sample once.
+    let trace = read_lever_trace(&dir, 0).unwrap();
+    assert_eq!(trace.len(), 2799);
+    assert!(trace
+        .iter()
+        .enumerate()
+        .all(|(n, &(t, _))| t == n as u64 * 1000));
+    let h = read_npy_header(&dir.join("dff.002.npy")).unwrap();
+    assert_eq!(h.shape, vec![16, 4]);
+    // session.toml lists what is left; the manifest covers it; the summary
+    // has the day's water.
+    let t = session_toml(&dir);
+    let lever: Vec<&str> = t["chunks"]["lever"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(lever, ["lever.npy", "lever.001.npy", "lever.002.npy"]);
+    assert_eq!(t["chunks"]["dff"].as_array().unwrap().len(), 3);
+    check_manifest(&dir);
+    let s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(SUMMARY_FILE)).unwrap()).unwrap();
+    let rewards = (1..=5).filter(|n| n % 3 != 0).count();
+    assert_eq!(s["water_ul"], rewards as f64 * 2.5);
 }

@@ -424,3 +424,80 @@ pub(crate) fn count_trials(path: &Path) -> Result<TrialCounts, StorageError> {
     }
     Ok(counts)
 }
+
+/// Session seconds as printed by [`put_us_as_s`] (`12.000250`) back to µs,
+/// exactly. `None` for an empty or malformed cell.
+fn parse_s_as_us(cell: &str) -> Option<u64> {
+    let (s, frac) = cell.split_once('.').unwrap_or((cell, ""));
+    if frac.len() > 6 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let whole: u64 = s.parse().ok()?;
+    let mut micros: u64 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse().ok()?
+    };
+    for _ in frac.len()..6 {
+        micros *= 10;
+    }
+    whole.checked_mul(1_000_000)?.checked_add(micros)
+}
+
+/// The trials of a `trials.tsv` as written by this module, times in session
+/// µs (as in the file). Rows that do not parse (a foreign or damaged line)
+/// are skipped; the count of skipped rows is returned with them.
+pub fn read_trials(path: &Path) -> Result<(Vec<TrialRecord>, usize), StorageError> {
+    use crate::trial::Outcome;
+    let text = std::fs::read_to_string(path).map_err(|e| StorageError::io("read", path, e))?;
+    let mut lines = text.lines();
+    let Some(header) = lines.next() else {
+        return Ok((Vec::new(), 0));
+    };
+    let cols: Vec<&str> = header.split('\t').collect();
+    let idx: Option<Vec<usize>> = TRIALS_COLUMNS
+        .iter()
+        .map(|c| cols.iter().position(|h| h == c))
+        .collect();
+    let Some(idx) = idx else {
+        return Err(StorageError::Format {
+            path: path.to_owned(),
+            reason: "trials.tsv header lacks columns this rigd writes".to_owned(),
+        });
+    };
+    let (mut out, mut skipped) = (Vec::new(), 0);
+    for line in lines.filter(|l| !l.is_empty()) {
+        let cells: Vec<&str> = line.split('\t').collect();
+        let cell = |k: usize| cells.get(idx[k]).copied().unwrap_or("");
+        let opt_us = |k: usize| -> Option<Option<u64>> {
+            match cell(k) {
+                "" => Some(None),
+                c => parse_s_as_us(c).map(Some),
+            }
+        };
+        let rec = (|| {
+            Some(TrialRecord {
+                trial: cell(0).parse().ok()?,
+                t_start_us: parse_s_as_us(cell(1))?,
+                t_cue_us: parse_s_as_us(cell(2))?,
+                t_response_us: opt_us(3)?,
+                outcome: match cell(4) {
+                    "rewarded" => Outcome::Rewarded,
+                    "miss" => Outcome::Miss,
+                    _ => return None,
+                },
+                t_reward_us: opt_us(5)?,
+                reward_ul: cell(6).parse().ok()?,
+                valve_open_us: cell(7).parse().ok()?,
+                lever_mm_at_cue: cell(8).parse().ok()?,
+                iti_presses: cell(9).parse().ok()?,
+                capped: cell(10) == "1",
+            })
+        })();
+        match rec {
+            Some(r) => out.push(r),
+            None => skipped += 1,
+        }
+    }
+    Ok((out, skipped))
+}

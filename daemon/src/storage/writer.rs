@@ -6,9 +6,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use nix::fcntl::{Flock, FlockArg};
 
+use super::chunk::{list_chunks, parse_chunk_name, ChunkClock, ChunkedNpy};
 use super::manifest::stage_manifest;
 use super::meta::{parse_config, SessionToml, FORMAT_VERSION};
-use super::npy::{NpyAppender, NpyDtype};
+#[cfg(test)]
+use super::npy::NpyAppender;
+use super::npy::NpyDtype;
 use super::recover::{recover_with_summary, RecoveryReport};
 use super::tsv::{put_event_row, put_trial_row, EventSource, EventValue, TsvFile};
 use super::tsv::{EVENTS_COLUMNS, TRIALS_COLUMNS};
@@ -46,8 +49,10 @@ pub struct SessionWriter {
     config: toml::Table,
     trials: TsvFile,
     events: TsvFile,
-    lever: NpyAppender,
-    arrays: Vec<NpyAppender>,
+    lever: ChunkedNpy,
+    lever_clock: ChunkClock,
+    arrays: Vec<ChunkedNpy>,
+    arrays_clock: ChunkClock,
     fsync_interval: Duration,
     last_sync: Option<Instant>,
     line: String,
@@ -58,11 +63,14 @@ impl SessionWriter {
     /// Start writing the session in `dir`: `session.toml` (state `running`),
     /// then `trials.tsv` and `events.tsv` with their header rows and an empty
     /// `lever.npy`, all fsynced. `fsync_interval` above one second is taken as
-    /// one second.
+    /// one second. Every `.npy` stream starts a new chunk file each time its
+    /// session time crosses a multiple of `chunk_len` (`[storage].chunk_minutes`;
+    /// tests use seconds).
     pub fn create(
         dir: SessionDir,
         info: SessionInfo,
         fsync_interval: Duration,
+        chunk_len: Duration,
     ) -> Result<SessionWriter, StorageError> {
         let path = dir.path().to_owned();
         let config = parse_config(&info.config_toml).inspect_err(|_| {
@@ -86,7 +94,9 @@ impl SessionWriter {
         let mut me = SessionWriter {
             trials: TsvFile::create(&path.join(TRIALS_FILE), &TRIALS_COLUMNS)?,
             events: TsvFile::create(&path.join(EVENTS_FILE), &EVENTS_COLUMNS)?,
-            lever: NpyAppender::create(&path.join(LEVER_FILE), NpyDtype::F8, &[3])?,
+            lever: ChunkedNpy::create(&path, LEVER_FILE, NpyDtype::F8, &[3])?,
+            lever_clock: ChunkClock::new(chunk_len),
+            arrays_clock: ChunkClock::new(chunk_len),
             dir: path,
             mouse: dir.mouse().to_owned(),
             start_utc: dir.start_utc(),
@@ -123,9 +133,14 @@ impl SessionWriter {
         self.events.rows()
     }
 
-    /// Lever samples written so far.
+    /// Lever samples written so far (all chunks).
     pub fn lever_rows(&self) -> u64 {
         self.lever.rows()
+    }
+
+    /// The lever stream's chunk files so far, in order.
+    pub fn lever_files(&self) -> Vec<PathBuf> {
+        self.lever.files()
     }
 
     /// Append a row to `trials.tsv`.
@@ -153,20 +168,28 @@ impl SessionWriter {
     }
 
     /// Append a lever sample to `lever.npy`: session time (µs, stored as s),
-    /// position (mm from rest) and the raw encoder count.
+    /// position (mm from rest) and the raw encoder count. The first sample at
+    /// or past the next multiple of the chunk length starts the next chunk
+    /// file (`lever.001.npy`, ...), and `session.toml` is rewritten to list it.
     pub fn write_lever(
         &mut self,
         t_us: u64,
         position_mm: f64,
         raw_counts: i64,
     ) -> Result<(), StorageError> {
+        if self.lever_clock.crosses(t_us) {
+            self.lever.roll()?;
+            self.write_session_toml()?;
+        }
         self.lever
             .append(&[t_us as f64 / 1e6, position_mm, raw_counts as f64])
     }
 
     /// Add another append-only array to the session (e.g. `frames.npy`,
     /// `dff.npy`), synced with the others. `file_name` must end in `.npy`, be
-    /// a plain name and not be one of the session's own files.
+    /// a plain name, not look like a chunk (`x.001.npy`) and not be one of
+    /// the session's own files. The extra arrays are chunked together: call
+    /// [`SessionWriter::arrays_at`] before each group of rows.
     pub fn add_array(
         &mut self,
         file_name: &str,
@@ -185,21 +208,40 @@ impl SessionWriter {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
             && !file_name.starts_with('.');
-        if !plain || !file_name.ends_with(".npy") || reserved.contains(&file_name) {
+        let chunk0 = parse_chunk_name(file_name).is_some_and(|(_, n)| n == 0);
+        if !plain || !chunk0 || reserved.contains(&file_name) {
             return Err(StorageError::Usage {
                 path: self.dir.join(file_name),
-                reason: "an extra array needs a plain, new name ending in .npy".to_owned(),
+                reason: "an extra array needs a plain, new name ending in .npy \
+                         (and not a chunk name like x.001.npy)"
+                    .to_owned(),
             });
         }
-        let appender = NpyAppender::create(&self.dir.join(file_name), dtype, row_shape)?;
+        let appender = ChunkedNpy::create(&self.dir, file_name, dtype, row_shape)?;
         sync_dir(&self.dir)?;
         self.arrays.push(appender);
         Ok(ArrayId(self.arrays.len() - 1))
     }
 
     /// An array added with [`SessionWriter::add_array`], to append rows to.
-    pub fn array(&mut self, id: ArrayId) -> &mut NpyAppender {
+    pub fn array(&mut self, id: ArrayId) -> &mut ChunkedNpy {
         &mut self.arrays[id.0]
+    }
+
+    /// Say that the next rows of the extra arrays are at session time `t_us`
+    /// (a frame's time, say). When it crosses a multiple of the chunk length,
+    /// every extra array starts its next chunk file here, together, so arrays
+    /// that are row-aligned stay aligned chunk by chunk. Returns whether they
+    /// rolled.
+    pub fn arrays_at(&mut self, t_us: u64) -> Result<bool, StorageError> {
+        if !self.arrays_clock.crosses(t_us) {
+            return Ok(false);
+        }
+        for a in &mut self.arrays {
+            a.roll()?;
+        }
+        self.write_session_toml()?;
+        Ok(true)
     }
 
     /// Rewrite `session.toml` (still `running`) after changing what it says,
@@ -277,6 +319,7 @@ impl SessionWriter {
         json.push(b'\n');
         write_atomic(&self.dir, SUMMARY_FILE, &json)?;
         let mut meta = self.meta(SessionState::Complete);
+        meta.chunks = list_chunks(&self.dir)?;
         meta.stop_utc = Some(rfc3339_utc(stop_utc));
         meta.stop_reason = Some(reason.to_owned());
         let text = meta.to_text()?;
@@ -335,7 +378,9 @@ impl SessionWriter {
     }
 
     fn write_session_toml(&self) -> Result<(), StorageError> {
-        let text = self.meta(SessionState::Running).to_text()?;
+        let mut meta = self.meta(SessionState::Running);
+        meta.chunks = list_chunks(&self.dir)?;
+        let text = meta.to_text()?;
         write_atomic(&self.dir, SESSION_FILE, text.as_bytes())
     }
 
@@ -358,7 +403,7 @@ impl SessionWriter {
     }
     #[cfg(test)]
     pub(crate) fn lever_for_test(&mut self) -> &mut NpyAppender {
-        &mut self.lever
+        self.lever.open_chunk()
     }
 }
 
@@ -386,6 +431,7 @@ fn build_meta(
         t0_rig_us: info.t0_rig_us,
         host_monotonic_start_ns: info.host_monotonic_start_ns,
         clock_sync: info.clock_sync,
+        chunks: Default::default(),
         config: config.clone(),
         extra: toml::Table::new(),
     }
