@@ -595,6 +595,7 @@ impl Core {
                     });
                 })
             }),
+            session_log: Some(self.session_log.clone()),
         };
         storage_thread::spawn(writer, setup, rx, self.status.clone(), done_tx).map_err(|e| {
             err(

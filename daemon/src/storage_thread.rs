@@ -92,6 +92,18 @@ pub struct StorageSetup {
     /// Called (once) when a disk error ends the session early, with the
     /// error: stops the task at once so no trial runs unrecorded.
     pub on_storage_error: Option<Box<dyn FnOnce(String) + Send>>,
+    /// The session's log file, closed just before the manifest is written
+    /// (a line written after it would not match its checksum; later lines
+    /// still go to the daemon's own log).
+    pub session_log: Option<crate::core::SessionLog>,
+}
+
+fn close_session_log(setup: &mut StorageSetup) {
+    if let Some(log) = setup.session_log.take() {
+        if let Ok(mut g) = log.lock() {
+            *g = None;
+        }
+    }
 }
 
 impl std::fmt::Debug for StorageSetup {
@@ -130,7 +142,6 @@ pub fn spawn(
             let result = run(writer, &mut setup, &rx, &status);
             free_reserve(&dir);
             if let Err(e) = &result {
-                tracing::error!("session storage failed: {e}");
                 if let Some(stop) = setup.on_storage_error.take() {
                     stop(e.clone());
                 }
@@ -178,27 +189,27 @@ fn run(
                     // Take whatever is still queued behind us, then finish.
                     while let Ok(m) = rx.try_recv() {
                         if let Err(e) = write(&mut w, setup, &mut st, m) {
-                            return fail(w, e);
+                            return fail(w, setup, e);
                         }
                     }
                     return finish(w, setup, st, reason, status);
                 }
                 m => {
                     if let Err(e) = write(&mut w, setup, &mut st, m) {
-                        return fail(w, e);
+                        return fail(w, setup, e);
                     }
                 }
             }
         }
         if let Err(e) = w.maybe_sync(Instant::now()) {
-            return fail(w, e.to_string());
+            return fail(w, setup, e.to_string());
         }
         if st.last_info_update.elapsed() > Duration::from_secs(10) {
             st.last_info_update = Instant::now();
             let fit = status.lock().map(|s| s.clock).unwrap_or(None);
             if let Some(fit) = fit {
                 if let Err(e) = w.update_info(|i| i.clock_sync = Some(clock_record(&fit))) {
-                    return fail(w, e.to_string());
+                    return fail(w, setup, e.to_string());
                 }
             }
         }
@@ -311,6 +322,7 @@ fn finish(
     let summary_json = serde_json::to_value(&summary).map_err(|e| e.to_string())?;
     let dir = w.path().display().to_string();
     free_reserve(w.path());
+    close_session_log(setup);
     w.finish(SystemTime::now(), &reason, &summary_json)
         .map_err(|e| e.to_string())?;
     Ok(FinishedSession {
@@ -410,11 +422,17 @@ fn shift_trial_back(rec: &TrialRecord, t0: u64) -> TrialRecord {
     }
 }
 
-fn fail(w: SessionWriter, error: String) -> Result<FinishedSession, String> {
+fn fail(
+    w: SessionWriter,
+    setup: &mut StorageSetup,
+    error: String,
+) -> Result<FinishedSession, String> {
     // The ingest (if any) is dropped with the setup: its thread stops and its
     // files stay as last synced; recovery repairs them. The reserve makes
     // room for that on a full disk.
     free_reserve(w.path());
+    tracing::error!("session storage failed: {error}");
+    close_session_log(setup);
     match w.abort(SystemTime::now(), &format!("storage error: {error}"), None) {
         Ok(report) if report.problems.is_empty() => {}
         Ok(report) => tracing::error!("closing the session after the error: {report}"),

@@ -120,6 +120,17 @@ fn water_caps_hold_across_sessions_and_the_summary_gives_the_supplement() {
     assert_eq!(v["water_ul"], 40.0);
     assert_eq!(v["water_today_ul"], 40.0);
     assert_eq!(v["supplement_ul"], 10.0, "50 µL target - 40 µL");
+    // The manifest matches every file, the session's log included.
+    let check = std::process::Command::new("sha256sum")
+        .args(["--quiet", "-c", "MANIFEST.sha256"])
+        .current_dir(&s1)
+        .output()
+        .expect("sha256sum");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
 
     // Session 2, same mouse, same day: only 20 µL left of the day's 60.
     let s2 = start_session(&rig.socket, "M40");
@@ -142,7 +153,12 @@ fn water_caps_hold_across_sessions_and_the_summary_gives_the_supplement() {
     assert_eq!(session_value(&s4, "state"), "complete");
 
     // The device opened the valve exactly 15 times for M40 (+ M41's, if any).
+    // (The virtual rig writes its log a moment after the valve opens.)
     let m41 = summary(&s4)["rewards"].as_u64().expect("rewards") as usize;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while valve_openings(&rig) < 15 + m41 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(valve_openings(&rig), 15 + m41);
     // Both automatic stops were alerted; the experimenter's stop was not.
     let a = alerts(&rig, 2);
