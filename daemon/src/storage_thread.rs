@@ -152,9 +152,10 @@ pub fn spawn(
 
 struct State {
     zero_counts: Option<i32>,
-    /// The trials, for the summary (one record per trial; the lever trace
-    /// is read back from disk at the end, never kept here).
-    trials: Vec<TrialRecord>,
+    /// Running counts, in case trials.tsv cannot be read back at the end
+    /// (the trials and the lever are read back from disk for the summary,
+    /// never kept here: memory stays flat over a 12-hour session).
+    counts: TrialCounts,
     last_info_update: Instant,
 }
 
@@ -166,7 +167,7 @@ fn run(
 ) -> Result<FinishedSession, String> {
     let mut st = State {
         zero_counts: None,
-        trials: Vec::new(),
+        counts: TrialCounts::default(),
         last_info_update: Instant::now(),
     };
     let tick = setup
@@ -251,7 +252,7 @@ fn write(
         StorageMsg::Trial(rec) => {
             let shifted = shift_trial(&rec, setup.t0_us);
             w.write_trial(&shifted).map_err(|e| e.to_string())?;
-            st.trials.push(rec);
+            st.counts.add(&rec);
         }
         StorageMsg::Finish { .. } => {}
     }
@@ -316,8 +317,16 @@ fn finish(
     // Every lever row on disk and declared, then read back for the summary
     // (the same (rig µs, mm) values that were written).
     w.sync().map_err(|e| e.to_string())?;
+    let trials = trials_on_disk(w.path(), setup.t0_us, &st.counts);
     let mut summary =
-        summarize_with_lever_on_disk(w.path(), setup.t0_us, &st.trials, &setup.behaviour);
+        summarize_with_lever_on_disk(w.path(), setup.t0_us, &trials, &setup.behaviour);
+    if trials.len() as u64 != st.counts.trials {
+        // trials.tsv could not be read back whole: the counts and the water
+        // (what the day's cap adds up) come from the running totals.
+        summary.trials = st.counts.trials;
+        summary.rewards = st.counts.rewards;
+        summary.water_ul = st.counts.water_ul;
+    }
     summary.set_water_today(setup.water_before_today_ul, setup.daily_water_target_ul);
     let summary_json = serde_json::to_value(&summary).map_err(|e| e.to_string())?;
     let dir = w.path().display().to_string();
@@ -408,6 +417,45 @@ fn summarize_with_lever_on_disk(
     });
     let parsed = parse_resampled(grid_t0, raw_mm, &params.movement);
     summarize_parsed(trials, &parsed, params)
+}
+
+/// Trials, rewards and water as they were written.
+#[derive(Debug, Default)]
+struct TrialCounts {
+    trials: u64,
+    rewards: u64,
+    water_ul: f64,
+}
+
+impl TrialCounts {
+    fn add(&mut self, r: &TrialRecord) {
+        self.trials += 1;
+        if r.outcome == crate::trial::Outcome::Rewarded && !r.capped && r.reward_ul > 0.0 {
+            self.rewards += 1;
+        }
+        self.water_ul += r.reward_ul;
+    }
+}
+
+/// The session's trials read back from its trials.tsv (synced), in rig
+/// time; empty (logged) if the file cannot be read.
+fn trials_on_disk(dir: &Path, t0: u64, counts: &TrialCounts) -> Vec<TrialRecord> {
+    match crate::storage::read_trials(&dir.join(crate::storage::TRIALS_FILE)) {
+        Ok((trials, skipped)) => {
+            if skipped > 0 || trials.len() as u64 != counts.trials {
+                tracing::error!(
+                    "summary: trials.tsv read back {} trials ({skipped} rows unreadable), {} were written",
+                    trials.len(),
+                    counts.trials
+                );
+            }
+            trials.iter().map(|r| shift_trial_back(r, t0)).collect()
+        }
+        Err(e) => {
+            tracing::error!("summary: cannot read trials.tsv back: {e}");
+            Vec::new()
+        }
+    }
 }
 
 /// The inverse of [`shift_trial`]: session times back to rig times.

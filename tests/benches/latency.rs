@@ -6,7 +6,8 @@
 //! Two runs: the machine idle, and under load (a parallel disk writer doing
 //! fsync'd writes and one CPU hog per core).
 //!
-//! Run: `cargo bench -p rig-tests --bench latency [-- --minutes M]`.
+//! Run: `cargo bench -p rig-tests --bench latency [-- --minutes M] [--pin]`.
+//! `--pin` gives the virtual rig the last CPU and rigd the others.
 //! Target: p99 <= 250 µs on the 2-core CI machine.
 
 use std::process::{Child, Command};
@@ -21,8 +22,21 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// Pin a process and all its threads (present and future) to CPUs.
+fn pin(pid: u32, cpus: &str) {
+    let ok = Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "taskset -a -p -c {cpus} {pid} failed");
+}
+
 /// One session of `minutes` real-time minutes; returns the latencies in µs.
-fn run_session(minutes: f64, name: &str) -> Vec<f64> {
+/// With `pinned`, the virtual rig gets the last CPU to itself and rigd the
+/// others (the rig's microcontroller is its own hardware: in the simulation
+/// its spinning must not preempt rigd's reader on a shared core).
+fn run_session(minutes: f64, name: &str, pinned: bool) -> Vec<f64> {
     let dir = TempDir::new(name);
     // The virtual rig sends each sample on time (spinning the last 300 µs
     // before it), as a microcontroller's timer interrupt would; without this
@@ -56,6 +70,12 @@ fn run_session(minutes: f64, name: &str) -> Vec<f64> {
     )
     .expect("config");
     let rigd = Rigd::start(&config, &socket);
+    if pinned {
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let last = cpus - 1;
+        pin(sim.child.id(), &last.to_string());
+        pin(rigd.child.id(), &format!("0-{}", last.saturating_sub(1)));
+    }
     wait_connected(&socket);
     let session = start_session(&socket, "LAT");
     std::thread::sleep(Duration::from_secs_f64(minutes * 60.0));
@@ -135,13 +155,17 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|m| m.parse().ok())
         .unwrap_or(3.0);
+    let pinned = args.iter().any(|a| a == "--pin");
     println!("control latency: threshold-crossing sample -> valve command at the device, µs (device clock), 1 kHz lever, {minutes} min per run");
     println!("| condition | rewarded trials | min | p50 | p99 | max |");
     println!("|---|---|---|---|---|---|");
-    let idle = run_session(minutes, "lat-idle");
+    if pinned {
+        println!("(virtual rig pinned to the last CPU, rigd to the others)");
+    }
+    let idle = run_session(minutes, "lat-idle", pinned);
     report("idle", &idle);
     let mut hogs = load();
-    let loaded = run_session(minutes, "lat-load");
+    let loaded = run_session(minutes, "lat-load", pinned);
     for h in &mut hogs {
         let _ = h.kill();
         let _ = h.wait();

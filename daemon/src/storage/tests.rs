@@ -1389,3 +1389,19 @@ fn recovery_repairs_every_chunk_of_a_session_killed_mid_chunk() {
     let rewards = (1..=5).filter(|n| n % 3 != 0).count();
     assert_eq!(s["water_ul"], rewards as f64 * 2.5);
 }
+
+#[test]
+fn trials_read_back_equal_the_trials_written_aborted_included() {
+    let root = Scratch::new("readback");
+    let mut w = new_writer(&root.0);
+    let mut written: Vec<TrialRecord> = (1..=9).map(trial).collect();
+    written[4].outcome = Outcome::Aborted;
+    written[4].t_response_us = None;
+    for r in &written {
+        w.write_trial(r).unwrap();
+    }
+    w.sync().unwrap();
+    let (back, skipped) = super::read_trials(&w.path().join(super::TRIALS_FILE)).unwrap();
+    assert_eq!(skipped, 0);
+    assert_eq!(back, written);
+}

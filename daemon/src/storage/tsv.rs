@@ -484,6 +484,7 @@ pub fn read_trials(path: &Path) -> Result<(Vec<TrialRecord>, usize), StorageErro
                 outcome: match cell(4) {
                     "rewarded" => Outcome::Rewarded,
                     "miss" => Outcome::Miss,
+                    "aborted" => Outcome::Aborted,
                     _ => return None,
                 },
                 t_reward_us: opt_us(5)?,
