@@ -360,3 +360,19 @@ pub fn stop_session(socket: &Path) {
     let (code, out, err) = rigctl(socket, &["stop"]);
     assert_eq!(code, 0, "stop failed: {out}{err}");
 }
+
+/// Wait (up to `secs`) until rigd reports no session running.
+pub fn wait_idle(socket: &Path, secs: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let (code, out, _) = rigctl(socket, &["status", "--json"]);
+        if code == 0 && out.contains("\"state\":\"idle\"") {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "session did not end: {out}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rig_tests::{
-    read_tsv, rigctl, run_python, session_value, start_session, wait_connected, Rigd, Sim, TempDir,
+    read_tsv, rigctl, run_python, session_value, start_session, wait_connected, wait_idle, Rigd,
+    Sim, TempDir,
 };
 
 struct Rig {
@@ -58,18 +59,6 @@ fn rig(name: &str, speed: f64, extra_toml: &str, sim_args: &[&str]) -> Rig {
         socket,
         config,
         truth,
-    }
-}
-
-fn wait_idle(socket: &Path, secs: u64) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let (code, out, _) = rigctl(socket, &["status", "--json"]);
-        if code == 0 && out.contains("\"state\":\"idle\"") {
-            return;
-        }
-        assert!(Instant::now() < deadline, "session did not end: {out}");
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

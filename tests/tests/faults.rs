@@ -19,7 +19,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rig_tests::{
-    read_tsv, rigctl, run_python, session_value, start_session, wait_connected, Rigd, Sim, TempDir,
+    read_tsv, rigctl, run_python, session_value, start_session, wait_connected, wait_idle, Rigd,
+    Sim, TempDir,
 };
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -81,18 +82,6 @@ fn rig(name: &str, speed: f64, extra_toml: &str, sim_args: &[&str], data: Option
         truth,
         data,
         alerts,
-    }
-}
-
-fn wait_idle(socket: &Path, secs: u64) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let (code, out, _) = rigctl(socket, &["status", "--json"]);
-        if code == 0 && out.contains("\"state\":\"idle\"") {
-            return;
-        }
-        assert!(Instant::now() < deadline, "session did not end: {out}");
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

@@ -69,6 +69,11 @@ fn microscope_session(name: &str, ttl: bool) -> (FrameRows, TruthByFrame, u64, P
     let s = config(name, &sim.link, &shm, 64, 48, ttl);
     let rigd = Rigd::start(&s.config, &s.socket);
     wait_connected(&s.socket);
+    // Let the clock fit gather a couple of seconds of exchanges first, as a
+    // rig does between rigd's start and the first session: the mapped
+    // stamps are only as good as the fit, which is young right after the
+    // link comes up (and slow to tighten on a loaded CI machine).
+    std::thread::sleep(Duration::from_secs(2));
     let dir = start_session(&s.socket, "IMG");
     std::thread::sleep(Duration::from_secs(8));
     stop_session(&s.socket);
@@ -161,6 +166,11 @@ fn mapped_frames_are_within_100_us_at_p99() {
     let _ = signed;
     errs.sort_by(f64::total_cmp);
     let p99 = errs[(errs.len() - 1) * 99 / 100];
+    eprintln!(
+        "mapped stamps: p99 {p99:.1} µs, max {:.1} µs over {} frames",
+        errs[errs.len() - 1],
+        errs.len()
+    );
     assert!(p99 <= 100.0, "mapped p99 {p99} µs");
 }
 

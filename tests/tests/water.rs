@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rig_tests::{
-    read_tsv, rigctl, session_value, start_session, wait_connected, Rigd, Sim, TempDir,
+    read_tsv, rigctl, session_value, start_session, wait_connected, wait_idle, Rigd, Sim, TempDir,
 };
 
 struct Rig {
@@ -57,18 +57,6 @@ fn rig(name: &str, extra_toml: &str, sim_args: &[&str]) -> Rig {
         config,
         truth,
         alerts,
-    }
-}
-
-fn wait_idle(socket: &Path, secs: u64) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let (code, out, _) = rigctl(socket, &["status", "--json"]);
-        if code == 0 && out.contains("\"state\":\"idle\"") {
-            return;
-        }
-        assert!(Instant::now() < deadline, "session did not end: {out}");
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
