@@ -62,7 +62,8 @@ fn run_session(minutes: f64, name: &str, pinned: bool) -> Vec<f64> {
         &config,
         format!(
             "[rig]\nserial_port = {:?}\n\n[task]\niti_min_ms = 500\niti_max_ms = 1000\nresponse_window_ms = 3000\nmiss_timeout_ms = 0\n\n\
-             [storage]\ndata_root = {:?}\n\n[control]\nsocket = {:?}\n\n[preview]\nenabled = false\n\n[imaging]\nenabled = false\n",
+             [storage]\ndata_root = {:?}\n\n[control]\nsocket = {:?}\n\n[preview]\nenabled = false\n\n[imaging]\nenabled = false\n\n\
+             [safety]\nmax_water_per_session_ul = 100000.0\nmax_water_per_day_ul = 100000.0\n",
             sim.link.display().to_string(),
             data.display().to_string(),
             socket.display().to_string()
