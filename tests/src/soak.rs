@@ -48,6 +48,8 @@ pub struct SoakReport {
     pub trials: usize,
     pub aborted: usize,
     pub rewards: usize,
+    /// Rewards recorded without the device's ValveOpen (the link went).
+    pub unconfirmed_rewards: usize,
     pub cues_on_device: usize,
     pub valve_openings: usize,
     pub max_valve_open_ms: f64,
@@ -84,8 +86,8 @@ impl SoakReport {
             self.faults.join(", ")
         );
         println!(
-            "  trials {} ({} aborted by faults), cues on the device {}, rewards {}, valve openings {} (longest {:.1} ms)",
-            self.trials, self.aborted, self.cues_on_device, self.rewards, self.valve_openings, self.max_valve_open_ms
+            "  trials {} ({} aborted by faults), cues on the device {}, rewards {} ({} unconfirmed at faults), valve openings {} (longest {:.1} ms)",
+            self.trials, self.aborted, self.cues_on_device, self.rewards, self.unconfirmed_rewards, self.valve_openings, self.max_valve_open_ms
         );
         println!(
             "  lever rows {}, gaps {} (each at an injected fault); frames {} rows ({} dropped) for {} TTL edges",
@@ -416,6 +418,15 @@ fn account(session: &Path, truth_path: &Path, faults: &[String], device_s: f64) 
         .iter()
         .filter(|t| t["outcome"] == "rewarded" && t["reward_ul"] != "0")
         .count();
+    // A reward whose valve opening the device confirmed has its time; one
+    // without (the link went in between) is counted as given, which is the
+    // safe side for the caps, but the device may or may not have opened.
+    r.unconfirmed_rewards = trials
+        .iter()
+        .filter(|t| {
+            t["outcome"] == "rewarded" && t["reward_ul"] != "0" && t["t_reward_s"].is_empty()
+        })
+        .count();
     // Every trial numbered, in order, none missing.
     for (i, t) in trials.iter().enumerate() {
         if t["trial"] != (i + 1).to_string() {
@@ -440,12 +451,20 @@ fn account(session: &Path, truth_path: &Path, faults: &[String], device_s: f64) 
             r.aborted
         ));
     }
-    // Every valve opening is a recorded reward (a reward whose ValveOpen was
-    // lost with the cable still counts: its record has the volume).
-    if r.valve_openings != r.rewards {
+    // Every valve opening is a recorded reward, and every recorded reward
+    // with a valve time is an opening; the unconfirmed ones are at faults.
+    let confirmed = r.rewards - r.unconfirmed_rewards;
+    if r.valve_openings < confirmed || r.valve_openings > r.rewards {
         r.problems.push(format!(
-            "{} valve openings on the device, {} rewards recorded",
-            r.valve_openings, r.rewards
+            "{} valve openings on the device, {} rewards recorded ({} unconfirmed)",
+            r.valve_openings, r.rewards, r.unconfirmed_rewards
+        ));
+    }
+    if r.unconfirmed_rewards > faults.len() {
+        r.problems.push(format!(
+            "{} rewards without a confirmed valve opening for {} faults",
+            r.unconfirmed_rewards,
+            faults.len()
         ));
     }
     if r.max_valve_open_ms > 200.0 + 0.01 {
