@@ -4,9 +4,9 @@
 //! folder and hands the summary to the core. Disk work never runs on the rig
 //! thread; a disk error stops the session cleanly with the data so far intact.
 //!
-//! Memory stays flat however long the session runs: the thread keeps the
-//! trial records (one per trial) and nothing per sample; the lever trace the
-//! summary needs is read back from the lever chunk files at the end.
+//! Memory stays flat however long the session runs: the thread keeps only
+//! running counts; the trials and the lever trace the summary needs are read
+//! back from `trials.tsv` and the lever chunk files at the end.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -36,14 +36,14 @@ pub const RESERVE_BYTES: usize = 1 << 20;
 /// The reserve's file name (a temporary file: never in the manifest).
 pub const RESERVE_FILE: &str = ".rigd-reserve.tmp";
 
-fn make_reserve(dir: &std::path::Path) -> std::io::Result<()> {
+fn make_reserve(dir: &Path) -> std::io::Result<()> {
     use std::io::Write;
     let mut f = std::fs::File::create(dir.join(RESERVE_FILE))?;
     f.write_all(&vec![0u8; RESERVE_BYTES])?;
     f.sync_all()
 }
 
-fn free_reserve(dir: &std::path::Path) {
+fn free_reserve(dir: &Path) {
     let _ = std::fs::remove_file(dir.join(RESERVE_FILE));
 }
 
@@ -372,8 +372,7 @@ pub fn summarize_folder(dir: &Path) -> Option<serde_json::Value> {
         .and_then(|v| u64::try_from(v).ok())
         .unwrap_or_else(|| u64::from(rig_config::RigConfig::default().task.response_window_ms));
     let params = crate::behaviour::SummaryParams::new(window_ms * 1000);
-    let trials_path = dir.join(crate::storage::TRIALS_FILE);
-    let trials = match crate::storage::read_trials(&trials_path) {
+    let trials = match trials_in_rig_time(dir, t0) {
         Ok((trials, 0)) => trials,
         Ok((_, skipped)) => {
             tracing::warn!(
@@ -387,7 +386,6 @@ pub fn summarize_folder(dir: &Path) -> Option<serde_json::Value> {
             return None;
         }
     };
-    let trials: Vec<TrialRecord> = trials.iter().map(|r| shift_trial_back(r, t0)).collect();
     let summary = summarize_with_lever_on_disk(dir, t0, &trials, &params);
     let mut v = serde_json::to_value(&summary).ok()?;
     if let Some(o) = v.as_object_mut() {
@@ -440,7 +438,7 @@ impl TrialCounts {
 /// The session's trials read back from its trials.tsv (synced), in rig
 /// time; empty (logged) if the file cannot be read.
 fn trials_on_disk(dir: &Path, t0: u64, counts: &TrialCounts) -> Vec<TrialRecord> {
-    match crate::storage::read_trials(&dir.join(crate::storage::TRIALS_FILE)) {
+    match trials_in_rig_time(dir, t0) {
         Ok((trials, skipped)) => {
             if skipped > 0 || trials.len() as u64 != counts.trials {
                 tracing::error!(
@@ -449,13 +447,26 @@ fn trials_on_disk(dir: &Path, t0: u64, counts: &TrialCounts) -> Vec<TrialRecord>
                     counts.trials
                 );
             }
-            trials.iter().map(|r| shift_trial_back(r, t0)).collect()
+            trials
         }
         Err(e) => {
             tracing::error!("summary: cannot read trials.tsv back: {e}");
             Vec::new()
         }
     }
+}
+
+/// A folder's `trials.tsv` with its times back on the rig clock, and the
+/// count of rows that did not parse.
+fn trials_in_rig_time(
+    dir: &Path,
+    t0: u64,
+) -> Result<(Vec<TrialRecord>, usize), crate::storage::StorageError> {
+    let (trials, skipped) = crate::storage::read_trials(&dir.join(crate::storage::TRIALS_FILE))?;
+    Ok((
+        trials.iter().map(|r| shift_trial_back(r, t0)).collect(),
+        skipped,
+    ))
 }
 
 /// The inverse of [`shift_trial`]: session times back to rig times.
