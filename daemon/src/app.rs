@@ -122,6 +122,12 @@ impl App {
         session_log: SessionLog,
     ) -> anyhow::Result<Self> {
         let cfg = Arc::new(cfg);
+        if cfg.realtime.lock_memory {
+            match firmware_bridge::rt::lock_memory() {
+                Ok(()) => tracing::debug!("memory locked (no page faults on the latency path)"),
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
         let (events, _) = broadcast::channel(4096);
         let status = Arc::new(Mutex::new(LiveStatus::default()));
         let (rig_tx, rig_rx) = crossbeam_channel::bounded(64);

@@ -113,6 +113,8 @@ struct Running {
     done: Option<oneshot::Receiver<Result<FinishedSession, String>>>,
     stop_reason: Option<String>,
     imaging: Option<Arc<IngestCounters>>,
+    /// The latency settings held for the session (given back on drop).
+    tuning: crate::realtime::SessionTuning,
 }
 
 /// The core's state. See the module docs.
@@ -206,6 +208,9 @@ impl Core {
     /// raise alerts (the rig unreachable for long, the data disk filling).
     pub fn tick(&mut self) {
         self.update_preview_health();
+        if let Some(s) = &mut self.session {
+            s.tuning.refresh();
+        }
         let now = Instant::now();
         let link = self.live().link;
         if link == Some(LinkState::Connected) {
@@ -512,6 +517,7 @@ impl Core {
             .to_toml_string()
             .map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
         let t0_us = live.rig_now_us;
+        let tuning = crate::realtime::SessionTuning::acquire(&cfg.realtime);
         let info = SessionInfo {
             rig: cfg.rig.name.clone(),
             notes: req.notes.clone().unwrap_or_default(),
@@ -519,6 +525,7 @@ impl Core {
             t0_rig_us: t0_us,
             host_monotonic_start_ns: firmware_bridge::link::host_now_ns(),
             clock_sync: None,
+            realtime: Some(tuning.record().clone()),
         };
         let fsync = Duration::from_millis(u64::from(cfg.storage.fsync_interval_ms));
         let chunk_len = Duration::from_secs(u64::from(cfg.storage.chunk_minutes) * 60);
@@ -620,6 +627,7 @@ impl Core {
             done: Some(done_rx),
             stop_reason: None,
             imaging,
+            tuning,
         });
         crate::metrics::global().session_started();
         let _ = self

@@ -12,6 +12,7 @@ pub mod demo;
 pub mod imaging;
 pub mod metrics;
 pub mod notify;
+pub mod realtime;
 pub mod rig;
 pub mod storage;
 pub mod storage_thread;

@@ -48,6 +48,10 @@ pub fn host_now_ns() -> u64 {
     }
 }
 
+/// The name of the reader thread, which runs the handler (the task engine)
+/// on every frame: the press-to-valve path.
+pub const READER_THREAD_NAME: &str = "rig-link-reader";
+
 /// How to run the link. [`LinkSettings::from_config`] fills it from `rig.toml`.
 #[derive(Debug, Clone)]
 pub struct LinkSettings {
@@ -89,7 +93,12 @@ impl LinkSettings {
             max_valve_open_ms: clamp_u16(s.max_valve_open_ms),
             max_flush_ms: clamp_u16(s.max_flush_ms),
         };
-        Self::new(cfg.rig.serial_port.clone().into(), cfg.rig.baud, configure)
+        let mut s = Self::new(cfg.rig.serial_port.clone().into(), cfg.rig.baud, configure);
+        s.realtime_priority = match cfg.realtime.reader_priority {
+            0 => None,
+            p => Some(p.min(98) as i32),
+        };
+        s
     }
 
     /// Defaults around a given port and `Configure`.
@@ -449,7 +458,7 @@ impl SerialLink {
             );
             let mut handler = handler;
             std::thread::Builder::new()
-                .name("rig-link-reader".into())
+                .name(READER_THREAD_NAME.into())
                 .spawn(move || r.run(&mut handler))?
         };
         let ticker = {

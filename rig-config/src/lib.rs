@@ -29,8 +29,8 @@ use toml_edit::ImDocument;
 pub use error::{ConfigError, Problem, ToTomlError};
 pub use schema::{
     AlertsSection, BaselineMethod, BaselineSection, CalibrationPoint, ControlSection,
-    ImagingSection, PreviewSection, RigConfig, RigSection, SafetySection, StorageSection,
-    TaskSection, ValveSection,
+    ImagingSection, PreviewSection, RealtimeSection, RigConfig, RigSection, SafetySection,
+    StorageSection, TaskSection, ValveSection,
 };
 pub use validate::{BITS_PER_BYTE_8N1, MAX_LEVER_LINK_SHARE, MAX_SOCKET_PATH_BYTES};
 pub use valve::CalibrationError;

@@ -32,6 +32,8 @@ pub struct RigConfig {
     pub safety: SafetySection,
     /// `[alerts]`: who hears about trouble when nobody is in the room.
     pub alerts: AlertsSection,
+    /// `[realtime]`: how rigd keeps the press-to-valve path short.
+    pub realtime: RealtimeSection,
 }
 
 /// `[rig]`: the rig's hardware and the serial link to its microcontroller.
@@ -454,6 +456,43 @@ impl Default for AlertsSection {
             device_lost_s: 30,
             disk_free_min_mb: 2048,
             command_timeout_s: 30,
+        }
+    }
+}
+
+/// `[realtime]`: the host settings on the press-to-valve path (serial reader
+/// priority, CPU idle states, the kernel's tty workers). Each needs a
+/// privilege (root, `CAP_SYS_NICE`, write access to `/dev/cpu_dma_latency`);
+/// without it rigd says so and runs without. See docs/performance.md for
+/// what each is worth.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RealtimeSection {
+    /// `SCHED_FIFO` priority of the serial reader thread, which runs the task
+    /// engine, 1..=98; 0 = an ordinary thread. Default 50.
+    pub reader_priority: u32,
+    /// Lock rigd's memory (`mlockall`) so the reward path's code is never
+    /// paged out between trials. Needs `CAP_IPC_LOCK` or an unlimited
+    /// `RLIMIT_MEMLOCK`. Default true.
+    pub lock_memory: bool,
+    /// While a session runs, ask the kernel (through `/dev/cpu_dma_latency`)
+    /// to keep idle CPUs out of sleep states, so a byte from the rig wakes
+    /// the reader at once. Costs power while the session runs. Default true.
+    pub hold_cpus_awake: bool,
+    /// While a session runs, give the kernel's unbound worker threads
+    /// (`kworker/u*`, which move serial bytes from the driver to the reader)
+    /// `SCHED_FIFO` priority 1, so busy programs cannot delay them; restored
+    /// at the stop. Default true.
+    pub boost_tty_workers: bool,
+}
+
+impl Default for RealtimeSection {
+    fn default() -> Self {
+        Self {
+            reader_priority: 50,
+            lock_memory: true,
+            hold_cpus_awake: true,
+            boost_tty_workers: true,
         }
     }
 }

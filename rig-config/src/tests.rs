@@ -625,3 +625,16 @@ fn chunk_minutes_error_names_the_key_the_value_and_the_range() {
     );
     assert_eq!(RigConfig::default().storage.chunk_minutes, 60);
 }
+
+#[test]
+fn realtime_keys_are_checked() {
+    let e = error("[realtime]\nreader_priority = 99\n");
+    assert!(
+        e.contains("realtime.reader_priority") && e.contains("0..=98"),
+        "{e}"
+    );
+    let c = loaded("[realtime]\nreader_priority = 0\nhold_cpus_awake = false\n").config;
+    assert_eq!(c.realtime.reader_priority, 0);
+    assert!(!c.realtime.hold_cpus_awake && c.realtime.boost_tty_workers && c.realtime.lock_memory);
+    assert!(error("[realtime]\nspin = true\n").contains("spin"));
+}

@@ -152,6 +152,7 @@ pub(crate) fn validate(c: &RigConfig) -> Vec<Issue> {
     preview(c, &mut out);
     safety(c, &mut out);
     alerts(c, &mut out);
+    realtime(c, &mut out);
     out.0
 }
 
@@ -672,5 +673,15 @@ fn alerts(c: &RigConfig, out: &mut Issues) {
         1,
         600,
         " s",
+    );
+}
+
+fn realtime(c: &RigConfig, out: &mut Issues) {
+    out.int_range(
+        "realtime.reader_priority",
+        c.realtime.reader_priority.into(),
+        0,
+        98,
+        "",
     );
 }

@@ -6,8 +6,11 @@
 //! Two runs: the machine idle, and under load (a parallel disk writer doing
 //! fsync'd writes and one CPU hog per core).
 //!
-//! Run: `cargo bench -p rig-tests --bench latency [-- --minutes M] [--pin]`.
-//! `--pin` gives the virtual rig the last CPU and rigd the others.
+//! Run: `cargo bench -p rig-tests --bench latency [-- --minutes M] [--pin]
+//! [--precise-us N] [--load both|cpu|disk] [--no-idle]`. `--pin` gives the virtual rig the last CPU and rigd the
+//! others; `--precise-us N` makes the virtual rig spin the last N µs before
+//! each sample (default 0: it sleeps, woken on time because rigd holds the
+//! CPUs awake during the session).
 //! Target: p99 <= 250 µs on the 2-core CI machine.
 
 use std::process::{Child, Command};
@@ -36,11 +39,12 @@ fn pin(pid: u32, cpus: &str) {
 /// With `pinned`, the virtual rig gets the last CPU to itself and rigd the
 /// others (the rig's microcontroller is its own hardware: in the simulation
 /// its spinning must not preempt rigd's reader on a shared core).
-fn run_session(minutes: f64, name: &str, pinned: bool) -> Vec<f64> {
+fn run_session(minutes: f64, name: &str, pinned: bool, precise_us: &str) -> Vec<f64> {
     let dir = TempDir::new(name);
-    // The virtual rig sends each sample on time (spinning the last 300 µs
-    // before it), as a microcontroller's timer interrupt would; without this
-    // its own timer lateness would be counted as the daemon's latency.
+    // The virtual rig sleeps until each sample is due; rigd holds the CPUs
+    // awake during the session ([realtime].hold_cpus_awake), so it wakes on
+    // time. `--precise-us N` makes it spin the last N µs instead, as the
+    // bench did before: that costs a CPU the kernel's tty workers need.
     let sim = Sim::start(
         dir.path(),
         &[
@@ -51,7 +55,7 @@ fn run_session(minutes: f64, name: &str, pinned: bool) -> Vec<f64> {
             "--frame-rate-hz",
             "28.7",
             "--precise-us",
-            "300",
+            precise_us,
         ],
     );
     let socket = dir.path().join("rigd.sock");
@@ -84,6 +88,18 @@ fn run_session(minutes: f64, name: &str, pinned: bool) -> Vec<f64> {
     drop(rigd);
     drop(sim);
 
+    // What the session ran with (session.toml's [realtime] table).
+    let meta = std::fs::read_to_string(session.join("session.toml")).unwrap_or_default();
+    if let Some(start) = meta.find("[realtime]") {
+        let table: String = meta[start..]
+            .lines()
+            .skip(1)
+            .take_while(|l| !l.starts_with('['))
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| format!("  {l}\n"))
+            .collect();
+        println!("{name}: session.toml [realtime]:\n{table}");
+    }
     // Pair each rewarded trial's response sample with the device's valve opening.
     let trials = read_tsv(&session.join("trials.tsv"));
     let events = read_tsv(&session.join("events.tsv"));
@@ -109,12 +125,19 @@ fn run_session(minutes: f64, name: &str, pinned: bool) -> Vec<f64> {
     lat
 }
 
-fn load() -> Vec<Child> {
+/// Which load to run beside the daemon: `both` (the definition),
+/// or `cpu` / `disk` alone to tell their effects apart.
+fn load(kind: &str) -> Vec<Child> {
     let mut hogs = Vec::new();
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
+    let cpu = kind != "disk";
+    let disk_writer = kind != "cpu";
     for _ in 0..cores {
+        if !cpu {
+            break;
+        }
         hogs.push(
             Command::new("sh")
                 .arg("-c")
@@ -124,6 +147,9 @@ fn load() -> Vec<Child> {
         );
     }
     let disk = std::env::temp_dir().join(format!("rig-latency-disk-{}", std::process::id()));
+    if !disk_writer {
+        return hogs;
+    }
     hogs.push(
         Command::new("sh")
             .arg("-c")
@@ -157,16 +183,32 @@ fn main() {
         .and_then(|m| m.parse().ok())
         .unwrap_or(3.0);
     let pinned = args.iter().any(|a| a == "--pin");
+    let precise_us = args
+        .iter()
+        .position(|a| a == "--precise-us")
+        .and_then(|i| args.get(i + 1))
+        .map_or("0", String::as_str);
     println!("control latency: threshold-crossing sample -> valve command at the device, µs (device clock), 1 kHz lever, {minutes} min per run");
     println!("| condition | rewarded trials | min | p50 | p99 | max |");
     println!("|---|---|---|---|---|---|");
     if pinned {
         println!("(virtual rig pinned to the last CPU, rigd to the others)");
     }
-    let idle = run_session(minutes, "lat-idle", pinned);
-    report("idle", &idle);
-    let mut hogs = load();
-    let loaded = run_session(minutes, "lat-load", pinned);
+    if !args.iter().any(|a| a == "--no-idle") {
+        let idle = run_session(minutes, "lat-idle", pinned, precise_us);
+        report("idle", &idle);
+    }
+    let load_kind = args
+        .iter()
+        .position(|a| a == "--load")
+        .and_then(|i| args.get(i + 1))
+        .map_or("both", String::as_str);
+    assert!(
+        ["both", "cpu", "disk"].contains(&load_kind),
+        "--load takes both, cpu or disk"
+    );
+    let mut hogs = load(load_kind);
+    let loaded = run_session(minutes, "lat-load", pinned, precise_us);
     for h in &mut hogs {
         let _ = h.kill();
         let _ = h.wait();
@@ -174,5 +216,12 @@ fn main() {
     let _ = std::fs::remove_file(
         std::env::temp_dir().join(format!("rig-latency-disk-{}", std::process::id())),
     );
-    report("load: CPU hog per core + fsync'd disk writer", &loaded);
+    report(
+        match load_kind {
+            "cpu" => "load: CPU hog per core",
+            "disk" => "load: fsync'd disk writer",
+            _ => "load: CPU hog per core + fsync'd disk writer",
+        },
+        &loaded,
+    );
 }

@@ -529,6 +529,7 @@ fn summary_from_the_chunk_files_is_the_summary_of_the_written_trace() {
         t0_rig_us: t0,
         host_monotonic_start_ns: 0,
         clock_sync: None,
+        realtime: None,
     };
     let dir = SessionDir::create(&root, "M1", SystemTime::now()).unwrap();
     // 7-second chunks: the 50 s trace spans eight files.

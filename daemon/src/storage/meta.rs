@@ -52,6 +52,26 @@ pub struct ClockSyncRecord {
     pub min_rtt_us: f64,
 }
 
+/// The latency settings a session ran with (`[realtime]` in rig.toml, and
+/// what the system granted): the `[realtime]` table of `session.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RealtimeRecord {
+    /// The serial reader thread's scheduling (`"SCHED_FIFO 50"`,
+    /// `"SCHED_OTHER"`).
+    pub reader: String,
+    /// rigd's memory was locked (no page faults on the path).
+    pub memory_locked: bool,
+    /// Idle CPUs were held awake (`/dev/cpu_dma_latency` at 0 µs).
+    pub cpus_held_awake: bool,
+    /// Kernel unbound workers raised to `SCHED_FIFO` 1 at the start.
+    pub tty_workers_raised: u32,
+    /// The kernel's preemption model, as far as it could be read.
+    pub kernel_preemption: String,
+    /// What was asked for and not granted, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_granted: Vec<String>,
+}
+
 /// What the caller knows about a session, for `session.toml`. The mouse and
 /// the UTC start come from the [`super::SessionDir`].
 #[derive(Debug, Clone, PartialEq)]
@@ -70,6 +90,8 @@ pub struct SessionInfo {
     pub host_monotonic_start_ns: u64,
     /// The clock-sync fit, when there is one (update it as it improves).
     pub clock_sync: Option<ClockSyncRecord>,
+    /// The latency settings in force at the start.
+    pub realtime: Option<RealtimeRecord>,
 }
 
 /// The on-disk shape of session.toml. Field order is file order.
@@ -96,6 +118,8 @@ pub(crate) struct SessionToml {
     pub host_monotonic_start_ns: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clock_sync: Option<ClockSyncRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub realtime: Option<RealtimeRecord>,
     /// Every `.npy` stream and its chunk files in order (`lever =
     /// ["lever.npy", "lever.001.npy"]`), as of the last rewrite.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]

@@ -46,7 +46,7 @@ pub use chunk::{
     LeverFiles,
 };
 pub use manifest::write_manifest;
-pub use meta::{read_t0_and_config, ClockSyncRecord, SessionInfo, SessionState};
+pub use meta::{read_t0_and_config, ClockSyncRecord, RealtimeRecord, SessionInfo, SessionState};
 pub use npy::{read_npy_header, NpyAppender, NpyDtype, NpyElement, NpyHeader};
 pub use recover::{find_running, recover, recover_with_summary, RecoveryOutcome, RecoveryReport};
 pub use session_dir::SessionDir;

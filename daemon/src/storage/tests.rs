@@ -58,6 +58,7 @@ fn info() -> SessionInfo {
         t0_rig_us: 5_000_000,
         host_monotonic_start_ns: 987_654_321_000,
         clock_sync: None,
+        realtime: None,
     }
 }
 

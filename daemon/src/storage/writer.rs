@@ -431,6 +431,7 @@ fn build_meta(
         t0_rig_us: info.t0_rig_us,
         host_monotonic_start_ns: info.host_monotonic_start_ns,
         clock_sync: info.clock_sync,
+        realtime: info.realtime.clone(),
         chunks: Default::default(),
         config: config.clone(),
         extra: toml::Table::new(),

@@ -213,6 +213,9 @@ fn main() -> anyhow::Result<()> {
     // the daemon's latency, not in the device's. Without the privilege it
     // runs as a normal thread.
     let _ = firmware_bridge::rt::make_current_thread_realtime(60);
+    // Nor does a microcontroller page its firmware out: the valve-command
+    // path runs once per trial and must not wait for a page fault.
+    let _ = firmware_bridge::rt::lock_memory();
     let stats = sim::run(&opts, &stop).context("rig-sim")?;
     if !opts.quiet {
         eprintln!(
