@@ -120,7 +120,13 @@ pub struct RigHandler {
     /// still find their edge.
     recent_ttl: std::collections::VecDeque<(u64, u64)>,
     preview: Option<Arc<crate::preview::PreviewState>>,
+    /// Lever samples for the preview not yet handed over (its lock was busy).
+    preview_pending: Vec<(u64, f32)>,
 }
+
+/// Most lever samples kept for the preview while its lock stays busy (20 s
+/// at 1 kHz); beyond that the oldest are dropped (the preview only shows).
+const PREVIEW_PENDING_MAX: usize = 20_000;
 
 impl std::fmt::Debug for RigHandler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -147,6 +153,7 @@ impl RigHandler {
             connected: false,
             recent_ttl: std::collections::VecDeque::with_capacity(RECENT_TTL),
             preview: None,
+            preview_pending: Vec::with_capacity(64),
         }
     }
 
@@ -464,13 +471,33 @@ impl RigHandler {
         }
         for (_, t_us, counts) in batch.samples() {
             self.feed(&TaskInput::Lever { t_us, counts }, commander);
-            if let (Some(p), Some(s)) = (&self.preview, &self.session) {
-                p.push_lever(t_us, s.engine.lever_mm() as f32);
+            if let (Some(_), Some(s)) = (&self.preview, &self.session) {
+                self.preview_pending
+                    .push((t_us, s.engine.lever_mm() as f32));
             }
         }
         self.to_storage(StorageMsg::Lever(*batch));
+        // Per-sample bookkeeping never waits for a lock another thread holds:
+        // an ordinary thread preempted while holding it would hold up the
+        // reader, and with it the next sample's valve command.
+        if let Some(p) = &self.preview {
+            if !p.try_push_levers(&mut self.preview_pending)
+                && self.preview_pending.len() > PREVIEW_PENDING_MAX
+            {
+                let excess = self.preview_pending.len() - PREVIEW_PENDING_MAX / 2;
+                self.preview_pending.drain(..excess);
+            }
+        }
         if let Some(last) = batch.samples().last() {
-            self.status().rig_now_us = last.1;
+            let mut st = match self.status.try_lock() {
+                Ok(g) => Some(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                // The next batch updates it.
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            };
+            if let Some(st) = st.as_mut() {
+                st.rig_now_us = last.1;
+            }
         }
     }
 

@@ -526,6 +526,15 @@ struct Ticker {
 
 impl Ticker {
     fn run(self) {
+        // The ticker writes heartbeats and pings under the writer lock that
+        // the reader needs for a valve command. As an ordinary thread it
+        // could be preempted while holding that lock (seen in a trace: the
+        // reader waited 1 ms for it), so it runs just below the reader.
+        if let Some(p) = self.settings.realtime_priority {
+            if let Err(e) = crate::rt::make_current_thread_realtime((p - 1).max(1)) {
+                tracing::debug!("serial link ticker is not real-time: {e}");
+            }
+        }
         let tick = Duration::from_millis(5);
         let mut last_ping_ns = 0u64;
         while !self.stop.load(Ordering::Relaxed) {

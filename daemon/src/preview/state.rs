@@ -227,26 +227,23 @@ impl PreviewState {
     /// One lever sample (`mm` of travel at `t_us`). Samples are averaged
     /// into [`LEVER_BIN_US`] bins; the last [`LEVER_WINDOW_US`] are kept.
     pub fn push_lever(&self, t_us: u64, mm: f32) {
-        let mut g = self.lock();
-        g.now_us = g.now_us.max(t_us);
-        let idx = t_us / LEVER_BIN_US;
-        match g.lever_bin {
-            Some((i, sum, n)) if i == idx => g.lever_bin = Some((i, sum + f64::from(mm), n + 1)),
-            Some((i, sum, n)) => {
-                // Narrowing to f32 is the point: the page draws f32.
-                #[allow(clippy::cast_possible_truncation)]
-                let mean = (sum / f64::from(n)) as f32;
-                g.lever
-                    .push_back((i * LEVER_BIN_US + LEVER_BIN_US / 2, mean));
-                g.lever_total += 1;
-                g.lever_bin = Some((idx, f64::from(mm), 1));
-            }
-            None => g.lever_bin = Some((idx, f64::from(mm), 1)),
+        add_lever(&mut self.lock(), t_us, mm);
+    }
+
+    /// Lever samples from the serial reader, which must never wait for this
+    /// lock (a preview or imaging thread holding it may be preempted): if
+    /// the lock is free they are added and `pending` is emptied, else they
+    /// stay in `pending` for the next call. Returns whether they went in.
+    pub fn try_push_levers(&self, pending: &mut Vec<(u64, f32)>) -> bool {
+        let mut g = match self.inner.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+        };
+        for (t_us, mm) in pending.drain(..) {
+            add_lever(&mut g, t_us, mm);
         }
-        let cut = g.now_us.saturating_sub(LEVER_WINDOW_US);
-        while g.lever.front().is_some_and(|&(t, _)| t < cut) {
-            g.lever.pop_front();
-        }
+        true
     }
 
     /// A finished trial: `outcome` is `"rewarded"` or `"miss"`, `t_us` the cue
@@ -445,6 +442,29 @@ fn scale_image(w: u32, h: u32, pixels: &[f32]) -> Option<MeanImage> {
     })
 }
 
+/// Add one lever sample to the binned trace (see [`PreviewState::push_lever`]).
+fn add_lever(g: &mut Inner, t_us: u64, mm: f32) {
+    g.now_us = g.now_us.max(t_us);
+    let idx = t_us / LEVER_BIN_US;
+    match g.lever_bin {
+        Some((i, sum, n)) if i == idx => g.lever_bin = Some((i, sum + f64::from(mm), n + 1)),
+        Some((i, sum, n)) => {
+            // Narrowing to f32 is the point: the page draws f32.
+            #[allow(clippy::cast_possible_truncation)]
+            let mean = (sum / f64::from(n)) as f32;
+            g.lever
+                .push_back((i * LEVER_BIN_US + LEVER_BIN_US / 2, mean));
+            g.lever_total += 1;
+            g.lever_bin = Some((idx, f64::from(mm), 1));
+        }
+        None => g.lever_bin = Some((idx, f64::from(mm), 1)),
+    }
+    let cut = g.now_us.saturating_sub(LEVER_WINDOW_US);
+    while g.lever.front().is_some_and(|&(t, _)| t < cut) {
+        g.lever.pop_front();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -464,6 +484,26 @@ mod tests {
             up.lever.len()
         );
         assert!(up.lever.iter().all(|&(_, mm)| (mm - 1.0).abs() < 1e-6));
+    }
+
+    #[test]
+    fn the_reader_never_waits_for_the_preview_lock() {
+        let s = PreviewState::new();
+        let mut pending: Vec<(u64, f32)> = (0..1000u64).map(|i| (i * 1000, 2.0)).collect();
+        {
+            let _held = s.lock(); // a preview or imaging thread has it
+            assert!(!s.try_push_levers(&mut pending), "busy lock: nothing waits");
+            assert_eq!(pending.len(), 1000, "samples kept for the next try");
+        }
+        pending.extend((1000..2000u64).map(|i| (i * 1000, 2.0)));
+        assert!(s.try_push_levers(&mut pending));
+        assert!(pending.is_empty());
+        let up = s.snapshot();
+        assert_eq!(
+            up.lever_total, 199,
+            "2 s of 1 kHz in 10 ms bins, the last open"
+        );
+        assert!(up.lever.iter().all(|&(_, mm)| (mm - 2.0).abs() < 1e-6));
     }
 
     #[test]
