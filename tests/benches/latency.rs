@@ -7,10 +7,14 @@
 //! fsync'd writes and one CPU hog per core).
 //!
 //! Run: `cargo bench -p rig-tests --bench latency [-- --minutes M] [--pin]
-//! [--precise-us N] [--load both|cpu|disk] [--no-idle]`. `--pin` gives the virtual rig the last CPU and rigd the
-//! others; `--precise-us N` makes the virtual rig spin the last N µs before
-//! each sample (default 0: it sleeps, woken on time because rigd holds the
-//! CPUs awake during the session).
+//! [--precise-us N] [--load both|cpu|disk] [--no-idle] [--realtime "K = V"]`.
+//! `--pin` gives the virtual rig the last CPU and rigd the others;
+//! `--precise-us N` makes the virtual rig spin the last N µs before each
+//! sample (default 0: it sleeps, woken on time because rigd holds the CPUs
+//! awake during the session); `--load` picks the load (default both: a CPU
+//! hog per core and an fsync'd disk writer); `--no-idle` skips the idle run;
+//! `--realtime` adds a `[realtime]` key to rigd's config (repeatable), to
+//! measure what each setting is worth.
 //! Target: p99 <= 250 µs on the 2-core CI machine.
 
 use std::process::{Child, Command};
@@ -39,7 +43,13 @@ fn pin(pid: u32, cpus: &str) {
 /// With `pinned`, the virtual rig gets the last CPU to itself and rigd the
 /// others (the rig's microcontroller is its own hardware: in the simulation
 /// its spinning must not preempt rigd's reader on a shared core).
-fn run_session(minutes: f64, name: &str, pinned: bool, precise_us: &str) -> Vec<f64> {
+fn run_session(
+    minutes: f64,
+    name: &str,
+    pinned: bool,
+    precise_us: &str,
+    realtime: &str,
+) -> Vec<f64> {
     let dir = TempDir::new(name);
     // The virtual rig sleeps until each sample is due; rigd holds the CPUs
     // awake during the session ([realtime].hold_cpus_awake), so it wakes on
@@ -67,7 +77,8 @@ fn run_session(minutes: f64, name: &str, pinned: bool, precise_us: &str) -> Vec<
         format!(
             "[rig]\nserial_port = {:?}\n\n[task]\niti_min_ms = 500\niti_max_ms = 1000\nresponse_window_ms = 3000\nmiss_timeout_ms = 0\n\n\
              [storage]\ndata_root = {:?}\n\n[control]\nsocket = {:?}\n\n[preview]\nenabled = false\n\n[imaging]\nenabled = false\n\n\
-             [safety]\nmax_water_per_session_ul = 100000.0\nmax_water_per_day_ul = 100000.0\n",
+             [safety]\nmax_water_per_session_ul = 100000.0\nmax_water_per_day_ul = 100000.0\n\n\
+             [realtime]\n{realtime}\n",
             sim.link.display().to_string(),
             data.display().to_string(),
             socket.display().to_string()
@@ -183,6 +194,15 @@ fn main() {
         .and_then(|m| m.parse().ok())
         .unwrap_or(3.0);
     let pinned = args.iter().any(|a| a == "--pin");
+    // `--realtime "boost_tty_workers = false"` (repeatable): [realtime] keys
+    // for rigd, to measure what each setting is worth.
+    let realtime: String = args
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| *a == "--realtime")
+        .filter_map(|(i, _)| args.get(i + 1))
+        .map(|kv| format!("{kv}\n"))
+        .collect();
     let precise_us = args
         .iter()
         .position(|a| a == "--precise-us")
@@ -195,7 +215,7 @@ fn main() {
         println!("(virtual rig pinned to the last CPU, rigd to the others)");
     }
     if !args.iter().any(|a| a == "--no-idle") {
-        let idle = run_session(minutes, "lat-idle", pinned, precise_us);
+        let idle = run_session(minutes, "lat-idle", pinned, precise_us, &realtime);
         report("idle", &idle);
     }
     let load_kind = args
@@ -208,7 +228,7 @@ fn main() {
         "--load takes both, cpu or disk"
     );
     let mut hogs = load(load_kind);
-    let loaded = run_session(minutes, "lat-load", pinned, precise_us);
+    let loaded = run_session(minutes, "lat-load", pinned, precise_us, &realtime);
     for h in &mut hogs {
         let _ = h.kill();
         let _ = h.wait();
