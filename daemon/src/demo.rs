@@ -91,6 +91,12 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
     cfg.imaging.width = 256;
     cfg.imaging.height = 256;
     cfg.imaging.channels = 1;
+    // A demo is not a rig: it leaves the machine's CPU idle states, kernel
+    // workers and memory as they are (and has no warnings to print about
+    // them on a machine where it may not touch them).
+    cfg.realtime.lock_memory = false;
+    cfg.realtime.hold_cpus_awake = false;
+    cfg.realtime.boost_tty_workers = false;
     let mut settings = LinkSettings::from_config(&cfg);
     // The device's watchdog counts device time, which runs `speed` times
     // faster than the host's heartbeats: scale its timeout so it trips after
