@@ -12,12 +12,11 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use firmware_bridge::link::READER_THREAD_NAME;
 use firmware_bridge::rt::{self, CpuLatencyHold, WorkerBoost};
 use rig_config::RealtimeSection;
 
 use crate::storage::RealtimeRecord;
-
-use firmware_bridge::link::READER_THREAD_NAME as READER_THREAD;
 
 /// The settings in force for one session; dropping it gives them back.
 #[derive(Debug)]
@@ -66,7 +65,7 @@ impl SessionTuning {
         } else {
             None
         };
-        let reader = rt::thread_policy(READER_THREAD).unwrap_or_else(|| "not running".into());
+        let reader = rt::thread_policy(READER_THREAD_NAME).unwrap_or_else(|| "not running".into());
         if cfg.reader_priority > 0 && !reader.starts_with("SCHED_FIFO") {
             let e = format!(
                 "the serial reader runs as {reader}, not SCHED_FIFO {} (see the link's \

@@ -1,4 +1,4 @@
-//! Real-time scheduling for the threads on the latency path.
+//! Real-time settings for the latency path (serial sample -> valve command).
 //!
 //! Under CPU load a normal (CFS) thread can wait tens of milliseconds for the
 //! CPU, which is the difference between a reward on the press and a reward
@@ -7,26 +7,25 @@
 //! sets `LimitRTPRIO`). It blocks in `poll`/`read` between frames, so it cannot
 //! starve the rest of the machine. Without the privilege the thread stays
 //! normal and the caller is told why.
+//!
+//! The rest of the path is the kernel's: this module also locks the
+//! process's memory ([`lock_memory`]), holds idle CPUs awake
+//! ([`CpuLatencyHold`]) and raises the tty layer's kernel workers
+//! ([`WorkerBoost`]); the daemon takes the last two per session.
 
 /// Put the calling thread in `SCHED_FIFO` at `priority` (1..=99) and set its
 /// timer slack to 1 ns so its timed waits end when asked. Returns why not, if
 /// the system refused.
 pub fn make_current_thread_realtime(priority: i32) -> Result<(), String> {
-    let param = libc::sched_param {
-        sched_priority: priority.clamp(1, 99),
-    };
-    // SAFETY: plain syscalls on the calling thread with a valid parameter
-    // struct; no memory is shared with the kernel beyond the call.
+    // SAFETY: a plain syscall on the calling thread; no memory is shared.
     unsafe {
         libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
-        if libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) != 0 {
-            return Err(format!(
-                "SCHED_FIFO priority {priority} refused ({}): run as root, grant CAP_SYS_NICE, or set LimitRTPRIO in the service",
-                std::io::Error::last_os_error()
-            ));
-        }
     }
-    Ok(())
+    set_policy(0, libc::SCHED_FIFO, priority.clamp(1, 99)).map_err(|e| {
+        format!(
+            "SCHED_FIFO priority {priority} refused ({e}): run as root, grant CAP_SYS_NICE, or set LimitRTPRIO in the service"
+        )
+    })
 }
 
 // ---- memory: no page faults on the latency path ----
@@ -204,6 +203,7 @@ fn is_unbound_worker(t: &ThreadSched) -> bool {
 /// the reader (50 by default) so they never delay it.
 pub const WORKER_PRIORITY: i32 = 1;
 
+/// `sched_setscheduler` for a thread (`pid` 0 = the calling thread).
 fn set_policy(pid: i32, policy: i32, priority: i32) -> std::io::Result<()> {
     let param = libc::sched_param {
         sched_priority: priority,
