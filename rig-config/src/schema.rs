@@ -482,7 +482,9 @@ pub struct RealtimeSection {
     /// While a session runs, give the kernel's unbound worker threads
     /// (`kworker/u*`, which move serial bytes from the driver to the reader)
     /// `SCHED_FIFO` priority 1, so busy programs cannot delay them; restored
-    /// at the stop. Default true.
+    /// at the stop. Default false: the same workers run the kernel's
+    /// writeback, which at a real-time priority can starve rigd's storage and
+    /// imaging threads under heavy disk traffic.
     pub boost_tty_workers: bool,
 }
 
@@ -492,7 +494,7 @@ impl Default for RealtimeSection {
             reader_priority: 50,
             lock_memory: true,
             hold_cpus_awake: true,
-            boost_tty_workers: true,
+            boost_tty_workers: false,
         }
     }
 }

@@ -635,6 +635,6 @@ fn realtime_keys_are_checked() {
     );
     let c = loaded("[realtime]\nreader_priority = 0\nhold_cpus_awake = false\n").config;
     assert_eq!(c.realtime.reader_priority, 0);
-    assert!(!c.realtime.hold_cpus_awake && c.realtime.boost_tty_workers && c.realtime.lock_memory);
+    assert!(!c.realtime.hold_cpus_awake && !c.realtime.boost_tty_workers && c.realtime.lock_memory);
     assert!(error("[realtime]\nspin = true\n").contains("spin"));
 }

@@ -102,10 +102,10 @@ fn a_session_holds_the_latency_settings_and_gives_them_back() {
         "unbound workers already at SCHED_FIFO 1 before any session: {before_workers:?}"
     );
 
-    // Defaults: everything on.
+    // Defaults, and the worker boost (off by default) on.
     let dir = TempDir::new("realtime-on");
     let sim = Sim::start(dir.path(), &["--speed", "1", "--day", "14"]);
-    let (cfg, socket) = config(dir.path(), &sim.link, "");
+    let (cfg, socket) = config(dir.path(), &sim.link, "boost_tty_workers = true\n");
     let rigd = Rigd::start(&cfg, &socket);
     wait_connected(&socket);
     assert_ne!(
