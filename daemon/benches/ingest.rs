@@ -34,7 +34,7 @@ fn rss_kb() -> u64 {
 
 /// A 512 x 512 label image with 500 disc ROIs (radius 5 px) on a grid.
 fn write_labels(path: &std::path::Path) {
-    let mut npy = daemon::storage::NpyAppender::create(path, daemon::storage::NpyDtype::U2, &[512])
+    let mut npy = session_format::NpyAppender::create(path, session_format::NpyDtype::U2, &[512])
         .expect("labels");
     let mut img = vec![0u16; 512 * 512];
     let mut id = 0u16;

@@ -126,7 +126,7 @@ impl Alerter {
     /// Log the alert and hand it to the configured command (in the background).
     pub fn raise(&self, mut alert: Alert) {
         alert.rig.clone_from(&self.inner.rig);
-        alert.time_utc = crate::storage::rfc3339_utc(SystemTime::now());
+        alert.time_utc = session_format::rfc3339_utc(SystemTime::now());
         self.inner.raised.fetch_add(1, Ordering::Relaxed);
         let kind = alert.kind.as_str();
         match alert.severity {

@@ -24,7 +24,7 @@ pub enum LogFormat {
 
 /// Set up tracing: human lines (or JSON) on stderr, and the same events in the
 /// running session's `rigd.log` (which rolls to `rigd.001.log`, ... past
-/// 64 MiB, see [`crate::core::SessionLogFile`]).
+/// 64 MiB, see [`session_format::SessionLogFile`]).
 pub fn init_logging(format: LogFormat, session_log: SessionLog, quiet: bool) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;

@@ -20,88 +20,13 @@ use crate::alerts::{Alert, AlertKind, Alerter};
 use crate::control::{event_line, CoreRequest, EventLine};
 use crate::imaging::ingest::{check_disk_rate, Ingest, IngestCounters, IngestSetup};
 use crate::rig::{LiveStatus, RigNotice, RigRequest, SessionStart};
-use crate::storage::{SessionDir, SessionInfo, SessionWriter};
 use crate::storage_thread::{self, FinishedSession, StorageSetup};
 use crate::task::{TaskEngine, TaskParams};
+use session_format::{water_today_ul, SessionDir, SessionInfo, SessionLogFile, SessionWriter};
 
 /// Where per-session log lines go (the daemon's tracing layer writes to it
 /// while a session runs).
-pub type SessionLog = Arc<Mutex<Option<SessionLogFile>>>;
-
-/// A session's `rigd.log`, rolled to `rigd.001.log`, `rigd.002.log`, ... when
-/// the open part would grow past a size limit. Nothing is deleted: every
-/// part is session data (and listed in the manifest). The tracing layer
-/// writes one whole event per `write`, so a part ends at a line end.
-#[derive(Debug)]
-pub struct SessionLogFile {
-    dir: PathBuf,
-    file: std::fs::File,
-    /// Bytes in the open part.
-    bytes: u64,
-    /// Number of the open part (0 = `rigd.log`).
-    part: u32,
-    max_bytes: u64,
-}
-
-impl SessionLogFile {
-    /// Open (append to) `dir/rigd.log`; parts roll over past `max_bytes`.
-    pub fn open(dir: &Path, max_bytes: u64) -> std::io::Result<Self> {
-        let path = dir.join(crate::storage::LOG_FILE);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
-        let bytes = file.metadata()?.len();
-        Ok(Self {
-            dir: dir.to_owned(),
-            file,
-            bytes,
-            part: 0,
-            max_bytes: max_bytes.max(1),
-        })
-    }
-
-    /// Close the open part (synced) and start the next free one.
-    fn roll(&mut self) -> std::io::Result<()> {
-        let mut part = self.part;
-        let file = loop {
-            part = part
-                .checked_add(1)
-                .ok_or_else(|| std::io::Error::other("no log part number left"))?;
-            let path = self.dir.join(crate::storage::log_file_name(part));
-            match std::fs::OpenOptions::new()
-                .create_new(true)
-                .append(true)
-                .open(path)
-            {
-                Ok(f) => break f,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e),
-            }
-        };
-        let _ = self.file.sync_data();
-        self.file = file;
-        self.part = part;
-        self.bytes = 0;
-        Ok(())
-    }
-}
-
-impl std::io::Write for SessionLogFile {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.bytes > 0 && self.bytes.saturating_add(buf.len() as u64) > self.max_bytes {
-            // If the next part cannot be made, keep writing to this one.
-            let _ = self.roll();
-        }
-        let n = self.file.write(buf)?;
-        self.bytes += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.file.flush()
-    }
-}
+pub type SessionLog = Arc<Mutex<Option<session_format::SessionLogFile>>>;
 
 /// A session in progress.
 #[derive(Debug)]
@@ -536,7 +461,7 @@ impl Core {
             )
         })?;
         let path = writer.path().to_path_buf();
-        let started_utc = crate::storage::rfc3339_utc(start_utc);
+        let started_utc = session_format::rfc3339_utc(start_utc);
 
         let (tx, rx) = crossbeam_channel::bounded(storage_thread::STORAGE_QUEUE);
         let (done_tx, done_rx) = oneshot::channel();
@@ -885,7 +810,7 @@ impl Core {
     }
 
     fn open_session_log(&self, dir: &Path) {
-        match SessionLogFile::open(dir, crate::storage::LOG_ROTATE_BYTES) {
+        match SessionLogFile::open(dir, session_format::LOG_ROTATE_BYTES) {
             Ok(f) => {
                 if let Ok(mut g) = self.session_log.lock() {
                     *g = Some(f);
@@ -937,137 +862,5 @@ fn apply_overrides(cfg: &mut RigConfig, t: &protocol::control::TaskOverrides) {
     }
     if t.sated_after_min.is_some() {
         task.sated_after_min = t.sated_after_min;
-    }
-}
-
-/// Water the mouse already had today (UTC date of the session folders): each
-/// folder's `summary.json` `water_ul`, or, for a folder without one (a
-/// session still running on another rig, or a crash not yet recovered), the
-/// sum of `trials.tsv`'s `reward_ul` column. Unreadable numbers are not
-/// guessed as 0 silently: they are logged.
-pub fn water_today_ul(data_root: &Path, mouse: &str) -> f64 {
-    let today = crate::storage::rfc3339_utc(SystemTime::now());
-    let day = &today[..10.min(today.len())];
-    let Ok(entries) = std::fs::read_dir(data_root.join(mouse)) else {
-        return 0.0;
-    };
-    let mut total = 0.0;
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with(day) {
-            continue;
-        }
-        let dir = e.path();
-        let from_summary = std::fs::read_to_string(dir.join(crate::storage::SUMMARY_FILE))
-            .ok()
-            .and_then(|text| serde_json::from_str::<Value>(&text).ok())
-            .and_then(|v| v["water_ul"].as_f64());
-        let water = match from_summary {
-            Some(w) => w,
-            None => water_from_trials(&dir.join(crate::storage::TRIALS_FILE)),
-        };
-        total += water;
-    }
-    total
-}
-
-/// Sum of the `reward_ul` column of a `trials.tsv` (0 when absent).
-fn water_from_trials(path: &Path) -> f64 {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return 0.0;
-    };
-    let mut lines = text.lines();
-    let Some(col) = lines
-        .next()
-        .and_then(|h| h.split('\t').position(|c| c == "reward_ul"))
-    else {
-        tracing::warn!(
-            "{}: no reward_ul column; its water is not counted",
-            path.display()
-        );
-        return 0.0;
-    };
-    lines
-        .filter_map(|l| l.split('\t').nth(col))
-        .filter_map(|v| v.parse::<f64>().ok())
-        .filter(|v| v.is_finite() && *v > 0.0)
-        .sum()
-}
-
-#[cfg(test)]
-mod water_tests {
-    use super::*;
-
-    #[test]
-    fn the_days_water_counts_summaries_and_unfinished_sessions() {
-        let root = std::env::temp_dir().join(format!("rigd-water-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        let today = crate::storage::rfc3339_utc(SystemTime::now());
-        let day = &today[..10];
-        let mk = |name: &str| {
-            let d = root.join("M1").join(name);
-            std::fs::create_dir_all(&d).unwrap();
-            d
-        };
-        let a = mk(&format!("{day}_080000"));
-        std::fs::write(a.join("summary.json"), r#"{"water_ul": 400.0}"#).unwrap();
-        let b = mk(&format!("{day}_120000"));
-        std::fs::write(
-            b.join("trials.tsv"),
-            "trial\toutcome\treward_ul\n1\trewarded\t4.0\n2\tmiss\t0\n3\trewarded\t4.5\n",
-        )
-        .unwrap();
-        let old = mk("1999-01-01_080000");
-        std::fs::write(old.join("summary.json"), r#"{"water_ul": 999.0}"#).unwrap();
-        let w = water_today_ul(&root, "M1");
-        assert!((w - 408.5).abs() < 1e-9, "{w}");
-        assert_eq!(water_today_ul(&root, "M2"), 0.0);
-        let _ = std::fs::remove_dir_all(&root);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-    use std::io::Write;
-
-    #[test]
-    fn the_session_log_rolls_into_numbered_parts_and_keeps_every_line() {
-        let dir = std::env::temp_dir().join(format!("rigd-log-roll-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut log = SessionLogFile::open(&dir, 1000).unwrap();
-        let lines: Vec<String> = (0..100)
-            .map(|i| {
-                format!(
-                    "2026-01-01T00:00:00Z INFO line {i:03} {}\n",
-                    "x".repeat(i % 7)
-                )
-            })
-            .collect();
-        for l in &lines {
-            log.write_all(l.as_bytes()).unwrap();
-        }
-        log.flush().unwrap();
-        let mut parts = Vec::new();
-        for n in 0.. {
-            let p = dir.join(crate::storage::log_file_name(n));
-            if !p.exists() {
-                break;
-            }
-            parts.push(std::fs::read_to_string(p).unwrap());
-        }
-        assert!(parts.len() >= 4, "{} parts", parts.len());
-        assert_eq!(crate::storage::log_file_name(1), "rigd.001.log");
-        for p in &parts {
-            assert!(
-                p.len() <= 1000 && p.ends_with('\n'),
-                "a part of {} bytes",
-                p.len()
-            );
-        }
-        assert_eq!(parts.concat(), lines.concat(), "nothing lost or reordered");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -14,7 +14,6 @@ pub mod metrics;
 pub mod notify;
 pub mod realtime;
 pub mod rig;
-pub mod storage;
 pub mod storage_thread;
 pub mod task;
 /// `println!` that ignores a closed stdout (a pager quit, a pipe closed)
@@ -28,4 +27,3 @@ macro_rules! outln {
 }
 
 pub mod preview;
-pub mod trial;

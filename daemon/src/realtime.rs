@@ -16,7 +16,7 @@ use firmware_bridge::link::READER_THREAD_NAME;
 use firmware_bridge::rt::{self, CpuLatencyHold, WorkerBoost};
 use rig_config::RealtimeSection;
 
-use crate::storage::RealtimeRecord;
+use session_format::RealtimeRecord;
 
 /// The settings in force for one session; dropping it gives them back.
 #[derive(Debug)]

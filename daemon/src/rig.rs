@@ -21,7 +21,7 @@ use tokio::sync::broadcast;
 use crate::control::{event_line, EventLine};
 use crate::storage_thread::{StorageMsg, StorageSource};
 use crate::task::{TaskEngine, TaskInput, TaskOutput};
-use crate::trial::{Outcome, TrialRecord};
+use session_format::trial::{Outcome, TrialRecord};
 
 /// Frame-clock edges remembered for the next session's ingest (~9 s at 28.7 Hz).
 const RECENT_TTL: usize = 256;

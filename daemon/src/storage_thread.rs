@@ -18,10 +18,10 @@ use firmware_bridge::link::LeverBatch;
 
 use crate::behaviour::{parse_resampled, resample_1khz_from, summarize_parsed, Summary};
 use crate::rig::LiveStatus;
-use crate::storage::{ClockSyncRecord, EventSource, LeverFiles, SessionWriter};
-use crate::trial::TrialRecord;
+use session_format::trial::TrialRecord;
+use session_format::{ClockSyncRecord, EventSource, LeverFiles, SessionWriter};
 
-pub use crate::storage::EventSource as StorageSource;
+pub use session_format::EventSource as StorageSource;
 
 /// Capacity of the rig -> storage queue, in messages. A lever batch is one
 /// message, so this is several seconds of a 10 kHz stream.
@@ -250,25 +250,13 @@ fn write(
                 .map_err(|e| e.to_string())?;
         }
         StorageMsg::Trial(rec) => {
-            let shifted = shift_trial(&rec, setup.t0_us);
+            let shifted = rec.to_session_time(setup.t0_us);
             w.write_trial(&shifted).map_err(|e| e.to_string())?;
             st.counts.add(&rec);
         }
         StorageMsg::Finish { .. } => {}
     }
     Ok(())
-}
-
-/// The trial with its times made session-relative, for trials.tsv.
-fn shift_trial(rec: &TrialRecord, t0: u64) -> TrialRecord {
-    let s = |t: u64| t.saturating_sub(t0);
-    TrialRecord {
-        t_start_us: s(rec.t_start_us),
-        t_cue_us: s(rec.t_cue_us),
-        t_response_us: rec.t_response_us.map(s),
-        t_reward_us: rec.t_reward_us.map(s),
-        ..rec.clone()
-    }
 }
 
 fn clock_record(fit: &firmware_bridge::sync::ClockFit) -> ClockSyncRecord {
@@ -355,10 +343,10 @@ fn finish(
 /// The full behavioural summary of a finished or crashed session folder,
 /// recomputed from its files (`trials.tsv`, the lever chunks, `t0_rig_us`
 /// and the task's response window from `session.toml`), with
-/// `"source": "recovery"`. For [`crate::storage::recover_with_summary`]:
+/// `"source": "recovery"`. For [`session_format::recover_with_summary`]:
 /// `None` (recovery then writes counts only) if the files cannot be read.
 pub fn summarize_folder(dir: &Path) -> Option<serde_json::Value> {
-    let (t0, config) = match crate::storage::read_t0_and_config(dir) {
+    let (t0, config) = match session_format::read_t0_and_config(dir) {
         Ok(v) => v,
         Err(e) => {
             tracing::warn!("summary of {}: {e}", dir.display());
@@ -372,7 +360,7 @@ pub fn summarize_folder(dir: &Path) -> Option<serde_json::Value> {
         .and_then(|v| u64::try_from(v).ok())
         .unwrap_or_else(|| u64::from(rig_config::RigConfig::default().task.response_window_ms));
     let params = crate::behaviour::SummaryParams::new(window_ms * 1000);
-    let trials = match trials_in_rig_time(dir, t0) {
+    let trials = match session_format::read_trials_in_rig_time(dir, t0) {
         Ok((trials, 0)) => trials,
         Ok((_, skipped)) => {
             tracing::warn!(
@@ -428,7 +416,7 @@ struct TrialCounts {
 impl TrialCounts {
     fn add(&mut self, r: &TrialRecord) {
         self.trials += 1;
-        if r.outcome == crate::trial::Outcome::Rewarded && !r.capped && r.reward_ul > 0.0 {
+        if r.outcome == session_format::trial::Outcome::Rewarded && !r.capped && r.reward_ul > 0.0 {
             self.rewards += 1;
         }
         self.water_ul += r.reward_ul;
@@ -438,7 +426,7 @@ impl TrialCounts {
 /// The session's trials read back from its trials.tsv (synced), in rig
 /// time; empty (logged) if the file cannot be read.
 fn trials_on_disk(dir: &Path, t0: u64, counts: &TrialCounts) -> Vec<TrialRecord> {
-    match trials_in_rig_time(dir, t0) {
+    match session_format::read_trials_in_rig_time(dir, t0) {
         Ok((trials, skipped)) => {
             if skipped > 0 || trials.len() as u64 != counts.trials {
                 tracing::error!(
@@ -453,31 +441,6 @@ fn trials_on_disk(dir: &Path, t0: u64, counts: &TrialCounts) -> Vec<TrialRecord>
             tracing::error!("summary: cannot read trials.tsv back: {e}");
             Vec::new()
         }
-    }
-}
-
-/// A folder's `trials.tsv` with its times back on the rig clock, and the
-/// count of rows that did not parse.
-fn trials_in_rig_time(
-    dir: &Path,
-    t0: u64,
-) -> Result<(Vec<TrialRecord>, usize), crate::storage::StorageError> {
-    let (trials, skipped) = crate::storage::read_trials(&dir.join(crate::storage::TRIALS_FILE))?;
-    Ok((
-        trials.iter().map(|r| shift_trial_back(r, t0)).collect(),
-        skipped,
-    ))
-}
-
-/// The inverse of [`shift_trial`]: session times back to rig times.
-fn shift_trial_back(rec: &TrialRecord, t0: u64) -> TrialRecord {
-    let s = |t: u64| t.saturating_add(t0);
-    TrialRecord {
-        t_start_us: s(rec.t_start_us),
-        t_cue_us: s(rec.t_cue_us),
-        t_response_us: rec.t_response_us.map(s),
-        t_reward_us: rec.t_reward_us.map(s),
-        ..rec.clone()
     }
 }
 

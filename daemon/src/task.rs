@@ -18,7 +18,7 @@ use protocol::serial::{host_type, sync_mode, EventKind, HostCommand, SyncOut, To
 use rig_config::RigConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::trial::{Outcome, TrialRecord};
+use session_format::trial::{Outcome, TrialRecord};
 
 /// During quiescence the lever must stay within this distance (mm) of where
 /// it was when the quiet period began; any larger movement restarts the wait.

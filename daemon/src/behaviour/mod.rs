@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use rig_config::RigConfig;
 
 use crate::task::TaskParams;
-use crate::trial::{Outcome, TrialRecord};
+use session_format::trial::{Outcome, TrialRecord};
 
 pub use movement::{
     parse_lever, parse_resampled, resample_1khz, resample_1khz_from, LeverTrace, Movement,

@@ -512,7 +512,7 @@ fn simulated_learning_moves_the_summary_as_in_the_paper() {
 #[test]
 #[allow(clippy::unwrap_used)]
 fn summary_from_the_chunk_files_is_the_summary_of_the_written_trace() {
-    use crate::storage::{read_lever_trace, SessionDir, SessionInfo, SessionWriter};
+    use session_format::{read_lever_trace, SessionDir, SessionInfo, SessionWriter};
     use std::time::{Duration, SystemTime};
     let t0 = 7_000_123_457;
     let (presses, mut trials, len_ms) = session(&RTS, t0);

@@ -391,7 +391,7 @@ fn watch(client: &mut Client, json: bool) -> Result<ExitCode, Failure> {
 fn recover(dir: &Path, json: bool) -> Result<ExitCode, Failure> {
     // With the full behavioural summary recomputed from the files (counts
     // only if they cannot be read).
-    match daemon::storage::recover_with_summary(dir, daemon::storage_thread::summarize_folder) {
+    match session_format::recover_with_summary(dir, daemon::storage_thread::summarize_folder) {
         Ok(report) => {
             if json {
                 println!("{}", serde_json::to_string(&report).unwrap_or_default());

@@ -149,9 +149,9 @@ fn run_daemon(path: PathBuf, format: daemon::app::LogFormat) -> ExitCode {
         }
         let cfg = loaded.config;
         // Sessions a crash left `running` are repaired before anything else.
-        for dir in daemon::storage::find_running(std::path::Path::new(&cfg.storage.data_root)) {
+        for dir in session_format::find_running(std::path::Path::new(&cfg.storage.data_root)) {
             let summarize = daemon::storage_thread::summarize_folder;
-            match daemon::storage::recover_with_summary(&dir, summarize) {
+            match session_format::recover_with_summary(&dir, summarize) {
                 Ok(r) => tracing::warn!("recovered {}: {r}", dir.display()),
                 Err(e) => tracing::error!("could not recover {}: {e}", dir.display()),
             }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use super::dff::{BaselineParams, OnlineDff};
 use super::motion::{MotionCorrector, MotionParams, Reference, ReferenceBuilder, Shift};
 use super::rois::{NeuropilParams, RoiSet};
-use crate::storage::{read_npy_header, ChunkedNpy, NpyDtype};
+use session_format::{read_npy_header, ChunkedNpy, NpyDtype};
 
 pub const MOTION_TSV: &str = "motion.tsv";
 pub const F_NPY: &str = "f.npy";

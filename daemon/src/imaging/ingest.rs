@@ -2,7 +2,7 @@
 //! the rig clock ([`super::timing`]), and writes `frames.tsv`, the optional raw
 //! `frames.npy` and, at the end, `mean_image.npy` into the session folder
 //! (`frames.npy`, `f.npy` and `dff.npy` roll into chunk files together, at
-//! the same frame, see [`crate::storage::ChunkClock`]). It
+//! the same frame, see [`session_format::ChunkClock`]). It
 //! runs on its own thread, apart from the serial latency path and the storage
 //! thread, and never makes the producer wait.
 
@@ -20,8 +20,8 @@ use protocol::ring::PollOutcome;
 
 use super::timing::{Decision, FrameInfo, FrameTimer, StampSource};
 use crate::rig::LiveStatus;
-use crate::storage::{ChunkClock, ChunkedNpy, EventSource, NpyAppender, NpyDtype};
 use crate::storage_thread::StorageMsg;
+use session_format::{ChunkClock, ChunkedNpy, EventSource, NpyAppender, NpyDtype};
 
 /// Files the ingest thread writes.
 pub const FRAMES_TSV: &str = "frames.tsv";

@@ -4,9 +4,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 
 use super::chunk::{list_chunks, parse_chunk_name, ChunkClock, ChunkedNpy};
+use super::lock::lock_dir;
 use super::manifest::stage_manifest;
 use super::meta::{parse_config, SessionToml, FORMAT_VERSION};
 #[cfg(test)]
@@ -435,20 +436,5 @@ fn build_meta(
         chunks: Default::default(),
         config: config.clone(),
         extra: toml::Table::new(),
-    }
-}
-
-/// Take an exclusive, non-blocking `flock` on a folder. `Ok(None)` if another
-/// open file description holds it (a live writer).
-pub(crate) fn lock_dir(dir: &Path) -> Result<Option<Flock<File>>, StorageError> {
-    let f = File::open(dir).map_err(|e| StorageError::io("open", dir, e))?;
-    match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
-        Ok(lock) => Ok(Some(lock)),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
-        Err((_, errno)) => Err(StorageError::io(
-            "lock",
-            dir,
-            std::io::Error::from_raw_os_error(errno as i32),
-        )),
     }
 }

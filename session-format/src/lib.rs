@@ -1,11 +1,11 @@
-//! Session recording: one folder per session, append-only files that survive a
-//! crash, and the recovery step that repairs what a crash left.
+//! The on-disk session folder: every file a session writes, how it is
+//! written so that a crash loses at most a second, how a crash is repaired,
+//! and how each file is read back. It never starts a thread, opens a socket or
+//! reads a clock except the UTC wall time the caller passes in.
 //!
-//! The folder format is specified for readers (numpy, MATLAB, pandas) in
-//! `docs/session-format.md`; this module is its only writer. Everything here is
-//! plain blocking I/O driven from one thread (the daemon's storage thread): no
-//! async, no threads of its own, no clock of its own except the UTC wall time
-//! the caller passes in.
+//! The format is specified for readers (numpy, MATLAB, pandas) in
+//! `docs/session-format.md`; this crate is its only writer, and the reader
+//! that the daemon's summary, recovery and offline tools share.
 //!
 //! * [`SessionDir`] creates `<data_root>/<mouse>/<YYYY-MM-DD>_<HHMMSS>/`
 //!   exclusively.
@@ -17,6 +17,10 @@
 //!   `lever.001.npy`, ...) when a [`ChunkClock`] says its session time crossed
 //!   a multiple of `[storage].chunk_minutes`.
 //! * [`recover`] and [`find_running`] repair folders left `running` by a crash.
+//! * Readers: [`read_trials`] / [`read_trials_in_rig_time`], [`LeverFiles`]
+//!   and [`read_lever_trace`] (every chunk), [`read_npy_header`],
+//!   [`read_t0_and_config`], and a mouse's history ([`water_today_ul`]).
+//! * [`SessionLogFile`] is the session's `rigd.log`, rolled into parts.
 //!
 //! Architecture invariant: a session file is never overwritten or truncated
 //! except by [`recover`], which only cuts what a crash left half-written; every
@@ -24,12 +28,18 @@
 //! through a temporary file, `fsync` and `rename`, so a reader sees the old
 //! version or the new one, never a mixture.
 
+#![forbid(unsafe_code)]
+
 mod chunk;
+mod history;
+mod lock;
+mod log;
 mod manifest;
 mod meta;
 mod npy;
 mod recover;
 mod session_dir;
+pub mod trial;
 mod tsv;
 mod writer;
 
@@ -45,11 +55,14 @@ pub use chunk::{
     chunk_file_name, list_chunks, parse_chunk_name, read_lever_trace, ChunkClock, ChunkedNpy,
     LeverFiles,
 };
+pub use history::water_today_ul;
+pub use log::SessionLogFile;
 pub use manifest::write_manifest;
 pub use meta::{read_t0_and_config, ClockSyncRecord, RealtimeRecord, SessionInfo, SessionState};
 pub use npy::{read_npy_header, NpyAppender, NpyDtype, NpyElement, NpyHeader};
 pub use recover::{find_running, recover, recover_with_summary, RecoveryOutcome, RecoveryReport};
 pub use session_dir::SessionDir;
+pub use trial::{Outcome, TrialRecord};
 pub use tsv::{read_trials, EventSource, EventValue, EVENTS_COLUMNS, TRIALS_COLUMNS};
 pub use writer::{ArrayId, SessionWriter};
 
@@ -233,4 +246,18 @@ pub(crate) fn folder_stamp(t: SystemTime) -> String {
         dt.minute(),
         dt.second()
     )
+}
+
+/// A folder's `trials.tsv` with its times back on the rig clock (its
+/// session-time origin `t0_rig_us` from `session.toml`), and the count of
+/// rows that did not parse.
+pub fn read_trials_in_rig_time(
+    dir: &Path,
+    t0_rig_us: u64,
+) -> Result<(Vec<TrialRecord>, usize), StorageError> {
+    let (trials, skipped) = read_trials(&dir.join(TRIALS_FILE))?;
+    Ok((
+        trials.iter().map(|r| r.to_rig_time(t0_rig_us)).collect(),
+        skipped,
+    ))
 }

@@ -7,11 +7,11 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use super::chunk::{list_chunks, parse_chunk_name};
+use super::lock::lock_dir;
 use super::manifest::stage_manifest;
 use super::meta::SessionToml;
 use super::npy::{read_npy_header, repair_npy};
 use super::tsv::{count_trials, header_line, repair_tsv, EVENTS_COLUMNS, TRIALS_COLUMNS};
-use super::writer::lock_dir;
 use super::{
     commit_tmp, rfc3339_utc, stage_tmp, write_atomic, SessionState, StorageError, EVENTS_FILE,
     MANIFEST_FILE, SESSION_FILE, SUMMARY_FILE, TMP_SUFFIX, TRIALS_FILE,

@@ -56,3 +56,27 @@ pub struct TrialRecord {
     /// A reward was earned but withheld by a water or reward cap.
     pub capped: bool,
 }
+
+impl TrialRecord {
+    /// The trial with its times made session-relative (minus the session's
+    /// rig-time origin `t0_rig_us`), as `trials.tsv` stores them.
+    pub fn to_session_time(&self, t0_rig_us: u64) -> TrialRecord {
+        self.map_times(|t| t.saturating_sub(t0_rig_us))
+    }
+
+    /// The inverse of [`TrialRecord::to_session_time`]: session times back
+    /// on the rig clock.
+    pub fn to_rig_time(&self, t0_rig_us: u64) -> TrialRecord {
+        self.map_times(|t| t.saturating_add(t0_rig_us))
+    }
+
+    fn map_times(&self, f: impl Fn(u64) -> u64) -> TrialRecord {
+        TrialRecord {
+            t_start_us: f(self.t_start_us),
+            t_cue_us: f(self.t_cue_us),
+            t_response_us: self.t_response_us.map(&f),
+            t_reward_us: self.t_reward_us.map(&f),
+            ..self.clone()
+        }
+    }
+}
