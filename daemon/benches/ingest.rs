@@ -11,11 +11,10 @@
 //! storage off on the 2-core CI machine; memory flat.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use daemon::imaging::ingest::{Ingest, IngestSetup};
-use daemon::rig::LiveStatus;
+use daemon::session::LiveView;
 use firmware_bridge::link::host_now_ns;
 use firmware_bridge::shm::{unlink_ring, FrameRingWriter};
 use protocol::ring::{PixelType, RingGeometry};
@@ -75,7 +74,7 @@ fn trial(rate: f64, secs: f64, raw: bool, analysis: bool) -> (u64, u64, u64) {
     std::fs::create_dir_all(&dir).expect("dir");
     let geometry = RingGeometry::new(512, 512, 1, PixelType::U16Le, 64).expect("geometry");
     let mut writer = FrameRingWriter::create(&name, geometry).expect("ring");
-    let status = Arc::new(Mutex::new(LiveStatus::default()));
+    let live = LiveView::default();
     let (_edge_tx, edge_rx) = crossbeam_channel::bounded(16);
     let (notice_tx, notice_rx) = crossbeam_channel::bounded(1 << 16);
     let setup = IngestSetup {
@@ -110,7 +109,7 @@ fn trial(rate: f64, secs: f64, raw: bool, analysis: bool) -> (u64, u64, u64) {
         preview: None,
     };
     // Without a clock fit frames wait for one: give the ingest an identity fit.
-    status.lock().expect("status").clock = Some(firmware_bridge::sync::ClockFit {
+    live.clock.publish(firmware_bridge::sync::ClockFit {
         host_ref_us: 0.0,
         rig_ref_us: 0.0,
         drift_ppm: 0.0,
@@ -118,7 +117,7 @@ fn trial(rate: f64, secs: f64, raw: bool, analysis: bool) -> (u64, u64, u64) {
         exchanges: 1,
         min_rtt_us: 0.0,
     });
-    let ingest = Ingest::start(setup, edge_rx, status.clone(), notice_tx).expect("ingest");
+    let ingest = Ingest::start(setup, edge_rx, live.clone(), notice_tx).expect("ingest");
     std::thread::sleep(Duration::from_millis(700)); // let it attach
                                                     // A textured frame (so motion correction has something to lock on).
     let pixels: Vec<u16> = (0..512 * 512)
@@ -135,11 +134,11 @@ fn trial(rate: f64, secs: f64, raw: bool, analysis: bool) -> (u64, u64, u64) {
             .publish(k + 1, host_now_ns(), None, &pixels)
             .expect("publish");
         if k % 64 == 0 {
-            status.lock().expect("status").rig_now_us = host_now_ns() / 1000;
+            live.status.set_rig_now_us(host_now_ns() / 1000);
         }
     }
     std::thread::sleep(Duration::from_millis(300));
-    status.lock().expect("status").rig_now_us = host_now_ns() / 1000;
+    live.status.set_rig_now_us(host_now_ns() / 1000);
     let counters = ingest.counters.clone();
     ingest.finish().expect("finish");
     drop(notice_rx);

@@ -92,6 +92,96 @@ impl Alert {
     }
 }
 
+/// The alerts rigd raises, with their texts in one place (they are what a
+/// person reads at night; `tests::alert_texts` pins them).
+impl Alert {
+    /// The rig has been unreachable for `lost_s` seconds.
+    pub fn device_lost(lost_s: u64, link_detail: &str) -> Self {
+        Alert::new(
+            AlertKind::DeviceLost,
+            "critical",
+            format!(
+                "the rig has been unreachable for {lost_s} s ({link_detail}); check the USB \
+                 cable and the microcontroller's power; a running session continues when it \
+                 returns"
+            ),
+        )
+        .details(serde_json::json!({ "lost_s": lost_s }))
+    }
+
+    /// The data disk under `root` has `free_mb` MB free, less than `min_mb`.
+    pub fn disk_low(root: &std::path::Path, free_mb: u64, min_mb: u64) -> Self {
+        Alert::new(
+            AlertKind::DiskLow,
+            "warning",
+            format!(
+                "the data disk ({}) has {free_mb} MB free, less than \
+                 [alerts].disk_free_min_mb = {min_mb} MB; move old sessions off it",
+                root.display()
+            ),
+        )
+        .details(serde_json::json!({ "free_mb": free_mb, "min_mb": min_mb }))
+    }
+
+    /// The device reported a valve safety fault; None for other faults.
+    pub fn device_fault(t_us: u64, code: protocol::serial::FaultCode, detail: u32) -> Option<Self> {
+        use protocol::serial::FaultCode;
+        let message = match code {
+            FaultCode::WatchdogTripped => format!(
+                "the device closed the valve and silenced the tone: it heard nothing from \
+                 rigd for {detail} ms (its heartbeat watchdog); check that rigd is running \
+                 and not stalled"
+            ),
+            FaultCode::ValveCapTripped => format!(
+                "the device cut a valve opening at its cap ({detail} ms); check the \
+                 commanded times and the valve"
+            ),
+            _ => return None,
+        };
+        Some(
+            Alert::new(AlertKind::ValveSafetyTrip, "critical", message).details(
+                serde_json::json!({ "code": format!("{code:?}"), "detail": detail, "t_us": t_us }),
+            ),
+        )
+    }
+
+    /// A session of `mouse` ended without a stop request (`reason`): with its
+    /// summary, or the error that ended it.
+    pub fn session_ended(
+        mouse: &str,
+        reason: &crate::session::StopReason,
+        result: Result<&protocol::control::SessionSummary, &str>,
+    ) -> Self {
+        let (kind, severity, message) = match result {
+            Err(e) => (
+                AlertKind::StorageError,
+                "critical",
+                format!("the session of {mouse} stopped on a disk error ({reason}); {e}"),
+            ),
+            Ok(s) => (
+                AlertKind::SessionAutoStopped,
+                reason.alert_severity(),
+                format!(
+                    "the session of {mouse} stopped by itself: {reason} ({} trials, {} \
+                     rewards, {:.1} µL{})",
+                    s.trials,
+                    s.rewards,
+                    s.water_ul,
+                    s.supplement_ul
+                        .filter(|v| *v > 0.0)
+                        .map_or(String::new(), |v| format!("; give {v:.0} µL by hand today"))
+                ),
+            ),
+        };
+        let mut a = Alert::new(kind, severity, message).details(serde_json::json!({
+            "reason": reason.to_string(),
+            "summary": result.ok(),
+        }));
+        a.mouse = Some(mouse.to_owned());
+        a
+    }
+}
+
 /// Raises alerts. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Alerter {
@@ -219,6 +309,47 @@ pub fn free_mb(path: &std::path::Path) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn alert_texts() {
+        use crate::session::StopReason;
+        use crate::task::FinishReason;
+        use protocol::serial::FaultCode;
+        let summary = protocol::control::SessionSummary {
+            trials: 120,
+            rewards: 80,
+            water_ul: 320.0,
+            supplement_ul: Some(680.0),
+            ..Default::default()
+        };
+        let alerts = [
+            Alert::device_lost(300, "read error: device unplugged"),
+            Alert::disk_low(std::path::Path::new("/data"), 900, 1000),
+            Alert::device_fault(5, FaultCode::WatchdogTripped, 500).unwrap(),
+            Alert::device_fault(5, FaultCode::ValveCapTripped, 200).unwrap(),
+            Alert::session_ended("M12", &StopReason::Task(FinishReason::Sated), Ok(&summary)),
+            Alert::session_ended(
+                "M12",
+                &StopReason::Task(FinishReason::Duration),
+                Ok(&summary),
+            ),
+            Alert::session_ended(
+                "M12",
+                &StopReason::StorageError("No space left on device".into()),
+                Err("the session stopped with an error"),
+            ),
+        ];
+        let text: String = alerts
+            .iter()
+            .map(|a| format!("{} {} {}\n", a.kind.as_str(), a.severity, a.message))
+            .collect();
+        assert!(
+            !text.contains("  "),
+            "a run of spaces in an alert text:\n{text}"
+        );
+        assert!(Alert::device_fault(5, FaultCode::TxOverflow, 1).is_none());
+        insta::assert_snapshot!(text);
+    }
 
     #[test]
     fn the_command_gets_the_alert_as_json_on_stdin() {

@@ -3,7 +3,7 @@
 //! through [`App`].
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -12,8 +12,9 @@ use rig_config::RigConfig;
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::control::{self, CoreRequest, EventLine};
-use crate::core::{Core, SessionLog};
-use crate::rig::{LiveStatus, RigHandler, RigNotice};
+use crate::rig::RigHandler;
+use crate::session::{LiveView, RigNotice, SessionLog, StopReason};
+use crate::supervisor::Supervisor;
 
 /// How the daemon logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -94,11 +95,11 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for SessionLogWriter {
 
 /// A running daemon.
 pub struct App {
-    pub core: Core,
+    pub core: Supervisor,
     pub core_rx: mpsc::Receiver<CoreRequest>,
     pub notices: mpsc::UnboundedReceiver<RigNotice>,
     pub events: broadcast::Sender<EventLine>,
-    pub status: Arc<Mutex<LiveStatus>>,
+    pub live: LiveView,
     link: Option<SerialLink>,
     shutdown: watch::Sender<bool>,
     server: Option<tokio::task::JoinHandle<()>>,
@@ -129,15 +130,21 @@ impl App {
             }
         }
         let (events, _) = broadcast::channel(4096);
-        let status = Arc::new(Mutex::new(LiveStatus::default()));
+        let live = LiveView::default();
         let (rig_tx, rig_rx) = crossbeam_channel::bounded(64);
         let (notice_tx, notices) = mpsc::unbounded_channel();
         let socket = PathBuf::from(&cfg.control.socket);
         let listener =
             control::bind(&socket, cfg.control.mode, cfg.control.group.as_deref()).await?;
         let preview = Arc::new(crate::preview::PreviewState::new());
-        let handler = RigHandler::new(rig_rx, status.clone(), events.clone(), notice_tx)
-            .with_preview(preview.clone());
+        let handler = RigHandler::new(
+            rig_rx,
+            live.status.clone(),
+            live.clock.clone(),
+            events.clone(),
+            notice_tx,
+        )
+        .with_preview(preview.clone());
         let preview_server = if cfg.preview.enabled {
             match crate::preview::start_preview(&cfg.preview, preview.clone()) {
                 Ok((addr, handle)) => {
@@ -165,11 +172,11 @@ impl App {
             shutdown_rx,
         ));
         tracing::info!(socket = %socket.display(), port = %cfg.rig.serial_port, "rigd ready");
-        let mut core = Core::new(
+        let mut core = Supervisor::new(
             cfg,
             config_path,
             rig_tx,
-            status.clone(),
+            live.clone(),
             events.clone(),
             session_log,
         );
@@ -179,7 +186,7 @@ impl App {
             core_rx,
             notices,
             events,
-            status,
+            live,
             link: Some(link),
             shutdown,
             server: Some(server),
@@ -196,7 +203,7 @@ impl App {
     /// The one-line status for systemd.
     fn service_status(&self) -> String {
         let reply = self.core.status_reply();
-        let detail = self.status.lock().ok().and_then(|s| s.link_detail.clone());
+        let detail = self.live.status.snapshot().link_detail;
         crate::notify::status_text(
             reply.state,
             reply.mouse.as_deref(),
@@ -241,7 +248,7 @@ impl App {
         Ok(())
     }
 
-    async fn stop_for(&mut self, what: &str) {
+    async fn stop_for(&mut self, what: &'static str) {
         let text = match self.core.status_reply().mouse {
             Some(m) => format!("{what}: finishing the session for mouse {m}"),
             None => format!("{what}: shutting down"),
@@ -249,7 +256,7 @@ impl App {
         self.service.stopping(text);
         if self.core.is_running() {
             tracing::info!("{what}: stopping the running session");
-            if let Err(e) = self.core.stop(what).await {
+            if let Err(e) = self.core.stop(StopReason::Signal(what)).await {
                 tracing::error!("stopping on {what}: {}", e.message);
             }
         }

@@ -46,13 +46,7 @@ pub struct CoreRequest {
     pub reply: oneshot::Sender<Result<Value, ControlError>>,
 }
 
-/// Events for subscribers, already encoded as lines.
-pub type EventLine = Arc<Vec<u8>>;
-
-/// Encode an event once for every subscriber.
-pub fn event_line(event: &Event) -> EventLine {
-    Arc::new(event.to_line())
-}
+pub use crate::session::{event_line, EventLine};
 
 /// Bind the control socket at `path` with permission bits `mode` (and group
 /// `group`, if given). A stale socket file left by a crashed daemon is

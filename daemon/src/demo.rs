@@ -13,7 +13,7 @@ use firmware_bridge::sim::{self, SimOptions};
 use protocol::control::{Event, LinkState, SessionEvent, StartRequest, TrialOutcome};
 
 use crate::app::App;
-use crate::core::SessionLog;
+use crate::session::{SessionLog, StopReason};
 
 /// What `rigd demo` was asked for.
 #[derive(Debug, Clone)]
@@ -123,9 +123,7 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
     // Wait for the handshake.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let link = app.status.lock().map(|s| s.link).unwrap_or(None);
-        if link == Some(LinkState::Connected)
-            && app.status.lock().map(|s| s.rig_now_us > 0).unwrap_or(false)
+        if app.live.status.link() == Some(LinkState::Connected) && app.live.status.rig_now_us() > 0
         {
             break;
         }
@@ -170,23 +168,18 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
             _ = tokio::time::sleep(Duration::from_millis(250)) => app.core.tick(),
             _ = tokio::signal::ctrl_c() => {
                 crate::outln!("\ninterrupted: stopping the session");
-                break app.core.stop("interrupted (Ctrl-C)").await;
+                break app.core.stop(StopReason::Requested("interrupted (Ctrl-C)".into())).await;
             }
         }
         if last_bar.elapsed() > Duration::from_secs(2) {
             last_bar = Instant::now();
-            let (now, t0, trials, rewards) = app
-                .status
-                .lock()
-                .map(|s| {
-                    (
-                        s.rig_now_us,
-                        s.t0_us.unwrap_or(s.rig_now_us),
-                        s.trials,
-                        s.rewards,
-                    )
-                })
-                .unwrap_or_default();
+            let s = app.live.status.snapshot();
+            let (now, t0, trials, rewards) = (
+                s.rig_now_us,
+                s.t0_us.unwrap_or(s.rig_now_us),
+                s.trials,
+                s.rewards,
+            );
             let frac = (now.saturating_sub(t0) as f64 / total_us).clamp(0.0, 1.0);
             let filled = (frac * 30.0).round() as usize;
             let _ = writeln!(

@@ -7,14 +7,15 @@ pub mod alerts;
 pub mod app;
 pub mod behaviour;
 pub mod control;
-pub mod core;
 pub mod demo;
 pub mod imaging;
 pub mod metrics;
 pub mod notify;
 pub mod realtime;
 pub mod rig;
+pub mod session;
 pub mod storage_thread;
+pub mod supervisor;
 pub mod task;
 /// `println!` that ignores a closed stdout (a pager quit, a pipe closed)
 /// instead of panicking: progress output must never stop a session.

@@ -7,7 +7,7 @@
 //! through a bounded queue (a full queue is counted, never waited on), events
 //! to subscribers through a broadcast channel, notices to the core.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use firmware_bridge::link::{Commander, LinkEvent, LinkHandler, LostReason};
@@ -15,85 +15,18 @@ use firmware_bridge::sync::ClockFit;
 use protocol::control::{
     DeviceEvent, Event, LinkEvent as LinkEventMsg, LinkState, TrialEvent, TrialOutcome,
 };
-use protocol::serial::{AckStatus, EventKind, HostCommand, Tone, ValvePulse};
+use protocol::serial::{AckStatus, EventKind, HostCommand, ValvePulse};
 use tokio::sync::broadcast;
 
-use crate::control::{event_line, EventLine};
-use crate::storage_thread::{StorageMsg, StorageSource};
+use crate::session::{
+    event_line, ClockFitCell, EventLine, LiveStatus, ManualRefused, ManualReply, RigNotice,
+    RigRequest, SessionStart, StopReason, StorageMsg, StorageSource,
+};
 use crate::task::{TaskEngine, TaskInput, TaskOutput};
 use session_format::trial::{Outcome, TrialRecord};
 
 /// Frame-clock edges remembered for the next session's ingest (~9 s at 28.7 Hz).
 const RECENT_TTL: usize = 256;
-
-/// What the core asks of the rig thread.
-#[derive(Debug)]
-pub enum RigRequest {
-    /// Start running the task; records go to `storage`.
-    Start(Box<SessionStart>),
-    /// Stop the task (tone off) and tell the storage thread to finish.
-    Stop { reason: String },
-    /// One valve pulse outside the task (refused while a session runs).
-    ValvePulse {
-        duration_us: u32,
-        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
-    },
-    /// Open the valve for a flush (capped by the device).
-    ValveFlush {
-        duration_ms: u16,
-        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
-    },
-    /// Play a tone outside the task.
-    Tone {
-        tone: Tone,
-        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
-    },
-}
-
-/// Everything a session needs on the rig thread.
-#[derive(Debug)]
-pub struct SessionStart {
-    pub engine: TaskEngine,
-    pub storage: Sender<StorageMsg>,
-    /// Frame-clock edges `(count, rig µs)` for the imaging ingest.
-    pub ttl_edges: Option<Sender<(u64, u64)>>,
-}
-
-/// What the rig thread tells the core.
-#[derive(Debug, Clone, PartialEq)]
-pub enum RigNotice {
-    /// The task finished by itself (a cap or the duration) or after a stop;
-    /// the storage thread has its `Finish` queued.
-    TaskFinished { reason: String },
-    /// The device reported a fault (watchdog trip, valve cap, overflow...).
-    DeviceFault {
-        t_us: u64,
-        code: protocol::serial::FaultCode,
-        detail: u32,
-    },
-}
-
-/// Counters the core reads for `status` (under a mutex the rig thread holds
-/// only for a few assignments).
-#[derive(Debug, Clone, Default)]
-pub struct LiveStatus {
-    pub link: Option<LinkState>,
-    pub link_detail: Option<String>,
-    pub trials: u64,
-    pub rewards: u64,
-    pub water_ul: f64,
-    /// Rig time of the latest sample, µs.
-    pub rig_now_us: u64,
-    /// Rig time of session start, µs.
-    pub t0_us: Option<u64>,
-    pub clock: Option<ClockFit>,
-    /// Records the storage thread could not take (queue full).
-    pub storage_drops: u64,
-    pub samples_lost: u64,
-    /// Control latency of recent rewards: crossing sample -> valve open at
-    /// the device, µs (newest last, at most 200).
-    pub latencies_us: std::collections::VecDeque<f64>,
-}
 
 struct ActiveSession {
     engine: TaskEngine,
@@ -102,18 +35,22 @@ struct ActiveSession {
     t0_us: Option<u64>,
     finished: bool,
     /// Why the experimenter (or a signal) stopped the session.
-    stop_reason: Option<String>,
+    stop_reason: Option<StopReason>,
 }
 
 /// The link handler that runs the task. See the module docs.
 pub struct RigHandler {
     requests: Receiver<RigRequest>,
     session: Option<ActiveSession>,
-    status: Arc<Mutex<LiveStatus>>,
+    status: Arc<LiveStatus>,
+    clock: Arc<ClockFitCell>,
+    /// The latest clock fit (this thread publishes it; kept here so that
+    /// reading it never waits on the cell).
+    last_fit: Option<ClockFit>,
     events: broadcast::Sender<EventLine>,
     notices: tokio::sync::mpsc::UnboundedSender<RigNotice>,
     /// Outstanding manual commands waiting for their Ack: (seq, reply).
-    manual: Vec<(u16, tokio::sync::oneshot::Sender<Result<(), String>>)>,
+    manual: Vec<(u16, ManualReply)>,
     connected: bool,
     /// The last frame-clock edges `(count, rig µs)`, handed to a new
     /// session's imaging ingest: frames that started just before the session
@@ -139,7 +76,8 @@ impl std::fmt::Debug for RigHandler {
 impl RigHandler {
     pub fn new(
         requests: Receiver<RigRequest>,
-        status: Arc<Mutex<LiveStatus>>,
+        status: Arc<LiveStatus>,
+        clock: Arc<ClockFitCell>,
         events: broadcast::Sender<EventLine>,
         notices: tokio::sync::mpsc::UnboundedSender<RigNotice>,
     ) -> Self {
@@ -147,6 +85,8 @@ impl RigHandler {
             requests,
             session: None,
             status,
+            clock,
+            last_fit: None,
             events,
             notices,
             manual: Vec::new(),
@@ -163,25 +103,21 @@ impl RigHandler {
         self
     }
 
-    fn status(&self) -> std::sync::MutexGuard<'_, LiveStatus> {
-        self.status.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Rig time now for records without a device timestamp (link changes):
     /// the host clock mapped through the clock fit (the latest sample's time
     /// can be seconds old while the cable is out), else the latest sample's.
     fn rig_now_us(&self) -> u64 {
-        let st = self.status();
-        match st.clock {
+        let latest = self.status.rig_now_us();
+        match self.last_fit {
             Some(fit) => {
                 let mapped = fit.host_to_rig_us(firmware_bridge::link::host_now_ns());
                 if mapped.is_finite() && mapped > 0.0 {
-                    (mapped as u64).max(st.rig_now_us)
+                    (mapped as u64).max(latest)
                 } else {
-                    st.rig_now_us
+                    latest
                 }
             }
-            None => st.rig_now_us,
+            None => latest,
         }
     }
 
@@ -204,15 +140,7 @@ impl RigHandler {
                             let _ = tx.try_send(edge);
                         }
                     }
-                    {
-                        let mut st = self.status();
-                        st.trials = 0;
-                        st.rewards = 0;
-                        st.water_ul = 0.0;
-                        st.t0_us = None;
-                        st.storage_drops = 0;
-                        st.samples_lost = 0;
-                    }
+                    self.status.reset_session();
                     self.session = Some(ActiveSession {
                         engine,
                         storage,
@@ -223,19 +151,17 @@ impl RigHandler {
                     });
                 }
                 RigRequest::Stop { reason } => {
-                    let t_us = self.status().rig_now_us;
+                    let t_us = self.status.rig_now_us();
                     if let Some(s) = self.session.as_mut() {
                         s.stop_reason = Some(reason.clone());
                     }
                     self.feed(&TaskInput::Stop { t_us }, commander);
                     // In case the engine had already finished by itself.
-                    self.finish_session(&reason, t_us);
+                    self.finish_session(reason, t_us);
                 }
                 RigRequest::ValvePulse { duration_us, reply } => {
                     if self.session.is_some() {
-                        let _ = reply.send(Err(
-                            "a session is running: the valve belongs to the task".into(),
-                        ));
+                        let _ = reply.send(Err(ManualRefused::SessionRunning("valve")));
                     } else {
                         self.manual_command(
                             HostCommand::ValvePulse(ValvePulse { duration_us }),
@@ -246,9 +172,7 @@ impl RigHandler {
                 }
                 RigRequest::ValveFlush { duration_ms, reply } => {
                     if self.session.is_some() {
-                        let _ = reply.send(Err(
-                            "a session is running: the valve belongs to the task".into(),
-                        ));
+                        let _ = reply.send(Err(ManualRefused::SessionRunning("valve")));
                     } else {
                         self.manual_command(
                             HostCommand::ValveOpen(protocol::serial::ValveOpen {
@@ -261,9 +185,7 @@ impl RigHandler {
                 }
                 RigRequest::Tone { tone, reply } => {
                     if self.session.is_some() {
-                        let _ = reply.send(Err(
-                            "a session is running: the speaker belongs to the task".into(),
-                        ));
+                        let _ = reply.send(Err(ManualRefused::SessionRunning("speaker")));
                     } else {
                         self.manual_command(HostCommand::Tone(tone), reply, commander);
                     }
@@ -272,16 +194,11 @@ impl RigHandler {
         }
     }
 
-    fn manual_command(
-        &mut self,
-        cmd: HostCommand,
-        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
-        commander: &Commander,
-    ) {
+    fn manual_command(&mut self, cmd: HostCommand, reply: ManualReply, commander: &Commander) {
         match commander.send(cmd) {
             Ok(sent) => self.manual.push((sent.seq, reply)),
             Err(e) => {
-                let _ = reply.send(Err(format!("the rig did not take the command: {e}")));
+                let _ = reply.send(Err(ManualRefused::NotSent(e.to_string())));
             }
         }
     }
@@ -291,7 +208,7 @@ impl RigHandler {
         match s.storage.try_send(msg) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
-                self.status().storage_drops += 1;
+                self.status.add_storage_drop();
                 crate::metrics::global().storage_dropped.inc();
             }
             Err(TrySendError::Disconnected(_)) => {}
@@ -383,8 +300,8 @@ impl RigHandler {
                     .session
                     .as_mut()
                     .and_then(|s| s.stop_reason.take())
-                    .unwrap_or_else(|| reason.as_str().to_owned());
-                self.finish_session(&reason, t_us);
+                    .unwrap_or(StopReason::Task(reason));
+                self.finish_session(reason, t_us);
             }
         }
     }
@@ -399,23 +316,17 @@ impl RigHandler {
         }
         let (rewards, water) = {
             let m = crate::metrics::global();
-            let mut st = self.status();
             if let (Some(resp), Some(open)) = (rec.t_response_us, rec.t_reward_us) {
-                if st.latencies_us.len() == 200 {
-                    st.latencies_us.pop_front();
-                }
-                st.latencies_us.push_back(open.saturating_sub(resp) as f64);
+                self.status.add_latency_us(open.saturating_sub(resp) as f64);
                 m.control_latency.observe_us(open.saturating_sub(resp));
             }
-            st.trials += 1;
             m.trials.inc();
-            if rec.outcome == Outcome::Rewarded && !rec.capped && rec.reward_ul > 0.0 {
-                st.rewards += 1;
-                st.water_ul += rec.reward_ul;
+            let rewarded = rec.outcome == Outcome::Rewarded && !rec.capped && rec.reward_ul > 0.0;
+            if rewarded {
                 m.rewards.inc();
                 m.water_ul.add(rec.reward_ul);
             }
-            (st.rewards, st.water_ul)
+            self.status.add_trial(rewarded.then_some(rec.reward_ul))
         };
         let outcome = match rec.outcome {
             Outcome::Rewarded => TrialOutcome::Rewarded,
@@ -437,7 +348,7 @@ impl RigHandler {
         self.broadcast(event);
     }
 
-    fn finish_session(&mut self, reason: &str, t_us: u64) {
+    fn finish_session(&mut self, reason: StopReason, t_us: u64) {
         let Some(s) = self.session.as_mut() else {
             return;
         };
@@ -447,27 +358,25 @@ impl RigHandler {
         s.finished = true;
         let _ = s.storage.send_timeout(
             StorageMsg::Finish {
-                reason: reason.to_owned(),
+                reason: reason.clone(),
                 t_us,
             },
             std::time::Duration::from_millis(200),
         );
         self.session = None;
-        let _ = self.notices.send(RigNotice::TaskFinished {
-            reason: reason.to_owned(),
-        });
+        let _ = self.notices.send(RigNotice::TaskFinished { reason });
     }
 
     fn on_lever(&mut self, batch: &firmware_bridge::link::LeverBatch, commander: &Commander) {
         let Some(s) = self.session.as_mut() else {
             if let Some(last) = batch.samples().last() {
-                self.status().rig_now_us = last.1;
+                self.status.set_rig_now_us(last.1);
             }
             return;
         };
         if s.t0_us.is_none() {
             s.t0_us = Some(batch.t_first_us);
-            self.status().t0_us = Some(batch.t_first_us);
+            self.status.set_t0_us(batch.t_first_us);
         }
         for (_, t_us, counts) in batch.samples() {
             self.feed(&TaskInput::Lever { t_us, counts }, commander);
@@ -489,15 +398,7 @@ impl RigHandler {
             }
         }
         if let Some(last) = batch.samples().last() {
-            let mut st = match self.status.try_lock() {
-                Ok(g) => Some(g),
-                Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-                // The next batch updates it.
-                Err(std::sync::TryLockError::WouldBlock) => None,
-            };
-            if let Some(st) = st.as_mut() {
-                st.rig_now_us = last.1;
-            }
+            self.status.set_rig_now_us(last.1);
         }
     }
 
@@ -593,7 +494,7 @@ impl RigHandler {
             let (_, reply) = self.manual.swap_remove(i);
             let _ = reply.send(match status {
                 AckStatus::Ok => Ok(()),
-                other => Err(format!("the device refused it: {other:?}")),
+                other => Err(ManualRefused::DeviceRefused(format!("{other:?}"))),
             });
             self.log(
                 t_us,
@@ -617,11 +518,7 @@ impl RigHandler {
     }
 
     fn set_link(&mut self, state: LinkState, detail: Option<String>) {
-        {
-            let mut st = self.status();
-            st.link = Some(state);
-            st.link_detail = detail.clone();
-        }
+        self.status.set_link(state, detail.clone());
         crate::metrics::global().set_link_up(state == LinkState::Connected);
         self.broadcast(Event::Link(LinkEventMsg { state, detail }));
     }
@@ -677,10 +574,10 @@ impl LinkHandler for RigHandler {
                 t_us,
             } => self.on_ack(*seq, *cmd_type, *status, *t_us, commander),
             LinkEvent::NoAck { seq, cmd_type } => {
-                let t_us = self.status().rig_now_us;
+                let t_us = self.status.rig_now_us();
                 if let Some(i) = self.manual.iter().position(|(s, _)| s == seq) {
                     let (_, reply) = self.manual.swap_remove(i);
-                    let _ = reply.send(Err("the device did not acknowledge the command".into()));
+                    let _ = reply.send(Err(ManualRefused::NoAck));
                 } else {
                     self.feed(
                         &TaskInput::CommandRefused {
@@ -751,7 +648,7 @@ impl LinkHandler for RigHandler {
                 }
                 self.connected = false;
                 for (_, reply) in self.manual.drain(..) {
-                    let _ = reply.send(Err(format!("link lost: {reason}")));
+                    let _ = reply.send(Err(ManualRefused::LinkLost(reason.to_string())));
                 }
                 self.log(t_us, StorageSource::Link, kind, 0.0, reason.to_string());
                 if *reason != LostReason::Shutdown {
@@ -763,7 +660,7 @@ impl LinkHandler for RigHandler {
                 missing,
                 t_us,
             } => {
-                self.status().samples_lost += missing;
+                self.status.add_samples_lost(*missing);
                 crate::metrics::global().lever_samples_lost.add(*missing);
                 tracing::warn!("lever samples missing: {missing} from index {from_index}");
                 self.log(
@@ -775,7 +672,7 @@ impl LinkHandler for RigHandler {
                 );
             }
             LinkEvent::FramesLost { count } => {
-                let t_us = self.status().rig_now_us;
+                let t_us = self.status.rig_now_us();
                 self.log(
                     t_us,
                     StorageSource::Link,
@@ -785,7 +682,7 @@ impl LinkHandler for RigHandler {
                 );
             }
             LinkEvent::BadFrames { frames, bytes } => {
-                let t_us = self.status().rig_now_us;
+                let t_us = self.status.rig_now_us();
                 self.log(
                     t_us,
                     StorageSource::Link,
@@ -811,7 +708,8 @@ impl LinkHandler for RigHandler {
             }
             LinkEvent::Heartbeat { .. } => {}
             LinkEvent::Clock { fit, .. } => {
-                self.status().clock = Some(*fit);
+                self.last_fit = Some(*fit);
+                self.clock.publish(*fit);
                 crate::metrics::global()
                     .clock_half_band_us
                     .set(fit.half_band_us);

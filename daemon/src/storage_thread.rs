@@ -9,71 +9,31 @@
 //! back from `trials.tsv` and the lever chunk files at the end.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use firmware_bridge::link::LeverBatch;
 
 use crate::behaviour::{parse_resampled, resample_1khz_from, summarize_parsed, Summary};
-use crate::rig::LiveStatus;
+use crate::session::{FinishedSession, LiveView, SessionLog, SideStream, StopReason, StorageMsg};
 use session_format::trial::TrialRecord;
-use session_format::{ClockSyncRecord, EventSource, LeverFiles, SessionWriter};
+use session_format::{
+    free_reserve, make_reserve, ClockSyncRecord, EventSource, LeverFiles, SessionWriter,
+    StorageError, RESERVE_BYTES,
+};
 
-pub use session_format::EventSource as StorageSource;
+/// Why the storage thread could not finish the session folder.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageFailed {
+    #[error(transparent)]
+    Files(#[from] StorageError),
+    #[error("the summary cannot be encoded as JSON: {0}")]
+    Summary(#[from] serde_json::Error),
+}
 
 /// Capacity of the rig -> storage queue, in messages. A lever batch is one
 /// message, so this is several seconds of a 10 kHz stream.
 pub const STORAGE_QUEUE: usize = 1 << 16;
-
-/// Space set aside in every session folder while it is recorded
-/// (`.rigd-reserve.tmp`, zeros): freed when a write fails, so that on a full
-/// disk the session can still be closed properly (`session.toml` with the
-/// stop reason, the summary). Removed at the end; recovery removes a
-/// leftover one with the other temporary files.
-pub const RESERVE_BYTES: usize = 1 << 20;
-/// The reserve's file name (a temporary file: never in the manifest).
-pub const RESERVE_FILE: &str = ".rigd-reserve.tmp";
-
-fn make_reserve(dir: &Path) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::File::create(dir.join(RESERVE_FILE))?;
-    f.write_all(&vec![0u8; RESERVE_BYTES])?;
-    f.sync_all()
-}
-
-fn free_reserve(dir: &Path) {
-    let _ = std::fs::remove_file(dir.join(RESERVE_FILE));
-}
-
-/// A record for the session files.
-#[derive(Debug)]
-pub enum StorageMsg {
-    Lever(LeverBatch),
-    Event {
-        t_us: u64,
-        source: EventSource,
-        kind: &'static str,
-        value: f64,
-        detail: String,
-    },
-    Trial(TrialRecord),
-    /// The task is over: finish the folder.
-    Finish {
-        reason: String,
-        t_us: u64,
-    },
-}
-
-/// What the storage thread hands back when the session folder is finished.
-#[derive(Debug, Clone)]
-pub struct FinishedSession {
-    pub summary: protocol::control::SessionSummary,
-    /// The full summary as written to summary.json.
-    pub summary_json: serde_json::Value,
-    pub reason: String,
-}
 
 /// Session parameters the thread needs besides the writer.
 pub struct StorageSetup {
@@ -82,20 +42,20 @@ pub struct StorageSetup {
     pub counts_per_mm: f64,
     pub fsync_interval: Duration,
     pub behaviour: crate::behaviour::SummaryParams,
-    /// The imaging ingest writing into the same folder: stopped (its files
-    /// closed) before the folder is finished.
-    pub ingest: Option<crate::imaging::ingest::Ingest>,
+    /// Streams writing into the same folder (the imaging ingest): stopped
+    /// (their files closed) before the folder is finished.
+    pub side_streams: Vec<Box<dyn SideStream>>,
     /// Water the mouse had today before this session, µL, and the daily
     /// target: for `summary.json`'s `water_today_ul` and `supplement_ul`.
     pub water_before_today_ul: f64,
     pub daily_water_target_ul: Option<f64>,
     /// Called (once) when a disk error ends the session early, with the
     /// error: stops the task at once so no trial runs unrecorded.
-    pub on_storage_error: Option<Box<dyn FnOnce(String) + Send>>,
+    pub on_storage_error: Option<Box<dyn FnOnce(StopReason) + Send>>,
     /// The session's log file, closed just before the manifest is written
     /// (a line written after it would not match its checksum; later lines
     /// still go to the daemon's own log).
-    pub session_log: Option<crate::core::SessionLog>,
+    pub session_log: Option<SessionLog>,
 }
 
 fn close_session_log(setup: &mut StorageSetup) {
@@ -111,7 +71,7 @@ impl std::fmt::Debug for StorageSetup {
         f.debug_struct("StorageSetup")
             .field("t0_us", &self.t0_us)
             .field("fsync_interval", &self.fsync_interval)
-            .field("ingest", &self.ingest.is_some())
+            .field("side_streams", &self.side_streams.len())
             .finish_non_exhaustive()
     }
 }
@@ -122,8 +82,8 @@ pub fn spawn(
     writer: SessionWriter,
     setup: StorageSetup,
     rx: Receiver<StorageMsg>,
-    status: Arc<Mutex<LiveStatus>>,
-    done: tokio::sync::oneshot::Sender<Result<FinishedSession, String>>,
+    shared: LiveView,
+    done: tokio::sync::oneshot::Sender<Result<FinishedSession, StorageFailed>>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("rig-storage".into())
@@ -139,11 +99,11 @@ pub fn spawn(
                 );
                 free_reserve(&dir);
             }
-            let result = run(writer, &mut setup, &rx, &status);
+            let result = run(writer, &mut setup, &rx, &shared);
             free_reserve(&dir);
             if let Err(e) = &result {
                 if let Some(stop) = setup.on_storage_error.take() {
-                    stop(e.clone());
+                    stop(StopReason::StorageError(e.to_string()));
                 }
             }
             let _ = done.send(result);
@@ -163,8 +123,8 @@ fn run(
     mut w: SessionWriter,
     setup: &mut StorageSetup,
     rx: &Receiver<StorageMsg>,
-    status: &Arc<Mutex<LiveStatus>>,
-) -> Result<FinishedSession, String> {
+    shared: &LiveView,
+) -> Result<FinishedSession, StorageFailed> {
     let mut st = State {
         zero_counts: None,
         counts: TrialCounts::default(),
@@ -181,7 +141,8 @@ fn run(
             Err(RecvTimeoutError::Disconnected) => {
                 // The rig thread went away without finishing (daemon shutting
                 // down hard): keep what we have, finish as stopped.
-                return finish(w, setup, st, "daemon stopped".into(), status);
+                let reason = StopReason::Requested("daemon stopped".into());
+                return finish(w, setup, st, reason, shared);
             }
         };
         if let Some(msg) = msg {
@@ -193,7 +154,7 @@ fn run(
                             return fail(w, setup, e);
                         }
                     }
-                    return finish(w, setup, st, reason, status);
+                    return finish(w, setup, st, reason, shared);
                 }
                 m => {
                     if let Err(e) = write(&mut w, setup, &mut st, m) {
@@ -203,14 +164,13 @@ fn run(
             }
         }
         if let Err(e) = w.maybe_sync(Instant::now()) {
-            return fail(w, setup, e.to_string());
+            return fail(w, setup, e);
         }
         if st.last_info_update.elapsed() > Duration::from_secs(10) {
             st.last_info_update = Instant::now();
-            let fit = status.lock().map(|s| s.clock).unwrap_or(None);
-            if let Some(fit) = fit {
+            if let Some(fit) = shared.clock.get() {
                 if let Err(e) = w.update_info(|i| i.clock_sync = Some(clock_record(&fit))) {
-                    return fail(w, setup, e.to_string());
+                    return fail(w, setup, e);
                 }
             }
         }
@@ -227,7 +187,7 @@ fn write(
     setup: &StorageSetup,
     st: &mut State,
     msg: StorageMsg,
-) -> Result<(), String> {
+) -> Result<(), StorageError> {
     match msg {
         StorageMsg::Lever(batch) => {
             let zero = *st
@@ -235,8 +195,7 @@ fn write(
                 .get_or_insert(batch.counts().first().copied().unwrap_or(0));
             for (_, t_us, counts) in batch.samples() {
                 let mm = f64::from(counts.wrapping_sub(zero)) / setup.counts_per_mm;
-                w.write_lever(rel(setup, t_us), mm, i64::from(counts))
-                    .map_err(|e| e.to_string())?;
+                w.write_lever(rel(setup, t_us), mm, i64::from(counts))?;
             }
         }
         StorageMsg::Event {
@@ -246,12 +205,11 @@ fn write(
             value,
             detail,
         } => {
-            w.write_event(rel(setup, t_us), source, kind, value, &detail)
-                .map_err(|e| e.to_string())?;
+            w.write_event(rel(setup, t_us), source, kind, value, &detail)?;
         }
         StorageMsg::Trial(rec) => {
             let shifted = rec.to_session_time(setup.t0_us);
-            w.write_trial(&shifted).map_err(|e| e.to_string())?;
+            w.write_trial(&shifted)?;
             st.counts.add(&rec);
         }
         StorageMsg::Finish { .. } => {}
@@ -274,19 +232,17 @@ fn finish(
     mut w: SessionWriter,
     setup: &mut StorageSetup,
     st: State,
-    reason: String,
-    status: &Arc<Mutex<LiveStatus>>,
-) -> Result<FinishedSession, String> {
-    if let Some(ingest) = setup.ingest.take() {
-        if let Err(e) = ingest.finish() {
-            tracing::error!("imaging: {e}");
-            let _ = w.write_event(0, EventSource::Daemon, "imaging_error", 0.0, &e);
+    reason: StopReason,
+    shared: &LiveView,
+) -> Result<FinishedSession, StorageFailed> {
+    for stream in std::mem::take(&mut setup.side_streams) {
+        let kind = stream.error_event_kind();
+        if let Err(e) = stream.finish() {
+            tracing::error!("{kind}: {e}");
+            let _ = w.write_event(0, EventSource::Daemon, kind, 0.0, &e.to_string());
         }
     }
-    let (fit, dropped) = status
-        .lock()
-        .map(|s| (s.clock, s.storage_drops))
-        .unwrap_or((None, 0));
+    let (fit, dropped) = (shared.clock.get(), shared.status.storage_drops());
     if let Some(fit) = fit {
         let _ = w.update_info(|i| i.clock_sync = Some(clock_record(&fit)));
     }
@@ -304,7 +260,7 @@ fn finish(
     }
     // Every lever row on disk and declared, then read back for the summary
     // (the same (rig µs, mm) values that were written).
-    w.sync().map_err(|e| e.to_string())?;
+    w.sync()?;
     let trials = trials_on_disk(w.path(), setup.t0_us, &st.counts);
     let mut summary =
         summarize_with_lever_on_disk(w.path(), setup.t0_us, &trials, &setup.behaviour);
@@ -316,12 +272,11 @@ fn finish(
         summary.water_ul = st.counts.water_ul;
     }
     summary.set_water_today(setup.water_before_today_ul, setup.daily_water_target_ul);
-    let summary_json = serde_json::to_value(&summary).map_err(|e| e.to_string())?;
+    let summary_json = serde_json::to_value(&summary)?;
     let dir = w.path().display().to_string();
     free_reserve(w.path());
     close_session_log(setup);
-    w.finish(SystemTime::now(), &reason, &summary_json)
-        .map_err(|e| e.to_string())?;
+    w.finish(SystemTime::now(), &reason.to_string(), &summary_json)?;
     Ok(FinishedSession {
         summary: protocol::control::SessionSummary {
             session_dir: dir,
@@ -331,7 +286,7 @@ fn finish(
             success_rate: summary.success_rate,
             reaction_time_median_s: summary.reaction_time_median_s,
             trajectory_corr_median: summary.trajectory_corr_median,
-            stop_reason: Some(reason.clone()),
+            stop_reason: Some(reason.to_string()),
             water_today_ul: summary.water_today_ul,
             supplement_ul: summary.supplement_ul,
         },
@@ -447,15 +402,16 @@ fn trials_on_disk(dir: &Path, t0: u64, counts: &TrialCounts) -> Vec<TrialRecord>
 fn fail(
     w: SessionWriter,
     setup: &mut StorageSetup,
-    error: String,
-) -> Result<FinishedSession, String> {
-    // The ingest (if any) is dropped with the setup: its thread stops and its
-    // files stay as last synced; recovery repairs them. The reserve makes
-    // room for that on a full disk.
+    error: StorageError,
+) -> Result<FinishedSession, StorageFailed> {
+    // The side streams (if any) are dropped with the setup: their threads
+    // stop and their files stay as last synced; recovery repairs them. The
+    // reserve makes room for that on a full disk. The error itself is
+    // returned (the supervisor logs it and tells the client), not logged here.
     free_reserve(w.path());
-    tracing::error!("session storage failed: {error}");
     close_session_log(setup);
-    match w.abort(SystemTime::now(), &format!("storage error: {error}"), None) {
+    let reason = StopReason::StorageError(error.to_string());
+    match w.abort(SystemTime::now(), &reason.to_string(), None) {
         Ok(report) if report.problems.is_empty() => {}
         Ok(report) => tracing::error!("closing the session after the error: {report}"),
         Err(e) => tracing::error!(
@@ -463,5 +419,5 @@ fn fail(
              rigd recovers it"
         ),
     }
-    Err(error)
+    Err(error.into())
 }

@@ -62,6 +62,7 @@ fn water_from_trials(path: &Path) -> f64 {
 
 #[cfg(test)]
 mod water_tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

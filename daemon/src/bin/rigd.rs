@@ -106,10 +106,10 @@ fn main() -> ExitCode {
 /// one line and give exit code 1.
 fn with_runtime<F, Fut>(format: daemon::app::LogFormat, quiet: bool, body: F) -> ExitCode
 where
-    F: FnOnce(daemon::core::SessionLog) -> Fut,
+    F: FnOnce(daemon::session::SessionLog) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    let log: daemon::core::SessionLog = Default::default();
+    let log: daemon::session::SessionLog = Default::default();
     daemon::app::init_logging(format, log.clone(), quiet);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

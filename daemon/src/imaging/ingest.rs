@@ -9,7 +9,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -19,8 +19,7 @@ use firmware_bridge::shm::FrameRingMapping;
 use protocol::ring::PollOutcome;
 
 use super::timing::{Decision, FrameInfo, FrameTimer, StampSource};
-use crate::rig::LiveStatus;
-use crate::storage_thread::StorageMsg;
+use crate::session::{LiveView, SideStream, StorageMsg};
 use session_format::{ChunkClock, ChunkedNpy, EventSource, NpyAppender, NpyDtype};
 
 /// Files the ingest thread writes.
@@ -75,7 +74,7 @@ impl Ingest {
     pub fn start(
         setup: IngestSetup,
         edges: Receiver<(u64, u64)>,
-        status: Arc<Mutex<LiveStatus>>,
+        live: LiveView,
         notices: crossbeam_channel::Sender<StorageMsg>,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
@@ -84,12 +83,12 @@ impl Ingest {
         let handle = std::thread::Builder::new()
             .name("rig-imaging".into())
             .spawn(move || {
-                let r = run(&setup, &edges, &status, &notices, &s, &c);
+                let r = run(&setup, &edges, &live, &notices, &s, &c);
                 if let Err(e) = &r {
                     // Say so now, in the session and the log, not only when
                     // the session ends: the lever task goes on without imaging.
                     tracing::error!("imaging stopped: {e}");
-                    let t_us = status.lock().map(|s| s.rig_now_us).unwrap_or(0);
+                    let t_us = live.status.rig_now_us();
                     let _ = notices.try_send(StorageMsg::Event {
                         t_us,
                         source: EventSource::Daemon,
@@ -115,6 +114,16 @@ impl Ingest {
             Some(Err(_)) => Err("the imaging thread panicked".into()),
             None => Ok(()),
         }
+    }
+}
+
+impl SideStream for Ingest {
+    fn error_event_kind(&self) -> &'static str {
+        "imaging_error"
+    }
+
+    fn finish(self: Box<Self>) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        Ingest::finish(*self).map_err(Into::into)
     }
 }
 
@@ -270,21 +279,16 @@ fn open_ring(setup: &IngestSetup) -> Result<FrameRingMapping, String> {
 fn run(
     setup: &IngestSetup,
     edges: &Receiver<(u64, u64)>,
-    status: &Arc<Mutex<LiveStatus>>,
+    live: &LiveView,
     notices: &crossbeam_channel::Sender<StorageMsg>,
     stop: &AtomicBool,
     counters: &IngestCounters,
 ) -> Result<(), String> {
     let pixels = (setup.width * setup.height * setup.channels) as usize;
     let mut files = Files::create(setup, pixels)?;
-    let live = || {
-        status
-            .lock()
-            .map(|s| (s.clock, s.rig_now_us))
-            .unwrap_or((None, 0))
-    };
+    let live_now = || (live.clock.get(), live.status.rig_now_us());
     let notice = |kind: &'static str, value: f64, detail: String| {
-        let t_us = status.lock().map(|s| s.rig_now_us).unwrap_or(0);
+        let t_us = live.status.rig_now_us();
         let sent = notices.try_send(StorageMsg::Event {
             t_us,
             source: EventSource::Daemon,
@@ -409,7 +413,7 @@ fn run(
                     }
                     counters.frames.fetch_add(1, Ordering::Relaxed);
                     crate::metrics::global().frames.inc();
-                    let (fit, now_rig) = live();
+                    let (fit, now_rig) = live_now();
                     let mapped_us = fit.map(|f| f.host_to_rig_us(meta.host_monotonic_ns));
                     // The frame's rig time (mapped, or the rig's latest
                     // sample before a clock fit exists) picks its chunk.
@@ -433,7 +437,7 @@ fn run(
                     if let Some(a) = files.analysis.as_mut() {
                         a.frame(meta.frame_number, &buf)?;
                         if let Some(p) = &setup.preview {
-                            let t = mapped_us.map_or(live().1, |m| m.max(0.0) as u64);
+                            let t = mapped_us.map_or(live_now().1, |m| m.max(0.0) as u64);
                             p.push_dff(t, a.dff_row());
                             if files.mean_n % 150 == 1 {
                                 let n = files.mean_n as f64;
@@ -507,7 +511,7 @@ fn run(
             }
         }
         // Stamp what can be stamped, in order.
-        let (_, now_rig) = live();
+        let (_, now_rig) = live_now();
         let now = if stopping {
             f64::INFINITY
         } else {

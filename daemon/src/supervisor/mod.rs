@@ -1,10 +1,15 @@
-//! The daemon's core, on the tokio runtime: owns the session lifecycle and
-//! answers control requests. It never touches the serial port or the disk on
-//! the latency path; it asks the rig thread ([`crate::rig`]) and the storage
-//! thread ([`crate::storage_thread`]) through channels.
+//! The session supervisor, on the tokio runtime: owns the session lifecycle
+//! and answers control requests. A start is planned ([`SessionPlan`], pure),
+//! opened ([`open`]: files and threads) and handed to the rig thread; a stop
+//! goes to the rig thread, whose task ends and whose storage thread finishes
+//! the folder. It never touches the serial port or the disk on the latency
+//! path: it talks to the rig and storage threads through the messages of
+//! [`crate::session`].
+
+mod open;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use protocol::control::{
@@ -16,17 +21,15 @@ use rig_config::RigConfig;
 use serde_json::Value;
 use tokio::sync::{broadcast, oneshot};
 
-use crate::alerts::{Alert, AlertKind, Alerter};
+use crate::alerts::{Alert, Alerter};
 use crate::control::{event_line, CoreRequest, EventLine};
-use crate::imaging::ingest::{check_disk_rate, Ingest, IngestCounters, IngestSetup};
-use crate::rig::{LiveStatus, RigNotice, RigRequest, SessionStart};
-use crate::storage_thread::{self, FinishedSession, StorageSetup};
-use crate::task::{TaskEngine, TaskParams};
-use session_format::{water_today_ul, SessionDir, SessionInfo, SessionLogFile, SessionWriter};
-
-/// Where per-session log lines go (the daemon's tracing layer writes to it
-/// while a session runs).
-pub type SessionLog = Arc<Mutex<Option<session_format::SessionLogFile>>>;
+use crate::imaging::ingest::IngestCounters;
+use crate::session::{
+    FinishedSession, LiveSnapshot, LiveView, ManualRefused, RigNotice, RigRequest, SessionLog,
+    SessionPlan, StartError, StartFacts, StopReason,
+};
+use crate::storage_thread::StorageFailed;
+use session_format::{water_today_ul, SessionLogFile};
 
 /// A session in progress.
 #[derive(Debug)]
@@ -35,20 +38,20 @@ struct Running {
     dir: PathBuf,
     started_utc: String,
     started: Instant,
-    done: Option<oneshot::Receiver<Result<FinishedSession, String>>>,
-    stop_reason: Option<String>,
+    done: Option<oneshot::Receiver<Result<FinishedSession, StorageFailed>>>,
+    stop_reason: Option<StopReason>,
     imaging: Option<Arc<IngestCounters>>,
     /// The latency settings held for the session (given back on drop).
     tuning: crate::realtime::SessionTuning,
 }
 
-/// The core's state. See the module docs.
+/// The supervisor's state. See the module docs.
 #[derive(Debug)]
-pub struct Core {
+pub struct Supervisor {
     pub cfg: Arc<RigConfig>,
     config_path: Option<PathBuf>,
     rig: crossbeam_channel::Sender<RigRequest>,
-    status: Arc<Mutex<LiveStatus>>,
+    live: LiveView,
     events: broadcast::Sender<EventLine>,
     session: Option<Running>,
     session_log: SessionLog,
@@ -77,12 +80,12 @@ fn err(code: ErrorCode, msg: impl Into<String>) -> ControlError {
     ControlError::new(code, msg)
 }
 
-impl Core {
+impl Supervisor {
     pub fn new(
         cfg: Arc<RigConfig>,
         config_path: Option<PathBuf>,
         rig: crossbeam_channel::Sender<RigRequest>,
-        status: Arc<Mutex<LiveStatus>>,
+        live: LiveView,
         events: broadcast::Sender<EventLine>,
         session_log: SessionLog,
     ) -> Self {
@@ -95,7 +98,7 @@ impl Core {
             cfg,
             config_path,
             rig,
-            status,
+            live,
             events,
             session: None,
             session_log,
@@ -152,17 +155,11 @@ impl Core {
             if matters && !self.watch.device_lost_alerted && now - since >= limit {
                 self.watch.device_lost_alerted = true;
                 let lost_s = (now - since).as_secs();
-                self.alert(
-                    Alert::new(
-                        AlertKind::DeviceLost,
-                        "critical",
-                        format!(
-                            "the rig has been unreachable for {lost_s} s ({}); check the USB                              cable and the microcontroller's power; a running session continues                              when it returns",
-                            self.live().link_detail.unwrap_or_else(|| "no detail".into())
-                        ),
-                    )
-                    .details(serde_json::json!({ "lost_s": lost_s })),
-                );
+                let detail = self.live().link_detail;
+                self.alert(Alert::device_lost(
+                    lost_s,
+                    detail.as_deref().unwrap_or("no detail"),
+                ));
             }
         }
         if self
@@ -183,17 +180,7 @@ impl Core {
         let min = self.cfg.alerts.disk_free_min_mb;
         if free < min && !self.watch.disk_low_alerted {
             self.watch.disk_low_alerted = true;
-            self.alert(
-                Alert::new(
-                    AlertKind::DiskLow,
-                    "warning",
-                    format!(
-                        "the data disk ({}) has {free} MB free, less than [alerts].disk_free_min_mb =                          {min} MB; move old sessions off it",
-                        root.display()
-                    ),
-                )
-                .details(serde_json::json!({ "free_mb": free, "min_mb": min })),
-            );
+            self.alert(Alert::disk_low(&root, free, min));
         } else if free >= min.saturating_add(min / 10) {
             // 10 % hysteresis: one alert per shortage, not one per check.
             self.watch.disk_low_alerted = false;
@@ -209,7 +196,7 @@ impl Core {
     pub fn update_preview_health(&self) {
         let Some(p) = &self.preview else { return };
         let live = self.live();
-        let mut lat: Vec<f64> = live.latencies_us.iter().copied().collect();
+        let mut lat = live.latencies_us.clone();
         lat.sort_by(f64::total_cmp);
         let pct = |q: f64| {
             if lat.is_empty() {
@@ -236,7 +223,7 @@ impl Core {
                 Some(LinkState::Reconnecting) => "reconnecting".into(),
                 None => "not connected yet".into(),
             },
-            clock_band_us: live.clock.map_or(0.0, |c| c.half_band_us),
+            clock_band_us: self.live.clock.get().map_or(0.0, |c| c.half_band_us),
             latency_p50_us: pct(0.5),
             latency_p99_us: pct(0.99),
             trials: live.trials as u32,
@@ -249,8 +236,8 @@ impl Core {
         });
     }
 
-    fn live(&self) -> LiveStatus {
-        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    fn live(&self) -> LiveSnapshot {
+        self.live.status.snapshot()
     }
 
     pub fn is_running(&self) -> bool {
@@ -272,7 +259,9 @@ impl Core {
             Request::Stop(stop) => {
                 tracing::info!(%peer, reason = ?stop.reason, "stop requested");
                 let reason = stop.reason.unwrap_or_else(|| format!("stopped by {peer}"));
-                self.stop(&reason).await.and_then(|r| to_value(&r))
+                self.stop(StopReason::Requested(reason))
+                    .await
+                    .and_then(|r| to_value(&r))
             }
             Request::Status {} => to_value(&self.status_reply()),
             Request::Valve(v) => {
@@ -330,229 +319,38 @@ impl Core {
         reply
     }
 
-    /// Start a session.
+    /// Start a session: plan it (a pure decision over the configuration,
+    /// the request and what is known now), open its files and threads, then
+    /// hand the task to the rig thread.
     pub async fn start(&mut self, req: StartRequest) -> Result<StartReply, ControlError> {
-        if let Some(s) = &self.session {
-            return Err(err(
-                ErrorCode::AlreadyRunning,
-                format!(
-                    "a session for {} is running ({}): stop it first",
-                    s.mouse,
-                    s.dir.display()
-                ),
-            ));
-        }
-        validate_mouse_id(&req.mouse).map_err(|e| err(ErrorCode::InvalidMouse, e.to_string()))?;
-        let live = self.live();
-        if live.link != Some(LinkState::Connected) {
-            return Err(err(
-                ErrorCode::DeviceUnavailable,
-                format!(
-                    "the rig is not connected ({}): check the USB cable and [rig].serial_port = {:?}",
-                    live.link_detail.as_deref().unwrap_or("no answer yet"),
-                    self.cfg.rig.serial_port
-                ),
-            ));
-        }
-        if live.rig_now_us == 0 {
-            return Err(err(
-                ErrorCode::DeviceUnavailable,
-                "the rig is connected but no lever sample has arrived yet: try again in a moment",
-            ));
-        }
-        // The task for this session: the configuration plus any overrides.
-        let mut cfg = (*self.cfg).clone();
-        if let Some(t) = &req.task {
-            apply_overrides(&mut cfg, t);
-            let text = cfg
-                .to_toml_string()
-                .map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
-            if let Err(e) = rig_config::parse_str(&text, Path::new("start.task")) {
-                let msg = e
-                    .problems()
-                    .iter()
-                    .map(|p| p.message.clone())
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                return Err(err(
-                    ErrorCode::BadRequest,
-                    format!("task overrides rejected: {msg}"),
-                ));
-            }
-        }
-        let today = water_today_ul(Path::new(&cfg.storage.data_root), &req.mouse);
-        let remaining = (cfg.safety.max_water_per_day_ul - today).max(0.0);
-        if remaining <= 0.0 {
-            return Err(err(
-                ErrorCode::RefusedBySafety,
-                format!(
-                    "{} already had {today:.1} µL today, the daily cap ([safety].max_water_per_day_ul) is {:.1} µL",
-                    req.mouse, cfg.safety.max_water_per_day_ul
-                ),
-            ));
-        }
-        self.seed = self
-            .seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let params = TaskParams::from_config(&cfg)
-            .map_err(|e| err(ErrorCode::BadRequest, format!("task: {e}")))?
-            .with_seed(self.seed)
-            .with_water_remaining_today_ul(Some(remaining));
-        let engine = TaskEngine::new(params);
-
-        if cfg.imaging.enabled && cfg.storage.raw_frames {
-            let im = &cfg.imaging;
-            let bytes_per_s = f64::from(im.width)
-                * f64::from(im.height)
-                * f64::from(im.channels)
-                * 2.0
-                * im.frame_rate_hz;
-            check_disk_rate(&cfg.storage.data_root, bytes_per_s)
-                .map_err(|e| err(ErrorCode::RefusedBySafety, e))?;
-        }
-        // A session needs room for its reserve (see storage_thread) and
-        // then some; on a full disk, refuse rather than start and stop.
-        let min_free = 2 * storage_thread::RESERVE_BYTES as u64;
-        if let Some(free) = crate::alerts::free_bytes(Path::new(&cfg.storage.data_root)) {
-            if free < min_free {
-                return Err(err(
-                    ErrorCode::RefusedBySafety,
-                    format!(
-                        "the data disk holding [storage].data_root = {} has only {} kB free \
-                         (No space left for a session, which needs at least {} kB): free space \
-                         or point data_root at another disk",
-                        cfg.storage.data_root.display(),
-                        free / 1024,
-                        min_free / 1024
-                    ),
-                ));
-            }
-        }
-        // The folder and its writer.
-        let start_utc = SystemTime::now();
-        let dir = SessionDir::create(Path::new(&cfg.storage.data_root), &req.mouse, start_utc)
-            .map_err(|e| {
-                err(
-                    ErrorCode::Internal,
-                    format!("cannot create the session folder: {e}"),
-                )
-            })?;
-        let config_toml = cfg
-            .to_toml_string()
-            .map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
-        let t0_us = live.rig_now_us;
-        let tuning = crate::realtime::SessionTuning::acquire(&cfg.realtime);
-        let info = SessionInfo {
-            rig: cfg.rig.name.clone(),
-            notes: req.notes.clone().unwrap_or_default(),
-            config_toml,
-            t0_rig_us: t0_us,
-            host_monotonic_start_ns: firmware_bridge::link::host_now_ns(),
-            clock_sync: None,
-            realtime: Some(tuning.record().clone()),
-        };
-        let fsync = Duration::from_millis(u64::from(cfg.storage.fsync_interval_ms));
-        let chunk_len = Duration::from_secs(u64::from(cfg.storage.chunk_minutes) * 60);
-        let writer = SessionWriter::create(dir, info, fsync, chunk_len).map_err(|e| {
-            err(
-                ErrorCode::Internal,
-                format!("cannot write the session folder: {e}"),
-            )
-        })?;
-        let path = writer.path().to_path_buf();
-        let started_utc = session_format::rfc3339_utc(start_utc);
-
-        let (tx, rx) = crossbeam_channel::bounded(storage_thread::STORAGE_QUEUE);
-        let (done_tx, done_rx) = oneshot::channel();
-        // Imaging: its own thread, writing frames.tsv (and frames.npy) into
-        // the same folder; frame-clock edges come from the rig thread.
-        let (ingest, ttl_edges, imaging) = if cfg.imaging.enabled {
-            let im = &cfg.imaging;
-            let (edge_tx, edge_rx) = crossbeam_channel::bounded(4096);
-            let setup = IngestSetup {
-                shm_name: im.shm_name.clone(),
-                width: im.width,
-                height: im.height,
-                channels: im.channels,
-                ttl_wired: im.ttl_wired,
-                frame_rate_hz: im.frame_rate_hz,
-                raw_frames: cfg.storage.raw_frames,
-                t0_us,
-                session_dir: path.clone(),
-                fsync_interval: fsync,
-                chunk_len,
-                analysis: Some(crate::imaging::analysis::AnalysisSetup {
-                    width: im.width as usize,
-                    height: im.height as usize,
-                    roi_labels: im.roi_labels.clone(),
-                    roi_table: im.roi_table.clone(),
-                    motion_correction: im.motion_correction,
-                    reference_image: im.reference_image.clone(),
-                    neuropil_coefficient: im.neuropil_coefficient,
-                    baseline: crate::imaging::dff::BaselineParams::from_config(
-                        &im.baseline,
-                        im.frame_rate_hz,
-                    ),
-                }),
-                preview: self.preview.clone(),
-            };
-            let ingest =
-                Ingest::start(setup, edge_rx, self.status.clone(), tx.clone()).map_err(|e| {
-                    err(
-                        ErrorCode::Internal,
-                        format!("cannot start the imaging thread: {e}"),
-                    )
-                })?;
-            let counters = ingest.counters.clone();
-            (Some(ingest), Some(edge_tx), Some(counters))
-        } else {
-            (None, None, None)
-        };
-        let setup = StorageSetup {
-            t0_us,
-            counts_per_mm: cfg.rig.encoder_counts_per_mm,
-            fsync_interval: fsync,
-            behaviour: crate::behaviour::SummaryParams::from_config(&cfg),
-            ingest,
-            water_before_today_ul: today,
-            daily_water_target_ul: cfg.safety.daily_water_target_ul,
-            on_storage_error: Some({
-                // A disk error ends the session: stop the task at once (no
-                // trial may run, and no water flow, without a record).
-                let rig = self.rig.clone();
-                Box::new(move |e: String| {
-                    let _ = rig.send(RigRequest::Stop {
-                        reason: format!("storage error: {e}"),
-                    });
-                })
-            }),
-            session_log: Some(self.session_log.clone()),
-        };
-        storage_thread::spawn(writer, setup, rx, self.status.clone(), done_tx).map_err(|e| {
-            err(
-                ErrorCode::Internal,
-                format!("cannot start the storage thread: {e}"),
-            )
-        })?;
+        let facts = self.start_facts(&req.mouse);
+        let plan = SessionPlan::new(&self.cfg, &req, &facts)?;
+        let t0_us = plan.t0_us;
+        let opened = open::open(
+            plan,
+            open::OpenContext {
+                live: &self.live,
+                rig: &self.rig,
+                preview: self.preview.as_ref(),
+                session_log: &self.session_log,
+            },
+        )?;
+        let path = opened.dir;
+        let started_utc = session_format::rfc3339_utc(opened.start_utc);
         self.open_session_log(&path);
         self.rig
-            .send(RigRequest::Start(Box::new(SessionStart {
-                engine,
-                storage: tx,
-                ttl_edges,
-            })))
-            .map_err(|_| err(ErrorCode::Internal, "the rig thread is gone"))?;
+            .send(RigRequest::Start(Box::new(opened.start)))
+            .map_err(|_| StartError::RigGone)?;
         tracing::info!(mouse = %req.mouse, dir = %path.display(), "session started");
         self.session = Some(Running {
             mouse: req.mouse.clone(),
             dir: path.clone(),
             started_utc: started_utc.clone(),
             started: Instant::now(),
-            done: Some(done_rx),
+            done: Some(opened.done),
             stop_reason: None,
-            imaging,
-            tuning,
+            imaging: opened.imaging,
+            tuning: opened.tuning,
         });
         crate::metrics::global().session_started();
         let _ = self
@@ -570,16 +368,41 @@ impl Core {
         })
     }
 
+    /// What a start decision needs to know now (reads the mouse's folders
+    /// and the disk's free space).
+    fn start_facts(&mut self, mouse: &str) -> StartFacts {
+        let live = self.live();
+        let root = Path::new(&self.cfg.storage.data_root);
+        self.seed = self
+            .seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        StartFacts {
+            running: self
+                .session
+                .as_ref()
+                .map(|s| (s.mouse.clone(), s.dir.clone())),
+            link: live.link,
+            link_detail: live.link_detail,
+            rig_now_us: live.rig_now_us,
+            water_today_ul: if validate_mouse_id(mouse).is_ok() {
+                water_today_ul(root, mouse)
+            } else {
+                0.0
+            },
+            free_bytes: crate::alerts::free_bytes(root),
+            seed: self.seed,
+        }
+    }
+
     /// Stop the running session and wait for its files to be finished.
-    pub async fn stop(&mut self, reason: &str) -> Result<StopReply, ControlError> {
+    pub async fn stop(&mut self, reason: StopReason) -> Result<StopReply, ControlError> {
         let Some(s) = self.session.as_mut() else {
             return Err(err(ErrorCode::NotRunning, "no session is running"));
         };
         if s.stop_reason.is_none() {
-            s.stop_reason = Some(reason.to_owned());
-            let _ = self.rig.send(RigRequest::Stop {
-                reason: reason.to_owned(),
-            });
+            s.stop_reason = Some(reason.clone());
+            let _ = self.rig.send(RigRequest::Stop { reason });
         }
         self.wait_finished().await
     }
@@ -605,43 +428,15 @@ impl Core {
         s.stop_reason.get_or_insert(reason.clone());
         let (mouse, dir) = (s.mouse.clone(), s.dir.display().to_string());
         let result = self.wait_finished().await;
-        if automatic || reason.starts_with("storage error") {
-            let (kind, severity, message) = match &result {
-                Err(e) => (
-                    AlertKind::StorageError,
-                    "critical",
-                    format!(
-                        "the session of {mouse} stopped on a disk error ({reason}); {}",
-                        e.message
-                    ),
-                ),
-                Ok(r) => (
-                    AlertKind::SessionAutoStopped,
-                    // The planned ends are news, the others need a look.
-                    if reason == "duration" || reason == "max_trials" {
-                        "info"
-                    } else {
-                        "warning"
-                    },
-                    format!(
-                        "the session of {mouse} stopped by itself: {reason} ({} trials, {}                          rewards, {:.1} µL{})",
-                        r.summary.trials,
-                        r.summary.rewards,
-                        r.summary.water_ul,
-                        r.summary
-                            .supplement_ul
-                            .filter(|s| *s > 0.0)
-                            .map_or(String::new(), |s| format!(
-                                "; give {s:.0} µL by hand today"
-                            ))
-                    ),
-                ),
-            };
-            let mut a = Alert::new(kind, severity, message).details(serde_json::json!({
-                "reason": reason,
-                "summary": result.as_ref().ok().map(|r| &r.summary),
-            }));
-            a.mouse = Some(mouse);
+        if automatic || reason.is_unrequested() {
+            let mut a = Alert::session_ended(
+                &mouse,
+                &reason,
+                result
+                    .as_ref()
+                    .map(|r| &r.summary)
+                    .map_err(|e| e.message.as_str()),
+            );
             a.session_dir = Some(dir);
             self.alerts.raise(a);
         }
@@ -649,21 +444,9 @@ impl Core {
     }
 
     fn on_device_fault(&self, t_us: u64, code: protocol::serial::FaultCode, detail: u32) {
-        use protocol::serial::FaultCode;
-        let message = match code {
-            FaultCode::WatchdogTripped => format!(
-                "the device closed the valve and silenced the tone: it heard nothing from                  rigd for {detail} ms (its heartbeat watchdog); check that rigd is running                  and not stalled"
-            ),
-            FaultCode::ValveCapTripped => format!(
-                "the device cut a valve opening at its cap ({detail} ms); check the                  commanded times and the valve"
-            ),
-            _ => return,
-        };
-        self.alert(
-            Alert::new(AlertKind::ValveSafetyTrip, "critical", message).details(
-                serde_json::json!({ "code": format!("{code:?}"), "detail": detail, "t_us": t_us }),
-            ),
-        );
+        if let Some(alert) = Alert::device_fault(t_us, code, detail) {
+            self.alert(alert);
+        }
     }
 
     async fn wait_finished(&mut self) -> Result<StopReply, ControlError> {
@@ -674,14 +457,14 @@ impl Core {
             return Err(err(ErrorCode::Busy, "the session is already stopping"));
         };
         let result = match tokio::time::timeout(Duration::from_secs(120), done).await {
-            Ok(Ok(r)) => r,
+            Ok(Ok(r)) => r.map_err(|e| e.to_string()),
             Ok(Err(_)) => Err("the storage thread ended without a result".to_owned()),
             Err(_) => Err("finishing the session files took more than 120 s".to_owned()),
         };
         let s = self.session.take().expect("checked above");
         self.close_session_log();
         crate::metrics::global().session_ended(match &result {
-            Ok(fin) => &fin.reason,
+            Ok(fin) => fin.reason.metrics_label(),
             Err(_) => "error",
         });
         match result {
@@ -691,7 +474,7 @@ impl Core {
                     .events
                     .send(event_line(&Event::Session(SessionEvent::Stopped {
                         mouse: s.mouse.clone(),
-                        reason: Some(fin.reason.clone()),
+                        reason: Some(fin.reason.to_string()),
                         summary: fin.summary.clone(),
                     })));
                 Ok(StopReply {
@@ -767,7 +550,7 @@ impl Core {
     async fn ask_rig(
         &mut self,
         req: RigRequest,
-        rx: oneshot::Receiver<Result<(), String>>,
+        rx: oneshot::Receiver<Result<(), ManualRefused>>,
     ) -> Result<(), ControlError> {
         if self.live().link != Some(LinkState::Connected) {
             return Err(err(
@@ -780,7 +563,7 @@ impl Core {
             .map_err(|_| err(ErrorCode::Internal, "the rig thread is gone"))?;
         match tokio::time::timeout(Duration::from_secs(3), rx).await {
             Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(msg))) => Err(err(ErrorCode::RefusedBySafety, msg)),
+            Ok(Ok(Err(refused))) => Err(err(ErrorCode::RefusedBySafety, refused.to_string())),
             _ => Err(err(
                 ErrorCode::DeviceUnavailable,
                 "the rig did not answer in time",
@@ -829,38 +612,4 @@ impl Core {
 
 fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, ControlError> {
     serde_json::to_value(v).map_err(|e| err(ErrorCode::Internal, e.to_string()))
-}
-
-fn apply_overrides(cfg: &mut RigConfig, t: &protocol::control::TaskOverrides) {
-    let task = &mut cfg.task;
-    if let Some(v) = t.response_window_ms {
-        task.response_window_ms = v;
-    }
-    if let Some(v) = t.threshold_mm {
-        task.threshold_mm = v;
-    }
-    if let Some(v) = t.reward_ul {
-        task.reward_ul = v;
-    }
-    if let Some(v) = t.iti_min_ms {
-        task.iti_min_ms = v;
-    }
-    if let Some(v) = t.iti_max_ms {
-        task.iti_max_ms = v;
-    }
-    if let Some(v) = t.quiescence_ms {
-        task.quiescence_ms = v;
-    }
-    if t.max_trials.is_some() {
-        task.max_trials = t.max_trials;
-    }
-    if t.max_rewards.is_some() {
-        task.max_rewards = t.max_rewards;
-    }
-    if t.max_duration_min.is_some() {
-        task.max_duration_min = t.max_duration_min;
-    }
-    if t.sated_after_min.is_some() {
-        task.sated_after_min = t.sated_after_min;
-    }
 }

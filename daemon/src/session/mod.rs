@@ -1,0 +1,153 @@
+//! The session layer: everything the daemon's threads exchange about a
+//! session, in one place that the thread modules depend on and that depends
+//! on none of them.
+//!
+//! * the messages: [`RigRequest`] and [`SessionStart`] (supervisor -> rig
+//!   thread), [`StorageMsg`] (rig and imaging threads -> storage thread),
+//!   [`RigNotice`] (rig thread -> supervisor), [`FinishedSession`] (storage
+//!   thread -> supervisor);
+//! * what the rig thread publishes: [`LiveStatus`] and [`ClockFitCell`];
+//! * why a session ended: [`StopReason`];
+//! * the pure start decision: [`SessionPlan`] from the configuration, the
+//!   request and the facts ([`StartFacts`]), or a typed [`StartError`];
+//! * [`SideStream`]: a stream recorded beside the rig's (imaging today, a
+//!   behaviour camera tomorrow) that the storage thread closes before it
+//!   finishes the folder;
+//! * [`SessionLog`]: where the tracing layer writes the session's `rigd.log`.
+//!
+//! Architecture invariant: the thread modules (`rig`, `storage_thread`,
+//! `imaging`, `preview`, `control`) import this module and never each other;
+//! `supervisor` is the one place that puts a session together.
+
+mod live;
+mod plan;
+mod stop;
+
+use std::sync::{Arc, Mutex};
+
+use crossbeam_channel::Sender;
+use firmware_bridge::link::LeverBatch;
+use protocol::control::Event;
+use protocol::serial::Tone;
+use session_format::trial::TrialRecord;
+
+use crate::task::TaskEngine;
+
+pub use live::{ClockFitCell, LiveSnapshot, LiveStatus, LiveView, LATENCIES_KEPT};
+pub use plan::{SessionPlan, StartError, StartFacts};
+pub use session_format::EventSource as StorageSource;
+pub use stop::StopReason;
+
+/// Events for subscribers, already encoded as lines.
+pub type EventLine = Arc<Vec<u8>>;
+
+/// Encode an event once for every subscriber.
+pub fn event_line(event: &Event) -> EventLine {
+    Arc::new(event.to_line())
+}
+
+/// Where per-session log lines go (the daemon's tracing layer writes to it
+/// while a session runs).
+pub type SessionLog = Arc<Mutex<Option<session_format::SessionLogFile>>>;
+
+/// A record for the session files (to the storage thread).
+#[derive(Debug)]
+pub enum StorageMsg {
+    Lever(LeverBatch),
+    Event {
+        t_us: u64,
+        source: StorageSource,
+        kind: &'static str,
+        value: f64,
+        detail: String,
+    },
+    Trial(TrialRecord),
+    /// The task is over: finish the folder.
+    Finish {
+        reason: StopReason,
+        t_us: u64,
+    },
+}
+
+/// What the storage thread hands back when the session folder is finished.
+#[derive(Debug, Clone)]
+pub struct FinishedSession {
+    pub summary: protocol::control::SessionSummary,
+    /// The full summary as written to summary.json.
+    pub summary_json: serde_json::Value,
+    pub reason: StopReason,
+}
+
+/// Why the rig thread did not carry out a manual command.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ManualRefused {
+    /// The task owns the valve and the speaker while a session runs.
+    #[error("a session is running: the {0} belongs to the task")]
+    SessionRunning(&'static str),
+    #[error("the rig did not take the command: {0}")]
+    NotSent(String),
+    #[error("the device refused it: {0}")]
+    DeviceRefused(String),
+    #[error("the device did not acknowledge the command")]
+    NoAck,
+    #[error("link lost: {0}")]
+    LinkLost(String),
+}
+
+/// The answer to a manual command.
+pub type ManualReply = tokio::sync::oneshot::Sender<Result<(), ManualRefused>>;
+
+/// What the supervisor asks of the rig thread.
+#[derive(Debug)]
+pub enum RigRequest {
+    /// Start running the task; records go to `storage`.
+    Start(Box<SessionStart>),
+    /// Stop the task (tone off) and tell the storage thread to finish.
+    Stop { reason: StopReason },
+    /// One valve pulse outside the task (refused while a session runs).
+    ValvePulse {
+        duration_us: u32,
+        reply: ManualReply,
+    },
+    /// Open the valve for a flush (capped by the device).
+    ValveFlush {
+        duration_ms: u16,
+        reply: ManualReply,
+    },
+    /// Play a tone outside the task.
+    Tone { tone: Tone, reply: ManualReply },
+}
+
+/// Everything a session needs on the rig thread.
+#[derive(Debug)]
+pub struct SessionStart {
+    pub engine: TaskEngine,
+    pub storage: Sender<StorageMsg>,
+    /// Frame-clock edges `(count, rig µs)` for the imaging ingest.
+    pub ttl_edges: Option<Sender<(u64, u64)>>,
+}
+
+/// What the rig thread tells the supervisor.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RigNotice {
+    /// The task finished by itself (a cap or the duration) or after a stop;
+    /// the storage thread has its `Finish` queued.
+    TaskFinished { reason: StopReason },
+    /// The device reported a fault (watchdog trip, valve cap, overflow...).
+    DeviceFault {
+        t_us: u64,
+        code: protocol::serial::FaultCode,
+        detail: u32,
+    },
+}
+
+/// A stream recorded into the session folder beside the rig's own (the
+/// imaging ingest; a behaviour camera would be another). The storage thread
+/// finishes every side stream, so its files are closed and synced, before it
+/// writes the summary and the manifest.
+pub trait SideStream: Send {
+    /// The `events.tsv` kind recorded when finishing fails (`imaging_error`).
+    fn error_event_kind(&self) -> &'static str;
+    /// Stop the stream's thread and close its files.
+    fn finish(self: Box<Self>) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+}
