@@ -361,6 +361,20 @@ fn a_producer_with_the_wrong_geometry_is_a_clear_error() {
         .status()
         .expect("producer");
     assert!(st.success());
+    // The ring stays (closed, not unlinked) after the producer exits: wait
+    // for the ingest's next attach attempt to report it (every 500 ms, later
+    // on a loaded machine) rather than racing it with the stop.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        let events = std::fs::read_to_string(dir.join("events.tsv")).unwrap_or_default();
+        if events
+            .lines()
+            .any(|l| l.contains("imaging_unavailable") && l.contains("32"))
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     stop_session(&s.socket);
     drop(rigd);
     drop(sim);
