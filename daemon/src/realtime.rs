@@ -47,6 +47,7 @@ impl SessionTuning {
             match CpuLatencyHold::hold(0) {
                 Ok(h) => Some(h),
                 Err(e) => {
+                    let e = e.to_string();
                     warn_once(&WARNED_CPUS, &e);
                     not_granted.push(e);
                     None
@@ -58,8 +59,9 @@ impl SessionTuning {
         let workers = if cfg.boost_tty_workers {
             let b = WorkerBoost::start();
             if let Some(e) = b.refused() {
-                warn_once(&WARNED_WORKERS, e);
-                not_granted.push(e.to_owned());
+                let e = e.to_string();
+                warn_once(&WARNED_WORKERS, &e);
+                not_granted.push(e);
             }
             Some(b)
         } else {

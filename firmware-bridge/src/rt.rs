@@ -13,22 +13,49 @@
 //! ([`CpuLatencyHold`]) and raises the tty layer's kernel workers
 //! ([`WorkerBoost`]); the daemon takes the last two per session.
 
+use std::io;
+
+/// The system refused the calling thread a real-time priority.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "SCHED_FIFO priority {priority} refused ({error}): run as root, grant CAP_SYS_NICE, or set \
+     LimitRTPRIO in the service (packaging/systemd/rigd.service)"
+)]
+pub struct PriorityError {
+    /// The priority asked for (clamped to 1..=99).
+    pub priority: i32,
+    pub error: io::Error,
+}
+
 /// Put the calling thread in `SCHED_FIFO` at `priority` (1..=99) and set its
 /// timer slack to 1 ns so its timed waits end when asked. Returns why not, if
 /// the system refused.
-pub fn make_current_thread_realtime(priority: i32) -> Result<(), String> {
+pub fn make_current_thread_realtime(priority: i32) -> Result<(), PriorityError> {
     // SAFETY: a plain syscall on the calling thread; no memory is shared.
     unsafe {
         libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
     }
-    set_policy(0, libc::SCHED_FIFO, priority.clamp(1, 99)).map_err(|e| {
-        format!(
-            "SCHED_FIFO priority {priority} refused ({e}): run as root, grant CAP_SYS_NICE, or set LimitRTPRIO in the service"
-        )
-    })
+    let priority = priority.clamp(1, 99);
+    set_policy(0, libc::SCHED_FIFO, priority).map_err(|error| PriorityError { priority, error })
 }
 
 // ---- memory: no page faults on the latency path ----
+
+/// Why the process's memory was not locked.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryLockError {
+    #[error(
+        "memory not locked: RLIMIT_MEMLOCK is {limit_kb} kB and rigd lacks CAP_IPC_LOCK, so a \
+         locked heap could make an allocation fail; set LimitMEMLOCK=infinity in the \
+         service (packaging/systemd/rigd.service), or [realtime].lock_memory = false"
+    )]
+    LimitTooLow { limit_kb: u64 },
+    #[error(
+        "memory not locked: mlockall failed ({error}); set LimitMEMLOCK=infinity in the \
+         service (packaging/systemd/rigd.service), or [realtime].lock_memory = false"
+    )]
+    Mlockall { error: io::Error },
+}
 
 static MEMORY_LOCKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -61,7 +88,7 @@ fn has_cap_ipc_lock() -> bool {
 /// nothing. Only done when the lock cannot make a later allocation fail:
 /// with `CAP_IPC_LOCK` (root) or an unlimited `RLIMIT_MEMLOCK`
 /// (`LimitMEMLOCK=infinity` in the systemd unit).
-pub fn lock_memory() -> Result<(), String> {
+pub fn lock_memory() -> Result<(), MemoryLockError> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -70,21 +97,18 @@ pub fn lock_memory() -> Result<(), String> {
     let unlimited = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } == 0
         && limit.rlim_cur == libc::RLIM_INFINITY;
     if !unlimited && !has_cap_ipc_lock() {
-        return Err(format!(
-            "memory not locked: RLIMIT_MEMLOCK is {} kB and rigd lacks CAP_IPC_LOCK, so a \
-             locked heap could make an allocation fail; set LimitMEMLOCK=infinity in the \
-             service (packaging/systemd/rigd.service), or [realtime].lock_memory = false",
-            limit.rlim_cur / 1024
-        ));
+        return Err(MemoryLockError::LimitTooLow {
+            limit_kb: limit.rlim_cur / 1024,
+        });
     }
     // SAFETY: mlockall only changes how the kernel treats our mappings.
     unsafe {
         if libc::mlockall(libc::MCL_CURRENT) != 0
             || libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) != 0
         {
-            let e = std::io::Error::last_os_error();
+            let error = io::Error::last_os_error();
             libc::munlockall();
-            return Err(format!("memory not locked: mlockall: {e}"));
+            return Err(MemoryLockError::Mlockall { error });
         }
     }
     MEMORY_LOCKED.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -113,6 +137,22 @@ pub fn memory_locked() -> bool {
 //    worker or the reader. [`CpuLatencyHold`] asks the kernel's PM QoS for a
 //    wake-up latency of 0 µs, which keeps idle CPUs polling instead.
 
+/// Why the CPUs could not be held awake.
+#[derive(Debug, thiserror::Error)]
+pub enum CpuLatencyError {
+    #[error(
+        "cannot hold the CPUs awake ({CPU_DMA_LATENCY}: {error}): run rigd as root or give \
+         its group write access to {CPU_DMA_LATENCY} (docs/operations.md), or set \
+         [realtime].hold_cpus_awake = false"
+    )]
+    Open { error: io::Error },
+    #[error(
+        "cannot hold the CPUs awake: writing {max_us} µs to {CPU_DMA_LATENCY} failed \
+         ({error}); set [realtime].hold_cpus_awake = false if this kernel has no PM QoS"
+    )]
+    Write { max_us: u32, error: io::Error },
+}
+
 /// An open request to the kernel (PM QoS, `/dev/cpu_dma_latency`) to keep
 /// the CPUs' wake-up latency at most `max_us`; the request lasts as long as
 /// this value (the kernel drops it when the file is closed, also when the
@@ -129,22 +169,16 @@ pub const CPU_DMA_LATENCY: &str = "/dev/cpu_dma_latency";
 impl CpuLatencyHold {
     /// Open the request. Fails without write access to the device (root, or
     /// a udev rule giving rigd's group write access).
-    pub fn hold(max_us: u32) -> Result<Self, String> {
+    pub fn hold(max_us: u32) -> Result<Self, CpuLatencyError> {
         use std::io::Write;
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .open(CPU_DMA_LATENCY)
-            .map_err(|e| {
-                format!(
-                    "cannot hold the CPUs awake ({CPU_DMA_LATENCY}: {e}): run rigd as root or give \
-                     its group write access to {CPU_DMA_LATENCY} (docs/operations.md), or set \
-                     [realtime].hold_cpus_awake = false"
-                )
-            })?;
+            .map_err(|error| CpuLatencyError::Open { error })?;
         // The kernel reads a native-endian 32-bit value.
         let value = i32::try_from(max_us).unwrap_or(i32::MAX);
         file.write_all(&value.to_ne_bytes())
-            .map_err(|e| format!("cannot write to {CPU_DMA_LATENCY}: {e}"))?;
+            .map_err(|error| CpuLatencyError::Write { max_us, error })?;
         Ok(Self {
             _file: file,
             max_us,
@@ -204,13 +238,13 @@ fn is_unbound_worker(t: &ThreadSched) -> bool {
 pub const WORKER_PRIORITY: i32 = 1;
 
 /// `sched_setscheduler` for a thread (`pid` 0 = the calling thread).
-fn set_policy(pid: i32, policy: i32, priority: i32) -> std::io::Result<()> {
+fn set_policy(pid: i32, policy: i32, priority: i32) -> io::Result<()> {
     let param = libc::sched_param {
         sched_priority: priority,
     };
     // SAFETY: a plain syscall with a valid parameter struct.
     if unsafe { libc::sched_setscheduler(pid, policy, &param) } != 0 {
-        return Err(std::io::Error::last_os_error());
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
@@ -225,7 +259,22 @@ fn set_policy(pid: i32, policy: i32, priority: i32) -> std::io::Result<()> {
 #[derive(Debug, Default)]
 pub struct WorkerBoost {
     raised: Vec<i32>,
-    refused: Option<String>,
+    refused: Option<WorkerBoostError>,
+}
+
+/// Why the kernel's tty workers could not be raised.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerBoostError {
+    #[error(
+        "cannot raise the kernel's tty workers: /proc is not readable ({error}); mount /proc, \
+         or set [realtime].boost_tty_workers = false"
+    )]
+    ProcUnreadable { error: io::Error },
+    #[error(
+        "cannot raise the kernel's tty workers ({worker}: {error}): run rigd as root or \
+         with CAP_SYS_NICE, or set [realtime].boost_tty_workers = false"
+    )]
+    Refused { worker: String, error: io::Error },
 }
 
 impl WorkerBoost {
@@ -242,9 +291,12 @@ impl WorkerBoost {
         if self.refused.is_some() {
             return;
         }
-        let Ok(dir) = std::fs::read_dir("/proc") else {
-            self.refused = Some("cannot read /proc".to_owned());
-            return;
+        let dir = match std::fs::read_dir("/proc") {
+            Ok(dir) => dir,
+            Err(error) => {
+                self.refused = Some(WorkerBoostError::ProcUnreadable { error });
+                return;
+            }
         };
         self.raised.retain(|&pid| read_sched(pid).is_some());
         for entry in dir.flatten() {
@@ -273,12 +325,11 @@ impl WorkerBoost {
             match set_policy(pid, libc::SCHED_FIFO, WORKER_PRIORITY) {
                 Ok(()) => self.raised.push(pid),
                 Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
-                Err(e) => {
-                    self.refused = Some(format!(
-                        "cannot raise the kernel's tty workers ({}: {e}): run rigd as root or \
-                         with CAP_SYS_NICE, or set [realtime].boost_tty_workers = false",
-                        t.comm
-                    ));
+                Err(error) => {
+                    self.refused = Some(WorkerBoostError::Refused {
+                        worker: t.comm,
+                        error,
+                    });
                     return;
                 }
             }
@@ -291,8 +342,8 @@ impl WorkerBoost {
     }
 
     /// Why the boost could not be applied, if it could not.
-    pub fn refused(&self) -> Option<&str> {
-        self.refused.as_deref()
+    pub fn refused(&self) -> Option<&WorkerBoostError> {
+        self.refused.as_ref()
     }
 }
 
@@ -376,6 +427,46 @@ fn preemption_from(version: &str, cmdline: &str, debugfs: Option<&str>) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_name_the_setting_the_value_and_the_fix() {
+        let eperm = || io::Error::from_raw_os_error(libc::EPERM);
+        assert_eq!(
+            PriorityError {
+                priority: 50,
+                error: eperm()
+            }
+            .to_string(),
+            "SCHED_FIFO priority 50 refused (Operation not permitted (os error 1)): run as \
+             root, grant CAP_SYS_NICE, or set LimitRTPRIO in the service \
+             (packaging/systemd/rigd.service)"
+        );
+        assert_eq!(
+            MemoryLockError::LimitTooLow { limit_kb: 8192 }.to_string(),
+            "memory not locked: RLIMIT_MEMLOCK is 8192 kB and rigd lacks CAP_IPC_LOCK, so a \
+             locked heap could make an allocation fail; set LimitMEMLOCK=infinity in the \
+             service (packaging/systemd/rigd.service), or [realtime].lock_memory = false"
+        );
+        assert_eq!(
+            CpuLatencyError::Open {
+                error: io::Error::from_raw_os_error(libc::EACCES)
+            }
+            .to_string(),
+            "cannot hold the CPUs awake (/dev/cpu_dma_latency: Permission denied (os error \
+             13)): run rigd as root or give its group write access to /dev/cpu_dma_latency \
+             (docs/operations.md), or set [realtime].hold_cpus_awake = false"
+        );
+        assert_eq!(
+            WorkerBoostError::Refused {
+                worker: "kworker/u8:3".into(),
+                error: eperm()
+            }
+            .to_string(),
+            "cannot raise the kernel's tty workers (kworker/u8:3: Operation not permitted (os \
+             error 1)): run rigd as root or with CAP_SYS_NICE, or set \
+             [realtime].boost_tty_workers = false"
+        );
+    }
 
     #[test]
     fn stat_lines_parse_with_odd_names() {
