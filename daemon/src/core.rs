@@ -435,26 +435,15 @@ impl Core {
                 "the rig is connected but no lever sample has arrived yet: try again in a moment",
             ));
         }
-        // The task for this session: the configuration plus any overrides.
-        let mut cfg = (*self.cfg).clone();
-        if let Some(t) = &req.task {
-            apply_overrides(&mut cfg, t);
-            let text = cfg
-                .to_toml_string()
-                .map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
-            if let Err(e) = rig_config::parse_str(&text, Path::new("start.task")) {
-                let msg = e
-                    .problems()
-                    .iter()
-                    .map(|p| p.message.clone())
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                return Err(err(
-                    ErrorCode::BadRequest,
-                    format!("task overrides rejected: {msg}"),
-                ));
-            }
-        }
+        // The task for this session: the configuration plus any overrides,
+        // checked by the configuration's own rules.
+        let cfg = match &req.task {
+            Some(t) => self
+                .cfg
+                .with_task_overrides(t)
+                .map_err(|e| err(ErrorCode::BadRequest, e.to_string()))?,
+            None => (*self.cfg).clone(),
+        };
         let today = water_today_ul(Path::new(&cfg.storage.data_root), &req.mouse);
         let remaining = (cfg.safety.max_water_per_day_ul - today).max(0.0);
         if remaining <= 0.0 {
@@ -471,7 +460,6 @@ impl Core {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         let params = TaskParams::from_config(&cfg)
-            .map_err(|e| err(ErrorCode::BadRequest, format!("task: {e}")))?
             .with_seed(self.seed)
             .with_water_remaining_today_ul(Some(remaining));
         let engine = TaskEngine::new(params);
@@ -906,40 +894,6 @@ impl Core {
 
 fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, ControlError> {
     serde_json::to_value(v).map_err(|e| err(ErrorCode::Internal, e.to_string()))
-}
-
-fn apply_overrides(cfg: &mut RigConfig, t: &protocol::control::TaskOverrides) {
-    let task = &mut cfg.task;
-    if let Some(v) = t.response_window_ms {
-        task.response_window_ms = v;
-    }
-    if let Some(v) = t.threshold_mm {
-        task.threshold_mm = v;
-    }
-    if let Some(v) = t.reward_ul {
-        task.reward_ul = v;
-    }
-    if let Some(v) = t.iti_min_ms {
-        task.iti_min_ms = v;
-    }
-    if let Some(v) = t.iti_max_ms {
-        task.iti_max_ms = v;
-    }
-    if let Some(v) = t.quiescence_ms {
-        task.quiescence_ms = v;
-    }
-    if t.max_trials.is_some() {
-        task.max_trials = t.max_trials;
-    }
-    if t.max_rewards.is_some() {
-        task.max_rewards = t.max_rewards;
-    }
-    if t.max_duration_min.is_some() {
-        task.max_duration_min = t.max_duration_min;
-    }
-    if t.sated_after_min.is_some() {
-        task.sated_after_min = t.sated_after_min;
-    }
 }
 
 /// Water the mouse already had today (UTC date of the session folders): each
