@@ -43,9 +43,10 @@ pub const MAX_OUTPUTS_PER_STEP: usize = 5;
 /// `ValveOpen` event before it writes the trial without a reward time.
 pub const REWARD_CONFIRM_GRACE_US: u64 = 500_000;
 
-/// The task's parameters, in the units the engine works in. Built from the
-/// configuration by [`TaskParams::from_config`]; every field is public so a
-/// session can apply overrides (and tests can build odd cases).
+/// The task's parameters, in the units the engine works in. Built from a
+/// validated configuration (a session's overrides already applied, see
+/// [`RigConfig::with_task_overrides`]) by [`TaskParams::from_config`]; every
+/// field is public so tests can build odd cases.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskParams {
     /// Cue tone frequency, Hz.
@@ -100,83 +101,44 @@ impl TaskParams {
     /// [`Self::with_water_remaining_today_ul`].
     ///
     /// `max_duration_us` is the shorter of `task.max_duration_min` and
-    /// `safety.max_session_min`. Errors name the key, the value and the fix
-    /// (validation normally catches all of them first).
-    pub fn from_config(cfg: &RigConfig) -> Result<Self, String> {
+    /// `safety.max_session_min`.
+    ///
+    /// `cfg` must obey rig-config's task rules, as every configuration from
+    /// `rig_config::load`/`parse_str` and [`RigConfig::with_task_overrides`]
+    /// does: it is what makes every conversion here exact (the cue fits the
+    /// `Tone` command, the reward is inside the valve calibration and its
+    /// open time is 1 µs..=`safety.max_valve_open_ms`). Given a
+    /// configuration that breaks them (a bug), this never panics in a
+    /// release build: it saturates, and a reward without a calibrated open
+    /// time becomes no water (0 µs).
+    pub fn from_config(cfg: &RigConfig) -> Self {
         let t = &cfg.task;
-        let cpm = cfg.rig.encoder_counts_per_mm;
-        if !(cpm.is_finite() && cpm > 0.0) {
-            return Err(format!(
-                "rig.encoder_counts_per_mm = {cpm}: must be a number > 0 (measure it on the rig)"
-            ));
-        }
-        if !(t.threshold_mm.is_finite() && t.threshold_mm > 0.0) {
-            return Err(format!(
-                "task.threshold_mm = {}: must be > 0",
-                t.threshold_mm
-            ));
-        }
-        let cue_duration_ms = u16::try_from(t.cue_duration_ms).map_err(|_| {
-            format!(
-                "task.cue_duration_ms = {}: must be <= {} (the Tone command carries 16 bits)",
-                t.cue_duration_ms,
-                u16::MAX
-            )
-        })?;
-        let cue_level_pct = u8::try_from(t.cue_level_pct)
-            .ok()
-            .filter(|p| *p <= 100)
-            .ok_or_else(|| format!("task.cue_level_pct = {}: must be 0..=100", t.cue_level_pct))?;
-        if t.response_window_ms == 0 {
-            return Err("task.response_window_ms = 0: must be >= 1".to_owned());
-        }
-        if t.iti_min_ms > t.iti_max_ms {
-            return Err(format!(
-                "task.iti_min_ms = {}: must be <= task.iti_max_ms ({})",
-                t.iti_min_ms, t.iti_max_ms
-            ));
-        }
-        if !(t.reward_ul.is_finite() && t.reward_ul > 0.0) {
-            return Err(format!("task.reward_ul = {}: must be > 0", t.reward_ul));
-        }
-        let open_ms = cfg
-            .valve
-            .open_ms_for_volume(t.reward_ul)
-            .map_err(|e| format!("task.reward_ul = {}: {e}", t.reward_ul))?;
-        let open_us = (open_ms * 1000.0).round();
+        // rig-config: cue_duration_ms 1..=60000, cue_level_pct 0..=100.
+        let cue_duration_ms = u16::try_from(t.cue_duration_ms).unwrap_or(u16::MAX);
+        let cue_level_pct = u8::try_from(t.cue_level_pct.min(100)).unwrap_or(100);
+        // rig-config: reward_ul inside the calibration, its open time rounds
+        // to 1 µs..=max_valve_open_ms.
+        let open_ms = cfg.valve.open_ms_for_volume(t.reward_ul);
+        debug_assert!(
+            open_ms.is_ok(),
+            "task.reward_ul = {} has no calibrated open time: the configuration was not \
+             validated ({open_ms:?})",
+            t.reward_ul
+        );
         let cap_us = f64::from(cfg.safety.max_valve_open_ms) * 1000.0;
-        if open_us.is_nan() || open_us < 1.0 {
-            return Err(format!(
-                "task.reward_ul = {}: the calibration gives a valve time of {open_ms} ms; \
-                 it must be > 0",
-                t.reward_ul
-            ));
-        }
-        if open_us > cap_us {
-            return Err(format!(
-                "task.reward_ul = {}: needs the valve open {open_ms:.1} ms, more than \
-                 safety.max_valve_open_ms ({} ms); lower the reward or raise the cap",
-                t.reward_ul, cfg.safety.max_valve_open_ms
-            ));
-        }
-        let water_cap = cfg.safety.max_water_per_session_ul;
-        if !(water_cap.is_finite() && water_cap > 0.0) {
-            return Err(format!(
-                "safety.max_water_per_session_ul = {water_cap}: must be > 0"
-            ));
-        }
+        let open_us = open_ms.map_or(0.0, |ms| (ms * 1000.0).round().clamp(0.0, cap_us));
         let min_to_us = |m: u32| u64::from(m) * 60_000_000;
         let session_cap_us = min_to_us(cfg.safety.max_session_min);
         let max_duration_us = Some(match t.max_duration_min {
             Some(m) => min_to_us(m).min(session_cap_us),
             None => session_cap_us,
         });
-        Ok(Self {
+        Self {
             cue_tone_hz: t.cue_tone_hz,
             cue_duration_ms,
             cue_level_pct,
             response_window_us: u64::from(t.response_window_ms) * 1000,
-            counts_per_mm: cpm,
+            counts_per_mm: cfg.rig.encoder_counts_per_mm,
             threshold_mm: t.threshold_mm,
             rearm_hysteresis_mm: REARM_HYSTERESIS_MM,
             quiescence_us: u64::from(t.quiescence_ms) * 1000,
@@ -186,16 +148,16 @@ impl TaskParams {
             iti_press_restarts: t.iti_press_restarts,
             miss_timeout_us: u64::from(t.miss_timeout_ms) * 1000,
             reward_ul: t.reward_ul,
-            // open_us is in 1..=cap_us (<= 5 s), so it fits a u32.
+            // open_us is in 0..=cap_us (<= 5 s), so it fits a u32.
             valve_open_us: open_us as u32,
             max_trials: t.max_trials,
             max_rewards: t.max_rewards,
             max_duration_us,
             sated_after_us: t.sated_after_min.map(min_to_us),
-            max_water_session_ul: water_cap,
+            max_water_session_ul: cfg.safety.max_water_per_session_ul,
             water_remaining_today_ul: None,
             seed: 0,
-        })
+        }
     }
 
     /// The same parameters with another ITI seed.

@@ -129,7 +129,7 @@ impl Request {
             Self::Valve(valve) => valve
                 .action()
                 .map(|_| ())
-                .map_err(|message| ControlError::new(ErrorCode::BadRequest, message)),
+                .map_err(|e| ControlError::new(ErrorCode::BadRequest, e.to_string())),
             Self::Stop(_) | Self::Status {} | Self::Subscribe {} | Self::Tone(_) => Ok(()),
         }
     }
@@ -226,14 +226,36 @@ pub enum ValveAction {
     Flush { duration_ms: f64 },
 }
 
+/// Why a [`ValveRequest`] asks for nothing valid.
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+pub enum InvalidValveRequest {
+    /// The one duration given is not a number > 0.
+    #[error("valve: {field} = {value_ms}: expected a duration > 0")]
+    NotPositive {
+        /// `pulse_ms` or `flush_ms`.
+        field: &'static str,
+        /// The duration as given, ms.
+        value_ms: f64,
+    },
+    /// Both `pulse_ms` and `flush_ms`.
+    #[error("valve: both pulse_ms and flush_ms given: expected exactly one")]
+    Both,
+    /// Neither `pulse_ms` nor `flush_ms`.
+    #[error("valve: neither pulse_ms nor flush_ms given: expected exactly one")]
+    Neither,
+}
+
 impl ValveRequest {
-    /// The requested action, or a message saying what is wrong.
-    pub fn action(&self) -> Result<ValveAction, String> {
-        let positive = |field: &str, ms: f64| {
+    /// The requested action, or what is wrong with the request.
+    pub fn action(&self) -> Result<ValveAction, InvalidValveRequest> {
+        let positive = |field: &'static str, ms: f64| {
             if ms.is_finite() && ms > 0.0 {
                 Ok(ms)
             } else {
-                Err(format!("valve: {field} = {ms}: expected a duration > 0"))
+                Err(InvalidValveRequest::NotPositive {
+                    field,
+                    value_ms: ms,
+                })
             }
         };
         match (self.pulse_ms, self.flush_ms) {
@@ -243,12 +265,8 @@ impl ValveRequest {
             (None, Some(ms)) => {
                 positive("flush_ms", ms).map(|duration_ms| ValveAction::Flush { duration_ms })
             }
-            (Some(_), Some(_)) => {
-                Err("valve: both pulse_ms and flush_ms given: expected exactly one".to_owned())
-            }
-            (None, None) => {
-                Err("valve: neither pulse_ms nor flush_ms given: expected exactly one".to_owned())
-            }
+            (Some(_), Some(_)) => Err(InvalidValveRequest::Both),
+            (None, None) => Err(InvalidValveRequest::Neither),
         }
     }
 }

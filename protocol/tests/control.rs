@@ -5,10 +5,10 @@
 use proptest::prelude::*;
 use protocol::control::{
     encode_line, parse_request_line, parse_server_line, validate_mouse_id, ControlError,
-    DeviceEvent, ErrorBody, ErrorCode, Event, LineSplitter, LinkEvent, LinkState, Request,
-    RequestEnvelope, RequestId, Response, ServerMessage, SessionEvent, SessionState,
-    SessionSummary, SplitLine, StartReply, StartRequest, StatusReply, StopReply, StopRequest,
-    TaskOverrides, ToneRequest, TrialEvent, TrialOutcome, ValveAction, ValveRequest,
+    DeviceEvent, ErrorBody, ErrorCode, Event, InvalidValveRequest, LineSplitter, LinkEvent,
+    LinkState, Request, RequestEnvelope, RequestId, Response, ServerMessage, SessionEvent,
+    SessionState, SessionSummary, SplitLine, StartReply, StartRequest, StatusReply, StopReply,
+    StopRequest, TaskOverrides, ToneRequest, TrialEvent, TrialOutcome, ValveAction, ValveRequest,
     MAX_LINE_BYTES,
 };
 use serde_json::{json, Value};
@@ -180,6 +180,33 @@ fn handwritten_requests_parse() {
         ),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn a_valve_request_without_one_positive_duration_says_which_rule() {
+    let action = |pulse_ms, flush_ms| ValveRequest { pulse_ms, flush_ms }.action();
+    assert_eq!(action(None, None), Err(InvalidValveRequest::Neither));
+    assert_eq!(action(Some(1.0), Some(1.0)), Err(InvalidValveRequest::Both));
+    let e = action(Some(0.0), None).expect_err("a zero pulse");
+    assert_eq!(
+        e,
+        InvalidValveRequest::NotPositive {
+            field: "pulse_ms",
+            value_ms: 0.0
+        }
+    );
+    assert_eq!(
+        e.to_string(),
+        "valve: pulse_ms = 0: expected a duration > 0"
+    );
+    assert_eq!(
+        action(None, Some(-3.0)).map_err(|e| e.to_string()),
+        Err("valve: flush_ms = -3: expected a duration > 0".to_owned())
+    );
+    assert_eq!(
+        action(None, Some(2.5)),
+        Ok(ValveAction::Flush { duration_ms: 2.5 })
+    );
 }
 
 #[test]

@@ -1,7 +1,10 @@
 //! The rig's configuration file, `rig.toml`: its schema with a documented
 //! default for every key, units in the key names, validation that reports
 //! every problem as `file:line:column: key = value: rule`, and the valve
-//! calibration maths (volume to open time and back).
+//! calibration maths (volume to open time and back). A session's `[task]`
+//! overrides ([`RigConfig::with_task_overrides`]) are checked by the same
+//! rules, so a loaded configuration with a session's overrides applied still
+//! obeys every rule.
 //!
 //! Architecture invariant: this crate does no I/O beyond reading the one file
 //! [`load`] is given. It never opens the serial port, the socket or the data
@@ -18,6 +21,7 @@
 
 mod error;
 mod locate;
+mod overrides;
 mod schema;
 mod validate;
 mod valve;
@@ -27,6 +31,7 @@ use std::path::Path;
 use toml_edit::ImDocument;
 
 pub use error::{ConfigError, Problem, ToTomlError};
+pub use overrides::{OverrideError, OverrideProblem, TaskOverrideField};
 pub use schema::{
     AlertsSection, BaselineMethod, BaselineSection, CalibrationPoint, ControlSection,
     ImagingSection, PreviewSection, RealtimeSection, RigConfig, RigSection, SafetySection,

@@ -264,6 +264,26 @@ fn reward_must_not_need_more_than_the_valve_cap() {
     loaded("[task]\nreward_ul = 8.0\n[safety]\nmax_valve_open_ms = 75\n");
 }
 
+/// The device times the valve in whole microseconds: a reward the
+/// calibration turns into less than 1 µs would be a pulse of 0 (a check the
+/// task engine used to make on its own).
+#[test]
+fn reward_must_need_at_least_a_microsecond_of_valve() {
+    let from_zero = "[[valve.calibration]]\nopen_ms = 0.0\nvolume_ul = 0.0\n\
+                     [[valve.calibration]]\nopen_ms = 40.0\nvolume_ul = 4.0\n\
+                     [task]\nreward_ul = ";
+    let e = error(&format!("{from_zero}0.000001\n"));
+    assert_eq!(
+        e,
+        "rig.toml:8:13: task.reward_ul = 0.000001: needs the valve open 0.01 µs by the \
+         calibration, less than the 1 µs the device can time; raise the reward or check the \
+         calibration's smallest point"
+    );
+    // 0.1 µL is 1 ms; 0.0001 µL is exactly 1 µs.
+    loaded(&format!("{from_zero}0.1\n"));
+    loaded(&format!("{from_zero}0.0001\n"));
+}
+
 #[test]
 fn calibration_needs_two_increasing_points() {
     let one = "[[valve.calibration]]\nopen_ms = 10.0\nvolume_ul = 1.0\n";

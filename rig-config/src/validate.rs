@@ -75,6 +75,9 @@ pub(crate) struct Issue {
     /// The effective value, formatted as TOML would write it.
     pub value: String,
     pub rule: String,
+    /// For a cross-key rule reported on `key`, the other keys it reads: a
+    /// per-session override of one of them is what broke it.
+    pub also: Vec<KeyPath>,
 }
 
 /// Formats a float the way TOML writes it (always with a decimal point).
@@ -105,6 +108,17 @@ impl Issues {
             key,
             value,
             rule: rule.into(),
+            also: Vec::new(),
+        });
+    }
+
+    /// A cross-key rule on `key` that also reads the keys in `also`.
+    fn push_cross(&mut self, key: &str, also: &[&str], value: String, rule: impl Into<String>) {
+        self.0.push(Issue {
+            key: KeyPath::dotted(key),
+            value,
+            rule: rule.into(),
+            also: also.iter().map(|k| KeyPath::dotted(k)).collect(),
         });
     }
 
@@ -271,16 +285,18 @@ fn task(c: &RigConfig, out: &mut Issues) {
     // An invalid lever travel is reported on its own; only check > 0 then.
     let travel_ok = travel > 0.0 && travel.is_finite();
     if !(t.threshold_mm > 0.0 && (t.threshold_mm < travel || !travel_ok)) {
-        out.push(
+        out.push_cross(
             "task.threshold_mm",
+            &["rig.lever_travel_mm"],
             fmt_f64(t.threshold_mm),
             format!("must be > 0 and < rig.lever_travel_mm ({travel} mm)"),
         );
     }
     out.int_range("task.iti_max_ms", t.iti_max_ms.into(), 0, 600_000, " ms");
     if t.iti_min_ms > t.iti_max_ms {
-        out.push(
+        out.push_cross(
             "task.iti_min_ms",
+            &["task.iti_max_ms"],
             t.iti_min_ms.to_string(),
             format!(
                 "must be <= task.iti_max_ms ({} ms); lower iti_min_ms or raise iti_max_ms",
@@ -325,11 +341,13 @@ fn task(c: &RigConfig, out: &mut Issues) {
             "must be a finite number > 0 µL",
         );
     } else if calibration_is_valid(c) {
+        let cap_ms = c.safety.max_valve_open_ms;
         match c.valve.open_ms_for_volume(t.reward_ul) {
             Err(_) => {
                 let (lo, hi) = c.valve.volume_range_ul().unwrap_or((f64::NAN, f64::NAN));
-                out.push(
+                out.push_cross(
                     "task.reward_ul",
+                    &["valve.calibration"],
                     fmt_f64(t.reward_ul),
                     format!(
                         "must be inside the valve calibration's range ({lo}..={hi} µL); \
@@ -337,14 +355,28 @@ fn task(c: &RigConfig, out: &mut Issues) {
                     ),
                 );
             }
-            Ok(open_ms) if open_ms > f64::from(c.safety.max_valve_open_ms) => {
-                out.push(
+            // The device times the valve in whole microseconds.
+            Ok(open_ms) if (open_ms * 1000.0).round() < 1.0 => {
+                out.push_cross(
                     "task.reward_ul",
+                    &["valve.calibration"],
+                    fmt_f64(t.reward_ul),
+                    format!(
+                        "needs the valve open {:.2} µs by the calibration, less than the \
+                         1 µs the device can time; raise the reward or check the calibration's \
+                         smallest point",
+                        open_ms * 1000.0
+                    ),
+                );
+            }
+            Ok(open_ms) if open_ms > f64::from(cap_ms) => {
+                out.push_cross(
+                    "task.reward_ul",
+                    &["valve.calibration", "safety.max_valve_open_ms"],
                     fmt_f64(t.reward_ul),
                     format!(
                         "needs the valve open {open_ms:.1} ms by the calibration, more than \
-                         safety.max_valve_open_ms ({} ms); lower the reward or raise the cap",
-                        c.safety.max_valve_open_ms
+                         safety.max_valve_open_ms ({cap_ms} ms); lower the reward or raise the cap"
                     ),
                 );
             }

@@ -339,6 +339,53 @@ fn bad_requests_get_clear_errors_and_the_daemon_carries_on() {
         }
     }
     assert!(saw_start, "the subscribed client kept getting events");
+    // Task overrides are checked by the file's rules; a refused start names
+    // the override, its value and the rule.
+    let answers = send_lines(
+        &rig.socket,
+        &[
+            br#"{"cmd":"start","mouse":"M7","id":20,"task":{"threshold_mm":7.5}}"#,
+            br#"{"cmd":"start","mouse":"M7","id":21,"task":{"iti_max_ms":2000}}"#,
+        ],
+    );
+    assert_eq!(answers[0]["error"]["code"], "bad_request", "{}", answers[0]);
+    assert_eq!(
+        answers[0]["error"]["message"],
+        "task overrides rejected: task.threshold_mm = 7.5: must be > 0 and < \
+         rig.lever_travel_mm (6 mm)"
+    );
+    assert_eq!(answers[1]["error"]["code"], "bad_request", "{}", answers[1]);
+    assert!(
+        answers[1]["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with(
+                "task overrides rejected: task.iti_max_ms = 2000: conflicts with the configured \
+             task.iti_min_ms = 3000"
+            )),
+        "{}",
+        answers[1]
+    );
+    // Accepted overrides are the session's configuration.
+    let answers = send_lines(
+        &rig.socket,
+        &[br#"{"cmd":"start","mouse":"M7","id":22,"task":{"threshold_mm":2.0,"max_trials":3}}"#],
+    );
+    assert_eq!(answers[0]["ok"], true, "{}", answers[0]);
+    let dir = PathBuf::from(answers[0]["session_dir"].as_str().expect("session_dir"));
+    let meta: toml::Table = std::fs::read_to_string(dir.join("session.toml"))
+        .expect("session.toml")
+        .parse()
+        .expect("session.toml is TOML");
+    let task = &meta["config"]["task"];
+    assert_eq!(task["threshold_mm"].as_float(), Some(2.0), "{task}");
+    assert_eq!(task["max_trials"].as_integer(), Some(3), "{task}");
+    assert_eq!(
+        task["reward_ul"].as_float(),
+        Some(4.0),
+        "the rest as configured"
+    );
+    let (code, out, err) = rigctl(&rig.socket, &["stop"]);
+    assert_eq!(code, 0, "{out}{err}");
     // No connection: exit code 2.
     let (code, _, err) = rigctl(&rig.dir.path().join("nope.sock"), &["status"]);
     assert_eq!(code, 2, "{err}");

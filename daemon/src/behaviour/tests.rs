@@ -428,9 +428,7 @@ fn simulated_session(day: u8, minutes: u64, seed: u64) -> Summary {
     use protocol::serial::{EventKind, HostCommand};
 
     let cfg = rig_config::RigConfig::default();
-    let params = TaskParams::from_config(&cfg)
-        .expect("valid")
-        .with_seed(seed);
+    let params = TaskParams::from_config(&cfg).with_seed(seed);
     let summary_params = SummaryParams::from_task(&params);
     let mut engine = TaskEngine::new(params);
     let mut mouse = Mouse::new(day, LeverSpec::default(), cfg.task.threshold_mm, seed);

@@ -5,9 +5,7 @@
 
 use std::path::PathBuf;
 
-use protocol::control::{
-    validate_mouse_id, ErrorCode, InvalidMouseId, LinkState, StartRequest, TaskOverrides,
-};
+use protocol::control::{validate_mouse_id, ErrorCode, InvalidMouseId, LinkState, StartRequest};
 use rig_config::RigConfig;
 
 use crate::task::TaskParams;
@@ -60,10 +58,9 @@ pub enum StartError {
     NotConnected { detail: String, port: String },
     #[error("the rig is connected but no lever sample has arrived yet: try again in a moment")]
     NoSampleYet,
-    #[error("task overrides rejected: {0}")]
-    Overrides(String),
-    #[error("task: {0}")]
-    Task(String),
+    /// The request's task overrides broke the configuration's rules.
+    #[error("{0}")]
+    Overrides(#[from] rig_config::OverrideError),
     #[error(
         "{mouse} already had {today_ul:.1} µL today, the daily cap ([safety].max_water_per_day_ul) is {cap_ul:.1} µL"
     )]
@@ -103,7 +100,7 @@ impl StartError {
             Self::AlreadyRunning { .. } => ErrorCode::AlreadyRunning,
             Self::InvalidMouse(_) => ErrorCode::InvalidMouse,
             Self::NotConnected { .. } | Self::NoSampleYet => ErrorCode::DeviceUnavailable,
-            Self::Overrides(_) | Self::Task(_) => ErrorCode::BadRequest,
+            Self::Overrides(_) => ErrorCode::BadRequest,
             Self::DailyWaterCap { .. } | Self::DiskFull { .. } | Self::DiskTooSlow(_) => {
                 ErrorCode::RefusedBySafety
             }
@@ -149,8 +146,10 @@ impl SessionPlan {
         if facts.rig_now_us == 0 {
             return Err(StartError::NoSampleYet);
         }
+        // The task for this session: the configuration plus any overrides,
+        // checked by the configuration's own rules.
         let cfg = match &req.task {
-            Some(t) => with_overrides(cfg, t)?,
+            Some(t) => cfg.with_task_overrides(t)?,
             None => cfg.clone(),
         };
         let today = facts.water_today_ul;
@@ -171,7 +170,6 @@ impl SessionPlan {
             }
         }
         let params = TaskParams::from_config(&cfg)
-            .map_err(StartError::Task)?
             .with_seed(facts.seed)
             .with_water_remaining_today_ul(Some(remaining));
         Ok(SessionPlan {
@@ -197,62 +195,10 @@ impl SessionPlan {
     }
 }
 
-/// The configuration with a start request's task overrides, checked by the
-/// same rules as the file.
-fn with_overrides(cfg: &RigConfig, t: &TaskOverrides) -> Result<RigConfig, StartError> {
-    let mut cfg = cfg.clone();
-    apply_overrides(&mut cfg, t);
-    let text = cfg
-        .to_toml_string()
-        .map_err(|e| StartError::ConfigSnapshot(e.to_string()))?;
-    if let Err(e) = rig_config::parse_str(&text, std::path::Path::new("start.task")) {
-        let msg = e
-            .problems()
-            .iter()
-            .map(|p| p.message.clone())
-            .collect::<Vec<_>>()
-            .join("; ");
-        return Err(StartError::Overrides(msg));
-    }
-    Ok(cfg)
-}
-fn apply_overrides(cfg: &mut RigConfig, t: &protocol::control::TaskOverrides) {
-    let task = &mut cfg.task;
-    if let Some(v) = t.response_window_ms {
-        task.response_window_ms = v;
-    }
-    if let Some(v) = t.threshold_mm {
-        task.threshold_mm = v;
-    }
-    if let Some(v) = t.reward_ul {
-        task.reward_ul = v;
-    }
-    if let Some(v) = t.iti_min_ms {
-        task.iti_min_ms = v;
-    }
-    if let Some(v) = t.iti_max_ms {
-        task.iti_max_ms = v;
-    }
-    if let Some(v) = t.quiescence_ms {
-        task.quiescence_ms = v;
-    }
-    if t.max_trials.is_some() {
-        task.max_trials = t.max_trials;
-    }
-    if t.max_rewards.is_some() {
-        task.max_rewards = t.max_rewards;
-    }
-    if t.max_duration_min.is_some() {
-        task.max_duration_min = t.max_duration_min;
-    }
-    if t.sated_after_min.is_some() {
-        task.sated_after_min = t.sated_after_min;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use protocol::control::TaskOverrides;
 
     fn ready() -> StartFacts {
         StartFacts {
@@ -356,7 +302,7 @@ mod tests {
         });
         let e = refusal(&ready(), &req);
         assert_eq!(e.code(), ErrorCode::BadRequest);
-        assert!(e.to_string().contains("must be > 0"), "{e}");
+        assert!(e.to_string().contains("task.threshold_mm"), "{e}");
         req.task = Some(TaskOverrides {
             threshold_mm: Some(1.5),
             ..TaskOverrides::default()

@@ -499,7 +499,9 @@ impl Supervisor {
     }
 
     async fn valve(&mut self, v: &protocol::control::ValveRequest) -> Result<(), ControlError> {
-        let action = v.action().map_err(|m| err(ErrorCode::BadRequest, m))?;
+        let action = v
+            .action()
+            .map_err(|e| err(ErrorCode::BadRequest, e.to_string()))?;
         let (tx, rx) = oneshot::channel();
         let req = match action {
             ValveAction::Pulse { duration_ms } => {
