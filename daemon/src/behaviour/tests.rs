@@ -424,8 +424,8 @@ fn summary_serialises_to_the_documented_keys() {
 /// time, without the serial link: `minutes` of a session on training `day`.
 fn simulated_session(day: u8, minutes: u64, seed: u64) -> Summary {
     use crate::task::{TaskEngine, TaskInput, TaskOutput, TaskParams};
-    use firmware_bridge::sim::{LeverSpec, Mouse};
     use protocol::serial::{EventKind, HostCommand};
+    use rig_sim::{LeverSpec, Mouse};
 
     let cfg = rig_config::RigConfig::default();
     let params = TaskParams::from_config(&cfg)

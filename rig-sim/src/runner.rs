@@ -21,13 +21,13 @@ use std::time::{Duration, Instant};
 use nix::poll::{PollFd, PollFlags};
 use nix::sys::time::TimeSpec;
 
-use super::device::{Device, DeviceIo, DigitalInput, OutputChange};
-use super::microscope::live::{host_ns_at, FrameTick, LiveMicroscope}; // [microscope hook]
-use super::mouse::Mouse;
-use super::pty::{self, Pty};
-use super::truth::{TruthEvent, TruthLog};
-use super::{FaultSpec, LatencyModel, SimClock, SimError, SimOptions, SimStats};
+use crate::device::{Device, DeviceIo, DigitalInput, OutputChange};
+use crate::microscope::live::{host_ns_at, FrameTick, LiveMicroscope}; // [microscope hook]
+use crate::mouse::Mouse;
+use crate::pty::{self, Pty};
 use crate::rng::Rng;
+use crate::truth::{TruthEvent, TruthLog};
+use crate::{FaultSpec, LatencyModel, SimClock, SimError, SimOptions, SimStats};
 
 /// Longest stretch of true time simulated in one piece, µs.
 const CHUNK_US: f64 = 2_000.0;
@@ -286,7 +286,7 @@ pub(crate) struct Sim {
     next_fault: usize,
     /// Event-triggered faults still waiting, valve openings and cues so
     /// far, and how many truth rows were already scanned for them.
-    triggered: Vec<super::TriggeredFault>,
+    triggered: Vec<crate::TriggeredFault>,
     valve_opens: u32,
     cues: u32,
     rows_scanned: usize,
@@ -657,11 +657,11 @@ impl Sim {
             let hit = match ev.kind {
                 "valve_open" => {
                     self.valve_opens += 1;
-                    super::FaultTrigger::Valve(self.valve_opens)
+                    crate::FaultTrigger::Valve(self.valve_opens)
                 }
                 "tone_on" => {
                     self.cues += 1;
-                    super::FaultTrigger::Cue(self.cues)
+                    crate::FaultTrigger::Cue(self.cues)
                 }
                 _ => continue,
             };

@@ -23,10 +23,10 @@ use protocol::ring::{PixelType, RingGeometry, RingWriter};
 
 use super::files::{FrameRow, MicroscopeTruth};
 use super::{Microscope, MicroscopeSpec};
-use crate::link::host_now_ns;
-use crate::shm::FrameRingWriter;
-use crate::sim::truth::TruthEvent;
-use crate::sim::SimClock;
+use crate::truth::TruthEvent;
+use crate::SimClock;
+use firmware_bridge::link::host_now_ns;
+use frame_ring::FrameRingWriter;
 
 /// Where rendered frames go.
 pub trait FrameSink: Send {
@@ -158,7 +158,7 @@ impl MicroscopeOptions {
             .validate()
             .map_err(|e| format!("--microscope: {e}"))?;
         if let Some(name) = &self.shm_name {
-            crate::shm::check_shm_name(name).map_err(|e| format!("--microscope {name}: {e}"))?;
+            frame_ring::check_shm_name(name).map_err(|e| format!("--microscope {name}: {e}"))?;
         }
         Ok(())
     }
@@ -345,12 +345,10 @@ impl Drop for LiveMicroscope {
 
 /// Rendering is bulk work: if the simulator's loop runs real-time
 /// (`SCHED_FIFO`, inherited by threads it starts), drop back to the normal
-/// policy so a 512x512 movie cannot starve the rest of the machine.
+/// policy so a 512x512 movie cannot starve the rest of the machine. A refusal
+/// leaves the policy unchanged, which is harmless.
 fn normal_priority() {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: plain syscall wrapper on the calling thread with a valid
-    // `sched_param`; failure leaves the policy unchanged, which is harmless.
-    let _ = unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_OTHER, &param) };
+    let _ = firmware_bridge::rt::make_current_thread_normal();
 }
 
 /// The renderer thread's state.

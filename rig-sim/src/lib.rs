@@ -1,13 +1,18 @@
-//! The virtual rig: a simulated microcontroller, lever and mouse that speak the
-//! serial protocol (docs/protocol.md, section 1) on a real pty, so the host
-//! opens it like `/dev/ttyACM0`.
+//! The virtual rig: a simulated microcontroller, lever, mouse and two-photon
+//! microscope that speak the rig's serial protocol (docs/protocol.md, section
+//! 1) on a real pty and publish frames into a real shared-memory frame ring,
+//! with the ground truth to check the daemon against. It is a stand-in for
+//! hardware only: it never runs task logic and is never on rigd's own data
+//! path (the daemon uses it for `rigd demo` and tests, nothing else).
 //!
 //! * [`clock`]: true time, the device clock (offset, drift, 32-bit wrap) and
 //!   the link latency model.
 //! * [`device`]: the firmware as a pure state machine (time and bytes in,
 //!   frames out).
 //! * [`mouse`]: the lever physics and the simulated mouse (naive to expert).
+//! * [`microscope`]: the synthetic calcium movie and its ground truth.
 //! * [`truth`]: the ground-truth log.
+//! * [`rng`]: the workspace's one seeded random number generator.
 //! * [`run`] / [`spawn`]: the real-time loop on one thread that joins them on a
 //!   pty, with link latency and scheduled faults (unplug, silence, garbage,
 //!   reboot).
@@ -20,6 +25,7 @@ pub mod device;
 pub mod microscope; // [microscope hook] the simulated two-photon microscope
 pub mod mouse;
 mod pty;
+pub mod rng;
 mod runner;
 pub mod truth;
 
