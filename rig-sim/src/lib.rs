@@ -20,6 +20,8 @@
 //! Architecture invariant: the device state machine reads no clock; only the
 //! runner looks at `CLOCK_MONOTONIC`, and it hands the device its own time.
 
+#![forbid(unsafe_code)]
+
 pub mod clock;
 pub mod device;
 pub mod microscope; // [microscope hook] the simulated two-photon microscope

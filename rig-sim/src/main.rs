@@ -2,6 +2,8 @@
 //! speaking the rig's serial protocol on a pty, with a symlink (`--link`) the
 //! host opens like `/dev/ttyACM0`. A thin command line over the `rig_sim` library.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

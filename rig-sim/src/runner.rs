@@ -18,6 +18,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use firmware_bridge::link::host_now_ns;
 use nix::poll::{PollFd, PollFlags};
 use nix::sys::time::TimeSpec;
 
@@ -352,7 +353,7 @@ impl Sim {
         faults.sort_by(|a, b| a.at_s().total_cmp(&b.at_s()));
 
         let start = Instant::now();
-        let start_host_ns = host_monotonic_ns();
+        let start_host_ns = host_now_ns();
         let mut link = Link {
             pty: Some(pty),
             host_present: false,
@@ -964,13 +965,5 @@ impl Sim {
         };
         let mut fds = [PollFd::new(p.master().as_fd(), PollFlags::POLLIN)];
         matches!(nix::poll::ppoll(&mut fds, Some(TimeSpec::from(Duration::ZERO)), None), Ok(n) if n > 0)
-    }
-}
-
-/// Host `CLOCK_MONOTONIC` now, ns (what `Instant` reads on Linux).
-fn host_monotonic_ns() -> u64 {
-    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
-        Ok(ts) => (ts.tv_sec() as u64) * 1_000_000_000 + ts.tv_nsec() as u64,
-        Err(_) => 0, // cannot fail on Linux
     }
 }
