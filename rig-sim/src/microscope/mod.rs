@@ -52,7 +52,7 @@
 pub mod files;
 pub mod live;
 
-use crate::rng::Rng;
+use crate::rng::{Rng, SplitMix64};
 
 pub use files::MicroscopeTruth;
 pub use live::{FrameSink, FrameTick, LiveMicroscope, MicroscopeStats};
@@ -344,7 +344,7 @@ pub struct Microscope {
 }
 
 fn mix(seed: u64, salt: u64) -> u64 {
-    let mut r = Rng::new(seed ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut r = Rng::new(seed ^ salt.wrapping_mul(SplitMix64::GAMMA));
     r.next_u64()
 }
 
