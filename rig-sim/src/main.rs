@@ -126,16 +126,16 @@ struct Args {
 }
 
 /// `WxH`, e.g. `512x512`.
-fn parse_size(s: &str) -> Result<(u32, u32), String> {
+fn parse_size(s: &str) -> anyhow::Result<(u32, u32)> {
     let (w, h) = s
         .split_once(['x', 'X'])
-        .ok_or_else(|| format!("'{s}': expected WxH, e.g. 512x512"))?;
+        .with_context(|| format!("'{s}': expected WxH, e.g. 512x512"))?;
     let n = |v: &str| {
         v.trim()
             .parse::<u32>()
             .ok()
             .filter(|&n| (8..=4096).contains(&n))
-            .ok_or_else(|| format!("'{s}': each side must be 8..=4096"))
+            .with_context(|| format!("'{s}': each side must be 8..=4096"))
     };
     Ok((n(w)?, n(h)?))
 }
