@@ -1,7 +1,7 @@
 //! The virtual rig: a simulated microcontroller, lever, mouse and two-photon
-//! microscope that speak the rig's serial protocol (docs/protocol.md, section
-//! 1) on a real pty and publish frames into a real shared-memory frame ring,
-//! with the ground truth to check the daemon against. It is a stand-in for
+//! microscope that speak the rig's serial protocol (`docs/protocol.md`,
+//! section 1) on a real pty and publish frames into a real shared-memory frame
+//! ring, with the ground truth to check the daemon against. It is a stand-in for
 //! hardware only: it never runs task logic and is never on rigd's own data
 //! path (the daemon uses it for `rigd demo` and tests, nothing else).
 //!
