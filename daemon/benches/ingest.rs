@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use daemon::imaging::ingest::{Ingest, IngestSetup};
 use daemon::session::LiveView;
 use firmware_bridge::link::host_now_ns;
-use firmware_bridge::shm::{unlink_ring, FrameRingWriter};
+use frame_ring::{unlink_ring, FrameRingWriter};
 use protocol::ring::{PixelType, RingGeometry};
 
 fn rss_kb() -> u64 {

@@ -14,25 +14,10 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use daemon::imaging::motion::{MotionCorrector, MotionParams, Reference};
+use rig_sim::rng::SplitMix64;
 
 const W: usize = 512;
 const H: usize = 512;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
-    }
-    fn normal(&mut self) -> f32 {
-        let u1 = self.next().max(1e-7);
-        let u2 = self.next();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
-    }
-}
 
 /// The field of view moved by (dx, dy), photons scaled by `gain`, shot noise.
 fn render(
@@ -40,7 +25,7 @@ fn render(
     dx: f32,
     dy: f32,
     gain: f32,
-    rng: Option<&mut Rng>,
+    rng: Option<&mut SplitMix64>,
 ) -> Vec<u16> {
     let mut img = vec![0.0f32; W * H];
     for y in 0..H {
@@ -65,7 +50,7 @@ fn render(
         .map(|&v| {
             let mut p = v * gain;
             if let Some(r) = rng.as_deref_mut() {
-                p += p.max(0.0).sqrt() * r.normal();
+                p += p.max(0.0).sqrt() * r.normal_f32();
             }
             p.round().clamp(0.0, 65535.0) as u16
         })
@@ -73,14 +58,14 @@ fn render(
 }
 
 fn main() {
-    let mut rng = Rng(42);
+    let mut rng = SplitMix64::new(42);
     let blobs: Vec<_> = (0..300)
         .map(|_| {
             (
-                rng.next() * W as f32,
-                rng.next() * H as f32,
-                2.0 + 2.0 * rng.next(),
-                300.0 + 700.0 * rng.next(),
+                rng.uniform_f32() * W as f32,
+                rng.uniform_f32() * H as f32,
+                2.0 + 2.0 * rng.uniform_f32(),
+                300.0 + 700.0 * rng.uniform_f32(),
             )
         })
         .collect();
@@ -103,7 +88,12 @@ fn main() {
         let reference = Reference::from_image(&reference, W, H).expect("reference");
         let mut mc = MotionCorrector::new(&reference, params.clone()).expect("corrector");
         let truth: Vec<(f32, f32)> = (0..16)
-            .map(|_| ((rng.next() - 0.5) * 30.0, (rng.next() - 0.5) * 30.0))
+            .map(|_| {
+                (
+                    (rng.uniform_f32() - 0.5) * 30.0,
+                    (rng.uniform_f32() - 0.5) * 30.0,
+                )
+            })
             .collect();
         let frames: Vec<Vec<u16>> = truth
             .iter()

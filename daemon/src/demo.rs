@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use firmware_bridge::link::LinkSettings;
-use firmware_bridge::sim::{self, SimOptions};
 use protocol::control::{Event, LinkState, SessionEvent, StartRequest, TrialOutcome};
+use rig_sim::SimOptions;
 
 use crate::app::App;
 use crate::session::{SessionLog, StopReason};
@@ -66,15 +66,14 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
     // The simulated microscope: 256x256 keeps a 10x-speed demo light (the
     // default 512x512 is for real-time sessions; see docs/performance.md).
     let shm_name = format!("/rigd-demo-{}", std::process::id());
-    let mut scope =
-        firmware_bridge::sim::microscope::live::MicroscopeOptions::new(Some(shm_name.clone()));
+    let mut scope = rig_sim::microscope::live::MicroscopeOptions::new(Some(shm_name.clone()));
     scope.width = 256;
     scope.height = 256;
     scope.neurons = 100;
     scope.slot_count = 256;
     sim_opts.microscope = Some(scope);
-    let sim =
-        sim::spawn(sim_opts).map_err(|e| anyhow::anyhow!("cannot start the virtual rig: {e}"))?;
+    let sim = rig_sim::spawn(sim_opts)
+        .map_err(|e| anyhow::anyhow!("cannot start the virtual rig: {e}"))?;
 
     // A configuration with every default, pointed at the virtual rig.
     let mut cfg = rig_config::RigConfig::default();
@@ -198,7 +197,7 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
         tracing::warn!("virtual rig: {e}");
     }
     let _ = std::fs::remove_dir_all(&run_dir);
-    let _ = firmware_bridge::shm::unlink_ring(&shm_name);
+    let _ = frame_ring::unlink_ring(&shm_name);
     let reply = result.map_err(|e| anyhow::anyhow!("{}", e.message))?;
     let s = &reply.summary;
     crate::outln!();

@@ -39,6 +39,13 @@ pub fn make_current_thread_realtime(priority: i32) -> Result<(), PriorityError> 
     set_policy(0, libc::SCHED_FIFO, priority).map_err(|error| PriorityError { priority, error })
 }
 
+/// Put the calling thread back in the normal policy (`SCHED_OTHER`): for bulk
+/// work started from a real-time thread, which it would otherwise inherit
+/// (`rig-sim`'s microscope renderer). Returns why not, if the system refused.
+pub fn make_current_thread_normal() -> Result<(), String> {
+    set_policy(0, libc::SCHED_OTHER, 0).map_err(|e| format!("SCHED_OTHER refused ({e})"))
+}
+
 // ---- memory: no page faults on the latency path ----
 
 /// Why the process's memory was not locked.

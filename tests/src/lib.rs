@@ -12,7 +12,7 @@ pub mod soak;
 pub const BINARIES: &[(&str, &str)] = &[
     ("daemon", "rigd"),
     ("daemon", "rigctl"),
-    ("firmware-bridge", "rig-sim"),
+    ("rig-sim", "rig-sim"),
     ("firmware-bridge", "rig-probe"),
 ];
 

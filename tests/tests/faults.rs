@@ -462,8 +462,7 @@ fn a_stalled_frame_producer_is_recorded_and_ingest_resumes() {
     let _rigd = Rigd::start(&rig.config, &rig.socket);
     wait_connected(&rig.socket);
     let dir = start_session(&rig.socket, "M26");
-    let producer =
-        rig_tests::workspace_root().join("firmware-bridge/producers/rigframes_producer.py");
+    let producer = rig_tests::workspace_root().join("frame-ring/producers/rigframes_producer.py");
     let mut child = Command::new(rig_tests::python())
         .arg(&producer)
         .args([

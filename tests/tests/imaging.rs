@@ -253,7 +253,7 @@ fn the_python_producer_feeds_the_daemon() {
     }
     producer_feeds_the_daemon("pyprod", |shm, _| {
         let mut c = Command::new(python());
-        c.arg(workspace_root().join("firmware-bridge/producers/rigframes_producer.py"))
+        c.arg(workspace_root().join("frame-ring/producers/rigframes_producer.py"))
             .args([
                 "--name",
                 shm,
@@ -273,7 +273,7 @@ fn the_python_producer_feeds_the_daemon() {
 }
 
 fn build_c_producer(dir: &Path) -> PathBuf {
-    let src = workspace_root().join("firmware-bridge/producers/example_producer.c");
+    let src = workspace_root().join("frame-ring/producers/example_producer.c");
     let exe = dir.join("example_producer");
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let ok = Command::new(cc)

@@ -1,5 +1,7 @@
 use std::f64::consts::PI;
 
+use rig_sim::rng::SplitMix64;
+
 use super::filter::Butterworth4;
 use super::*;
 
@@ -55,21 +57,9 @@ impl Press {
     }
 }
 
-/// Deterministic noise (splitmix64 -> roughly Gaussian by summing uniforms).
-struct Noise(u64);
-
-impl Noise {
-    fn uniform(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn gauss(&mut self) -> f64 {
-        (0..12).map(|_| self.uniform()).sum::<f64>() - 6.0
-    }
+/// Deterministic, roughly Gaussian noise: the sum of 12 uniforms minus 6.
+fn gauss(noise: &mut SplitMix64) -> f64 {
+    (0..12).map(|_| noise.uniform()).sum::<f64>() - 6.0
 }
 
 /// A trace of `len_ms` at `rate_hz` with the presses, Gaussian noise of
@@ -83,14 +73,14 @@ fn synth(
     quantum_mm: f64,
     t0_us: u64,
 ) -> Vec<(u64, f64)> {
-    let mut noise = Noise(99);
+    let mut noise = SplitMix64::new(99);
     let period_us = 1_000_000 / rate_hz;
     let n = len_ms * 1000 / period_us;
     let mut out = Vec::with_capacity(n as usize);
     for i in 0..n {
         let t_ms = (i * period_us) as f64 / 1000.0;
         let mut x = presses.iter().map(|p| p.at(t_ms)).fold(0.0, f64::max);
-        x += noise_mm * noise.gauss();
+        x += noise_mm * gauss(&mut noise);
         if quantum_mm > 0.0 {
             x = (x / quantum_mm).round() * quantum_mm;
         }
@@ -287,7 +277,7 @@ fn stereotyped_presses_correlate_and_variable_ones_less() {
     assert!(r_same > 0.99, "{r_same}");
 
     // Variable amplitude, speed, hold and double pushes.
-    let mut noise = Noise(5);
+    let mut noise = SplitMix64::new(5);
     let mut presses = Vec::new();
     let mut trials = Vec::new();
     for i in 0..8 {
@@ -424,8 +414,8 @@ fn summary_serialises_to_the_documented_keys() {
 /// time, without the serial link: `minutes` of a session on training `day`.
 fn simulated_session(day: u8, minutes: u64, seed: u64) -> Summary {
     use crate::task::{TaskEngine, TaskInput, TaskOutput, TaskParams};
-    use firmware_bridge::sim::{LeverSpec, Mouse};
     use protocol::serial::{EventKind, HostCommand};
+    use rig_sim::{LeverSpec, Mouse};
 
     let cfg = rig_config::RigConfig::default();
     let params = TaskParams::from_config(&cfg).with_seed(seed);

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use firmware_bridge::link::host_now_ns;
-use firmware_bridge::shm::FrameRingMapping;
+use frame_ring::FrameRingMapping;
 use protocol::ring::PollOutcome;
 
 use super::timing::{Decision, FrameInfo, FrameTimer, StampSource};

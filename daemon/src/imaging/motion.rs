@@ -746,26 +746,7 @@ pub fn apply_shift(frame: &[u16], width: usize, height: usize, dx: f32, dy: f32,
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Small deterministic generator (splitmix64).
-    struct Rng(u64);
-    impl Rng {
-        fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        fn uniform(&mut self) -> f32 {
-            (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-        }
-        fn normal(&mut self) -> f32 {
-            let u1 = self.uniform().max(1e-7);
-            let u2 = self.uniform();
-            (-2.0 * u1.ln()).sqrt() * (2.0 * PI * u2).cos()
-        }
-    }
+    use rig_sim::rng::SplitMix64;
 
     /// A continuous synthetic field of view: neuron-like Gaussian blobs on a
     /// smooth background, rendered point-sampled at any subpixel offset, so
@@ -779,24 +760,24 @@ mod tests {
 
     impl Scene {
         fn new(w: usize, h: usize, n_blobs: usize, seed: u64) -> Self {
-            let mut rng = Rng(seed);
+            let mut rng = SplitMix64::new(seed);
             let blobs = (0..n_blobs)
                 .map(|_| {
                     (
-                        rng.uniform() * w as f32,
-                        rng.uniform() * h as f32,
-                        2.0 + 2.0 * rng.uniform(),
-                        300.0 + 700.0 * rng.uniform(),
+                        rng.uniform_f32() * w as f32,
+                        rng.uniform_f32() * h as f32,
+                        2.0 + 2.0 * rng.uniform_f32(),
+                        300.0 + 700.0 * rng.uniform_f32(),
                     )
                 })
                 .collect();
             let bg = (0..4)
                 .map(|_| {
                     (
-                        (rng.uniform() - 0.5) * 6.0 * PI / w as f32,
-                        (rng.uniform() - 0.5) * 6.0 * PI / h as f32,
-                        rng.uniform() * 2.0 * PI,
-                        40.0 + 40.0 * rng.uniform(),
+                        (rng.uniform_f32() - 0.5) * 6.0 * PI / w as f32,
+                        (rng.uniform_f32() - 0.5) * 6.0 * PI / h as f32,
+                        rng.uniform_f32() * 2.0 * PI,
+                        40.0 + 40.0 * rng.uniform_f32(),
                     )
                 })
                 .collect();
@@ -806,7 +787,7 @@ mod tests {
         /// The field of view moved by (dx, dy): value(x, y) = scene(x - dx, y - dy).
         /// `gain` scales the signal (dimness); noise is Poisson-like
         /// (Gaussian with variance equal to the photon count).
-        fn render(&self, dx: f32, dy: f32, gain: f32, noise: Option<&mut Rng>) -> Vec<u16> {
+        fn render(&self, dx: f32, dy: f32, gain: f32, noise: Option<&mut SplitMix64>) -> Vec<u16> {
             let (w, h) = (self.w, self.h);
             let mut img = vec![0.0f32; w * h];
             for y in 0..h {
@@ -835,7 +816,7 @@ mod tests {
                 .map(|&v| {
                     let mut p = v * gain;
                     if let Some(r) = rng.as_deref_mut() {
-                        p += p.max(0.0).sqrt() * r.normal();
+                        p += p.max(0.0).sqrt() * r.normal_f32();
                     }
                     p.round().clamp(0.0, 65535.0) as u16
                 })
@@ -860,7 +841,7 @@ mod tests {
     fn recovers_known_subpixel_shifts() {
         let scene = Scene::new(512, 512, 250, 1);
         let mut mc = corrector(&scene);
-        let mut rng = Rng(7);
+        let mut rng = SplitMix64::new(7);
         let mut worst = 0.0f32;
         for &(dx, dy) in &[
             (3.3, -1.7),
@@ -954,7 +935,7 @@ mod tests {
     #[test]
     fn reference_from_first_frames() {
         let scene = Scene::new(256, 256, 80, 5);
-        let mut rng = Rng(11);
+        let mut rng = SplitMix64::new(11);
         let mut builder = ReferenceBuilder::new(256, 256, 20);
         assert_eq!(
             builder.build(&MotionParams::default()),
@@ -964,8 +945,8 @@ mod tests {
         for i in 0..25 {
             // Jitter of about a pixel around a 1-px offset.
             let (dx, dy) = (
-                1.0 + (rng.uniform() - 0.5) * 2.0,
-                (rng.uniform() - 0.5) * 2.0,
+                1.0 + (rng.uniform_f32() - 0.5) * 2.0,
+                (rng.uniform_f32() - 0.5) * 2.0,
             );
             let frame = scene.render(dx, dy, 1.0, Some(&mut rng));
             done = builder.push(&frame).expect("push");
@@ -1041,7 +1022,7 @@ mod tests {
         // The reference is a clean mean image; the frame is at 5% of the
         // brightness (tens of photons per pixel) with shot noise.
         let mut mc = corrector(&scene);
-        let mut rng = Rng(9);
+        let mut rng = SplitMix64::new(9);
         for &(dx, dy) in &[(3.3, -1.7), (-5.8, 2.4)] {
             let frame = scene.render(dx, dy, 0.05, Some(&mut rng));
             let s = mc.register(&frame);

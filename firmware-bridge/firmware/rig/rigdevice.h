@@ -34,7 +34,7 @@
  * caused follow; after Reset: Ack, the events (cause 4), Hello. When a frame
  * ends the safe state, SafeStateCleared precedes the command's answer. These
  * choices, and the others where docs/protocol.md leaves room, are the same
- * as the Rust virtual rig's (firmware-bridge/src/sim/device.rs).
+ * as the Rust virtual rig's (rig-sim/src/device.rs).
  */
 #ifndef RIGDEVICE_H
 #define RIGDEVICE_H

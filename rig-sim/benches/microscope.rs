@@ -1,9 +1,9 @@
 //! Render time of the simulated microscope per frame (`cargo bench -p
-//! firmware-bridge --bench microscope`). 28.7 Hz needs < 34.8 ms per frame.
+//! rig-sim --bench microscope`). 28.7 Hz needs < 34.8 ms per frame.
 
 use std::time::Instant;
 
-use firmware_bridge::sim::microscope::{Microscope, MicroscopeSpec};
+use rig_sim::microscope::{Microscope, MicroscopeSpec};
 
 fn main() {
     for (w, h, channels, frames) in [

@@ -52,10 +52,12 @@
 pub mod files;
 pub mod live;
 
-use crate::rng::Rng;
+use crate::rng::{Rng, SplitMix64};
 
 pub use files::MicroscopeTruth;
-pub use live::{FrameSink, FrameTick, LiveMicroscope, MicroscopeStats};
+pub use live::{
+    FrameSink, FrameTick, LiveMicroscope, MicroscopeError, MicroscopeStats, PublishError,
+};
 
 /// What to simulate. [`MicroscopeSpec::new`] gives the defaults.
 #[derive(Debug, Clone, PartialEq)]
@@ -147,44 +149,37 @@ impl MicroscopeSpec {
     }
 
     /// Check the values; the message names the field and the rule.
-    pub fn validate(&self) -> Result<(), String> {
-        if !(1..=4096).contains(&self.width) || !(1..=4096).contains(&self.height) {
-            return Err(format!(
-                "microscope size {}x{}: each side must be 1..=4096",
-                self.width, self.height
-            ));
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let (width, height) = (self.width, self.height);
+        if !(1..=4096).contains(&width) || !(1..=4096).contains(&height) {
+            return Err(SpecError::SizeOutOfRange { width, height });
         }
-        if self.width < 8 || self.height < 8 {
-            return Err(format!(
-                "microscope size {}x{}: at least 8x8",
-                self.width, self.height
-            ));
+        if width < 8 || height < 8 {
+            return Err(SpecError::TooSmall { width, height });
         }
         if self.channels != 1 && self.channels != 2 {
-            return Err(format!("channels {}: must be 1 or 2", self.channels));
+            return Err(SpecError::Channels(self.channels));
         }
         if self.neurons > 65_535 {
-            return Err(format!("neurons {}: at most 65535", self.neurons));
+            return Err(SpecError::TooManyNeurons(self.neurons));
         }
-        for (name, v) in [
+        for (name, value) in [
             ("inhibitory_fraction", self.inhibitory_fraction),
             ("movement_fraction", self.movement_fraction),
             ("drift", self.drift),
         ] {
-            if !(0.0..=1.0).contains(&v) {
-                return Err(format!("{name} {v}: must be 0..=1"));
+            if !(0.0..=1.0).contains(&value) {
+                return Err(SpecError::NotAFraction { name, value });
             }
         }
         if !(1..=14).contains(&self.day) {
-            return Err(format!("day {}: must be 1..=14", self.day));
+            return Err(SpecError::Day(self.day));
         }
         let (lo, hi) = self.lag_range_s;
         if !(lo.is_finite() && hi.is_finite() && lo <= hi && lo >= -2.0 && hi <= 10.0) {
-            return Err(format!(
-                "lag range {lo}..{hi} s: must be within -2..10, lo <= hi"
-            ));
+            return Err(SpecError::LagRange { lo, hi });
         }
-        for (name, v, max) in [
+        for (name, value, max) in [
             ("spontaneous_hz", self.spontaneous_hz, 100.0),
             ("motion_px", self.motion_px, 64.0),
             ("neuropil", self.neuropil, 10_000.0),
@@ -192,12 +187,38 @@ impl MicroscopeSpec {
             ("offset", self.offset, 60_000.0),
             ("frame_rate_hz", self.frame_rate_hz, 10_000.0),
         ] {
-            if !(v.is_finite() && (0.0..=max).contains(&v)) {
-                return Err(format!("{name} {v}: must be 0..={max}"));
+            if !(value.is_finite() && (0.0..=max).contains(&value)) {
+                return Err(SpecError::OutOfRange { name, value, max });
             }
         }
         Ok(())
     }
+}
+
+/// Why a [`MicroscopeSpec`] was refused: the message names the field, the
+/// value and the rule.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SpecError {
+    #[error("microscope size {width}x{height}: each side must be 1..=4096")]
+    SizeOutOfRange { width: u32, height: u32 },
+    #[error("microscope size {width}x{height}: at least 8x8")]
+    TooSmall { width: u32, height: u32 },
+    #[error("channels {0}: must be 1 or 2")]
+    Channels(u32),
+    #[error("neurons {0}: at most 65535")]
+    TooManyNeurons(usize),
+    #[error("{name} {value}: must be 0..=1")]
+    NotAFraction { name: &'static str, value: f64 },
+    #[error("day {0}: must be 1..=14")]
+    Day(u8),
+    #[error("lag range {lo}..{hi} s: must be within -2..10, lo <= hi")]
+    LagRange { lo: f64, hi: f64 },
+    #[error("{name} {value}: must be 0..={max}")]
+    OutOfRange {
+        name: &'static str,
+        value: f64,
+        max: f64,
+    },
 }
 
 /// One neuron, as written to `neurons.tsv`.
@@ -344,7 +365,7 @@ pub struct Microscope {
 }
 
 fn mix(seed: u64, salt: u64) -> u64 {
-    let mut r = Rng::new(seed ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut r = Rng::new(seed ^ salt.wrapping_mul(SplitMix64::GAMMA));
     r.next_u64()
 }
 
@@ -366,7 +387,7 @@ fn jitter_s(day: u8) -> f64 {
 impl Microscope {
     /// Build the field of view: neuron placement, footprints, labels, static
     /// images. Deterministic in `spec`.
-    pub fn new(spec: MicroscopeSpec) -> Result<Self, String> {
+    pub fn new(spec: MicroscopeSpec) -> Result<Self, SpecError> {
         spec.validate()?;
         let w = spec.width as usize;
         let h = spec.height as usize;

@@ -19,19 +19,35 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
-use protocol::ring::{PixelType, RingGeometry, RingWriter};
+use firmware_bridge::link::host_now_ns;
+use frame_ring::{FrameRingWriter, ShmError};
+use protocol::ring::{LayoutError, PixelType, RingError, RingGeometry, RingWriter};
 
 use super::files::{FrameRow, MicroscopeTruth};
-use super::{Microscope, MicroscopeSpec};
-use crate::link::host_now_ns;
-use crate::shm::FrameRingWriter;
-use crate::sim::truth::TruthEvent;
-use crate::sim::SimClock;
+use super::{Microscope, MicroscopeSpec, SpecError};
+use crate::truth::TruthEvent;
+use crate::SimClock;
+
+/// Why a [`FrameSink`] could not publish a frame.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The shared-memory ring refused it.
+    #[error(transparent)]
+    Shm(#[from] ShmError),
+    /// The in-memory ring refused it.
+    #[error(transparent)]
+    Ring(#[from] RingError),
+}
 
 /// Where rendered frames go.
 pub trait FrameSink: Send {
     /// Publish one frame (`channels x height x width`, channel-major).
-    fn publish(&mut self, frame_number: u64, host_ns: u64, pixels: &[u16]) -> Result<(), String>;
+    fn publish(
+        &mut self,
+        frame_number: u64,
+        host_ns: u64,
+        pixels: &[u16],
+    ) -> Result<(), PublishError>;
     /// Called at least every 100 ms while no frame is published.
     fn heartbeat(&mut self, _now_ns: u64) {}
     /// No more frames.
@@ -39,10 +55,14 @@ pub trait FrameSink: Send {
 }
 
 impl FrameSink for FrameRingWriter {
-    fn publish(&mut self, frame_number: u64, host_ns: u64, pixels: &[u16]) -> Result<(), String> {
-        FrameRingWriter::publish(self, frame_number, host_ns, None, pixels)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+    fn publish(
+        &mut self,
+        frame_number: u64,
+        host_ns: u64,
+        pixels: &[u16],
+    ) -> Result<(), PublishError> {
+        FrameRingWriter::publish(self, frame_number, host_ns, None, pixels)?;
+        Ok(())
     }
 
     fn heartbeat(&mut self, now_ns: u64) {
@@ -55,10 +75,14 @@ impl FrameSink for FrameRingWriter {
 }
 
 impl FrameSink for RingWriter {
-    fn publish(&mut self, frame_number: u64, host_ns: u64, pixels: &[u16]) -> Result<(), String> {
-        RingWriter::publish(self, frame_number, host_ns, None, pixels)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+    fn publish(
+        &mut self,
+        frame_number: u64,
+        host_ns: u64,
+        pixels: &[u16],
+    ) -> Result<(), PublishError> {
+        RingWriter::publish(self, frame_number, host_ns, None, pixels)?;
+        Ok(())
     }
 
     fn heartbeat(&mut self, now_ns: u64) {
@@ -71,7 +95,7 @@ impl FrameSink for RingWriter {
 pub struct NullSink;
 
 impl FrameSink for NullSink {
-    fn publish(&mut self, _: u64, _: u64, _: &[u16]) -> Result<(), String> {
+    fn publish(&mut self, _: u64, _: u64, _: &[u16]) -> Result<(), PublishError> {
         Ok(())
     }
 }
@@ -147,32 +171,43 @@ impl MicroscopeOptions {
     }
 
     /// Check the values (the message names the flag).
-    pub fn validate(&self, frame_rate_hz: f64) -> Result<(), String> {
+    pub fn validate(&self, frame_rate_hz: f64) -> Result<(), MicroscopeError> {
         if frame_rate_hz <= 0.0 {
-            return Err("--microscope needs a frame clock: --frame-rate-hz must be > 0".into());
+            return Err(MicroscopeError::NoFrameClock);
         }
         if self.queue_frames == 0 {
-            return Err("microscope queue_frames: must be >= 1".into());
+            return Err(MicroscopeError::NoQueue);
         }
         self.spec(1, 14, frame_rate_hz)
             .validate()
-            .map_err(|e| format!("--microscope: {e}"))?;
+            .map_err(MicroscopeError::Spec)?;
         if let Some(name) = &self.shm_name {
-            crate::shm::check_shm_name(name).map_err(|e| format!("--microscope {name}: {e}"))?;
+            frame_ring::check_shm_name(name).map_err(|error| MicroscopeError::ShmName {
+                name: name.clone(),
+                error,
+            })?;
         }
         Ok(())
     }
 
     /// Build the generator, create the ring and the truth directory, and
     /// start the renderer thread.
-    pub fn start(&self, seed: u64, day: u8, frame_rate_hz: f64) -> Result<LiveMicroscope, String> {
+    pub fn start(
+        &self,
+        seed: u64,
+        day: u8,
+        frame_rate_hz: f64,
+    ) -> Result<LiveMicroscope, MicroscopeError> {
         self.validate(frame_rate_hz)?;
-        let micro = Microscope::new(self.spec(seed, day, frame_rate_hz))?;
+        let micro =
+            Microscope::new(self.spec(seed, day, frame_rate_hz)).map_err(MicroscopeError::Spec)?;
         let truth = match &self.truth_dir {
-            Some(dir) => Some(
-                MicroscopeTruth::create(dir, &micro)
-                    .map_err(|e| format!("--microscope-truth {}: {e}", dir.display()))?,
-            ),
+            Some(dir) => Some(MicroscopeTruth::create(dir, &micro).map_err(|error| {
+                MicroscopeError::Truth {
+                    dir: dir.clone(),
+                    error,
+                }
+            })?),
             None => None,
         };
         let sink: Box<dyn FrameSink> = match &self.shm_name {
@@ -189,16 +224,46 @@ impl MicroscopeOptions {
                     PixelType::U16Le,
                     slots,
                 )
-                .map_err(|e| format!("--microscope {name}: {e}"))?;
-                let mut w = FrameRingWriter::create(name, g).map_err(|e| e.to_string())?;
+                .map_err(|error| MicroscopeError::Geometry {
+                    name: name.clone(),
+                    error,
+                })?;
+                let mut w = FrameRingWriter::create(name, g).map_err(MicroscopeError::Ring)?;
                 w.set_nominal_frame_rate_mhz((frame_rate_hz * 1e3).round() as u32);
                 Box::new(w)
             }
             None => Box::new(NullSink),
         };
         LiveMicroscope::spawn(micro, sink, truth, self.queue_frames)
-            .map_err(|e| format!("cannot start the microscope thread: {e}"))
+            .map_err(MicroscopeError::Thread)
     }
+}
+
+/// Why the simulated microscope could not start. The message names the flag
+/// or the object, the value and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum MicroscopeError {
+    #[error("--microscope needs a frame clock: --frame-rate-hz must be > 0")]
+    NoFrameClock,
+    #[error("microscope queue_frames: must be >= 1")]
+    NoQueue,
+    /// The generator's spec (size, channels, neurons) is refused.
+    #[error("--microscope: {0}")]
+    Spec(SpecError),
+    /// The ring's name is not a valid POSIX shared-memory name.
+    #[error("--microscope {name}: {error}")]
+    ShmName { name: String, error: ShmError },
+    /// The frame size and slot count make no valid ring.
+    #[error("--microscope {name}: {error}")]
+    Geometry { name: String, error: LayoutError },
+    /// The shared-memory ring could not be created (the message names it).
+    #[error(transparent)]
+    Ring(ShmError),
+    /// The ground-truth directory or its files could not be created.
+    #[error("--microscope-truth {}: {error}", dir.display())]
+    Truth { dir: PathBuf, error: io::Error },
+    #[error("cannot start the microscope thread: {0}")]
+    Thread(io::Error),
 }
 
 /// What the microscope did, returned by [`LiveMicroscope::finish`].
@@ -345,12 +410,10 @@ impl Drop for LiveMicroscope {
 
 /// Rendering is bulk work: if the simulator's loop runs real-time
 /// (`SCHED_FIFO`, inherited by threads it starts), drop back to the normal
-/// policy so a 512x512 movie cannot starve the rest of the machine.
+/// policy so a 512x512 movie cannot starve the rest of the machine. A refusal
+/// leaves the policy unchanged, which is harmless.
 fn normal_priority() {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: plain syscall wrapper on the calling thread with a valid
-    // `sched_param`; failure leaves the policy unchanged, which is harmless.
-    let _ = unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_OTHER, &param) };
+    let _ = firmware_bridge::rt::make_current_thread_normal();
 }
 
 /// The renderer thread's state.

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use firmware_bridge::shm::{host_now_ns, unlink_ring, FrameRingMapping, FrameRingWriter, ShmError};
+use frame_ring::{host_now_ns, unlink_ring, FrameRingMapping, FrameRingWriter, ShmError};
 use protocol::ring::{FrameMeta, PixelType, PollOutcome, ProducerState, RingGeometry, RingReader};
 
 /// Unlinks the shared-memory object when dropped (also on panic).

@@ -470,7 +470,12 @@ struct SlowSink {
 }
 
 impl FrameSink for SlowSink {
-    fn publish(&mut self, frame_number: u64, host_ns: u64, pixels: &[u16]) -> Result<(), String> {
+    fn publish(
+        &mut self,
+        frame_number: u64,
+        host_ns: u64,
+        pixels: &[u16],
+    ) -> Result<(), super::live::PublishError> {
         std::thread::sleep(self.delay);
         FrameSink::publish(&mut self.writer, frame_number, host_ns, pixels)
     }

@@ -1,20 +1,20 @@
 //! Clock-sync accuracy against the virtual rig's ground truth, in virtual time.
 //!
-//! The virtual rig's own clock model (`sim::clock::SimClock`, drift 40 ppm) and
-//! link latency model (`sim::clock::LatencyModel`: 0.1 ms minimum, up to 2 ms
+//! The virtual rig's own clock model (`rig_sim::clock::SimClock`, drift 40 ppm) and
+//! link latency model (`rig_sim::clock::LatencyModel`: 0.1 ms minimum, up to 2 ms
 //! of jitter each way, 1 % of exchanges hit by a ~20 ms spike) drive the same
 //! `ClockSync` estimator the link uses, with the link's ping schedule (50 Hz for
 //! 20 s after connecting, then 10 Hz). Time is simulated, not slept, so 12 hours
 //! of device time take seconds. At every exchange the estimate's host -> rig
 //! mapping at that instant is compared with the truth.
 //!
-//! Run: `cargo bench -p firmware-bridge --bench clock_sync`. Prints a table of
+//! Run: `cargo bench -p rig-sim --bench clock_sync`. Prints a table of
 //! mapping-error percentiles per period; the target is p99 <= 50 µs after 10 s
 //! and still after 12 h.
 
-use firmware_bridge::rng::Rng;
-use firmware_bridge::sim::clock::{LatencyModel, SimClock};
 use firmware_bridge::sync::{ClockSync, SyncSample};
+use rig_sim::clock::{LatencyModel, SimClock};
+use rig_sim::rng::Rng;
 
 struct Period {
     name: &'static str,

@@ -3,10 +3,10 @@
 
 use std::path::Path;
 
-use firmware_bridge::shm::{unlink_ring, FrameRingMapping};
-use firmware_bridge::sim::microscope::live::MicroscopeOptions;
-use firmware_bridge::sim::{self, SimClock, SimOptions};
+use frame_ring::{unlink_ring, FrameRingMapping};
 use protocol::ring::PollOutcome;
+use rig_sim::microscope::live::MicroscopeOptions;
+use rig_sim::{SimClock, SimOptions};
 
 #[test]
 fn sim_publishes_a_frame_at_every_ttl_edge() {
@@ -25,7 +25,7 @@ fn sim_publishes_a_frame_at_every_ttl_edge() {
     (m.width, m.height, m.channels, m.neurons) = (64, 48, 2, 30);
     m.truth_dir = Some(dir.join("microscope"));
     o.microscope = Some(m);
-    let h = sim::spawn(o).expect("start");
+    let h = rig_sim::spawn(o).expect("start");
     let start_host_ns = h.start_host_ns();
     let clock = h.clock();
     h.wait().expect("run");

@@ -1,6 +1,8 @@
 //! `rig-sim`: the virtual rig. A simulated microcontroller, lever and mouse
 //! speaking the rig's serial protocol on a pty, with a symlink (`--link`) the
-//! host opens like `/dev/ttyACM0`. See `firmware_bridge::sim`.
+//! host opens like `/dev/ttyACM0`. A thin command line over the `rig_sim` library.
+
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,11 +10,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use firmware_bridge::sim::microscope::live::MicroscopeOptions; // [microscope hook]
-use firmware_bridge::sim::{
-    self, FaultSpec, Firmware, LatencyModel, LeverSpec, SimClock, SimOptions,
-};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use rig_sim::microscope::live::MicroscopeOptions; // [microscope hook]
+use rig_sim::{FaultSpec, Firmware, LatencyModel, LeverSpec, SimClock, SimOptions, TriggeredFault};
 
 /// The virtual rig: a simulated rig microcontroller (lever, lick sensor,
 /// valve, tone, frame-clock TTL, sync-out) and a simulated mouse, on a pty.
@@ -85,7 +85,7 @@ struct Args {
     /// valve opens for the Nth time, mid-reward) or KIND@cueN:ARG (the
     /// moment the Nth cue starts, mid-trial), e.g. unplug@valve2:1.5.
     #[arg(long = "fault-on", value_name = "SPEC")]
-    faults_on: Vec<firmware_bridge::sim::TriggeredFault>,
+    faults_on: Vec<TriggeredFault>,
     /// The mouse is sated after this many drinks (valve openings) and stops
     /// pressing.
     #[arg(long, value_name = "N")]
@@ -126,16 +126,16 @@ struct Args {
 }
 
 /// `WxH`, e.g. `512x512`.
-fn parse_size(s: &str) -> Result<(u32, u32), String> {
+fn parse_size(s: &str) -> anyhow::Result<(u32, u32)> {
     let (w, h) = s
         .split_once(['x', 'X'])
-        .ok_or_else(|| format!("'{s}': expected WxH, e.g. 512x512"))?;
+        .with_context(|| format!("'{s}': expected WxH, e.g. 512x512"))?;
     let n = |v: &str| {
         v.trim()
             .parse::<u32>()
             .ok()
             .filter(|&n| (8..=4096).contains(&n))
-            .ok_or_else(|| format!("'{s}': each side must be 8..=4096"))
+            .with_context(|| format!("'{s}': each side must be 8..=4096"))
     };
     Ok((n(w)?, n(h)?))
 }
@@ -216,7 +216,7 @@ fn main() -> anyhow::Result<()> {
     // Nor does a microcontroller page its firmware out: the valve-command
     // path runs once per trial and must not wait for a page fault.
     let _ = firmware_bridge::rt::lock_memory();
-    let stats = sim::run(&opts, &stop).context("rig-sim")?;
+    let stats = rig_sim::run(&opts, &stop).context("rig-sim")?;
     if !opts.quiet {
         eprintln!(
             "rig-sim: stopped: {} frames sent, {} dropped, {} host bytes in, {} truth rows",

@@ -24,8 +24,8 @@
 use std::collections::VecDeque;
 use std::f64::consts::PI;
 
-use super::truth::TruthEvent;
 use crate::rng::Rng;
+use crate::truth::TruthEvent;
 
 /// Physics step, µs of true time.
 const DT_US: f64 = 100.0;

@@ -1,13 +1,18 @@
-//! The virtual rig: a simulated microcontroller, lever and mouse that speak the
-//! serial protocol (docs/protocol.md, section 1) on a real pty, so the host
-//! opens it like `/dev/ttyACM0`.
+//! The virtual rig: a simulated microcontroller, lever, mouse and two-photon
+//! microscope that speak the rig's serial protocol (`docs/protocol.md`,
+//! section 1) on a real pty and publish frames into a real shared-memory frame
+//! ring, with the ground truth to check the daemon against. It is a stand-in for
+//! hardware only: it never runs task logic and is never on rigd's own data
+//! path (the daemon uses it for `rigd demo` and tests, nothing else).
 //!
 //! * [`clock`]: true time, the device clock (offset, drift, 32-bit wrap) and
 //!   the link latency model.
 //! * [`device`]: the firmware as a pure state machine (time and bytes in,
 //!   frames out).
 //! * [`mouse`]: the lever physics and the simulated mouse (naive to expert).
+//! * [`microscope`]: the synthetic calcium movie and its ground truth.
 //! * [`truth`]: the ground-truth log.
+//! * [`rng`]: the workspace's one seeded random number generator.
 //! * [`run`] / [`spawn`]: the real-time loop on one thread that joins them on a
 //!   pty, with link latency and scheduled faults (unplug, silence, garbage,
 //!   reboot).
@@ -15,11 +20,14 @@
 //! Architecture invariant: the device state machine reads no clock; only the
 //! runner looks at `CLOCK_MONOTONIC`, and it hands the device its own time.
 
+#![forbid(unsafe_code)]
+
 pub mod clock;
 pub mod device;
 pub mod microscope; // [microscope hook] the simulated two-photon microscope
 pub mod mouse;
 mod pty;
+pub mod rng;
 mod runner;
 pub mod truth;
 
@@ -77,31 +85,90 @@ impl fmt::Display for FaultSpec {
 
 const FAULT_FORMS: &str = "unplug@T:D, silent@T:D, garbage@T:N or reboot@T (T, D in seconds)";
 
+/// Which form of fault spec was expected (the error message lists them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultForm {
+    /// `--fault`: `KIND@T[:ARG]`.
+    Timed,
+    /// `--fault-on`: `KIND@valveN[:ARG]` or `KIND@cueN[:ARG]`.
+    Triggered,
+}
+
+impl fmt::Display for FaultForm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Timed => f.write_str(FAULT_FORMS),
+            Self::Triggered => write!(
+                f,
+                "KIND@valveN:ARG or KIND@cueN:ARG, KIND one of {FAULT_FORMS}"
+            ),
+        }
+    }
+}
+
+/// A `--fault` or `--fault-on` spec that could not be read: the spec, what is
+/// wrong with it and the forms expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("fault '{spec}': {problem}; expected {expected}")]
+pub struct FaultSpecError {
+    pub spec: String,
+    pub problem: FaultProblem,
+    pub expected: FaultForm,
+}
+
+/// What is wrong with a fault spec.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FaultProblem {
+    #[error("missing '@'")]
+    MissingAt,
+    #[error("{what} '{value}' is not a number of seconds >= 0")]
+    NotSeconds { what: &'static str, value: String },
+    #[error("missing ':{0}'")]
+    MissingArgument(&'static str),
+    #[error("the duration must be > 0")]
+    ZeroDuration,
+    #[error("byte count '{0}' must be 1..=1000000")]
+    ByteCount(String),
+    #[error("reboot takes no ':' argument")]
+    RebootArgument,
+    #[error("unknown fault '{0}'")]
+    UnknownKind(String),
+    #[error("'{0}': N must be a whole number >= 1")]
+    TriggerCount(String),
+    #[error("'{0}' is neither valveN nor cueN")]
+    UnknownTrigger(String),
+}
+
 impl FromStr for FaultSpec {
-    type Err = String;
+    type Err = FaultSpecError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = |why: &str| format!("fault '{s}': {why}; expected {FAULT_FORMS}");
-        let (kind, rest) = s.split_once('@').ok_or_else(|| bad("missing '@'"))?;
+        let bad = |problem| FaultSpecError {
+            spec: s.to_string(),
+            problem,
+            expected: FaultForm::Timed,
+        };
+        let (kind, rest) = s
+            .split_once('@')
+            .ok_or_else(|| bad(FaultProblem::MissingAt))?;
         let (at, arg) = match rest.split_once(':') {
             Some((a, b)) => (a, Some(b)),
             None => (rest, None),
         };
-        let secs = |v: &str, what: &str| -> Result<f64, String> {
-            match v.trim().parse::<f64>() {
-                Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
-                _ => Err(bad(&format!(
-                    "{what} '{v}' is not a number of seconds >= 0"
-                ))),
-            }
+        let secs = |v: &str, what: &'static str| match v.trim().parse::<f64>() {
+            Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+            _ => Err(bad(FaultProblem::NotSeconds {
+                what,
+                value: v.to_string(),
+            })),
         };
         let at_s = secs(at, "time")?;
-        let need_arg = |what: &str| arg.ok_or_else(|| bad(&format!("missing ':{what}'")));
+        let need_arg = |what| arg.ok_or_else(|| bad(FaultProblem::MissingArgument(what)));
         match kind.trim() {
             "unplug" | "silent" => {
                 let duration_s = secs(need_arg("D")?, "duration")?;
                 if duration_s <= 0.0 {
-                    return Err(bad("the duration must be > 0"));
+                    return Err(bad(FaultProblem::ZeroDuration));
                 }
                 Ok(if kind.trim() == "unplug" {
                     Self::Unplug { at_s, duration_s }
@@ -116,16 +183,16 @@ impl FromStr for FaultSpec {
                     .parse::<usize>()
                     .ok()
                     .filter(|&b| (1..=1_000_000).contains(&b))
-                    .ok_or_else(|| bad(&format!("byte count '{n}' must be 1..=1000000")))?;
+                    .ok_or_else(|| bad(FaultProblem::ByteCount(n.to_string())))?;
                 Ok(Self::Garbage { at_s, bytes })
             }
             "reboot" => {
                 if arg.is_some() {
-                    return Err(bad("reboot takes no ':' argument"));
+                    return Err(bad(FaultProblem::RebootArgument));
                 }
                 Ok(Self::Reboot { at_s })
             }
-            other => Err(bad(&format!("unknown fault '{other}'"))),
+            other => Err(bad(FaultProblem::UnknownKind(other.to_string()))),
         }
     }
 }
@@ -150,13 +217,17 @@ pub struct TriggeredFault {
 }
 
 impl FromStr for TriggeredFault {
-    type Err = String;
+    type Err = FaultSpecError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = |why: &str| {
-            format!("fault '{s}': {why}; expected KIND@valveN:ARG or KIND@cueN:ARG, KIND one of {FAULT_FORMS}")
+        let bad = |problem| FaultSpecError {
+            spec: s.to_string(),
+            problem,
+            expected: FaultForm::Triggered,
         };
-        let (kind, rest) = s.split_once('@').ok_or_else(|| bad("missing '@'"))?;
+        let (kind, rest) = s
+            .split_once('@')
+            .ok_or_else(|| bad(FaultProblem::MissingAt))?;
         let (when, arg) = match rest.split_once(':') {
             Some((a, b)) => (a, Some(b)),
             None => (rest, None),
@@ -166,14 +237,14 @@ impl FromStr for TriggeredFault {
                 .parse::<u32>()
                 .ok()
                 .filter(|n| *n >= 1)
-                .ok_or_else(|| bad(&format!("'{when}': N must be a whole number >= 1")))
+                .ok_or_else(|| bad(FaultProblem::TriggerCount(when.to_string())))
         };
         let on = if let Some(n) = when.strip_prefix("valve") {
             FaultTrigger::Valve(nth(n)?)
         } else if let Some(n) = when.strip_prefix("cue") {
             FaultTrigger::Cue(nth(n)?)
         } else {
-            return Err(bad(&format!("'{when}' is neither valveN nor cueN")));
+            return Err(bad(FaultProblem::UnknownTrigger(when.to_string())));
         };
         let timed = match arg {
             Some(a) => format!("{kind}@0:{a}"),
@@ -257,42 +328,44 @@ impl SimOptions {
 
     /// Check the values; the message names the option, the value and the rule.
     pub fn validate(&self) -> Result<(), SimError> {
-        let bad = |s: String| Err(SimError::BadOption(s));
+        fn bad(option: &'static str, value: impl fmt::Display, rule: &str) -> Result<(), SimError> {
+            Err(SimError::BadOption {
+                option,
+                value: value.to_string(),
+                rule: rule.to_string(),
+            })
+        }
         let c = &self.clock;
         if !(c.speed.is_finite() && c.speed > 0.0 && c.speed <= 1000.0) {
-            return bad(format!("--speed {}: must be > 0 and <= 1000", c.speed));
+            return bad("--speed", c.speed, "must be > 0 and <= 1000");
         }
         if !(c.drift_ppm.is_finite() && c.drift_ppm.abs() <= 10_000.0) {
-            return bad(format!(
-                "--drift-ppm {}: must be within ±10000",
-                c.drift_ppm
-            ));
+            return bad("--drift-ppm", c.drift_ppm, "must be within ±10000");
         }
         if !(1..=14).contains(&self.day) {
-            return bad(format!("--day {}: must be 1..=14", self.day));
+            return bad("--day", self.day, "must be 1..=14");
         }
         let l = &self.lever;
         if !(l.travel_mm.is_finite() && l.travel_mm > 0.0 && l.travel_mm <= 100.0) {
-            return bad(format!(
-                "--lever-travel-mm {}: must be > 0 and <= 100",
-                l.travel_mm
-            ));
+            return bad("--lever-travel-mm", l.travel_mm, "must be > 0 and <= 100");
         }
         if !(l.counts_per_mm.is_finite() && l.counts_per_mm > 0.0 && l.counts_per_mm <= 1e6) {
-            return bad(format!("--counts-per-mm {}: must be > 0", l.counts_per_mm));
+            return bad("--counts-per-mm", l.counts_per_mm, "must be > 0");
         }
         let thr = self.truth_threshold_mm;
         if !(thr.is_finite() && thr > 0.0 && thr < l.travel_mm) {
-            return bad(format!(
-                "--truth-threshold-mm {thr}: must be > 0 and < the lever travel ({} mm)",
-                l.travel_mm
-            ));
+            return bad(
+                "--truth-threshold-mm",
+                thr,
+                &format!("must be > 0 and < the lever travel ({} mm)", l.travel_mm),
+            );
         }
         if !(self.frame_rate_hz.is_finite() && (0.0..=10_000.0).contains(&self.frame_rate_hz)) {
-            return bad(format!(
-                "--frame-rate-hz {}: must be 0 (off) ..= 10000",
-                self.frame_rate_hz
-            ));
+            return bad(
+                "--frame-rate-hz",
+                self.frame_rate_hz,
+                "must be 0 (off) ..= 10000",
+            );
         }
         let lat = &self.latency;
         for (name, v) in [
@@ -301,34 +374,30 @@ impl SimOptions {
             ("--spike-us", lat.spike_us),
         ] {
             if !(v.is_finite() && (0.0..=10e6).contains(&v)) {
-                return bad(format!("{name} {v}: must be 0..=10000000 µs"));
+                return bad(name, v, "must be 0..=10000000 µs");
             }
         }
         if !(0.0..=1.0).contains(&lat.spike_prob) {
-            return bad(format!("--spike-prob {}: must be 0..=1", lat.spike_prob));
+            return bad("--spike-prob", lat.spike_prob, "must be 0..=1");
         }
         if self.firmware.hard_max_valve_open_ms == 0 {
-            return bad("--hard-max-valve-open-ms 0: must be > 0".to_string());
+            return bad("--hard-max-valve-open-ms", 0, "must be > 0");
         }
         let rate = self.firmware.max_sample_rate_hz;
         if rate == 0 || rate > 1_000_000 {
-            return bad(format!("--max-sample-rate-hz {rate}: must be 1..=1000000"));
+            return bad("--max-sample-rate-hz", rate, "must be 1..=1000000");
         }
         if let Some(d) = self.duration_s {
             if !(d.is_finite() && d > 0.0) {
-                return bad(format!("--duration-s {d}: must be > 0"));
+                return bad("--duration-s", d, "must be > 0");
             }
         }
         if self.tx_buffer_bytes < 64 {
-            return bad(format!(
-                "--tx-buffer-bytes {}: must be >= 64",
-                self.tx_buffer_bytes
-            ));
+            return bad("--tx-buffer-bytes", self.tx_buffer_bytes, "must be >= 64");
         }
         // [microscope hook]
         if let Some(m) = &self.microscope {
-            m.validate(self.frame_rate_hz)
-                .map_err(SimError::BadOption)?;
+            m.validate(self.frame_rate_hz)?;
         }
         pty::check_link(&self.link)?;
         Ok(())
@@ -338,8 +407,13 @@ impl SimOptions {
 /// Why the simulator could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
-    #[error("{0}")]
-    BadOption(String),
+    /// A value out of range: `--speed 0: must be > 0 and <= 1000`.
+    #[error("{option} {value}: {rule}")]
+    BadOption {
+        option: &'static str,
+        value: String,
+        rule: String,
+    },
     #[error("--link {0}")]
     Link(#[from] LinkError),
     #[error("cannot create a pty: {0}")]
@@ -350,9 +424,10 @@ pub enum SimError {
         #[source]
         source: std::io::Error,
     },
-    /// [microscope hook] The microscope could not start (ring, truth dir).
-    #[error("{0}")]
-    Microscope(String),
+    /// [microscope hook] The microscope's options are refused or it could
+    /// not start (ring, truth dir).
+    #[error(transparent)]
+    Microscope(#[from] microscope::MicroscopeError),
     #[error("the simulator thread panicked")]
     Panicked,
 }
@@ -518,7 +593,7 @@ mod tests {
             "melt@1",
             "silent@-1:1",
         ] {
-            let e = bad.parse::<FaultSpec>().expect_err(bad);
+            let e = bad.parse::<FaultSpec>().expect_err(bad).to_string();
             assert!(e.contains(bad) && e.contains("expected"), "{e}");
         }
     }

@@ -14,7 +14,7 @@
 //! do so, replaces the pty with a fresh one behind the same link.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -100,8 +100,7 @@ impl Pty {
             Ok(fd) => fd,
             Err(_) => return false,
         };
-        // SAFETY: TIOCNXCL takes no argument; `fd` is a valid open tty.
-        let _ = unsafe { nix::libc::ioctl(fd.as_raw_fd(), nix::libc::TIOCNXCL) };
+        let _ = rustix::termios::ioctl_tiocnxcl(&fd);
         let _ = termios::tcflush(&fd, FlushArg::TCIOFLUSH);
         true
     }

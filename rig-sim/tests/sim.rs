@@ -1,7 +1,7 @@
 //! The virtual rig against a real pty: a test host opens the link like a
 //! serial port (the `serialport` crate, raw mode) and speaks the protocol.
 //!
-//! Most tests run the simulator in-process (`sim::spawn`, one thread each);
+//! Most tests run the simulator in-process (`rig_sim::spawn`, one thread each);
 //! the last ones run the built `rig-sim` binary for its command line, its start
 //! line, its truth file and its clean exit on SIGTERM. Every test has its own
 //! directory under Cargo's target tmpdir.
@@ -13,11 +13,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use firmware_bridge::clock::RigClock;
-use firmware_bridge::sim::{self, FaultSpec, LatencyModel, SimClock, SimHandle, SimOptions};
 use protocol::serial::{
     cause, Ack, AckStatus, Configure, Decoder, DeviceMessage, Event, EventKind, Fault, FaultCode,
     Heartbeat, Hello, HostCommand, Pong, ValveOpen, ValvePulse, MAX_WIRE_FRAME,
 };
+use rig_sim::{FaultSpec, LatencyModel, SimClock, SimHandle, SimOptions};
 use serialport::TTYPort;
 
 /// A decoded device frame, owned.
@@ -188,7 +188,7 @@ fn options(name: &str) -> SimOptions {
 }
 
 fn start(o: SimOptions) -> (SimHandle, Host) {
-    let sim = sim::spawn(o).expect("start the simulator");
+    let sim = rig_sim::spawn(o).expect("start the simulator");
     let host = Host::open(sim.link());
     (sim, host)
 }
@@ -687,7 +687,7 @@ fn binary_serves_a_session_writes_truth_and_exits_on_sigterm() {
 
     let text = std::fs::read_to_string(&truth).expect("truth file");
     let mut lines = text.lines();
-    assert_eq!(lines.next(), Some(firmware_bridge::sim::TRUTH_HEADER));
+    assert_eq!(lines.next(), Some(rig_sim::TRUTH_HEADER));
     let rows: Vec<Vec<&str>> = lines.map(|l| l.split('\t').collect()).collect();
     assert!(rows.iter().all(|r| r.len() == 5), "5 columns");
     let kinds: Vec<&str> = rows.iter().map(|r| r[2]).collect();

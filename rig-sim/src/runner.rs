@@ -18,16 +18,17 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use firmware_bridge::link::host_now_ns;
 use nix::poll::{PollFd, PollFlags};
 use nix::sys::time::TimeSpec;
 
-use super::device::{Device, DeviceIo, DigitalInput, OutputChange};
-use super::microscope::live::{host_ns_at, FrameTick, LiveMicroscope}; // [microscope hook]
-use super::mouse::Mouse;
-use super::pty::{self, Pty};
-use super::truth::{TruthEvent, TruthLog};
-use super::{FaultSpec, LatencyModel, SimClock, SimError, SimOptions, SimStats};
+use crate::device::{Device, DeviceIo, DigitalInput, OutputChange};
+use crate::microscope::live::{host_ns_at, FrameTick, LiveMicroscope}; // [microscope hook]
+use crate::mouse::Mouse;
+use crate::pty::{self, Pty};
 use crate::rng::Rng;
+use crate::truth::{TruthEvent, TruthLog};
+use crate::{FaultSpec, LatencyModel, SimClock, SimError, SimOptions, SimStats};
 
 /// Longest stretch of true time simulated in one piece, µs.
 const CHUNK_US: f64 = 2_000.0;
@@ -286,7 +287,7 @@ pub(crate) struct Sim {
     next_fault: usize,
     /// Event-triggered faults still waiting, valve openings and cues so
     /// far, and how many truth rows were already scanned for them.
-    triggered: Vec<super::TriggeredFault>,
+    triggered: Vec<crate::TriggeredFault>,
     valve_opens: u32,
     cues: u32,
     rows_scanned: usize,
@@ -352,7 +353,7 @@ impl Sim {
         faults.sort_by(|a, b| a.at_s().total_cmp(&b.at_s()));
 
         let start = Instant::now();
-        let start_host_ns = host_monotonic_ns();
+        let start_host_ns = host_now_ns();
         let mut link = Link {
             pty: Some(pty),
             host_present: false,
@@ -657,11 +658,11 @@ impl Sim {
             let hit = match ev.kind {
                 "valve_open" => {
                     self.valve_opens += 1;
-                    super::FaultTrigger::Valve(self.valve_opens)
+                    crate::FaultTrigger::Valve(self.valve_opens)
                 }
                 "tone_on" => {
                     self.cues += 1;
-                    super::FaultTrigger::Cue(self.cues)
+                    crate::FaultTrigger::Cue(self.cues)
                 }
                 _ => continue,
             };
@@ -964,13 +965,5 @@ impl Sim {
         };
         let mut fds = [PollFd::new(p.master().as_fd(), PollFlags::POLLIN)];
         matches!(nix::poll::ppoll(&mut fds, Some(TimeSpec::from(Duration::ZERO)), None), Ok(n) if n > 0)
-    }
-}
-
-/// Host `CLOCK_MONOTONIC` now, ns (what `Instant` reads on Linux).
-fn host_monotonic_ns() -> u64 {
-    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
-        Ok(ts) => (ts.tv_sec() as u64) * 1_000_000_000 + ts.tv_nsec() as u64,
-        Err(_) => 0, // cannot fail on Linux
     }
 }

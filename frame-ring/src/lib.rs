@@ -1,11 +1,14 @@
-//! The frame ring in POSIX shared memory: the I/O around `protocol::ring`.
+//! The frame ring in POSIX shared memory: the I/O around `protocol::ring`,
+//! for the producer ([`FrameRingWriter`]) and for readers
+//! ([`FrameRingMapping`]), plus the C and Python producers in `producers/`.
+//! It only does `shm_open`, `ftruncate`, `fstat`, `mmap` and `shm_unlink`: it
+//! never defines the layout or the lock-free algorithm (those are
+//! `protocol::ring`'s) and never interprets a frame.
 //!
 //! [`FrameRingWriter`] creates (or re-initialises) the shared-memory object
 //! and publishes frames into it: it is the producer API for Rust acquisition
-//! code and for the simulated microscope. [`FrameRingMapping`] opens the
-//! object read-only for readers and hands out [`RingReader`]s. The layout and
-//! the lock-free algorithms live in `protocol::ring`; this module only does
-//! `shm_open`, `ftruncate`, `fstat`, `mmap` and `shm_unlink`
+//! code and for the simulated microscope (`rig-sim`). [`FrameRingMapping`]
+//! opens the object read-only for readers and hands out [`RingReader`]s
 //! (`docs/protocol.md`, section 2).
 //!
 //! A dead producer is detected with [`RingReader::is_stale`] (pass
@@ -28,7 +31,18 @@ use protocol::ring::{
     HEADER_REGION, MAGIC,
 };
 
-pub use crate::link::host_now_ns;
+/// Host `CLOCK_MONOTONIC` now, ns: the clock of the ring's `host_monotonic_ns`
+/// and `heartbeat_ns` stamps (`docs/protocol.md` 2.4 and 2.5). The same clock as
+/// `firmware_bridge::link::host_now_ns`, so the daemon can map ring stamps
+/// through its clock-sync fit; this crate reads it itself so that a producer
+/// does not need the serial link's crate.
+pub fn host_now_ns() -> u64 {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(ts) => (ts.tv_sec() as u64) * 1_000_000_000 + ts.tv_nsec() as u64,
+        // CLOCK_MONOTONIC cannot fail on Linux; fall back to 0 rather than panic.
+        Err(_) => 0,
+    }
+}
 
 /// The longest POSIX shared-memory name, including the leading `/`.
 pub const MAX_SHM_NAME_LEN: usize = 255;
