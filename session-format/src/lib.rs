@@ -18,8 +18,10 @@
 //!   a multiple of `[storage].chunk_minutes`.
 //! * [`recover`] and [`find_running`] repair folders left `running` by a crash.
 //! * Readers: [`read_trials`] / [`read_trials_in_rig_time`], [`LeverFiles`]
-//!   and [`read_lever_trace`] (every chunk), [`read_npy_header`],
-//!   [`read_t0_and_config`], and a mouse's history ([`water_today_ul`]).
+//!   and [`read_lever_trace`] (every chunk), [`read_npy_header`], [`read_npy`]
+//!   (any whole integer or float array, e.g. an ROI label image or a mean
+//!   image), [`read_t0_and_config`], and a mouse's history
+//!   ([`water_today_ul`]).
 //! * [`SessionLogFile`] is the session's `rigd.log`, rolled into parts.
 //!
 //! Architecture invariant: a session file is never overwritten or truncated
@@ -60,7 +62,10 @@ pub use history::water_today_ul;
 pub use log::SessionLogFile;
 pub use manifest::write_manifest;
 pub use meta::{read_t0_and_config, ClockSyncRecord, RealtimeRecord, SessionInfo, SessionState};
-pub use npy::{read_npy_header, NpyAppender, NpyDtype, NpyElement, NpyHeader};
+pub use npy::{
+    parse_npy, read_npy, read_npy_header, NpyAppender, NpyArray, NpyData, NpyDtype, NpyElement,
+    NpyHeader,
+};
 pub use recover::{find_running, recover, recover_with_summary, RecoveryOutcome, RecoveryReport};
 pub use reserve::{free_reserve, make_reserve, RESERVE_BYTES, RESERVE_FILE};
 pub use session_dir::SessionDir;

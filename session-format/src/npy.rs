@@ -1,4 +1,5 @@
-//! Append-only `.npy` arrays that numpy can load after every sync.
+//! Append-only `.npy` arrays that numpy can load after every sync, and the
+//! workspace's one `.npy` reader ([`read_npy_header`], [`read_npy`]).
 //!
 //! The file is an NPY v1.0 header followed by C-order rows. The header's
 //! length is fixed when the file is created, with room for a 20-digit row
@@ -381,52 +382,57 @@ impl NpyHeader {
 
 /// Read and parse the header of an `.npy` file (v1.0, v2.0 or v3.0).
 pub fn read_npy_header(path: &Path) -> Result<NpyHeader, StorageError> {
-    let mut f = File::open(path).map_err(|e| StorageError::io("open", path, e))?;
-    let bad = |reason: String| StorageError::Format {
+    let f = File::open(path).map_err(|e| StorageError::io("open", path, e))?;
+    // The preamble and the longest header this module reads, at most.
+    let mut prefix = Vec::new();
+    f.take((12 + MAX_HEADER_LEN) as u64)
+        .read_to_end(&mut prefix)
+        .map_err(|e| StorageError::io("read", path, e))?;
+    parse_header(&prefix).map_err(|reason| StorageError::Format {
         path: path.to_owned(),
         reason,
-    };
-    let mut pre = [0u8; 8];
-    f.read_exact(&mut pre)
-        .map_err(|_| bad("shorter than an NPY preamble".to_owned()))?;
+    })
+}
+
+/// Parse the header at the start of `bytes` (all of the file, or at least
+/// its header); the error is the reason, for [`StorageError::Format`].
+fn parse_header(bytes: &[u8]) -> Result<NpyHeader, String> {
+    let pre = bytes
+        .get(..8)
+        .ok_or_else(|| "shorter than an NPY preamble".to_owned())?;
     if &pre[..6] != MAGIC {
-        return Err(bad("not an NPY file (bad magic)".to_owned()));
+        return Err("not an NPY file (bad magic)".to_owned());
     }
     let version = (pre[6], pre[7]);
+    let truncated = || "truncated NPY header".to_owned();
     let (len_bytes, header_len) = match version.0 {
         1 => {
-            let mut b = [0u8; 2];
-            f.read_exact(&mut b)
-                .map_err(|_| bad("truncated NPY header".to_owned()))?;
-            (2u64, usize::from(u16::from_le_bytes(b)))
+            let b = bytes.get(8..10).ok_or_else(truncated)?;
+            (2usize, usize::from(u16::from_le_bytes([b[0], b[1]])))
         }
         2 | 3 => {
-            let mut b = [0u8; 4];
-            f.read_exact(&mut b)
-                .map_err(|_| bad("truncated NPY header".to_owned()))?;
-            (4u64, u32::from_le_bytes(b) as usize)
+            let b = bytes.get(8..12).ok_or_else(truncated)?;
+            (
+                4usize,
+                u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize,
+            )
         }
-        v => return Err(bad(format!("unsupported NPY version {v}"))),
+        v => return Err(format!("unsupported NPY version {v}")),
     };
     if header_len > MAX_HEADER_LEN {
-        return Err(bad(format!("NPY header of {header_len} bytes is too long")));
+        return Err(format!("NPY header of {header_len} bytes is too long"));
     }
-    let mut text = vec![0u8; header_len];
-    f.read_exact(&mut text)
-        .map_err(|_| bad("truncated NPY header".to_owned()))?;
-    let text = String::from_utf8(text).map_err(|_| bad("NPY header is not text".to_owned()))?;
-    let (descr, fortran_order, shape) = parse_dict(&text).ok_or_else(|| {
-        bad(format!(
-            "cannot parse NPY header dictionary {:?}",
-            text.trim_end()
-        ))
-    })?;
+    let start = 8 + len_bytes;
+    let text = bytes.get(start..start + header_len).ok_or_else(truncated)?;
+    let text = std::str::from_utf8(text).map_err(|_| "NPY header is not text".to_owned())?;
+    let (descr, fortran_order, shape) = parse_dict(text)
+        .ok_or_else(|| format!("cannot parse NPY header dictionary {:?}", text.trim_end()))?;
     Ok(NpyHeader {
         version,
         descr,
         fortran_order,
         shape,
-        data_offset: 6 + 2 + len_bytes + header_len as u64,
+        data_offset: (start + header_len) as u64,
     })
 }
 
@@ -463,6 +469,218 @@ fn parse_dict(text: &str) -> Option<(String, bool, Vec<u64>)> {
         }
     }
     Some((descr, fortran_order, shape))
+}
+
+// ---- Reading whole arrays -------------------------------------------------------
+
+/// The elements of an array read by [`read_npy`], in the machine's byte order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NpyData {
+    /// `u1`: uint8.
+    U1(Vec<u8>),
+    /// `u2`: uint16.
+    U2(Vec<u16>),
+    /// `u4`: uint32.
+    U4(Vec<u32>),
+    /// `u8`: uint64.
+    U8(Vec<u64>),
+    /// `i1`: int8.
+    I1(Vec<i8>),
+    /// `i2`: int16.
+    I2(Vec<i16>),
+    /// `i4`: int32.
+    I4(Vec<i32>),
+    /// `i8`: int64.
+    I8(Vec<i64>),
+    /// `f4`: float32.
+    F4(Vec<f32>),
+    /// `f8`: float64.
+    F8(Vec<f64>),
+}
+
+impl NpyData {
+    /// numpy's name of the element type: `uint16`, `float32`, ...
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Self::U1(_) => "uint8",
+            Self::U2(_) => "uint16",
+            Self::U4(_) => "uint32",
+            Self::U8(_) => "uint64",
+            Self::I1(_) => "int8",
+            Self::I2(_) => "int16",
+            Self::I4(_) => "int32",
+            Self::I8(_) => "int64",
+            Self::F4(_) => "float32",
+            Self::F8(_) => "float64",
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::U1(v) => v.len(),
+            Self::U2(v) => v.len(),
+            Self::U4(v) => v.len(),
+            Self::U8(v) => v.len(),
+            Self::I1(v) => v.len(),
+            Self::I2(v) => v.len(),
+            Self::I4(v) => v.len(),
+            Self::I8(v) => v.len(),
+            Self::F4(v) => v.len(),
+            Self::F8(v) => v.len(),
+        }
+    }
+
+    /// True for an array without elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A whole C-order array read from an `.npy` file by [`read_npy`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct NpyArray {
+    /// The header's `descr` as written (`<u2`, `>i4`, `|u1`, ...), for
+    /// messages; the element type is [`NpyData`]'s variant.
+    pub descr: String,
+    /// The full shape (empty for a 0-d array).
+    pub shape: Vec<u64>,
+    /// The elements in C order, as many as the shape's product.
+    pub data: NpyData,
+}
+
+impl NpyArray {
+    /// The shape as numpy prints it: `(512, 512)`, `(3,)`, `()`.
+    pub fn shape_text(&self) -> String {
+        match self.shape.as_slice() {
+            [d] => format!("({d},)"),
+            dims => {
+                let dims: Vec<String> = dims.iter().map(u64::to_string).collect();
+                format!("({})", dims.join(", "))
+            }
+        }
+    }
+}
+
+/// Read a whole `.npy` file (v1.0-3.0, C order) of an integer type of 1 to 8
+/// bytes or float32/float64, either byte order. Errors name the file and what
+/// is wrong with it: not NPY, a damaged header, Fortran order, an
+/// unsupported dtype, or less data than the shape declares (bytes after the
+/// data are ignored, as numpy does).
+pub fn read_npy(path: &Path) -> Result<NpyArray, StorageError> {
+    let bytes = std::fs::read(path).map_err(|e| StorageError::io("read", path, e))?;
+    parse_npy(&bytes, path)
+}
+
+/// [`read_npy`] of a file's bytes already in memory; `path` only names the
+/// file in errors.
+pub fn parse_npy(bytes: &[u8], path: &Path) -> Result<NpyArray, StorageError> {
+    let bad = |reason: String| StorageError::Format {
+        path: path.to_owned(),
+        reason,
+    };
+    let header = parse_header(bytes).map_err(bad)?;
+    let descr = header.descr;
+    if header.fortran_order {
+        return Err(bad(
+            "Fortran-order array is not supported: save it in C order \
+             (numpy.ascontiguousarray)"
+                .to_owned(),
+        ));
+    }
+    let element = ElementType::parse(&descr).ok_or_else(|| {
+        bad(format!(
+            "NPY dtype {descr:?} is not supported: save the array as an integer type, \
+             float32 or float64"
+        ))
+    })?;
+    let need = header
+        .shape
+        .iter()
+        .try_fold(element.size as u64, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| bad(format!("NPY shape {:?} is too large", header.shape)))?;
+    let start = usize::try_from(header.data_offset).unwrap_or(usize::MAX);
+    let have = bytes.len().saturating_sub(start);
+    let data = match usize::try_from(need) {
+        Ok(need) if need <= have => &bytes[start..start + need],
+        _ => {
+            return Err(bad(format!(
+                "truncated NPY data: shape {:?} of {descr} needs {need} bytes after the \
+                 header, the file has {have}",
+                header.shape
+            )))
+        }
+    };
+    Ok(NpyArray {
+        descr,
+        shape: header.shape,
+        data: element.decode(data),
+    })
+}
+
+/// An element type [`read_npy`] reads: kind (`u`, `i`, `f`), size, order.
+#[derive(Debug, Clone, Copy)]
+struct ElementType {
+    kind: u8,
+    size: usize,
+    little_endian: bool,
+}
+
+impl ElementType {
+    /// From a `descr` such as `<u2`, `>f8`, `|u1`, `=i4`.
+    fn parse(descr: &str) -> Option<Self> {
+        let b = descr.as_bytes();
+        let little_endian = match b.first()? {
+            b'<' | b'|' => true,
+            b'>' => false,
+            b'=' => cfg!(target_endian = "little"),
+            _ => return None,
+        };
+        let kind = *b.get(1)?;
+        let size: usize = descr.get(2..)?.parse().ok()?;
+        match (kind, size) {
+            (b'u' | b'i', 1 | 2 | 4 | 8) | (b'f', 4 | 8) => Some(Self {
+                kind,
+                size,
+                little_endian,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The elements of `bytes` (a whole number of them).
+    fn decode(self, bytes: &[u8]) -> NpyData {
+        let le = self.little_endian;
+        match (self.kind, self.size) {
+            (b'u', 1) => NpyData::U1(bytes.to_vec()),
+            (b'i', 1) => NpyData::I1(bytes.iter().map(|&b| b as i8).collect()),
+            (b'u', 2) => NpyData::U2(decode(bytes, le, u16::from_le_bytes, u16::from_be_bytes)),
+            (b'i', 2) => NpyData::I2(decode(bytes, le, i16::from_le_bytes, i16::from_be_bytes)),
+            (b'u', 4) => NpyData::U4(decode(bytes, le, u32::from_le_bytes, u32::from_be_bytes)),
+            (b'i', 4) => NpyData::I4(decode(bytes, le, i32::from_le_bytes, i32::from_be_bytes)),
+            (b'u', 8) => NpyData::U8(decode(bytes, le, u64::from_le_bytes, u64::from_be_bytes)),
+            (b'i', 8) => NpyData::I8(decode(bytes, le, i64::from_le_bytes, i64::from_be_bytes)),
+            (b'f', 4) => NpyData::F4(decode(bytes, le, f32::from_le_bytes, f32::from_be_bytes)),
+            _ => NpyData::F8(decode(bytes, le, f64::from_le_bytes, f64::from_be_bytes)),
+        }
+    }
+}
+
+fn decode<T, const N: usize>(
+    bytes: &[u8],
+    little_endian: bool,
+    from_le: fn([u8; N]) -> T,
+    from_be: fn([u8; N]) -> T,
+) -> Vec<T> {
+    let from = if little_endian { from_le } else { from_be };
+    bytes
+        .chunks_exact(N)
+        .map(|c| {
+            let mut a = [0u8; N];
+            a.copy_from_slice(c);
+            from(a)
+        })
+        .collect()
 }
 
 /// Make an `.npy` file consistent after a crash: cut a partial last row (and
@@ -556,16 +774,13 @@ pub(crate) fn header_fits(descr: &str, row_shape: &[u64], rows: u64) -> bool {
 /// Test helper: read a whole `<f8` array (header + data).
 #[cfg(test)]
 pub(crate) fn read_f8(path: &Path) -> (NpyHeader, Vec<f64>) {
-    use std::io::{Seek, SeekFrom};
     let h = read_npy_header(path).expect("header");
-    let mut f = File::open(path).expect("open");
-    f.seek(SeekFrom::Start(h.data_offset)).expect("seek");
-    let n: u64 = h.shape.iter().product();
-    let mut bytes = vec![0u8; (n * 8) as usize];
-    f.read_exact(&mut bytes).expect("data as declared");
-    let vals = bytes
-        .chunks_exact(8)
-        .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-        .collect();
-    (h, vals)
+    match read_npy(path).expect("data as declared").data {
+        NpyData::F8(values) => (h, values),
+        other => panic!(
+            "{}: {} array, not float64",
+            path.display(),
+            other.type_name()
+        ),
+    }
 }

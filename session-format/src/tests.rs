@@ -436,6 +436,219 @@ fn npy_refuses_wrong_dtype_and_partial_rows() {
     assert!(err.to_string().contains("File exists"), "{err}");
 }
 
+// ---- npy reader ------------------------------------------------------------------
+
+/// An `.npy` file's bytes as numpy would write them: `version` 1 or 2, the
+/// dictionary text as given, padded to 64 bytes, then `data`.
+fn npy_bytes(version: u8, dict: &str, data: &[u8]) -> Vec<u8> {
+    let len_bytes = if version == 1 { 2 } else { 4 };
+    let mut header = dict.to_owned();
+    while (8 + len_bytes + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut b = b"\x93NUMPY".to_vec();
+    b.extend_from_slice(&[version, 0]);
+    if version == 1 {
+        b.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    } else {
+        b.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    }
+    b.extend_from_slice(header.as_bytes());
+    b.extend_from_slice(data);
+    b
+}
+
+fn dict(descr: &str, shape: &str) -> String {
+    format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}")
+}
+
+#[test]
+fn read_npy_reads_every_integer_and_float_dtype_in_either_byte_order() {
+    let path = Path::new("/data/x.npy");
+    let values = [0u8, 1, 2, 3, 4, 125];
+    for descr in [
+        "<u1", "|u1", "|i1", "<u2", ">u2", "<u4", ">u4", "<u8", ">u8", "<i2", ">i2", "<i4", ">i4",
+        "<i8", ">i8", "<f4", ">f4", "<f8", ">f8", "=u2",
+    ] {
+        let size: usize = descr[2..].parse().unwrap();
+        let big = descr.starts_with('>');
+        let mut data = Vec::new();
+        for &v in &values {
+            let mut le: Vec<u8> = match &descr[1..2] {
+                "f" if size == 4 => f32::from(v).to_le_bytes().to_vec(),
+                "f" => f64::from(v).to_le_bytes().to_vec(),
+                _ => u64::from(v).to_le_bytes()[..size].to_vec(),
+            };
+            if big {
+                le.reverse();
+            }
+            data.extend_from_slice(&le);
+        }
+        let a = parse_npy(&npy_bytes(1, &dict(descr, "(2, 3)"), &data), path)
+            .unwrap_or_else(|e| panic!("{descr}: {e}"));
+        assert_eq!(a.descr, descr);
+        assert_eq!(a.shape, [2, 3]);
+        assert_eq!(a.shape_text(), "(2, 3)");
+        assert_eq!(a.data.len(), 6);
+        let as_f64: Vec<f64> = match &a.data {
+            NpyData::U1(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            NpyData::U2(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            NpyData::U4(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            NpyData::U8(v) => v.iter().map(|&x| x as f64).collect(),
+            NpyData::I1(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            NpyData::I2(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            NpyData::I4(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            NpyData::I8(v) => v.iter().map(|&x| x as f64).collect(),
+            NpyData::F4(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            NpyData::F8(v) => v.clone(),
+        };
+        assert_eq!(as_f64, [0.0, 1.0, 2.0, 3.0, 4.0, 125.0], "{descr}");
+        let kind = match &descr[1..2] {
+            "u" => "uint",
+            "i" => "int",
+            _ => "float",
+        };
+        assert_eq!(a.data.type_name(), format!("{kind}{}", size * 8), "{descr}");
+    }
+    // Signed values keep their sign.
+    let a = parse_npy(
+        &npy_bytes(1, &dict("<i4", "(2,)"), &[255, 255, 255, 255, 7, 0, 0, 0]),
+        path,
+    )
+    .unwrap();
+    assert_eq!(a.data, NpyData::I4(vec![-1, 7]));
+    assert_eq!(a.shape_text(), "(2,)");
+}
+
+#[test]
+fn read_npy_reads_v2_headers_0d_arrays_and_ignores_trailing_bytes() {
+    let path = Path::new("x.npy");
+    let a = parse_npy(&npy_bytes(2, &dict("<u2", "(2,)"), &[1, 0, 2, 0]), path).unwrap();
+    assert_eq!(a.data, NpyData::U2(vec![1, 2]));
+    let a = parse_npy(
+        &npy_bytes(1, &dict("<f8", "()"), &2.5f64.to_le_bytes()),
+        path,
+    )
+    .unwrap();
+    assert_eq!(
+        (a.shape_text().as_str(), a.data),
+        ("()", NpyData::F8(vec![2.5]))
+    );
+    let a = parse_npy(&npy_bytes(1, &dict("<u1", "(0, 4)"), &[]), path).unwrap();
+    assert!(a.data.is_empty());
+    let a = parse_npy(&npy_bytes(1, &dict("|u1", "(2,)"), &[5, 6, 7, 8]), path).unwrap();
+    assert_eq!(a.data, NpyData::U1(vec![5, 6]));
+    // Key order and quotes as other writers produce them.
+    let text = "{'shape': (1,), 'fortran_order': False, 'descr': \"<i2\"}";
+    let a = parse_npy(&npy_bytes(1, text, &[3, 0]), path).unwrap();
+    assert_eq!(a.data, NpyData::I2(vec![3]));
+}
+
+#[test]
+fn read_npy_reads_what_the_appender_writes() {
+    let root = Scratch::new("npyread");
+    let path = root.0.join("frames.npy");
+    let mut w = NpyAppender::create(&path, NpyDtype::U2, &[2, 3]).unwrap();
+    let pixels: Vec<u16> = (0..18).map(|i| i * 1000).collect();
+    w.append(&pixels).unwrap();
+    w.sync().unwrap();
+    let a = read_npy(&path).unwrap();
+    assert_eq!(
+        (a.descr.as_str(), a.shape.as_slice()),
+        ("<u2", &[3u64, 2, 3][..])
+    );
+    assert_eq!(a.data, NpyData::U2(pixels));
+    let err = read_npy(&root.0.join("missing.npy"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("cannot read ") && err.contains("missing.npy"),
+        "{err}"
+    );
+}
+
+#[test]
+fn read_npy_names_the_file_and_the_problem_of_a_bad_header() {
+    let path = Path::new("/data/labels.npy");
+    let good = npy_bytes(1, &dict("<u2", "(2, 2)"), &[0; 8]);
+    let mut bad_version = good.clone();
+    bad_version[6] = 9;
+    let mut long = good[..8].to_vec();
+    long.extend_from_slice(&[0xff, 0xff]);
+    let mut not_text = npy_bytes(1, &dict("<u2", "(2, 2)"), &[0; 8]);
+    not_text[12] = 0xff;
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"\x93NUM".to_vec(), "shorter than an NPY preamble"),
+        (
+            b"II*\0\x08\0\0\0\0\0".to_vec(),
+            "not an NPY file (bad magic)",
+        ),
+        (bad_version, "unsupported NPY version 9"),
+        (good[..30].to_vec(), "truncated NPY header"),
+        (long, "NPY header of 65535 bytes is too long"),
+        (not_text, "NPY header is not text"),
+        (
+            npy_bytes(1, "{'descr': '<u2', 'shape': (2, 2), }", &[0; 8]),
+            "cannot parse NPY header dictionary",
+        ),
+        (
+            npy_bytes(
+                1,
+                "{'descr': '<u2', 'fortran_order': False, 'shape': (2, x), }",
+                &[0; 8],
+            ),
+            "cannot parse NPY header dictionary",
+        ),
+        (
+            npy_bytes(
+                1,
+                "{'descr': '<u2', 'fortran_order': True, 'shape': (2, 2), }",
+                &[0; 8],
+            ),
+            "Fortran-order array is not supported: save it in C order",
+        ),
+        (
+            npy_bytes(1, &dict("<c8", "(2, 2)"), &[0; 32]),
+            "NPY dtype \"<c8\" is not supported",
+        ),
+        (
+            npy_bytes(1, &dict("<f2", "(2, 2)"), &[0; 8]),
+            "NPY dtype \"<f2\" is not supported",
+        ),
+        (
+            npy_bytes(1, &dict("|S4", "(2, 2)"), &[0; 16]),
+            "NPY dtype \"|S4\" is not supported",
+        ),
+        (
+            npy_bytes(1, &dict("<u2", "(2, 2)"), &[0; 7]),
+            "truncated NPY data: shape [2, 2] of <u2 needs 8 bytes after the header, the file \
+             has 7",
+        ),
+        (
+            npy_bytes(1, &dict("<f8", "(4294967296, 4294967296)"), &[0; 8]),
+            "NPY shape [4294967296, 4294967296] is too large",
+        ),
+        (
+            npy_bytes(1, &dict("<f8", "(4294967296, 4294967)"), &[0; 8]),
+            "needs 147573942419193856 bytes",
+        ),
+    ];
+    for (bytes, want) in cases {
+        let err = parse_npy(&bytes, path).unwrap_err();
+        assert!(matches!(err, StorageError::Format { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.starts_with("/data/labels.npy: "), "{msg}");
+        assert!(msg.contains(want), "want {want:?} in {msg}");
+    }
+    // The header reader gives the same reasons from a file.
+    let root = Scratch::new("npyhdrbad");
+    let p = root.0.join("x.npy");
+    std::fs::write(&p, b"\x93NUMPY\x01\x00\x40\x00{'descr'").unwrap();
+    let err = read_npy_header(&p).unwrap_err().to_string();
+    assert!(err.ends_with("x.npy: truncated NPY header"), "{err}");
+}
+
 #[test]
 fn lever_npy_is_loadable_after_every_sync() {
     let root = Scratch::new("lever");

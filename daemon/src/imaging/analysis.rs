@@ -8,9 +8,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::dff::{BaselineParams, OnlineDff};
-use super::motion::{MotionCorrector, MotionParams, Reference, ReferenceBuilder, Shift};
-use super::rois::{NeuropilParams, RoiSet};
-use session_format::{read_npy_header, ChunkedNpy, NpyDtype};
+use super::motion::{
+    MotionCorrector, MotionError, MotionParams, Reference, ReferenceBuilder, Shift,
+};
+use super::rois::{NeuropilParams, RoiError, RoiSet};
+use session_format::{read_npy, ChunkedNpy, NpyData, NpyDtype, StorageError};
 
 pub const MOTION_TSV: &str = "motion.tsv";
 pub const F_NPY: &str = "f.npy";
@@ -32,12 +34,67 @@ pub struct AnalysisSetup {
     pub baseline: BaselineParams,
 }
 
+/// Why the analysis could not start or went on no further. Every message
+/// names the file (or the thread) and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum AnalysisError {
+    /// The ROI label image or its table (`[imaging].roi_labels`,
+    /// `roi_table`).
+    #[error(transparent)]
+    Rois(#[from] RoiError),
+    /// The reference image is not float32.
+    #[error(
+        "{}: the reference image must be float32 (a session's mean_image.npy), found {descr}: \
+         fix [imaging].reference_image",
+        path.display()
+    )]
+    ReferenceDtype { path: PathBuf, descr: String },
+    /// The reference image's last two axes are not the frame's height x width.
+    #[error(
+        "{}: reference image is {shape}, the frames are {height} x {width}: give \
+         [imaging].reference_image from a session with this frame size",
+        path.display()
+    )]
+    ReferenceShape {
+        path: PathBuf,
+        /// As numpy prints it, e.g. `(1, 512, 512)`.
+        shape: String,
+        width: usize,
+        height: usize,
+    },
+    /// The reference image cannot be used for registration.
+    #[error("{}: {source}", path.display())]
+    Reference { path: PathBuf, source: MotionError },
+    /// Building the reference from the first frames, or the corrector.
+    #[error("motion correction: {0}")]
+    Motion(#[from] MotionError),
+    #[error("cannot start the motion reference thread: {0}")]
+    MotionThread(std::io::Error),
+    #[error("the motion reference thread panicked")]
+    MotionThreadPanicked,
+    /// Reading the reference image, or writing `f.npy`, `dff.npy`,
+    /// `motion.tsv` or `rois.tsv` (the message names the file, the OS error
+    /// and, for a full or read-only disk, the fix).
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// A file of the analysis failed: `action` ("create", "write", "fsync") on
+/// `path`, reported as the session's other files are.
+fn io_error(action: &'static str, path: &Path, source: std::io::Error) -> AnalysisError {
+    AnalysisError::Storage(StorageError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    })
+}
+
 enum Motion {
     Off,
     Building(Box<ReferenceBuilder>),
     /// The first frames are in; the reference (and its FFT plans) is being
     /// made on a helper thread so the frame loop never stalls for it.
-    Preparing(std::thread::JoinHandle<Result<MotionCorrector, String>>),
+    Preparing(std::thread::JoinHandle<Result<MotionCorrector, MotionError>>),
     Ready(Box<MotionCorrector>),
 }
 
@@ -58,6 +115,7 @@ pub struct Analysis {
     dff_npy: ChunkedNpy,
     motion_tsv: std::io::BufWriter<std::fs::File>,
     motion_file: std::fs::File,
+    motion_path: PathBuf,
 }
 
 impl std::fmt::Debug for Analysis {
@@ -68,47 +126,33 @@ impl std::fmt::Debug for Analysis {
     }
 }
 
-fn load_reference(path: &Path, w: usize, h: usize) -> Result<Reference, String> {
-    let header = read_npy_header(path).map_err(|e| e.to_string())?;
-    if header.descr != "<f4" || header.fortran_order {
-        return Err(format!(
-            "{}: reference image must be float32 C-order (a session's mean_image.npy), found {}",
-            path.display(),
-            header.descr
-        ));
+/// The motion reference from an earlier session's `mean_image.npy` (float32,
+/// `(..., H, W)`; the first H x W plane is used).
+fn load_reference(path: &Path, w: usize, h: usize) -> Result<Reference, AnalysisError> {
+    let array = read_npy(path)?;
+    let NpyData::F4(values) = &array.data else {
+        return Err(AnalysisError::ReferenceDtype {
+            path: path.to_owned(),
+            descr: array.descr,
+        });
+    };
+    if !array.shape.ends_with(&[h as u64, w as u64]) || values.len() < w * h {
+        return Err(AnalysisError::ReferenceShape {
+            path: path.to_owned(),
+            shape: array.shape_text(),
+            width: w,
+            height: h,
+        });
     }
-    let n: u64 = header.shape.iter().product();
-    if n < (w * h) as u64
-        || header
-            .shape
-            .iter()
-            .rev()
-            .take(2)
-            .copied()
-            .collect::<Vec<_>>()
-            != [w as u64, h as u64]
-    {
-        return Err(format!(
-            "{}: reference image is {:?}, the frames are {h} x {w}",
-            path.display(),
-            header.shape
-        ));
-    }
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let start = header.data_offset as usize;
-    let data = bytes
-        .get(start..start + 4 * w * h)
-        .ok_or_else(|| format!("{}: truncated", path.display()))?;
-    let image: Vec<f32> = data
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    Reference::from_image(&image, w, h).map_err(|e| format!("{}: {e}", path.display()))
+    Reference::from_image(&values[..w * h], w, h).map_err(|source| AnalysisError::Reference {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 impl Analysis {
     /// Set up ROIs, dF/F and motion correction and create the files in `dir`.
-    pub fn create(setup: &AnalysisSetup, dir: &Path) -> Result<Self, String> {
+    pub fn create(setup: &AnalysisSetup, dir: &Path) -> Result<Self, AnalysisError> {
         let (w, h) = (setup.width, setup.height);
         let rois = match &setup.roi_labels {
             Some(labels) => RoiSet::load(
@@ -117,8 +161,7 @@ impl Analysis {
                 w,
                 h,
                 &NeuropilParams::default(),
-            )
-            .map_err(|e| e.to_string())?,
+            )?,
             None => RoiSet::grid(w, h, GRID_TILES),
         };
         // The grid has no neuropil: no subtraction then.
@@ -133,9 +176,7 @@ impl Analysis {
             Motion::Off
         } else if let Some(path) = &setup.reference_image {
             let reference = load_reference(path, w, h)?;
-            Motion::Ready(Box::new(
-                MotionCorrector::new(&reference, params.clone()).map_err(|e| e.to_string())?,
-            ))
+            Motion::Ready(Box::new(MotionCorrector::new(&reference, params.clone())?))
         } else {
             Motion::Building(Box::new(ReferenceBuilder::new(
                 w,
@@ -145,7 +186,7 @@ impl Analysis {
         };
         let n = rois.len();
         // Which ROI each column of f.npy / dff.npy is.
-        let mut table = format!("column\troi\ttype\tpixels\tneuropil_pixels\tx\ty\n");
+        let mut table = String::from("column\troi\ttype\tpixels\tneuropil_pixels\tx\ty\n");
         for (i, r) in rois.rois.iter().enumerate() {
             table += &format!(
                 "{i}\t{}\t{:?}\t{}\t{}\t{:.1}\t{:.1}\n",
@@ -157,21 +198,23 @@ impl Analysis {
                 r.centroid.1
             );
         }
-        std::fs::write(dir.join(ROIS_TSV), table.to_lowercase())
-            .map_err(|e| format!("{ROIS_TSV}: {e}"))?;
-        let f_npy =
-            ChunkedNpy::create(dir, F_NPY, NpyDtype::F4, &[n]).map_err(|e| e.to_string())?;
-        let dff_npy =
-            ChunkedNpy::create(dir, DFF_NPY, NpyDtype::F4, &[n]).map_err(|e| e.to_string())?;
-        let path = dir.join(MOTION_TSV);
+        let rois_path = dir.join(ROIS_TSV);
+        std::fs::write(&rois_path, table.to_lowercase())
+            .map_err(|e| io_error("write", &rois_path, e))?;
+        let f_npy = ChunkedNpy::create(dir, F_NPY, NpyDtype::F4, &[n])?;
+        let dff_npy = ChunkedNpy::create(dir, DFF_NPY, NpyDtype::F4, &[n])?;
+        let motion_path = dir.join(MOTION_TSV);
         let file = std::fs::OpenOptions::new()
             .create_new(true)
             .append(true)
-            .open(&path)
-            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-        let motion_file = file.try_clone().map_err(|e| e.to_string())?;
+            .open(&motion_path)
+            .map_err(|e| io_error("create", &motion_path, e))?;
+        let motion_file = file
+            .try_clone()
+            .map_err(|e| io_error("open", &motion_path, e))?;
         let mut motion_tsv = std::io::BufWriter::new(file);
-        writeln!(motion_tsv, "frame\tdx_px\tdy_px\tpeak\tflagged").map_err(|e| e.to_string())?;
+        writeln!(motion_tsv, "frame\tdx_px\tdy_px\tpeak\tflagged")
+            .map_err(|e| io_error("write", &motion_path, e))?;
         Ok(Self {
             w,
             h,
@@ -187,6 +230,7 @@ impl Analysis {
             dff_npy,
             motion_tsv,
             motion_file,
+            motion_path,
             rois,
         })
     }
@@ -202,22 +246,26 @@ impl Analysis {
     }
 
     /// Analyse one frame (the first channel, H x W).
-    pub fn frame(&mut self, frame_number: u64, pixels: &[u16]) -> Result<Option<Shift>, String> {
+    pub fn frame(
+        &mut self,
+        frame_number: u64,
+        pixels: &[u16],
+    ) -> Result<Option<Shift>, AnalysisError> {
         let first = &pixels[..self.w * self.h];
         let mut shift = None;
         match &mut self.motion {
             Motion::Off => {}
             Motion::Building(b) => {
-                if b.push(first).map_err(|e| e.to_string())? {
+                if b.push(first)? {
                     let builder = (**b).clone();
                     let params = self.params.clone();
                     let job = std::thread::Builder::new()
                         .name("rig-motion-ref".into())
                         .spawn(move || {
-                            let reference = builder.build(&params).map_err(|e| e.to_string())?;
-                            MotionCorrector::new(&reference, params).map_err(|e| e.to_string())
+                            let reference = builder.build(&params)?;
+                            MotionCorrector::new(&reference, params)
                         })
-                        .map_err(|e| format!("cannot start the motion reference thread: {e}"))?;
+                        .map_err(AnalysisError::MotionThread)?;
                     self.motion = Motion::Preparing(job);
                 }
             }
@@ -228,7 +276,7 @@ impl Analysis {
                 };
                 let corrector = job
                     .join()
-                    .map_err(|_| "the motion reference thread panicked".to_owned())??;
+                    .map_err(|_| AnalysisError::MotionThreadPanicked)??;
                 self.motion = Motion::Ready(Box::new(corrector));
             }
             Motion::Preparing(_) => {}
@@ -247,10 +295,8 @@ impl Analysis {
             first
         };
         self.dff.push(input, &mut self.f_row, &mut self.dff_row);
-        self.f_npy.append(&self.f_row).map_err(|e| e.to_string())?;
-        self.dff_npy
-            .append(&self.dff_row)
-            .map_err(|e| e.to_string())?;
+        self.f_npy.append(&self.f_row)?;
+        self.dff_npy.append(&self.dff_row)?;
         match shift {
             Some(s) => writeln!(
                 self.motion_tsv,
@@ -263,37 +309,94 @@ impl Analysis {
             // Building the reference (or correction off): no shift measured.
             None => writeln!(self.motion_tsv, "{frame_number}\t\t\t\t"),
         }
-        .map_err(|e| format!("{MOTION_TSV}: {e}"))?;
+        .map_err(|e| io_error("write", &self.motion_path, e))?;
         Ok(shift)
     }
 
     /// A frame that was dropped: NaN rows keep the arrays aligned with frames.tsv.
-    pub fn dropped(&mut self, frame_number: u64) -> Result<(), String> {
-        self.f_npy
-            .append(&self.nan_row)
-            .map_err(|e| e.to_string())?;
-        self.dff_npy
-            .append(&self.nan_row)
-            .map_err(|e| e.to_string())?;
+    pub fn dropped(&mut self, frame_number: u64) -> Result<(), AnalysisError> {
+        self.f_npy.append(&self.nan_row)?;
+        self.dff_npy.append(&self.nan_row)?;
         writeln!(self.motion_tsv, "{frame_number}\t\t\t\t")
-            .map_err(|e| format!("{MOTION_TSV}: {e}"))
+            .map_err(|e| io_error("write", &self.motion_path, e))
     }
 
     /// Close the open chunks of `f.npy` and `dff.npy` and start the next
     /// ones. The ingest calls this for every array at the same frame.
-    pub fn roll(&mut self) -> Result<(), String> {
-        self.f_npy.roll().map_err(|e| e.to_string())?;
-        self.dff_npy.roll().map_err(|e| e.to_string())
+    pub fn roll(&mut self) -> Result<(), AnalysisError> {
+        self.f_npy.roll()?;
+        self.dff_npy.roll()?;
+        Ok(())
     }
 
-    pub fn sync(&mut self) -> Result<(), String> {
-        self.f_npy.sync().map_err(|e| e.to_string())?;
-        self.dff_npy.sync().map_err(|e| e.to_string())?;
+    /// Make every row so far durable: `f.npy`, `dff.npy`, `motion.tsv`.
+    pub fn sync(&mut self) -> Result<(), AnalysisError> {
+        self.f_npy.sync()?;
+        self.dff_npy.sync()?;
         self.motion_tsv
             .flush()
-            .map_err(|e| format!("{MOTION_TSV}: {e}"))?;
+            .map_err(|e| io_error("write", &self.motion_path, e))?;
         self.motion_file
             .sync_data()
-            .map_err(|e| format!("{MOTION_TSV}: {e}"))
+            .map_err(|e| io_error("fsync", &self.motion_path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use session_format::NpyAppender;
+
+    #[test]
+    fn a_reference_image_is_read_from_a_mean_image_and_checked() {
+        let dir = std::env::temp_dir().join(format!("rigd-analysis-ref-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (w, h) = (40, 32);
+        let image: Vec<f32> = (0..2 * w * h).map(|i| ((i * 7919) % 997) as f32).collect();
+        let write = |name: &str, shape: &[usize], values: &[f32]| {
+            let path = dir.join(name);
+            let mut npy = NpyAppender::create(&path, NpyDtype::F4, &shape[1..]).expect("create");
+            npy.append(values).expect("append");
+            npy.sync().expect("sync");
+            path
+        };
+        // A session's mean_image.npy: (C, H, W), the first channel is used.
+        let good = write("mean_image.npy", &[2, h, w], &image);
+        assert!(load_reference(&good, w, h).is_ok());
+
+        let small = write("small.npy", &[1, h - 1, w], &image[..(h - 1) * w]);
+        let e = load_reference(&small, w, h)
+            .expect_err("too small")
+            .to_string();
+        assert!(
+            e.starts_with(&format!(
+                "{}: reference image is (1, 31, 40)",
+                small.display()
+            )) && e.contains("the frames are 32 x 40")
+                && e.contains("[imaging].reference_image"),
+            "{e}"
+        );
+
+        let labels = dir.join("labels.npy");
+        let mut npy = NpyAppender::create(&labels, NpyDtype::U2, &[w]).expect("create");
+        npy.append(&vec![1u16; w * h]).expect("append");
+        npy.sync().expect("sync");
+        let e = load_reference(&labels, w, h)
+            .expect_err("uint16")
+            .to_string();
+        assert!(
+            e.contains("must be float32") && e.contains("found <u2"),
+            "{e}"
+        );
+
+        let e = load_reference(&dir.join("none.npy"), w, h)
+            .expect_err("missing")
+            .to_string();
+        assert!(
+            e.starts_with("cannot read ") && e.contains("none.npy"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

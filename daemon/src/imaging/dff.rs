@@ -588,19 +588,13 @@ mod tests {
     }
 
     fn write_npy_f32(path: &Path, rows: usize, cols: usize, data: &[f32]) {
-        let mut header =
-            format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
-        while (10 + header.len() + 1) % 64 != 0 {
-            header.push(' ');
-        }
-        header.push('\n');
-        let mut b = b"\x93NUMPY\x01\x00".to_vec();
-        b.extend_from_slice(&(header.len() as u16).to_le_bytes());
-        b.extend_from_slice(header.as_bytes());
-        for v in data {
-            b.extend_from_slice(&v.to_le_bytes());
-        }
-        std::fs::write(path, b).expect("write npy");
+        assert_eq!(data.len(), rows * cols);
+        let _ = std::fs::remove_file(path);
+        let mut npy =
+            session_format::NpyAppender::create(path, session_format::NpyDtype::F4, &[cols])
+                .expect("create npy");
+        npy.append(data).expect("rows");
+        npy.sync().expect("sync npy");
     }
 
     /// Synthetic calcium traces: baseline + slow drift + GCaMP-like transients

@@ -5,8 +5,25 @@
 //! the same frame, see [`session_format::ChunkClock`]). It
 //! runs on its own thread, apart from the serial latency path and the storage
 //! thread, and never makes the producer wait.
+//!
+//! Structure: [`Ingest`] owns the thread; `run` drives an `IngestLoop`, whose
+//! methods are the steps of one turn (attach to the ring, poll it once, handle
+//! a frame or a producer state change, write the rows whose stamps are known,
+//! sync) and the finish. The per-frame decisions are small types with no
+//! shared memory, clock or file inside, tested on their own: `FrameNumbers`
+//! (which frame numbers never arrived), `ProducerWatch` (silent / resumed),
+//! `StampQueue` (which `frames.tsv` rows can be written now, and with what
+//! time), `MeanImage`, and `write_row`.
+//!
+//! Errors are handled once: while the session runs, the thread itself logs an
+//! error that ends it and records `imaging_stopped` (the lever task goes on
+//! without imaging); once a stop was asked for, the error goes back to the
+//! caller of [`Ingest::finish`].
 
+use std::collections::VecDeque;
+use std::fmt;
 use std::io::Write;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,12 +32,14 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use firmware_bridge::link::host_now_ns;
-use frame_ring::FrameRingMapping;
-use protocol::ring::PollOutcome;
+use firmware_bridge::sync::ClockFit;
+use frame_ring::{FrameRingMapping, ShmError};
+use protocol::ring::{FrameMeta, PollOutcome, RingError, RingReader};
 
-use super::timing::{Decision, FrameInfo, FrameTimer, StampSource};
+use super::analysis::{Analysis, AnalysisError};
+use super::timing::{Decision, FrameInfo, FrameTimer, Stamp, StampSource};
 use crate::session::{LiveView, SideStream, StorageMsg};
-use session_format::{ChunkClock, ChunkedNpy, EventSource, NpyAppender, NpyDtype};
+use session_format::{ChunkClock, ChunkedNpy, EventSource, NpyAppender, NpyDtype, StorageError};
 
 /// Files the ingest thread writes.
 pub const FRAMES_TSV: &str = "frames.tsv";
@@ -50,6 +69,17 @@ pub struct IngestSetup {
     pub preview: Option<Arc<crate::preview::PreviewState>>,
 }
 
+impl IngestSetup {
+    /// One frame's shape in `frames.npy` and `mean_image.npy`: C x H x W.
+    fn frame_shape(&self) -> [usize; 3] {
+        [
+            self.channels as usize,
+            self.height as usize,
+            self.width as usize,
+        ]
+    }
+}
+
 /// Counters the daemon shows (frames, drops).
 #[derive(Debug, Default)]
 pub struct IngestCounters {
@@ -59,11 +89,58 @@ pub struct IngestCounters {
     pub mapped_stamped: AtomicU64,
 }
 
+/// Why the ingest stopped. The messages name the file (or thread) and the
+/// OS error, with the fix for a full or read-only disk.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// `frames.tsv`, `frames.npy` or `mean_image.npy` could not be created,
+    /// written or synced.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The online analysis failed mid-session (its files, or the motion
+    /// reference thread).
+    #[error(transparent)]
+    Analysis(#[from] AnalysisError),
+    /// A bug: the thread panicked (its message went to stderr).
+    #[error("the imaging thread panicked")]
+    Panicked,
+}
+
+/// The disk under the data root cannot take the raw frames.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskRateError {
+    #[error("cannot write a test file in {}: {source}", dir.display())]
+    Io {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the disk under {} wrote {:.1} MB/s, but [storage].raw_frames needs {:.1} MB/s (with a \
+         2x margin {:.1} MB/s): use a faster disk or set raw_frames = false",
+        dir.display(),
+        measured_bytes_per_s / 1e6,
+        needed_bytes_per_s / 1e6,
+        2.0 * needed_bytes_per_s / 1e6
+    )]
+    TooSlow {
+        dir: PathBuf,
+        measured_bytes_per_s: f64,
+        needed_bytes_per_s: f64,
+    },
+}
+
+/// For the control reply, which carries a message.
+impl From<DiskRateError> for String {
+    fn from(e: DiskRateError) -> Self {
+        e.to_string()
+    }
+}
+
 /// A running ingest; [`Ingest::finish`] stops it and closes its files.
 #[derive(Debug)]
 pub struct Ingest {
     stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<Result<(), String>>>,
+    handle: Option<JoinHandle<Result<(), IngestError>>>,
     pub counters: Arc<IngestCounters>,
 }
 
@@ -83,21 +160,22 @@ impl Ingest {
         let handle = std::thread::Builder::new()
             .name("rig-imaging".into())
             .spawn(move || {
-                let r = run(&setup, &edges, &live, &notices, &s, &c);
-                if let Err(e) = &r {
-                    // Say so now, in the session and the log, not only when
-                    // the session ends: the lever task goes on without imaging.
-                    tracing::error!("imaging stopped: {e}");
-                    let t_us = live.status.rig_now_us();
-                    let _ = notices.try_send(StorageMsg::Event {
-                        t_us,
-                        source: EventSource::Daemon,
-                        kind: "imaging_stopped",
-                        value: 0.0,
-                        detail: e.clone(),
-                    });
+                let session = SessionTap {
+                    live: &live,
+                    notices: &notices,
+                };
+                match run(&setup, &edges, &session, &s, &c) {
+                    // Nobody waits for the thread yet: say so now, in the
+                    // log and the session, not only when the session ends;
+                    // the lever task goes on without imaging.
+                    Err(e) if !s.load(Ordering::SeqCst) => {
+                        tracing::error!("imaging stopped: {e}");
+                        session.notice("imaging_stopped", 0.0, e.to_string());
+                        Ok(())
+                    }
+                    // Stopping: the caller of `finish` reports it.
+                    result => result,
                 }
-                r
             })?;
         Ok(Self {
             stop,
@@ -106,12 +184,17 @@ impl Ingest {
         })
     }
 
-    /// Stop, stamp what is pending, close the files.
-    pub fn finish(mut self) -> Result<(), String> {
+    /// Stop, stamp what is pending, close the files. An error that ended
+    /// the thread earlier was reported then and is not returned again.
+    pub fn finish(mut self) -> Result<(), IngestError> {
         self.stop.store(true, Ordering::SeqCst);
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<(), IngestError> {
         match self.handle.take().map(JoinHandle::join) {
             Some(Ok(r)) => r,
-            Some(Err(_)) => Err("the imaging thread panicked".into()),
+            Some(Err(_)) => Err(IngestError::Panicked),
             None => Ok(()),
         }
     }
@@ -130,8 +213,9 @@ impl SideStream for Ingest {
 impl Drop for Ingest {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
+        // Dropped without `finish`: nobody else will report the error.
+        if let Err(e) = self.join() {
+            tracing::error!("imaging: {e}");
         }
     }
 }
@@ -142,154 +226,273 @@ impl Drop for Ingest {
 /// memory without bound.
 const MAX_PENDING_FRAMES: usize = 4096;
 
-/// One frame waiting for its stamp (or a dropped one waiting for its row).
-#[derive(Debug, Clone, Copy)]
+/// Rows written for one gap in the frame numbers at most, so a producer
+/// whose numbering jumps by billions cannot stall the ingest.
+const MAX_DROPPED_ROWS: usize = 100_000;
+
+/// No frame and no heartbeat for this long: the producer is silent.
+const PRODUCER_SILENT: Duration = Duration::from_secs(2);
+
+/// The live preview gets the mean image on the first frame and every this
+/// many frames after it.
+const PREVIEW_MEAN_EVERY: u64 = 150;
+
+/// Wait before trying to attach again after the ring could not be opened.
+const REOPEN_AFTER_FAILURE: Duration = Duration::from_millis(500);
+
+/// Wait before attaching again after a reader error (a re-created ring).
+const REOPEN_AFTER_ERROR: Duration = Duration::from_millis(200);
+
+/// Sleep of a turn in which the ring had nothing.
+const IDLE_SLEEP: Duration = Duration::from_millis(1);
+
+// ---- Per-frame decisions: no shared memory, clock or file inside ---------------
+
+/// The producer's frame numbers as the ingest saw them: which never arrived.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct FrameNumbers {
+    /// The last frame number read (or counted as lost), if any since the
+    /// producer (re)started.
+    last: Option<u64>,
+}
+
+impl FrameNumbers {
+    /// Frame `number` was read: the numbers the producer skipped before it
+    /// (it fell behind, or a copy was torn), empty if none.
+    fn frame(&mut self, number: u64) -> Range<u64> {
+        let skipped = match self.last {
+            Some(last) if number > last.saturating_add(1) => last + 1..number,
+            _ => number..number,
+        };
+        self.last = Some(number);
+        skipped
+    }
+
+    /// The reader was lapped and lost `skipped` frames after the last one
+    /// read: their numbers.
+    fn overrun(&mut self, skipped: u64) -> Range<u64> {
+        let first = self.last.map_or(0, |n| n.saturating_add(1));
+        if let Some(n) = self.last.as_mut() {
+            *n = n.saturating_add(skipped);
+        }
+        first..first.saturating_add(skipped)
+    }
+
+    /// A new generation numbers its frames afresh.
+    fn restart(&mut self) {
+        self.last = None;
+    }
+}
+
+/// Whether the producer went silent, for `producer_stale` and
+/// `producer_resumed`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct ProducerWatch {
+    /// When the silence was noticed (and reported).
+    silent_since: Option<Instant>,
+}
+
+impl ProducerWatch {
+    /// The ring had nothing new; `stale()`: no frame or heartbeat for
+    /// [`PRODUCER_SILENT`]. True when this starts a silence (report it
+    /// once). Neither is asked while a silence goes on.
+    fn nothing_new(&mut self, stale: impl FnOnce() -> bool, now: impl FnOnce() -> Instant) -> bool {
+        if self.silent_since.is_some() || !stale() {
+            return false;
+        }
+        self.silent_since = Some(now());
+        true
+    }
+
+    /// A frame arrived. After a reported silence: about how many seconds
+    /// passed without frames (from the last one, [`PRODUCER_SILENT`] before
+    /// the silence was noticed). `now` is read only then.
+    fn frame(&mut self, now: impl FnOnce() -> Instant) -> Option<f64> {
+        let since = self.silent_since.take()?;
+        Some(now().saturating_duration_since(since).as_secs_f64() + PRODUCER_SILENT.as_secs_f64())
+    }
+}
+
+/// The rig time of a frame, µs, which picks its chunk: its mapped host
+/// stamp, or the rig's latest sample time before a clock fit exists.
+fn frame_rig_us(mapped_us: Option<f64>, rig_now_us: u64) -> u64 {
+    mapped_us.map_or(rig_now_us, |m| m.max(0.0) as u64)
+}
+
+/// One `frames.tsv` row waiting for its stamp (or a dropped frame waiting
+/// for its turn, to keep the rows in order).
+#[derive(Debug, Clone, Copy, PartialEq)]
 struct Pending {
+    /// The frame's index in the ring's generation (0 for a dropped frame).
     index: u64,
     frame_number: u64,
+    /// The producer's host stamp on the rig clock, µs.
     mapped_us: Option<f64>,
     dropped: bool,
 }
 
-struct Files {
-    analysis: Option<super::analysis::Analysis>,
-    tsv: std::io::BufWriter<std::fs::File>,
-    tsv_file: std::fs::File,
-    raw: Option<ChunkedNpy>,
-    /// One roll decision for every imaging array, so they change chunk on
-    /// the same frame.
-    chunks: ChunkClock,
-    mean: Vec<f64>,
-    mean_n: u64,
-    last_sync: Instant,
+/// The time a `frames.tsv` row gets.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum RowTime {
+    /// A dropped frame: no time, no source.
+    Dropped,
+    Stamped(Stamp),
+    /// No clock fit in time (or the session stopped first): no time,
+    /// source `none`.
+    Unstamped,
 }
 
-impl Files {
-    fn create(setup: &IngestSetup, pixels: usize) -> Result<Self, String> {
-        let path = setup.session_dir.join(FRAMES_TSV);
-        let file = std::fs::OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-        let tsv_file = file.try_clone().map_err(|e| e.to_string())?;
-        let mut tsv = std::io::BufWriter::new(file);
-        writeln!(tsv, "index\tframe\tt_s\tsource\tdropped").map_err(|e| e.to_string())?;
-        let raw = if setup.raw_frames {
-            let shape = [
-                setup.channels as usize,
-                setup.height as usize,
-                setup.width as usize,
-            ];
-            Some(
-                ChunkedNpy::create(&setup.session_dir, FRAMES_NPY, NpyDtype::U2, &shape)
-                    .map_err(|e| e.to_string())?,
-            )
+/// The `frames.tsv` rows not yet written, in frame order.
+#[derive(Debug, Default)]
+struct StampQueue {
+    pending: VecDeque<Pending>,
+}
+
+impl StampQueue {
+    fn push_frame(&mut self, meta: &FrameMeta, mapped_us: Option<f64>) {
+        self.pending.push_back(Pending {
+            index: meta.index,
+            frame_number: meta.frame_number,
+            mapped_us,
+            dropped: false,
+        });
+    }
+
+    fn push_dropped(&mut self, frame_number: u64) {
+        self.pending.push_back(Pending {
+            index: 0,
+            frame_number,
+            mapped_us: None,
+            dropped: true,
+        });
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// The oldest row, if it can be written now (rig time `now_us`): a
+    /// dropped frame, a stamped one, or, when `stopping` or past
+    /// [`MAX_PENDING_FRAMES`], one that waits for a stamp, without a time.
+    /// `None`: the oldest frame waits for its stamp, and so do the rows after it.
+    fn next_ready(
+        &mut self,
+        timer: &mut FrameTimer,
+        now_us: f64,
+        stopping: bool,
+    ) -> Option<(Pending, RowTime)> {
+        let p = *self.pending.front()?;
+        let time = if p.dropped {
+            RowTime::Dropped
         } else {
-            None
+            let frame = FrameInfo {
+                frame_number: p.frame_number,
+                mapped_us: p.mapped_us,
+            };
+            match timer.stamp(frame, now_us) {
+                Decision::Stamped(s) => RowTime::Stamped(s),
+                // No clock fit at all (or none for minutes): keep the row,
+                // without a time, rather than hold frames forever.
+                Decision::Wait if stopping || self.pending.len() > MAX_PENDING_FRAMES => {
+                    RowTime::Unstamped
+                }
+                Decision::Wait => return None,
+            }
         };
-        Ok(Self {
-            analysis: None,
-            tsv,
-            tsv_file,
-            raw,
-            chunks: ChunkClock::new(setup.chunk_len),
-            mean: vec![0.0; pixels],
-            mean_n: 0,
-            last_sync: Instant::now(),
-        })
-    }
-
-    fn row(&mut self, p: &Pending, t_us: Option<f64>, source: &str, t0: u64) -> Result<(), String> {
-        let t = t_us.map_or(String::new(), |t| format!("{:.6}", (t - t0 as f64) / 1e6));
-        writeln!(
-            self.tsv,
-            "{}\t{}\t{}\t{}\t{}",
-            p.index,
-            p.frame_number,
-            t,
-            source,
-            u8::from(p.dropped)
-        )
-        .map_err(|e| format!("{FRAMES_TSV}: {e}"))
-    }
-
-    /// The next frame's rows (pixels, F, dF/F) are at session time `t_us`:
-    /// roll every imaging array here if that crosses a chunk boundary.
-    fn at_frame(&mut self, t_us: u64) -> Result<(), String> {
-        if !self.chunks.crosses(t_us) {
-            return Ok(());
-        }
-        if let Some(r) = self.raw.as_mut() {
-            r.roll().map_err(|e| e.to_string())?;
-        }
-        if let Some(a) = self.analysis.as_mut() {
-            a.roll()?;
-        }
-        Ok(())
-    }
-
-    fn sync(&mut self) -> Result<(), String> {
-        self.tsv.flush().map_err(|e| format!("{FRAMES_TSV}: {e}"))?;
-        self.tsv_file
-            .sync_data()
-            .map_err(|e| format!("{FRAMES_TSV}: {e}"))?;
-        if let Some(r) = self.raw.as_mut() {
-            r.sync().map_err(|e| e.to_string())?;
-        }
-        if let Some(a) = self.analysis.as_mut() {
-            a.sync()?;
-        }
-        self.last_sync = Instant::now();
-        Ok(())
-    }
-
-    fn write_mean(&self, setup: &IngestSetup) -> Result<(), String> {
-        if self.mean_n == 0 {
-            return Ok(());
-        }
-        let shape = [
-            setup.channels as usize,
-            setup.height as usize,
-            setup.width as usize,
-        ];
-        let mut npy = NpyAppender::create(
-            &setup.session_dir.join(MEAN_IMAGE_NPY),
-            NpyDtype::F4,
-            &shape,
-        )
-        .map_err(|e| e.to_string())?;
-        let mean: Vec<f32> = self
-            .mean
-            .iter()
-            .map(|s| (s / self.mean_n as f64) as f32)
-            .collect();
-        npy.append(&mean).map_err(|e| e.to_string())?;
-        npy.sync().map_err(|e| e.to_string())
+        self.pending.pop_front();
+        Some((p, time))
     }
 }
 
-fn open_ring(setup: &IngestSetup) -> Result<FrameRingMapping, String> {
-    let m = FrameRingMapping::open(&setup.shm_name).map_err(|e| e.to_string())?;
-    m.check_geometry(setup.width, setup.height, setup.channels)
-        .map_err(|e| e.to_string())?;
-    Ok(m)
+/// Session time in seconds with 6 decimals, or nothing.
+struct SessionSeconds(Option<f64>);
+
+impl fmt::Display for SessionSeconds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(t_s) => write!(f, "{t_s:.6}"),
+            None => Ok(()),
+        }
+    }
 }
 
-fn run(
-    setup: &IngestSetup,
-    edges: &Receiver<(u64, u64)>,
-    live: &LiveView,
-    notices: &crossbeam_channel::Sender<StorageMsg>,
-    stop: &AtomicBool,
-    counters: &IngestCounters,
-) -> Result<(), String> {
-    let pixels = (setup.width * setup.height * setup.channels) as usize;
-    let mut files = Files::create(setup, pixels)?;
-    let live_now = || (live.clock.get(), live.status.rig_now_us());
-    let notice = |kind: &'static str, value: f64, detail: String| {
-        let t_us = live.status.rig_now_us();
-        let sent = notices.try_send(StorageMsg::Event {
+/// One `frames.tsv` row: `index frame t_s source dropped`, the time in
+/// session seconds (session time 0 is rig time `t0_us`).
+fn write_row(out: &mut impl Write, p: &Pending, time: RowTime, t0_us: u64) -> std::io::Result<()> {
+    let (t_us, source) = match time {
+        RowTime::Dropped => (None, ""),
+        RowTime::Stamped(s) => (Some(s.t_us), s.source.as_str()),
+        RowTime::Unstamped => (None, "none"),
+    };
+    let t_s = SessionSeconds(t_us.map(|t| (t - t0_us as f64) / 1e6));
+    writeln!(
+        out,
+        "{}\t{}\t{t_s}\t{source}\t{}",
+        p.index,
+        p.frame_number,
+        u8::from(p.dropped)
+    )
+}
+
+/// The running sum of every frame, for `mean_image.npy` and the preview.
+#[derive(Debug, Clone, PartialEq)]
+struct MeanImage {
+    sum: Vec<f64>,
+    frames: u64,
+}
+
+impl MeanImage {
+    fn new(pixels: usize) -> Self {
+        Self {
+            sum: vec![0.0; pixels],
+            frames: 0,
+        }
+    }
+
+    fn add(&mut self, frame: &[u16]) {
+        for (s, &p) in self.sum.iter_mut().zip(frame) {
+            *s += f64::from(p);
+        }
+        self.frames += 1;
+    }
+
+    /// Time to show the preview the mean image: the first frame, then
+    /// every [`PREVIEW_MEAN_EVERY`].
+    fn preview_due(&self) -> bool {
+        self.frames % PREVIEW_MEAN_EVERY == 1
+    }
+
+    /// The mean of the first `pixels` pixels (one channel's plane, or all);
+    /// `None` before the first frame.
+    fn mean(&self, pixels: usize) -> Option<Vec<f32>> {
+        if self.frames == 0 {
+            return None;
+        }
+        let n = self.frames as f64;
+        Some(self.sum[..pixels].iter().map(|s| (s / n) as f32).collect())
+    }
+}
+
+// ---- The ingest thread ----------------------------------------------------------
+
+/// The running session as the ingest sees it: the rig's live status and the
+/// storage queue that takes the ingest's events for `events.tsv`.
+struct SessionTap<'a> {
+    live: &'a LiveView,
+    notices: &'a crossbeam_channel::Sender<StorageMsg>,
+}
+
+impl SessionTap<'_> {
+    /// The clock fit (host to rig) and the rig's latest sample time, µs.
+    fn live(&self) -> (Option<ClockFit>, u64) {
+        (self.live.clock.get(), self.live.status.rig_now_us())
+    }
+
+    /// An event (source `daemon`) for `events.tsv`; never blocks: when the
+    /// storage queue is full it is dropped and counted.
+    fn notice(&self, kind: &'static str, value: f64, detail: String) {
+        let t_us = self.live.status.rig_now_us();
+        let sent = self.notices.try_send(StorageMsg::Event {
             t_us,
             source: EventSource::Daemon,
             kind,
@@ -299,274 +502,465 @@ fn run(
         if let Err(crossbeam_channel::TrySendError::Full(_)) = sent {
             crate::metrics::global().storage_dropped.inc();
         }
-    };
-    if let Some(a) = &setup.analysis {
-        match super::analysis::Analysis::create(a, &setup.session_dir) {
-            Ok(an) => {
-                if let Some(p) = &setup.preview {
-                    let outlines = an.rois().rois.iter().map(|r| r.outline.clone()).collect();
-                    let kinds = an
-                        .rois()
-                        .rois
-                        .iter()
-                        .map(|r| format!("{:?}", r.kind).to_lowercase())
-                        .collect();
-                    p.set_rois(outlines, kinds);
-                }
-                files.analysis = Some(an);
+    }
+}
+
+/// The files of the frames: `frames.tsv`, the optional raw `frames.npy`,
+/// the analysis's arrays, and the one chunk clock that rolls them together.
+struct FrameFiles {
+    tsv: std::io::BufWriter<std::fs::File>,
+    tsv_file: std::fs::File,
+    tsv_path: PathBuf,
+    raw: Option<ChunkedNpy>,
+    analysis: Option<Analysis>,
+    /// One roll decision for every imaging array, so they change chunk on
+    /// the same frame.
+    chunks: ChunkClock,
+    last_sync: Instant,
+}
+
+impl FrameFiles {
+    fn create(setup: &IngestSetup) -> Result<Self, IngestError> {
+        let tsv_path = setup.session_dir.join(FRAMES_TSV);
+        let io = |action, e| StorageError::Io {
+            action,
+            path: tsv_path.clone(),
+            source: e,
+        };
+        let file = std::fs::OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&tsv_path)
+            .map_err(|e| io("create", e))?;
+        let tsv_file = file.try_clone().map_err(|e| io("open", e))?;
+        let mut tsv = std::io::BufWriter::new(file);
+        writeln!(tsv, "index\tframe\tt_s\tsource\tdropped").map_err(|e| io("write", e))?;
+        let raw = if setup.raw_frames {
+            let shape = setup.frame_shape();
+            Some(ChunkedNpy::create(
+                &setup.session_dir,
+                FRAMES_NPY,
+                NpyDtype::U2,
+                &shape,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            tsv,
+            tsv_file,
+            tsv_path,
+            raw,
+            analysis: None,
+            chunks: ChunkClock::new(setup.chunk_len),
+            last_sync: Instant::now(),
+        })
+    }
+
+    fn tsv_error(&self, action: &'static str, source: std::io::Error) -> IngestError {
+        IngestError::Storage(StorageError::Io {
+            action,
+            path: self.tsv_path.clone(),
+            source,
+        })
+    }
+
+    fn row(&mut self, p: &Pending, time: RowTime, t0_us: u64) -> Result<(), IngestError> {
+        write_row(&mut self.tsv, p, time, t0_us).map_err(|e| self.tsv_error("write", e))
+    }
+
+    /// The next frame's rows (pixels, F, dF/F) are at session time `t_us`:
+    /// roll every imaging array here if that crosses a chunk boundary.
+    fn at_frame(&mut self, t_us: u64) -> Result<(), IngestError> {
+        if !self.chunks.crosses(t_us) {
+            return Ok(());
+        }
+        if let Some(r) = self.raw.as_mut() {
+            r.roll()?;
+        }
+        if let Some(a) = self.analysis.as_mut() {
+            a.roll()?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::sync`] once `interval` has passed since the last one.
+    fn sync_if_due(&mut self, interval: Duration) -> Result<(), IngestError> {
+        if self.last_sync.elapsed() >= interval {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Make every row so far durable (and loadable, for the arrays).
+    fn sync(&mut self) -> Result<(), IngestError> {
+        self.tsv.flush().map_err(|e| self.tsv_error("write", e))?;
+        self.tsv_file
+            .sync_data()
+            .map_err(|e| self.tsv_error("fsync", e))?;
+        if let Some(r) = self.raw.as_mut() {
+            r.sync()?;
+        }
+        if let Some(a) = self.analysis.as_mut() {
+            a.sync()?;
+        }
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+}
+
+/// The shared-memory ring, once attached, and when to try again when not.
+struct RingAttachment {
+    mapping: Option<FrameRingMapping>,
+    reader: Option<RingReader>,
+    /// The last reason the ring could not be opened, so that a producer that
+    /// stays away is reported once, not every half second.
+    last_error: String,
+    next_try: Instant,
+}
+
+fn open_ring(setup: &IngestSetup) -> Result<FrameRingMapping, ShmError> {
+    let m = FrameRingMapping::open(&setup.shm_name)?;
+    m.check_geometry(setup.width, setup.height, setup.channels)?;
+    Ok(m)
+}
+
+/// Start the online analysis; if it cannot start, frames are still
+/// recorded and the reason is reported here.
+fn start_analysis(setup: &IngestSetup, session: &SessionTap<'_>) -> Option<Analysis> {
+    let analysis_setup = setup.analysis.as_ref()?;
+    match Analysis::create(analysis_setup, &setup.session_dir) {
+        Ok(analysis) => {
+            if let Some(p) = &setup.preview {
+                let rois = &analysis.rois().rois;
+                let outlines = rois.iter().map(|r| r.outline.clone()).collect();
+                let kinds = rois
+                    .iter()
+                    .map(|r| format!("{:?}", r.kind).to_lowercase())
+                    .collect();
+                p.set_rois(outlines, kinds);
             }
-            Err(e) => {
-                // Frames are still recorded; only the online analysis is off.
-                tracing::error!("imaging analysis off: {e}");
-                notice("analysis_unavailable", 0.0, e);
-            }
+            Some(analysis)
+        }
+        Err(e) => {
+            tracing::error!("imaging analysis off: {e}");
+            session.notice("analysis_unavailable", 0.0, e.to_string());
+            None
         }
     }
-    let mut timer = FrameTimer::new(setup.ttl_wired, setup.frame_rate_hz);
-    let mut buf = vec![0u16; pixels];
-    let mut pending: std::collections::VecDeque<Pending> = std::collections::VecDeque::new();
-    let mut mapping: Option<FrameRingMapping> = None;
-    let mut reader = None;
-    let mut last_open_error = String::new();
-    let mut next_open = Instant::now();
-    // When the producer went silent (reported), for its `producer_resumed`.
-    let mut stale_since: Option<Instant> = None;
-    let mut last_frame_number: Option<u64> = None;
-    // Rig time of the last frame read (for the chunk of dropped frames).
-    let mut last_frame_t_rig = 0u64;
+}
+
+fn run(
+    setup: &IngestSetup,
+    edges: &Receiver<(u64, u64)>,
+    session: &SessionTap<'_>,
+    stop: &AtomicBool,
+    counters: &IngestCounters,
+) -> Result<(), IngestError> {
+    let mut ingest = IngestLoop::new(setup, session, counters)?;
     loop {
         let stopping = stop.load(Ordering::Relaxed);
         while let Ok((count, t_us)) = edges.try_recv() {
-            timer.add_edge(count, t_us);
+            ingest.timer.add_edge(count, t_us);
         }
-        // Attach (and re-attach) to the ring.
-        if reader.is_none() && !stopping && Instant::now() >= next_open {
-            match open_ring(setup) {
-                Ok(m) => {
-                    match m.reader() {
-                        Ok(r) => {
-                            notice("imaging_attached", 0.0, format!("ring {}", setup.shm_name));
-                            tracing::info!("imaging: reading frames from {}", setup.shm_name);
-                            reader = Some(r);
-                            mapping = Some(m);
-                        }
-                        Err(e) => last_open_error = e.to_string(),
-                    }
-                    last_open_error.clear();
-                }
-                Err(e) => {
-                    if e != last_open_error {
-                        tracing::warn!("imaging: {e}");
-                        notice("imaging_unavailable", 0.0, e.clone());
-                        last_open_error = e;
-                    }
-                    next_open = Instant::now() + Duration::from_millis(500);
-                }
-            }
+        if !stopping {
+            ingest.attach_if_due();
         }
-        let mut got = false;
-        if let Some(r) = reader.as_mut() {
-            match r.poll(&mut buf) {
-                Ok(PollOutcome::Frame(meta)) => {
-                    got = true;
-                    if let Some(since) = stale_since.take() {
-                        let s = since.elapsed().as_secs_f64() + 2.0;
-                        notice(
-                            "producer_resumed",
-                            s,
-                            format!("frames again after about {s:.1} s without any"),
-                        );
-                        tracing::info!("imaging: frames again after about {s:.1} s");
-                    }
-                    // Frame numbers the producer skipped (it fell behind, or
-                    // a copy was torn): rows marked dropped, so frames.tsv
-                    // stays one row per frame of the acquisition.
-                    if let Some(last) = last_frame_number {
-                        if meta.frame_number > last + 1 {
-                            let missing = meta.frame_number - last - 1;
-                            counters.dropped.fetch_add(missing, Ordering::Relaxed);
-                            crate::metrics::global().frames_dropped.add(missing);
-                            // They stay in the last frame's chunk, as an
-                            // overrun's do.
-                            files.at_frame(last_frame_t_rig.saturating_sub(setup.t0_us))?;
-                            notice(
-                                "frames_missing",
-                                missing as f64,
-                                format!(
-                                    "frame numbers {}..={} never arrived",
-                                    last + 1,
-                                    meta.frame_number - 1
-                                ),
-                            );
-                            for k in (last + 1..meta.frame_number).take(100_000) {
-                                pending.push_back(Pending {
-                                    index: 0,
-                                    frame_number: k,
-                                    mapped_us: None,
-                                    dropped: true,
-                                });
-                                if let Some(a) = files.analysis.as_mut() {
-                                    a.dropped(k)?;
-                                }
-                            }
-                        }
-                    }
-                    counters.frames.fetch_add(1, Ordering::Relaxed);
-                    crate::metrics::global().frames.inc();
-                    let (fit, now_rig) = live_now();
-                    let mapped_us = fit.map(|f| f.host_to_rig_us(meta.host_monotonic_ns));
-                    // The frame's rig time (mapped, or the rig's latest
-                    // sample before a clock fit exists) picks its chunk.
-                    let t_rig = mapped_us.map_or(now_rig, |m| m.max(0.0) as u64);
-                    files.at_frame(t_rig.saturating_sub(setup.t0_us))?;
-                    last_frame_t_rig = t_rig;
-                    pending.push_back(Pending {
-                        index: meta.index,
-                        frame_number: meta.frame_number,
-                        mapped_us,
-                        dropped: false,
-                    });
-                    last_frame_number = Some(meta.frame_number);
-                    for (m, &p) in files.mean.iter_mut().zip(buf.iter()) {
-                        *m += f64::from(p);
-                    }
-                    files.mean_n += 1;
-                    if let Some(raw) = files.raw.as_mut() {
-                        raw.append(&buf).map_err(|e| e.to_string())?;
-                    }
-                    if let Some(a) = files.analysis.as_mut() {
-                        a.frame(meta.frame_number, &buf)?;
-                        if let Some(p) = &setup.preview {
-                            let t = mapped_us.map_or(live_now().1, |m| m.max(0.0) as u64);
-                            p.push_dff(t, a.dff_row());
-                            if files.mean_n % 150 == 1 {
-                                let n = files.mean_n as f64;
-                                let mean: Vec<f32> = files.mean
-                                    [..(setup.width * setup.height) as usize]
-                                    .iter()
-                                    .map(|s| (s / n) as f32)
-                                    .collect();
-                                p.set_mean_image(setup.width, setup.height, &mean);
-                            }
-                        }
-                    }
-                }
-                Ok(PollOutcome::Overrun { skipped }) => {
-                    got = true;
-                    counters.dropped.fetch_add(skipped, Ordering::Relaxed);
-                    crate::metrics::global().frames_dropped.add(skipped);
-                    // The lost frames came after the last one read: they
-                    // stay in its chunk (the next frame read decides).
-                    files.at_frame(last_frame_t_rig.saturating_sub(setup.t0_us))?;
-                    notice("frames_dropped", skipped as f64, "reader overrun".into());
-                    let first = last_frame_number.map_or(0, |n| n + 1);
-                    for k in 0..skipped.min(100_000) {
-                        pending.push_back(Pending {
-                            index: 0,
-                            frame_number: first + k,
-                            mapped_us: None,
-                            dropped: true,
-                        });
-                        if let Some(a) = files.analysis.as_mut() {
-                            a.dropped(first + k)?;
-                        }
-                    }
-                    if let Some(n) = last_frame_number.as_mut() {
-                        *n += skipped;
-                    }
-                }
-                Ok(PollOutcome::Torn) => got = true,
-                Ok(PollOutcome::ProducerRestarted { old_gen, new_gen }) => {
-                    got = true;
-                    last_frame_number = None;
-                    notice(
-                        "producer_restarted",
-                        0.0,
-                        format!("generation {old_gen} -> {new_gen}"),
-                    );
-                    tracing::warn!("imaging: the frame producer restarted");
-                }
-                Ok(PollOutcome::NothingNew) => {
-                    if r.is_stale(host_now_ns(), 2_000_000_000) && stale_since.is_none() {
-                        stale_since = Some(Instant::now());
-                        notice(
-                            "producer_stale",
-                            0.0,
-                            "no frame or heartbeat for 2 s".into(),
-                        );
-                        tracing::warn!("imaging: the frame producer is silent");
-                    }
-                }
-                Err(e) => {
-                    // The producer re-created the ring with another layout:
-                    // map it again (a wrong geometry is reported there).
-                    notice("imaging_error", 0.0, e.to_string());
-                    if let Some(m) = mapping.as_mut() {
-                        let _ = m.reopen_if_needed();
-                    }
-                    reader = None;
-                    mapping = None;
-                    next_open = Instant::now() + Duration::from_millis(200);
-                }
-            }
+        let busy = ingest.poll_ring()?;
+        ingest.write_ready_rows(stopping)?;
+        ingest.files.sync_if_due(setup.fsync_interval)?;
+        if stopping && ingest.rows.is_empty() {
+            return ingest.finish();
         }
-        // Stamp what can be stamped, in order.
-        let (_, now_rig) = live_now();
-        let now = if stopping {
-            f64::INFINITY
-        } else {
-            now_rig as f64
-        };
-        while let Some(p) = pending.front().copied() {
-            if p.dropped {
-                files.row(&p, None, "", setup.t0_us)?;
-                pending.pop_front();
-                continue;
-            }
-            match timer.stamp(
-                FrameInfo {
-                    frame_number: p.frame_number,
-                    mapped_us: p.mapped_us,
-                },
-                now,
-            ) {
-                Decision::Stamped(s) => {
-                    match s.source {
-                        StampSource::Ttl => counters.ttl_stamped.fetch_add(1, Ordering::Relaxed),
-                        StampSource::Mapped => {
-                            counters.mapped_stamped.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
-                    files.row(&p, Some(s.t_us), s.source.as_str(), setup.t0_us)?;
-                    pending.pop_front();
-                }
-                Decision::Wait if stopping || pending.len() > MAX_PENDING_FRAMES => {
-                    // No clock fit at all (or none for minutes): keep the
-                    // row, without a time, rather than hold frames forever.
-                    files.row(&p, None, "none", setup.t0_us)?;
-                    pending.pop_front();
-                }
-                Decision::Wait => break,
-            }
-        }
-        if files.last_sync.elapsed() >= setup.fsync_interval {
-            files.sync()?;
-        }
-        if stopping && pending.is_empty() {
-            break;
-        }
-        if !got {
-            std::thread::sleep(Duration::from_millis(1));
+        if !busy {
+            std::thread::sleep(IDLE_SLEEP);
         }
     }
-    files.sync()?;
-    files.write_mean(setup)?;
-    Ok(())
+}
+
+/// The ingest thread's state from one turn of its loop to the next.
+struct IngestLoop<'a> {
+    setup: &'a IngestSetup,
+    session: &'a SessionTap<'a>,
+    counters: &'a IngestCounters,
+    ring: RingAttachment,
+    timer: FrameTimer,
+    numbers: FrameNumbers,
+    producer: ProducerWatch,
+    rows: StampQueue,
+    files: FrameFiles,
+    mean: MeanImage,
+    /// Rig time of the last frame read, µs (the chunk of dropped frames).
+    last_frame_t_rig: u64,
+    /// The frame just read, C x H x W.
+    pixels: Vec<u16>,
+}
+
+impl<'a> IngestLoop<'a> {
+    fn new(
+        setup: &'a IngestSetup,
+        session: &'a SessionTap<'a>,
+        counters: &'a IngestCounters,
+    ) -> Result<Self, IngestError> {
+        let pixels = setup.frame_shape().iter().product();
+        let mut files = FrameFiles::create(setup)?;
+        files.analysis = start_analysis(setup, session);
+        Ok(Self {
+            setup,
+            session,
+            counters,
+            ring: RingAttachment {
+                mapping: None,
+                reader: None,
+                last_error: String::new(),
+                next_try: Instant::now(),
+            },
+            timer: FrameTimer::new(setup.ttl_wired, setup.frame_rate_hz),
+            numbers: FrameNumbers::default(),
+            producer: ProducerWatch::default(),
+            rows: StampQueue::default(),
+            files,
+            mean: MeanImage::new(pixels),
+            last_frame_t_rig: 0,
+            pixels: vec![0; pixels],
+        })
+    }
+
+    /// Attach (and re-attach) to the ring when not attached and it is time.
+    fn attach_if_due(&mut self) {
+        let ring = &mut self.ring;
+        if ring.reader.is_some() || Instant::now() < ring.next_try {
+            return;
+        }
+        // A ring that cannot be mapped, or mapped but not read (a header
+        // still being written, a layout this reader does not know), is
+        // reported once per distinct error and tried again after a pause.
+        let opened = open_ring(self.setup).and_then(|mapping| {
+            let reader = mapping.reader()?;
+            Ok((mapping, reader))
+        });
+        match opened {
+            Ok((mapping, reader)) => {
+                let name = &self.setup.shm_name;
+                self.session
+                    .notice("imaging_attached", 0.0, format!("ring {name}"));
+                tracing::info!("imaging: reading frames from {name}");
+                ring.reader = Some(reader);
+                ring.mapping = Some(mapping);
+                ring.last_error.clear();
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if e != ring.last_error {
+                    tracing::warn!("imaging: {e}");
+                    self.session.notice("imaging_unavailable", 0.0, e.clone());
+                    ring.last_error = e;
+                }
+                ring.next_try = Instant::now() + REOPEN_AFTER_FAILURE;
+            }
+        }
+    }
+
+    /// Poll the ring once and act on what it had. Returns whether it had
+    /// anything (then poll again at once).
+    fn poll_ring(&mut self) -> Result<bool, IngestError> {
+        let Some(reader) = self.ring.reader.as_mut() else {
+            return Ok(false);
+        };
+        match reader.poll(&mut self.pixels) {
+            Ok(PollOutcome::Frame(meta)) => self.on_frame(&meta)?,
+            Ok(PollOutcome::Overrun { skipped }) => self.on_overrun(skipped)?,
+            Ok(PollOutcome::Torn) => {}
+            Ok(PollOutcome::ProducerRestarted { old_gen, new_gen }) => {
+                self.on_producer_restarted(old_gen, new_gen);
+            }
+            Ok(PollOutcome::NothingNew) => {
+                self.on_nothing_new();
+                return Ok(false);
+            }
+            Err(e) => {
+                self.on_ring_error(&e);
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// A frame is in `self.pixels`: its rows, files, analysis and preview.
+    fn on_frame(&mut self, meta: &FrameMeta) -> Result<(), IngestError> {
+        if let Some(silent_s) = self.producer.frame(Instant::now) {
+            self.session.notice(
+                "producer_resumed",
+                silent_s,
+                format!("frames again after about {silent_s:.1} s without any"),
+            );
+            tracing::info!("imaging: frames again after about {silent_s:.1} s");
+        }
+        let missing = self.numbers.frame(meta.frame_number);
+        if !missing.is_empty() {
+            self.on_missing(missing)?;
+        }
+        self.counters.frames.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::global().frames.inc();
+        let (fit, rig_now_us) = self.session.live();
+        let mapped_us = fit.map(|f| f.host_to_rig_us(meta.host_monotonic_ns));
+        let t_rig = frame_rig_us(mapped_us, rig_now_us);
+        self.files
+            .at_frame(t_rig.saturating_sub(self.setup.t0_us))?;
+        self.last_frame_t_rig = t_rig;
+        self.rows.push_frame(meta, mapped_us);
+        self.mean.add(&self.pixels);
+        if let Some(raw) = self.files.raw.as_mut() {
+            raw.append(&self.pixels)?;
+        }
+        self.analyse(meta.frame_number, t_rig)
+    }
+
+    /// Motion, ROIs and dF/F of the frame just read, and the preview's share.
+    fn analyse(&mut self, frame_number: u64, t_rig: u64) -> Result<(), IngestError> {
+        let Some(a) = self.files.analysis.as_mut() else {
+            return Ok(());
+        };
+        a.frame(frame_number, &self.pixels)?;
+        if let Some(p) = &self.setup.preview {
+            p.push_dff(t_rig, a.dff_row());
+            if self.mean.preview_due() {
+                let (w, h) = (self.setup.width, self.setup.height);
+                if let Some(mean) = self.mean.mean((w * h) as usize) {
+                    p.set_mean_image(w, h, &mean);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Frame numbers the producer skipped (it fell behind, or a copy was
+    /// torn): rows marked dropped, so frames.tsv stays one row per frame of
+    /// the acquisition.
+    fn on_missing(&mut self, numbers: Range<u64>) -> Result<(), IngestError> {
+        let n = numbers.end - numbers.start;
+        self.count_dropped(n);
+        // They stay in the last frame's chunk, as an overrun's do.
+        self.at_last_frame()?;
+        self.session.notice(
+            "frames_missing",
+            n as f64,
+            format!(
+                "frame numbers {}..={} never arrived",
+                numbers.start,
+                numbers.end - 1
+            ),
+        );
+        self.push_dropped(numbers)
+    }
+
+    /// The reader was lapped: `skipped` frames are lost.
+    fn on_overrun(&mut self, skipped: u64) -> Result<(), IngestError> {
+        self.count_dropped(skipped);
+        // The lost frames came after the last one read: they stay in its
+        // chunk (the next frame read decides).
+        self.at_last_frame()?;
+        self.session
+            .notice("frames_dropped", skipped as f64, "reader overrun".into());
+        let lost = self.numbers.overrun(skipped);
+        self.push_dropped(lost)
+    }
+
+    fn count_dropped(&self, n: u64) {
+        self.counters.dropped.fetch_add(n, Ordering::Relaxed);
+        crate::metrics::global().frames_dropped.add(n);
+    }
+
+    fn at_last_frame(&mut self) -> Result<(), IngestError> {
+        let t = self.last_frame_t_rig.saturating_sub(self.setup.t0_us);
+        self.files.at_frame(t)
+    }
+
+    /// A row for each lost frame (NaN rows in the analysis's arrays).
+    fn push_dropped(&mut self, numbers: Range<u64>) -> Result<(), IngestError> {
+        for k in numbers.take(MAX_DROPPED_ROWS) {
+            self.rows.push_dropped(k);
+            if let Some(a) = self.files.analysis.as_mut() {
+                a.dropped(k)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_producer_restarted(&mut self, old_gen: u64, new_gen: u64) {
+        self.numbers.restart();
+        self.session.notice(
+            "producer_restarted",
+            0.0,
+            format!("generation {old_gen} -> {new_gen}"),
+        );
+        tracing::warn!("imaging: the frame producer restarted");
+    }
+
+    fn on_nothing_new(&mut self) {
+        let reader = self.ring.reader.as_ref();
+        let stale =
+            || reader.is_some_and(|r| r.is_stale(host_now_ns(), PRODUCER_SILENT.as_nanos() as u64));
+        if self.producer.nothing_new(stale, Instant::now) {
+            self.session.notice(
+                "producer_stale",
+                0.0,
+                "no frame or heartbeat for 2 s".into(),
+            );
+            tracing::warn!("imaging: the frame producer is silent");
+        }
+    }
+
+    /// The producer re-created the ring with another layout: map it again
+    /// (a wrong geometry is reported there).
+    fn on_ring_error(&mut self, e: &RingError) {
+        self.session.notice("imaging_error", 0.0, e.to_string());
+        if let Some(m) = self.ring.mapping.as_mut() {
+            let _ = m.reopen_if_needed();
+        }
+        self.ring.reader = None;
+        self.ring.mapping = None;
+        self.ring.next_try = Instant::now() + REOPEN_AFTER_ERROR;
+    }
+
+    /// Write the `frames.tsv` rows that can be written now, in order.
+    fn write_ready_rows(&mut self, stopping: bool) -> Result<(), IngestError> {
+        let (_, rig_now_us) = self.session.live();
+        let now_us = if stopping {
+            f64::INFINITY
+        } else {
+            rig_now_us as f64
+        };
+        while let Some((row, time)) = self.rows.next_ready(&mut self.timer, now_us, stopping) {
+            if let RowTime::Stamped(s) = time {
+                let counter = match s.source {
+                    StampSource::Ttl => &self.counters.ttl_stamped,
+                    StampSource::Mapped => &self.counters.mapped_stamped,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            self.files.row(&row, time, self.setup.t0_us)?;
+        }
+        Ok(())
+    }
+
+    /// Every row is written: sync the files and write `mean_image.npy`.
+    fn finish(mut self) -> Result<(), IngestError> {
+        self.files.sync()?;
+        let Some(mean) = self.mean.mean(self.mean.sum.len()) else {
+            return Ok(());
+        };
+        let path = self.setup.session_dir.join(MEAN_IMAGE_NPY);
+        let mut npy = NpyAppender::create(&path, NpyDtype::F4, &self.setup.frame_shape())?;
+        npy.append(&mean)?;
+        npy.sync()?;
+        Ok(())
+    }
 }
 
 /// Check that the disk under `dir` can take `bytes_per_s` with room to spare:
 /// write and fsync a few MB and time it. Returns the measured rate.
-pub fn check_disk_rate(dir: &Path, bytes_per_s: f64) -> Result<f64, String> {
+pub fn check_disk_rate(dir: &Path, bytes_per_s: f64) -> Result<f64, DiskRateError> {
     let path = dir.join(".disk-check.tmp");
     let chunk = vec![0x5Au8; 1 << 20];
     let total = 16usize;
@@ -580,16 +974,17 @@ pub fn check_disk_rate(dir: &Path, bytes_per_s: f64) -> Result<f64, String> {
     })();
     let elapsed = start.elapsed().as_secs_f64().max(1e-6);
     let _ = std::fs::remove_file(&path);
-    result.map_err(|e| format!("cannot write a test file in {}: {e}", dir.display()))?;
+    result.map_err(|source| DiskRateError::Io {
+        dir: dir.to_owned(),
+        source,
+    })?;
     let rate = (total << 20) as f64 / elapsed;
     if rate < 2.0 * bytes_per_s {
-        return Err(format!(
-            "the disk under {} wrote {:.1} MB/s, but [storage].raw_frames needs {:.1} MB/s (with a 2x margin {:.1} MB/s): use a faster disk or set raw_frames = false",
-            dir.display(),
-            rate / 1e6,
-            bytes_per_s / 1e6,
-            2.0 * bytes_per_s / 1e6
-        ));
+        return Err(DiskRateError::TooSlow {
+            dir: dir.to_owned(),
+            measured_bytes_per_s: rate,
+            needed_bytes_per_s: bytes_per_s,
+        });
     }
     Ok(rate)
 }
@@ -603,11 +998,221 @@ mod tests {
         let dir = std::env::temp_dir();
         let rate = check_disk_rate(&dir, 1.0).expect("any disk writes 2 bytes/s");
         assert!(rate > 0.0);
-        let e = check_disk_rate(&dir, 1e15).expect_err("no disk writes a petabyte a second");
+        let e = check_disk_rate(&dir, 1e15)
+            .expect_err("no disk writes a petabyte a second")
+            .to_string();
         assert!(e.contains("raw_frames") && e.contains("MB/s"), "{e}");
         assert!(
             !dir.join(".disk-check.tmp").exists(),
             "the test file is removed"
         );
+        let e = check_disk_rate(Path::new("/nonexistent/rigd"), 1.0).expect_err("no folder");
+        assert!(e
+            .to_string()
+            .starts_with("cannot write a test file in /nonexistent/rigd: "));
+    }
+
+    #[test]
+    fn frame_numbers_name_the_frames_that_never_arrived() {
+        let mut n = FrameNumbers::default();
+        assert!(n.frame(1).is_empty(), "the first frame follows nothing");
+        assert!(n.frame(2).is_empty());
+        assert_eq!(n.frame(5), 3..5);
+        // An overrun loses the frames after the last one read.
+        assert_eq!(n.overrun(3), 6..9);
+        assert!(n.frame(9).is_empty(), "counted by the overrun already");
+        assert_eq!(n.frame(12), 10..12);
+        // A number going back (without a restart) is no gap.
+        assert!(n.frame(4).is_empty());
+        assert!(n.frame(5).is_empty());
+        // A new generation numbers afresh.
+        n.restart();
+        assert!(n.frame(0).is_empty());
+        // An overrun before any frame: numbered from 0, nothing to follow.
+        let mut n = FrameNumbers::default();
+        assert_eq!(n.overrun(4), 0..4);
+        assert_eq!(n, FrameNumbers::default());
+        // No overflow at the end of the numbering.
+        let mut n = FrameNumbers::default();
+        assert!(n.frame(u64::MAX).is_empty());
+        assert!(n.frame(u64::MAX).is_empty());
+        assert_eq!(n.overrun(5), u64::MAX..u64::MAX);
+    }
+
+    #[test]
+    fn a_silence_is_reported_once_and_its_end_with_its_length() {
+        let t0 = Instant::now();
+        let mut w = ProducerWatch::default();
+        assert_eq!(w.frame(|| unreachable!("no clock read per frame")), None);
+        assert!(!w.nothing_new(|| false, || unreachable!("not silent")));
+        assert!(w.nothing_new(|| true, || t0));
+        assert!(!w.nothing_new(|| unreachable!("already silent"), || t0));
+        let s = w
+            .frame(|| t0 + Duration::from_millis(1500))
+            .expect("resumed");
+        assert!((s - 3.5).abs() < 1e-9, "{s}");
+        assert_eq!(w.frame(|| unreachable!()), None);
+        assert!(w.nothing_new(|| true, || t0), "a new silence");
+    }
+
+    #[test]
+    fn a_frame_is_chunked_by_its_mapped_time_or_the_rig_time() {
+        assert_eq!(frame_rig_us(Some(1234.9), 99), 1234);
+        assert_eq!(frame_rig_us(Some(-5.0), 99), 0);
+        assert_eq!(frame_rig_us(None, 99), 99);
+    }
+
+    fn meta(index: u64, frame_number: u64) -> FrameMeta {
+        FrameMeta {
+            index,
+            frame_number,
+            host_monotonic_ns: 0,
+            hw_timestamp_ns: None,
+        }
+    }
+
+    fn drain(q: &mut StampQueue, timer: &mut FrameTimer, now_us: f64, stop: bool) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some((p, time)) = q.next_ready(timer, now_us, stop) {
+            write_row(&mut out, &p, time, 1_000_000).expect("to memory");
+        }
+        String::from_utf8(out)
+            .expect("text")
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn rows_are_written_in_frame_order_once_their_stamp_is_known() {
+        let mut timer = FrameTimer::new(false, 30.0);
+        let mut q = StampQueue::default();
+        q.push_frame(&meta(0, 10), Some(1_500_000.0));
+        q.push_dropped(11);
+        q.push_frame(&meta(1, 12), None); // no clock fit yet
+        q.push_dropped(13);
+        assert_eq!(
+            drain(&mut q, &mut timer, 2e6, false),
+            ["0\t10\t0.500000\tmapped\t0", "0\t11\t\t\t1"],
+            "the unstamped frame holds back the rows after it"
+        );
+        assert_eq!(q.pending.len(), 2);
+        // At the stop nothing waits any more.
+        assert_eq!(
+            drain(&mut q, &mut timer, f64::INFINITY, true),
+            ["1\t12\t\tnone\t0", "0\t13\t\t\t1"]
+        );
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn rows_take_the_frame_clock_edge_when_the_ttl_is_wired() {
+        let mut timer = FrameTimer::new(true, 1000.0);
+        timer.add_edge(1, 1_000_000);
+        timer.add_edge(2, 1_001_000);
+        let mut q = StampQueue::default();
+        q.push_frame(&meta(0, 7), Some(1_000_100.0));
+        q.push_frame(&meta(1, 8), Some(1_001_100.0));
+        q.push_frame(&meta(2, 9), Some(1_002_100.0));
+        assert_eq!(
+            drain(&mut q, &mut timer, 1_002_200.0, false),
+            ["0\t7\t0.000000\tttl\t0", "1\t8\t0.001000\tttl\t0"],
+            "frame 9 waits for its edge"
+        );
+        timer.add_edge(3, 1_002_000);
+        assert_eq!(
+            drain(&mut q, &mut timer, 1_002_200.0, false),
+            ["2\t9\t0.002000\tttl\t0"]
+        );
+    }
+
+    #[test]
+    fn frames_without_a_clock_fit_are_not_held_without_bound() {
+        let mut timer = FrameTimer::new(false, 30.0);
+        let mut q = StampQueue::default();
+        for k in 0..MAX_PENDING_FRAMES as u64 + 3 {
+            q.push_frame(&meta(k, k), None);
+        }
+        let rows = drain(&mut q, &mut timer, 0.0, false);
+        assert_eq!(
+            rows,
+            ["0\t0\t\tnone\t0", "1\t1\t\tnone\t0", "2\t2\t\tnone\t0"]
+        );
+        assert_eq!(q.pending.len(), MAX_PENDING_FRAMES);
+    }
+
+    #[test]
+    fn a_row_before_session_time_zero_has_a_negative_time() {
+        let p = Pending {
+            index: 3,
+            frame_number: 4,
+            mapped_us: None,
+            dropped: false,
+        };
+        let stamp = Stamp {
+            t_us: 999_500.0,
+            source: StampSource::Mapped,
+        };
+        let mut out = Vec::new();
+        write_row(&mut out, &p, RowTime::Stamped(stamp), 1_000_000).expect("to memory");
+        assert_eq!(out, b"3\t4\t-0.000500\tmapped\t0\n");
+    }
+
+    #[test]
+    fn the_mean_image_averages_every_frame_and_goes_to_the_preview_now_and_then() {
+        let mut m = MeanImage::new(4);
+        assert_eq!(m.mean(4), None, "no frame, no mean image");
+        m.add(&[0, 10, 20, 30]);
+        assert!(m.preview_due(), "the first frame");
+        m.add(&[2, 10, 21, 65535]);
+        assert!(!m.preview_due());
+        assert_eq!(m.mean(4), Some(vec![1.0, 10.0, 20.5, 32782.5]));
+        assert_eq!(m.mean(2), Some(vec![1.0, 10.0]), "the first channel");
+        let due: Vec<u64> = (3..=301)
+            .filter(|_| {
+                m.add(&[0; 4]);
+                m.preview_due()
+            })
+            .collect();
+        assert_eq!(due, [151, 301]);
+    }
+
+    #[test]
+    fn frames_tsv_is_never_overwritten_and_the_error_names_it() {
+        let dir = std::env::temp_dir().join(format!("rigd-ingest-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join(FRAMES_TSV), "earlier\n").expect("write");
+        let setup = IngestSetup {
+            shm_name: "/rigd-test".into(),
+            width: 4,
+            height: 2,
+            channels: 1,
+            ttl_wired: false,
+            frame_rate_hz: 30.0,
+            raw_frames: false,
+            t0_us: 0,
+            session_dir: dir.clone(),
+            fsync_interval: Duration::from_secs(1),
+            chunk_len: Duration::from_secs(3600),
+            analysis: None,
+            preview: None,
+        };
+        let e = FrameFiles::create(&setup)
+            .err()
+            .expect("exists")
+            .to_string();
+        assert!(
+            e.starts_with(&format!(
+                "cannot create {}: ",
+                dir.join(FRAMES_TSV).display()
+            )),
+            "{e}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join(FRAMES_TSV)).expect("read"),
+            "earlier\n"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -40,6 +40,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use session_format::NpyData;
+
 /// What went wrong reading ROIs.
 #[derive(Debug, thiserror::Error)]
 pub enum RoiError {
@@ -59,6 +61,10 @@ pub enum RoiError {
         /// What is wrong or unsupported.
         message: String,
     },
+    /// The NPY file itself is unreadable (not NPY, a damaged header, an
+    /// unsupported dtype, truncated data); the message names the file.
+    #[error(transparent)]
+    Npy(#[from] session_format::StorageError),
     /// The label image does not match the frame geometry.
     #[error(
         "{path}: label image is {label_width}x{label_height} (width x height) but frames are \
@@ -77,6 +83,14 @@ pub enum RoiError {
         frame_height: usize,
     },
 }
+
+/// A row of the sidecar table names an ROI the label image does not have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "ROI table names roi {0} which is not in the label image: remove that line, or give the \
+     table that belongs to this label image"
+)]
+pub struct UnknownRoi(pub u32);
 
 fn format_err(path: &Path, message: impl Into<String>) -> RoiError {
     RoiError::Format {
@@ -209,7 +223,8 @@ impl RoiSet {
         let mut set = RoiSet::from_labels(&img, neuropil);
         if let Some(t) = table {
             let rows = read_roi_table(t)?;
-            set.apply_table(&rows).map_err(|m| format_err(t, m))?;
+            set.apply_table(&rows)
+                .map_err(|e| format_err(t, e.to_string()))?;
         }
         Ok(set)
     }
@@ -349,19 +364,14 @@ impl RoiSet {
 
     /// Apply sidecar table rows (cell type, note). Every row must name an ROI
     /// present in the label image.
-    pub fn apply_table(&mut self, rows: &[RoiTableRow]) -> Result<(), String> {
+    pub fn apply_table(&mut self, rows: &[RoiTableRow]) -> Result<(), UnknownRoi> {
         for row in rows {
             match self.rois.binary_search_by_key(&row.roi, |r| r.id) {
                 Ok(i) => {
                     self.rois[i].kind = row.kind;
                     self.rois[i].note = row.note.clone();
                 }
-                Err(_) => {
-                    return Err(format!(
-                        "ROI table names roi {} which is not in the label image",
-                        row.roi
-                    ))
-                }
+                Err(_) => return Err(UnknownRoi(row.roi)),
             }
         }
         Ok(())
@@ -728,119 +738,45 @@ pub fn parse_tiff_labels(bytes: &[u8], path: &Path) -> Result<LabelImage, RoiErr
 
 // ---------------------------------------------------------------- NPY
 
-/// Parse an NPY label image from bytes; `path` only names it in errors.
+/// Parse an NPY label image from bytes; `path` only names it in errors. The
+/// file format is read by [`session_format::parse_npy`]; this checks that
+/// it is a 2-D array of non-negative integer labels.
 pub fn parse_npy_labels(bytes: &[u8], path: &Path) -> Result<LabelImage, RoiError> {
+    let array = session_format::parse_npy(bytes, path)?;
     let err = |m: String| format_err(path, m);
-    if !bytes.starts_with(b"\x93NUMPY") || bytes.len() < 10 {
-        return Err(err("not an NPY file (bad magic)".into()));
-    }
-    let major = bytes[6];
-    let (hlen, hstart) = match major {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 => {
-            let s = bytes
-                .get(8..12)
-                .ok_or_else(|| err("truncated NPY header".into()))?;
-            (u32::from_le_bytes([s[0], s[1], s[2], s[3]]) as usize, 12)
-        }
-        v => return Err(err(format!("NPY version {v} is not supported"))),
-    };
-    let header = bytes
-        .get(hstart..hstart + hlen)
-        .ok_or_else(|| err("truncated NPY header".into()))?;
-    let header = String::from_utf8_lossy(header);
-    let value_of = |key: &str| -> Option<String> {
-        let k = header.find(&format!("'{key}'"))?;
-        let rest = &header[k + key.len() + 2..];
-        let colon = rest.find(':')?;
-        Some(rest[colon + 1..].trim_start().to_string())
-    };
-    let descr = value_of("descr").ok_or_else(|| err("NPY header has no descr".into()))?;
-    let descr = descr
-        .strip_prefix('\'')
-        .and_then(|d| d.split('\'').next())
-        .ok_or_else(|| err("NPY descr is malformed".into()))?
-        .to_string();
-    let fortran =
-        value_of("fortran_order").ok_or_else(|| err("NPY header has no fortran_order".into()))?;
-    if fortran.starts_with("True") {
-        return Err(err(
-            "Fortran-order NPY is not supported (save in C order)".into()
-        ));
-    }
-    let shape = value_of("shape").ok_or_else(|| err("NPY header has no shape".into()))?;
-    let inner = shape
-        .strip_prefix('(')
-        .and_then(|s| s.split(')').next())
-        .ok_or_else(|| err("NPY shape is malformed".into()))?;
-    let dims: Vec<usize> = inner
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>())
-        .collect::<Result<_, _>>()
-        .map_err(|_| err(format!("NPY shape ({inner}) is malformed")))?;
-    if dims.len() != 2 {
+    let &[height, width] = array.shape.as_slice() else {
         return Err(err(format!(
-            "NPY label image must be 2-D, got shape ({inner})"
+            "NPY label image must be 2-D, got shape {}",
+            array.shape_text()
         )));
-    }
-    let (height, width) = (dims[0], dims[1]);
-    let (le, kind, size) = {
-        let b = descr.as_bytes();
-        if b.len() < 3 {
-            return Err(err(format!("NPY dtype {descr} is not supported")));
-        }
-        let le = match b[0] {
-            b'<' | b'|' | b'=' => true,
-            b'>' => false,
-            _ => return Err(err(format!("NPY dtype {descr} is not supported"))),
-        };
-        let size: usize = descr[2..]
-            .parse()
-            .map_err(|_| err(format!("NPY dtype {descr} is not supported")))?;
-        (le, b[1], size)
     };
-    if !matches!((kind, size), (b'u', 1 | 2 | 4) | (b'i', 4 | 8)) {
-        return Err(err(format!(
-            "NPY dtype {descr} is not supported (uint8/uint16/uint32/int32/int64 labels only)"
-        )));
-    }
-    let data_start = hstart + hlen;
-    let need = width * height * size;
-    let data = bytes
-        .get(data_start..data_start + need)
-        .ok_or_else(|| err(format!("truncated NPY data (expected {need} bytes)")))?;
-    let mut labels = Vec::with_capacity(width * height);
-    for px in data.chunks_exact(size) {
-        let mut a = [0u8; 8];
-        if le {
-            a[..size].copy_from_slice(px);
-        } else {
-            for (i, &v) in px.iter().rev().enumerate() {
-                a[i] = v;
-            }
+    let negative = || err("negative label in label image".into());
+    let too_large = |v: u64| err(format!("label {v} exceeds u32"));
+    let labels: Vec<u32> = match array.data {
+        NpyData::U1(v) => v.into_iter().map(u32::from).collect(),
+        NpyData::U2(v) => v.into_iter().map(u32::from).collect(),
+        NpyData::U4(v) => v,
+        NpyData::I4(v) => v
+            .into_iter()
+            .map(|l| u32::try_from(l).map_err(|_| negative()))
+            .collect::<Result<_, _>>()?,
+        NpyData::I8(v) => v
+            .into_iter()
+            .map(|l| {
+                let l = u64::try_from(l).map_err(|_| negative())?;
+                u32::try_from(l).map_err(|_| too_large(l))
+            })
+            .collect::<Result<_, _>>()?,
+        _ => {
+            return Err(err(format!(
+                "NPY dtype {} is not supported (uint8/uint16/uint32/int32/int64 labels only)",
+                array.descr
+            )))
         }
-        let raw = u64::from_le_bytes(a);
-        let v: u64 = if kind == b'i' {
-            let signed = if size == 4 {
-                i64::from(raw as u32 as i32)
-            } else {
-                raw as i64
-            };
-            if signed < 0 {
-                return Err(err("negative label in label image".into()));
-            }
-            signed as u64
-        } else {
-            raw
-        };
-        let v = u32::try_from(v).map_err(|_| err(format!("label {v} exceeds u32")))?;
-        labels.push(v);
-    }
+    };
     Ok(LabelImage {
-        width,
-        height,
+        width: usize::try_from(width).map_err(|_| too_large(width))?,
+        height: usize::try_from(height).map_err(|_| too_large(height))?,
         labels,
     })
 }
@@ -1031,26 +967,80 @@ pub(crate) mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// NPY v1.0 bytes: `descr`, `shape` (numpy's text) and the raw data.
+    fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+        let mut header =
+            format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+        while (10 + header.len() + 1) % 64 != 0 {
+            header.push(' ');
+        }
+        header.push('\n');
+        let mut b = b"\x93NUMPY\x01\x00".to_vec();
+        b.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        b.extend_from_slice(header.as_bytes());
+        b.extend_from_slice(data);
+        b
+    }
+
     #[test]
     fn npy_labels() {
         let (w, h) = (5usize, 3usize);
         let vals: Vec<u32> = (0..15).map(|i| (i % 4) as u32).collect();
-        for (descr, size) in [("<u2", 2usize), ("<u4", 4), ("<i4", 4)] {
-            let mut header =
-                format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({h}, {w}), }}");
-            while (10 + header.len() + 1) % 64 != 0 {
-                header.push(' ');
-            }
-            header.push('\n');
-            let mut b = b"\x93NUMPY\x01\x00".to_vec();
-            b.extend_from_slice(&(header.len() as u16).to_le_bytes());
-            b.extend_from_slice(header.as_bytes());
-            for &v in &vals {
-                b.extend_from_slice(&v.to_le_bytes()[..size]);
-            }
+        for (descr, size) in [
+            ("|u1", 1),
+            ("<u2", 2usize),
+            ("<u4", 4),
+            ("<i4", 4),
+            ("<i8", 8),
+        ] {
+            let data: Vec<u8> = vals
+                .iter()
+                .flat_map(|&v| u64::from(v).to_le_bytes()[..size].to_vec())
+                .collect();
+            let b = npy(descr, &format!("({h}, {w})"), &data);
             let img = parse_npy_labels(&b, Path::new("labels.npy")).expect("npy");
             assert_eq!((img.width, img.height), (w, h));
             assert_eq!(img.labels, vals);
+        }
+    }
+
+    #[test]
+    fn npy_label_errors_name_the_file_and_the_problem() {
+        let path = Path::new("/data/labels.npy");
+        let cases = [
+            (
+                npy("<u2", "(2, 2, 2)", &[0; 16]),
+                "must be 2-D, got shape (2, 2, 2)",
+            ),
+            (
+                npy("<f4", "(2, 2)", &[0; 16]),
+                "NPY dtype <f4 is not supported (uint8/",
+            ),
+            (
+                npy("<i4", "(1, 1)", &(-3i32).to_le_bytes()),
+                "negative label",
+            ),
+            (
+                npy("<i8", "(1, 1)", &(-3i64).to_le_bytes()),
+                "negative label",
+            ),
+            (
+                npy("<i8", "(1, 1)", &(1i64 << 40).to_le_bytes()),
+                "label 1099511627776 exceeds u32",
+            ),
+            (npy("<u2", "(2, 2)", &[0; 6]), "truncated NPY data"),
+            (
+                npy("<c8", "(1, 1)", &[0; 8]),
+                "NPY dtype \"<c8\" is not supported",
+            ),
+            (b"\x93NUMPY\x07\x00".to_vec(), "unsupported NPY version 7"),
+        ];
+        for (bytes, want) in cases {
+            let e = parse_npy_labels(&bytes, path).expect_err(want).to_string();
+            assert!(
+                e.starts_with("/data/labels.npy: ") && e.contains(want),
+                "{want}: {e}"
+            );
         }
     }
 
@@ -1101,5 +1091,15 @@ pub(crate) mod tests {
             .expect_err("bad type")
             .to_string();
         assert!(e.contains("t.tsv") && e.contains("pyramidal"), "{e}");
+        let mut set = RoiSet::grid(16, 16, 2);
+        let rows =
+            parse_roi_table("roi\ttype\n9\tinhibitory\n", Path::new("t.tsv")).expect("parses");
+        let e = set.apply_table(&rows).expect_err("no roi 9");
+        assert_eq!(e, UnknownRoi(9));
+        assert!(
+            e.to_string()
+                .contains("roi 9 which is not in the label image"),
+            "{e}"
+        );
     }
 }

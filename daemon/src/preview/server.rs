@@ -50,6 +50,18 @@ pub enum PreviewError {
         /// The error.
         source: std::io::Error,
     },
+    /// The preview's thread or its runtime could not be started (the
+    /// process is out of threads or memory).
+    #[error("cannot start the preview's {what}: {source}")]
+    Start {
+        /// `thread` or `runtime`.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A bug: the preview's thread panicked.
+    #[error("the preview thread panicked")]
+    Panicked,
 }
 
 #[derive(Debug, Clone)]
@@ -277,15 +289,15 @@ async fn events(State(app): State<App>) -> Response {
 #[derive(Debug)]
 pub struct PreviewHandle {
     stop: watch::Sender<bool>,
-    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+    thread: Option<std::thread::JoinHandle<Result<(), PreviewError>>>,
 }
 
 impl PreviewHandle {
     /// Stop the server (closing open event streams) and wait for its thread.
-    pub fn shutdown(mut self) -> Result<(), String> {
+    pub fn shutdown(mut self) -> Result<(), PreviewError> {
         let _ = self.stop.send(true);
         match self.thread.take() {
-            Some(t) => t.join().map_err(|_| "preview thread panicked".to_owned())?,
+            Some(t) => t.join().map_err(|_| PreviewError::Panicked)?,
             None => Ok(()),
         }
     }
@@ -303,35 +315,42 @@ impl Drop for PreviewHandle {
 pub fn start_preview(
     cfg: &rig_config::PreviewSection,
     state: Arc<PreviewState>,
-) -> Result<(SocketAddr, PreviewHandle), String> {
+) -> Result<(SocketAddr, PreviewHandle), PreviewError> {
     if !cfg.enabled {
-        return Err(PreviewError::Disabled.to_string());
+        return Err(PreviewError::Disabled);
     }
     let ip = cfg
         .bind_addr()
-        .ok_or_else(|| PreviewError::BadAddress(cfg.bind.clone()).to_string())?;
-    let std_listener =
-        bind_listener(ip, cfg.port, cfg.allow_non_loopback).map_err(|e| e.to_string())?;
+        .ok_or_else(|| PreviewError::BadAddress(cfg.bind.clone()))?;
+    let std_listener = bind_listener(ip, cfg.port, cfg.allow_non_loopback)?;
+    let requested = SocketAddr::new(ip, cfg.port);
     let addr = std_listener
         .local_addr()
-        .map_err(|e| format!("preview listener: {e}"))?;
+        .map_err(|source| PreviewError::Io {
+            addr: requested,
+            source,
+        })?;
     let (stop, rx) = watch::channel(false);
     let thread = std::thread::Builder::new()
         .name("rigd-preview".to_owned())
-        .spawn(move || -> Result<(), String> {
+        .spawn(move || -> Result<(), PreviewError> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .map_err(|e| format!("preview runtime: {e}"))?;
+                .map_err(|source| PreviewError::Start {
+                    what: "runtime",
+                    source,
+                })?;
             rt.block_on(async move {
                 let l = tokio::net::TcpListener::from_std(std_listener)
-                    .map_err(|e| format!("preview listener: {e}"))?;
-                serve_listener(l, state, rx)
-                    .await
-                    .map_err(|e| e.to_string())
+                    .map_err(|source| PreviewError::Io { addr, source })?;
+                serve_listener(l, state, rx).await
             })
         })
-        .map_err(|e| format!("preview thread: {e}"))?;
+        .map_err(|source| PreviewError::Start {
+            what: "thread",
+            source,
+        })?;
     Ok((
         addr,
         PreviewHandle {
@@ -417,7 +436,9 @@ mod tests {
     #[test]
     fn non_loopback_is_refused_unless_allowed() {
         let st = Arc::new(PreviewState::new());
-        let err = start_preview(&cfg("0.0.0.0", false), Arc::clone(&st)).expect_err("refused");
+        let err = start_preview(&cfg("0.0.0.0", false), Arc::clone(&st))
+            .expect_err("refused")
+            .to_string();
         assert!(
             err.contains("non-loopback") && err.contains("allow_non_loopback"),
             "{err}"
@@ -434,7 +455,18 @@ mod tests {
     fn disabled_is_an_error() {
         let mut c = cfg("127.0.0.1", false);
         c.enabled = false;
-        assert!(start_preview(&c, Arc::new(PreviewState::new())).is_err());
+        assert!(matches!(
+            start_preview(&c, Arc::new(PreviewState::new())),
+            Err(PreviewError::Disabled)
+        ));
+    }
+
+    #[test]
+    fn a_bind_that_is_not_an_ip_address_is_named() {
+        let err = start_preview(&cfg("preview.local", false), Arc::new(PreviewState::new()))
+            .expect_err("not an IP address");
+        assert!(matches!(err, PreviewError::BadAddress(_)), "{err:?}");
+        assert!(err.to_string().contains("\"preview.local\""), "{err}");
     }
 
     #[tokio::test]
