@@ -3,6 +3,9 @@
 //!
 //! Architecture invariant: the daemon never encodes or decodes wire bytes
 //! itself; it uses the `protocol` crate for every wire.
+
+#![forbid(unsafe_code)]
+
 pub mod alerts;
 pub mod app;
 pub mod behaviour;

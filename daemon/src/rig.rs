@@ -19,8 +19,8 @@ use protocol::serial::{AckStatus, EventKind, HostCommand, ValvePulse};
 use tokio::sync::broadcast;
 
 use crate::session::{
-    event_line, ClockFitCell, EventLine, LiveStatus, ManualRefused, ManualReply, RigNotice,
-    RigRequest, SessionStart, StopReason, StorageMsg, StorageSource,
+    event_line, ClockFitCell, EventDetail, EventLine, LiveStatus, ManualRefused, ManualReply,
+    RigNotice, RigRequest, SessionStart, StopReason, StorageMsg, StorageSource,
 };
 use crate::task::{TaskEngine, TaskInput, TaskOutput};
 use session_format::trial::{Outcome, TrialRecord};
@@ -59,11 +59,17 @@ pub struct RigHandler {
     preview: Option<Arc<crate::preview::PreviewState>>,
     /// Lever samples for the preview not yet handed over (its lock was busy).
     preview_pending: Vec<(u64, f32)>,
+    /// Trials for the preview not yet handed over (its lock was busy).
+    preview_trials: Vec<crate::preview::TrialEvent>,
 }
 
 /// Most lever samples kept for the preview while its lock stays busy (20 s
 /// at 1 kHz); beyond that the oldest are dropped (the preview only shows).
 const PREVIEW_PENDING_MAX: usize = 20_000;
+
+/// Most trials kept for the preview while its lock stays busy (allocated
+/// once; beyond it a trial is not shown, the files have it).
+const PREVIEW_TRIALS_PENDING_MAX: usize = 64;
 
 impl std::fmt::Debug for RigHandler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -94,6 +100,7 @@ impl RigHandler {
             recent_ttl: std::collections::VecDeque::with_capacity(RECENT_TTL),
             preview: None,
             preview_pending: Vec::with_capacity(64),
+            preview_trials: Vec::with_capacity(PREVIEW_TRIALS_PENDING_MAX),
         }
     }
 
@@ -221,7 +228,7 @@ impl RigHandler {
         source: StorageSource,
         kind: &'static str,
         value: f64,
-        detail: String,
+        detail: EventDetail,
     ) {
         if self.session.is_some() {
             self.to_storage(StorageMsg::Event {
@@ -281,7 +288,7 @@ impl RigHandler {
                     StorageSource::Command,
                     kind,
                     value,
-                    format!("{cmd:?}"),
+                    EventDetail::Command(cmd),
                 );
             }
             TaskOutput::State { t_us, state } => {
@@ -290,7 +297,7 @@ impl RigHandler {
                     StorageSource::Task,
                     "state",
                     0.0,
-                    format!("{state:?}"),
+                    EventDetail::State(state),
                 );
             }
             TaskOutput::Trial(rec) => self.on_trial(rec),
@@ -308,11 +315,18 @@ impl RigHandler {
 
     fn on_trial(&mut self, rec: TrialRecord) {
         if let Some(p) = &self.preview {
-            let outcome = rec.outcome.as_str();
-            let rt = rec
+            let reaction_s = rec
                 .t_response_us
                 .map(|r| r.saturating_sub(rec.t_cue_us) as f32 / 1e6);
-            p.push_trial(rec.trial, outcome, rec.t_cue_us, rt);
+            if self.preview_trials.len() < PREVIEW_TRIALS_PENDING_MAX {
+                self.preview_trials.push(crate::preview::TrialEvent {
+                    trial: rec.trial,
+                    outcome: rec.outcome.as_str(),
+                    t_us: rec.t_cue_us,
+                    reaction_s,
+                });
+            }
+            p.try_push_trials(&mut self.preview_trials);
         }
         let (rewards, water) = {
             let m = crate::metrics::global();
@@ -475,7 +489,7 @@ impl RigHandler {
             StorageSource::Device,
             name,
             f64::from(value),
-            format!("aux={aux}"),
+            EventDetail::Aux(aux),
         );
         if let Some(ev) = ev {
             self.broadcast(Event::Device(ev));
@@ -501,7 +515,7 @@ impl RigHandler {
                 StorageSource::Device,
                 "ack",
                 f64::from(seq),
-                format!("type=0x{cmd_type:02x} status={status:?}"),
+                EventDetail::Ack { cmd_type, status },
             );
             return;
         }
@@ -512,7 +526,7 @@ impl RigHandler {
                 StorageSource::Device,
                 "ack_refused",
                 f64::from(seq),
-                format!("type=0x{cmd_type:02x} status={status:?}"),
+                EventDetail::Ack { cmd_type, status },
             );
         }
     }
@@ -592,7 +606,9 @@ impl LinkHandler for RigHandler {
                     StorageSource::Link,
                     "no_ack",
                     f64::from(*seq),
-                    format!("type=0x{cmd_type:02x}"),
+                    EventDetail::NoAck {
+                        cmd_type: *cmd_type,
+                    },
                 );
             }
             LinkEvent::Connected {
@@ -622,7 +638,10 @@ impl LinkHandler for RigHandler {
                     StorageSource::Link,
                     "connected",
                     0.0,
-                    format!("reconnect={reconnect} rebooted={device_rebooted}"),
+                    EventDetail::Connected {
+                        reconnect: *reconnect,
+                        rebooted: *device_rebooted,
+                    },
                 );
                 if *reconnect {
                     self.feed(&TaskInput::LinkRestored { t_us }, commander);
@@ -650,7 +669,13 @@ impl LinkHandler for RigHandler {
                 for (_, reply) in self.manual.drain(..) {
                     let _ = reply.send(Err(ManualRefused::LinkLost(reason.to_string())));
                 }
-                self.log(t_us, StorageSource::Link, kind, 0.0, reason.to_string());
+                self.log(
+                    t_us,
+                    StorageSource::Link,
+                    kind,
+                    0.0,
+                    EventDetail::Text(reason.to_string()),
+                );
                 if *reason != LostReason::Shutdown {
                     self.set_link(LinkState::Lost, Some(reason.to_string()));
                 }
@@ -668,7 +693,7 @@ impl LinkHandler for RigHandler {
                     StorageSource::Link,
                     "sample_gap",
                     *missing as f64,
-                    format!("from_index={from_index}"),
+                    EventDetail::FromIndex(*from_index),
                 );
             }
             LinkEvent::FramesLost { count } => {
@@ -678,7 +703,7 @@ impl LinkHandler for RigHandler {
                     StorageSource::Link,
                     "frames_lost",
                     *count as f64,
-                    String::new(),
+                    EventDetail::None,
                 );
             }
             LinkEvent::BadFrames { frames, bytes } => {
@@ -688,7 +713,7 @@ impl LinkHandler for RigHandler {
                     StorageSource::Link,
                     "bad_frames",
                     *frames as f64,
-                    format!("bytes={bytes}"),
+                    EventDetail::Bytes(*bytes as u64),
                 );
             }
             LinkEvent::Fault { t_us, code, detail } => {
@@ -703,7 +728,7 @@ impl LinkHandler for RigHandler {
                     StorageSource::Device,
                     "fault",
                     f64::from(*detail),
-                    format!("{code:?}"),
+                    EventDetail::Fault(*code),
                 );
             }
             LinkEvent::Heartbeat { .. } => {}

@@ -205,7 +205,7 @@ fn write(
             value,
             detail,
         } => {
-            w.write_event(rel(setup, t_us), source, kind, value, &detail)?;
+            w.write_event(rel(setup, t_us), source, kind, value, &detail.to_string())?;
         }
         StorageMsg::Trial(rec) => {
             let shifted = rec.to_session_time(setup.t0_us);

@@ -42,8 +42,8 @@ pub fn make_current_thread_realtime(priority: i32) -> Result<(), PriorityError> 
 /// Put the calling thread back in the normal policy (`SCHED_OTHER`): for bulk
 /// work started from a real-time thread, which it would otherwise inherit
 /// (`rig-sim`'s microscope renderer). Returns why not, if the system refused.
-pub fn make_current_thread_normal() -> Result<(), String> {
-    set_policy(0, libc::SCHED_OTHER, 0).map_err(|e| format!("SCHED_OTHER refused ({e})"))
+pub fn make_current_thread_normal() -> io::Result<()> {
+    set_policy(0, libc::SCHED_OTHER, 0)
 }
 
 // ---- memory: no page faults on the latency path ----

@@ -19,6 +19,8 @@
 //! # Ok::<(), rig_config::ConfigError>(())
 //! ```
 
+#![forbid(unsafe_code)]
+
 mod error;
 mod locate;
 mod overrides;

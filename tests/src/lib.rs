@@ -2,6 +2,8 @@
 //! `rigd`, `rigctl`, `rig-sim` and `rig-probe` binaries. This crate has no code of
 //! its own under test; unit tests live beside the code they test.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;

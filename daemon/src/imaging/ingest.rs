@@ -38,7 +38,7 @@ use protocol::ring::{FrameMeta, PollOutcome, RingError, RingReader};
 
 use super::analysis::{Analysis, AnalysisError};
 use super::timing::{Decision, FrameInfo, FrameTimer, Stamp, StampSource};
-use crate::session::{LiveView, SideStream, StorageMsg};
+use crate::session::{EventDetail, LiveView, SideStream, StorageMsg};
 use session_format::{ChunkClock, ChunkedNpy, EventSource, NpyAppender, NpyDtype, StorageError};
 
 /// Files the ingest thread writes.
@@ -497,7 +497,7 @@ impl SessionTap<'_> {
             source: EventSource::Daemon,
             kind,
             value,
-            detail,
+            detail: EventDetail::Text(detail),
         });
         if let Err(crossbeam_channel::TrySendError::Full(_)) = sent {
             crate::metrics::global().storage_dropped.inc();

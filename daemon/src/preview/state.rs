@@ -55,7 +55,7 @@ pub struct TrialEvent {
     /// Trial number.
     pub trial: u32,
     /// `"rewarded"` or `"miss"` (anything else is shown as given).
-    pub outcome: String,
+    pub outcome: &'static str,
     /// Cue onset, µs, on the same clock as the lever and dF/F timestamps.
     pub t_us: u64,
     /// Cue-to-press reaction time, s (the reward tick is drawn at
@@ -248,22 +248,38 @@ impl PreviewState {
 
     /// A finished trial: `outcome` is `"rewarded"` or `"miss"`, `t_us` the cue
     /// onset, `reaction_s` the cue-to-press time if the mouse pressed.
-    pub fn push_trial(&self, trial: u32, outcome: &str, t_us: u64, reaction_s: Option<f32>) {
-        let ev = TrialEvent {
-            trial,
-            outcome: outcome.to_owned(),
-            t_us,
-            reaction_s,
-        };
+    pub fn push_trial(
+        &self,
+        trial: u32,
+        outcome: &'static str,
+        t_us: u64,
+        reaction_s: Option<f32>,
+    ) {
         let mut g = self.lock();
-        if outcome == "rewarded" {
-            g.rewarded_count += 1;
+        add_trial(
+            &mut g,
+            TrialEvent {
+                trial,
+                outcome,
+                t_us,
+                reaction_s,
+            },
+        );
+    }
+
+    /// [`push_trial`](Self::push_trial) for the rig thread, which must never
+    /// wait: the trials in `pending` are added (and `pending` emptied) unless
+    /// the state is busy this instant; then they stay for the next call.
+    pub fn try_push_trials(&self, pending: &mut Vec<TrialEvent>) -> bool {
+        let mut g = match self.inner.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+        };
+        for ev in pending.drain(..) {
+            add_trial(&mut g, ev);
         }
-        g.trial_count += 1;
-        g.trials.push_back(ev);
-        while g.trials.len() > MAX_TRIALS_KEPT {
-            g.trials.pop_front();
-        }
+        true
     }
 
     /// The session's ROIs: one outline polygon (original image pixels) and
@@ -440,6 +456,17 @@ fn scale_image(w: u32, h: u32, pixels: &[f32]) -> Option<MeanImage> {
         h: u32::try_from(oh).ok()?,
         pixels: out,
     })
+}
+
+fn add_trial(g: &mut Inner, ev: TrialEvent) {
+    if ev.outcome == "rewarded" {
+        g.rewarded_count += 1;
+    }
+    g.trial_count += 1;
+    g.trials.push_back(ev);
+    while g.trials.len() > MAX_TRIALS_KEPT {
+        g.trials.pop_front();
+    }
 }
 
 /// Add one lever sample to the binned trace (see [`PreviewState::push_lever`]).

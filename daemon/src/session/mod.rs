@@ -23,15 +23,16 @@ mod live;
 mod plan;
 mod stop;
 
-use std::sync::{Arc, Mutex};
-
 use crossbeam_channel::Sender;
 use firmware_bridge::link::LeverBatch;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
 use protocol::control::Event;
-use protocol::serial::Tone;
+use protocol::serial::{AckStatus, FaultCode, HostCommand, Tone};
 use session_format::trial::TrialRecord;
 
-use crate::task::TaskEngine;
+use crate::task::{TaskEngine, TaskState};
 
 pub use live::{ClockFitCell, LiveSnapshot, LiveStatus, LiveView, LATENCIES_KEPT};
 pub use plan::{SessionPlan, StartError, StartFacts};
@@ -50,6 +51,66 @@ pub fn event_line(event: &Event) -> EventLine {
 /// while a session runs).
 pub type SessionLog = Arc<Mutex<Option<session_format::SessionLogFile>>>;
 
+/// The `detail` column of an `events.tsv` row, as typed values: the rig
+/// thread hands these over without formatting (no allocation per event);
+/// the storage thread writes their text ([`fmt::Display`], the text
+/// `docs/session-format.md` shows).
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventDetail {
+    None,
+    /// A command the task sent.
+    Command(HostCommand),
+    /// The task's new state.
+    State(TaskState),
+    /// A device event's auxiliary field.
+    Aux(u16),
+    /// A command's acknowledgement (`cmd_type`, its status).
+    Ack {
+        cmd_type: u8,
+        status: AckStatus,
+    },
+    /// A command whose acknowledgement never came.
+    NoAck {
+        cmd_type: u8,
+    },
+    /// The link is up (again).
+    Connected {
+        reconnect: bool,
+        rebooted: bool,
+    },
+    /// The first sample index of a gap.
+    FromIndex(u64),
+    /// Bytes of garbage on the line.
+    Bytes(u64),
+    /// A device fault's code.
+    Fault(FaultCode),
+    /// Text made where it happened (rare events: a lost link, an imaging error).
+    Text(String),
+}
+
+impl fmt::Display for EventDetail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::None => Ok(()),
+            Self::Command(cmd) => write!(f, "{cmd:?}"),
+            Self::State(state) => write!(f, "{state:?}"),
+            Self::Aux(aux) => write!(f, "aux={aux}"),
+            Self::Ack { cmd_type, status } => write!(f, "type=0x{cmd_type:02x} status={status:?}"),
+            Self::NoAck { cmd_type } => write!(f, "type=0x{cmd_type:02x}"),
+            Self::Connected {
+                reconnect,
+                rebooted,
+            } => {
+                write!(f, "reconnect={reconnect} rebooted={rebooted}")
+            }
+            Self::FromIndex(i) => write!(f, "from_index={i}"),
+            Self::Bytes(n) => write!(f, "bytes={n}"),
+            Self::Fault(code) => write!(f, "{code:?}"),
+            Self::Text(text) => f.write_str(text),
+        }
+    }
+}
+
 /// A record for the session files (to the storage thread).
 #[derive(Debug)]
 pub enum StorageMsg {
@@ -59,7 +120,7 @@ pub enum StorageMsg {
         source: StorageSource,
         kind: &'static str,
         value: f64,
-        detail: String,
+        detail: EventDetail,
     },
     Trial(TrialRecord),
     /// The task is over: finish the folder.

@@ -31,6 +31,19 @@ use crate::session::{
 use crate::storage_thread::StorageFailed;
 use session_format::{water_today_ul, SessionLogFile};
 
+/// Why a SIGHUP did not reload the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(
+        "a session for {mouse} is running: the configuration is reloaded only between sessions"
+    )]
+    SessionRunning { mouse: String },
+    #[error("no configuration file to reload (rigd was started without --config)")]
+    NoFile,
+    #[error(transparent)]
+    Invalid(#[from] rig_config::ConfigError),
+}
+
 /// A session in progress.
 #[derive(Debug)]
 struct Running {
@@ -574,17 +587,16 @@ impl Supervisor {
     }
 
     /// Reload the configuration (SIGHUP): only between sessions.
-    pub fn reload(&mut self) -> Result<(), String> {
+    pub fn reload(&mut self) -> Result<(), ReloadError> {
         if let Some(s) = &self.session {
-            return Err(format!(
-                "a session for {} is running: the configuration is reloaded only between sessions",
-                s.mouse
-            ));
+            return Err(ReloadError::SessionRunning {
+                mouse: s.mouse.clone(),
+            });
         }
         let Some(path) = &self.config_path else {
-            return Err("no configuration file to reload".into());
+            return Err(ReloadError::NoFile);
         };
-        let loaded = rig_config::load(path).map_err(|e| e.to_string())?;
+        let loaded = rig_config::load(path)?;
         if loaded.config.rig.serial_port != self.cfg.rig.serial_port
             || loaded.config.control.socket != self.cfg.control.socket
         {
