@@ -9,11 +9,12 @@ use std::time::Duration;
 use anyhow::Context;
 use firmware_bridge::link::{LinkSettings, SerialLink};
 use rig_config::RigConfig;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc};
 
 use crate::control::{self, CoreRequest, EventLine};
 use crate::rig::RigHandler;
-use crate::session::{LiveView, RigNotice, SessionLog, StopReason};
+use crate::session::{events_ring, LiveView, RigNotice, SessionLog, StopReason};
+use crate::shutdown::Shutdown;
 use crate::supervisor::Supervisor;
 
 /// How the daemon logs.
@@ -93,6 +94,10 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for SessionLogWriter {
     }
 }
 
+/// How long the daemon's parts get to stop once a shutdown begins (after a
+/// running session's files are finished).
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
+
 /// A running daemon.
 pub struct App {
     pub core: Supervisor,
@@ -100,10 +105,9 @@ pub struct App {
     pub notices: mpsc::UnboundedReceiver<RigNotice>,
     pub events: broadcast::Sender<EventLine>,
     pub live: LiveView,
-    link: Option<SerialLink>,
-    shutdown: watch::Sender<bool>,
-    server: Option<tokio::task::JoinHandle<()>>,
-    preview_server: Option<crate::preview::PreviewHandle>,
+    /// The link's threads, the control socket and the preview, stopped
+    /// together by [`App::shutdown`].
+    shutdown: Shutdown,
     /// systemd: READY/STATUS/STOPPING and the watchdog (no-op without it).
     service: crate::notify::Service,
 }
@@ -130,6 +134,7 @@ impl App {
             }
         }
         let (events, _) = broadcast::channel(4096);
+        let (rig_events, rig_events_out) = events_ring();
         let live = LiveView::default();
         let (rig_tx, rig_rx) = crossbeam_channel::bounded(64);
         let (notice_tx, notices) = mpsc::unbounded_channel();
@@ -141,7 +146,7 @@ impl App {
             rig_rx,
             live.status.clone(),
             live.clock.clone(),
-            events.clone(),
+            rig_events,
             notice_tx,
         )
         .with_preview(preview.clone());
@@ -163,23 +168,33 @@ impl App {
         let link = SerialLink::spawn(link_settings, handler)
             .context("cannot start the serial link threads")?;
         let (core_tx, core_rx) = mpsc::channel(64);
-        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut shutdown = Shutdown::new();
         let server = tokio::spawn(control::serve(
             listener,
             socket.clone(),
             core_tx,
             events.clone(),
-            shutdown_rx,
+            shutdown.signal(),
         ));
+        shutdown.register("control socket", async move {
+            let _ = server.await;
+        });
+        let fan_out = Arc::new(control::EventFanOut::new(rig_events_out, events.clone()));
+        let fan_out_task = tokio::spawn(fan_out.clone().run(shutdown.signal()));
+        shutdown.register("event fan-out", async move {
+            let _ = fan_out_task.await;
+        });
+        shutdown.register_blocking("serial link", move || link.shutdown());
+        if let Some(p) = preview_server {
+            shutdown.register_blocking("preview", move || {
+                if let Err(e) = p.shutdown() {
+                    tracing::warn!("preview: {e}");
+                }
+            });
+        }
         tracing::info!(socket = %socket.display(), port = %cfg.rig.serial_port, "rigd ready");
-        let mut core = Supervisor::new(
-            cfg,
-            config_path,
-            rig_tx,
-            live.clone(),
-            events.clone(),
-            session_log,
-        );
+        let mut core =
+            Supervisor::new(cfg, config_path, rig_tx, live.clone(), fan_out, session_log);
         core.set_preview(preview);
         let mut app = Self {
             core,
@@ -187,10 +202,7 @@ impl App {
             notices,
             events,
             live,
-            link: Some(link),
             shutdown,
-            server: Some(server),
-            preview_server,
             service: crate::notify::Service::from_env(),
         };
         // Ready to take commands: the socket listens and the link threads
@@ -262,18 +274,10 @@ impl App {
         }
     }
 
-    /// Close the control socket and the link.
+    /// Close the control socket, the link and the preview: one signal, one
+    /// deadline (see [`crate::shutdown`]).
     pub async fn shutdown(mut self) {
         self.service.stop_watchdog();
-        let _ = self.shutdown.send(true);
-        if let Some(s) = self.server.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), s).await;
-        }
-        if let Some(link) = self.link.take() {
-            let _ = tokio::task::spawn_blocking(move || link.shutdown()).await;
-        }
-        if let Some(p) = self.preview_server.take() {
-            let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;
-        }
+        self.shutdown.run(SHUTDOWN_DEADLINE).await;
     }
 }

@@ -17,7 +17,9 @@ use protocol::control::{
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::shutdown::ShutdownSignal;
 
 /// Who is on the other end of a connection (from `SO_PEERCRED`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +48,7 @@ pub struct CoreRequest {
     pub reply: oneshot::Sender<Result<Value, ControlError>>,
 }
 
+use crate::session::EventsConsumer;
 pub use crate::session::{event_line, EventLine};
 
 /// Bind the control socket at `path` with permission bits `mode` (and group
@@ -88,14 +91,14 @@ pub async fn bind(path: &Path, mode: u32, group: Option<&str>) -> anyhow::Result
     Ok(listener)
 }
 
-/// Accept connections until `shutdown` turns true. The socket file is removed
+/// Accept connections until the shutdown begins. The socket file is removed
 /// on the way out.
 pub async fn serve(
     listener: UnixListener,
     path: PathBuf,
     core: mpsc::Sender<CoreRequest>,
     events: broadcast::Sender<EventLine>,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: ShutdownSignal,
 ) {
     loop {
         tokio::select! {
@@ -111,10 +114,71 @@ pub async fn serve(
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             },
-            _ = shutdown.changed() => break,
+            _ = shutdown.wait() => break,
         }
     }
     let _ = std::fs::remove_file(&path);
+}
+
+/// How often the fan-out takes the rig thread's events.
+const FAN_OUT_EVERY: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Events for control-socket subscribers, in one order: the rig thread's
+/// (from its ring: it never encodes or broadcasts itself) and the
+/// supervisor's (session started / stopped), each encoded once and
+/// broadcast as a line.
+pub struct EventFanOut {
+    ring: std::sync::Mutex<EventsConsumer>,
+    events: broadcast::Sender<EventLine>,
+}
+
+impl std::fmt::Debug for EventFanOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventFanOut").finish_non_exhaustive()
+    }
+}
+
+impl EventFanOut {
+    pub fn new(ring: EventsConsumer, events: broadcast::Sender<EventLine>) -> Self {
+        Self {
+            ring: std::sync::Mutex::new(ring),
+            events,
+        }
+    }
+
+    /// Broadcast what the rig thread has handed over so far. (The lock is
+    /// between the fan-out task and the supervisor only; the rig thread
+    /// writes the ring's other end.)
+    pub fn flush(&self) {
+        use ringbuf::traits::Consumer;
+        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(event) = ring.try_pop() {
+            // No subscribers is fine.
+            let _ = self.events.send(event_line(&event));
+        }
+    }
+
+    /// An event of the supervisor's, after every rig event before it.
+    pub fn publish(&self, event: &Event) {
+        self.flush();
+        let _ = self.events.send(event_line(event));
+    }
+
+    /// Flush every few milliseconds until the shutdown, then once more.
+    pub async fn run(self: std::sync::Arc<Self>, mut shutdown: ShutdownSignal) {
+        let mut tick = tokio::time::interval(FAN_OUT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let stopping = tokio::select! {
+                _ = tick.tick() => false,
+                _ = shutdown.wait() => true,
+            };
+            self.flush();
+            if stopping {
+                break;
+            }
+        }
+    }
 }
 
 /// Lines waiting for one client's writer; events beyond this are dropped for
@@ -125,7 +189,7 @@ async fn connection(
     stream: UnixStream,
     core: mpsc::Sender<CoreRequest>,
     events: broadcast::Sender<EventLine>,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: ShutdownSignal,
 ) {
     let peer = match stream.peer_cred() {
         Ok(c) => Peer {
@@ -161,7 +225,7 @@ async fn connection(
                 Ok(0) | Err(_) => 0,
                 Ok(n) => n,
             },
-            _ = shutdown.changed() => break,
+            _ = shutdown.wait() => break,
         };
         if n == 0 {
             // Answer a last request sent without a newline, then close.

@@ -17,6 +17,7 @@ pub mod notify;
 pub mod realtime;
 pub mod rig;
 pub mod session;
+pub mod shutdown;
 pub mod storage_thread;
 pub mod supervisor;
 pub mod task;

@@ -150,6 +150,8 @@ pub struct Metrics {
     pub frames: Counter,
     pub frames_dropped: Counter,
     pub storage_dropped: Counter,
+    /// Events the rig thread could not hand to the subscribers' fan-out.
+    pub subscriber_events_dropped: Counter,
     pub lever_samples_lost: Counter,
     /// 1 while the serial link is connected.
     pub link_up: Counter,
@@ -176,6 +178,7 @@ impl Metrics {
             frames: Counter::new(),
             frames_dropped: Counter::new(),
             storage_dropped: Counter::new(),
+            subscriber_events_dropped: Counter::new(),
             lever_samples_lost: Counter::new(),
             link_up: Counter::new(),
             link_losses: Counter::new(),
@@ -298,6 +301,12 @@ impl Metrics {
             "rigd_storage_dropped_total",
             "Records the session's storage queue could not take (queue full).",
             self.storage_dropped.get(),
+        );
+        counter(
+            &mut out,
+            "rigd_subscriber_events_dropped_total",
+            "Events the rig thread could not hand to control-socket subscribers (fan-out behind).",
+            self.subscriber_events_dropped.get(),
         );
         counter(
             &mut out,

@@ -3,24 +3,25 @@
 //! runs the task engine on it and sends the engine's commands right away, on
 //! the same thread (the latency path: encoder sample in, valve command out,
 //! with no queue, lock that I/O holds, or async runtime in between). Everything
-//! else it hands on without waiting: records to the session's storage thread
-//! through a bounded queue (a full queue is counted, never waited on), events
-//! to subscribers through a broadcast channel, notices to the core.
+//! else it hands on without waiting and without allocating: records for the
+//! session files into the records ring, events for subscribers into the events
+//! ring (both lock-free, single producer; a full ring drops and counts), the
+//! live status as atomics, notices to the supervisor.
 
 use std::sync::Arc;
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 use firmware_bridge::link::{Commander, LinkEvent, LinkHandler, LostReason};
 use firmware_bridge::sync::ClockFit;
 use protocol::control::{
     DeviceEvent, Event, LinkEvent as LinkEventMsg, LinkState, TrialEvent, TrialOutcome,
 };
 use protocol::serial::{AckStatus, EventKind, HostCommand, ValvePulse};
-use tokio::sync::broadcast;
+use ringbuf::traits::{Observer, Producer};
 
 use crate::session::{
-    event_line, ClockFitCell, EventDetail, EventLine, LiveStatus, ManualRefused, ManualReply,
-    RigNotice, RigRequest, SessionStart, StopReason, StorageMsg, StorageSource,
+    ClockFitCell, EventDetail, EventsProducer, LiveStatus, ManualRefused, ManualReply,
+    RecordsProducer, RigNotice, RigRequest, SessionStart, StopReason, StorageMsg, StorageSource,
 };
 use crate::task::{TaskEngine, TaskInput, TaskOutput};
 use session_format::trial::{Outcome, TrialRecord};
@@ -30,6 +31,7 @@ const RECENT_TTL: usize = 256;
 
 struct ActiveSession {
     engine: TaskEngine,
+    records: RecordsProducer,
     storage: Sender<StorageMsg>,
     ttl_edges: Option<Sender<(u64, u64)>>,
     t0_us: Option<u64>,
@@ -47,7 +49,7 @@ pub struct RigHandler {
     /// The latest clock fit (this thread publishes it; kept here so that
     /// reading it never waits on the cell).
     last_fit: Option<ClockFit>,
-    events: broadcast::Sender<EventLine>,
+    events: EventsProducer,
     notices: tokio::sync::mpsc::UnboundedSender<RigNotice>,
     /// Outstanding manual commands waiting for their Ack: (seq, reply).
     manual: Vec<(u16, ManualReply)>,
@@ -84,7 +86,7 @@ impl RigHandler {
         requests: Receiver<RigRequest>,
         status: Arc<LiveStatus>,
         clock: Arc<ClockFitCell>,
-        events: broadcast::Sender<EventLine>,
+        events: EventsProducer,
         notices: tokio::sync::mpsc::UnboundedSender<RigNotice>,
     ) -> Self {
         Self {
@@ -99,7 +101,9 @@ impl RigHandler {
             connected: false,
             recent_ttl: std::collections::VecDeque::with_capacity(RECENT_TTL),
             preview: None,
-            preview_pending: Vec::with_capacity(64),
+            // Allocated once: the trace kept while the preview is busy stays
+            // under this (see `on_lever`), so pushing never allocates.
+            preview_pending: Vec::with_capacity(PREVIEW_PENDING_MAX + 256),
             preview_trials: Vec::with_capacity(PREVIEW_TRIALS_PENDING_MAX),
         }
     }
@@ -128,9 +132,12 @@ impl RigHandler {
         }
     }
 
-    fn broadcast(&self, event: Event) {
-        // No subscribers is fine.
-        let _ = self.events.send(event_line(&event));
+    /// An event for control-socket subscribers: into the ring, never
+    /// waiting and never encoding here (the fan-out does both).
+    fn broadcast(&mut self, event: Event) {
+        if self.events.try_push(event).is_err() {
+            crate::metrics::global().subscriber_events_dropped.inc();
+        }
     }
 
     fn take_requests(&mut self, commander: &Commander) {
@@ -139,6 +146,7 @@ impl RigHandler {
                 RigRequest::Start(start) => {
                     let SessionStart {
                         engine,
+                        records,
                         storage,
                         ttl_edges,
                     } = *start;
@@ -150,6 +158,7 @@ impl RigHandler {
                     self.status.reset_session();
                     self.session = Some(ActiveSession {
                         engine,
+                        records,
                         storage,
                         ttl_edges,
                         t0_us: None,
@@ -210,15 +219,16 @@ impl RigHandler {
         }
     }
 
+    /// A record for the session files: into the ring, never waiting. A full
+    /// ring (the storage thread fell behind) drops it and counts it; the
+    /// storage thread writes the count into the session.
     fn to_storage(&mut self, msg: StorageMsg) {
-        let Some(s) = &self.session else { return };
-        match s.storage.try_send(msg) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                self.status.add_storage_drop();
-                crate::metrics::global().storage_dropped.inc();
-            }
-            Err(TrySendError::Disconnected(_)) => {}
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        if s.records.try_push(msg).is_err() && s.records.read_is_held() {
+            self.status.add_storage_drop();
+            crate::metrics::global().storage_dropped.inc();
         }
     }
 

@@ -1,7 +1,9 @@
-//! The session's storage thread: owns the [`SessionWriter`], takes records
-//! from the rig thread through a bounded queue, syncs the files at least every
-//! `fsync_interval_ms`, and at the end computes the summary, finishes the
-//! folder and hands the summary to the core. Disk work never runs on the rig
+//! The session's storage thread: owns the [`SessionWriter`], takes the rig
+//! thread's records from its ring (every 10 ms) and other records (the
+//! imaging ingest's events, the rig's `Finish`) from its control channel,
+//! syncs the files at least every `fsync_interval_ms`, and at the end finishes
+//! the side streams, computes the summary, finishes the folder and hands the
+//! summary to the supervisor. Disk work never runs on the rig
 //! thread; a disk error stops the session cleanly with the data so far intact.
 //!
 //! Memory stays flat however long the session runs: the thread keeps only
@@ -13,9 +15,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
+use ringbuf::traits::Consumer;
 
 use crate::behaviour::{parse_resampled, resample_1khz_from, summarize_parsed, Summary};
-use crate::session::{FinishedSession, LiveView, SessionLog, SideStream, StopReason, StorageMsg};
+use crate::session::{
+    FinishedSession, LiveView, RecordsConsumer, SessionLog, SideStream, StopReason, StorageMsg,
+};
 use session_format::trial::TrialRecord;
 use session_format::{
     free_reserve, make_reserve, ClockSyncRecord, EventSource, LeverFiles, SessionWriter,
@@ -31,9 +36,9 @@ pub enum StorageFailed {
     Summary(#[from] serde_json::Error),
 }
 
-/// Capacity of the rig -> storage queue, in messages. A lever batch is one
-/// message, so this is several seconds of a 10 kHz stream.
-pub const STORAGE_QUEUE: usize = 1 << 16;
+/// Capacity of the storage thread's control channel (the rig's `Finish`, the
+/// imaging ingest's events; the rig's records come through its ring).
+pub const CONTROL_QUEUE: usize = 4096;
 
 /// Session parameters the thread needs besides the writer.
 pub struct StorageSetup {
@@ -81,14 +86,14 @@ impl std::fmt::Debug for StorageSetup {
 pub fn spawn(
     writer: SessionWriter,
     setup: StorageSetup,
-    rx: Receiver<StorageMsg>,
+    inputs: Inputs,
     shared: LiveView,
     done: tokio::sync::oneshot::Sender<Result<FinishedSession, StorageFailed>>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("rig-storage".into())
         .spawn(move || {
-            let mut setup = setup;
+            let (mut setup, mut inputs) = (setup, inputs);
             let dir = writer.path().to_path_buf();
             if let Err(e) = make_reserve(&dir) {
                 // Not fatal: the session is recorded, only a full disk would
@@ -99,7 +104,7 @@ pub fn spawn(
                 );
                 free_reserve(&dir);
             }
-            let result = run(writer, &mut setup, &rx, &shared);
+            let result = run(writer, &mut setup, &mut inputs, &shared);
             free_reserve(&dir);
             if let Err(e) = &result {
                 if let Some(stop) = setup.on_storage_error.take() {
@@ -119,10 +124,15 @@ struct State {
     last_info_update: Instant,
 }
 
+/// How often the thread empties the rig's records ring when nothing else
+/// wakes it (the ring has no wake-up: the rig thread never makes a syscall
+/// for storage).
+const RING_POLL: Duration = Duration::from_millis(10);
+
 fn run(
     mut w: SessionWriter,
     setup: &mut StorageSetup,
-    rx: &Receiver<StorageMsg>,
+    inputs: &mut Inputs,
     shared: &LiveView,
 ) -> Result<FinishedSession, StorageFailed> {
     let mut st = State {
@@ -130,38 +140,38 @@ fn run(
         counts: TrialCounts::default(),
         last_info_update: Instant::now(),
     };
-    let tick = setup
-        .fsync_interval
-        .min(Duration::from_millis(250))
-        .max(Duration::from_millis(10));
     loop {
-        let msg = match rx.recv_timeout(tick) {
+        if let Err(e) = inputs.drain_records(&mut w, setup, &mut st) {
+            return fail(w, setup, e);
+        }
+        let msg = match inputs.control.recv_timeout(RING_POLL) {
             Ok(m) => Some(m),
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => {
                 // The rig thread went away without finishing (daemon shutting
                 // down hard): keep what we have, finish as stopped.
+                if let Err(e) = inputs.drain_records(&mut w, setup, &mut st) {
+                    return fail(w, setup, e);
+                }
                 let reason = StopReason::Requested("daemon stopped".into());
                 return finish(w, setup, st, reason, shared);
             }
         };
-        if let Some(msg) = msg {
-            match msg {
-                StorageMsg::Finish { reason, .. } => {
-                    // Take whatever is still queued behind us, then finish.
-                    while let Ok(m) = rx.try_recv() {
-                        if let Err(e) = write(&mut w, setup, &mut st, m) {
-                            return fail(w, setup, e);
-                        }
-                    }
-                    return finish(w, setup, st, reason, shared);
+        match msg {
+            Some(StorageMsg::Finish { reason, .. }) => {
+                // The rig thread sent Finish after its last record: take
+                // everything still in the ring and the channel, then finish.
+                if let Err(e) = inputs.drain_all(&mut w, setup, &mut st) {
+                    return fail(w, setup, e);
                 }
-                m => {
-                    if let Err(e) = write(&mut w, setup, &mut st, m) {
-                        return fail(w, setup, e);
-                    }
+                return finish(w, setup, st, reason, shared);
+            }
+            Some(m) => {
+                if let Err(e) = write(&mut w, setup, &mut st, m) {
+                    return fail(w, setup, e);
                 }
             }
+            None => {}
         }
         if let Err(e) = w.maybe_sync(Instant::now()) {
             return fail(w, setup, e);
@@ -174,6 +184,46 @@ fn run(
                 }
             }
         }
+    }
+}
+
+/// What the storage thread reads: the rig thread's records ring and the
+/// control channel (the rig's `Finish`, the imaging ingest's events).
+pub struct Inputs {
+    pub records: RecordsConsumer,
+    pub control: Receiver<StorageMsg>,
+}
+
+impl std::fmt::Debug for Inputs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inputs").finish_non_exhaustive()
+    }
+}
+
+impl Inputs {
+    fn drain_records(
+        &mut self,
+        w: &mut SessionWriter,
+        setup: &StorageSetup,
+        st: &mut State,
+    ) -> Result<(), StorageError> {
+        while let Some(m) = self.records.try_pop() {
+            write(w, setup, st, m)?;
+        }
+        Ok(())
+    }
+
+    fn drain_all(
+        &mut self,
+        w: &mut SessionWriter,
+        setup: &StorageSetup,
+        st: &mut State,
+    ) -> Result<(), StorageError> {
+        self.drain_records(w, setup, st)?;
+        while let Ok(m) = self.control.try_recv() {
+            write(w, setup, st, m)?;
+        }
+        Ok(())
     }
 }
 

@@ -179,13 +179,56 @@ pub enum RigRequest {
     Tone { tone: Tone, reply: ManualReply },
 }
 
+/// The rig thread's end of its records ring to the storage thread.
+pub type RecordsProducer = ringbuf::HeapProd<StorageMsg>;
+/// The storage thread's end of the rig's records ring.
+pub type RecordsConsumer = ringbuf::HeapCons<StorageMsg>;
+
+/// Capacity of the rig -> storage records ring, in messages. A lever batch
+/// is one message, so this is over a minute of a 10 kHz stream in batches
+/// of ten; a full ring drops (and counts) records, it never waits.
+pub const RECORDS_RING: usize = 1 << 16;
+
+/// The ring the rig thread writes its records into (lock-free, single
+/// producer, single consumer; made once per session, so pushing never
+/// allocates).
+pub fn records_ring() -> (RecordsProducer, RecordsConsumer) {
+    use ringbuf::traits::Split;
+    ringbuf::HeapRb::new(RECORDS_RING).split()
+}
+
+/// The rig thread's end of its events ring to the subscribers' fan-out.
+pub type EventsProducer = ringbuf::HeapProd<Event>;
+/// The fan-out's end: it encodes each event once and broadcasts the line.
+pub type EventsConsumer = ringbuf::HeapCons<Event>;
+
+/// Capacity of the rig -> fan-out events ring (trials, device events, link
+/// changes: a few per second, frame-clock ticks at the imaging rate).
+pub const EVENTS_RING: usize = 4096;
+
+/// The ring the rig thread hands subscriber events into, made once.
+pub fn events_ring() -> (EventsProducer, EventsConsumer) {
+    use ringbuf::traits::Split;
+    ringbuf::HeapRb::new(EVENTS_RING).split()
+}
+
 /// Everything a session needs on the rig thread.
-#[derive(Debug)]
 pub struct SessionStart {
     pub engine: TaskEngine,
+    /// Lever batches, trials and events for the session files.
+    pub records: RecordsProducer,
+    /// The storage thread's control channel: the rig thread sends `Finish`
+    /// there, after its last record (the storage thread then empties the
+    /// ring before it finishes the folder).
     pub storage: Sender<StorageMsg>,
     /// Frame-clock edges `(count, rig µs)` for the imaging ingest.
     pub ttl_edges: Option<Sender<(u64, u64)>>,
+}
+
+impl fmt::Debug for SessionStart {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionStart").finish_non_exhaustive()
+    }
 }
 
 /// What the rig thread tells the supervisor.

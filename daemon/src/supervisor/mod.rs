@@ -19,10 +19,10 @@ use protocol::control::{
 use protocol::serial::Tone;
 use rig_config::RigConfig;
 use serde_json::Value;
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::oneshot;
 
 use crate::alerts::{Alert, Alerter};
-use crate::control::{event_line, CoreRequest, EventLine};
+use crate::control::{CoreRequest, EventFanOut};
 use crate::imaging::ingest::IngestCounters;
 use crate::session::{
     FinishedSession, LiveSnapshot, LiveView, ManualRefused, RigNotice, RigRequest, SessionLog,
@@ -65,7 +65,7 @@ pub struct Supervisor {
     config_path: Option<PathBuf>,
     rig: crossbeam_channel::Sender<RigRequest>,
     live: LiveView,
-    events: broadcast::Sender<EventLine>,
+    events: Arc<EventFanOut>,
     session: Option<Running>,
     session_log: SessionLog,
     seed: u64,
@@ -99,7 +99,7 @@ impl Supervisor {
         config_path: Option<PathBuf>,
         rig: crossbeam_channel::Sender<RigRequest>,
         live: LiveView,
-        events: broadcast::Sender<EventLine>,
+        events: Arc<EventFanOut>,
         session_log: SessionLog,
     ) -> Self {
         let seed = SystemTime::now()
@@ -366,14 +366,12 @@ impl Supervisor {
             tuning: opened.tuning,
         });
         crate::metrics::global().session_started();
-        let _ = self
-            .events
-            .send(event_line(&Event::Session(SessionEvent::Started {
-                mouse: req.mouse.clone(),
-                session_dir: path.display().to_string(),
-                started_utc: started_utc.clone(),
-                t0_us,
-            })));
+        self.events.publish(&Event::Session(SessionEvent::Started {
+            mouse: req.mouse.clone(),
+            session_dir: path.display().to_string(),
+            started_utc: started_utc.clone(),
+            t0_us,
+        }));
         Ok(StartReply {
             session_dir: path.display().to_string(),
             mouse: req.mouse,
@@ -483,29 +481,25 @@ impl Supervisor {
         match result {
             Ok(fin) => {
                 tracing::info!(mouse = %s.mouse, reason = %fin.reason, trials = fin.summary.trials, "session stopped");
-                let _ = self
-                    .events
-                    .send(event_line(&Event::Session(SessionEvent::Stopped {
-                        mouse: s.mouse.clone(),
-                        reason: Some(fin.reason.to_string()),
-                        summary: fin.summary.clone(),
-                    })));
+                self.events.publish(&Event::Session(SessionEvent::Stopped {
+                    mouse: s.mouse.clone(),
+                    reason: Some(fin.reason.to_string()),
+                    summary: fin.summary.clone(),
+                }));
                 Ok(StopReply {
                     summary: fin.summary,
                 })
             }
             Err(e) => {
                 tracing::error!("session {} ended with an error: {e}", s.dir.display());
-                let _ = self
-                    .events
-                    .send(event_line(&Event::Session(SessionEvent::Stopped {
-                        mouse: s.mouse.clone(),
-                        reason: Some(format!("error: {e}")),
-                        summary: SessionSummary {
-                            session_dir: s.dir.display().to_string(),
-                            ..Default::default()
-                        },
-                    })));
+                self.events.publish(&Event::Session(SessionEvent::Stopped {
+                    mouse: s.mouse.clone(),
+                    reason: Some(format!("error: {e}")),
+                    summary: SessionSummary {
+                        session_dir: s.dir.display().to_string(),
+                        ..Default::default()
+                    },
+                }));
                 Err(err(ErrorCode::Internal, format!("the session stopped with an error: {e}; files up to the error are intact in {}", s.dir.display())))
             }
         }

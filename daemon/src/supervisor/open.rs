@@ -13,8 +13,8 @@ use tokio::sync::oneshot;
 use crate::imaging::ingest::{check_disk_rate, Ingest, IngestCounters, IngestSetup};
 use crate::preview::PreviewState;
 use crate::session::{
-    FinishedSession, LiveView, RigRequest, SessionLog, SessionPlan, SessionStart, SideStream,
-    StartError, StorageMsg,
+    records_ring, FinishedSession, LiveView, RigRequest, SessionLog, SessionPlan, SessionStart,
+    SideStream, StartError, StorageMsg,
 };
 use crate::storage_thread::{self, StorageFailed, StorageSetup};
 use crate::task::TaskEngine;
@@ -67,7 +67,8 @@ pub(super) fn open(plan: SessionPlan, ctx: OpenContext<'_>) -> Result<Opened, St
     let writer = SessionWriter::create(dir, info, fsync, chunk_len).map_err(StartError::Writer)?;
     let path = writer.path().to_path_buf();
 
-    let (tx, rx) = crossbeam_channel::bounded(storage_thread::STORAGE_QUEUE);
+    let (records, records_out) = records_ring();
+    let (tx, rx) = crossbeam_channel::bounded(storage_thread::CONTROL_QUEUE);
     let (done_tx, done) = oneshot::channel();
     let (ingest, ttl_edges) = start_imaging(&plan, &path, fsync, chunk_len, &ctx, &tx)?;
     let imaging = ingest.as_ref().map(|i| i.counters.clone());
@@ -93,7 +94,11 @@ pub(super) fn open(plan: SessionPlan, ctx: OpenContext<'_>) -> Result<Opened, St
         }),
         session_log: Some(ctx.session_log.clone()),
     };
-    storage_thread::spawn(writer, setup, rx, ctx.live.clone(), done_tx).map_err(|e| {
+    let inputs = storage_thread::Inputs {
+        records: records_out,
+        control: rx,
+    };
+    storage_thread::spawn(writer, setup, inputs, ctx.live.clone(), done_tx).map_err(|e| {
         StartError::Thread {
             what: "storage",
             source: Box::new(e),
@@ -104,6 +109,7 @@ pub(super) fn open(plan: SessionPlan, ctx: OpenContext<'_>) -> Result<Opened, St
         start_utc,
         start: SessionStart {
             engine: TaskEngine::new(plan.params),
+            records,
             storage: tx,
             ttl_edges,
         },
