@@ -51,42 +51,60 @@ pub struct CoreRequest {
 use crate::session::EventsConsumer;
 pub use crate::session::{event_line, EventLine};
 
+/// Why the control socket could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error(
+        "another rigd is already listening on {}: stop it first, or set [control].socket to another path",
+        .0.display()
+    )]
+    InUse(PathBuf),
+    #[error("[control].group = {0:?}: no such group")]
+    NoGroup(String),
+    #[error("cannot {action} {}: {source}", .path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// Bind the control socket at `path` with permission bits `mode` (and group
 /// `group`, if given). A stale socket file left by a crashed daemon is
 /// replaced; a live one (another rigd answering) is an error.
-pub async fn bind(path: &Path, mode: u32, group: Option<&str>) -> anyhow::Result<UnixListener> {
-    use anyhow::Context;
+pub async fn bind(path: &Path, mode: u32, group: Option<&str>) -> Result<UnixListener, BindError> {
+    let io = |action: &'static str, path: &Path| {
+        let path = path.to_owned();
+        move |source| BindError::Io {
+            action,
+            path,
+            source,
+        }
+    };
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() && !dir.exists() {
-            std::fs::create_dir_all(dir).with_context(|| {
-                format!(
-                    "cannot create the control socket's directory {}",
-                    dir.display()
-                )
-            })?;
+            std::fs::create_dir_all(dir).map_err(io("create the directory", dir))?;
         }
     }
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
-            anyhow::bail!(
-                "another rigd is already listening on {}: stop it first, or set [control].socket to another path",
-                path.display()
-            );
+            return Err(BindError::InUse(path.to_owned()));
         }
-        std::fs::remove_file(path)
-            .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+        std::fs::remove_file(path).map_err(io("remove the stale socket", path))?;
     }
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("cannot bind the control socket at {}", path.display()))?;
+    let listener = UnixListener::bind(path).map_err(io("bind the control socket at", path))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("cannot set mode {mode:o} on {}", path.display()))?;
+        .map_err(io("set the mode of", path))?;
     if let Some(group) = group {
         let g = nix::unistd::Group::from_name(group)
             .ok()
             .flatten()
-            .with_context(|| format!("[control].group = {group:?}: no such group"))?;
-        nix::unistd::chown(path, None, Some(g.gid))
-            .with_context(|| format!("cannot give {} to group {group}", path.display()))?;
+            .ok_or_else(|| BindError::NoGroup(group.to_owned()))?;
+        nix::unistd::chown(path, None, Some(g.gid)).map_err(|e| BindError::Io {
+            action: "give the group to",
+            path: path.to_owned(),
+            source: e.into(),
+        })?;
     }
     Ok(listener)
 }

@@ -7,10 +7,8 @@
 #![forbid(unsafe_code)]
 
 pub mod alerts;
-pub mod app;
 pub mod behaviour;
 pub mod control;
-pub mod demo;
 pub mod imaging;
 pub mod metrics;
 pub mod notify;

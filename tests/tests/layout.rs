@@ -48,14 +48,12 @@ fn the_daemons_thread_modules_meet_only_in_the_session_layer() {
     check(&[
         "daemon",
         "--layer",
-        "session:rig,storage_thread,imaging,supervisor,control,preview,app,demo",
+        "session:rig,storage_thread,imaging,supervisor,control,preview",
         "--layer",
-        "rig:storage_thread,imaging,supervisor,control,app",
+        "rig:storage_thread,imaging,supervisor,control",
         "--layer",
-        "storage_thread:rig,imaging,supervisor,control,preview,app",
+        "storage_thread:rig,imaging,supervisor,control,preview",
         "--layer",
-        "imaging:rig,storage_thread,supervisor,control,app",
-        "--layer",
-        "supervisor:app,demo",
+        "imaging:rig,storage_thread,supervisor,control",
     ]);
 }

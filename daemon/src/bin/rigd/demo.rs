@@ -13,7 +13,7 @@ use protocol::control::{Event, LinkState, SessionEvent, StartRequest, TrialOutco
 use rig_sim::SimOptions;
 
 use crate::app::App;
-use crate::session::{SessionLog, StopReason};
+use daemon::session::{SessionLog, StopReason};
 
 /// What `rigd demo` was asked for.
 #[derive(Debug, Clone)]
@@ -106,14 +106,14 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
 
     let mut app = App::start(cfg, None, settings, session_log).await?;
     let mut events = app.events.subscribe();
-    crate::outln!(
+    daemon::outln!(
         "rigd demo: virtual rig at {} (day {}, {}x speed), {} min session",
         link_path.display(),
         opts.day,
         opts.speed,
         opts.minutes
     );
-    crate::outln!(
+    daemon::outln!(
         "control socket: {}  (try: rigctl --socket {} status)",
         run_dir.join("rigd.sock").display(),
         run_dir.join("rigd.sock").display()
@@ -146,7 +146,7 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
         })
         .await
         .map_err(|e| anyhow::anyhow!("cannot start the session: {}", e.message))?;
-    crate::outln!("session {}", reply.session_dir);
+    daemon::outln!("session {}", reply.session_dir);
 
     let total_us = f64::from(opts.minutes) * 60e6;
     let mut last_bar = Instant::now();
@@ -166,7 +166,7 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
             }
             _ = tokio::time::sleep(Duration::from_millis(250)) => app.core.tick(),
             _ = tokio::signal::ctrl_c() => {
-                crate::outln!("\ninterrupted: stopping the session");
+                daemon::outln!("\ninterrupted: stopping the session");
                 break app.core.stop(StopReason::Requested("interrupted (Ctrl-C)".into())).await;
             }
         }
@@ -200,9 +200,9 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
     let _ = frame_ring::unlink_ring(&shm_name);
     let reply = result.map_err(|e| anyhow::anyhow!("{}", e.message))?;
     let s = &reply.summary;
-    crate::outln!();
-    crate::outln!("session finished: {}", s.session_dir);
-    crate::outln!(
+    daemon::outln!();
+    daemon::outln!("session finished: {}", s.session_dir);
+    daemon::outln!(
         "trials {}   rewards {}   water {:.1} µL   success {}",
         s.trials,
         s.rewards,
@@ -210,14 +210,14 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
         s.success_rate
             .map_or("-".into(), |x| format!("{:.0} %", x * 100.0))
     );
-    crate::outln!(
+    daemon::outln!(
         "reaction time median {}   trajectory correlation median {}",
         s.reaction_time_median_s
             .map_or("-".into(), |x| format!("{x:.3} s")),
         s.trajectory_corr_median
             .map_or("-".into(), |x| format!("{x:.2}"))
     );
-    let frames = std::path::Path::new(&s.session_dir).join(crate::imaging::ingest::FRAMES_TSV);
+    let frames = std::path::Path::new(&s.session_dir).join(daemon::imaging::ingest::FRAMES_TSV);
     if let Ok(text) = std::fs::read_to_string(frames) {
         let rows: Vec<Vec<&str>> = text
             .lines()
@@ -226,7 +226,7 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
             .collect();
         let ttl = rows.iter().filter(|r| r.get(3) == Some(&"ttl")).count();
         let dropped = rows.iter().filter(|r| r.get(4) == Some(&"1")).count();
-        crate::outln!(
+        daemon::outln!(
             "imaging: {} frames ({} stamped by the frame clock), {} dropped",
             rows.len(),
             ttl,

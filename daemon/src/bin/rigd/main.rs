@@ -10,6 +10,9 @@
 //! at run time, 2 = usage error or configuration not loaded. Errors are
 //! printed as text, never as a panic or a `Debug` dump.
 
+mod app;
+mod demo;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,7 +34,7 @@ struct Cli {
     config: Option<PathBuf>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "human", global = true)]
-    log_format: daemon::app::LogFormat,
+    log_format: app::LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -80,7 +83,7 @@ fn main() -> ExitCode {
             seed,
             mouse,
         }) => {
-            let opts = daemon::demo::DemoOptions {
+            let opts = demo::DemoOptions {
                 minutes,
                 speed,
                 day,
@@ -89,7 +92,7 @@ fn main() -> ExitCode {
                 mouse,
             };
             with_runtime(cli.log_format, true, |log| async move {
-                daemon::demo::run(opts, log).await.map(|_| ())
+                demo::run(opts, log).await.map(|_| ())
             })
         }
         None => match cli.config {
@@ -104,13 +107,13 @@ fn main() -> ExitCode {
 
 /// Run `body` on a tokio runtime with logging set up; errors are printed as
 /// one line and give exit code 1.
-fn with_runtime<F, Fut>(format: daemon::app::LogFormat, quiet: bool, body: F) -> ExitCode
+fn with_runtime<F, Fut>(format: app::LogFormat, quiet: bool, body: F) -> ExitCode
 where
     F: FnOnce(daemon::session::SessionLog) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     let log: daemon::session::SessionLog = Default::default();
-    daemon::app::init_logging(format, log.clone(), quiet);
+    app::init_logging(format, log.clone(), quiet);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -130,7 +133,7 @@ where
     }
 }
 
-fn run_daemon(path: PathBuf, format: daemon::app::LogFormat) -> ExitCode {
+fn run_daemon(path: PathBuf, format: app::LogFormat) -> ExitCode {
     let loaded = match rig_config::load(&path) {
         Ok(l) => l,
         Err(e) => {
@@ -157,7 +160,7 @@ fn run_daemon(path: PathBuf, format: daemon::app::LogFormat) -> ExitCode {
             }
         }
         let settings = firmware_bridge::link::LinkSettings::from_config(&cfg);
-        let mut app = daemon::app::App::start(cfg, Some(path), settings, log).await?;
+        let mut app = app::App::start(cfg, Some(path), settings, log).await?;
         let result = app.run_until_signal().await;
         app.shutdown().await;
         result

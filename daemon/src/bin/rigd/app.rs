@@ -11,11 +11,11 @@ use firmware_bridge::link::{LinkSettings, SerialLink};
 use rig_config::RigConfig;
 use tokio::sync::{broadcast, mpsc};
 
-use crate::control::{self, CoreRequest, EventLine};
-use crate::rig::RigHandler;
-use crate::session::{events_ring, LiveView, RigNotice, SessionLog, StopReason};
-use crate::shutdown::Shutdown;
-use crate::supervisor::Supervisor;
+use daemon::control::{self, CoreRequest, EventLine};
+use daemon::rig::RigHandler;
+use daemon::session::{events_ring, LiveView, RigNotice, SessionLog, StopReason};
+use daemon::shutdown::Shutdown;
+use daemon::supervisor::Supervisor;
 
 /// How the daemon logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -109,7 +109,7 @@ pub struct App {
     /// together by [`App::shutdown`].
     shutdown: Shutdown,
     /// systemd: READY/STATUS/STOPPING and the watchdog (no-op without it).
-    service: crate::notify::Service,
+    service: daemon::notify::Service,
 }
 
 impl std::fmt::Debug for App {
@@ -141,7 +141,7 @@ impl App {
         let socket = PathBuf::from(&cfg.control.socket);
         let listener =
             control::bind(&socket, cfg.control.mode, cfg.control.group.as_deref()).await?;
-        let preview = Arc::new(crate::preview::PreviewState::new());
+        let preview = Arc::new(daemon::preview::PreviewState::new());
         let handler = RigHandler::new(
             rig_rx,
             live.status.clone(),
@@ -151,9 +151,9 @@ impl App {
         )
         .with_preview(preview.clone());
         let preview_server = if cfg.preview.enabled {
-            match crate::preview::start_preview(&cfg.preview, preview.clone()) {
+            match daemon::preview::start_preview(&cfg.preview, preview.clone()) {
                 Ok((addr, handle)) => {
-                    crate::outln!("preview: http://{addr}/");
+                    daemon::outln!("preview: http://{addr}/");
                     tracing::info!("live preview at http://{addr}/");
                     Some(handle)
                 }
@@ -203,7 +203,7 @@ impl App {
             events,
             live,
             shutdown,
-            service: crate::notify::Service::from_env(),
+            service: daemon::notify::Service::from_env(),
         };
         // Ready to take commands: the socket listens and the link threads
         // run; the device may still be connecting (the status says so).
@@ -216,7 +216,7 @@ impl App {
     fn service_status(&self) -> String {
         let reply = self.core.status_reply();
         let detail = self.live.status.snapshot().link_detail;
-        crate::notify::status_text(
+        daemon::notify::status_text(
             reply.state,
             reply.mouse.as_deref(),
             reply.link,
@@ -275,7 +275,7 @@ impl App {
     }
 
     /// Close the control socket, the link and the preview: one signal, one
-    /// deadline (see [`crate::shutdown`]).
+    /// deadline (see [`daemon::shutdown`]).
     pub async fn shutdown(mut self) {
         self.service.stop_watchdog();
         self.shutdown.run(SHUTDOWN_DEADLINE).await;
