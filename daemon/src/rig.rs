@@ -21,7 +21,8 @@ use ringbuf::traits::{Observer, Producer};
 
 use crate::session::{
     ClockFitCell, EventDetail, EventsProducer, LiveStatus, ManualRefused, ManualReply,
-    RecordsProducer, RigNotice, RigRequest, SessionStart, StopReason, StorageMsg, StorageSource,
+    RecordsProducer, RigNotice, RigRequest, SessionId, SessionStart, StopReason, StorageMsg,
+    StorageSource,
 };
 use crate::task::{TaskEngine, TaskInput, TaskOutput};
 use session_format::trial::{Outcome, TrialRecord};
@@ -30,6 +31,7 @@ use session_format::trial::{Outcome, TrialRecord};
 const RECENT_TTL: usize = 256;
 
 struct ActiveSession {
+    id: SessionId,
     engine: TaskEngine,
     records: RecordsProducer,
     storage: Sender<StorageMsg>,
@@ -145,6 +147,7 @@ impl RigHandler {
             match req {
                 RigRequest::Start(start) => {
                     let SessionStart {
+                        id,
                         engine,
                         records,
                         storage,
@@ -156,7 +159,17 @@ impl RigHandler {
                         }
                     }
                     self.status.reset_session();
+                    if let Some(old) = &self.session {
+                        // The supervisor starts a session only when the last
+                        // one has finished; if one still runs here, it is
+                        // ended first so that no engine outlives its session.
+                        tracing::error!("{id} started while {} still ran: ending it", old.id);
+                        let t_us = self.status.rig_now_us();
+                        let reason = StopReason::Requested(format!("replaced by {id}"));
+                        self.stop_session(old.id, reason, t_us, commander);
+                    }
                     self.session = Some(ActiveSession {
+                        id,
                         engine,
                         records,
                         storage,
@@ -166,14 +179,9 @@ impl RigHandler {
                         stop_reason: None,
                     });
                 }
-                RigRequest::Stop { reason } => {
+                RigRequest::Stop { id, reason } => {
                     let t_us = self.status.rig_now_us();
-                    if let Some(s) = self.session.as_mut() {
-                        s.stop_reason = Some(reason.clone());
-                    }
-                    self.feed(&TaskInput::Stop { t_us }, commander);
-                    // In case the engine had already finished by itself.
-                    self.finish_session(reason, t_us);
+                    self.stop_session(id, reason, t_us, commander);
                 }
                 RigRequest::ValvePulse { duration_us, reply } => {
                     if self.session.is_some() {
@@ -208,6 +216,29 @@ impl RigHandler {
                 }
             }
         }
+    }
+
+    /// Stop session `id`: the engine's stop (tone off, trial aborted), then
+    /// the storage thread's `Finish`. A stop for another session (one that
+    /// has already ended) is ignored.
+    fn stop_session(
+        &mut self,
+        id: SessionId,
+        reason: StopReason,
+        t_us: u64,
+        commander: &Commander,
+    ) {
+        match self.session.as_mut() {
+            Some(s) if s.id == id => s.stop_reason = Some(reason.clone()),
+            Some(s) => {
+                tracing::warn!("a stop for {id} ignored: {} is running", s.id);
+                return;
+            }
+            None => return,
+        }
+        self.feed(&TaskInput::Stop { t_us }, commander);
+        // In case the engine had already finished by itself.
+        self.finish_session(reason, t_us);
     }
 
     fn manual_command(&mut self, cmd: HostCommand, reply: ManualReply, commander: &Commander) {
@@ -387,8 +418,9 @@ impl RigHandler {
             },
             std::time::Duration::from_millis(200),
         );
+        let id = s.id;
         self.session = None;
-        let _ = self.notices.send(RigNotice::TaskFinished { reason });
+        let _ = self.notices.send(RigNotice::TaskFinished { id, reason });
     }
 
     fn on_lever(&mut self, batch: &firmware_bridge::link::LeverBatch, commander: &Commander) {

@@ -498,3 +498,95 @@ fn chunked_session_killed_mid_chunk_is_recovered_with_its_water() {
     assert!(v["water_ul"].as_f64().expect("water") > 0.0, "{v}");
     assert!(v["trials"].as_u64().expect("trials") > 0, "{v}");
 }
+
+/// A stop and a start sent together, round after round: the late "finished"
+/// of the stopped session must never be taken for the new one's (which
+/// left an engine opening the valve while status said idle, and hung the
+/// socket for 120 s). Every session ends `complete`, and the device opens
+/// the valve exactly as often as the sessions recorded rewards: no engine
+/// outlives its session. `RIG_RACE_ROUNDS` sets the rounds (default 20).
+#[test]
+fn a_stop_and_a_start_sent_together_never_orphan_a_session() {
+    let rounds: usize = std::env::var("RIG_RACE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let rig = rig("race", 10.0, "", &[]);
+    let _rigd = Rigd::start(&rig.config, &rig.socket);
+    wait_connected(&rig.socket);
+    let mut dirs = vec![start_session(&rig.socket, "R0")];
+    for round in 1..=rounds {
+        std::thread::sleep(Duration::from_millis(300));
+        let mouse = format!("R{round}");
+        let (a, b) = (rig.socket.clone(), rig.socket.clone());
+        let stop = std::thread::spawn(move || rigctl(&a, &["stop"]));
+        let start = std::thread::spawn(move || rigctl(&b, &["start", "--mouse", &mouse, "--json"]));
+        let (stop_code, stop_out, stop_err) = stop.join().expect("stop thread");
+        let (start_code, start_out, start_err) = start.join().expect("start thread");
+        assert_eq!(stop_code, 0, "round {round}: stop: {stop_out}{stop_err}");
+        if start_code == 0 {
+            let v: serde_json::Value = serde_json::from_str(start_out.trim()).expect("JSON");
+            dirs.push(PathBuf::from(
+                v["session_dir"].as_str().expect("session_dir"),
+            ));
+        } else {
+            // The start came first and found the old session running.
+            assert!(
+                start_err.contains("is running"),
+                "round {round}: start: {start_out}{start_err}"
+            );
+            dirs.push(start_session(&rig.socket, &format!("R{round}b")));
+        }
+        // The daemon answers at once, and says what the device does.
+        let asked = Instant::now();
+        let (code, out, err) = rigctl(&rig.socket, &["status", "--json"]);
+        assert_eq!(code, 0, "round {round}: status: {out}{err}");
+        assert!(
+            asked.elapsed() < Duration::from_secs(30),
+            "round {round}: status took {:?}",
+            asked.elapsed()
+        );
+        assert!(
+            out.contains("\"state\":\"running\""),
+            "round {round}: a session was just started: {out}"
+        );
+    }
+    let (code, out, err) = rigctl(&rig.socket, &["stop"]);
+    assert_eq!(code, 0, "last stop: {out}{err}");
+    wait_idle(&rig.socket, 30);
+    let mut rewards = 0;
+    for d in &dirs {
+        assert_eq!(
+            session_value(d, "state"),
+            "complete",
+            "{} did not finish",
+            d.display()
+        );
+        rewards += read_tsv(&d.join("trials.tsv"))
+            .iter()
+            .filter(|r| {
+                r["outcome"] == "rewarded"
+                    && r["capped"] == "0"
+                    && r["reward_ul"].parse::<f64>().is_ok_and(|v| v > 0.0)
+            })
+            .count();
+    }
+    // The device's own log of valve openings (written a moment after each).
+    let openings = || {
+        read_tsv(&rig.truth)
+            .iter()
+            .filter(|r| r["kind"] == "valve_open")
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while openings() != rewards && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        openings(),
+        rewards,
+        "valve openings on the device vs rewards recorded in {} sessions",
+        dirs.len()
+    );
+}

@@ -51,6 +51,19 @@ pub fn event_line(event: &Event) -> EventLine {
 /// while a session runs).
 pub type SessionLog = Arc<Mutex<Option<session_format::SessionLogFile>>>;
 
+/// A session's identity within this rigd. Every request and notice about a
+/// session carries it, so one meant for an earlier session (a late
+/// "finished", a stop that crossed a new start) is never applied to a later
+/// one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionId(pub u64);
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "session #{}", self.0)
+    }
+}
+
 /// The `detail` column of an `events.tsv` row, as typed values: the rig
 /// thread hands these over without formatting (no allocation per event);
 /// the storage thread writes their text ([`fmt::Display`], the text
@@ -163,8 +176,9 @@ pub type ManualReply = tokio::sync::oneshot::Sender<Result<(), ManualRefused>>;
 pub enum RigRequest {
     /// Start running the task; records go to `storage`.
     Start(Box<SessionStart>),
-    /// Stop the task (tone off) and tell the storage thread to finish.
-    Stop { reason: StopReason },
+    /// Stop session `id`'s task (tone off) and tell its storage thread to
+    /// finish; ignored when another session (or none) is running.
+    Stop { id: SessionId, reason: StopReason },
     /// One valve pulse outside the task (refused while a session runs).
     ValvePulse {
         duration_us: u32,
@@ -214,6 +228,7 @@ pub fn events_ring() -> (EventsProducer, EventsConsumer) {
 
 /// Everything a session needs on the rig thread.
 pub struct SessionStart {
+    pub id: SessionId,
     pub engine: TaskEngine,
     /// Lever batches, trials and events for the session files.
     pub records: RecordsProducer,
@@ -234,9 +249,9 @@ impl fmt::Debug for SessionStart {
 /// What the rig thread tells the supervisor.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RigNotice {
-    /// The task finished by itself (a cap or the duration) or after a stop;
-    /// the storage thread has its `Finish` queued.
-    TaskFinished { reason: StopReason },
+    /// Session `id`'s task finished by itself (a cap or the duration) or
+    /// after a stop; the storage thread has its `Finish` queued.
+    TaskFinished { id: SessionId, reason: StopReason },
     /// The device reported a fault (watchdog trip, valve cap, overflow...).
     DeviceFault {
         t_us: u64,

@@ -25,8 +25,8 @@ use crate::alerts::{Alert, Alerter};
 use crate::control::{CoreRequest, EventFanOut};
 use crate::imaging::ingest::IngestCounters;
 use crate::session::{
-    FinishedSession, LiveSnapshot, LiveView, ManualRefused, RigNotice, RigRequest, SessionLog,
-    SessionPlan, StartError, StartFacts, StopReason,
+    FinishedSession, LiveSnapshot, LiveView, ManualRefused, RigNotice, RigRequest, SessionId,
+    SessionLog, SessionPlan, StartError, StartFacts, StopReason,
 };
 use crate::storage_thread::StorageFailed;
 use session_format::{water_today_ul, SessionLogFile};
@@ -47,6 +47,7 @@ pub enum ReloadError {
 /// A session in progress.
 #[derive(Debug)]
 struct Running {
+    id: SessionId,
     mouse: String,
     dir: PathBuf,
     started_utc: String,
@@ -67,6 +68,8 @@ pub struct Supervisor {
     live: LiveView,
     events: Arc<EventFanOut>,
     session: Option<Running>,
+    /// The id the next session gets.
+    next_id: u64,
     session_log: SessionLog,
     seed: u64,
     preview: Option<Arc<crate::preview::PreviewState>>,
@@ -114,6 +117,7 @@ impl Supervisor {
             live,
             events,
             session: None,
+            next_id: 1,
             session_log,
             seed,
             preview: None,
@@ -339,9 +343,12 @@ impl Supervisor {
         let facts = self.start_facts(&req.mouse);
         let plan = SessionPlan::new(&self.cfg, &req, &facts)?;
         let t0_us = plan.t0_us;
+        let id = SessionId(self.next_id);
+        self.next_id += 1;
         let opened = open::open(
             plan,
             open::OpenContext {
+                id,
                 live: &self.live,
                 rig: &self.rig,
                 preview: self.preview.as_ref(),
@@ -356,6 +363,7 @@ impl Supervisor {
             .map_err(|_| StartError::RigGone)?;
         tracing::info!(mouse = %req.mouse, dir = %path.display(), "session started");
         self.session = Some(Running {
+            id,
             mouse: req.mouse.clone(),
             dir: path.clone(),
             started_utc: started_utc.clone(),
@@ -413,7 +421,7 @@ impl Supervisor {
         };
         if s.stop_reason.is_none() {
             s.stop_reason = Some(reason.clone());
-            let _ = self.rig.send(RigRequest::Stop { reason });
+            let _ = self.rig.send(RigRequest::Stop { id: s.id, reason });
         }
         self.wait_finished().await
     }
@@ -423,14 +431,20 @@ impl Supervisor {
         &mut self,
         notice: RigNotice,
     ) -> Option<Result<StopReply, ControlError>> {
-        let reason = match notice {
-            RigNotice::TaskFinished { reason } => reason,
+        let (id, reason) = match notice {
+            RigNotice::TaskFinished { id, reason } => (id, reason),
             RigNotice::DeviceFault { t_us, code, detail } => {
                 self.on_device_fault(t_us, code, detail);
                 return None;
             }
         };
         let s = self.session.as_mut()?;
+        if s.id != id {
+            // A late notice of a session already finished (by a stop
+            // request that waited for its files): never applied to this one.
+            tracing::debug!("{id} finished; {} runs: notice ignored", s.id);
+            return None;
+        }
         if s.done.is_none() {
             return None; // already being finished by a stop request
         }
@@ -473,6 +487,15 @@ impl Supervisor {
             Err(_) => Err("finishing the session files took more than 120 s".to_owned()),
         };
         let s = self.session.take().expect("checked above");
+        if result.is_err() {
+            // Whatever went wrong with the files, the task must not outlive
+            // its session: make sure the rig thread has ended it (ignored if
+            // it has).
+            let _ = self.rig.send(RigRequest::Stop {
+                id: s.id,
+                reason: StopReason::StorageError("the session's files did not finish".into()),
+            });
+        }
         self.close_session_log();
         crate::metrics::global().session_ended(match &result {
             Ok(fin) => fin.reason.metrics_label(),

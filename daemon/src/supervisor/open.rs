@@ -13,8 +13,8 @@ use tokio::sync::oneshot;
 use crate::imaging::ingest::{check_disk_rate, Ingest, IngestCounters, IngestSetup};
 use crate::preview::PreviewState;
 use crate::session::{
-    records_ring, FinishedSession, LiveView, RigRequest, SessionLog, SessionPlan, SessionStart,
-    SideStream, StartError, StorageMsg,
+    records_ring, FinishedSession, LiveView, RigRequest, SessionId, SessionLog, SessionPlan,
+    SessionStart, SideStream, StartError, StorageMsg,
 };
 use crate::storage_thread::{self, StorageFailed, StorageSetup};
 use crate::task::TaskEngine;
@@ -23,6 +23,7 @@ use session_format::{SessionDir, SessionInfo, SessionWriter};
 /// What the supervisor hands in besides the plan.
 #[derive(Debug)]
 pub(super) struct OpenContext<'a> {
+    pub id: SessionId,
     pub live: &'a LiveView,
     pub rig: &'a crossbeam_channel::Sender<RigRequest>,
     pub preview: Option<&'a Arc<PreviewState>>,
@@ -87,9 +88,9 @@ pub(super) fn open(plan: SessionPlan, ctx: OpenContext<'_>) -> Result<Opened, St
         on_storage_error: Some({
             // A disk error ends the session: stop the task at once (no
             // trial may run, and no water flow, without a record).
-            let rig = ctx.rig.clone();
+            let (rig, id) = (ctx.rig.clone(), ctx.id);
             Box::new(move |reason| {
-                let _ = rig.send(RigRequest::Stop { reason });
+                let _ = rig.send(RigRequest::Stop { id, reason });
             })
         }),
         session_log: Some(ctx.session_log.clone()),
@@ -108,6 +109,7 @@ pub(super) fn open(plan: SessionPlan, ctx: OpenContext<'_>) -> Result<Opened, St
         dir: path,
         start_utc,
         start: SessionStart {
+            id: ctx.id,
             engine: TaskEngine::new(plan.params),
             records,
             storage: tx,
