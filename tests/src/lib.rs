@@ -214,12 +214,15 @@ pub fn run_python(code: &str, args: &[&std::ffi::OsStr]) -> String {
 pub struct Rigd {
     pub child: std::process::Child,
     pub socket: PathBuf,
+    /// Reads rigd's stderr as it comes (a pipe nobody reads fills up, and
+    /// then every thread of rigd that logs blocks); `wait` returns it.
+    stderr: Option<std::thread::JoinHandle<String>>,
 }
 
 impl Rigd {
     /// Start rigd and wait until its control socket answers.
     pub fn start(config: &Path, socket: &Path) -> Self {
-        let child = Command::new(bin("rigd"))
+        let mut child = Command::new(bin("rigd"))
             .arg("--config")
             .arg(config)
             .stdin(std::process::Stdio::null())
@@ -227,9 +230,18 @@ impl Rigd {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("start rigd");
+        let stderr = child.stderr.take().map(|mut e| {
+            std::thread::spawn(move || {
+                use std::io::Read;
+                let mut text = String::new();
+                let _ = e.read_to_string(&mut text);
+                text
+            })
+        });
         let me = Self {
             child,
             socket: socket.to_path_buf(),
+            stderr,
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
         while std::os::unix::net::UnixStream::connect(socket).is_err() {
@@ -255,11 +267,11 @@ impl Rigd {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                let mut err = String::new();
-                if let Some(mut e) = self.child.stderr.take() {
-                    use std::io::Read;
-                    let _ = e.read_to_string(&mut err);
-                }
+                let err = self
+                    .stderr
+                    .take()
+                    .and_then(|t| t.join().ok())
+                    .unwrap_or_default();
                 return (status, err);
             }
             assert!(std::time::Instant::now() < deadline, "rigd did not exit");
