@@ -150,6 +150,39 @@ fn load_reference(path: &Path, w: usize, h: usize) -> Result<Reference, Analysis
     })
 }
 
+/// `rois.tsv`: which ROI each column of `f.npy` / `dff.npy` is.
+fn roi_table(rois: &RoiSet) -> String {
+    let mut table = String::from("column\troi\ttype\tpixels\tneuropil_pixels\tx\ty\n");
+    for (i, r) in rois.rois.iter().enumerate() {
+        table += &format!(
+            "{i}\t{}\t{:?}\t{}\t{}\t{:.1}\t{:.1}\n",
+            r.id,
+            r.kind,
+            r.pixels.len(),
+            r.neuropil.len(),
+            r.centroid.0,
+            r.centroid.1
+        );
+    }
+    table.to_lowercase()
+}
+
+/// Create `motion.tsv` (never over an existing one) with its header: the
+/// buffered writer and the file to fsync.
+fn create_motion_tsv(
+    path: &Path,
+) -> Result<(std::io::BufWriter<std::fs::File>, std::fs::File), AnalysisError> {
+    let file = std::fs::OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| io_error("create", path, e))?;
+    let sync_file = file.try_clone().map_err(|e| io_error("open", path, e))?;
+    let mut tsv = std::io::BufWriter::new(file);
+    writeln!(tsv, "frame\tdx_px\tdy_px\tpeak\tflagged").map_err(|e| io_error("write", path, e))?;
+    Ok((tsv, sync_file))
+}
+
 impl Analysis {
     /// Set up ROIs, dF/F and motion correction and create the files in `dir`.
     pub fn create(setup: &AnalysisSetup, dir: &Path) -> Result<Self, AnalysisError> {
@@ -185,36 +218,13 @@ impl Analysis {
             )))
         };
         let n = rois.len();
-        // Which ROI each column of f.npy / dff.npy is.
-        let mut table = String::from("column\troi\ttype\tpixels\tneuropil_pixels\tx\ty\n");
-        for (i, r) in rois.rois.iter().enumerate() {
-            table += &format!(
-                "{i}\t{}\t{:?}\t{}\t{}\t{:.1}\t{:.1}\n",
-                r.id,
-                r.kind,
-                r.pixels.len(),
-                r.neuropil.len(),
-                r.centroid.0,
-                r.centroid.1
-            );
-        }
         let rois_path = dir.join(ROIS_TSV);
-        std::fs::write(&rois_path, table.to_lowercase())
+        std::fs::write(&rois_path, roi_table(&rois))
             .map_err(|e| io_error("write", &rois_path, e))?;
         let f_npy = ChunkedNpy::create(dir, F_NPY, NpyDtype::F4, &[n])?;
         let dff_npy = ChunkedNpy::create(dir, DFF_NPY, NpyDtype::F4, &[n])?;
         let motion_path = dir.join(MOTION_TSV);
-        let file = std::fs::OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(&motion_path)
-            .map_err(|e| io_error("create", &motion_path, e))?;
-        let motion_file = file
-            .try_clone()
-            .map_err(|e| io_error("open", &motion_path, e))?;
-        let mut motion_tsv = std::io::BufWriter::new(file);
-        writeln!(motion_tsv, "frame\tdx_px\tdy_px\tpeak\tflagged")
-            .map_err(|e| io_error("write", &motion_path, e))?;
+        let (motion_tsv, motion_file) = create_motion_tsv(&motion_path)?;
         Ok(Self {
             w,
             h,
