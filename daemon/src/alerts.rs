@@ -6,7 +6,7 @@
 //! it is also handed to that command — `/bin/sh -c COMMAND` with the alert as
 //! one JSON object and a newline on standard input. The command runs on its
 //! own short-lived thread, is killed after `command_timeout_s`, and never
-//! blocks the core; at most [`MAX_RUNNING`] run at once (more are logged and
+//! blocks the supervisor; at most [`MAX_RUNNING`] run at once (more are logged and
 //! dropped, so a flapping condition cannot fork-bomb the rig PC).
 
 use std::io::Write;

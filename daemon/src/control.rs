@@ -38,7 +38,7 @@ impl std::fmt::Display for Peer {
     }
 }
 
-/// A request for the core, with the channel its answer goes back on. The
+/// A request for the supervisor, with the channel its answer goes back on. The
 /// answer is the success payload (a JSON object merged into `{"ok":true}`) or
 /// an error.
 #[derive(Debug)]

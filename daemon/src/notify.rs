@@ -10,7 +10,7 @@
 //! * `STATUS=...` when the one-line summary changes (link state, session
 //!   running for which mouse, or idle);
 //! * `WATCHDOG=1` every `$WATCHDOG_USEC / 2` while both the async runtime
-//!   (which runs the core; the pinger is a task on it) and the serial link's
+//!   (which runs the supervisor; the pinger is a task on it) and the serial link's
 //!   reader thread (its beat in [`crate::metrics`]) have shown progress
 //!   recently ([`StallCheck`]);
 //! * `RELOADING=1` and then `READY=1` around a SIGHUP reload;
@@ -78,7 +78,7 @@ impl Notifier {
             return Err(NotifyError::Unsupported(addr.to_owned()));
         };
         let socket = UnixDatagram::unbound().map_err(io)?;
-        // A service manager that stops reading must not stall the core.
+        // A service manager that stops reading must not stall the supervisor.
         socket
             .set_write_timeout(Some(Duration::from_millis(200)))
             .map_err(io)?;
@@ -197,7 +197,7 @@ impl Service {
     }
 
     /// `READY=1` with the first status; starts the watchdog pings (a task on
-    /// the current tokio runtime, which must be the core's).
+    /// the current tokio runtime, which must be the supervisor's).
     pub fn ready(&mut self, status: String) {
         if !self.notifier.is_enabled() {
             return;

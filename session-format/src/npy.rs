@@ -294,6 +294,32 @@ impl NpyAppender {
         result
     }
 
+    /// Push the buffer to the OS and rewrite the header's row count, with no
+    /// fsync: for a file whose readers want a valid header while it grows
+    /// but whose durability is not session data (the simulator's ground
+    /// truth). [`sync`](Self::sync) is the durable version.
+    pub fn flush_declared(&mut self) -> Result<(), StorageError> {
+        self.flush()?;
+        let header = header_bytes(
+            self.dtype.descr(),
+            self.rows,
+            &self.row_shape,
+            self.header_len,
+        )
+        .ok_or_else(|| StorageError::Usage {
+            path: self.path.clone(),
+            reason: "row count does not fit the reserved header".to_owned(),
+        })?;
+        let result = self
+            .file()?
+            .write_all_at(&header, 0)
+            .map_err(|e| StorageError::io("rewrite header of", &self.path, e));
+        if result.is_err() {
+            self.close_discarding();
+        }
+        result
+    }
+
     /// Push the buffer to the OS (no fsync, header not updated).
     pub fn flush(&mut self) -> Result<(), StorageError> {
         let w = self.writer_mut()?;

@@ -30,11 +30,16 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 struct Rig {
+    /// Held for their lifetime: the folder is removed, the virtual rig
+    /// stopped, when the rig is dropped.
+    #[allow(dead_code)]
     dir: TempDir,
+    #[allow(dead_code)]
     sim: Option<Sim>,
     socket: PathBuf,
     config: PathBuf,
     truth: PathBuf,
+    #[allow(dead_code)]
     data: PathBuf,
     alerts: PathBuf,
 }

@@ -77,7 +77,7 @@ pub struct Supervisor {
     watch: Watch,
 }
 
-/// What the core's once-a-second tick watches for alerts.
+/// What the supervisor's once-a-second tick watches for alerts.
 #[derive(Debug)]
 struct Watch {
     /// When the link was last seen leaving `Connected` (None while up).

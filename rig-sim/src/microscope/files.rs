@@ -14,9 +14,10 @@
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use session_format::{NpyAppender, NpyDtype};
 
 use super::{FrameTruth, Microscope, NeuronInfo};
 
@@ -26,40 +27,10 @@ pub const FRAMES_TRUTH_HEADER: &str =
 /// Header of `neurons.tsv`.
 pub const NEURONS_HEADER: &str = "id\tx\ty\tradius\ttype\tmovement_related\tpreferred_lag_s";
 
-/// Bytes of the `.npy` preamble we write (magic, version, length, dict,
-/// padding): fixed so the header can be rewritten in place.
-const NPY_HEADER_LEN: usize = 128;
-
-/// An NPY v1.0 header of exactly [`NPY_HEADER_LEN`] bytes.
-pub fn npy_header(descr: &str, shape: &[u64]) -> Vec<u8> {
-    let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
-    let shape = if dims.len() == 1 {
-        format!("({},)", dims[0])
-    } else {
-        format!("({})", dims.join(", "))
-    };
-    let dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
-    let mut h = Vec::with_capacity(NPY_HEADER_LEN);
-    h.extend_from_slice(b"\x93NUMPY\x01\x00");
-    let len = (NPY_HEADER_LEN - 10) as u16;
-    h.extend_from_slice(&len.to_le_bytes());
-    h.extend_from_slice(dict.as_bytes());
-    while h.len() < NPY_HEADER_LEN - 1 {
-        h.push(b' ');
-    }
-    h.push(b'\n');
-    debug_assert_eq!(h.len(), NPY_HEADER_LEN, "npy header too long");
-    h
-}
-
-/// Write a whole uint16 array as `.npy`.
-pub fn write_npy_u16(path: &Path, shape: &[u64], data: &[u16]) -> io::Result<()> {
-    let mut out = BufWriter::new(File::create(path)?);
-    out.write_all(&npy_header("<u2", shape))?;
-    for v in data {
-        out.write_all(&v.to_le_bytes())?;
-    }
-    out.flush()
+/// `io::Error` for the session-format crate's errors (the truth files are
+/// written through its NPY writer, the workspace's one).
+fn npy_error(e: session_format::StorageError) -> io::Error {
+    io::Error::other(e)
 }
 
 /// Write a 16-bit grayscale image as an uncompressed baseline TIFF (little
@@ -154,7 +125,7 @@ pub struct FrameRow {
 pub struct MicroscopeTruth {
     dir: PathBuf,
     frames: BufWriter<File>,
-    dff: BufWriter<File>,
+    dff: NpyAppender,
     neurons: usize,
     rows: u64,
     dropped: u64,
@@ -167,20 +138,19 @@ impl MicroscopeTruth {
     pub fn create(dir: &Path, m: &Microscope) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let s = m.spec();
-        write_npy_u16(
-            &dir.join("labels.npy"),
-            &[u64::from(s.height), u64::from(s.width)],
-            m.labels(),
-        )?;
+        let mut labels =
+            NpyAppender::create(&dir.join("labels.npy"), NpyDtype::U2, &[s.width as usize])
+                .map_err(npy_error)?;
+        labels.append(m.labels()).map_err(npy_error)?;
+        labels.sync().map_err(npy_error)?;
         write_tiff_u16(&dir.join("labels.tif"), s.width, s.height, m.labels())?;
         write_neurons(&dir.join("neurons.tsv"), m.neurons())?;
         let mut frames = BufWriter::new(File::create(dir.join("frames_truth.tsv"))?);
         writeln!(frames, "{FRAMES_TRUTH_HEADER}")?;
         frames.flush()?;
         let neurons = m.neurons().len();
-        let mut dff = BufWriter::new(File::create(dir.join("dff_truth.npy"))?);
-        dff.write_all(&npy_header("<f4", &[0, neurons as u64]))?;
-        dff.flush()?;
+        let dff = NpyAppender::create(&dir.join("dff_truth.npy"), NpyDtype::F4, &[neurons])
+            .map_err(npy_error)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             frames,
@@ -216,9 +186,7 @@ impl MicroscopeTruth {
             row.truth.shift_y_px,
             u8::from(row.dropped)
         )?;
-        for v in dff {
-            self.dff.write_all(&v.to_le_bytes())?;
-        }
+        self.dff.append(dff).map_err(npy_error)?;
         self.rows += 1;
         self.dropped += u64::from(row.dropped);
         if self.last_flush.elapsed() >= Duration::from_millis(500) {
@@ -230,9 +198,7 @@ impl MicroscopeTruth {
     /// Flush both files, then rewrite the `.npy` row count.
     pub fn flush(&mut self) -> io::Result<()> {
         self.frames.flush()?;
-        self.dff.flush()?;
-        let header = npy_header("<f4", &[self.rows, self.neurons as u64]);
-        self.dff.get_ref().write_all_at(&header, 0)?;
+        self.dff.flush_declared().map_err(npy_error)?;
         self.last_flush = Instant::now();
         Ok(())
     }
@@ -241,6 +207,6 @@ impl MicroscopeTruth {
     pub fn finish(mut self) -> io::Result<()> {
         self.flush()?;
         self.frames.get_ref().sync_all()?;
-        self.dff.get_ref().sync_all()
+        self.dff.sync().map_err(npy_error)
     }
 }

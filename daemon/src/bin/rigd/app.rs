@@ -1,5 +1,5 @@
 //! Wiring: the serial link with the rig thread's handler, the control socket,
-//! the core, signals and logging. `rigd --config` and `rigd demo` both run
+//! the supervisor, signals and logging. `rigd --config` and `rigd demo` both run
 //! through [`App`].
 
 use std::path::PathBuf;
