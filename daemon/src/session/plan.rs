@@ -19,6 +19,8 @@ pub const MIN_FREE_BYTES: u64 = 2 * session_format::RESERVE_BYTES as u64;
 pub struct StartFacts {
     /// The session already running: (mouse, folder).
     pub running: Option<(String, PathBuf)>,
+    /// That session is ending (its files are being finished).
+    pub running_is_stopping: bool,
     pub link: Option<LinkState>,
     pub link_detail: Option<String>,
     /// Rig time of the latest lever sample, µs (0: none yet).
@@ -50,6 +52,10 @@ pub struct SessionPlan {
 pub enum StartError {
     #[error("a session for {mouse} is running ({}): stop it first", .dir.display())]
     AlreadyRunning { mouse: String, dir: PathBuf },
+    #[error(
+        "the session for {mouse} is stopping (its files are being finished): start again in a moment"
+    )]
+    Stopping { mouse: String },
     #[error("{0}")]
     InvalidMouse(#[from] InvalidMouseId),
     #[error(
@@ -98,6 +104,7 @@ impl StartError {
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::AlreadyRunning { .. } => ErrorCode::AlreadyRunning,
+            Self::Stopping { .. } => ErrorCode::Busy,
             Self::InvalidMouse(_) => ErrorCode::InvalidMouse,
             Self::NotConnected { .. } | Self::NoSampleYet => ErrorCode::DeviceUnavailable,
             Self::Overrides(_) => ErrorCode::BadRequest,
@@ -128,9 +135,15 @@ impl SessionPlan {
         facts: &StartFacts,
     ) -> Result<SessionPlan, StartError> {
         if let Some((mouse, dir)) = &facts.running {
-            return Err(StartError::AlreadyRunning {
-                mouse: mouse.clone(),
-                dir: dir.clone(),
+            return Err(if facts.running_is_stopping {
+                StartError::Stopping {
+                    mouse: mouse.clone(),
+                }
+            } else {
+                StartError::AlreadyRunning {
+                    mouse: mouse.clone(),
+                    dir: dir.clone(),
+                }
             });
         }
         validate_mouse_id(&req.mouse)?;
@@ -254,6 +267,13 @@ mod tests {
         let e = refusal(&running, &request("M2"));
         assert_eq!(e.code(), ErrorCode::AlreadyRunning);
         assert!(e.to_string().contains("stop it first"), "{e}");
+        let stopping = StartFacts {
+            running_is_stopping: true,
+            ..running.clone()
+        };
+        let e = refusal(&stopping, &request("M2"));
+        assert_eq!(e.code(), ErrorCode::Busy);
+        assert!(e.to_string().contains("start again in a moment"), "{e}");
 
         let e = refusal(&ready(), &request("../etc"));
         assert_eq!(e.code(), ErrorCode::InvalidMouse);

@@ -52,12 +52,31 @@ struct Running {
     dir: PathBuf,
     started_utc: String,
     started: Instant,
-    done: Option<oneshot::Receiver<Result<FinishedSession, StorageFailed>>>,
-    stop_reason: Option<StopReason>,
+    /// The storage thread's result when it has finished the folder.
+    done: oneshot::Receiver<Result<FinishedSession, StorageFailed>>,
+    /// Set once the session is ending (a stop request, a signal, or the task
+    /// ended by itself); the supervisor keeps serving requests meanwhile.
+    stopping: Option<Stopping>,
     imaging: Option<Arc<IngestCounters>>,
     /// The latency settings held for the session (given back on drop).
     tuning: crate::realtime::SessionTuning,
 }
+
+/// A session whose files are being finished.
+#[derive(Debug)]
+struct Stopping {
+    reason: StopReason,
+    /// The task ended by itself (no one asked): someone should hear about it.
+    automatic: bool,
+    /// The files must be finished by then; past it the session ends with an
+    /// error (and its task is stopped for certain).
+    deadline: tokio::time::Instant,
+    /// Stop requests waiting for the summary.
+    waiters: Vec<oneshot::Sender<Result<Value, ControlError>>>,
+}
+
+/// How long a stopping session's files may take to finish.
+const FINISH_DEADLINE: Duration = Duration::from_secs(120);
 
 /// The supervisor's state. See the module docs.
 #[derive(Debug)]
@@ -276,9 +295,15 @@ impl Supervisor {
             Request::Stop(stop) => {
                 tracing::info!(%peer, reason = ?stop.reason, "stop requested");
                 let reason = stop.reason.unwrap_or_else(|| format!("stopped by {peer}"));
-                self.stop(StopReason::Requested(reason))
-                    .await
-                    .and_then(|r| to_value(&r))
+                match self.begin_stop(StopReason::Requested(reason), false) {
+                    // Answered when the files are finished (`complete_stop`);
+                    // requests go on being served meanwhile.
+                    Some(waiters) => {
+                        waiters.push(reply);
+                        return;
+                    }
+                    None => Err(err(ErrorCode::NotRunning, "no session is running")),
+                }
             }
             Request::Status {} => to_value(&self.status_reply()),
             Request::Valve(v) => {
@@ -312,7 +337,7 @@ impl Supervisor {
             ..Default::default()
         };
         if let Some(s) = &self.session {
-            reply.state = if s.stop_reason.is_some() {
+            reply.state = if s.stopping.is_some() {
                 SessionState::Stopping
             } else {
                 SessionState::Running
@@ -368,8 +393,8 @@ impl Supervisor {
             dir: path.clone(),
             started_utc: started_utc.clone(),
             started: Instant::now(),
-            done: Some(opened.done),
-            stop_reason: None,
+            done: opened.done,
+            stopping: None,
             imaging: opened.imaging,
             tuning: opened.tuning,
         });
@@ -401,6 +426,7 @@ impl Supervisor {
                 .session
                 .as_ref()
                 .map(|s| (s.mouse.clone(), s.dir.clone())),
+            running_is_stopping: self.session.as_ref().is_some_and(|s| s.stopping.is_some()),
             link: live.link,
             link_detail: live.link_detail,
             rig_now_us: live.rig_now_us,
@@ -414,58 +440,86 @@ impl Supervisor {
         }
     }
 
-    /// Stop the running session and wait for its files to be finished.
-    pub async fn stop(&mut self, reason: StopReason) -> Result<StopReply, ControlError> {
-        let Some(s) = self.session.as_mut() else {
-            return Err(err(ErrorCode::NotRunning, "no session is running"));
-        };
-        if s.stop_reason.is_none() {
-            s.stop_reason = Some(reason.clone());
-            let _ = self.rig.send(RigRequest::Stop { id: s.id, reason });
+    /// Begin ending the session (if one runs and is not ending already):
+    /// a requested stop goes to the rig thread, whose task ends and whose
+    /// storage thread finishes the files; [`Self::stop_finished`] completes
+    /// when they are. Returns the list of stop requests waiting for the
+    /// summary, or None when no session runs.
+    pub fn begin_stop(
+        &mut self,
+        reason: StopReason,
+        automatic: bool,
+    ) -> Option<&mut Vec<oneshot::Sender<Result<Value, ControlError>>>> {
+        let s = self.session.as_mut()?;
+        if s.stopping.is_none() {
+            if !automatic {
+                let _ = self.rig.send(RigRequest::Stop {
+                    id: s.id,
+                    reason: reason.clone(),
+                });
+            }
+            s.stopping = Some(Stopping {
+                reason,
+                automatic,
+                deadline: tokio::time::Instant::now() + FINISH_DEADLINE,
+                waiters: Vec::new(),
+            });
         }
-        self.wait_finished().await
+        s.stopping.as_mut().map(|st| &mut st.waiters)
     }
 
-    /// The rig thread says the task ended by itself: finish the session.
-    pub async fn on_notice(
-        &mut self,
-        notice: RigNotice,
-    ) -> Option<Result<StopReply, ControlError>> {
+    /// Completes when the ending session's files are finished, or its
+    /// deadline has passed; never while no session is ending. Cancel-safe:
+    /// for a `select!` beside the requests and signals.
+    pub async fn stop_finished(&mut self) -> Result<FinishedSession, String> {
+        let Some(s) = self.session.as_mut() else {
+            return std::future::pending().await;
+        };
+        let Some(deadline) = s.stopping.as_ref().map(|st| st.deadline) else {
+            // Not ending, yet the storage thread may end it by itself (a
+            // disk error, before or without the rig thread's notice).
+            let result = match (&mut s.done).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err("the storage thread ended without a result".to_owned()),
+            };
+            let why = match &result {
+                Ok(fin) => fin.reason.clone(),
+                Err(e) => StopReason::StorageError(e.clone()),
+            };
+            self.begin_stop(why, true);
+            return result;
+        };
+        match tokio::time::timeout_at(deadline, &mut s.done).await {
+            Ok(Ok(r)) => r.map_err(|e| e.to_string()),
+            Ok(Err(_)) => Err("the storage thread ended without a result".to_owned()),
+            Err(_) => Err(format!(
+                "finishing the session files took more than {} s",
+                FINISH_DEADLINE.as_secs()
+            )),
+        }
+    }
+
+    /// The rig thread says a session's task ended (by itself, or after a
+    /// stop): begin ending it, unless that is under way.
+    pub fn on_notice(&mut self, notice: RigNotice) {
         let (id, reason) = match notice {
             RigNotice::TaskFinished { id, reason } => (id, reason),
             RigNotice::DeviceFault { t_us, code, detail } => {
                 self.on_device_fault(t_us, code, detail);
-                return None;
+                return;
             }
         };
-        let s = self.session.as_mut()?;
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
         if s.id != id {
-            // A late notice of a session already finished (by a stop
-            // request that waited for its files): never applied to this one.
+            // A late notice of a session already finished: never applied
+            // to this one.
             tracing::debug!("{id} finished; {} runs: notice ignored", s.id);
-            return None;
-        }
-        if s.done.is_none() {
-            return None; // already being finished by a stop request
+            return;
         }
         // No stop request came first: the session ended by itself.
-        let automatic = s.stop_reason.is_none();
-        s.stop_reason.get_or_insert(reason.clone());
-        let (mouse, dir) = (s.mouse.clone(), s.dir.display().to_string());
-        let result = self.wait_finished().await;
-        if automatic || reason.is_unrequested() {
-            let mut a = Alert::session_ended(
-                &mouse,
-                &reason,
-                result
-                    .as_ref()
-                    .map(|r| &r.summary)
-                    .map_err(|e| e.message.as_str()),
-            );
-            a.session_dir = Some(dir);
-            self.alerts.raise(a);
-        }
-        Some(result)
+        self.begin_stop(reason, true);
     }
 
     fn on_device_fault(&self, t_us: u64, code: protocol::serial::FaultCode, detail: u32) {
@@ -474,19 +528,22 @@ impl Supervisor {
         }
     }
 
-    async fn wait_finished(&mut self) -> Result<StopReply, ControlError> {
-        let Some(s) = self.session.as_mut() else {
+    /// End the session with what [`Self::stop_finished`] gave: the
+    /// subscribers, the alert for an end nobody asked for, and every waiting
+    /// stop request hear the same outcome. Returns it.
+    pub fn complete_stop(
+        &mut self,
+        result: Result<FinishedSession, String>,
+    ) -> Result<StopReply, ControlError> {
+        let Some(s) = self.session.take() else {
             return Err(err(ErrorCode::NotRunning, "no session is running"));
         };
-        let Some(done) = s.done.take() else {
-            return Err(err(ErrorCode::Busy, "the session is already stopping"));
-        };
-        let result = match tokio::time::timeout(Duration::from_secs(120), done).await {
-            Ok(Ok(r)) => r.map_err(|e| e.to_string()),
-            Ok(Err(_)) => Err("the storage thread ended without a result".to_owned()),
-            Err(_) => Err("finishing the session files took more than 120 s".to_owned()),
-        };
-        let s = self.session.take().expect("checked above");
+        let stopping = s.stopping.unwrap_or(Stopping {
+            reason: StopReason::Requested("ended".into()),
+            automatic: false,
+            deadline: tokio::time::Instant::now(),
+            waiters: Vec::new(),
+        });
         if result.is_err() {
             // Whatever went wrong with the files, the task must not outlive
             // its session: make sure the rig thread has ended it (ignored if
@@ -501,7 +558,7 @@ impl Supervisor {
             Ok(fin) => fin.reason.metrics_label(),
             Err(_) => "error",
         });
-        match result {
+        let reply = match &result {
             Ok(fin) => {
                 tracing::info!(mouse = %s.mouse, reason = %fin.reason, trials = fin.summary.trials, "session stopped");
                 self.events.publish(&Event::Session(SessionEvent::Stopped {
@@ -510,7 +567,7 @@ impl Supervisor {
                     summary: fin.summary.clone(),
                 }));
                 Ok(StopReply {
-                    summary: fin.summary,
+                    summary: fin.summary.clone(),
                 })
             }
             Err(e) => {
@@ -525,7 +582,23 @@ impl Supervisor {
                 }));
                 Err(err(ErrorCode::Internal, format!("the session stopped with an error: {e}; files up to the error are intact in {}", s.dir.display())))
             }
+        };
+        if stopping.automatic || stopping.reason.is_unrequested() {
+            let mut a = Alert::session_ended(
+                &s.mouse,
+                &stopping.reason,
+                reply
+                    .as_ref()
+                    .map(|r| &r.summary)
+                    .map_err(|e| e.message.as_str()),
+            );
+            a.session_dir = Some(s.dir.display().to_string());
+            self.alerts.raise(a);
         }
+        for waiter in stopping.waiters {
+            let _ = waiter.send(reply.clone().and_then(|r| to_value(&r)));
+        }
+        reply
     }
 
     async fn valve(&mut self, v: &protocol::control::ValveRequest) -> Result<(), ControlError> {

@@ -238,13 +238,24 @@ impl App {
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
         let mut health = tokio::time::interval(Duration::from_secs(1));
+        // Set by SIGTERM/SIGINT: exit once the running session (if any) has
+        // finished its files. Requests are served until then.
+        let mut exiting = false;
         loop {
             tokio::select! {
                 _ = health.tick() => self.core.tick(),
                 Some(req) = self.core_rx.recv() => self.core.handle(req).await,
-                Some(n) = self.notices.recv() => { let _ = self.core.on_notice(n).await; }
-                _ = term.recv() => { self.stop_for("SIGTERM").await; break; }
-                _ = int.recv() => { self.stop_for("SIGINT").await; break; }
+                Some(n) = self.notices.recv() => self.core.on_notice(n),
+                finished = self.core.stop_finished() => {
+                    if let Err(e) = self.core.complete_stop(finished) {
+                        tracing::debug!("session ended: {}", e.message);
+                    }
+                    if exiting {
+                        break;
+                    }
+                }
+                _ = term.recv() => exiting = self.exit_on("SIGTERM") || exiting,
+                _ = int.recv() => exiting = self.exit_on("SIGINT") || exiting,
                 _ = hup.recv() => {
                     self.service.reloading();
                     match self.core.reload() {
@@ -255,12 +266,17 @@ impl App {
                     self.service.ready(text);
                 }
             }
+            if exiting && !self.core.is_running() {
+                break;
+            }
             self.update_service_status();
         }
         Ok(())
     }
 
-    async fn stop_for(&mut self, what: &'static str) {
+    /// A signal to exit: tell systemd, and begin ending the running session
+    /// (its files are finished before rigd exits). Returns true.
+    fn exit_on(&mut self, what: &'static str) -> bool {
         let text = match self.core.status_reply().mouse {
             Some(m) => format!("{what}: finishing the session for mouse {m}"),
             None => format!("{what}: shutting down"),
@@ -268,10 +284,9 @@ impl App {
         self.service.stopping(text);
         if self.core.is_running() {
             tracing::info!("{what}: stopping the running session");
-            if let Err(e) = self.core.stop(StopReason::Signal(what)).await {
-                tracing::error!("stopping on {what}: {}", e.message);
-            }
+            self.core.begin_stop(StopReason::Signal(what), false);
         }
+        true
     }
 
     /// Close the control socket, the link and the preview: one signal, one

@@ -154,9 +154,8 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
     let result = loop {
         tokio::select! {
             Some(req) = app.core_rx.recv() => app.core.handle(req).await,
-            Some(n) = app.notices.recv() => {
-                if let Some(r) = app.core.on_notice(n).await { break r; }
-            }
+            Some(n) = app.notices.recv() => app.core.on_notice(n),
+            finished = app.core.stop_finished() => break app.core.complete_stop(finished),
             ev = events.recv() => {
                 if let Ok(line) = ev {
                     if let Ok(protocol::control::ServerMessage::Event(e)) = protocol::control::parse_server_line(&line) {
@@ -167,7 +166,7 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
             _ = tokio::time::sleep(Duration::from_millis(250)) => app.core.tick(),
             _ = tokio::signal::ctrl_c() => {
                 daemon::outln!("\ninterrupted: stopping the session");
-                break app.core.stop(StopReason::Requested("interrupted (Ctrl-C)".into())).await;
+                app.core.begin_stop(StopReason::Requested("interrupted (Ctrl-C)".into()), false);
             }
         }
         if last_bar.elapsed() > Duration::from_secs(2) {
