@@ -6,7 +6,7 @@
 //! never slows the daemon down. A malformed request gets an error answer and
 //! the connection carries on; nothing a client sends can stop the daemon.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -59,6 +59,12 @@ pub enum BindError {
         .0.display()
     )]
     InUse(PathBuf),
+    #[error(
+        "refusing to replace {}: it is {kind}, not a socket; set [control].socket to a free \
+         path (rigd only ever replaces a stale socket)",
+        .path.display()
+    )]
+    NotASocket { path: PathBuf, kind: &'static str },
     #[error("[control].group = {0:?}: no such group")]
     NoGroup(String),
     #[error("cannot {action} {}: {source}", .path.display())]
@@ -86,11 +92,34 @@ pub async fn bind(path: &Path, mode: u32, group: Option<&str>) -> Result<UnixLis
             std::fs::create_dir_all(dir).map_err(io("create the directory", dir))?;
         }
     }
-    if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
-            return Err(BindError::InUse(path.to_owned()));
+    // Only a socket is ever replaced (a stale one a killed rigd left), and
+    // the path is not followed: a file, a folder or a symbolic link at the
+    // configured path is someone else's.
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if UnixStream::connect(path).await.is_ok() {
+                return Err(BindError::InUse(path.to_owned()));
+            }
+            std::fs::remove_file(path).map_err(io("remove the stale socket", path))?;
         }
-        std::fs::remove_file(path).map_err(io("remove the stale socket", path))?;
+        Ok(meta) => {
+            let t = meta.file_type();
+            let kind = if t.is_symlink() {
+                "a symbolic link"
+            } else if t.is_dir() {
+                "a folder"
+            } else if t.is_file() {
+                "a regular file"
+            } else {
+                "not a socket"
+            };
+            return Err(BindError::NotASocket {
+                path: path.to_owned(),
+                kind,
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("look at", path)(e)),
     }
     let listener = UnixListener::bind(path).map_err(io("bind the control socket at", path))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
@@ -354,4 +383,72 @@ fn spawn_forwarder(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod bind_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("rigd-bind-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn only_a_stale_socket_is_ever_replaced() {
+        let d = dir("kinds");
+        // A file someone keeps at the configured path stays as it was.
+        let file = d.join("notes.txt");
+        std::fs::write(&file, "day 3").unwrap();
+        let e = bind(&file, 0o660, None).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                BindError::NotASocket {
+                    kind: "a regular file",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("[control].socket"), "{e}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "day 3");
+        // A symbolic link is not followed, even to a stale socket.
+        let stale = d.join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        let link = d.join("link.sock");
+        std::os::unix::fs::symlink(&stale, &link).unwrap();
+        let e = bind(&link, 0o660, None).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                BindError::NotASocket {
+                    kind: "a symbolic link",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // A folder neither.
+        let e = bind(&d, 0o660, None).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                BindError::NotASocket {
+                    kind: "a folder",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // A stale socket (nobody listening) is replaced; a live one is not.
+        let live = bind(&stale, 0o660, None).await.unwrap();
+        let e = bind(&stale, 0o660, None).await.unwrap_err();
+        assert!(matches!(e, BindError::InUse(_)), "{e}");
+        drop(live);
+        let _ = std::fs::remove_dir_all(&d);
+    }
 }

@@ -49,6 +49,31 @@ pub enum ConfigError {
         /// What the operating system said.
         error: io::Error,
     },
+    /// The path is not a regular file (a folder, a FIFO that would block
+    /// the read, a device such as `/dev/zero` that never ends).
+    #[error(
+        "{} is {kind}, not a configuration file: give the path of a rig.toml",
+        path.display()
+    )]
+    NotAFile {
+        /// The path, as given.
+        path: PathBuf,
+        /// What it is instead ("a folder", "a named pipe", ...).
+        kind: &'static str,
+    },
+    /// The file is larger than any configuration (a wrong path, most likely).
+    #[error(
+        "{} is {bytes} bytes; a configuration is at most {max} bytes: is this the right file?",
+        path.display()
+    )]
+    TooLarge {
+        /// The file, as given.
+        path: PathBuf,
+        /// Its size.
+        bytes: u64,
+        /// [`crate::MAX_CONFIG_BYTES`].
+        max: u64,
+    },
     /// The file is not UTF-8 text (TOML must be).
     #[error(
         "{}:{line}:{column}: not UTF-8 text (invalid byte at offset {offset}); \

@@ -55,16 +55,59 @@ pub struct Loaded {
     pub warnings: Vec<String>,
 }
 
+/// The largest configuration file [`load`] reads (a real one is a few kB).
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
 /// Reads and validates the configuration file at `path`.
 ///
-/// Errors: [`ConfigError::Read`] if the file cannot be read,
+/// Errors: [`ConfigError::NotAFile`] for a folder, a FIFO or a device,
+/// [`ConfigError::TooLarge`] past [`MAX_CONFIG_BYTES`],
+/// [`ConfigError::Read`] if the file cannot be read,
 /// [`ConfigError::NotUtf8`] if it is not text, [`ConfigError::Invalid`] with
 /// every located problem otherwise.
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
-    let bytes = std::fs::read(path).map_err(|error| ConfigError::Read {
+    use std::io::Read as _;
+    use std::os::unix::fs::FileTypeExt as _;
+    let read_error = |error| ConfigError::Read {
         path: path.to_path_buf(),
         error,
-    })?;
+    };
+    // Look before opening: opening a FIFO blocks until someone writes to it.
+    let meta = std::fs::metadata(path).map_err(read_error)?;
+    let t = meta.file_type();
+    if !t.is_file() {
+        let kind = if t.is_dir() {
+            "a folder"
+        } else if t.is_fifo() {
+            "a named pipe"
+        } else if t.is_char_device() || t.is_block_device() {
+            "a device"
+        } else if t.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        return Err(ConfigError::NotAFile {
+            path: path.to_path_buf(),
+            kind,
+        });
+    }
+    let too_large = |bytes| ConfigError::TooLarge {
+        path: path.to_path_buf(),
+        bytes,
+        max: MAX_CONFIG_BYTES,
+    };
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(too_large(meta.len()));
+    }
+    // Read at most one byte past the cap (the file may grow meanwhile).
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(read_error)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(too_large(bytes.len() as u64));
+    }
     let text = match String::from_utf8(bytes) {
         Ok(text) => text,
         Err(e) => {

@@ -543,6 +543,44 @@ fn load_reports_unreadable_and_non_utf8_files() {
     let good = dir.join("good.toml");
     std::fs::write(&good, EXAMPLE).expect("write");
     assert!(load(&good).is_ok());
+    // Not files: refused before anything is opened (a FIFO would block the
+    // read, /dev/zero would never end).
+    match load(&dir) {
+        Err(
+            e @ ConfigError::NotAFile {
+                kind: "a folder", ..
+            },
+        ) => {
+            assert!(e.to_string().contains("not a configuration file"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let fifo = dir.join("fifo.toml");
+    let _ = std::fs::remove_file(&fifo);
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+    assert!(matches!(
+        load(&fifo),
+        Err(ConfigError::NotAFile {
+            kind: "a named pipe",
+            ..
+        })
+    ));
+    assert!(matches!(
+        load(std::path::Path::new("/dev/zero")),
+        Err(ConfigError::NotAFile {
+            kind: "a device",
+            ..
+        })
+    ));
+    let huge = dir.join("huge.toml");
+    std::fs::write(&huge, vec![b'#'; MAX_CONFIG_BYTES as usize + 1]).expect("write");
+    match load(&huge) {
+        Err(e @ ConfigError::TooLarge { .. }) => {
+            assert!(e.to_string().contains("is this the right file"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
 

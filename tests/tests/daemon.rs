@@ -283,6 +283,7 @@ fn bad_requests_get_clear_errors_and_the_daemon_carries_on() {
             b"{\"cmd\":\"start\",\"mouse\":\"a/b\",\"id\":11}",
             b"{\"cmd\":\"start\",\"id\":12}",
             b"{\"cmd\":\"valve\",\"pulse_ms\":5000,\"id\":13}",
+            b"{\"cmd\":\"valve\",\"pulse_ms\":0.0001,\"id\":15}",
             b"{\"cmd\":\"status\",\"id\":14}",
         ],
     );
@@ -302,11 +303,19 @@ fn bad_requests_get_clear_errors_and_the_daemon_carries_on() {
             "invalid_mouse",
             "bad_request",
             "refused_by_safety",
+            "refused_by_safety",
             "ok"
         ]
     );
+    assert!(
+        answers[9]["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("shorter than the shortest pulse")),
+        "{}",
+        answers[9]
+    );
     assert_eq!(answers[1]["id"], 7, "the id survives an unknown command");
-    for a in &answers[..9] {
+    for a in &answers[..10] {
         assert_eq!(a["ok"], false);
         assert!(
             a["error"]["message"].as_str().is_some_and(|m| m.len() > 10),

@@ -75,6 +75,9 @@ struct Stopping {
     waiters: Vec<oneshot::Sender<Result<Value, ControlError>>>,
 }
 
+/// The shortest manual valve pulse rigd sends, ms.
+pub const MIN_VALVE_PULSE_MS: f64 = 1.0;
+
 /// How long a stopping session's files may take to finish.
 const FINISH_DEADLINE: Duration = Duration::from_secs(120);
 
@@ -608,6 +611,17 @@ impl Supervisor {
         let (tx, rx) = oneshot::channel();
         let req = match action {
             ValveAction::Pulse { duration_ms } => {
+                if duration_ms < MIN_VALVE_PULSE_MS {
+                    return Err(err(
+                        ErrorCode::RefusedBySafety,
+                        format!(
+                            "valve pulse {duration_ms} ms is shorter than the shortest pulse rigd \
+                             sends ({MIN_VALVE_PULSE_MS} ms): a valve does not open reliably \
+                             that fast, and the device would be sent {} µs",
+                            (duration_ms * 1000.0).round()
+                        ),
+                    ));
+                }
                 if duration_ms > f64::from(self.cfg.safety.max_valve_open_ms) {
                     return Err(err(
                         ErrorCode::RefusedBySafety,
