@@ -30,13 +30,27 @@ impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}:{}: ", self.file.display(), self.line, self.column)?;
         match (&self.key, &self.value) {
-            (Some(k), Some(v)) => write!(f, "{k} = {v}: ")?,
+            (Some(k), Some(v)) => write!(f, "{k} = {}: ", elided(v))?,
             (Some(k), None) => write!(f, "{k}: ")?,
             (None, _) => {}
         }
         f.write_str(&self.message)
     }
 }
+
+/// A value as shown in a message: whole up to [`VALUE_SHOWN_CHARS`]
+/// characters, else its start and its length (a pasted blob must not flood
+/// the terminal or the journal).
+fn elided(v: &str) -> std::borrow::Cow<'_, str> {
+    if v.chars().count() <= VALUE_SHOWN_CHARS {
+        return v.into();
+    }
+    let head: String = v.chars().take(VALUE_SHOWN_CHARS).collect();
+    format!("{head}... ({} bytes in all)", v.len()).into()
+}
+
+/// The longest value a message shows whole.
+pub const VALUE_SHOWN_CHARS: usize = 120;
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]

@@ -696,3 +696,11 @@ fn realtime_keys_are_checked() {
     assert!(!c.realtime.hold_cpus_awake && !c.realtime.boost_tty_workers && c.realtime.lock_memory);
     assert!(error("[realtime]\nspin = true\n").contains("spin"));
 }
+
+#[test]
+fn a_long_value_is_elided_in_its_message() {
+    let long = "x".repeat(100_000);
+    let e = error(&format!("[rig]\nname = \"{long}\"\n"));
+    assert!(e.len() < 1000, "{} bytes of message", e.len());
+    assert!(e.contains("bytes in all"), "{e}");
+}

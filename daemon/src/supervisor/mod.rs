@@ -316,6 +316,7 @@ impl Supervisor {
                     .map(|()| Value::Object(Default::default()))
             }
             Request::Tone(t) => {
+                tracing::info!(%peer, "tone requested: {t:?}");
                 if !t.test {
                     Err(err(
                         ErrorCode::BadRequest,
