@@ -1,21 +1,44 @@
 //! A mouse's history, read from its session folders (never kept elsewhere, so
 //! a crash cannot lose it and every rig sharing the data root sees it).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use super::{rfc3339_utc, SUMMARY_FILE, TRIALS_FILE};
 
+/// The most water one session can plausibly have given, µL (a mouse drinks
+/// about 1 mL a day; no rig's caps allow ten times that in a session).
+pub const MAX_SESSION_WATER_UL: f64 = 10_000.0;
+/// The most water one reward can plausibly be, µL.
+pub const MAX_REWARD_UL: f64 = 1_000.0;
+
+/// A number in an earlier session's files that cannot be a real amount of
+/// water (negative, not a number, absurdly large): the day's water cannot
+/// be counted, so no session may give this mouse water until it is fixed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "{}: {field} = {value} is not a plausible amount of water (0..={max} µL), so the mouse's \
+     water today cannot be counted; fix or move that session folder (it may be damaged or \
+     not rigd's), then start again",
+    .path.display()
+)]
+pub struct ImplausibleWater {
+    pub path: PathBuf,
+    pub field: &'static str,
+    pub value: String,
+    pub max: f64,
+}
+
 /// Water the mouse already had today (UTC date of the session folders): each
 /// folder's `summary.json` `water_ul`, or, for a folder without one (a
 /// session still running on another rig, or a crash not yet recovered), the
-/// sum of `trials.tsv`'s `reward_ul` column. Unreadable numbers are not
-/// guessed as 0 silently: they are logged.
-pub fn water_today_ul(data_root: &Path, mouse: &str) -> f64 {
+/// sum of `trials.tsv`'s `reward_ul` column. A number that cannot be water
+/// is an error, never counted as 0 or subtracted: the daily cap depends on it.
+pub fn water_today_ul(data_root: &Path, mouse: &str) -> Result<f64, ImplausibleWater> {
     let today = rfc3339_utc(SystemTime::now());
     let day = &today[..10.min(today.len())];
     let Ok(entries) = std::fs::read_dir(data_root.join(mouse)) else {
-        return 0.0;
+        return Ok(0.0);
     };
     let mut total = 0.0;
     for e in entries.flatten() {
@@ -24,23 +47,34 @@ pub fn water_today_ul(data_root: &Path, mouse: &str) -> f64 {
             continue;
         }
         let dir = e.path();
-        let from_summary = std::fs::read_to_string(dir.join(SUMMARY_FILE))
+        let summary = dir.join(SUMMARY_FILE);
+        let from_summary = std::fs::read_to_string(&summary)
             .ok()
             .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-            .and_then(|v| v["water_ul"].as_f64());
+            .and_then(|v| v.get("water_ul").cloned());
         let water = match from_summary {
-            Some(w) => w,
-            None => water_from_trials(&dir.join(TRIALS_FILE)),
+            Some(v) => match v.as_f64() {
+                Some(w) if w.is_finite() && (0.0..=MAX_SESSION_WATER_UL).contains(&w) => w,
+                _ => {
+                    return Err(ImplausibleWater {
+                        path: summary,
+                        field: "water_ul",
+                        value: v.to_string(),
+                        max: MAX_SESSION_WATER_UL,
+                    })
+                }
+            },
+            None => water_from_trials(&dir.join(TRIALS_FILE))?,
         };
         total += water;
     }
-    total
+    Ok(total)
 }
 
 /// Sum of the `reward_ul` column of a `trials.tsv` (0 when absent).
-fn water_from_trials(path: &Path) -> f64 {
+fn water_from_trials(path: &Path) -> Result<f64, ImplausibleWater> {
     let Ok(text) = std::fs::read_to_string(path) else {
-        return 0.0;
+        return Ok(0.0);
     };
     let mut lines = text.lines();
     let Some(col) = lines
@@ -51,13 +85,24 @@ fn water_from_trials(path: &Path) -> f64 {
             "{}: no reward_ul column; its water is not counted",
             path.display()
         );
-        return 0.0;
+        return Ok(0.0);
     };
-    lines
-        .filter_map(|l| l.split('\t').nth(col))
-        .filter_map(|v| v.parse::<f64>().ok())
-        .filter(|v| v.is_finite() && *v > 0.0)
-        .sum()
+    let mut total = 0.0;
+    // A row cut short by a crash has no number: nothing was recorded as
+    // given there. A number that cannot be a reward is refused.
+    for v in lines.filter_map(|l| l.split('\t').nth(col)) {
+        let Ok(ul) = v.parse::<f64>() else { continue };
+        if !(ul.is_finite() && (0.0..=MAX_REWARD_UL).contains(&ul)) {
+            return Err(ImplausibleWater {
+                path: path.to_owned(),
+                field: "reward_ul",
+                value: v.to_owned(),
+                max: MAX_REWARD_UL,
+            });
+        }
+        total += ul;
+    }
+    Ok(total)
 }
 
 #[cfg(test)]
@@ -86,9 +131,24 @@ mod water_tests {
         .unwrap();
         let old = mk("1999-01-01_080000");
         std::fs::write(old.join("summary.json"), r#"{"water_ul": 999.0}"#).unwrap();
-        let w = water_today_ul(&root, "M1");
+        let w = water_today_ul(&root, "M1").unwrap();
         assert!((w - 408.5).abs() < 1e-9, "{w}");
-        assert_eq!(water_today_ul(&root, "M2"), 0.0);
+        assert_eq!(water_today_ul(&root, "M2").unwrap(), 0.0);
+        // A record that would lower the day's count (or is not a number) is
+        // refused, never counted.
+        for bad in ["-1e9", "\"lots\"", "1e12"] {
+            std::fs::write(a.join("summary.json"), format!("{{\"water_ul\": {bad}}}")).unwrap();
+            let e = water_today_ul(&root, "M1").unwrap_err();
+            assert_eq!(e.field, "water_ul");
+            assert!(e.to_string().contains("fix or move"), "{e}");
+        }
+        std::fs::write(a.join("summary.json"), r#"{"water_ul": 400.0}"#).unwrap();
+        std::fs::write(
+            b.join("trials.tsv"),
+            "trial\toutcome\treward_ul\n1\trewarded\t-4000\n",
+        )
+        .unwrap();
+        assert_eq!(water_today_ul(&root, "M1").unwrap_err().field, "reward_ul");
         let _ = std::fs::remove_dir_all(&root);
     }
 }

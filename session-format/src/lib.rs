@@ -58,7 +58,7 @@ pub use chunk::{
     chunk_file_name, list_chunks, parse_chunk_name, read_lever_trace, ChunkClock, ChunkedNpy,
     LeverFiles,
 };
-pub use history::water_today_ul;
+pub use history::{water_today_ul, ImplausibleWater, MAX_REWARD_UL, MAX_SESSION_WATER_UL};
 pub use log::SessionLogFile;
 pub use manifest::write_manifest;
 pub use meta::{read_t0_and_config, ClockSyncRecord, RealtimeRecord, SessionInfo, SessionState};

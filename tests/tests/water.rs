@@ -201,3 +201,37 @@ fn a_sated_mouse_ends_the_session() {
     assert_eq!(a[0]["kind"], "session_auto_stopped", "{a:?}");
     assert_eq!(a[0]["details"]["reason"], "sated");
 }
+
+/// A record of today that cannot be water (here `water_ul = -1e9`, which
+/// would have lowered the day's count and let the mouse drink past its
+/// daily cap) refuses the start, naming the file; once the folder is moved
+/// away the mouse can be trained again.
+#[test]
+fn an_implausible_record_of_today_refuses_the_start() {
+    let rig = rig("implausible", "", &[]);
+    let _rigd = Rigd::start(&rig.config, &rig.socket);
+    wait_connected(&rig.socket);
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%F"])
+        .output()
+        .expect("date");
+    let day = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let folder = rig
+        ._dir
+        .path()
+        .join("data/M60")
+        .join(format!("{day}_000000"));
+    std::fs::create_dir_all(&folder).expect("folder");
+    std::fs::write(folder.join("summary.json"), r#"{"water_ul": -1e9}"#).expect("summary");
+    let (code, out, err) = rigctl(&rig.socket, &["start", "--mouse", "M60"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("refused_by_safety") && err.contains("water_ul = -1000000000"),
+        "{err}"
+    );
+    assert!(err.contains("fix or move"), "{err}");
+    std::fs::remove_dir_all(&folder).expect("move it away");
+    let _dir = start_session(&rig.socket, "M60");
+    let (code, out, err) = rigctl(&rig.socket, &["stop"]);
+    assert_eq!(code, 0, "{out}{err}");
+}

@@ -27,6 +27,9 @@ pub struct StartFacts {
     pub rig_now_us: u64,
     /// Water the mouse already had today, from its session folders, µL.
     pub water_today_ul: f64,
+    /// Why that could not be counted (an implausible earlier record): the
+    /// start is refused.
+    pub water_history_problem: Option<String>,
     /// Free space under the data root (None: unknown).
     pub free_bytes: Option<u64>,
     /// The task's random seed for this session.
@@ -67,6 +70,9 @@ pub enum StartError {
     /// The request's task overrides broke the configuration's rules.
     #[error("{0}")]
     Overrides(#[from] rig_config::OverrideError),
+    /// The mouse's earlier records today cannot be counted.
+    #[error("{0}")]
+    WaterHistory(String),
     #[error(
         "{mouse} already had {today_ul:.1} µL today, the daily cap ([safety].max_water_per_day_ul) is {cap_ul:.1} µL"
     )]
@@ -108,9 +114,10 @@ impl StartError {
             Self::InvalidMouse(_) => ErrorCode::InvalidMouse,
             Self::NotConnected { .. } | Self::NoSampleYet => ErrorCode::DeviceUnavailable,
             Self::Overrides(_) => ErrorCode::BadRequest,
-            Self::DailyWaterCap { .. } | Self::DiskFull { .. } | Self::DiskTooSlow(_) => {
-                ErrorCode::RefusedBySafety
-            }
+            Self::DailyWaterCap { .. }
+            | Self::WaterHistory(_)
+            | Self::DiskFull { .. }
+            | Self::DiskTooSlow(_) => ErrorCode::RefusedBySafety,
             Self::Folder(_)
             | Self::Writer(_)
             | Self::Thread { .. }
@@ -165,6 +172,9 @@ impl SessionPlan {
             Some(t) => cfg.with_task_overrides(t)?,
             None => cfg.clone(),
         };
+        if let Some(problem) = &facts.water_history_problem {
+            return Err(StartError::WaterHistory(problem.clone()));
+        }
         let today = facts.water_today_ul;
         let remaining = (cfg.safety.max_water_per_day_ul - today).max(0.0);
         if remaining <= 0.0 {
@@ -303,6 +313,13 @@ mod tests {
         let e = refusal(&sated, &request("M2"));
         assert_eq!(e.code(), ErrorCode::RefusedBySafety);
         assert!(e.to_string().contains("max_water_per_day_ul"), "{e}");
+
+        let damaged = StartFacts {
+            water_history_problem: Some("summary.json: water_ul = -1e9 ...".into()),
+            ..ready()
+        };
+        let e = refusal(&damaged, &request("M2"));
+        assert_eq!(e.code(), ErrorCode::RefusedBySafety);
 
         let full = StartFacts {
             free_bytes: Some(MIN_FREE_BYTES - 1),

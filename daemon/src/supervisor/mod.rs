@@ -421,6 +421,11 @@ impl Supervisor {
     fn start_facts(&mut self, mouse: &str) -> StartFacts {
         let live = self.live();
         let root = Path::new(&self.cfg.storage.data_root);
+        let water = if validate_mouse_id(mouse).is_ok() {
+            water_today_ul(root, mouse)
+        } else {
+            Ok(0.0)
+        };
         self.seed = self
             .seed
             .wrapping_mul(6364136223846793005)
@@ -434,11 +439,8 @@ impl Supervisor {
             link: live.link,
             link_detail: live.link_detail,
             rig_now_us: live.rig_now_us,
-            water_today_ul: if validate_mouse_id(mouse).is_ok() {
-                water_today_ul(root, mouse)
-            } else {
-                0.0
-            },
+            water_today_ul: water.as_ref().map_or(0.0, |w| *w),
+            water_history_problem: water.err().map(|e| e.to_string()),
             free_bytes: crate::alerts::free_bytes(root),
             seed: self.seed,
         }
