@@ -532,6 +532,17 @@ impl FrameRingMapping {
         Self::attach(&self.name, &self.region)
     }
 
+    /// The permission bits of the shared-memory object (`st_mode & 0o777`),
+    /// read now. A ring writable by others (`& 0o002`) lets any local user
+    /// write frames that rigd would record as the microscope's.
+    pub fn mode(&self) -> Result<u32, ShmError> {
+        let fd = shm_open(self.name.as_str(), OFlag::O_RDONLY, Mode::empty())
+            .map_err(|e| ShmError::os(&self.name, "shm_open(O_RDONLY)", e))?;
+        let st = fstat(fd.as_fd()).map_err(|errno| ShmError::os(&self.name, "fstat", errno))?;
+        #[allow(clippy::unnecessary_cast)] // mode_t widths differ between targets
+        Ok(st.st_mode as u32 & 0o777)
+    }
+
     /// Re-open the name and re-map if the object behind it is not the one
     /// mapped (the producer unlinked and re-created it) or has another size
     /// (it grew in place for a larger geometry). Returns `true` when it

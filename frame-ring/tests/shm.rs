@@ -433,3 +433,21 @@ fn python_producer_frames_are_ingested() {
         ]);
     ingest_external_producer(cmd, &shm.0, 200, 64 * 48 * 2);
 }
+
+/// The ring's permission bits as a reader sees them: our producers create it
+/// 0640; one made writable by others is reported as such (rigd records it).
+#[test]
+fn a_reader_sees_whether_the_ring_is_writable_by_others() {
+    use std::os::unix::fs::PermissionsExt;
+    let shm = ShmName::new("mode");
+    let _writer = FrameRingWriter::create(&shm.0, geometry(8, 8, 1, 4)).expect("create");
+    let mapping = FrameRingMapping::open(&shm.0).expect("open");
+    // At most SHM_MODE (the umask may take more away), never world-writable.
+    let mode = mapping.mode().expect("mode");
+    assert_eq!(mode & !frame_ring::SHM_MODE, 0, "{mode:o}");
+    let path = format!("/dev/shm{}", shm.0);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let mode = mapping.mode().expect("mode");
+    assert_eq!(mode, 0o666);
+    assert_ne!(mode & 0o002, 0);
+}

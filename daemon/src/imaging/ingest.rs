@@ -745,6 +745,24 @@ impl<'a> IngestLoop<'a> {
                 self.session
                     .notice("imaging_attached", 0.0, format!("ring {name}"));
                 tracing::info!("imaging: reading frames from {name}");
+                // Anyone who can write the ring can forge the microscope's
+                // frames: recorded in the session, not refused (the
+                // acquisition program's setup is the lab's).
+                if let Ok(mode) = mapping.mode() {
+                    if mode & 0o002 != 0 {
+                        let detail = format!(
+                            "ring {name} has mode {mode:04o}: any local user can write frames \
+                             into it; create it with mode 0640 or 0660 and a group shared \
+                             with rigd (docs/operations.md)"
+                        );
+                        tracing::warn!("imaging: {detail}");
+                        self.session.notice(
+                            "imaging_ring_writable_by_others",
+                            f64::from(mode),
+                            detail,
+                        );
+                    }
+                }
                 ring.reader = Some(reader);
                 ring.mapping = Some(mapping);
                 ring.last_error.clear();
