@@ -360,9 +360,11 @@ pub fn start_session(socket: &Path, mouse: &str) -> PathBuf {
                 serde_json::from_str(out.trim()).expect("start answers JSON");
             return PathBuf::from(v["session_dir"].as_str().expect("session_dir"));
         }
-        // Right after connecting, the first lever sample may not be in yet.
+        // Right after connecting, the first lever sample may not be in yet;
+        // right after a stop, the last session's files may still be finishing.
         assert!(
-            err.contains("no lever sample") && std::time::Instant::now() < deadline,
+            (err.contains("no lever sample") || err.contains("is stopping"))
+                && std::time::Instant::now() < deadline,
             "start failed: {out} {err}"
         );
         std::thread::sleep(std::time::Duration::from_millis(50));

@@ -508,23 +508,6 @@ fn chunked_session_killed_mid_chunk_is_recovered_with_its_water() {
     assert!(v["trials"].as_u64().expect("trials") > 0, "{v}");
 }
 
-/// `rigctl start`, retried while the last session is still finishing.
-fn start_when_idle(socket: &Path, mouse: &str) -> PathBuf {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (code, out, err) = rigctl(socket, &["start", "--mouse", mouse, "--json"]);
-        if code == 0 {
-            let v: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON");
-            return PathBuf::from(v["session_dir"].as_str().expect("session_dir"));
-        }
-        assert!(
-            err.contains("is stopping") && Instant::now() < deadline,
-            "start: {out}{err}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// A stop and a start sent together, round after round: the late "finished"
 /// of the stopped session must never be taken for the new one's (which
 /// left an engine opening the valve while status said idle, and hung the
@@ -563,7 +546,7 @@ fn a_stop_and_a_start_sent_together_never_orphan_a_session() {
                 start_err.contains("is running") || start_err.contains("is stopping"),
                 "round {round}: start: {start_out}{start_err}"
             );
-            dirs.push(start_when_idle(&rig.socket, &format!("R{round}b")));
+            dirs.push(start_session(&rig.socket, &format!("R{round}b")));
         }
         // The daemon answers at once, and says what the device does.
         let asked = Instant::now();
