@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use crate::conns::{Admission, ConnGuard, ConnTable, Limits};
 use crate::shutdown::ShutdownSignal;
 
 /// Who is on the other end of a connection (from `SO_PEERCRED`).
@@ -138,25 +139,57 @@ pub async fn bind(path: &Path, mode: u32, group: Option<&str>) -> Result<UnixLis
     Ok(listener)
 }
 
-/// Accept connections until the shutdown begins. The socket file is removed
-/// on the way out.
+/// At most this many control connections at once (see [`crate::conns`]).
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// The control socket's limits: [`MAX_CONNECTIONS`]; a request line must be
+/// complete 10 s after its first byte; a client that takes no byte of its
+/// answers for 10 s is closed. (No idle limit: a subscriber may wait for
+/// events for hours.)
+pub const LIMITS: Limits = Limits {
+    max_connections: MAX_CONNECTIONS,
+    request_timeout: std::time::Duration::from_secs(10),
+    idle_timeout: std::time::Duration::MAX,
+    write_stall: std::time::Duration::from_secs(10),
+};
+/// Bytes of answers and events waiting for one client. Past this, the
+/// client's requests wait (it is not read) and its events are dropped and
+/// reported as `lagged`: a client that sends and never reads pins at most
+/// this much (plus one line being read).
+pub const MAX_QUEUED_BYTES: usize = 256 * 1024;
+
+/// Accept connections until the shutdown begins, within `limits`
+/// (normally [`LIMITS`]). The socket file is removed on the way out.
 pub async fn serve(
     listener: UnixListener,
     path: PathBuf,
+    limits: Limits,
     core: mpsc::Sender<CoreRequest>,
     events: broadcast::Sender<EventLine>,
     mut shutdown: ShutdownSignal,
 ) {
+    let table = ConnTable::new(
+        limits.max_connections,
+        &crate::metrics::global().control_conns,
+    );
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let core = core.clone();
-                    let events = events.clone();
-                    let shutdown = shutdown.clone();
-                    tokio::spawn(async move { connection(stream, core, events, shutdown).await });
-                }
+                Ok((stream, _)) => match table.admit() {
+                    Admission::Admitted(guard) => {
+                        let core = core.clone();
+                        let events = events.clone();
+                        let shutdown = shutdown.clone();
+                        tokio::spawn(async move {
+                            connection(stream, guard, limits, core, events, shutdown).await
+                        });
+                    }
+                    Admission::Refused => refuse(&stream, table.cap()),
+                },
                 Err(e) => {
+                    // Out of descriptors (or another transient error): wait
+                    // rather than spin; the session's own descriptors are
+                    // reserved (crate::conns::SESSION_FDS).
                     tracing::warn!("control socket accept failed: {e}");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
@@ -165,6 +198,18 @@ pub async fn serve(
         }
     }
     let _ = std::fs::remove_file(&path);
+}
+
+/// Tell a client it was not admitted (best effort: one non-blocking write),
+/// then close.
+fn refuse(stream: &UnixStream, cap: usize) {
+    let line = Response::error(
+        None,
+        ErrorCode::Busy,
+        format!("too many control connections ({cap}), all active; try again in a few seconds"),
+    )
+    .to_line();
+    let _ = stream.try_write(&line);
 }
 
 /// How often the fan-out takes the rig thread's events.
@@ -228,12 +273,54 @@ impl EventFanOut {
     }
 }
 
-/// Lines waiting for one client's writer; events beyond this are dropped for
-/// that client and reported as `lagged`.
+/// Lines waiting for one client's writer (their bytes are bounded by
+/// [`MAX_QUEUED_BYTES`]).
 const CLIENT_QUEUE: usize = 1024;
+
+/// The bytes of one client's queue: a line takes its length (at most
+/// [`MAX_QUEUED_BYTES`]) before it is queued and gives it back once written.
+#[derive(Debug, Clone)]
+struct OutQueue {
+    tx: mpsc::Sender<EventLine>,
+    bytes: Arc<tokio::sync::Semaphore>,
+}
+
+fn line_permits(line: &[u8]) -> u32 {
+    u32::try_from(line.len().min(MAX_QUEUED_BYTES)).unwrap_or(u32::MAX)
+}
+
+impl OutQueue {
+    /// Queue an answer, waiting while the client has too much unread.
+    async fn send(&self, line: EventLine) -> Result<(), ()> {
+        let permits = self
+            .bytes
+            .acquire_many(line_permits(&line))
+            .await
+            .map_err(|_| ())?;
+        permits.forget();
+        self.tx.send(line).await.map_err(|_| ())
+    }
+
+    /// Queue an event if there is room; `Err(true)` if the client is gone.
+    fn try_send(&self, line: EventLine) -> Result<(), bool> {
+        let Ok(permits) = self.bytes.try_acquire_many(line_permits(&line)) else {
+            return Err(false);
+        };
+        match self.tx.try_send(line) {
+            Ok(()) => {
+                permits.forget();
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => Err(false),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(true),
+        }
+    }
+}
 
 async fn connection(
     stream: UnixStream,
+    guard: ConnGuard,
+    limits: Limits,
     core: mpsc::Sender<CoreRequest>,
     events: broadcast::Sender<EventLine>,
     mut shutdown: ShutdownSignal,
@@ -253,19 +340,39 @@ async fn connection(
             }
         }
     };
+    let guard = Arc::new(guard);
     let (mut rd, mut wr) = stream.into_split();
     // One writer task per client: responses and events go through it in order.
     let (out_tx, mut out_rx) = mpsc::channel::<EventLine>(CLIENT_QUEUE);
-    let writer = tokio::spawn(async move {
+    let bytes = Arc::new(tokio::sync::Semaphore::new(MAX_QUEUED_BYTES));
+    let out = OutQueue {
+        tx: out_tx,
+        bytes: Arc::clone(&bytes),
+    };
+    let writer_guard = Arc::clone(&guard);
+    let mut writer = tokio::spawn(async move {
         while let Some(line) = out_rx.recv().await {
-            if wr.write_all(&line).await.is_err() {
-                break;
+            match tokio::time::timeout(limits.write_stall, wr.write_all(&line)).await {
+                Ok(Ok(())) => {
+                    writer_guard.touch();
+                    bytes.add_permits(line_permits(&line) as usize);
+                }
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    writer_guard.table().timed_out();
+                    tracing::info!("control client {peer} stopped reading; closed");
+                    break;
+                }
             }
         }
+        // A request waiting for room in the queue gives up at once.
+        bytes.close();
     });
     let mut splitter = protocol::control::LineSplitter::with_limit(MAX_LINE_BYTES);
     let mut buf = vec![0u8; 8192];
     let mut subscribed: Option<tokio::task::JoinHandle<()>> = None;
+    // When the partial line in the splitter must be complete.
+    let mut line_due: Option<tokio::time::Instant> = None;
     'conn: loop {
         let n = tokio::select! {
             r = rd.read(&mut buf) => match r {
@@ -273,29 +380,54 @@ async fn connection(
                 Ok(n) => n,
             },
             _ = shutdown.wait() => break,
+            _ = guard.evicted() => break,
+            _ = &mut writer => break,
+            _ = crate::conns::sleep_opt(line_due) => {
+                guard.table().timed_out();
+                let e = Response::error(
+                    None,
+                    ErrorCode::BadRequest,
+                    format!(
+                        "request incomplete after {:.1} s (a request is one line ending in a newline)",
+                        limits.request_timeout.as_secs_f64()
+                    ),
+                );
+                let _ = out.send(Arc::new(e.to_line())).await;
+                break;
+            }
         };
         if n == 0 {
             // Answer a last request sent without a newline, then close.
             if let Some(line) = splitter.finish() {
-                let _ = handle_line(line, peer, &core, &events, &out_tx, &mut subscribed).await;
+                let _ = handle_line(line, peer, &core, &events, &out, &mut subscribed).await;
             }
             break;
         }
+        guard.touch();
         splitter.push(&buf[..n]);
         while let Some(line) = splitter.next_line() {
-            if handle_line(line, peer, &core, &events, &out_tx, &mut subscribed)
+            if handle_line(line, peer, &core, &events, &out, &mut subscribed)
                 .await
                 .is_err()
             {
                 break 'conn;
             }
         }
+        line_due = match (splitter.buffered(), line_due) {
+            (0, _) => None,
+            (_, Some(due)) => Some(due),
+            (_, None) => Some(tokio::time::Instant::now() + limits.request_timeout),
+        };
     }
     if let Some(s) = subscribed {
         s.abort();
     }
-    drop(out_tx);
-    let _ = writer.await;
+    drop(out);
+    if !writer.is_finished() {
+        // Let the last answers go out, within the write limit.
+        let _ = tokio::time::timeout(limits.write_stall, &mut writer).await;
+        writer.abort();
+    }
 }
 
 /// Handle one line; `Err` means the client is gone.
@@ -304,7 +436,7 @@ async fn handle_line(
     peer: Peer,
     core: &mpsc::Sender<CoreRequest>,
     events: &broadcast::Sender<EventLine>,
-    out: &mpsc::Sender<EventLine>,
+    out: &OutQueue,
     subscribed: &mut Option<tokio::task::JoinHandle<()>>,
 ) -> Result<(), ()> {
     let response = match line {
@@ -325,7 +457,7 @@ async fn handle_line(
             }
         },
     };
-    out.send(Arc::new(response.to_line())).await.map_err(|_| ())
+    out.send(Arc::new(response.to_line())).await
 }
 
 async fn ask_core(
@@ -357,7 +489,7 @@ async fn ask_core(
 /// it cannot take.
 fn spawn_forwarder(
     mut rx: broadcast::Receiver<EventLine>,
-    out: mpsc::Sender<EventLine>,
+    out: OutQueue,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut dropped = 0u64;
@@ -378,8 +510,8 @@ fn spawn_forwarder(
             }
             match out.try_send(line) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => dropped += 1,
-                Err(mpsc::error::TrySendError::Closed(_)) => break,
+                Err(false) => dropped += 1,
+                Err(true) => break,
             }
         }
     })
@@ -450,5 +582,124 @@ mod bind_tests {
         assert!(matches!(e, BindError::InUse(_)), "{e}");
         drop(live);
         let _ = std::fs::remove_dir_all(&d);
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::AsyncBufReadExt;
+
+    /// A control socket in a temp folder with `limits`, whose core answers
+    /// every request with `{"state":"idle"}`.
+    async fn server(name: &str, limits: Limits) -> (PathBuf, crate::shutdown::Shutdown) {
+        let d = std::env::temp_dir().join(format!("rigd-limits-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let path = d.join("c.sock");
+        let listener = bind(&path, 0o600, None).await.unwrap();
+        let (core_tx, mut core_rx) = mpsc::channel::<CoreRequest>(64);
+        tokio::spawn(async move {
+            while let Some(r) = core_rx.recv().await {
+                let _ = r.reply.send(Ok(serde_json::json!({"state": "idle"})));
+            }
+        });
+        let (events, _) = broadcast::channel(16);
+        let shutdown = crate::shutdown::Shutdown::new();
+        tokio::spawn(serve(
+            listener,
+            path.clone(),
+            limits,
+            core_tx,
+            events,
+            shutdown.signal(),
+        ));
+        (path, shutdown)
+    }
+
+    fn limits(max_connections: usize) -> Limits {
+        Limits {
+            max_connections,
+            request_timeout: Duration::from_millis(300),
+            idle_timeout: Duration::MAX,
+            write_stall: Duration::from_millis(300),
+        }
+    }
+
+    async fn read_all(s: &mut UnixStream) -> String {
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out))
+            .await
+            .expect("closed by the server")
+            .ok();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_incomplete_request_is_answered_then_closed() {
+        let (path, _sd) = server("partial", limits(4)).await;
+        let mut s = UnixStream::connect(&path).await.unwrap();
+        s.write_all(b"{\"cmd\":\"sta").await.unwrap();
+        let text = read_all(&mut s).await;
+        assert!(text.contains("request incomplete"), "{text}");
+        assert!(text.contains("bad_request"), "{text}");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_client_that_never_reads_is_closed_having_pinned_little() {
+        let (path, _sd) = server("unread", limits(4)).await;
+        let s = UnixStream::connect(&path).await.unwrap();
+        let line = format!("{{\"cmd\":\"status\",\"id\":\"{}\"}}\n", "y".repeat(60_000));
+        // Send until the server stops taking requests (its queue for this
+        // client is full), then until it closes the connection.
+        let mut sent = 0usize;
+        let closed = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                s.writable().await.unwrap();
+                match s.try_write(line.as_bytes()) {
+                    Ok(n) => sent += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(_) => break,
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "still open after {sent} bytes");
+        // What the server read before it stopped: its answer queue (256 KiB)
+        // plus what one read and the kernel's buffers hold.
+        assert!(sent < 8 << 20, "the server kept reading: {sent} bytes");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn at_the_cap_a_quiet_client_makes_room_and_an_active_one_does_not() {
+        let (path, _sd) = server("cap", limits(1)).await;
+        // A talks, so B is refused with a reason.
+        let mut a = UnixStream::connect(&path).await.unwrap();
+        a.write_all(b"{\"cmd\":\"status\"}\n").await.unwrap();
+        let mut first = String::new();
+        tokio::io::BufReader::new(&mut a)
+            .read_line(&mut first)
+            .await
+            .unwrap();
+        assert!(first.contains("\"ok\":true"), "{first}");
+        let mut b = UnixStream::connect(&path).await.unwrap();
+        let text = read_all(&mut b).await;
+        assert!(text.contains("too many control connections"), "{text}");
+        assert!(text.contains("busy"), "{text}");
+        // Once A has been quiet for EVICTABLE_AFTER, C takes its place.
+        tokio::time::sleep(crate::conns::EVICTABLE_AFTER + Duration::from_millis(200)).await;
+        let mut c = UnixStream::connect(&path).await.unwrap();
+        c.write_all(b"{\"cmd\":\"status\"}\n").await.unwrap();
+        let mut line = String::new();
+        tokio::io::BufReader::new(&mut c)
+            .read_line(&mut line)
+            .await
+            .unwrap();
+        assert!(line.contains("\"ok\":true"), "{line}");
+        assert_eq!(read_all(&mut a).await, "", "A was closed");
     }
 }

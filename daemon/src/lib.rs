@@ -8,6 +8,7 @@
 
 pub mod alerts;
 pub mod behaviour;
+pub mod conns;
 pub mod control;
 pub mod imaging;
 pub mod metrics;

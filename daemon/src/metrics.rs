@@ -121,6 +121,27 @@ impl Default for LatencyHistogram {
     }
 }
 
+/// What happened to one server's connections ([`crate::conns`]).
+#[derive(Debug, Default)]
+pub struct ConnCounters {
+    /// Refused at the cap (every admitted connection active).
+    pub refused: Counter,
+    /// Closed to make room for a new one (quiet at the cap).
+    pub evicted: Counter,
+    /// Closed by a time limit (idle, incomplete request, not reading).
+    pub timed_out: Counter,
+}
+
+impl ConnCounters {
+    pub const fn new() -> Self {
+        Self {
+            refused: Counter::new(),
+            evicted: Counter::new(),
+            timed_out: Counter::new(),
+        }
+    }
+}
+
 /// How a session ended, as the `reason` label of
 /// `rigd_sessions_completed_total`: the task's own reasons, a signal, a stop
 /// request, or an error while finishing the files. A fixed set, so a free-text
@@ -160,6 +181,10 @@ pub struct Metrics {
     pub clock_half_band_us: F64Cell,
     /// Crossing sample -> valve open at the device, per rewarded trial.
     pub control_latency: LatencyHistogram,
+    /// The preview server's connections.
+    pub preview_conns: ConnCounters,
+    /// The control socket's connections.
+    pub control_conns: ConnCounters,
     /// Bumped by the rig thread every time the link calls it.
     rig_thread_beats: Counter,
 }
@@ -184,6 +209,8 @@ impl Metrics {
             link_losses: Counter::new(),
             clock_half_band_us: F64Cell::from_bits(0x7ff8_0000_0000_0000), // NaN
             control_latency: LatencyHistogram::new(),
+            preview_conns: ConnCounters::new(),
+            control_conns: ConnCounters::new(),
             rig_thread_beats: Counter::new(),
         }
     }
@@ -254,6 +281,29 @@ impl Metrics {
                 "rigd_sessions_completed_total{{reason=\"{label}\"}} {}",
                 c.get()
             );
+        }
+        family(
+            &mut out,
+            "rigd_connections_closed_total",
+            "Preview and control connections refused at the cap, evicted (quiet, to make room) \
+             or timed out (idle, incomplete request, not reading).",
+            "counter",
+        );
+        for (server, c) in [
+            ("preview", &self.preview_conns),
+            ("control", &self.control_conns),
+        ] {
+            for (why, n) in [
+                ("refused", &c.refused),
+                ("evicted", &c.evicted),
+                ("timed_out", &c.timed_out),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "rigd_connections_closed_total{{server=\"{server}\",why=\"{why}\"}} {}",
+                    n.get()
+                );
+            }
         }
         gauge(
             &mut out,

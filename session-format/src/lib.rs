@@ -130,6 +130,15 @@ pub enum StorageError {
         .path.display()
     )]
     SessionExists { path: PathBuf },
+    /// The mouse's folder (or the new session folder) is not a plain folder
+    /// inside the data root: a symbolic link, a file, or it resolves
+    /// elsewhere. rigd writes only into folders it can see are its own.
+    #[error(
+        "refusing to write a session into {}: {reason}; move it away (the data of a mouse \
+         must be a real folder under [storage].data_root)",
+        .path.display()
+    )]
+    UnsafeFolder { path: PathBuf, reason: String },
     /// The mouse id would not name exactly one folder.
     #[error("refusing to create a session folder: {0}")]
     InvalidMouse(#[from] protocol::control::InvalidMouseId),

@@ -146,9 +146,11 @@ pub fn recover_with_summary(
         let path = dir.join(name);
         if name.ends_with(TMP_SUFFIX) {
             std::fs::remove_file(&path).map_err(|e| StorageError::io("remove", &path, e))?;
-            report
-                .repairs
-                .push(format!("{name}: removed an interrupted rewrite"));
+            report.repairs.push(if name == crate::RESERVE_FILE {
+                format!("{name}: removed the disk-space reserve the session held")
+            } else {
+                format!("{name}: removed an interrupted rewrite")
+            });
         } else if name.ends_with(".tsv") {
             let header = match name.as_str() {
                 TRIALS_FILE => Some(header_line(&TRIALS_COLUMNS)),

@@ -50,9 +50,12 @@ impl SessionDir {
         let mouse_dir = data_root.join(mouse);
         match std::fs::create_dir(&mouse_dir) {
             Ok(()) => sync_dir(data_root)?,
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && mouse_dir.is_dir() => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(StorageError::io("create folder", &mouse_dir, e)),
         }
+        // The mouse's folder must be a real folder: not followed if it is a
+        // symbolic link (which would send the session anywhere).
+        plain_folder(&mouse_dir)?;
         let stamp = folder_stamp(start_utc);
         for n in 1..=MAX_SUFFIX {
             let leaf = if n == 1 {
@@ -63,6 +66,10 @@ impl SessionDir {
             let path = mouse_dir.join(leaf);
             match std::fs::create_dir(&path) {
                 Ok(()) => {
+                    // mkdir does not follow a link at the leaf; check that
+                    // nothing on the way was swapped for one meanwhile.
+                    plain_folder(&path)?;
+                    inside(data_root, mouse, &path)?;
                     sync_dir(&mouse_dir)?;
                     return Ok(SessionDir {
                         path,
@@ -92,5 +99,42 @@ impl SessionDir {
     /// UTC wall time of the session start, as passed to [`SessionDir::create`].
     pub fn start_utc(&self) -> SystemTime {
         self.start_utc
+    }
+}
+
+/// `path` is a folder, and not a symbolic link (looked at with `lstat`).
+fn plain_folder(path: &Path) -> Result<(), StorageError> {
+    let meta = std::fs::symlink_metadata(path).map_err(|e| StorageError::io("look at", path, e))?;
+    let t = meta.file_type();
+    let reason = if t.is_symlink() {
+        let target = std::fs::read_link(path)
+            .map(|t| format!(" (to {})", t.display()))
+            .unwrap_or_default();
+        format!("it is a symbolic link{target}")
+    } else if !t.is_dir() {
+        "it is not a folder".to_owned()
+    } else {
+        return Ok(());
+    };
+    Err(StorageError::UnsafeFolder {
+        path: path.to_owned(),
+        reason,
+    })
+}
+
+/// The created folder resolves to `<data_root>/<mouse>/<leaf>` with the data
+/// root resolved (the root itself may be a link, e.g. to a data disk).
+fn inside(data_root: &Path, mouse: &str, path: &Path) -> Result<(), StorageError> {
+    let root =
+        std::fs::canonicalize(data_root).map_err(|e| StorageError::io("resolve", data_root, e))?;
+    let real = std::fs::canonicalize(path).map_err(|e| StorageError::io("resolve", path, e))?;
+    let expected = path.file_name().map(|leaf| root.join(mouse).join(leaf));
+    if expected.as_deref() == Some(real.as_path()) {
+        Ok(())
+    } else {
+        Err(StorageError::UnsafeFolder {
+            path: path.to_owned(),
+            reason: format!("it resolves to {}, outside the data root", real.display()),
+        })
     }
 }

@@ -244,6 +244,36 @@ fn mouse_ids_that_name_paths_are_refused() {
 }
 
 #[test]
+fn a_mouse_folder_that_is_a_link_or_a_file_is_never_written_through() {
+    let root = Scratch::new("links");
+    let elsewhere = Scratch::new("links-elsewhere");
+    // data_root/M12 -> a folder outside the data root.
+    std::os::unix::fs::symlink(&elsewhere.0, root.0.join("M12")).unwrap();
+    let err = SessionDir::create(&root.0, "M12", start_time()).unwrap_err();
+    assert!(matches!(err, StorageError::UnsafeFolder { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("symbolic link"), "{msg}");
+    assert!(msg.contains(&*elsewhere.0.to_string_lossy()), "{msg}");
+    assert_eq!(std::fs::read_dir(&elsewhere.0).unwrap().count(), 0);
+    // A dangling link is refused too (it is not created through).
+    let target = elsewhere.0.join("made-by-rigd");
+    std::os::unix::fs::symlink(&target, root.0.join("M13")).unwrap();
+    let err = SessionDir::create(&root.0, "M13", start_time()).unwrap_err();
+    assert!(matches!(err, StorageError::UnsafeFolder { .. }), "{err}");
+    assert!(!target.exists());
+    // A file where the mouse's folder should be.
+    std::fs::write(root.0.join("M14"), b"x").unwrap();
+    let err = SessionDir::create(&root.0, "M14", start_time()).unwrap_err();
+    assert!(matches!(err, StorageError::UnsafeFolder { .. }), "{err}");
+    // A data root that is itself a link (a data disk) is the lab's choice.
+    let linked_root = elsewhere.0.join("root-link");
+    std::os::unix::fs::symlink(&root.0, &linked_root).unwrap();
+    let dir = SessionDir::create(&linked_root, "M15", start_time()).unwrap();
+    assert!(root.0.join("M15").is_dir());
+    assert!(dir.path().starts_with(&linked_root));
+}
+
+#[test]
 fn missing_data_root_is_refused_not_created() {
     let root = Scratch::new("missing");
     let gone = root.0.join("not-mounted");
@@ -1082,6 +1112,30 @@ fn zero_filled_tail_after_a_power_cut_is_dropped() {
     );
     assert!(
         report.to_string().contains("partial last row (5 bytes)"),
+        "{report}"
+    );
+}
+
+#[test]
+fn recovery_names_the_reserve_for_what_it_is() {
+    let root = Scratch::new("reserve-name");
+    let mut w = new_writer(&root.0);
+    let dir = w.path().to_owned();
+    write_some(&mut w, 0, 3);
+    w.simulate_kill();
+    std::fs::write(dir.join(crate::RESERVE_FILE), [0u8; 64]).unwrap();
+    std::fs::write(dir.join("session.toml.tmp"), b"half").unwrap();
+    let report = recover(&dir).unwrap().to_string();
+    assert!(
+        report.contains(".rigd-reserve.tmp: removed the disk-space reserve"),
+        "{report}"
+    );
+    assert!(
+        report.contains("session.toml.tmp: removed an interrupted rewrite"),
+        "{report}"
+    );
+    assert!(
+        !report.contains("reserve.tmp: removed an interrupted"),
         "{report}"
     );
 }

@@ -222,9 +222,32 @@ pub struct Rigd {
 impl Rigd {
     /// Start rigd and wait until its control socket answers.
     pub fn start(config: &Path, socket: &Path) -> Self {
-        let mut child = Command::new(bin("rigd"))
+        let mut cmd = Command::new(bin("rigd"));
+        cmd.arg("--config").arg(config);
+        Self::spawn(cmd, socket)
+    }
+
+    /// Start rigd with its open-file limit set to `soft` (and `hard`), as a
+    /// service manager or a login shell might leave it.
+    pub fn start_with_fd_limit(config: &Path, socket: &Path, soft: u64, hard: u64) -> Self {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!(
+                "ulimit -Sn {soft} && ulimit -Hn {hard} && exec \"$0\" \"$@\""
+            ))
+            .arg(bin("rigd"))
             .arg("--config")
-            .arg(config)
+            .arg(config);
+        Self::spawn(cmd, socket)
+    }
+
+    /// rigd's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn spawn(mut cmd: Command, socket: &Path) -> Self {
+        let mut child = cmd
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())

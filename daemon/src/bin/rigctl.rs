@@ -42,13 +42,17 @@ struct Cli {
 enum Cmd {
     /// Start a session for a mouse.
     Start {
+        /// The mouse's id (letters, digits, `_` and `-`; at most 64): its
+        /// sessions go to `<data_root>/<mouse>/`.
         #[arg(long)]
         mouse: String,
+        /// Free text kept in the session's session.toml (`notes`).
         #[arg(long)]
         notes: Option<String>,
     },
     /// Stop the running session and print its summary.
     Stop {
+        /// Why, kept as the session's stop_reason (default: `rigctl stop`).
         #[arg(long)]
         reason: Option<String>,
     },
@@ -63,7 +67,8 @@ enum Cmd {
     },
     /// Play the cue tone once (speaker check).
     Tone {
-        #[arg(long, required = true)]
+        /// Accepted for older scripts; the tone is always a test.
+        #[arg(long, hide = true)]
         test: bool,
     },
     /// Repair a session folder left behind by a crash and mark it recovered.
@@ -72,15 +77,23 @@ enum Cmd {
 
 #[derive(Debug, Subcommand)]
 enum ValveCmd {
-    /// One pulse of the given length.
+    /// One pulse of the given length: `rigctl valve pulse 40` or `--ms 40`.
     Pulse {
-        #[arg(long)]
-        ms: f64,
+        /// Pulse length, ms (at least 1, at most [safety].max_valve_open_ms).
+        #[arg(value_name = "MS", required_unless_present = "ms_flag")]
+        ms: Option<f64>,
+        /// The same, as an option.
+        #[arg(long = "ms", value_name = "MS", conflicts_with = "ms")]
+        ms_flag: Option<f64>,
     },
-    /// Flush the line for the given time.
+    /// Flush the line for the given time: `rigctl valve flush 2000` or `--ms 2000`.
     Flush {
-        #[arg(long)]
-        ms: f64,
+        /// Flush length, ms (at most [safety].max_flush_ms).
+        #[arg(value_name = "MS", required_unless_present = "ms_flag")]
+        ms: Option<f64>,
+        /// The same, as an option.
+        #[arg(long = "ms", value_name = "MS", conflicts_with = "ms")]
+        ms_flag: Option<f64>,
     },
 }
 
@@ -240,13 +253,13 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Cmd::Watch => return watch(&mut client, json),
         Cmd::Valve { action } => {
             let req = match action {
-                ValveCmd::Pulse { ms } => ValveRequest {
-                    pulse_ms: Some(ms),
+                ValveCmd::Pulse { ms, ms_flag } => ValveRequest {
+                    pulse_ms: ms.or(ms_flag),
                     flush_ms: None,
                 },
-                ValveCmd::Flush { ms } => ValveRequest {
+                ValveCmd::Flush { ms, ms_flag } => ValveRequest {
                     pulse_ms: None,
-                    flush_ms: Some(ms),
+                    flush_ms: ms.or(ms_flag),
                 },
             };
             let v = client.call(Request::Valve(req), quick)?;
@@ -255,8 +268,8 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             }
             v
         }
-        Cmd::Tone { test } => {
-            let v = client.call(Request::Tone(ToneRequest { test }), quick)?;
+        Cmd::Tone { test: _ } => {
+            let v = client.call(Request::Tone(ToneRequest { test: true }), quick)?;
             if !json {
                 println!("tone: played");
             }

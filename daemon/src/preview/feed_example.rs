@@ -23,7 +23,7 @@ fn main() {
         port,
         allow_non_loopback: false,
     };
-    let (addr, handle) = match start_preview(&cfg, Arc::clone(&state)) {
+    let (addr, handle) = match start_preview(&cfg, Arc::clone(&state), daemon::preview::LIMITS) {
         Ok(x) => x,
         Err(e) => {
             eprintln!("preview_feed: {e}");

@@ -17,7 +17,8 @@ mod state;
 
 pub use outline::roi_outlines;
 pub use server::{
-    bind_listener, serve, serve_listener, start_preview, PreviewError, PreviewHandle, TICK,
+    bind_listener, serve, serve_listener, start_preview, PreviewError, PreviewHandle, LIMITS,
+    MAX_CONNECTIONS, TICK,
 };
 pub use state::{
     Cursor, DffRow, Health, MeanImage, PreviewState, Rois, TrialEvent, Update, DFF_BIN_US,

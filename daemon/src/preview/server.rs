@@ -16,6 +16,7 @@ use axum::Router;
 use tokio::sync::watch;
 
 use super::state::{Cursor, PreviewState};
+use crate::conns::{Admission, ConnTable, Limits, Watched};
 
 /// How often an SSE connection gets what is new.
 pub const TICK: Duration = Duration::from_millis(200);
@@ -103,15 +104,35 @@ pub async fn serve(
     let addr = SocketAddr::new(bind, port);
     let l =
         tokio::net::TcpListener::from_std(l).map_err(|source| PreviewError::Io { addr, source })?;
-    serve_listener(l, state, shutdown).await
+    serve_listener(l, state, shutdown, LIMITS).await
 }
 
+/// At most this many preview connections at once (see [`crate::conns`]).
+pub const MAX_CONNECTIONS: usize = 128;
+
+/// The preview's limits: [`MAX_CONNECTIONS`]; a request's headers must
+/// arrive within 10 s; a connection that moves no byte for 30 s is closed (an
+/// open event stream moves bytes every [`TICK`]); a client that takes no
+/// byte of its response for 10 s is closed.
+pub const LIMITS: Limits = Limits {
+    max_connections: MAX_CONNECTIONS,
+    request_timeout: Duration::from_secs(10),
+    idle_timeout: Duration::from_secs(30),
+    write_stall: Duration::from_secs(10),
+};
+
+/// What a client gets when every connection is in use and active.
+const REFUSED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\
+Retry-After: 5\r\nContent-Length: 39\r\nConnection: close\r\n\r\npreview: too many connections, all busy\n";
+
 /// Serve the preview on an already bound listener until `shutdown` becomes
-/// true (or its sender is dropped). Open SSE streams end at shutdown too.
+/// true (or its sender is dropped), within `limits` (normally [`LIMITS`]).
+/// Open SSE streams end at shutdown too.
 pub async fn serve_listener(
     listener: tokio::net::TcpListener,
     state: Arc<PreviewState>,
     shutdown: watch::Receiver<bool>,
+    limits: Limits,
 ) -> Result<(), PreviewError> {
     let addr = listener.local_addr().map_err(|source| PreviewError::Io {
         addr: SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -123,13 +144,71 @@ pub async fn serve_listener(
         streams: Arc::new(AtomicUsize::new(0)),
         loopback_only: addr.ip().is_loopback(),
     };
+    let service = hyper_util::service::TowerToHyperService::new(router(app));
+    let table = ConnTable::new(
+        limits.max_connections,
+        &crate::metrics::global().preview_conns,
+    );
     let mut rx = shutdown;
-    axum::serve(listener, router(app))
-        .with_graceful_shutdown(async move {
-            let _ = rx.wait_for(|&stop| stop).await;
-        })
-        .await
-        .map_err(|source| PreviewError::Io { addr, source })
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = rx.wait_for(|&stop| stop) => break,
+        };
+        // Reap finished connection tasks so the set stays small.
+        while tasks.try_join_next().is_some() {}
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, or a connection reset before accept:
+                // wait rather than spin (the session's descriptors are
+                // reserved, crate::conns::SESSION_FDS).
+                tracing::debug!("preview accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let guard = match table.admit() {
+            Admission::Admitted(g) => Arc::new(g),
+            Admission::Refused => {
+                let _ = stream.try_write(REFUSED);
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let io = hyper_util::rt::TokioIo::new(Watched::new(
+            stream,
+            Arc::clone(&guard),
+            limits.idle_timeout,
+            limits.write_stall,
+        ));
+        let service = service.clone();
+        let mut stop = rx.clone();
+        tasks.spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.request_timeout)
+                .max_buf_size(64 * 1024)
+                .serve_connection(io, service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = guard.evicted() => {}
+                _ = stopped(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+                }
+            }
+        });
+    }
+    tasks.shutdown().await;
+    Ok(())
+}
+
+/// Resolves when `stop` becomes true or its sender is gone.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|&s| s).await;
 }
 
 fn router(app: App) -> Router {
@@ -315,6 +394,7 @@ impl Drop for PreviewHandle {
 pub fn start_preview(
     cfg: &rig_config::PreviewSection,
     state: Arc<PreviewState>,
+    limits: Limits,
 ) -> Result<(SocketAddr, PreviewHandle), PreviewError> {
     if !cfg.enabled {
         return Err(PreviewError::Disabled);
@@ -344,7 +424,7 @@ pub fn start_preview(
             rt.block_on(async move {
                 let l = tokio::net::TcpListener::from_std(std_listener)
                     .map_err(|source| PreviewError::Io { addr, source })?;
-                serve_listener(l, state, rx).await
+                serve_listener(l, state, rx, limits).await
             })
         })
         .map_err(|source| PreviewError::Start {
@@ -436,7 +516,7 @@ mod tests {
     #[test]
     fn non_loopback_is_refused_unless_allowed() {
         let st = Arc::new(PreviewState::new());
-        let err = start_preview(&cfg("0.0.0.0", false), Arc::clone(&st))
+        let err = start_preview(&cfg("0.0.0.0", false), Arc::clone(&st), LIMITS)
             .expect_err("refused")
             .to_string();
         assert!(
@@ -446,7 +526,7 @@ mod tests {
         let err = bind_listener("192.0.2.1".parse().expect("ip"), 0, false).expect_err("refused");
         assert!(matches!(err, PreviewError::NonLoopback(_)));
         // Allowed: binding 0.0.0.0 works.
-        let (addr, h) = start_preview(&cfg("0.0.0.0", true), st).expect("allowed");
+        let (addr, h) = start_preview(&cfg("0.0.0.0", true), st, LIMITS).expect("allowed");
         assert!(addr.ip().is_unspecified());
         h.shutdown().expect("clean stop");
     }
@@ -456,22 +536,26 @@ mod tests {
         let mut c = cfg("127.0.0.1", false);
         c.enabled = false;
         assert!(matches!(
-            start_preview(&c, Arc::new(PreviewState::new())),
+            start_preview(&c, Arc::new(PreviewState::new()), LIMITS),
             Err(PreviewError::Disabled)
         ));
     }
 
     #[test]
     fn a_bind_that_is_not_an_ip_address_is_named() {
-        let err = start_preview(&cfg("preview.local", false), Arc::new(PreviewState::new()))
-            .expect_err("not an IP address");
+        let err = start_preview(
+            &cfg("preview.local", false),
+            Arc::new(PreviewState::new()),
+            LIMITS,
+        )
+        .expect_err("not an IP address");
         assert!(matches!(err, PreviewError::BadAddress(_)), "{err:?}");
         assert!(err.to_string().contains("\"preview.local\""), "{err}");
     }
 
     #[tokio::test]
     async fn routes_and_state_json() {
-        let (addr, h) = start_preview(&cfg("127.0.0.1", false), filled()).expect("start");
+        let (addr, h) = start_preview(&cfg("127.0.0.1", false), filled(), LIMITS).expect("start");
         let host = addr.to_string();
 
         let (st, r) = request(addr, "GET", "/", &host).await;
@@ -562,7 +646,8 @@ mod tests {
     #[tokio::test]
     async fn sse_delivers_snapshot_then_updates_after_push() {
         let state = filled();
-        let (addr, h) = start_preview(&cfg("127.0.0.1", false), Arc::clone(&state)).expect("start");
+        let (addr, h) =
+            start_preview(&cfg("127.0.0.1", false), Arc::clone(&state), LIMITS).expect("start");
         let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let req =
             format!("GET /events HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
@@ -604,5 +689,79 @@ mod tests {
             .await
             .expect("join")
             .expect("clean stop with an open stream");
+    }
+
+    /// Read until the server closes (or 20 s pass: a failure).
+    async fn until_closed(s: &mut tokio::net::TcpStream) -> String {
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out))
+            .await
+            .expect("closed by the server")
+            .ok();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test]
+    async fn slow_silent_and_surplus_clients_are_closed() {
+        let limits = Limits {
+            max_connections: 2,
+            request_timeout: Duration::from_millis(300),
+            idle_timeout: Duration::from_millis(600),
+            write_stall: Duration::from_millis(300),
+        };
+        let (addr, h) = start_preview(&cfg("127.0.0.1", false), filled(), limits).expect("start");
+        let host = addr.to_string();
+        // Headers that never finish (one byte, then nothing): closed.
+        let mut slow = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        slow.write_all(b"G").await.expect("write");
+        let text = until_closed(&mut slow).await;
+        assert!(!text.contains(" 200 "), "{text}");
+        // Connected and silent: closed.
+        let mut silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let _ = until_closed(&mut silent).await;
+        // Two connections that keep talking fill the table: a third is
+        // refused with 503 at once.
+        let mut a = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut b = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let req = format!("GET /page.css HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        for s in [&mut a, &mut b] {
+            s.write_all(req.as_bytes()).await.expect("write");
+            let mut buf = [0u8; 256];
+            let n = s.read(&mut buf).await.expect("read");
+            assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        }
+        let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let text = until_closed(&mut c).await;
+        assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+        assert!(
+            text.ends_with("preview: too many connections, all busy\n"),
+            "{text}"
+        );
+        drop((a, b));
+        // With room again, a request is served.
+        let served = async {
+            loop {
+                // (A refused connection may be reset: the request it sent
+                // was never read.)
+                let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                let req = format!("GET /api/state HTTP/1.1\r\nHost: {host}\r\n\r\n");
+                if s.write_all(req.as_bytes()).await.is_ok() {
+                    let mut buf = [0u8; 64];
+                    if let Ok(n) = s.read(&mut buf).await {
+                        if buf[..n].starts_with(b"HTTP/1.1 200") {
+                            break;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), served)
+            .await
+            .expect("served once the others left");
+        tokio::task::spawn_blocking(move || h.shutdown())
+            .await
+            .expect("join")
+            .expect("clean stop");
     }
 }

@@ -118,6 +118,12 @@ impl StartError {
             | Self::WaterHistory(_)
             | Self::DiskFull { .. }
             | Self::DiskTooSlow(_) => ErrorCode::RefusedBySafety,
+            // Not a fault of rigd's: the lab's folder needs attention.
+            Self::Folder(
+                session_format::StorageError::DataRootMissing { .. }
+                | session_format::StorageError::UnsafeFolder { .. },
+            ) => ErrorCode::RefusedBySafety,
+            Self::Folder(session_format::StorageError::SessionExists { .. }) => ErrorCode::Busy,
             Self::Folder(_)
             | Self::Writer(_)
             | Self::Thread { .. }

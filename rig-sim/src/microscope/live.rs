@@ -234,8 +234,10 @@ impl MicroscopeOptions {
             }
             None => Box::new(NullSink),
         };
-        LiveMicroscope::spawn(micro, sink, truth, self.queue_frames)
-            .map_err(MicroscopeError::Thread)
+        let mut live = LiveMicroscope::spawn(micro, sink, truth, self.queue_frames)
+            .map_err(MicroscopeError::Thread)?;
+        live.ring_name.clone_from(&self.shm_name);
+        Ok(live)
     }
 }
 
@@ -305,6 +307,9 @@ pub struct LiveMicroscope {
     drops: Vec<FrameTick>,
     frames: u64,
     dropped: u64,
+    /// The frame ring this microscope created, removed when it stops (a
+    /// reader that has it mapped keeps its mapping).
+    ring_name: Option<String>,
 }
 
 impl LiveMicroscope {
@@ -329,6 +334,7 @@ impl LiveMicroscope {
             drops: Vec::new(),
             frames: 0,
             dropped: 0,
+            ring_name: None,
         })
     }
 
@@ -392,9 +398,13 @@ impl LiveMicroscope {
                 dropped: std::mem::take(&mut self.drops),
             });
         }
-        let mut stats = match self.thread.take() {
-            Some(t) => t.join().unwrap_or_default(),
-            None => return MicroscopeStats::default(),
+        let joined = self.thread.take().map(|t| t.join().unwrap_or_default());
+        if let Some(name) = self.ring_name.take() {
+            // Closed by the renderer above; nobody else will remove it.
+            let _ = frame_ring::unlink_ring(&name);
+        }
+        let Some(mut stats) = joined else {
+            return MicroscopeStats::default();
         };
         stats.frames = self.frames;
         stats.frames_dropped = self.dropped;

@@ -27,6 +27,14 @@ pub enum LogFormat {
 /// Set up tracing: human lines (or JSON) on stderr, and the same events in the
 /// running session's `rigd.log` (which rolls to `rigd.001.log`, ... past
 /// 64 MiB, see [`session_format::SessionLogFile`]).
+/// Whether stderr is a terminal that wants colour (not `NO_COLOR`, not `TERM=dumb`).
+fn colour_on_stderr() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").map_or(true, |v| v.is_empty())
+        && std::env::var("TERM").map_or(true, |t| t != "dumb")
+}
+
 pub fn init_logging(format: LogFormat, session_log: SessionLog, quiet: bool) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -41,6 +49,9 @@ pub fn init_logging(format: LogFormat, session_log: SessionLog, quiet: bool) {
         LogFormat::Human => Box::new(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
+                // Colour only for a person at a terminal: a log file, the
+                // journal or a pipe gets plain text (NO_COLOR is honoured too).
+                .with_ansi(colour_on_stderr())
                 .with_target(false)
                 .with_filter(filter),
         ),
@@ -133,6 +144,38 @@ impl App {
                 Err(e) => tracing::warn!("{e}"),
             }
         }
+        // Descriptors: raise the soft limit, and size the servers' connection
+        // caps so that they leave the session its own (crate docs of
+        // daemon::conns).
+        let (preview_cap, control_cap) = match daemon::conns::raise_fd_limit() {
+            Ok(l) => {
+                tracing::debug!(
+                    "open-file limit {} (was {}, hard {})",
+                    l.soft,
+                    l.before,
+                    l.hard
+                );
+                let caps = daemon::conns::fit_caps(
+                    l.soft,
+                    daemon::preview::MAX_CONNECTIONS,
+                    control::MAX_CONNECTIONS,
+                );
+                if caps != (daemon::preview::MAX_CONNECTIONS, control::MAX_CONNECTIONS) {
+                    tracing::warn!(
+                        "open-file limit {} is low: preview and control connections capped at \
+                         {} and {}; raise LimitNOFILE (systemd) or `ulimit -n`",
+                        l.soft,
+                        caps.0,
+                        caps.1
+                    );
+                }
+                caps
+            }
+            Err(e) => {
+                tracing::warn!("cannot read or raise the open-file limit: {e}");
+                (daemon::preview::MAX_CONNECTIONS, control::MAX_CONNECTIONS)
+            }
+        };
         let (events, _) = broadcast::channel(4096);
         let (rig_events, rig_events_out) = events_ring();
         let live = LiveView::default();
@@ -151,7 +194,14 @@ impl App {
         )
         .with_preview(preview.clone());
         let preview_server = if cfg.preview.enabled {
-            match daemon::preview::start_preview(&cfg.preview, preview.clone()) {
+            match daemon::preview::start_preview(
+                &cfg.preview,
+                preview.clone(),
+                daemon::conns::Limits {
+                    max_connections: preview_cap,
+                    ..daemon::preview::LIMITS
+                },
+            ) {
                 Ok((addr, handle)) => {
                     daemon::outln!("preview: http://{addr}/");
                     tracing::info!("live preview at http://{addr}/");
@@ -172,6 +222,10 @@ impl App {
         let server = tokio::spawn(control::serve(
             listener,
             socket.clone(),
+            daemon::conns::Limits {
+                max_connections: control_cap,
+                ..control::LIMITS
+            },
             core_tx,
             events.clone(),
             shutdown.signal(),

@@ -144,8 +144,30 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
             )),
             task: None,
         })
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot start the session: {}", e.message))?;
+        .await;
+    let reply = match reply {
+        Ok(r) => r,
+        Err(e) => {
+            // Leave nothing behind: the virtual rig, its frame ring, the
+            // run folder.
+            app.shutdown().await;
+            let _ = sim.stop();
+            let _ = std::fs::remove_dir_all(&run_dir);
+            let _ = frame_ring::unlink_ring(&shm_name);
+            let hint = if e.code == protocol::control::ErrorCode::RefusedBySafety {
+                format!(
+                    "\nThe demo mouse {} is a mouse like any other: its water today is counted \
+                     from its sessions in {}. Run `rigd demo --mouse ANOTHER` or \
+                     `rigd demo --data FRESH_FOLDER`.",
+                    opts.mouse,
+                    data.display()
+                )
+            } else {
+                String::new()
+            };
+            anyhow::bail!("cannot start the session: {}{hint}", e.message);
+        }
+    };
     daemon::outln!("session {}", reply.session_dir);
 
     let total_us = f64::from(opts.minutes) * 60e6;
@@ -201,6 +223,9 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
     let s = &reply.summary;
     daemon::outln!();
     daemon::outln!("session finished: {}", s.session_dir);
+    if let Some(why) = &s.stop_reason {
+        daemon::outln!("ended by: {why}");
+    }
     daemon::outln!(
         "trials {}   rewards {}   water {:.1} µL   success {}",
         s.trials,
