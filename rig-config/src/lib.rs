@@ -156,15 +156,38 @@ pub fn parse_str(text: &str, path_for_messages: &Path) -> Result<Loaded, ConfigE
         }
     };
 
-    // 2. The schema: types and unknown keys.
-    let config: RigConfig = match toml::from_str(text) {
-        Ok(config) => config,
-        Err(e) => return Err(invalid(vec![schema_problem(&doc, file, &e)])),
+    // 2. The schema: types and unknown keys. serde stops at the first; to
+    // report them all at once, the offending `key = value` line is blanked
+    // (offsets kept, so every later problem is located in the original
+    // text) and the file read again, as long as that leaves valid TOML.
+    let mut schema_problems = Vec::new();
+    let mut current = text.to_owned();
+    let parsed: Option<RigConfig> = loop {
+        match toml::from_str::<RigConfig>(&current) {
+            Ok(config) => break Some(config),
+            // A field missing after a blanked line is most likely the one
+            // that line misspelled: already reported.
+            Err(e) if !schema_problems.is_empty() && e.message().starts_with("missing field") => {
+                break None
+            }
+            Err(e) => {
+                schema_problems.push(schema_problem(&doc, file, &e));
+                let blanked = e
+                    .span()
+                    .and_then(|span| blank_line_at(&current, span.start))
+                    .filter(|b| ImDocument::parse(b.as_str()).is_ok());
+                match blanked {
+                    Some(b) if schema_problems.len() < MAX_SCHEMA_PROBLEMS => current = b,
+                    _ => break None,
+                }
+            }
+        }
     };
 
-    // 3. The rules, all of them, reported in file order.
-    let issues = validate(&config);
-    if !issues.is_empty() {
+    // 3. The rules, all of them, reported in file order (with the schema's
+    // problems; the rules run on the file without the lines they blamed).
+    let issues = parsed.as_ref().map(validate).unwrap_or_default();
+    if !issues.is_empty() || !schema_problems.is_empty() {
         let mut problems: Vec<Problem> = issues
             .into_iter()
             .map(|issue| {
@@ -185,11 +208,48 @@ pub fn parse_str(text: &str, path_for_messages: &Path) -> Result<Loaded, ConfigE
                 }
             })
             .collect();
+        problems.extend(schema_problems);
         problems.sort_by_key(|p| (p.line, p.column));
         return Err(invalid(problems));
     }
+    let Some(config) = parsed else {
+        unreachable!("a file that did not parse has a schema problem");
+    };
 
     let mut warnings = Vec::new();
+    // Legal values that are most likely slips.
+    let at = |key: &str| {
+        let l = locate(&doc, &KeyPath::dotted(key));
+        let (line, column) = line_col(text, l.offset);
+        format!("{}:{line}:{column}: {key}", file.display())
+    };
+    let t = &config.task;
+    if t.response_window_ms < 100 {
+        warnings.push(format!(
+            "{} = {}: a response window of {} ms is shorter than a mouse can react; the \
+             unit is milliseconds (10 s is 10000)",
+            at("task.response_window_ms"),
+            t.response_window_ms,
+            t.response_window_ms
+        ));
+    }
+    if t.cue_level_pct == 0 {
+        warnings.push(format!(
+            "{} = 0: the cue tone is silent; the mouse gets no cue",
+            at("task.cue_level_pct")
+        ));
+    }
+    let counts = config.rig.mm_to_counts(t.threshold_mm);
+    if counts < 1.0 {
+        warnings.push(format!(
+            "{} = {}: below one encoder count ({:.4} mm at rig.encoder_counts_per_mm = {}): \
+             any movement of the lever crosses it",
+            at("task.threshold_mm"),
+            t.threshold_mm,
+            1.0 / config.rig.encoder_counts_per_mm,
+            config.rig.encoder_counts_per_mm
+        ));
+    }
     if !locate(&doc, &KeyPath::dotted("valve.calibration")).present {
         let points: Vec<String> = ValveSection::EXAMPLE_CALIBRATION
             .iter()
@@ -226,6 +286,30 @@ impl RigConfig {
         }
         Ok(doc.to_string())
     }
+}
+
+/// At most this many type and unknown-key problems are reported at once.
+const MAX_SCHEMA_PROBLEMS: usize = 50;
+
+/// `text` with the line holding `offset` replaced by spaces (the newline
+/// kept), unless that line is a table header (blanking it would move its
+/// keys into another table) or is empty.
+fn blank_line_at(text: &str, offset: usize) -> Option<String> {
+    let start = text.get(..offset)?.rfind('\n').map_or(0, |i| i + 1);
+    let end = text
+        .get(offset..)?
+        .find('\n')
+        .map_or(text.len(), |i| offset + i);
+    let line = text.get(start..end)?;
+    let trimmed = line.trim_start();
+    if trimmed.is_empty() || trimmed.starts_with('[') {
+        return None;
+    }
+    let mut out = String::with_capacity(text.len());
+    out.push_str(&text[..start]);
+    out.extend(std::iter::repeat(' ').take(line.len()));
+    out.push_str(&text[end..]);
+    Some(out)
 }
 
 /// Turns a deserialization error (wrong type, unknown key, bad enum value)

@@ -493,6 +493,65 @@ fn unknown_key_in_a_nested_table_names_the_table_and_the_allowed_keys() {
 }
 
 #[test]
+fn unknown_keys_and_type_errors_are_reported_together_with_the_rules() {
+    let text = "[rig]\nbaud = \"fast\"\nsampel_rate_hz = 1000\n\n[task]\nthreshhold_mm = 2\n\
+                iti_min_ms = 9000\niti_max_ms = 1000\n";
+    let e = parse_str(text, Path::new("rig.toml"))
+        .unwrap_err()
+        .to_string();
+    let lines: Vec<&str> = e
+        .lines()
+        .filter(|l| {
+            l.strip_prefix("rig.toml:")
+                .is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()))
+        })
+        .collect();
+    assert_eq!(lines.len(), 4, "{e}");
+    assert!(e.contains("4 errors"), "{e}");
+    assert!(
+        lines[0].starts_with("rig.toml:2:8: rig.baud = \"fast\""),
+        "{e}"
+    );
+    assert!(
+        lines[1].starts_with("rig.toml:3:1: rig.sampel_rate_hz"),
+        "{e}"
+    );
+    assert!(
+        lines[2].starts_with("rig.toml:6:1: task.threshhold_mm"),
+        "{e}"
+    );
+    assert!(lines[3].contains("iti_m"), "{e}");
+}
+
+#[test]
+fn likely_slips_load_with_a_warning() {
+    let cal = "[[valve.calibration]]\nopen_ms = 10.0\nvolume_ul = 2.0\n[[valve.calibration]]\nopen_ms = 80.0\nvolume_ul = 10.0\n";
+    let l = loaded(&format!(
+        "[task]\nresponse_window_ms = 10\ncue_level_pct = 0\nthreshold_mm = 0.01\n{cal}"
+    ));
+    assert_eq!(l.warnings.len(), 3, "{:?}", l.warnings);
+    assert!(
+        l.warnings[0].starts_with("rig.toml:2:22: task.response_window_ms = 10: "),
+        "{:?}",
+        l.warnings
+    );
+    assert!(l.warnings[0].contains("milliseconds"), "{:?}", l.warnings);
+    assert!(
+        l.warnings[1].contains("task.cue_level_pct = 0: the cue tone is silent"),
+        "{:?}",
+        l.warnings
+    );
+    assert!(
+        l.warnings[2].contains("task.threshold_mm = 0.01: below one encoder count (0.0250 mm"),
+        "{:?}",
+        l.warnings
+    );
+    // None for ordinary values.
+    let l = loaded(&format!("[task]\nresponse_window_ms = 2000\n{cal}"));
+    assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+}
+
+#[test]
 fn type_errors_name_the_key_and_the_expected_type() {
     assert_eq!(
         error("[rig]\nbaud = \"fast\"\n"),

@@ -35,6 +35,28 @@ fn probe_measures_drift_and_reports_no_loss_as_json() {
             "rtt {k}: {v}"
         );
     }
+    // A crystal's drift is not worth a note; the device counted nothing
+    // dropped during the probe.
+    assert!(v["clock_rate_note"].is_null(), "{v}");
+    assert_eq!(v["device_samples_dropped"], 0, "{v}");
+}
+
+#[test]
+fn probe_says_when_the_device_clock_runs_at_another_rate() {
+    let dir = TempDir::new("probe-fast");
+    let sim = Sim::start(dir.path(), &["--speed", "5"]);
+    let out = Command::new(bin("rig-probe"))
+        .arg(&sim.link)
+        .args(["--seconds", "3"])
+        .output()
+        .expect("run rig-probe");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("the device clock runs at 5.0") && stdout.contains("rig-sim at --speed 5"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("during the probe ("), "{stdout}");
 }
 
 #[test]

@@ -62,6 +62,9 @@ struct Measurements {
     uncertainty_us: Option<f64>,
     bad_frames: u64,
     frames_lost: u64,
+    /// The device's dropped-sample counter (since it booted): first and
+    /// latest heartbeat.
+    device_dropped_first: Option<u32>,
     device_samples_dropped: u32,
     licks: u64,
     ttl_edges: u64,
@@ -188,7 +191,10 @@ fn main() -> ExitCode {
             }
             LinkEvent::Heartbeat {
                 samples_dropped, ..
-            } => m.device_samples_dropped = samples_dropped,
+            } => {
+                m.device_dropped_first.get_or_insert(samples_dropped);
+                m.device_samples_dropped = samples_dropped;
+            }
             LinkEvent::Device {
                 kind: EventKind::LickOn,
                 ..
@@ -229,6 +235,11 @@ fn main() -> ExitCode {
         0.0
     };
     let samples_lost = m.samples_lost;
+    // The device counts since it booted (earlier sessions included).
+    let device_dropped_now = m
+        .device_samples_dropped
+        .wrapping_sub(m.device_dropped_first.unwrap_or(m.device_samples_dropped));
+    let rate_note = m.drift_ppm.and_then(clock_rate_note);
     let report = serde_json::json!({
         "port": args.port.display().to_string(),
         "firmware_version": format!("{}.{}.{}", hello.firmware_major, hello.firmware_minor, hello.firmware_patch),
@@ -239,7 +250,8 @@ fn main() -> ExitCode {
         "sample_rate_hz": measured_rate,
         "samples": m.samples,
         "samples_lost": samples_lost,
-        "device_samples_dropped": m.device_samples_dropped,
+        "device_samples_dropped": device_dropped_now,
+        "device_samples_dropped_since_boot": m.device_samples_dropped,
         "bad_frames": m.bad_frames,
         "frames_lost": m.frames_lost,
         "rtt_us": {
@@ -249,6 +261,7 @@ fn main() -> ExitCode {
             "count": rtts.len(),
         },
         "drift_ppm": m.drift_ppm,
+        "clock_rate_note": rate_note,
         "offset_us": m.offset_us,
         "clock_half_band_us": m.uncertainty_us,
         "licks": m.licks,
@@ -265,8 +278,9 @@ fn main() -> ExitCode {
             m.samples, span_s, measured_rate, args.rate
         );
         println!(
-            "lost         {} samples, {} bad frames, {} frames lost on the line, device dropped {}",
-            samples_lost, m.bad_frames, m.frames_lost, m.device_samples_dropped
+            "lost         {} samples, {} bad frames, {} frames lost on the line; the device \
+             dropped {} during the probe ({} since it booted)",
+            samples_lost, m.bad_frames, m.frames_lost, device_dropped_now, m.device_samples_dropped
         );
         println!(
             "round trip   min {:.0} us, median {:.0} us, p99 {:.0} us ({} pings)",
@@ -282,6 +296,9 @@ fn main() -> ExitCode {
             ),
             _ => println!("clock        no ping/pong exchange completed"),
         }
+        if let Some(note) = &rate_note {
+            println!("             {note}");
+        }
         for l in &m.lost {
             println!("link lost    {l}");
         }
@@ -290,4 +307,17 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     ExitCode::SUCCESS
+}
+
+/// A drift no crystal has (a real one is within about +/-100 ppm): say what
+/// it means instead of leaving "+9000000 ppm" to be puzzled over.
+fn clock_rate_note(drift_ppm: f64) -> Option<String> {
+    (drift_ppm.abs() > 10_000.0).then(|| {
+        let rate = 1.0 + drift_ppm * 1e-6;
+        format!(
+            "the device clock runs at {rate:.3}x the host's: not a crystal error (those are \
+             within about 100 ppm) but a device that counts time at another rate, e.g. rig-sim \
+             at --speed {rate:.0}"
+        )
+    })
 }
