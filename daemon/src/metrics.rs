@@ -121,6 +121,22 @@ impl Default for LatencyHistogram {
     }
 }
 
+/// The `rigd_last_session_qc{item}` gauges: the `qc` record of the last
+/// session whose files finished (NaN before the first, and for an item the
+/// session did not have, e.g. frames without imaging).
+pub const QC_GAUGES: [&str; 10] = [
+    "clean",
+    "lever_samples",
+    "lever_samples_lost",
+    "lever_gaps",
+    "frames_dropped",
+    "frames_ttl_pct",
+    "frame_stamps_not_increasing",
+    "decision_latency_p99_seconds",
+    "watchdog_trips",
+    "anomalies",
+];
+
 /// What happened to one server's connections ([`crate::conns`]).
 #[derive(Debug, Default)]
 pub struct ConnCounters {
@@ -181,6 +197,8 @@ pub struct Metrics {
     pub clock_half_band_us: F64Cell,
     /// Crossing sample -> valve open at the device, per rewarded trial.
     pub control_latency: LatencyHistogram,
+    /// The last finished session's `qc` record, as gauges.
+    last_qc: [F64Cell; QC_GAUGES.len()],
     /// The preview server's connections.
     pub preview_conns: ConnCounters,
     /// The control socket's connections.
@@ -193,6 +211,8 @@ impl Metrics {
     pub const fn new() -> Self {
         #[allow(clippy::declare_interior_mutable_const)]
         const ZERO: Counter = Counter::new();
+        #[allow(clippy::declare_interior_mutable_const)]
+        const NAN: F64Cell = F64Cell::from_bits(0x7ff8_0000_0000_0000);
         Self {
             sessions_started: Counter::new(),
             sessions_completed: [ZERO; STOP_REASONS.len()],
@@ -209,6 +229,7 @@ impl Metrics {
             link_losses: Counter::new(),
             clock_half_band_us: F64Cell::from_bits(0x7ff8_0000_0000_0000), // NaN
             control_latency: LatencyHistogram::new(),
+            last_qc: [NAN; QC_GAUGES.len()],
             preview_conns: ConnCounters::new(),
             control_conns: ConnCounters::new(),
             rig_thread_beats: Counter::new(),
@@ -252,6 +273,26 @@ impl Metrics {
         self.rig_thread_beats.get()
     }
 
+    /// Keep the last finished session's quality record for `/metrics`.
+    pub fn set_last_qc(&self, qc: &session_format::Qc) {
+        let frames = qc.frames.as_ref();
+        let values: [f64; QC_GAUGES.len()] = [
+            if qc.clean { 1.0 } else { 0.0 },
+            qc.lever.samples as f64,
+            qc.lever.samples_lost as f64,
+            qc.lever.gaps as f64,
+            frames.map_or(f64::NAN, |f| f.dropped as f64),
+            frames.map_or(f64::NAN, |f| f.ttl_pct),
+            frames.map_or(f64::NAN, |f| f.stamps_not_increasing as f64),
+            qc.decision_latency.p99_us.map_or(f64::NAN, |us| us / 1e6),
+            qc.watchdog_trips as f64,
+            qc.anomalies.values().sum::<u64>() as f64,
+        ];
+        for (cell, v) in self.last_qc.iter().zip(values) {
+            cell.set(v);
+        }
+    }
+
     /// The Prometheus text exposition format, version 0.0.4.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
@@ -280,6 +321,21 @@ impl Metrics {
                 out,
                 "rigd_sessions_completed_total{{reason=\"{label}\"}} {}",
                 c.get()
+            );
+        }
+        family(
+            &mut out,
+            "rigd_last_session_qc",
+            "The qc record of the last finished session (summary.json): clean (1/0), lever \
+             samples, lost and gaps, frames dropped, % stamped by the frame clock, stamps not \
+             increasing, crossing-to-valve p99 (s), watchdog trips, anomaly events.",
+            "gauge",
+        );
+        for (item, cell) in QC_GAUGES.iter().zip(&self.last_qc) {
+            let _ = writeln!(
+                out,
+                "rigd_last_session_qc{{item=\"{item}\"}} {}",
+                number(cell.get())
             );
         }
         family(

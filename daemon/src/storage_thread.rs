@@ -322,7 +322,18 @@ fn finish(
         summary.water_ul = st.counts.water_ul;
     }
     summary.set_water_today(setup.water_before_today_ul, setup.daily_water_target_ul);
-    let summary_json = serde_json::to_value(&summary)?;
+    let mut summary_json = serde_json::to_value(&summary)?;
+    // The quality record, from the files as they now are.
+    let qc = match session_format::Qc::compute(w.path()) {
+        Ok(qc) => serde_json::to_value(&qc).ok(),
+        Err(e) => {
+            tracing::warn!("qc of {}: {e}", w.path().display());
+            None
+        }
+    };
+    if let (Some(o), Some(qc)) = (summary_json.as_object_mut(), &qc) {
+        o.insert("qc".into(), qc.clone());
+    }
     let dir = w.path().display().to_string();
     free_reserve(w.path());
     close_session_log(setup);
@@ -339,6 +350,7 @@ fn finish(
             stop_reason: Some(reason.to_string()),
             water_today_ul: summary.water_today_ul,
             supplement_ul: summary.supplement_ul,
+            qc,
         },
         summary_json,
         reason,
@@ -383,6 +395,14 @@ pub fn summarize_folder(dir: &Path) -> Option<serde_json::Value> {
     let mut v = serde_json::to_value(&summary).ok()?;
     if let Some(o) = v.as_object_mut() {
         o.insert("source".into(), "recovery".into());
+        match session_format::Qc::compute(dir) {
+            Ok(qc) => {
+                if let Ok(qc) = serde_json::to_value(&qc) {
+                    o.insert("qc".into(), qc);
+                }
+            }
+            Err(e) => tracing::warn!("qc of {}: {e}", dir.display()),
+        }
     }
     Some(v)
 }

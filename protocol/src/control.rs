@@ -763,6 +763,10 @@ pub struct SessionSummary {
     /// Water still to give by hand to reach the daily target, µL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub supplement_ul: Option<f64>,
+    /// The session's quality record, as in `summary.json`'s `qc`
+    /// (docs/session-format.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qc: Option<Value>,
 }
 
 // ---- events --------------------------------------------------------------------

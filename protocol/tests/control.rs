@@ -645,6 +645,7 @@ fn typed_replies_round_trip() {
             stop_reason: None,
             water_today_ul: None,
             supplement_ul: None,
+            qc: None,
         },
     };
     let response = Response::ok(Some(2.into()), &stop);
@@ -698,6 +699,7 @@ fn every_event() -> Vec<(Event, Value)> {
         stop_reason: Some("water_cap".into()),
         water_today_ul: Some(900.0),
         supplement_ul: Some(100.0),
+        qc: None,
     };
     vec![
         (

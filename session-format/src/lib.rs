@@ -39,6 +39,7 @@ mod log;
 mod manifest;
 mod meta;
 mod npy;
+mod qc;
 mod recover;
 mod reserve;
 mod session_dir;
@@ -66,6 +67,7 @@ pub use npy::{
     parse_npy, read_npy, read_npy_header, NpyAppender, NpyArray, NpyData, NpyDtype, NpyElement,
     NpyHeader,
 };
+pub use qc::{is_anomaly, FramesQc, LatencyQc, LeverQc, Qc, FRAMES_FILE};
 pub use recover::{find_running, recover, recover_with_summary, RecoveryOutcome, RecoveryReport};
 pub use reserve::{free_reserve, make_reserve, RESERVE_BYTES, RESERVE_FILE};
 pub use session_dir::SessionDir;

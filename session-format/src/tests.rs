@@ -1673,3 +1673,65 @@ fn trials_read_back_equal_the_trials_written_aborted_included() {
     assert_eq!(skipped, 0);
     assert_eq!(back, written);
 }
+
+#[test]
+fn qc_reads_losses_faults_stamps_and_latency_from_the_files() {
+    let root = Scratch::new("qc");
+    let mut w = new_writer(&root.0);
+    let dir = w.path().to_owned();
+    write_some(&mut w, 0, 6);
+    w.write_event(5_000, EventSource::Link, "sample_gap", 30, "")
+        .unwrap();
+    w.write_event(6_000, EventSource::Link, "sample_gap", 12, "")
+        .unwrap();
+    w.write_event(7_000, EventSource::Link, "connected", 1, "reconnect=1")
+        .unwrap();
+    w.write_event(
+        8_000,
+        EventSource::Device,
+        "fault",
+        3,
+        "Fault { code: WatchdogTripped, detail: 1200 }",
+    )
+    .unwrap();
+    w.write_event(9_000, EventSource::Daemon, "storage_dropped", 4, "")
+        .unwrap();
+    w.write_event(9_500, EventSource::Daemon, "producer_stale", 1, "")
+        .unwrap();
+    w.sync().unwrap();
+    // frames.tsv as the imaging ingest writes it: a drop and a stamp that
+    // goes back.
+    std::fs::write(
+        dir.join(crate::FRAMES_FILE),
+        "index\tframe\tt_s\tsource\tdropped\n0\t1\t0.1\tttl\t0\n1\t2\t0.2\tttl\t0\n\
+         2\t3\t\t\t1\n3\t4\t0.15\tmapped\t0\n",
+    )
+    .unwrap();
+    let qc = crate::Qc::compute(&dir).unwrap();
+    assert_eq!(qc.lever.samples, 60);
+    assert_eq!(qc.lever.first_sample_s, Some(0.0));
+    assert_eq!((qc.lever.gaps, qc.lever.samples_lost), (2, 42));
+    assert_eq!(qc.watchdog_trips, 1);
+    assert_eq!(qc.device_faults.get("watchdog_tripped"), Some(&1));
+    assert_eq!(qc.storage_dropped, 4);
+    assert_eq!(qc.anomalies.get("sample_gap"), Some(&2));
+    assert_eq!(qc.anomalies.get("producer_stale"), Some(&1));
+    assert!(!qc.anomalies.contains_key("connected"));
+    let f = qc.frames.as_ref().unwrap();
+    assert_eq!((f.rows, f.dropped, f.stamps_not_increasing), (4, 1, 1));
+    assert_eq!(f.by_source.get("ttl"), Some(&2));
+    assert!((f.ttl_pct - 200.0 / 3.0).abs() < 1e-9);
+    // Rewarded trials: response 1.812345 s -> reward 1.812845 s after start.
+    assert_eq!(qc.decision_latency.count, 4);
+    assert_eq!(qc.decision_latency.p50_us, Some(500.0));
+    assert_eq!(qc.decision_latency.max_us, Some(500.0));
+    assert!(!qc.clean);
+    // A session with nothing wrong is clean.
+    let mut w = new_writer(&root.0);
+    let dir = w.path().to_owned();
+    write_some(&mut w, 0, 3);
+    w.sync().unwrap();
+    let qc = crate::Qc::compute(&dir).unwrap();
+    assert!(qc.clean, "{qc:?}");
+    assert!(qc.frames.is_none());
+}

@@ -135,7 +135,6 @@ pub(crate) fn put_escaped(out: &mut String, text: &str) {
 }
 
 /// Undo [`put_escaped`] (for tests and readers of our own files).
-#[cfg(test)]
 pub(crate) fn unescape(cell: &str) -> String {
     let mut out = String::with_capacity(cell.len());
     let mut it = cell.chars();

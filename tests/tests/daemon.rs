@@ -192,6 +192,26 @@ fn five_minute_session_matches_the_truth_and_loads_with_numpy() {
     assert_eq!(v["summary_trials"].as_u64(), Some(trials.len() as u64));
     assert!(v["last_t"].as_f64().expect("last_t") > 290.0, "{v}");
     assert!(dir.join("MANIFEST.sha256").exists());
+    // The qc record agrees with the files it describes.
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("summary.json")).expect("summary.json"),
+    )
+    .expect("JSON");
+    let qc = &summary["qc"];
+    assert_eq!(qc["lever"]["samples"], v["lever_rows"], "{qc}");
+    let gaps = events.iter().filter(|e| e["kind"] == "sample_gap").count();
+    assert_eq!(qc["lever"]["gaps"].as_u64(), Some(gaps as u64), "{qc}");
+    let confirmed = trials
+        .iter()
+        .filter(|t| t["outcome"] == "rewarded" && !t["t_reward_s"].is_empty())
+        .count();
+    assert_eq!(
+        qc["decision_latency"]["count"].as_u64(),
+        Some(confirmed as u64),
+        "{qc}"
+    );
+    assert!(qc["frames"].is_null(), "no imaging, no frames record: {qc}");
+    assert_eq!(qc["storage_dropped"], 0, "{qc}");
     drop(rigd);
     drop(rig);
 }

@@ -551,6 +551,10 @@ fn summary_from_the_chunk_files_is_the_summary_of_the_written_trace() {
     let mut from_folder = crate::storage_thread::summarize_folder(&dir).unwrap();
     assert_eq!(from_folder["source"], "recovery");
     from_folder.as_object_mut().unwrap().remove("source");
+    // Recovery adds the qc record of the files: all 50,000 rows, none lost.
+    let qc = from_folder.as_object_mut().unwrap().remove("qc").unwrap();
+    assert_eq!(qc["lever"]["samples"], 50_000, "{qc}");
+    assert_eq!(qc["clean"], true, "{qc}");
     assert_eq!(from_folder, serde_json::to_value(&want).unwrap());
     let _ = std::fs::remove_dir_all(&root);
 }

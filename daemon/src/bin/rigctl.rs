@@ -314,6 +314,9 @@ fn print_summary(s: &Value) {
         }
         println!();
     }
+    if let Ok(qc) = serde_json::from_value::<session_format::Qc>(s["qc"].clone()) {
+        print!("{qc}");
+    }
 }
 
 fn print_status(v: &Value) {

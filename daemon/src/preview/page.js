@@ -22,6 +22,11 @@
     if (u.rois) S.rois = u.rois;
     if (u.mean_image) S.image = decodeImage(u.mean_image);
     S.health = u.health;
+    if (u.last_qc) {
+      var q = $("qc"); q.textContent = u.last_qc;
+      q.className = u.last_qc.indexOf("qc: clean") === 0 ? "ok" : "warn";
+      body.dataset.qc = u.last_qc.indexOf("qc: clean") === 0 ? "clean" : "not-clean";
+    }
     S.trialCount = u.trial_count; S.rewarded = u.rewarded_count;
     S.leverTotal = u.lever_total; S.dffTotal = u.dff_total;
     // Trim to the windows.

@@ -136,6 +136,7 @@ pub struct Cursor {
     dff: u64,
     rois_version: u64,
     image_version: u64,
+    qc_version: u64,
     started: bool,
 }
 
@@ -172,6 +173,10 @@ pub struct Update {
     pub mean_image: Option<Arc<MeanImage>>,
     /// Current health.
     pub health: Health,
+    /// The last finished session's quality record (`summary.json`'s `qc`,
+    /// as text), when it changed (or on reset, if there is one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_qc: Option<String>,
 }
 
 #[allow(clippy::ref_option)] // serde's `serialize_with` passes `&Option<_>`
@@ -203,6 +208,8 @@ struct Inner {
     image: Option<Arc<MeanImage>>,
     image_version: u64,
     health: Health,
+    last_qc: Option<String>,
+    qc_version: u64,
 }
 
 /// The data the preview page shows. Share it as `Arc<PreviewState>`.
@@ -354,6 +361,13 @@ impl PreviewState {
         self.lock().health = health;
     }
 
+    /// The last finished session's quality record, as text.
+    pub fn set_last_qc(&self, text: String) {
+        let mut g = self.lock();
+        g.last_qc = Some(text);
+        g.qc_version += 1;
+    }
+
     /// A full snapshot (what `GET /api/state` returns).
     pub fn snapshot(&self) -> Update {
         self.update_since(&mut Cursor::default())
@@ -373,6 +387,11 @@ impl PreviewState {
         } else {
             None
         };
+        let last_qc = if reset || cursor.qc_version != g.qc_version {
+            g.last_qc.clone()
+        } else {
+            None
+        };
         let up = Update {
             reset,
             now_us: g.now_us,
@@ -387,6 +406,7 @@ impl PreviewState {
             rois,
             mean_image,
             health: g.health.clone(),
+            last_qc,
         };
         *cursor = Cursor {
             lever: g.lever_total,
@@ -394,6 +414,7 @@ impl PreviewState {
             dff: g.dff_total,
             rois_version: g.rois_version,
             image_version: g.image_version,
+            qc_version: g.qc_version,
             started: true,
         };
         up

@@ -564,6 +564,17 @@ impl Supervisor {
             Ok(fin) => fin.reason.metrics_label(),
             Err(_) => "error",
         });
+        if let Some(qc) = result
+            .as_ref()
+            .ok()
+            .and_then(|fin| fin.summary.qc.clone())
+            .and_then(|v| serde_json::from_value::<session_format::Qc>(v).ok())
+        {
+            crate::metrics::global().set_last_qc(&qc);
+            if let Some(p) = &self.preview {
+                p.set_last_qc(qc.to_string());
+            }
+        }
         let reply = match &result {
             Ok(fin) => {
                 tracing::info!(mouse = %s.mouse, reason = %fin.reason, trials = fin.summary.trials, "session stopped");

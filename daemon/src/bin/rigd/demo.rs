@@ -241,6 +241,14 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
         s.trajectory_corr_median
             .map_or("-".into(), |x| format!("{x:.2}"))
     );
+    if let Some(qc) =
+        s.qc.clone()
+            .and_then(|v| serde_json::from_value::<session_format::Qc>(v).ok())
+    {
+        let mut text = qc.to_string();
+        text.pop();
+        daemon::outln!("{text}");
+    }
     let frames = std::path::Path::new(&s.session_dir).join(daemon::imaging::ingest::FRAMES_TSV);
     if let Ok(text) = std::fs::read_to_string(frames) {
         let rows: Vec<Vec<&str>> = text
