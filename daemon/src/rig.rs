@@ -392,7 +392,7 @@ impl RigHandler {
             trial: u64::from(rec.trial),
             outcome,
             t_us: rec.t_response_us.unwrap_or(rec.t_cue_us),
-            reaction_time_s: rec
+            cue_to_crossing_s: rec
                 .t_response_us
                 .map(|r| r.saturating_sub(rec.t_cue_us) as f64 / 1e6),
             reward_ul: (rec.outcome == Outcome::Rewarded).then_some(rec.reward_ul),

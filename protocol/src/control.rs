@@ -804,9 +804,15 @@ pub struct TrialEvent {
     pub outcome: TrialOutcome,
     /// Rig clock when the outcome was decided.
     pub t_us: u64,
-    /// Cue onset to threshold crossing, seconds (rewarded trials only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reaction_time_s: Option<f64>,
+    /// Cue onset to the threshold crossing, seconds (rewarded trials only).
+    /// Not the summary's reaction time, which ends at the movement's onset
+    /// (docs/behaviour.md); the old name `reaction_time_s` is still read.
+    #[serde(
+        default,
+        alias = "reaction_time_s",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cue_to_crossing_s: Option<f64>,
     /// Water given for this trial, µL (rewarded trials only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reward_ul: Option<f64>,

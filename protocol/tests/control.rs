@@ -707,20 +707,20 @@ fn every_event() -> Vec<(Event, Value)> {
                 trial: 3,
                 outcome: TrialOutcome::Rewarded,
                 t_us: 123_456_789,
-                reaction_time_s: Some(0.85),
+                cue_to_crossing_s: Some(0.85),
                 reward_ul: Some(4.0),
                 rewards: 2,
                 water_ul: 8.0,
             }),
             json!({"event": "trial", "trial": 3, "outcome": "rewarded", "t_us": 123_456_789u64,
-                   "reaction_time_s": 0.85, "reward_ul": 4.0, "rewards": 2, "water_ul": 8.0}),
+                   "cue_to_crossing_s": 0.85, "reward_ul": 4.0, "rewards": 2, "water_ul": 8.0}),
         ),
         (
             Event::Trial(TrialEvent {
                 trial: 4,
                 outcome: TrialOutcome::Miss,
                 t_us: 5,
-                reaction_time_s: None,
+                cue_to_crossing_s: None,
                 reward_ul: None,
                 rewards: 2,
                 water_ul: 8.0,
@@ -1016,5 +1016,15 @@ proptest! {
             .map(|l| if l.len() > 12 { SplitLine::TooLong } else { SplitLine::Line(l.as_bytes().to_vec()) })
             .collect();
         prop_assert_eq!(got, expected);
+    }
+}
+
+#[test]
+fn a_trial_event_from_an_older_daemon_still_reads() {
+    let old = r#"{"event":"trial","trial":1,"outcome":"rewarded","t_us":5,"reaction_time_s":0.62,"reward_ul":4.0,"rewards":1,"water_ul":4.0}"#;
+    let e: Event = serde_json::from_str(old).expect("old trial event");
+    match e {
+        Event::Trial(t) => assert_eq!(t.cue_to_crossing_s, Some(0.62)),
+        other => panic!("{other:?}"),
     }
 }

@@ -357,13 +357,13 @@ fn watch(client: &mut Client, json: bool) -> Result<ExitCode, Failure> {
         }
         let text = match &ev {
             Event::Trial(t) => Some(format!(
-                "trial {:4}  {:8}  rt {}  rewards {}  water {:.1} µL",
+                "trial {:4}  {:8}  cue to crossing {}  rewards {}  water {:.1} µL",
                 t.trial,
                 serde_json::to_value(t.outcome)
                     .ok()
                     .and_then(|v| v.as_str().map(str::to_owned))
                     .unwrap_or_default(),
-                t.reaction_time_s
+                t.cue_to_crossing_s
                     .map_or("-".to_owned(), |x| format!("{x:.3} s")),
                 t.rewards,
                 t.water_ul

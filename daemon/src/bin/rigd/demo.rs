@@ -281,8 +281,8 @@ fn print_event(e: &Event, out: &mut impl Write) {
                 "trial {:4}  {:8}  {}",
                 t.trial,
                 what,
-                t.reaction_time_s
-                    .map_or(String::new(), |r| format!("rt {r:.3} s"))
+                t.cue_to_crossing_s
+                    .map_or(String::new(), |r| format!("cue to crossing {r:.3} s"))
             );
         }
         Event::Link(l) if l.state != LinkState::Connected => {
