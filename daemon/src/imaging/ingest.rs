@@ -425,6 +425,9 @@ struct FrameNumbers {
     /// The last frame number read (or counted as lost), if any since the
     /// producer (re)started.
     last: Option<u64>,
+    /// The last number, if it was implausible (back or a jump): numbering
+    /// goes on from it only if the next frame follows it.
+    stray: Option<u64>,
 }
 
 /// What a frame's number says.
@@ -435,38 +438,48 @@ enum NumberCheck {
     /// Numbers skipped before it (the producer fell behind, or a copy was
     /// torn): `dropped` rows.
     Gap(Range<u64>),
-    /// Lower than the last: numbering goes on from it.
+    /// Lower than the last.
     Back,
     /// The last number again.
     Repeat,
-    /// More numbers skipped than the clock allows: no rows for them;
-    /// numbering goes on from it.
+    /// More numbers skipped than the clock allows: no rows for them.
     Jump { skipped: u64 },
 }
 
 impl FrameNumbers {
     /// Frame `number` was read; `max_gap`: the most frames that can have
-    /// been skipped since the last one (what the frame clock allows).
+    /// been skipped since the last one (what the frame clock allows). An
+    /// implausible number (back, or a jump) does not move the numbering,
+    /// unless the next frame follows it (the producer renumbered).
     fn frame(&mut self, number: u64, max_gap: u64) -> NumberCheck {
         let Some(last) = self.last else {
             self.last = Some(number);
             return NumberCheck::Next;
         };
+        if let Some(s) = self.stray.take() {
+            if s.checked_add(1) == Some(number) {
+                self.last = Some(number);
+                return NumberCheck::Next;
+            }
+        }
         if number == last {
             return NumberCheck::Repeat;
         }
-        self.last = Some(number);
         if number < last {
+            self.stray = Some(number);
             return NumberCheck::Back;
         }
         // number > last, so neither can overflow.
         let skipped = number - last - 1;
+        if skipped > max_gap {
+            self.stray = Some(number);
+            return NumberCheck::Jump { skipped };
+        }
+        self.last = Some(number);
         if skipped == 0 {
             NumberCheck::Next
-        } else if skipped <= max_gap {
-            NumberCheck::Gap(last + 1..number)
         } else {
-            NumberCheck::Jump { skipped }
+            NumberCheck::Gap(last + 1..number)
         }
     }
 
@@ -477,12 +490,13 @@ impl FrameNumbers {
         if let Some(n) = self.last.as_mut() {
             *n = n.saturating_add(skipped);
         }
+        self.stray = None;
         first..first.saturating_add(skipped)
     }
 
     /// A new generation numbers its frames afresh.
     fn restart(&mut self) {
-        self.last = None;
+        *self = Self::default();
     }
 }
 
@@ -1484,22 +1498,23 @@ mod tests {
             "counted by the overrun already"
         );
         assert_eq!(n.frame(12, 10), NumberCheck::Gap(10..12));
-        // A number going back or repeating is no gap, and is named.
+        // A number going back or repeating is no gap, and is named; a
+        // stray number does not move the numbering.
         assert_eq!(n.frame(4, 10), NumberCheck::Back);
-        assert_eq!(
-            n.frame(5, 10),
-            NumberCheck::Next,
-            "numbering goes on from it"
-        );
-        assert_eq!(n.frame(5, 10), NumberCheck::Repeat);
+        assert_eq!(n.frame(13, 10), NumberCheck::Next);
+        assert_eq!(n.frame(13, 10), NumberCheck::Repeat);
         // A jump the clock cannot allow writes no rows.
         assert_eq!(
             n.frame(1 << 40, 100),
             NumberCheck::Jump {
-                skipped: (1 << 40) - 6
+                skipped: (1 << 40) - 14
             }
         );
-        assert_eq!(n.frame((1 << 40) + 1, 100), NumberCheck::Next);
+        assert_eq!(n.frame(14, 100), NumberCheck::Next);
+        // ... unless the producer goes on from it: it renumbered.
+        assert_eq!(n.frame(2, 100), NumberCheck::Back);
+        assert_eq!(n.frame(3, 100), NumberCheck::Next);
+        assert_eq!(n.frame(4, 100), NumberCheck::Next);
         // A new generation numbers afresh.
         n.restart();
         assert_eq!(n.frame(0, 0), NumberCheck::Next);
@@ -1512,7 +1527,7 @@ mod tests {
         assert_eq!(n.frame(u64::MAX, u64::MAX), NumberCheck::Next);
         assert_eq!(n.frame(u64::MAX, u64::MAX), NumberCheck::Repeat);
         assert_eq!(n.frame(0, u64::MAX), NumberCheck::Back);
-        assert_eq!(n.frame(u64::MAX, u64::MAX), NumberCheck::Gap(1..u64::MAX));
+        assert_eq!(n.frame(u64::MAX, u64::MAX), NumberCheck::Repeat);
         assert_eq!(n.overrun(5), u64::MAX..u64::MAX);
     }
 
