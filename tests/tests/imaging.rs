@@ -745,10 +745,11 @@ fn every_frame_against_its_edge(order: StartOrder, speed: u32) {
         truth.to_str().expect("utf-8"),
     ];
     // Host seconds after the sim's start; the session starts about 1 s
-    // (With, After) or 3 s (Before, Restart) after it (more on a busy
-    // machine) and lasts 8 s (12 s with a restart, at 9 s).
+    // (With, After) or 3 s (Before, Restart) after it (several more on a
+    // busy machine) and lasts 8 s; with a restart (at 14 s) it lasts until
+    // 18 s after the sim's start.
     let start_frame = ((4.0 * edges_per_s) as u64).to_string();
-    let restart_frame = ((9.0 * edges_per_s) as u64).to_string();
+    let restart_frame = ((14.0 * edges_per_s) as u64).to_string();
     let restart_at: Option<u64> = match order {
         StartOrder::After => {
             args.extend(["--microscope-start-frame", &start_frame]);
@@ -761,6 +762,7 @@ fn every_frame_against_its_edge(order: StartOrder, speed: u32) {
         _ => None,
     };
     let sim = Sim::start(sim_dir.path(), &args);
+    let sim_started = std::time::Instant::now();
     let s = config(&name, &sim.link, &shm, 64, 48, true);
     let rigd = Rigd::start(&s.config, &s.socket);
     wait_connected(&s.socket);
@@ -768,8 +770,16 @@ fn every_frame_against_its_edge(order: StartOrder, speed: u32) {
         std::thread::sleep(Duration::from_secs(2));
     }
     let dir = start_session(&s.socket, "IMG");
-    let secs = if restart_at.is_some() { 12 } else { 8 };
-    std::thread::sleep(Duration::from_secs(secs));
+    if restart_at.is_some() {
+        let since = sim_started.elapsed();
+        assert!(
+            since < Duration::from_secs(13),
+            "{name}: the session started {since:?} after the sim, after its restart"
+        );
+        std::thread::sleep((Duration::from_secs(18) - since).max(Duration::from_secs(4)));
+    } else {
+        std::thread::sleep(Duration::from_secs(8));
+    }
     stop_session(&s.socket);
     drop(rigd);
     drop(sim);
