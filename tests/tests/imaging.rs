@@ -562,6 +562,22 @@ fn imaging_arrays_roll_into_chunks_together() {
     assert!(v["chunks"].as_array().expect("chunks").len() >= 2, "{v}");
 }
 
+/// The `imaging_qc` event's counts.
+fn imaging_qc(events: &[HashMap<String, String>]) -> HashMap<String, u64> {
+    let qc: Vec<&HashMap<String, String>> = events
+        .iter()
+        .filter(|e| e["kind"] == "imaging_qc")
+        .collect();
+    assert_eq!(qc.len(), 1, "one imaging_qc event");
+    qc[0]["detail"]
+        .split(' ')
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').expect("key=value");
+            (k.to_owned(), v.parse().expect("count"))
+        })
+        .collect()
+}
+
 fn has_numpy() -> bool {
     let ok = Command::new(python())
         .args(["-c", "import numpy"])
@@ -703,6 +719,30 @@ fn a_faulty_producer_gives_events_and_counts_and_the_session_goes_on() {
     assert!(kinds.contains(&"producer_resumed"), "{kinds:?}");
     assert!(!kinds.contains(&"imaging_stopped"), "{kinds:?}");
     assert!(!kinds.contains(&"frames_missing"), "{kinds:?}");
+    let qc = imaging_qc(&events);
+    assert_eq!(qc["frames"], 113, "{qc:?}");
+    assert_eq!(qc["mapped"], 111, "{qc:?}");
+    assert_eq!(qc["unmatched"], 2, "{qc:?}");
+    assert_eq!(
+        (qc["dropped"], qc["ttl"], qc["before_session"]),
+        (0, 0, 0),
+        "{qc:?}"
+    );
+    assert_eq!(qc["stamp_order_violations"], 0, "{qc:?}");
+    assert_eq!(
+        (
+            qc["number_back"],
+            qc["number_repeat"],
+            qc["number_jump_implausible"]
+        ),
+        (1, 1, 1),
+        "{qc:?}"
+    );
+    assert_eq!(
+        (qc["heartbeat_future"], qc["stamp_implausible"]),
+        (2, 2),
+        "{qc:?}"
+    );
     assert_eq!(session_value(&dir, "state"), "complete");
 }
 
@@ -849,6 +889,16 @@ fn every_frame_against_its_edge(order: StartOrder, speed: u32) {
         }
     }
     assert_eq!(ttl + other + dropped, frames.len());
+    // The QC counts are the rows' counts.
+    let qc = imaging_qc(&events);
+    assert_eq!(qc["ttl"] as usize, ttl, "{name}: {qc:?}");
+    assert_eq!(
+        (qc["mapped"] + qc["unmatched"] + qc["none"]) as usize,
+        other,
+        "{name}: {qc:?}"
+    );
+    assert_eq!(qc["dropped"] as usize, dropped, "{name}: {qc:?}");
+    assert_eq!(qc["stamp_order_violations"], 0, "{name}: {qc:?}");
     let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str()).collect();
     let found = kinds.iter().filter(|k| **k == "frame_offset_found").count();
     assert!(

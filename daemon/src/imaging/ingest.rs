@@ -168,6 +168,32 @@ pub struct IngestQc {
     pub anomalies: [(&'static str, u64); Anomaly::COUNT],
 }
 
+/// `key=value` pairs, for the `imaging_qc` event.
+impl fmt::Display for IngestQc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "frames={} dropped={} ttl={} ttl_by_count={} mapped={} unmatched={} none={} \
+             stamp_order_violations={} offsets_found={} matches_lost={} before_session={}",
+            self.frames,
+            self.dropped,
+            self.ttl,
+            self.ttl_by_count,
+            self.mapped,
+            self.unmatched,
+            self.unstamped,
+            self.stamp_order_violations,
+            self.offsets_found,
+            self.matches_lost,
+            self.before_session
+        )?;
+        for (kind, n) in self.anomalies {
+            write!(f, " {kind}={n}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Something implausible a producer wrote into the ring. Each is counted and
 /// recorded as a `producer_anomaly` event (rate-limited, [`AnomalyLog`]);
 /// none stops the session.
@@ -1414,6 +1440,9 @@ impl<'a> IngestLoop<'a> {
 
     /// Every row is written: sync the files and write `mean_image.npy`.
     fn finish(mut self) -> Result<(), IngestError> {
+        let qc = self.counters.snapshot();
+        self.session
+            .notice("imaging_qc", qc.frames as f64, qc.to_string());
         self.files.sync()?;
         let Some(mean) = self.mean.mean(self.mean.sum.len()) else {
             return Ok(());
@@ -1538,6 +1567,23 @@ mod tests {
         assert_eq!(max_gap(0.0, 34_843.0, 0), 16);
         assert_eq!(max_gap(-5.0, 34_843.0, 0), 16);
         assert!(max_gap(f64::INFINITY, 1.0, u64::MAX) == u64::MAX);
+    }
+
+    #[test]
+    fn the_qc_record_names_every_count() {
+        let c = IngestCounters::default();
+        c.frames.store(7, Ordering::Relaxed);
+        c.anomalies[Anomaly::NumberJumpImplausible as usize].store(2, Ordering::Relaxed);
+        let qc = c.snapshot();
+        assert_eq!(qc.frames, 7);
+        assert_eq!(qc.anomalies[2], ("number_jump_implausible", 2));
+        assert_eq!(
+            qc.to_string(),
+            "frames=7 dropped=0 ttl=0 ttl_by_count=0 mapped=0 unmatched=0 none=0 \
+             stamp_order_violations=0 offsets_found=0 matches_lost=0 before_session=0 \
+             number_back=0 number_repeat=0 number_jump_implausible=2 heartbeat_future=0 \
+             stamp_implausible=0"
+        );
     }
 
     #[test]

@@ -732,6 +732,31 @@ mod tests {
     }
 
     #[test]
+    fn a_frame_that_cannot_tell_is_not_matched_by_count_across_an_offset_change() {
+        let mut t = FrameTimer::new(true, 28.7);
+        let f = fit(0.0, 50.0);
+        let edge_t = |c: u64| (c as f64 * P) as u64;
+        for c in 0..60u64 {
+            t.add_edge(c, edge_t(c));
+        }
+        // From frame 20 on, frame n is at edge n + 1; frame 20's own stamp
+        // is unusable.
+        for n in 0..40u64 {
+            let edge = if n < 20 { n } else { n + 1 };
+            let mut i = info(n, edge_t(edge) as f64 + 100.0);
+            if n == 20 {
+                i.host_ns = None;
+            }
+            t.push(i);
+        }
+        let d = drain(&mut t, &f, 1e12, false);
+        assert_eq!(d.len(), 40);
+        assert_eq!(ttl(&d[19]), Some(edge_t(19) as f64));
+        assert_eq!(ttl(&d[20]), None, "{:?}", d[20]);
+        assert_eq!(ttl(&d[21]), Some(edge_t(22) as f64));
+    }
+
+    #[test]
     fn a_coarse_clock_fit_gives_mapped_frames_not_ttl() {
         let mut t = FrameTimer::new(true, 28.7);
         // The fit's error bound is larger than an eighth of a period.
@@ -779,6 +804,9 @@ mod tests {
         dropped_frames: Vec<usize>,
         bad_stamps: Vec<usize>,
         restart_at: Option<usize>,
+        /// From this frame on, each frame is one edge later (the microscope
+        /// made no frame at one edge and did not number it).
+        shift_at: Option<usize>,
     }
 
     fn run_strategy() -> impl Strategy<Value = Run> {
@@ -792,10 +820,31 @@ mod tests {
             prop::collection::vec(0usize..300, 0..4),
             prop::collection::vec(0usize..300, 0..10),
             prop::collection::vec(0usize..300, 0..10),
-            prop::option::of(0usize..300),
+            (
+                prop::option::of(0usize..300),
+                prop::option::of(0usize..300),
+                any::<bool>(),
+            ),
         )
             .prop_map(
-                |(rate_hz, offset, latency_frac, e, hb, frames, lost, dropped, bad, restart)| {
+                |(
+                    rate_hz,
+                    offset,
+                    latency_frac,
+                    e,
+                    hb,
+                    frames,
+                    lost,
+                    dropped,
+                    bad,
+                    (restart, shift, bad_at_shift),
+                )| {
+                    let mut bad = bad;
+                    if let (Some(s), true) = (shift, bad_at_shift) {
+                        // The frames where the offset changes cannot tell
+                        // by themselves.
+                        bad.extend([s, s + 1]);
+                    }
                     let p = 1e6 / rate_hz;
                     let half_band_us = hb * p;
                     Run {
@@ -809,6 +858,7 @@ mod tests {
                         dropped_frames: dropped,
                         bad_stamps: bad,
                         restart_at: restart,
+                        shift_at: shift,
                     }
                 },
             )
@@ -827,11 +877,13 @@ mod tests {
             let f = fit(r.fit_err_us, r.half_band_us);
             let t0 = 1e7;
             let edge_t = |i: usize| (t0 + i as f64 * p) as u64;
-            // Frame i (the i-th frame of the acquisition) is at edge i; its
-            // number is i (+ 7 after a restart, numbered afresh from 7).
+            // Frame i (the i-th frame of the acquisition) is at edge i (i + 1
+            // from the shift on); its number is i (after a restart numbered
+            // afresh from 7).
+            let edge_of = |i: usize| if r.shift_at.is_some_and(|s| i >= s) { i + 1 } else { i };
             let mut expected = Vec::new();
             let mut lost = 0u64;
-            for i in 0..r.frames + 3 {
+            for i in 0..r.frames + 4 {
                 if r.lost_edges.contains(&i) {
                     lost += 1;
                     continue;
@@ -855,13 +907,13 @@ mod tests {
                     Some(at) if i >= at => (i - at) as u64 + 7,
                     _ => i as u64,
                 };
-                let host = edge_t(i) as f64 + r.latency_frac * p / 2.0 - r.fit_err_us;
+                let host = edge_t(edge_of(i)) as f64 + r.latency_frac * p / 2.0 - r.fit_err_us;
                 let host_ns = if r.bad_stamps.contains(&i) {
                     Some(u64::MAX / 2 + i as u64)
                 } else {
                     Some((host.max(0.0) * 1000.0) as u64)
                 };
-                t.push(FrameInfo { frame_number: number, host_ns, arrival_rig_us: edge_t(i) });
+                t.push(FrameInfo { frame_number: number, host_ns, arrival_rig_us: edge_t(edge_of(i)) });
             }
             let mut decisions = std::mem::take(&mut expected);
             decisions.extend(drain(&mut t, &f, 1e15, true));
@@ -870,7 +922,7 @@ mod tests {
             let mut last = f64::NEG_INFINITY;
             for (d, &i) in decisions.iter().zip(&kept) {
                 if let Some(x) = ttl(d) {
-                    prop_assert_eq!(x, edge_t(i) as f64, "frame {}", i);
+                    prop_assert_eq!(x, edge_t(edge_of(i)) as f64, "frame {}", i);
                 }
                 if let Decision::Stamped(s) = d {
                     prop_assert!(s.t_us > last, "times increase");
