@@ -599,7 +599,8 @@ fn has_numpy() -> bool {
 /// A misbehaving acquisition program: the example Python producer's
 /// `RingProducer` writing the real shared-memory ring, with the faults of
 /// issue 13 (frame numbers back, repeated, a jump to 2^40, a heartbeat an
-/// hour in the future, absurd stamps), started after the session began.
+/// hour in the future, absurd stamps, the ring's index jumping to 2^40),
+/// started after the session began.
 const FAULTY_PRODUCER: &str = r#"
 import sys, time
 sys.path.insert(0, sys.argv[2])
@@ -628,6 +629,8 @@ for n in range(91, 101): pub(n)
 pub(101, host_ns=monotonic_ns() + 3600 * 10**9)   # stamped in the future
 pub(102, host_ns=1)                               # stamped at boot
 for n in range(103, 111): pub(n)
+p.next_index = 1 << 40       # the ring's index jumps
+for n in range(111, 121): pub(n)
 time.sleep(0.5)
 p.close()
 "#;
@@ -676,7 +679,7 @@ fn a_faulty_producer_gives_events_and_counts_and_the_session_goes_on() {
     expected.push(5);
     expected.extend(71..=80);
     expected.push(1 << 40);
-    expected.extend(81..=110);
+    expected.extend(81..=120);
     assert_eq!(numbers, expected);
     assert!(frames.iter().all(|f| f["dropped"] == "0"));
     // Times strictly increase; the two absurd stamps have none.
@@ -720,8 +723,9 @@ fn a_faulty_producer_gives_events_and_counts_and_the_session_goes_on() {
     assert!(!kinds.contains(&"imaging_stopped"), "{kinds:?}");
     assert!(!kinds.contains(&"frames_missing"), "{kinds:?}");
     let qc = imaging_qc(&events);
-    assert_eq!(qc["frames"], 113, "{qc:?}");
-    assert_eq!(qc["mapped"], 111, "{qc:?}");
+    assert_eq!(qc["frames"], 123, "{qc:?}");
+    assert_eq!(qc["mapped"], 121, "{qc:?}");
+    assert_eq!(qc["index_jump_implausible"], 1, "{qc:?}");
     assert_eq!(qc["unmatched"], 2, "{qc:?}");
     assert_eq!(
         (qc["dropped"], qc["ttl"], qc["before_session"]),

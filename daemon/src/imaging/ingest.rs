@@ -211,16 +211,20 @@ pub enum Anomaly {
     /// A frame's host stamp in the future, not after the previous frame's,
     /// or far older than the ring can hold: the frame has no mapped time.
     StampImplausible,
+    /// The ring's index (`write_seq`) jumped further than the clock allows:
+    /// no `dropped` rows are written; reading goes on from its newest frame.
+    IndexJumpImplausible,
 }
 
 impl Anomaly {
-    pub const COUNT: usize = 5;
+    pub const COUNT: usize = 6;
     pub const ALL: [Anomaly; Anomaly::COUNT] = [
         Self::NumberBack,
         Self::NumberRepeat,
         Self::NumberJumpImplausible,
         Self::HeartbeatFuture,
         Self::StampImplausible,
+        Self::IndexJumpImplausible,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -230,6 +234,7 @@ impl Anomaly {
             Self::NumberJumpImplausible => "number_jump_implausible",
             Self::HeartbeatFuture => "heartbeat_future",
             Self::StampImplausible => "stamp_implausible",
+            Self::IndexJumpImplausible => "index_jump_implausible",
         }
     }
 }
@@ -1030,6 +1035,29 @@ impl<'a> IngestLoop<'a> {
         })
     }
 
+    /// How many frames the clock allows to have been skipped since the last
+    /// frame was read (0 before the first).
+    fn allowed_gap(&self, rig_now_us: u64, now: Instant) -> u64 {
+        let slots = self
+            .ring
+            .reader
+            .as_ref()
+            .map_or(0, |r| u64::from(r.layout().slot_count()));
+        match self.last_frame_read {
+            Some((rig_us, at)) => {
+                let rig_elapsed = rig_now_us.saturating_sub(rig_us) as f64;
+                let host_elapsed = now.saturating_duration_since(at).as_secs_f64() * 1e6;
+                max_gap(
+                    rig_elapsed.max(host_elapsed),
+                    1e6 / self.setup.frame_rate_hz.max(1e-3),
+                    slots,
+                )
+            }
+            // Before the first frame: what the ring can hold.
+            None => slots.saturating_add(16),
+        }
+    }
+
     /// Count an anomaly and record it (rate-limited).
     fn anomaly(&mut self, a: Anomaly, detail: impl FnOnce() -> String) {
         self.counters.anomalies[a as usize].fetch_add(1, Ordering::Relaxed);
@@ -1237,18 +1265,7 @@ impl<'a> IngestLoop<'a> {
         };
         // The frame number, against what the clock allows.
         let now = Instant::now();
-        let allowed = match self.last_frame_read {
-            Some((rig_us, at)) => {
-                let rig_elapsed = rig_now_us.saturating_sub(rig_us) as f64;
-                let host_elapsed = now.saturating_duration_since(at).as_secs_f64() * 1e6;
-                max_gap(
-                    rig_elapsed.max(host_elapsed),
-                    1e6 / self.setup.frame_rate_hz.max(1e-3),
-                    slots,
-                )
-            }
-            None => 0,
-        };
+        let allowed = self.allowed_gap(rig_now_us, now);
         self.last_frame_read = Some((rig_now_us, now));
         let last = self.numbers.last;
         match self.numbers.frame(meta.frame_number, allowed) {
@@ -1331,6 +1348,23 @@ impl<'a> IngestLoop<'a> {
 
     /// The reader was lapped: `skipped` frames are lost.
     fn on_overrun(&mut self, skipped: u64) -> Result<(), IngestError> {
+        let (_, rig_now_us) = self.session.live();
+        let allowed = self.allowed_gap(rig_now_us, Instant::now());
+        if skipped > allowed {
+            // The producer's write_seq jumped further than the clock allows:
+            // not frames lost, a broken index. Read on from its newest frame.
+            if let Some(r) = self.ring.reader.as_mut() {
+                let published = r.published();
+                r.seek(published.saturating_sub(1));
+            }
+            self.anomaly(Anomaly::IndexJumpImplausible, || {
+                format!(
+                    "the ring's index jumped by {skipped} frames, but the clock allows at \
+                     most {allowed}; no dropped rows written for them"
+                )
+            });
+            return Ok(());
+        }
         self.count_dropped(skipped);
         // The lost frames came after the last one read: they stay in its
         // chunk (the next frame read decides).
@@ -1582,7 +1616,7 @@ mod tests {
             "frames=7 dropped=0 ttl=0 ttl_by_count=0 mapped=0 unmatched=0 none=0 \
              stamp_order_violations=0 offsets_found=0 matches_lost=0 before_session=0 \
              number_back=0 number_repeat=0 number_jump_implausible=2 heartbeat_future=0 \
-             stamp_implausible=0"
+             stamp_implausible=0 index_jump_implausible=0"
         );
     }
 
