@@ -714,8 +714,10 @@ fn a_faulty_producer_gives_events_and_counts_and_the_session_goes_on() {
     assert_eq!(count("number_repeat"), 1.0, "{anomalies:?}");
     assert_eq!(count("number_back"), 1.0, "{anomalies:?}");
     assert_eq!(count("number_jump_implausible"), 1.0, "{anomalies:?}");
-    // The idle heartbeat, and the one frame 101's publish wrote.
-    assert_eq!(count("heartbeat_future"), 2.0, "{anomalies:?}");
+    // The idle heartbeat; and the one frame 101's publish wrote, if rigd
+    // looked at the heartbeat before frame 102's publish replaced it.
+    let future = count("heartbeat_future");
+    assert!(future == 1.0 || future == 2.0, "{anomalies:?}");
     assert_eq!(count("stamp_implausible"), 2.0, "{anomalies:?}");
     let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str()).collect();
     assert!(kinds.contains(&"producer_stale"), "{kinds:?}");
@@ -742,11 +744,8 @@ fn a_faulty_producer_gives_events_and_counts_and_the_session_goes_on() {
         (1, 1, 1),
         "{qc:?}"
     );
-    assert_eq!(
-        (qc["heartbeat_future"], qc["stamp_implausible"]),
-        (2, 2),
-        "{qc:?}"
-    );
+    assert_eq!(qc["heartbeat_future"] as f64, future, "{qc:?}");
+    assert_eq!(qc["stamp_implausible"], 2, "{qc:?}");
     assert_eq!(session_value(&dir, "state"), "complete");
 }
 

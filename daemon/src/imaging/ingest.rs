@@ -980,9 +980,14 @@ struct IngestLoop<'a> {
     mean: MeanImage,
     /// Rig time of the last frame read, µs (the chunk of dropped frames).
     last_frame_t_rig: u64,
-    /// The rig's latest sample time and the host clock when the last frame
-    /// was read (how many frames the clock allows to be skipped).
-    last_frame_read: Option<(u64, Instant)>,
+    /// The rig's latest sample time and the host clock when the first frame
+    /// of this producer run was read, and the frames accounted for since
+    /// (read, or dropped rows): how many more the clock allows.
+    run_start: Option<(u64, Instant)>,
+    run_frames: u64,
+    /// The frame period the clock bound uses, µs: the configured rate's, or
+    /// the ring's nominal rate's if faster (at most 1 kHz).
+    budget_period_us: f64,
     /// The last plausible host stamp of this generation, ns.
     last_stamp_ns: Option<u64>,
     /// Host `CLOCK_MONOTONIC` when the ingest started (the session's
@@ -1025,7 +1030,9 @@ impl<'a> IngestLoop<'a> {
             files,
             mean: MeanImage::new(pixels),
             last_frame_t_rig: 0,
-            last_frame_read: None,
+            run_start: None,
+            run_frames: 0,
+            budget_period_us: 1e6 / setup.frame_rate_hz.clamp(1e-3, 1000.0),
             last_stamp_ns: None,
             start_host_ns: host_now_ns(),
             backlog_until: 0,
@@ -1035,23 +1042,22 @@ impl<'a> IngestLoop<'a> {
         })
     }
 
-    /// How many frames the clock allows to have been skipped since the last
-    /// frame was read (0 before the first).
+    /// How many frames the clock allows to have been skipped now: what it
+    /// allows since the first frame of this producer run, less the frames
+    /// accounted for since (so a producer catching up in a burst after a
+    /// stall is plausible, a jump by billions is not).
     fn allowed_gap(&self, rig_now_us: u64, now: Instant) -> u64 {
         let slots = self
             .ring
             .reader
             .as_ref()
             .map_or(0, |r| u64::from(r.layout().slot_count()));
-        match self.last_frame_read {
+        match self.run_start {
             Some((rig_us, at)) => {
                 let rig_elapsed = rig_now_us.saturating_sub(rig_us) as f64;
                 let host_elapsed = now.saturating_duration_since(at).as_secs_f64() * 1e6;
-                max_gap(
-                    rig_elapsed.max(host_elapsed),
-                    1e6 / self.setup.frame_rate_hz.max(1e-3),
-                    slots,
-                )
+                max_gap(rig_elapsed.max(host_elapsed), self.budget_period_us, slots)
+                    .saturating_sub(self.run_frames)
             }
             // Before the first frame: what the ring can hold.
             None => slots.saturating_add(16),
@@ -1266,11 +1272,17 @@ impl<'a> IngestLoop<'a> {
         // The frame number, against what the clock allows.
         let now = Instant::now();
         let allowed = self.allowed_gap(rig_now_us, now);
-        self.last_frame_read = Some((rig_now_us, now));
+        if self.run_start.is_none() {
+            self.run_start = Some((rig_now_us, now));
+        }
+        self.run_frames = self.run_frames.saturating_add(1);
         let last = self.numbers.last;
         match self.numbers.frame(meta.frame_number, allowed) {
             NumberCheck::Next => {}
-            NumberCheck::Gap(missing) => self.on_missing(missing)?,
+            NumberCheck::Gap(missing) => {
+                self.run_frames = self.run_frames.saturating_add(missing.end - missing.start);
+                self.on_missing(missing)?;
+            }
             NumberCheck::Back => self.anomaly(Anomaly::NumberBack, || {
                 format!("frame number {} after {last:?}", meta.frame_number)
             }),
@@ -1365,6 +1377,7 @@ impl<'a> IngestLoop<'a> {
             });
             return Ok(());
         }
+        self.run_frames = self.run_frames.saturating_add(skipped);
         self.count_dropped(skipped);
         // The lost frames came after the last one read: they stay in its
         // chunk (the next frame read decides).
@@ -1412,7 +1425,16 @@ impl<'a> IngestLoop<'a> {
     fn restart_numbering(&mut self) {
         self.numbers.restart();
         self.last_stamp_ns = None;
-        self.last_frame_read = None;
+        self.run_start = None;
+        self.run_frames = 0;
+        let nominal_hz = self
+            .ring
+            .reader
+            .as_ref()
+            .and_then(|r| r.header().ok())
+            .map_or(0.0, |h| f64::from(h.nominal_frame_rate_mhz) / 1e3);
+        let rate_hz = self.setup.frame_rate_hz.max(nominal_hz).clamp(1e-3, 1000.0);
+        self.budget_period_us = 1e6 / rate_hz;
         self.timer.restart();
     }
 
