@@ -154,7 +154,7 @@ fn run(
                     return fail(w, setup, e);
                 }
                 let reason = StopReason::Requested("daemon stopped".into());
-                return finish(w, setup, st, reason, shared);
+                return finish(w, setup, st, reason, shared, &inputs.control);
             }
         };
         match msg {
@@ -164,7 +164,7 @@ fn run(
                 if let Err(e) = inputs.drain_all(&mut w, setup, &mut st) {
                     return fail(w, setup, e);
                 }
-                return finish(w, setup, st, reason, shared);
+                return finish(w, setup, st, reason, shared, &inputs.control);
             }
             Some(m) => {
                 if let Err(e) = write(&mut w, setup, &mut st, m) {
@@ -281,15 +281,23 @@ fn clock_record(fit: &firmware_bridge::sync::ClockFit) -> ClockSyncRecord {
 fn finish(
     mut w: SessionWriter,
     setup: &mut StorageSetup,
-    st: State,
+    mut st: State,
     reason: StopReason,
     shared: &LiveView,
+    control: &Receiver<StorageMsg>,
 ) -> Result<FinishedSession, StorageFailed> {
     for stream in std::mem::take(&mut setup.side_streams) {
         let kind = stream.error_event_kind();
         if let Err(e) = stream.finish() {
             tracing::error!("{kind}: {e}");
             let _ = w.write_event(0, EventSource::Daemon, kind, 0.0, &e.to_string());
+        }
+    }
+    // The events the side streams sent while finishing (the imaging
+    // ingest's last summaries).
+    while let Ok(m) = control.try_recv() {
+        if matches!(m, StorageMsg::Event { .. }) {
+            let _ = write(&mut w, setup, &mut st, m);
         }
     }
     let (fit, dropped) = (shared.clock.get(), shared.status.storage_drops());

@@ -123,6 +123,14 @@ struct Args {
     /// microscope even without --microscope (frames are then not published).
     #[arg(long, value_name = "DIR")]
     microscope_truth: Option<PathBuf>,
+    /// The acquisition program starts (creates the ring, publishes) at this
+    /// frame-clock edge; the frame clock runs from the start.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    microscope_start_frame: u64,
+    /// The acquisition program restarts at this frame-clock edge: a new
+    /// ring generation, frame numbers from 1 again.
+    #[arg(long, value_name = "N")]
+    microscope_restart_frame: Option<u64>,
 }
 
 /// `WxH`, e.g. `512x512`.
@@ -181,6 +189,8 @@ impl Args {
                 m.channels = self.channels;
                 m.neurons = self.neurons;
                 m.truth_dir = self.microscope_truth;
+                m.start_frame = self.microscope_start_frame;
+                m.restart_frame = self.microscope_restart_frame;
                 m
             }),
         }

@@ -561,3 +561,389 @@ fn imaging_arrays_roll_into_chunks_together() {
     let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
     assert!(v["chunks"].as_array().expect("chunks").len() >= 2, "{v}");
 }
+
+/// The `imaging_qc` event's counts.
+fn imaging_qc(events: &[HashMap<String, String>]) -> HashMap<String, u64> {
+    let qc: Vec<&HashMap<String, String>> = events
+        .iter()
+        .filter(|e| e["kind"] == "imaging_qc")
+        .collect();
+    assert_eq!(qc.len(), 1, "one imaging_qc event");
+    qc[0]["detail"]
+        .split(' ')
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').expect("key=value");
+            (k.to_owned(), v.parse().expect("count"))
+        })
+        .collect()
+}
+
+fn has_numpy() -> bool {
+    let ok = Command::new(python())
+        .args(["-c", "import numpy"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("RIG_REQUIRE_NUMPY").is_none(),
+            "numpy is required (RIG_REQUIRE_NUMPY=1)"
+        );
+        eprintln!(
+            "skipped: no numpy for {} (set RIG_PYTHON)",
+            python().display()
+        );
+    }
+    ok
+}
+
+/// A misbehaving acquisition program: the example Python producer's
+/// `RingProducer` writing the real shared-memory ring, with the faults of
+/// issue 13 (frame numbers back, repeated, a jump to 2^40, a heartbeat an
+/// hour in the future, absurd stamps, the ring's index jumping to 2^40),
+/// started after the session began.
+const FAULTY_PRODUCER: &str = r#"
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from rigframes_producer import RingProducer, monotonic_ns
+import numpy as np
+p = RingProducer(sys.argv[1], 64, 48, slot_count=64)
+px = np.zeros((1, 48, 64), dtype=np.uint16)
+def pub(n, host_ns=None):
+    p.publish(n, px, host_ns=host_ns)
+    time.sleep(0.01)
+# 30 frames at once, before rigd has attached (it retries every 0.5 s).
+for n in range(1, 31):
+    p.publish(n, px)
+time.sleep(1.0)
+for n in range(31, 61): pub(n)
+pub(60)                      # repeat
+for n in range(61, 71): pub(n)
+pub(5)                       # back
+for n in range(71, 81): pub(n)
+pub(1 << 40)                 # an implausible jump
+for n in range(81, 91): pub(n)
+# A heartbeat an hour in the future, then silence: stale all the same.
+p._heartbeat.value = monotonic_ns() + 3600 * 10**9
+time.sleep(3.5)
+for n in range(91, 101): pub(n)
+pub(101, host_ns=monotonic_ns() + 3600 * 10**9)   # stamped in the future
+pub(102, host_ns=1)                               # stamped at boot
+for n in range(103, 111): pub(n)
+p.next_index = 1 << 40       # the ring's index jumps
+for n in range(111, 121): pub(n)
+time.sleep(0.5)
+p.close()
+"#;
+
+#[test]
+fn a_faulty_producer_gives_events_and_counts_and_the_session_goes_on() {
+    if !has_numpy() {
+        return;
+    }
+    let shm = format!("/rig-e2e-{}-faulty", std::process::id());
+    let sim_dir = TempDir::new("faulty-sim");
+    let sim = Sim::start(sim_dir.path(), &[]);
+    let s = config("faulty", &sim.link, &shm, 64, 48, false);
+    let rigd = Rigd::start(&s.config, &s.socket);
+    wait_connected(&s.socket);
+    let dir = start_session(&s.socket, "IMG");
+    std::thread::sleep(Duration::from_millis(300));
+    let producers = workspace_root().join("frame-ring/producers");
+    let st = Command::new(python())
+        .arg("-c")
+        .arg(FAULTY_PRODUCER)
+        .arg(&shm)
+        .arg(&producers)
+        .status()
+        .expect("python producer");
+    assert!(st.success());
+    let (_, status, _) = rig_tests::rigctl(&s.socket, &["status"]);
+    assert!(status.contains("running"), "the session goes on: {status}");
+    stop_session(&s.socket);
+    drop(rigd);
+    drop(sim);
+    let _ = Command::new("rm")
+        .arg("-f")
+        .arg(format!("/dev/shm{shm}"))
+        .status();
+    let frames = read_tsv(&dir.join("frames.tsv"));
+    let numbers: Vec<u64> = frames
+        .iter()
+        .map(|f| f["frame"].parse().expect("frame"))
+        .collect();
+    // Every frame published is a row (none lost at the attach, none made
+    // up for the jump), and no row is a dropped one.
+    let mut expected: Vec<u64> = (1..=60).collect();
+    expected.push(60);
+    expected.extend(61..=70);
+    expected.push(5);
+    expected.extend(71..=80);
+    expected.push(1 << 40);
+    expected.extend(81..=120);
+    assert_eq!(numbers, expected);
+    assert!(frames.iter().all(|f| f["dropped"] == "0"));
+    // Times strictly increase; the two absurd stamps have none.
+    let mut last = f64::NEG_INFINITY;
+    for f in &frames {
+        let n: u64 = f["frame"].parse().expect("frame");
+        if n == 101 || n == 102 {
+            assert_eq!(
+                (f["t_s"].as_str(), f["source"].as_str()),
+                ("", "unmatched"),
+                "{f:?}"
+            );
+            continue;
+        }
+        assert_eq!(f["source"], "mapped", "{f:?}");
+        let t: f64 = f["t_s"].parse().expect("t_s");
+        assert!(t > last, "times increase: {f:?}");
+        last = t;
+    }
+    let events = read_tsv(&dir.join("events.tsv"));
+    let anomalies: Vec<&HashMap<String, String>> = events
+        .iter()
+        .filter(|e| e["kind"] == "producer_anomaly")
+        .collect();
+    let count = |kind: &str| -> f64 {
+        anomalies
+            .iter()
+            .filter(|e| e["detail"].starts_with(&format!("{kind}:")))
+            .map(|e| e["value"].parse::<f64>().expect("value"))
+            .sum()
+    };
+    assert_eq!(count("number_repeat"), 1.0, "{anomalies:?}");
+    assert_eq!(count("number_back"), 1.0, "{anomalies:?}");
+    assert_eq!(count("number_jump_implausible"), 1.0, "{anomalies:?}");
+    // The idle heartbeat; and the one frame 101's publish wrote, if rigd
+    // looked at the heartbeat before frame 102's publish replaced it.
+    let future = count("heartbeat_future");
+    assert!(future == 1.0 || future == 2.0, "{anomalies:?}");
+    assert_eq!(count("stamp_implausible"), 2.0, "{anomalies:?}");
+    let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str()).collect();
+    assert!(kinds.contains(&"producer_stale"), "{kinds:?}");
+    assert!(kinds.contains(&"producer_resumed"), "{kinds:?}");
+    assert!(!kinds.contains(&"imaging_stopped"), "{kinds:?}");
+    assert!(!kinds.contains(&"frames_missing"), "{kinds:?}");
+    let qc = imaging_qc(&events);
+    assert_eq!(qc["frames"], 123, "{qc:?}");
+    assert_eq!(qc["mapped"], 121, "{qc:?}");
+    assert_eq!(qc["index_jump_implausible"], 1, "{qc:?}");
+    assert_eq!(qc["unmatched"], 2, "{qc:?}");
+    assert_eq!(
+        (qc["dropped"], qc["ttl"], qc["before_session"]),
+        (0, 0, 0),
+        "{qc:?}"
+    );
+    assert_eq!(qc["stamp_order_violations"], 0, "{qc:?}");
+    assert_eq!(
+        (
+            qc["number_back"],
+            qc["number_repeat"],
+            qc["number_jump_implausible"]
+        ),
+        (1, 1, 1),
+        "{qc:?}"
+    );
+    assert_eq!(qc["heartbeat_future"] as f64, future, "{qc:?}");
+    assert_eq!(qc["stamp_implausible"], 2, "{qc:?}");
+    assert_eq!(session_value(&dir, "state"), "complete");
+}
+
+/// When the simulated acquisition program runs, against the session.
+#[derive(Debug, Clone, Copy)]
+enum StartOrder {
+    /// Publishing for seconds before the session starts.
+    Before,
+    /// The session starts as soon as the rig is connected.
+    With,
+    /// The ring appears only after the session started.
+    After,
+    /// Publishing before the session, and restarting (new generation,
+    /// numbers from 1 again) in the middle of it.
+    Restart,
+}
+
+/// Run a session against the simulated microscope at `speed` and check
+/// every `frames.tsv` row against its frame-clock edge: a `ttl` time is the
+/// device's edge time exactly (the `frame_ttl` row of events.tsv, or the
+/// simulator's truth for an edge from before the log began), times strictly
+/// increase, and the rows add up.
+fn every_frame_against_its_edge(order: StartOrder, speed: u32) {
+    let name = format!("{order:?}-{speed}").to_lowercase();
+    let shm = format!("/rig-e2e-{}-{name}", std::process::id());
+    let sim_dir = TempDir::new(&format!("{name}-sim"));
+    let truth = sim_dir.path().join("mtruth");
+    let edges_per_s = 28.7 * f64::from(speed);
+    let speed_s = speed.to_string();
+    let mut args = vec![
+        "--microscope",
+        &shm,
+        "--microscope-size",
+        "64x48",
+        "--neurons",
+        "20",
+        "--speed",
+        &speed_s,
+        "--microscope-truth",
+        truth.to_str().expect("utf-8"),
+    ];
+    // Host seconds after the sim's start; the session starts about 1 s
+    // (With, After) or 3 s (Before, Restart) after it (several more on a
+    // busy machine) and lasts 8 s; with a restart (at 25 s, late enough for
+    // a slow start on a busy machine) it lasts until 29 s after the start.
+    let start_frame = ((4.0 * edges_per_s) as u64).to_string();
+    let restart_frame = ((25.0 * edges_per_s) as u64).to_string();
+    let restart_at: Option<u64> = match order {
+        StartOrder::After => {
+            args.extend(["--microscope-start-frame", &start_frame]);
+            None
+        }
+        StartOrder::Restart => {
+            args.extend(["--microscope-restart-frame", &restart_frame]);
+            restart_frame.parse().ok()
+        }
+        _ => None,
+    };
+    let sim = Sim::start(sim_dir.path(), &args);
+    let sim_started = std::time::Instant::now();
+    let s = config(&name, &sim.link, &shm, 64, 48, true);
+    let rigd = Rigd::start(&s.config, &s.socket);
+    wait_connected(&s.socket);
+    if matches!(order, StartOrder::Before | StartOrder::Restart) {
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let dir = start_session(&s.socket, "IMG");
+    if restart_at.is_some() {
+        let since = sim_started.elapsed();
+        assert!(
+            since < Duration::from_secs(23),
+            "{name}: the session started {since:?} after the sim, after its restart"
+        );
+        std::thread::sleep((Duration::from_secs(29) - since).max(Duration::from_secs(4)));
+    } else {
+        std::thread::sleep(Duration::from_secs(8));
+    }
+    stop_session(&s.socket);
+    drop(rigd);
+    drop(sim);
+    let _ = Command::new("rm")
+        .arg("-f")
+        .arg(format!("/dev/shm{shm}"))
+        .status();
+    let t0: i64 = session_value(&dir, "t0_rig_us").parse().expect("t0");
+    let events = read_tsv(&dir.join("events.tsv"));
+    let logged: HashMap<u64, String> = events
+        .iter()
+        .filter(|e| e["kind"] == "frame_ttl")
+        .map(|e| (e["value"].parse().expect("edge count"), e["t_s"].clone()))
+        .collect();
+    let truth: HashMap<u64, f64> = read_tsv(&truth.join("frames_truth.tsv"))
+        .into_iter()
+        .map(|r| {
+            (
+                r["frame_number"].parse().expect("frame_number"),
+                r["device_us"].parse().expect("device_us"),
+            )
+        })
+        .collect();
+    let frames = read_tsv(&dir.join("frames.tsv"));
+    assert!(frames.len() > 100, "{name}: {} rows", frames.len());
+    let (mut ttl, mut other, mut dropped) = (0usize, 0usize, 0usize);
+    let mut last_t = f64::NEG_INFINITY;
+    let mut generation = 0;
+    let mut last_index: Option<u64> = None;
+    for f in &frames {
+        let index: u64 = f["index"].parse().expect("index");
+        if f["dropped"] == "1" {
+            dropped += 1;
+            continue;
+        }
+        if last_index.is_some_and(|l| index < l) {
+            generation += 1;
+        }
+        last_index = Some(index);
+        let n: u64 = f["frame"].parse().expect("frame");
+        // The device counts every edge since the sim started; the program
+        // numbers frames by edge, from 1 again after its restart.
+        let edge = match (generation, restart_at) {
+            (g, Some(r)) if g > 0 => n + r - 1,
+            _ => n,
+        };
+        match f["source"].as_str() {
+            "ttl" => {
+                ttl += 1;
+                if let Some(t_s) = logged.get(&edge) {
+                    assert_eq!(&f["t_s"], t_s, "{name}: frame {n} (edge {edge}): {f:?}");
+                } else {
+                    let true_us = truth.get(&edge).expect("edge in the truth");
+                    let got_us = t0 as f64 + f["t_s"].parse::<f64>().expect("t_s") * 1e6;
+                    assert!(
+                        (got_us - true_us).abs() <= 10.0,
+                        "{name}: frame {n} (edge {edge}, before the log): {got_us} vs {true_us}"
+                    );
+                }
+            }
+            "mapped" | "unmatched" | "none" => other += 1,
+            s => panic!("{name}: source {s:?}"),
+        }
+        if let Ok(t) = f["t_s"].parse::<f64>() {
+            assert!(t > last_t, "{name}: times strictly increase: {f:?}");
+            last_t = t;
+        }
+    }
+    assert_eq!(ttl + other + dropped, frames.len());
+    // The QC counts are the rows' counts.
+    let qc = imaging_qc(&events);
+    assert_eq!(qc["ttl"] as usize, ttl, "{name}: {qc:?}");
+    assert_eq!(
+        (qc["mapped"] + qc["unmatched"] + qc["none"]) as usize,
+        other,
+        "{name}: {qc:?}"
+    );
+    assert_eq!(qc["dropped"] as usize, dropped, "{name}: {qc:?}");
+    assert_eq!(qc["stamp_order_violations"], 0, "{name}: {qc:?}");
+    let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str()).collect();
+    let found = kinds.iter().filter(|k| **k == "frame_offset_found").count();
+    assert!(
+        !kinds.contains(&"frame_match_lost"),
+        "{name}: the sim loses no edge: {kinds:?}"
+    );
+    if let StartOrder::Restart = order {
+        assert!(kinds.contains(&"producer_restarted"), "{name}");
+        assert_eq!(generation, 1, "{name}: one restart");
+        assert_eq!(found, 2, "{name}: a lock before and after the restart");
+    } else {
+        assert_eq!(found, 1, "{name}: {kinds:?}");
+    }
+    // Locked, most frames carry their edge (behaviour, not timing: the
+    // frames before the lock and beside a dropped frame may be mapped).
+    assert!(
+        ttl * 2 > ttl + other,
+        "{name}: {ttl} ttl of {} frames",
+        ttl + other
+    );
+}
+
+#[test]
+fn every_frame_matches_its_edge_microscope_before_the_session() {
+    every_frame_against_its_edge(StartOrder::Before, 1);
+    every_frame_against_its_edge(StartOrder::Before, 10);
+}
+
+#[test]
+fn every_frame_matches_its_edge_microscope_with_the_session() {
+    every_frame_against_its_edge(StartOrder::With, 1);
+    every_frame_against_its_edge(StartOrder::With, 10);
+}
+
+#[test]
+fn every_frame_matches_its_edge_microscope_after_the_session() {
+    every_frame_against_its_edge(StartOrder::After, 1);
+    every_frame_against_its_edge(StartOrder::After, 10);
+}
+
+#[test]
+fn every_frame_matches_its_edge_across_a_producer_restart() {
+    every_frame_against_its_edge(StartOrder::Restart, 1);
+    every_frame_against_its_edge(StartOrder::Restart, 10);
+}

@@ -325,6 +325,7 @@ impl Analysis {
 
     /// A frame that was dropped: NaN rows keep the arrays aligned with frames.tsv.
     pub fn dropped(&mut self, frame_number: u64) -> Result<(), AnalysisError> {
+        self.dff.skip(1);
         self.f_npy.append(&self.nan_row)?;
         self.dff_npy.append(&self.nan_row)?;
         writeln!(self.motion_tsv, "{frame_number}\t\t\t\t")

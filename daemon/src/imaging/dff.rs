@@ -23,7 +23,14 @@
 //!      values, kept in a sorted window updated by one binary search and one
 //!      memmove per frame.
 //!
-//!    During warm-up (fewer than `W` frames) the windows hold what there is.
+//!    Warm-up: with `maximin`, until `2W - 1` frame periods have passed each
+//!    of the two stages spans half of the periods so far (an expanding
+//!    window: F0 is the maximin of everything seen, and follows the data
+//!    from the first frames instead of staying at the first value); with
+//!    `percentile`, the window holds the frames there are. Dropped frames
+//!    ([`OnlineDff::skip`]) count as frame periods for `maximin`, so its
+//!    window is `W` periods of the nominal frame rate, i.e. `window_s` of
+//!    rig time, however many frames arrived.
 //! 4. `dF/F = (F - F0') / F0'` with `F0' = max(F0, f0_floor)`: a baseline at or
 //!    below zero (possible after neuropil subtraction) is replaced by the small
 //!    positive floor `f0_floor` (default 1.0, i.e. one ADC count) so dF/F stays
@@ -157,6 +164,9 @@ pub struct OnlineDff {
     fneu: Vec<f32>,
     fcorr: Vec<f32>,
     f0: Vec<f32>,
+    /// Frame periods so far, received or dropped ([`Self::skip`]): the
+    /// maximin windows' clock, so they span time, not received frames.
+    slot_t: u64,
     /// Frames pushed so far.
     t: u64,
 }
@@ -238,6 +248,7 @@ impl OnlineDff {
             fneu: vec![0.0; n],
             fcorr: vec![0.0; n],
             f0: vec![0.0; n],
+            slot_t: 0,
             t: 0,
         }
     }
@@ -340,6 +351,13 @@ impl OnlineDff {
         let w = self.window as u64;
         match &mut self.state {
             BaselineState::Maximin { min_q, max_q } => {
+                // Frame periods (dropped ones too), and the window: while
+                // fewer than 2W - 1 periods have passed, each of the two
+                // stages covers half of what there is (an expanding window
+                // over all the data so far, rather than a baseline held at
+                // the first value until the window fills).
+                let t = self.slot_t;
+                let w = w.min(t / 2 + 1);
                 for k in 0..n {
                     let s = self.smooth[k];
                     let q = &mut min_q[k];
@@ -404,6 +422,14 @@ impl OnlineDff {
             *d = (fv - f0) / f0;
         }
         self.t += 1;
+        self.slot_t += 1;
+    }
+
+    /// `frames` frame periods passed without a frame (dropped frames): the
+    /// maximin windows move on in time. (The percentile window and the
+    /// smoothing count received frames.)
+    pub fn skip(&mut self, frames: u64) {
+        self.slot_t = self.slot_t.saturating_add(frames);
     }
 }
 
@@ -513,6 +539,40 @@ mod tests {
     }
 
     #[test]
+    fn the_maximin_baseline_follows_the_data_before_its_window_fills() {
+        // F steps from 100 to 200 at frame 5; the window is 60 frames.
+        let mut d = OnlineDff::for_traces(1, &params(BaselineMethod::Maximin, 60, 0.0));
+        let mut out = [0.0f32];
+        for t in 0..30 {
+            let f = if t < 5 { 100.0 } else { 200.0 };
+            d.push_f(&[f], &mut out);
+        }
+        // Not held at the first value until frame 60 (or 119).
+        assert_eq!(d.baseline()[0], 200.0);
+        assert_eq!(out[0], 0.0);
+    }
+
+    #[test]
+    fn dropped_frames_count_as_time_in_the_maximin_window() {
+        // Window 10 frames. F steps down from 100 to 10; 30 frame periods
+        // are dropped right after: the next frame's baseline has only the
+        // new level in its windows.
+        let run = |skip: u64| {
+            let mut d = OnlineDff::for_traces(1, &params(BaselineMethod::Maximin, 10, 0.0));
+            let mut out = [0.0f32];
+            for _ in 0..40 {
+                d.push_f(&[100.0], &mut out);
+            }
+            d.push_f(&[10.0], &mut out);
+            d.skip(skip);
+            d.push_f(&[10.0], &mut out);
+            d.baseline()[0]
+        };
+        assert_eq!(run(30), 10.0, "30 periods later the old level is gone");
+        assert_eq!(run(0), 100.0, "one period later it is not");
+    }
+
+    #[test]
     fn maximin_matches_brute_force() {
         let w = 20;
         let mut d = OnlineDff::for_traces(1, &params(BaselineMethod::Maximin, w, 0.0));
@@ -523,7 +583,8 @@ mod tests {
         for t in 0..400 {
             let x = rng.normal() as f32;
             xs.push(x);
-            let s = t + 1 - (t + 1).min(w);
+            // Each stage spans min(W, t/2 + 1) frames (expanding warm-up).
+            let s = t + 1 - w.min(t / 2 + 1);
             mins.push(xs[s..].iter().copied().fold(f32::INFINITY, f32::min));
             let want = mins[s..].iter().copied().fold(f32::NEG_INFINITY, f32::max);
             d.push_f(&[x], &mut out);

@@ -37,7 +37,7 @@ use frame_ring::{FrameRingMapping, ShmError};
 use protocol::ring::{FrameMeta, PollOutcome, RingError, RingReader};
 
 use super::analysis::{Analysis, AnalysisError};
-use super::timing::{Decision, FrameInfo, FrameTimer, Stamp, StampSource};
+use super::timing::{Decision, FrameInfo, FrameTimer, MatchEvent, MatchStats, Stamp};
 use crate::session::{EventDetail, LiveView, SideStream, StorageMsg};
 use session_format::{ChunkClock, ChunkedNpy, EventSource, NpyAppender, NpyDtype, StorageError};
 
@@ -80,13 +80,214 @@ impl IngestSetup {
     }
 }
 
-/// Counters the daemon shows (frames, drops).
+/// Counters the daemon shows (frames, drops) and the imaging QC record:
+/// how every `frames.tsv` row was stamped and what the producer got wrong.
+/// Relaxed atomics, written by the ingest thread only.
 #[derive(Debug, Default)]
 pub struct IngestCounters {
+    /// Frames read from the ring.
     pub frames: AtomicU64,
+    /// `dropped = 1` rows (overruns and plausible gaps in the numbering).
     pub dropped: AtomicU64,
+    /// Rows by `source`: `ttl` (of which `ttl_by_count` matched by count
+    /// between two verified frames), `mapped`, `unmatched`, `none`.
     pub ttl_stamped: AtomicU64,
+    pub ttl_by_count: AtomicU64,
     pub mapped_stamped: AtomicU64,
+    pub unmatched: AtomicU64,
+    pub unstamped: AtomicU64,
+    /// Rows whose time would not have been after the previous row's (written
+    /// `mapped`/`unmatched` instead); the times written always increase.
+    pub stamp_order_violations: AtomicU64,
+    /// `frame_offset_found` and `frame_match_lost` events.
+    pub offsets_found: AtomicU64,
+    pub matches_lost: AtomicU64,
+    /// Frames in the ring at attach stamped before the session started
+    /// (not part of the session, not recorded).
+    pub before_session: AtomicU64,
+    /// Producer anomalies by kind, see [`Anomaly`].
+    pub anomalies: [AtomicU64; Anomaly::COUNT],
+}
+
+impl IngestCounters {
+    /// A plain copy, for a QC record.
+    pub fn snapshot(&self) -> IngestQc {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        IngestQc {
+            frames: l(&self.frames),
+            dropped: l(&self.dropped),
+            ttl: l(&self.ttl_stamped),
+            ttl_by_count: l(&self.ttl_by_count),
+            mapped: l(&self.mapped_stamped),
+            unmatched: l(&self.unmatched),
+            unstamped: l(&self.unstamped),
+            stamp_order_violations: l(&self.stamp_order_violations),
+            offsets_found: l(&self.offsets_found),
+            matches_lost: l(&self.matches_lost),
+            before_session: l(&self.before_session),
+            anomalies: Anomaly::ALL.map(|a| (a.as_str(), l(&self.anomalies[a as usize]))),
+        }
+    }
+
+    fn add_match_stats(&self, before: &MatchStats, now: &MatchStats) {
+        let add = |a: &AtomicU64, x: u64, y: u64| {
+            if y > x {
+                a.fetch_add(y - x, Ordering::Relaxed);
+            }
+        };
+        add(&self.ttl_stamped, before.ttl, now.ttl);
+        add(&self.ttl_by_count, before.ttl_by_count, now.ttl_by_count);
+        add(&self.mapped_stamped, before.mapped, now.mapped);
+        add(&self.unmatched, before.unmatched, now.unmatched);
+        add(&self.unstamped, before.unstamped, now.unstamped);
+        add(
+            &self.stamp_order_violations,
+            before.order_violations,
+            now.order_violations,
+        );
+        add(&self.offsets_found, before.offsets_found, now.offsets_found);
+        add(&self.matches_lost, before.matches_lost, now.matches_lost);
+    }
+}
+
+/// The imaging QC numbers of a session ([`IngestCounters::snapshot`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngestQc {
+    pub frames: u64,
+    pub dropped: u64,
+    pub ttl: u64,
+    pub ttl_by_count: u64,
+    pub mapped: u64,
+    pub unmatched: u64,
+    pub unstamped: u64,
+    pub stamp_order_violations: u64,
+    pub offsets_found: u64,
+    pub matches_lost: u64,
+    pub before_session: u64,
+    /// (kind, count) for every [`Anomaly`].
+    pub anomalies: [(&'static str, u64); Anomaly::COUNT],
+}
+
+/// `key=value` pairs, for the `imaging_qc` event.
+impl fmt::Display for IngestQc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "frames={} dropped={} ttl={} ttl_by_count={} mapped={} unmatched={} none={} \
+             stamp_order_violations={} offsets_found={} matches_lost={} before_session={}",
+            self.frames,
+            self.dropped,
+            self.ttl,
+            self.ttl_by_count,
+            self.mapped,
+            self.unmatched,
+            self.unstamped,
+            self.stamp_order_violations,
+            self.offsets_found,
+            self.matches_lost,
+            self.before_session
+        )?;
+        for (kind, n) in self.anomalies {
+            write!(f, " {kind}={n}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Something implausible a producer wrote into the ring. Each is counted and
+/// recorded as a `producer_anomaly` event (rate-limited, [`AnomalyLog`]);
+/// none stops the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Anomaly {
+    /// A frame number lower than the previous one (same generation).
+    NumberBack,
+    /// The previous frame's number again.
+    NumberRepeat,
+    /// A jump in the numbering larger than the frames the clock allows
+    /// since the previous frame: no `dropped` rows are written for it.
+    NumberJumpImplausible,
+    /// A heartbeat more than 1 s in the reader's future.
+    HeartbeatFuture,
+    /// A frame's host stamp in the future, not after the previous frame's,
+    /// or far older than the ring can hold: the frame has no mapped time.
+    StampImplausible,
+    /// The ring's index (`write_seq`) jumped further than the clock allows:
+    /// no `dropped` rows are written; reading goes on from its newest frame.
+    IndexJumpImplausible,
+}
+
+impl Anomaly {
+    pub const COUNT: usize = 6;
+    pub const ALL: [Anomaly; Anomaly::COUNT] = [
+        Self::NumberBack,
+        Self::NumberRepeat,
+        Self::NumberJumpImplausible,
+        Self::HeartbeatFuture,
+        Self::StampImplausible,
+        Self::IndexJumpImplausible,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NumberBack => "number_back",
+            Self::NumberRepeat => "number_repeat",
+            Self::NumberJumpImplausible => "number_jump_implausible",
+            Self::HeartbeatFuture => "heartbeat_future",
+            Self::StampImplausible => "stamp_implausible",
+            Self::IndexJumpImplausible => "index_jump_implausible",
+        }
+    }
+}
+
+/// Rate limit of the `producer_anomaly` events: the first of each kind at
+/// once, then at most one summary per kind every [`ANOMALY_SUMMARY_EVERY`]
+/// (value = occurrences since the last event of that kind), and the rest
+/// at the finish.
+#[derive(Debug, Default, Clone)]
+struct AnomalyLog {
+    /// Per kind: occurrences not yet in an event, and when the last event was.
+    unreported: [u64; Anomaly::COUNT],
+    last_event: [Option<Instant>; Anomaly::COUNT],
+}
+
+/// Summaries of one anomaly kind at most this often.
+const ANOMALY_SUMMARY_EVERY: Duration = Duration::from_secs(10);
+
+impl AnomalyLog {
+    /// One occurrence at `now`: Some(count to report) if an event is due.
+    fn occurred(&mut self, a: Anomaly, now: Instant) -> Option<u64> {
+        let i = a as usize;
+        self.unreported[i] += 1;
+        self.due(i, now)
+    }
+
+    fn due(&mut self, i: usize, now: Instant) -> Option<u64> {
+        let due = self.last_event[i].map_or(true, |t| {
+            now.saturating_duration_since(t) >= ANOMALY_SUMMARY_EVERY
+        });
+        if due && self.unreported[i] > 0 {
+            self.last_event[i] = Some(now);
+            Some(std::mem::take(&mut self.unreported[i]))
+        } else {
+            None
+        }
+    }
+
+    /// Everything not yet reported (at the finish, or periodically).
+    fn flush(&mut self, now: Instant, force: bool) -> Vec<(Anomaly, u64)> {
+        let mut out = Vec::new();
+        for a in Anomaly::ALL {
+            let i = a as usize;
+            if force {
+                if self.unreported[i] > 0 {
+                    out.push((a, std::mem::take(&mut self.unreported[i])));
+                }
+            } else if let Some(n) = self.due(i, now) {
+                out.push((a, n));
+            }
+        }
+        out
+    }
 }
 
 /// Why the ingest stopped. The messages name the file (or thread) and the
@@ -248,24 +449,69 @@ const IDLE_SLEEP: Duration = Duration::from_millis(1);
 
 // ---- Per-frame decisions: no shared memory, clock or file inside ---------------
 
-/// The producer's frame numbers as the ingest saw them: which never arrived.
+/// The producer's frame numbers as the ingest saw them: which never arrived,
+/// and which were implausible.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct FrameNumbers {
     /// The last frame number read (or counted as lost), if any since the
     /// producer (re)started.
     last: Option<u64>,
+    /// The last number, if it was implausible (back or a jump): numbering
+    /// goes on from it only if the next frame follows it.
+    stray: Option<u64>,
+}
+
+/// What a frame's number says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum NumberCheck {
+    /// The next number (or the first).
+    Next,
+    /// Numbers skipped before it (the producer fell behind, or a copy was
+    /// torn): `dropped` rows.
+    Gap(Range<u64>),
+    /// Lower than the last.
+    Back,
+    /// The last number again.
+    Repeat,
+    /// More numbers skipped than the clock allows: no rows for them.
+    Jump { skipped: u64 },
 }
 
 impl FrameNumbers {
-    /// Frame `number` was read: the numbers the producer skipped before it
-    /// (it fell behind, or a copy was torn), empty if none.
-    fn frame(&mut self, number: u64) -> Range<u64> {
-        let skipped = match self.last {
-            Some(last) if number > last.saturating_add(1) => last + 1..number,
-            _ => number..number,
+    /// Frame `number` was read; `max_gap`: the most frames that can have
+    /// been skipped since the last one (what the frame clock allows). An
+    /// implausible number (back, or a jump) does not move the numbering,
+    /// unless the next frame follows it (the producer renumbered).
+    fn frame(&mut self, number: u64, max_gap: u64) -> NumberCheck {
+        let Some(last) = self.last else {
+            self.last = Some(number);
+            return NumberCheck::Next;
         };
+        if let Some(s) = self.stray.take() {
+            if s.checked_add(1) == Some(number) {
+                self.last = Some(number);
+                return NumberCheck::Next;
+            }
+        }
+        if number == last {
+            return NumberCheck::Repeat;
+        }
+        if number < last {
+            self.stray = Some(number);
+            return NumberCheck::Back;
+        }
+        // number > last, so neither can overflow.
+        let skipped = number - last - 1;
+        if skipped > max_gap {
+            self.stray = Some(number);
+            return NumberCheck::Jump { skipped };
+        }
         self.last = Some(number);
-        skipped
+        if skipped == 0 {
+            NumberCheck::Next
+        } else {
+            NumberCheck::Gap(last + 1..number)
+        }
     }
 
     /// The reader was lapped and lost `skipped` frames after the last one
@@ -275,42 +521,86 @@ impl FrameNumbers {
         if let Some(n) = self.last.as_mut() {
             *n = n.saturating_add(skipped);
         }
+        self.stray = None;
         first..first.saturating_add(skipped)
     }
 
     /// A new generation numbers its frames afresh.
     fn restart(&mut self) {
-        self.last = None;
+        *self = Self::default();
     }
 }
 
 /// Whether the producer went silent, for `producer_stale` and
-/// `producer_resumed`.
+/// `producer_resumed`, judged by the reader's own clock: no frame and no
+/// change of the heartbeat for [`PRODUCER_SILENT`] (so a heartbeat stamped
+/// in the future cannot keep a dead producer alive).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct ProducerWatch {
     /// When the silence was noticed (and reported).
     silent_since: Option<Instant>,
+    /// The last frame or heartbeat change seen.
+    last_activity: Option<Instant>,
+    last_heartbeat_ns: u64,
 }
 
 impl ProducerWatch {
-    /// The ring had nothing new; `stale()`: no frame or heartbeat for
-    /// [`PRODUCER_SILENT`]. True when this starts a silence (report it
-    /// once). Neither is asked while a silence goes on.
-    fn nothing_new(&mut self, stale: impl FnOnce() -> bool, now: impl FnOnce() -> Instant) -> bool {
-        if self.silent_since.is_some() || !stale() {
+    /// Attached to a ring: it counts as activity.
+    fn attached(&mut self, heartbeat_ns: u64, now: Instant) {
+        self.last_heartbeat_ns = heartbeat_ns;
+        self.last_activity = Some(now);
+    }
+
+    /// The ring had nothing new; its heartbeat reads `heartbeat_ns`. True
+    /// when this starts a silence (report it once).
+    fn nothing_new(&mut self, heartbeat_ns: u64, now: Instant) -> bool {
+        if heartbeat_ns != self.last_heartbeat_ns {
+            self.last_heartbeat_ns = heartbeat_ns;
+            self.last_activity = Some(now);
+        }
+        let Some(last) = self.last_activity else {
+            self.last_activity = Some(now);
+            return false;
+        };
+        if self.silent_since.is_some() || now.saturating_duration_since(last) <= PRODUCER_SILENT {
             return false;
         }
-        self.silent_since = Some(now());
+        self.silent_since = Some(now);
         true
     }
 
     /// A frame arrived. After a reported silence: about how many seconds
-    /// passed without frames (from the last one, [`PRODUCER_SILENT`] before
-    /// the silence was noticed). `now` is read only then.
-    fn frame(&mut self, now: impl FnOnce() -> Instant) -> Option<f64> {
-        let since = self.silent_since.take()?;
-        Some(now().saturating_duration_since(since).as_secs_f64() + PRODUCER_SILENT.as_secs_f64())
+    /// passed without frames (from the last activity).
+    fn frame(&mut self, now: Instant) -> Option<f64> {
+        let last = self.last_activity.replace(now);
+        self.silent_since.take()?;
+        Some(last.map_or(0.0, |l| now.saturating_duration_since(l).as_secs_f64()))
     }
+}
+
+/// Whether a producer's host stamp can be true: not more than
+/// [`STAMP_FUTURE_NS`] in the reader's future, after the previous frame's
+/// stamp, and not older than `max_age_ns`.
+fn stamp_plausible(host_ns: u64, prev_ns: Option<u64>, now_ns: u64, max_age_ns: u64) -> bool {
+    host_ns <= now_ns.saturating_add(STAMP_FUTURE_NS)
+        && prev_ns.map_or(true, |p| host_ns > p)
+        && now_ns.saturating_sub(host_ns) <= max_age_ns
+}
+
+/// A stamp (or heartbeat) this far in the reader's future is implausible.
+const STAMP_FUTURE_NS: u64 = 1_000_000_000;
+
+/// Frames the clock allows to be skipped between two frames read
+/// `elapsed_us` apart (of rig or host time, whichever is longer), with a
+/// margin and the frames a ring of `slots` may have held.
+fn max_gap(elapsed_us: f64, period_us: f64, slots: u64) -> u64 {
+    let frames = (elapsed_us.max(0.0) / period_us.max(1.0) * 1.5).ceil();
+    let frames = if frames.is_finite() && frames < 1e15 {
+        frames as u64
+    } else {
+        u64::MAX / 4
+    };
+    frames.saturating_add(slots).saturating_add(16)
 }
 
 /// The rig time of a frame, µs, which picks its chunk: its mapped host
@@ -326,8 +616,6 @@ struct Pending {
     /// The frame's index in the ring's generation (0 for a dropped frame).
     index: u64,
     frame_number: u64,
-    /// The producer's host stamp on the rig clock, µs.
-    mapped_us: Option<f64>,
     dropped: bool,
 }
 
@@ -337,32 +625,36 @@ enum RowTime {
     /// A dropped frame: no time, no source.
     Dropped,
     Stamped(Stamp),
+    /// The TTL is wired but the frame could not be matched to its edge, and
+    /// it has no mapped time after the previous row's (or none plausible):
+    /// no time, source `unmatched`.
+    Unmatched,
     /// No clock fit in time (or the session stopped first): no time,
     /// source `none`.
     Unstamped,
 }
 
-/// The `frames.tsv` rows not yet written, in frame order.
+/// The `frames.tsv` rows not yet written, in frame order; the frames among
+/// them wait in the [`FrameTimer`] too, in the same order.
 #[derive(Debug, Default)]
 struct StampQueue {
     pending: VecDeque<Pending>,
 }
 
 impl StampQueue {
-    fn push_frame(&mut self, meta: &FrameMeta, mapped_us: Option<f64>) {
+    fn push_frame(&mut self, timer: &mut FrameTimer, meta: &FrameMeta, info: FrameInfo) {
         self.pending.push_back(Pending {
             index: meta.index,
             frame_number: meta.frame_number,
-            mapped_us,
             dropped: false,
         });
+        timer.push(info);
     }
 
     fn push_dropped(&mut self, frame_number: u64) {
         self.pending.push_back(Pending {
             index: 0,
             frame_number,
-            mapped_us: None,
             dropped: true,
         });
     }
@@ -372,12 +664,13 @@ impl StampQueue {
     }
 
     /// The oldest row, if it can be written now (rig time `now_us`): a
-    /// dropped frame, a stamped one, or, when `stopping` or past
-    /// [`MAX_PENDING_FRAMES`], one that waits for a stamp, without a time.
-    /// `None`: the oldest frame waits for its stamp, and so do the rows after it.
+    /// dropped frame, a decided one, or, when `stopping` or past
+    /// [`MAX_PENDING_FRAMES`], one forced out of the timer.
+    /// `None`: the oldest frame waits, and so do the rows after it.
     fn next_ready(
         &mut self,
         timer: &mut FrameTimer,
+        fit: Option<&ClockFit>,
         now_us: f64,
         stopping: bool,
     ) -> Option<(Pending, RowTime)> {
@@ -385,17 +678,11 @@ impl StampQueue {
         let time = if p.dropped {
             RowTime::Dropped
         } else {
-            let frame = FrameInfo {
-                frame_number: p.frame_number,
-                mapped_us: p.mapped_us,
-            };
-            match timer.stamp(frame, now_us) {
+            let force = stopping || self.pending.len() > MAX_PENDING_FRAMES;
+            match timer.next(fit, now_us, force) {
                 Decision::Stamped(s) => RowTime::Stamped(s),
-                // No clock fit at all (or none for minutes): keep the row,
-                // without a time, rather than hold frames forever.
-                Decision::Wait if stopping || self.pending.len() > MAX_PENDING_FRAMES => {
-                    RowTime::Unstamped
-                }
+                Decision::Unmatched => RowTime::Unmatched,
+                Decision::Unstamped => RowTime::Unstamped,
                 Decision::Wait => return None,
             }
         };
@@ -422,6 +709,7 @@ fn write_row(out: &mut impl Write, p: &Pending, time: RowTime, t0_us: u64) -> st
     let (t_us, source) = match time {
         RowTime::Dropped => (None, ""),
         RowTime::Stamped(s) => (Some(s.t_us), s.source.as_str()),
+        RowTime::Unmatched => (None, "unmatched"),
         RowTime::Unstamped => (None, "none"),
     };
     let t_s = SessionSeconds(t_us.map(|t| (t - t0_us as f64) / 1e6));
@@ -692,6 +980,26 @@ struct IngestLoop<'a> {
     mean: MeanImage,
     /// Rig time of the last frame read, µs (the chunk of dropped frames).
     last_frame_t_rig: u64,
+    /// The rig's latest sample time and the host clock when the first frame
+    /// of this producer run was read, and the frames accounted for since
+    /// (read, or dropped rows): how many more the clock allows.
+    run_start: Option<(u64, Instant)>,
+    run_frames: u64,
+    /// The frame period the clock bound uses, µs: the configured rate's, or
+    /// the ring's nominal rate's if faster (at most 1 kHz).
+    budget_period_us: f64,
+    /// The last plausible host stamp of this generation, ns.
+    last_stamp_ns: Option<u64>,
+    /// Host `CLOCK_MONOTONIC` when the ingest started (the session's
+    /// start): frames found in the ring at attach stamped before it are not
+    /// the session's.
+    start_host_ns: u64,
+    /// Frames of the ring read at attach (index below this) are checked
+    /// against `start_host_ns`.
+    backlog_until: u64,
+    anomalies: AnomalyLog,
+    /// The heartbeat value last reported as in the future.
+    future_heartbeat_seen: u64,
     /// The frame just read, C x H x W.
     pixels: Vec<u16>,
 }
@@ -722,8 +1030,107 @@ impl<'a> IngestLoop<'a> {
             files,
             mean: MeanImage::new(pixels),
             last_frame_t_rig: 0,
+            run_start: None,
+            run_frames: 0,
+            budget_period_us: 1e6 / setup.frame_rate_hz.clamp(1e-3, 1000.0),
+            last_stamp_ns: None,
+            start_host_ns: host_now_ns(),
+            backlog_until: 0,
+            anomalies: AnomalyLog::default(),
+            future_heartbeat_seen: 0,
             pixels: vec![0; pixels],
         })
+    }
+
+    /// How many frames the clock allows to have been skipped now: what it
+    /// allows since the first frame of this producer run, less the frames
+    /// accounted for since (so a producer catching up in a burst after a
+    /// stall is plausible, a jump by billions is not).
+    fn allowed_gap(&self, rig_now_us: u64, now: Instant) -> u64 {
+        let slots = self
+            .ring
+            .reader
+            .as_ref()
+            .map_or(0, |r| u64::from(r.layout().slot_count()));
+        match self.run_start {
+            Some((rig_us, at)) => {
+                let rig_elapsed = rig_now_us.saturating_sub(rig_us) as f64;
+                let host_elapsed = now.saturating_duration_since(at).as_secs_f64() * 1e6;
+                max_gap(rig_elapsed.max(host_elapsed), self.budget_period_us, slots)
+                    .saturating_sub(self.run_frames)
+            }
+            // Before the first frame: what the ring can hold.
+            None => slots.saturating_add(16),
+        }
+    }
+
+    /// Count an anomaly and record it (rate-limited).
+    fn anomaly(&mut self, a: Anomaly, detail: impl FnOnce() -> String) {
+        self.counters.anomalies[a as usize].fetch_add(1, Ordering::Relaxed);
+        if let Some(n) = self.anomalies.occurred(a, Instant::now()) {
+            let total = self.counters.anomalies[a as usize].load(Ordering::Relaxed);
+            let detail = format!("{}: {} ({total} so far)", a.as_str(), detail());
+            tracing::warn!("imaging: producer anomaly {detail}");
+            self.session.notice("producer_anomaly", n as f64, detail);
+        }
+    }
+
+    /// The anomalies counted but not yet recorded: their summaries, when due
+    /// (or all of them at the finish).
+    fn flush_anomalies(&mut self, force: bool) {
+        for (a, n) in self.anomalies.flush(Instant::now(), force) {
+            let total = self.counters.anomalies[a as usize].load(Ordering::Relaxed);
+            self.session.notice(
+                "producer_anomaly",
+                n as f64,
+                format!(
+                    "{}: {n} more since the last report ({total} so far)",
+                    a.as_str()
+                ),
+            );
+        }
+    }
+
+    /// The matcher's events, for `events.tsv`.
+    fn report_match_events(&mut self) {
+        for ev in self.timer.take_events() {
+            match ev {
+                MatchEvent::OffsetFound {
+                    offset,
+                    frame,
+                    mapped_before,
+                } => {
+                    tracing::info!("imaging: frames matched to frame-clock edges (edge count - frame number = {offset})");
+                    self.session.notice(
+                        "frame_offset_found",
+                        offset as f64,
+                        format!(
+                            "edge count - frame number = {offset}, verified from frame {frame}; \
+                             {mapped_before} earlier rows of this producer run were written \
+                             without it (mapped/unmatched) and stay so"
+                        ),
+                    );
+                }
+                MatchEvent::MatchLost {
+                    offset,
+                    found,
+                    frame,
+                } => {
+                    tracing::warn!(
+                        "imaging: frame {frame} does not match its frame-clock edge any more"
+                    );
+                    self.session.notice(
+                        "frame_match_lost",
+                        found as f64,
+                        format!(
+                            "frame {frame} is at the edge of offset {found}, not {offset}: \
+                             an edge or a frame was lost or added; frames are mapped until \
+                             a new offset is verified"
+                        ),
+                    );
+                }
+            }
+        }
     }
 
     /// Attach (and re-attach) to the ring when not attached and it is time.
@@ -763,9 +1170,19 @@ impl<'a> IngestLoop<'a> {
                         );
                     }
                 }
+                // Read the frames still in the ring, not only the ones to
+                // come: those stamped before the session are skipped by
+                // `on_frame`, the rest are the session's.
+                let mut reader = reader;
+                let published = reader.published();
+                reader.seek(published.saturating_sub(u64::from(reader.layout().slot_count())));
+                self.backlog_until = published;
+                self.producer
+                    .attached(reader.heartbeat_ns(), Instant::now());
                 ring.reader = Some(reader);
                 ring.mapping = Some(mapping);
                 ring.last_error.clear();
+                self.restart_numbering();
             }
             Err(e) => {
                 let e = e.to_string();
@@ -806,7 +1223,22 @@ impl<'a> IngestLoop<'a> {
 
     /// A frame is in `self.pixels`: its rows, files, analysis and preview.
     fn on_frame(&mut self, meta: &FrameMeta) -> Result<(), IngestError> {
-        if let Some(silent_s) = self.producer.frame(Instant::now) {
+        let now_ns = host_now_ns();
+        let slots = self
+            .ring
+            .reader
+            .as_ref()
+            .map_or(0, |r| u64::from(r.layout().slot_count()));
+        // A frame found in the ring at attach from before the session is
+        // not the session's (a plausible stamp before the ingest started).
+        if meta.index < self.backlog_until
+            && meta.host_monotonic_ns < self.start_host_ns
+            && self.numbers.last.is_none()
+        {
+            self.counters.before_session.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        if let Some(silent_s) = self.producer.frame(Instant::now()) {
             self.session.notice(
                 "producer_resumed",
                 silent_s,
@@ -814,19 +1246,73 @@ impl<'a> IngestLoop<'a> {
             );
             tracing::info!("imaging: frames again after about {silent_s:.1} s");
         }
-        let missing = self.numbers.frame(meta.frame_number);
-        if !missing.is_empty() {
-            self.on_missing(missing)?;
+        let (fit, rig_now_us) = self.session.live();
+        // The host stamp, if it can be true.
+        let period_ns = 1e9 / self.setup.frame_rate_hz.max(1e-3);
+        let max_age_ns =
+            60_000_000_000u64.saturating_add((slots as f64 * period_ns).min(1e15) as u64);
+        let host_ns = if stamp_plausible(
+            meta.host_monotonic_ns,
+            self.last_stamp_ns,
+            now_ns,
+            max_age_ns,
+        ) {
+            self.last_stamp_ns = Some(meta.host_monotonic_ns);
+            Some(meta.host_monotonic_ns)
+        } else {
+            let (h, prev) = (meta.host_monotonic_ns, self.last_stamp_ns);
+            self.anomaly(Anomaly::StampImplausible, || {
+                format!(
+                    "frame {} stamped {h} ns (previous frame {prev:?} ns, now {now_ns} ns)",
+                    meta.frame_number
+                )
+            });
+            None
+        };
+        // The frame number, against what the clock allows.
+        let now = Instant::now();
+        let allowed = self.allowed_gap(rig_now_us, now);
+        if self.run_start.is_none() {
+            self.run_start = Some((rig_now_us, now));
+        }
+        self.run_frames = self.run_frames.saturating_add(1);
+        let last = self.numbers.last;
+        match self.numbers.frame(meta.frame_number, allowed) {
+            NumberCheck::Next => {}
+            NumberCheck::Gap(missing) => {
+                self.run_frames = self.run_frames.saturating_add(missing.end - missing.start);
+                self.on_missing(missing)?;
+            }
+            NumberCheck::Back => self.anomaly(Anomaly::NumberBack, || {
+                format!("frame number {} after {last:?}", meta.frame_number)
+            }),
+            NumberCheck::Repeat => self.anomaly(Anomaly::NumberRepeat, || {
+                format!("frame number {} twice", meta.frame_number)
+            }),
+            NumberCheck::Jump { skipped } => self.anomaly(Anomaly::NumberJumpImplausible, || {
+                format!(
+                    "frame number {} after {last:?}: {skipped} frames skipped, but the \
+                     clock allows at most {allowed}; no dropped rows written for them",
+                    meta.frame_number
+                )
+            }),
         }
         self.counters.frames.fetch_add(1, Ordering::Relaxed);
         crate::metrics::global().frames.inc();
-        let (fit, rig_now_us) = self.session.live();
-        let mapped_us = fit.map(|f| f.host_to_rig_us(meta.host_monotonic_ns));
+        let mapped_us = fit
+            .zip(host_ns)
+            .map(|(f, h)| f.host_to_rig_us(h))
+            .filter(|m| m.is_finite());
         let t_rig = frame_rig_us(mapped_us, rig_now_us);
         self.files
             .at_frame(t_rig.saturating_sub(self.setup.t0_us))?;
         self.last_frame_t_rig = t_rig;
-        self.rows.push_frame(meta, mapped_us);
+        let info = FrameInfo {
+            frame_number: meta.frame_number,
+            host_ns,
+            arrival_rig_us: rig_now_us,
+        };
+        self.rows.push_frame(&mut self.timer, meta, info);
         self.mean.add(&self.pixels);
         if let Some(raw) = self.files.raw.as_mut() {
             raw.append(&self.pixels)?;
@@ -874,6 +1360,24 @@ impl<'a> IngestLoop<'a> {
 
     /// The reader was lapped: `skipped` frames are lost.
     fn on_overrun(&mut self, skipped: u64) -> Result<(), IngestError> {
+        let (_, rig_now_us) = self.session.live();
+        let allowed = self.allowed_gap(rig_now_us, Instant::now());
+        if skipped > allowed {
+            // The producer's write_seq jumped further than the clock allows:
+            // not frames lost, a broken index. Read on from its newest frame.
+            if let Some(r) = self.ring.reader.as_mut() {
+                let published = r.published();
+                r.seek(published.saturating_sub(1));
+            }
+            self.anomaly(Anomaly::IndexJumpImplausible, || {
+                format!(
+                    "the ring's index jumped by {skipped} frames, but the clock allows at \
+                     most {allowed}; no dropped rows written for them"
+                )
+            });
+            return Ok(());
+        }
+        self.run_frames = self.run_frames.saturating_add(skipped);
         self.count_dropped(skipped);
         // The lost frames came after the last one read: they stay in its
         // chunk (the next frame read decides).
@@ -906,7 +1410,9 @@ impl<'a> IngestLoop<'a> {
     }
 
     fn on_producer_restarted(&mut self, old_gen: u64, new_gen: u64) {
-        self.numbers.restart();
+        self.restart_numbering();
+        // A restarted producer's frames from index 0 are all the session's.
+        self.backlog_until = 0;
         self.session.notice(
             "producer_restarted",
             0.0,
@@ -915,15 +1421,41 @@ impl<'a> IngestLoop<'a> {
         tracing::warn!("imaging: the frame producer restarted");
     }
 
+    /// A new producer run: numbering, stamps and the edge match start afresh.
+    fn restart_numbering(&mut self) {
+        self.numbers.restart();
+        self.last_stamp_ns = None;
+        self.run_start = None;
+        self.run_frames = 0;
+        let nominal_hz = self
+            .ring
+            .reader
+            .as_ref()
+            .and_then(|r| r.header().ok())
+            .map_or(0.0, |h| f64::from(h.nominal_frame_rate_mhz) / 1e3);
+        let rate_hz = self.setup.frame_rate_hz.max(nominal_hz).clamp(1e-3, 1000.0);
+        self.budget_period_us = 1e6 / rate_hz;
+        self.timer.restart();
+    }
+
     fn on_nothing_new(&mut self) {
-        let reader = self.ring.reader.as_ref();
-        let stale =
-            || reader.is_some_and(|r| r.is_stale(host_now_ns(), PRODUCER_SILENT.as_nanos() as u64));
-        if self.producer.nothing_new(stale, Instant::now) {
+        let Some(heartbeat_ns) = self.ring.reader.as_ref().map(RingReader::heartbeat_ns) else {
+            return;
+        };
+        let now_ns = host_now_ns();
+        if heartbeat_ns > now_ns.saturating_add(STAMP_FUTURE_NS)
+            && heartbeat_ns != self.future_heartbeat_seen
+        {
+            self.future_heartbeat_seen = heartbeat_ns;
+            self.anomaly(Anomaly::HeartbeatFuture, || {
+                format!("heartbeat {heartbeat_ns} ns, now {now_ns} ns")
+            });
+        }
+        if self.producer.nothing_new(heartbeat_ns, Instant::now()) {
             self.session.notice(
                 "producer_stale",
                 0.0,
-                "no frame or heartbeat for 2 s".into(),
+                "no frame and no heartbeat for 2 s".into(),
             );
             tracing::warn!("imaging: the frame producer is silent");
         }
@@ -943,27 +1475,30 @@ impl<'a> IngestLoop<'a> {
 
     /// Write the `frames.tsv` rows that can be written now, in order.
     fn write_ready_rows(&mut self, stopping: bool) -> Result<(), IngestError> {
-        let (_, rig_now_us) = self.session.live();
+        let (fit, rig_now_us) = self.session.live();
         let now_us = if stopping {
             f64::INFINITY
         } else {
             rig_now_us as f64
         };
-        while let Some((row, time)) = self.rows.next_ready(&mut self.timer, now_us, stopping) {
-            if let RowTime::Stamped(s) = time {
-                let counter = match s.source {
-                    StampSource::Ttl => &self.counters.ttl_stamped,
-                    StampSource::Mapped => &self.counters.mapped_stamped,
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-            }
+        let before = self.timer.stats;
+        while let Some((row, time)) =
+            self.rows
+                .next_ready(&mut self.timer, fit.as_ref(), now_us, stopping)
+        {
             self.files.row(&row, time, self.setup.t0_us)?;
         }
+        self.counters.add_match_stats(&before, &self.timer.stats);
+        self.report_match_events();
+        self.flush_anomalies(stopping);
         Ok(())
     }
 
     /// Every row is written: sync the files and write `mean_image.npy`.
     fn finish(mut self) -> Result<(), IngestError> {
+        let qc = self.counters.snapshot();
+        self.session
+            .notice("imaging_qc", qc.frames as f64, qc.to_string());
         self.files.sync()?;
         let Some(mean) = self.mean.mean(self.mean.sum.len()) else {
             return Ok(());
@@ -1031,46 +1566,163 @@ mod tests {
     }
 
     #[test]
-    fn frame_numbers_name_the_frames_that_never_arrived() {
+    fn frame_numbers_name_the_frames_that_never_arrived_and_the_implausible_ones() {
         let mut n = FrameNumbers::default();
-        assert!(n.frame(1).is_empty(), "the first frame follows nothing");
-        assert!(n.frame(2).is_empty());
-        assert_eq!(n.frame(5), 3..5);
+        assert_eq!(
+            n.frame(1, 0),
+            NumberCheck::Next,
+            "the first frame follows nothing"
+        );
+        assert_eq!(n.frame(2, 0), NumberCheck::Next);
+        assert_eq!(n.frame(5, 10), NumberCheck::Gap(3..5));
         // An overrun loses the frames after the last one read.
         assert_eq!(n.overrun(3), 6..9);
-        assert!(n.frame(9).is_empty(), "counted by the overrun already");
-        assert_eq!(n.frame(12), 10..12);
-        // A number going back (without a restart) is no gap.
-        assert!(n.frame(4).is_empty());
-        assert!(n.frame(5).is_empty());
+        assert_eq!(
+            n.frame(9, 10),
+            NumberCheck::Next,
+            "counted by the overrun already"
+        );
+        assert_eq!(n.frame(12, 10), NumberCheck::Gap(10..12));
+        // A number going back or repeating is no gap, and is named; a
+        // stray number does not move the numbering.
+        assert_eq!(n.frame(4, 10), NumberCheck::Back);
+        assert_eq!(n.frame(13, 10), NumberCheck::Next);
+        assert_eq!(n.frame(13, 10), NumberCheck::Repeat);
+        // A jump the clock cannot allow writes no rows.
+        assert_eq!(
+            n.frame(1 << 40, 100),
+            NumberCheck::Jump {
+                skipped: (1 << 40) - 14
+            }
+        );
+        assert_eq!(n.frame(14, 100), NumberCheck::Next);
+        // ... unless the producer goes on from it: it renumbered.
+        assert_eq!(n.frame(2, 100), NumberCheck::Back);
+        assert_eq!(n.frame(3, 100), NumberCheck::Next);
+        assert_eq!(n.frame(4, 100), NumberCheck::Next);
         // A new generation numbers afresh.
         n.restart();
-        assert!(n.frame(0).is_empty());
+        assert_eq!(n.frame(0, 0), NumberCheck::Next);
         // An overrun before any frame: numbered from 0, nothing to follow.
         let mut n = FrameNumbers::default();
         assert_eq!(n.overrun(4), 0..4);
         assert_eq!(n, FrameNumbers::default());
         // No overflow at the end of the numbering.
         let mut n = FrameNumbers::default();
-        assert!(n.frame(u64::MAX).is_empty());
-        assert!(n.frame(u64::MAX).is_empty());
+        assert_eq!(n.frame(u64::MAX, u64::MAX), NumberCheck::Next);
+        assert_eq!(n.frame(u64::MAX, u64::MAX), NumberCheck::Repeat);
+        assert_eq!(n.frame(0, u64::MAX), NumberCheck::Back);
+        assert_eq!(n.frame(u64::MAX, u64::MAX), NumberCheck::Repeat);
         assert_eq!(n.overrun(5), u64::MAX..u64::MAX);
     }
 
     #[test]
-    fn a_silence_is_reported_once_and_its_end_with_its_length() {
+    fn the_frames_a_gap_may_hold_are_bounded_by_the_clock() {
+        // 1 s at 28.7 Hz: 43 frames with the margin, plus the ring and 16.
+        assert_eq!(max_gap(1e6, 1e6 / 28.7, 57), 44 + 57 + 16);
+        assert_eq!(max_gap(0.0, 34_843.0, 0), 16);
+        assert_eq!(max_gap(-5.0, 34_843.0, 0), 16);
+        assert!(max_gap(f64::INFINITY, 1.0, u64::MAX) == u64::MAX);
+    }
+
+    #[test]
+    fn the_qc_record_names_every_count() {
+        let c = IngestCounters::default();
+        c.frames.store(7, Ordering::Relaxed);
+        c.anomalies[Anomaly::NumberJumpImplausible as usize].store(2, Ordering::Relaxed);
+        let qc = c.snapshot();
+        assert_eq!(qc.frames, 7);
+        assert_eq!(qc.anomalies[2], ("number_jump_implausible", 2));
+        assert_eq!(
+            qc.to_string(),
+            "frames=7 dropped=0 ttl=0 ttl_by_count=0 mapped=0 unmatched=0 none=0 \
+             stamp_order_violations=0 offsets_found=0 matches_lost=0 before_session=0 \
+             number_back=0 number_repeat=0 number_jump_implausible=2 heartbeat_future=0 \
+             stamp_implausible=0 index_jump_implausible=0"
+        );
+    }
+
+    #[test]
+    fn a_stamp_is_plausible_only_between_the_last_one_and_now() {
+        let now = 100_000_000_000;
+        assert!(stamp_plausible(
+            now - 1_000,
+            Some(now - 2_000),
+            now,
+            60_000_000_000
+        ));
+        assert!(
+            stamp_plausible(now + 999_999_999, None, now, 1),
+            "within 1 s of now"
+        );
+        assert!(
+            !stamp_plausible(now + 2_000_000_000, None, now, 1),
+            "in the future"
+        );
+        assert!(!stamp_plausible(u64::MAX, None, now, u64::MAX));
+        assert!(
+            !stamp_plausible(now - 2_000, Some(now - 2_000), now, u64::MAX),
+            "not after"
+        );
+        assert!(
+            !stamp_plausible(now - 3_000, Some(now - 2_000), now, u64::MAX),
+            "backwards"
+        );
+        assert!(
+            !stamp_plausible(0, None, now, 60_000_000_000),
+            "absurdly old"
+        );
+    }
+
+    #[test]
+    fn anomalies_are_reported_first_then_summarised_not_flooded() {
         let t0 = Instant::now();
+        let mut log = AnomalyLog::default();
+        assert_eq!(
+            log.occurred(Anomaly::NumberBack, t0),
+            Some(1),
+            "the first at once"
+        );
+        for i in 0..1000 {
+            let t = t0 + Duration::from_millis(i);
+            assert_eq!(log.occurred(Anomaly::NumberBack, t), None);
+        }
+        assert_eq!(
+            log.occurred(Anomaly::NumberRepeat, t0),
+            Some(1),
+            "kinds are limited apart"
+        );
+        assert_eq!(log.flush(t0 + Duration::from_secs(5), false), vec![]);
+        assert_eq!(
+            log.flush(t0 + Duration::from_secs(10), false),
+            vec![(Anomaly::NumberBack, 1000)]
+        );
+        log.occurred(Anomaly::StampImplausible, t0 + Duration::from_secs(10));
+        log.occurred(Anomaly::StampImplausible, t0 + Duration::from_secs(11));
+        assert_eq!(
+            log.flush(t0 + Duration::from_secs(12), true),
+            vec![(Anomaly::StampImplausible, 1)],
+            "the rest at the finish"
+        );
+    }
+
+    #[test]
+    fn a_silence_is_judged_by_the_readers_clock_not_the_heartbeats_value() {
+        let t0 = Instant::now();
+        let s = |x: u64| t0 + Duration::from_millis(x);
         let mut w = ProducerWatch::default();
-        assert_eq!(w.frame(|| unreachable!("no clock read per frame")), None);
-        assert!(!w.nothing_new(|| false, || unreachable!("not silent")));
-        assert!(w.nothing_new(|| true, || t0));
-        assert!(!w.nothing_new(|| unreachable!("already silent"), || t0));
-        let s = w
-            .frame(|| t0 + Duration::from_millis(1500))
-            .expect("resumed");
-        assert!((s - 3.5).abs() < 1e-9, "{s}");
-        assert_eq!(w.frame(|| unreachable!()), None);
-        assert!(w.nothing_new(|| true, || t0), "a new silence");
+        w.attached(5, t0);
+        assert_eq!(w.frame(s(10)), None);
+        assert!(!w.nothing_new(5, s(1000)));
+        // A heartbeat that changes is life; one stuck (even far in the
+        // future) is not.
+        assert!(!w.nothing_new(u64::MAX, s(1900)));
+        assert!(!w.nothing_new(u64::MAX, s(3800)));
+        assert!(w.nothing_new(u64::MAX, s(3901)), "2 s without change");
+        assert!(!w.nothing_new(u64::MAX, s(5000)), "reported once");
+        let silent = w.frame(s(6900)).expect("resumed");
+        assert!((silent - 5.0).abs() < 1e-9, "{silent}");
+        assert_eq!(w.frame(s(7000)), None);
     }
 
     #[test]
@@ -1089,9 +1741,42 @@ mod tests {
         }
     }
 
-    fn drain(q: &mut StampQueue, timer: &mut FrameTimer, now_us: f64, stop: bool) -> Vec<String> {
+    fn fit() -> ClockFit {
+        // Host µs = rig µs.
+        ClockFit {
+            host_ref_us: 0.0,
+            rig_ref_us: 0.0,
+            drift_ppm: 0.0,
+            half_band_us: 50.0,
+            exchanges: 100,
+            min_rtt_us: 100.0,
+        }
+    }
+
+    fn push(
+        q: &mut StampQueue,
+        timer: &mut FrameTimer,
+        index: u64,
+        number: u64,
+        host_us: Option<u64>,
+    ) {
+        let info = FrameInfo {
+            frame_number: number,
+            host_ns: host_us.map(|h| h * 1000),
+            arrival_rig_us: 0,
+        };
+        q.push_frame(timer, &meta(index, number), info);
+    }
+
+    fn drain(
+        q: &mut StampQueue,
+        timer: &mut FrameTimer,
+        fit: Option<&ClockFit>,
+        now_us: f64,
+        stop: bool,
+    ) -> Vec<String> {
         let mut out = Vec::new();
-        while let Some((p, time)) = q.next_ready(timer, now_us, stop) {
+        while let Some((p, time)) = q.next_ready(timer, fit, now_us, stop) {
             write_row(&mut out, &p, time, 1_000_000).expect("to memory");
         }
         String::from_utf8(out)
@@ -1105,43 +1790,60 @@ mod tests {
     fn rows_are_written_in_frame_order_once_their_stamp_is_known() {
         let mut timer = FrameTimer::new(false, 30.0);
         let mut q = StampQueue::default();
-        q.push_frame(&meta(0, 10), Some(1_500_000.0));
+        push(&mut q, &mut timer, 0, 10, Some(1_500_000));
         q.push_dropped(11);
-        q.push_frame(&meta(1, 12), None); // no clock fit yet
+        push(&mut q, &mut timer, 1, 12, Some(1_600_000));
         q.push_dropped(13);
         assert_eq!(
-            drain(&mut q, &mut timer, 2e6, false),
-            ["0\t10\t0.500000\tmapped\t0", "0\t11\t\t\t1"],
-            "the unstamped frame holds back the rows after it"
+            drain(&mut q, &mut timer, None, 2e6, false),
+            Vec::<String>::new(),
+            "no clock fit yet: the rows wait"
         );
-        assert_eq!(q.pending.len(), 2);
-        // At the stop nothing waits any more.
         assert_eq!(
-            drain(&mut q, &mut timer, f64::INFINITY, true),
-            ["1\t12\t\tnone\t0", "0\t13\t\t\t1"]
+            drain(&mut q, &mut timer, Some(&fit()), 2e6, false),
+            [
+                "0\t10\t0.500000\tmapped\t0",
+                "0\t11\t\t\t1",
+                "1\t12\t0.600000\tmapped\t0",
+                "0\t13\t\t\t1"
+            ],
+        );
+        // At the stop nothing waits any more; without a fit: `none`.
+        push(&mut q, &mut timer, 2, 14, Some(1_700_000));
+        assert_eq!(
+            drain(&mut q, &mut timer, None, f64::INFINITY, true),
+            ["2\t14\t\tnone\t0"]
         );
         assert!(q.is_empty());
     }
 
     #[test]
     fn rows_take_the_frame_clock_edge_when_the_ttl_is_wired() {
+        let p = 1_000u64;
         let mut timer = FrameTimer::new(true, 1000.0);
-        timer.add_edge(1, 1_000_000);
-        timer.add_edge(2, 1_001_000);
         let mut q = StampQueue::default();
-        q.push_frame(&meta(0, 7), Some(1_000_100.0));
-        q.push_frame(&meta(1, 8), Some(1_001_100.0));
-        q.push_frame(&meta(2, 9), Some(1_002_100.0));
-        assert_eq!(
-            drain(&mut q, &mut timer, 1_002_200.0, false),
-            ["0\t7\t0.000000\tttl\t0", "1\t8\t0.001000\tttl\t0"],
-            "frame 9 waits for its edge"
-        );
-        timer.add_edge(3, 1_002_000);
-        assert_eq!(
-            drain(&mut q, &mut timer, 1_002_200.0, false),
-            ["2\t9\t0.002000\tttl\t0"]
-        );
+        for c in 0..12u64 {
+            timer.add_edge(c + 100, 1_000_000 + c * p);
+        }
+        // Frames 7.. stamped at their edges (100 + k - 7), 40 µs late.
+        for k in 0..8u64 {
+            push(
+                &mut q,
+                &mut timer,
+                k,
+                7 + k,
+                Some(1_000_000 + (k + 1) * p + 40),
+            );
+        }
+        let rows = drain(&mut q, &mut timer, Some(&fit()), 1_011_000.0, false);
+        assert_eq!(rows.len(), 8, "{rows:?}");
+        for (k, r) in rows.iter().enumerate() {
+            assert_eq!(
+                r,
+                &format!("{k}\t{}\t0.00{}000\tttl\t0", 7 + k, k + 1),
+                "frame {k}"
+            );
+        }
     }
 
     #[test]
@@ -1149,9 +1851,9 @@ mod tests {
         let mut timer = FrameTimer::new(false, 30.0);
         let mut q = StampQueue::default();
         for k in 0..MAX_PENDING_FRAMES as u64 + 3 {
-            q.push_frame(&meta(k, k), None);
+            push(&mut q, &mut timer, k, k, Some(k));
         }
-        let rows = drain(&mut q, &mut timer, 0.0, false);
+        let rows = drain(&mut q, &mut timer, None, 0.0, false);
         assert_eq!(
             rows,
             ["0\t0\t\tnone\t0", "1\t1\t\tnone\t0", "2\t2\t\tnone\t0"]
@@ -1164,16 +1866,18 @@ mod tests {
         let p = Pending {
             index: 3,
             frame_number: 4,
-            mapped_us: None,
             dropped: false,
         };
         let stamp = Stamp {
             t_us: 999_500.0,
-            source: StampSource::Mapped,
+            source: super::super::timing::StampSource::Mapped,
         };
         let mut out = Vec::new();
         write_row(&mut out, &p, RowTime::Stamped(stamp), 1_000_000).expect("to memory");
         assert_eq!(out, b"3\t4\t-0.000500\tmapped\t0\n");
+        let mut out = Vec::new();
+        write_row(&mut out, &p, RowTime::Unmatched, 1_000_000).expect("to memory");
+        assert_eq!(out, b"3\t4\t\tunmatched\t0\n");
     }
 
     #[test]

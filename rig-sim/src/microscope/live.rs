@@ -90,6 +90,72 @@ impl FrameSink for RingWriter {
     }
 }
 
+/// The acquisition program's side of the ring: created at its start frame
+/// (the frame clock may run before), re-created at a restart, after which
+/// it numbers its frames from 1 again.
+struct ProgramSink {
+    name: String,
+    geometry: RingGeometry,
+    rate_mhz: u32,
+    writer: Option<FrameRingWriter>,
+    start_frame: u64,
+    restart_frame: Option<u64>,
+}
+
+impl ProgramSink {
+    fn open(&mut self) -> Result<(), ShmError> {
+        let mut w = FrameRingWriter::create(&self.name, self.geometry)?;
+        w.set_nominal_frame_rate_mhz(self.rate_mhz);
+        self.writer = Some(w);
+        Ok(())
+    }
+}
+
+impl FrameSink for ProgramSink {
+    fn publish(
+        &mut self,
+        frame_number: u64,
+        host_ns: u64,
+        pixels: &[u16],
+    ) -> Result<(), PublishError> {
+        if frame_number < self.start_frame {
+            return Ok(());
+        }
+        let number = match self.restart_frame {
+            Some(r) if frame_number >= r => {
+                if frame_number == r || self.writer.is_none() {
+                    // A new run of the program: a new generation.
+                    if let Some(mut w) = self.writer.take() {
+                        w.close();
+                    }
+                    self.open()?;
+                }
+                frame_number - r + 1
+            }
+            _ => frame_number,
+        };
+        if self.writer.is_none() {
+            self.open()?;
+        }
+        if let Some(w) = self.writer.as_mut() {
+            w.publish(number, host_ns, None, pixels)?;
+        }
+        Ok(())
+    }
+
+    fn heartbeat(&mut self, now_ns: u64) {
+        if let Some(w) = self.writer.as_mut() {
+            w.heartbeat(now_ns);
+        }
+    }
+
+    fn close(&mut self) {
+        if let Some(w) = self.writer.as_mut() {
+            w.close();
+        }
+    }
+}
+
 /// Discards the frames (ground truth only).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NullSink;
@@ -142,6 +208,12 @@ pub struct MicroscopeOptions {
     pub queue_frames: usize,
     /// Ring slots (0: about 2 s of frames, at least 8).
     pub slot_count: u32,
+    /// The acquisition program starts (creates the ring and publishes) at
+    /// this TTL edge (0 or 1: at once); the frame clock runs before it.
+    pub start_frame: u64,
+    /// At this TTL edge the acquisition program restarts: the ring gets a
+    /// new generation and the frame numbers start again at 1.
+    pub restart_frame: Option<u64>,
 }
 
 impl MicroscopeOptions {
@@ -156,6 +228,8 @@ impl MicroscopeOptions {
             truth_dir: None,
             queue_frames: 8,
             slot_count: 0,
+            start_frame: 0,
+            restart_frame: None,
         }
     }
 
@@ -228,9 +302,19 @@ impl MicroscopeOptions {
                     name: name.clone(),
                     error,
                 })?;
-                let mut w = FrameRingWriter::create(name, g).map_err(MicroscopeError::Ring)?;
-                w.set_nominal_frame_rate_mhz((frame_rate_hz * 1e3).round() as u32);
-                Box::new(w)
+                let rate_mhz = (frame_rate_hz * 1e3).round() as u32;
+                let mut sink = ProgramSink {
+                    name: name.clone(),
+                    geometry: g,
+                    rate_mhz,
+                    writer: None,
+                    start_frame: self.start_frame,
+                    restart_frame: self.restart_frame,
+                };
+                if self.start_frame <= 1 {
+                    sink.open().map_err(MicroscopeError::Ring)?;
+                }
+                Box::new(sink)
             }
             None => Box::new(NullSink),
         };
