@@ -91,6 +91,10 @@ pub struct LatencyQc {
     pub max_us: Option<f64>,
 }
 
+/// Anomaly events written rate-limited: one row stands for `value`
+/// occurrences of the kind its detail starts with.
+const RATE_LIMITED: [&str; 1] = ["producer_anomaly"];
+
 /// Whether an `events.tsv` row reports something wrong. The link's and the
 /// daemon's kinds are anomalies except the ordinary ones; device `fault`
 /// rows are counted under `device_faults` instead.
@@ -99,7 +103,12 @@ pub fn is_anomaly(source: &str, kind: &str) -> bool {
         "link" => !matches!(kind, "connected" | "clock_rate"),
         "daemon" => !matches!(
             kind,
-            "imaging_attached" | "producer_resumed" | "lever_rest" | "session_note"
+            "imaging_attached"
+                | "producer_resumed"
+                | "frame_offset_found"
+                | "imaging_qc"
+                | "lever_rest"
+                | "session_note"
         ),
         _ => false,
     }
@@ -278,7 +287,16 @@ fn events(dir: &Path, qc: &mut Qc) -> Result<(), StorageError> {
             _ => {}
         }
         if is_anomaly(source, &kind) {
-            *qc.anomalies.entry(kind).or_default() += 1;
+            if RATE_LIMITED.contains(&kind.as_str()) {
+                // One row reports `value` occurrences; the detail starts
+                // with the anomaly's own kind.
+                let detail = cells.get(cd).map(|d| unescape(d)).unwrap_or_default();
+                let sub = detail.split_whitespace().next().unwrap_or("unknown");
+                let sub = sub.trim_end_matches([':', ',']);
+                *qc.anomalies.entry(format!("{kind}:{sub}")).or_default() += count.max(1);
+            } else {
+                *qc.anomalies.entry(kind).or_default() += 1;
+            }
         }
     }
     Ok(())

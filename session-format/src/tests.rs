@@ -1698,6 +1698,24 @@ fn qc_reads_losses_faults_stamps_and_latency_from_the_files() {
         .unwrap();
     w.write_event(9_500, EventSource::Daemon, "producer_stale", 1, "")
         .unwrap();
+    w.write_event(
+        9_600,
+        EventSource::Daemon,
+        "producer_anomaly",
+        1,
+        "number_back: frame 9 after 12 (1 so far)",
+    )
+    .unwrap();
+    w.write_event(
+        9_700,
+        EventSource::Daemon,
+        "producer_anomaly",
+        6,
+        "number_back: 7 so far",
+    )
+    .unwrap();
+    w.write_event(9_800, EventSource::Daemon, "imaging_qc", 100, "frames=100")
+        .unwrap();
     w.sync().unwrap();
     // frames.tsv as the imaging ingest writes it: a drop and a stamp that
     // goes back.
@@ -1717,6 +1735,8 @@ fn qc_reads_losses_faults_stamps_and_latency_from_the_files() {
     assert_eq!(qc.anomalies.get("sample_gap"), Some(&2));
     assert_eq!(qc.anomalies.get("producer_stale"), Some(&1));
     assert!(!qc.anomalies.contains_key("connected"));
+    assert!(!qc.anomalies.contains_key("imaging_qc"));
+    assert_eq!(qc.anomalies.get("producer_anomaly:number_back"), Some(&7));
     let f = qc.frames.as_ref().unwrap();
     assert_eq!((f.rows, f.dropped, f.stamps_not_increasing), (4, 1, 1));
     assert_eq!(f.by_source.get("ttl"), Some(&2));
