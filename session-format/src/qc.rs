@@ -77,6 +77,12 @@ pub struct FramesQc {
     /// Delivered frames whose time is not after the previous delivered
     /// frame's (must be 0).
     pub stamps_not_increasing: u64,
+    /// `ttl` rows whose time is a `frame_ttl` edge of `events.tsv`, to the µs.
+    pub ttl_on_an_edge: u64,
+    /// `ttl` rows whose time is no recorded edge (must be 0).
+    pub ttl_not_on_an_edge: u64,
+    /// `ttl` rows from before the first recorded edge (cannot be checked).
+    pub ttl_unverifiable: u64,
 }
 
 /// Lever crossing -> valve open, device time, rewarded trials.
@@ -136,17 +142,16 @@ impl Qc {
                 qc.lever.first_sample_s = first_f64(&path, h.data_offset);
             }
         }
-        events(dir, &mut qc)?;
-        qc.frames = frames(dir)?;
+        let edges = events(dir, &mut qc)?;
+        qc.frames = frames(dir, &edges)?;
         qc.decision_latency = latency(dir)?;
         qc.clean = qc.lever.samples_lost == 0
             && qc.storage_dropped == 0
             && qc.anomalies.is_empty()
             && qc.device_faults.is_empty()
-            && qc
-                .frames
-                .as_ref()
-                .map_or(true, |f| f.dropped == 0 && f.stamps_not_increasing == 0);
+            && qc.frames.as_ref().map_or(true, |f| {
+                f.dropped == 0 && f.stamps_not_increasing == 0 && f.ttl_not_on_an_edge == 0
+            });
         Ok(qc)
     }
 }
@@ -187,6 +192,11 @@ impl std::fmt::Display for Qc {
                 fr.ttl_pct,
                 fr.dropped,
                 fr.stamps_not_increasing
+            )?;
+            writeln!(
+                f,
+                "             ttl rows on a recorded edge: {}, on none: {}, before the first edge: {}",
+                fr.ttl_on_an_edge, fr.ttl_not_on_an_edge, fr.ttl_unverifiable
             )?;
         }
         if let Some(b) = self.clock_half_band_us {
@@ -248,17 +258,35 @@ fn col(header: &[String], name: &str) -> Option<usize> {
     header.iter().position(|h| h == name)
 }
 
-fn events(dir: &Path, qc: &mut Qc) -> Result<(), StorageError> {
+/// A time in s as printed in the TSV files, in whole µs.
+fn us(cell: &str) -> Option<i64> {
+    cell.parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite())
+        .map(|v| (v * 1e6).round() as i64)
+}
+
+/// The frame-clock edges of `events.tsv` (session µs, in order).
+#[derive(Debug, Default)]
+struct Edges {
+    first: Option<i64>,
+    times: std::collections::HashSet<i64>,
+}
+
+/// Reads `events.tsv` into `qc`; returns its frame-clock edges.
+fn events(dir: &Path, qc: &mut Qc) -> Result<Edges, StorageError> {
+    let mut edges = Edges::default();
     let Some((header, lines)) = tsv_lines(&dir.join(EVENTS_FILE))? else {
-        return Ok(());
+        return Ok(edges);
     };
-    let (Some(cs), Some(ck), Some(cv), Some(cd)) = (
+    let (Some(ct), Some(cs), Some(ck), Some(cv), Some(cd)) = (
+        col(&header, "t_s"),
         col(&header, "source"),
         col(&header, "kind"),
         col(&header, "value"),
         col(&header, "detail"),
     ) else {
-        return Ok(());
+        return Ok(edges);
     };
     for line in lines {
         let cells: Vec<&str> = line.split('\t').collect();
@@ -276,6 +304,12 @@ fn events(dir: &Path, qc: &mut Qc) -> Result<(), StorageError> {
                 qc.lever.samples_lost += count;
             }
             ("daemon", "storage_dropped") => qc.storage_dropped += count,
+            ("device", "frame_ttl") => {
+                if let Some(t) = cells.get(ct).and_then(|t| us(t)) {
+                    edges.first.get_or_insert(t);
+                    edges.times.insert(t);
+                }
+            }
             ("device", "fault") => {
                 let detail = cells.get(cd).map(|d| unescape(d)).unwrap_or_default();
                 let code = fault_code(&detail);
@@ -299,7 +333,7 @@ fn events(dir: &Path, qc: &mut Qc) -> Result<(), StorageError> {
             }
         }
     }
-    Ok(())
+    Ok(edges)
 }
 
 /// The fault's code in snake_case, from its detail text (`code=valve_cap_tripped
@@ -324,7 +358,7 @@ fn fault_code(detail: &str) -> String {
     out
 }
 
-fn frames(dir: &Path) -> Result<Option<FramesQc>, StorageError> {
+fn frames(dir: &Path, edges: &Edges) -> Result<Option<FramesQc>, StorageError> {
     let Some((header, lines)) = tsv_lines(&dir.join(FRAMES_FILE))? else {
         return Ok(None);
     };
@@ -345,6 +379,13 @@ fn frames(dir: &Path) -> Result<Option<FramesQc>, StorageError> {
             continue;
         }
         let source = cells.get(cs).copied().unwrap_or("").to_owned();
+        if source == "ttl" {
+            match cells.get(ct).and_then(|t| us(t)) {
+                Some(t) if edges.times.contains(&t) => q.ttl_on_an_edge += 1,
+                Some(t) if edges.first.map_or(true, |f| t < f) => q.ttl_unverifiable += 1,
+                _ => q.ttl_not_on_an_edge += 1,
+            }
+        }
         *q.by_source.entry(source).or_default() += 1;
         if let Some(t) = cells.get(ct).and_then(|t| t.parse::<f64>().ok()) {
             if last_t.is_some_and(|l| t <= l) {

@@ -1716,13 +1716,17 @@ fn qc_reads_losses_faults_stamps_and_latency_from_the_files() {
     .unwrap();
     w.write_event(9_800, EventSource::Daemon, "imaging_qc", 100, "frames=100")
         .unwrap();
+    w.write_event(100_000, EventSource::Device, "frame_ttl", 1, "")
+        .unwrap();
+    w.write_event(200_000, EventSource::Device, "frame_ttl", 1, "")
+        .unwrap();
     w.sync().unwrap();
     // frames.tsv as the imaging ingest writes it: a drop and a stamp that
     // goes back.
     std::fs::write(
         dir.join(crate::FRAMES_FILE),
-        "index\tframe\tt_s\tsource\tdropped\n0\t1\t0.1\tttl\t0\n1\t2\t0.2\tttl\t0\n\
-         2\t3\t\t\t1\n3\t4\t0.15\tmapped\t0\n",
+        "index\tframe\tt_s\tsource\tdropped\n0\t0\t0.05\tttl\t0\n0\t1\t0.1\tttl\t0\n1\t2\t0.2\tttl\t0\n\
+         2\t3\t\t\t1\n3\t4\t0.15\tmapped\t0\n4\t5\t0.3\tttl\t0\n",
     )
     .unwrap();
     let qc = crate::Qc::compute(&dir).unwrap();
@@ -1738,9 +1742,14 @@ fn qc_reads_losses_faults_stamps_and_latency_from_the_files() {
     assert!(!qc.anomalies.contains_key("imaging_qc"));
     assert_eq!(qc.anomalies.get("producer_anomaly:number_back"), Some(&7));
     let f = qc.frames.as_ref().unwrap();
-    assert_eq!((f.rows, f.dropped, f.stamps_not_increasing), (4, 1, 1));
-    assert_eq!(f.by_source.get("ttl"), Some(&2));
-    assert!((f.ttl_pct - 200.0 / 3.0).abs() < 1e-9);
+    assert_eq!((f.rows, f.dropped, f.stamps_not_increasing), (6, 1, 1));
+    assert_eq!(f.by_source.get("ttl"), Some(&4));
+    assert!((f.ttl_pct - 80.0).abs() < 1e-9);
+    // 0.1 and 0.2 s are edges; 0.05 s is before the first; 0.3 s is none.
+    assert_eq!(
+        (f.ttl_on_an_edge, f.ttl_unverifiable, f.ttl_not_on_an_edge),
+        (2, 1, 1)
+    );
     // Rewarded trials: response 1.812345 s -> reward 1.812845 s after start.
     assert_eq!(qc.decision_latency.count, 4);
     assert_eq!(qc.decision_latency.p50_us, Some(500.0));
