@@ -35,7 +35,7 @@ use crossbeam_channel::{Receiver, Sender};
 use protocol::serial::{Configure, Decoder, HostCommand, MAX_SAMPLES_PER_BATCH, MAX_WIRE_FRAME};
 use serialport::TTYPort;
 
-pub use event::{LeverBatch, LinkEvent, LostReason, OpenError};
+pub use event::{AnomalyKind, LeverBatch, LinkEvent, LostReason, OpenError};
 use state::{LinkState, Output, PendingCommand, MAX_OUTPUTS_PER_INPUT};
 
 /// The reader calls [`LinkHandler::on_idle`] at least this often, even while
