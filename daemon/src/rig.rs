@@ -73,6 +73,10 @@ pub struct RigHandler {
     preview_pending: Vec<(u64, f32)>,
     /// Trials for the preview not yet handed over (its lock was busy).
     preview_trials: Vec<crate::preview::TrialEvent>,
+    /// The device clock's rate against the host's, once measured, with the
+    /// host heartbeat period chosen for it and whether that feeds the
+    /// device's watchdog.
+    device_clock_rate: Option<(f64, std::time::Duration, bool)>,
 }
 
 /// Most lever samples kept for the preview while its lock stays busy (20 s
@@ -115,6 +119,7 @@ impl RigHandler {
             // under this (see `on_lever`), so pushing never allocates.
             preview_pending: Vec::with_capacity(PREVIEW_PENDING_MAX + 256),
             preview_trials: Vec::with_capacity(PREVIEW_TRIALS_PENDING_MAX),
+            device_clock_rate: None,
         }
     }
 
@@ -188,6 +193,7 @@ impl RigHandler {
                         counters: SessionCounters::default(),
                         anomaly_logged_ns: [0; AnomalyKind::ALL.len()],
                     });
+                    self.log_clock_rate();
                 }
                 RigRequest::Stop { id, reason } => {
                     let t_us = self.status.rig_now_us();
@@ -683,7 +689,7 @@ impl RigHandler {
             AnomalyKind::TimeBackward | AnomalyKind::TimeForward | AnomalyKind::HostImplausible => {
                 c.lever_samples_replaced += samples
             }
-            AnomalyKind::ClockStep | AnomalyKind::PongRejected => {}
+            AnomalyKind::ClockStep | AnomalyKind::PongRejected | AnomalyKind::EventTime => {}
         }
         let now_ns = firmware_bridge::link::host_now_ns();
         let last = &mut s.anomaly_logged_ns[kind.index()];
@@ -704,6 +710,54 @@ impl RigHandler {
             kind.as_str(),
             samples as f64,
             EventDetail::Anomaly { count, offset_us },
+        );
+    }
+
+    /// The device clock's rate, measured once per connection: reported
+    /// (a log line and an event) when it is far from the host's.
+    fn on_clock_rate(&mut self, rate: f64, host_heartbeat: std::time::Duration, keeps_up: bool) {
+        self.device_clock_rate = Some((rate, host_heartbeat, keeps_up));
+        if (rate - 1.0).abs() <= firmware_bridge::link::state::RATE_WARN_FRACTION {
+            tracing::debug!("device clock rate {rate:.6} x the host's");
+            return;
+        }
+        let hb_ms = host_heartbeat.as_secs_f64() * 1000.0;
+        if keeps_up {
+            tracing::warn!(
+                "the device clock runs {rate:.3} times as fast as the host's (a simulator at \
+                 --speed {rate:.0}? real hardware never does): its heartbeat watchdog counts \
+                 device time, so rigd now sends heartbeats every {hb_ms:.1} ms"
+            );
+        } else {
+            tracing::error!(
+                "the device clock runs {rate:.3} times as fast as the host's (a simulator at \
+                 --speed {rate:.0}?): even a heartbeat every {hb_ms:.1} ms cannot feed its \
+                 watchdog; expect watchdog trips (raise safety.heartbeat_timeout_ms or lower \
+                 the simulator's speed)"
+            );
+        }
+        self.log_clock_rate();
+    }
+
+    /// The device clock's rate into the session's events, when it is far
+    /// from the host's (at the measurement, and at each session's start).
+    fn log_clock_rate(&mut self) {
+        let Some((rate, host_heartbeat, keeps_up)) = self.device_clock_rate else {
+            return;
+        };
+        if (rate - 1.0).abs() <= firmware_bridge::link::state::RATE_WARN_FRACTION {
+            return;
+        }
+        let t_us = self.rig_now_us();
+        self.log(
+            t_us,
+            StorageSource::Link,
+            "device_clock_rate",
+            rate,
+            EventDetail::ClockRate {
+                host_heartbeat_us: host_heartbeat.as_micros() as u64,
+                keeps_up,
+            },
         );
     }
 
@@ -931,6 +985,11 @@ impl LinkHandler for RigHandler {
                 samples,
                 count,
             } => self.on_time_anomaly(*kind, *t_us, *offset_us, *samples, *count),
+            LinkEvent::ClockRate {
+                rate,
+                host_heartbeat,
+                keeps_up,
+            } => self.on_clock_rate(*rate, *host_heartbeat, *keeps_up),
             LinkEvent::Heartbeat { .. } => {}
             LinkEvent::Clock { fit, .. } => {
                 self.last_fit = Some(*fit);

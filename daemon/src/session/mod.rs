@@ -106,6 +106,11 @@ pub enum EventDetail {
         count: u64,
         offset_us: i64,
     },
+    /// The device clock's rate: the host heartbeat period chosen for it.
+    ClockRate {
+        host_heartbeat_us: u64,
+        keeps_up: bool,
+    },
 }
 
 impl fmt::Display for EventDetail {
@@ -138,6 +143,13 @@ impl fmt::Display for EventDetail {
             Self::Anomaly { count, offset_us } => {
                 write!(f, "count={count} offset_us={offset_us}")
             }
+            Self::ClockRate {
+                host_heartbeat_us,
+                keeps_up,
+            } => write!(
+                f,
+                "host_heartbeat_us={host_heartbeat_us} watchdog_fed={keeps_up}"
+            ),
         }
     }
 }

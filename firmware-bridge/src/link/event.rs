@@ -173,10 +173,13 @@ pub enum AnomalyKind {
     HostImplausible,
     /// A clock-sync answer far off the fit: not used for the fit.
     PongRejected,
+    /// A device event (lick, tone, valve, fault, ack) stamped far off the
+    /// host clock fit: given the fit's time instead.
+    EventTime,
 }
 
 impl AnomalyKind {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::DuplicateBatch,
         Self::OverlapBatch,
         Self::TimeBackward,
@@ -184,6 +187,7 @@ impl AnomalyKind {
         Self::ClockStep,
         Self::HostImplausible,
         Self::PongRejected,
+        Self::EventTime,
     ];
 
     /// The event kind in `events.tsv`.
@@ -196,6 +200,7 @@ impl AnomalyKind {
             Self::ClockStep => "device_clock_step",
             Self::HostImplausible => "device_time_implausible",
             Self::PongRejected => "device_pong_rejected",
+            Self::EventTime => "device_event_time_implausible",
         }
     }
 
@@ -239,6 +244,18 @@ pub enum LinkEvent {
         offset_us: i64,
         samples: u64,
         count: u64,
+    },
+    /// The device clock's rate against the host's, measured once per
+    /// connection when the clock fit is trusted. `host_heartbeat` is the
+    /// host heartbeat period from then on: the configured one divided by
+    /// the rate when the device runs fast (a simulator at `--speed N`), so
+    /// its watchdog, which counts device time, hears from the host as often
+    /// as configured; `keeps_up` is false when even the fastest period the
+    /// host can keep is too slow for the device's watchdog.
+    ClockRate {
+        rate: f64,
+        host_heartbeat: std::time::Duration,
+        keeps_up: bool,
     },
     /// Device frames lost on the line (gaps in the device's transmit counter).
     FramesLost {

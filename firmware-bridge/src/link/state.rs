@@ -50,6 +50,17 @@ pub const HOST_FUTURE_TOLERANCE_US: f64 = 1_000_000.0;
 /// long after the fit says it was sampled is placed by host time, µs.
 pub const HOST_PAST_TOLERANCE_US: f64 = 30_000_000.0;
 
+/// A device event stamped more than this after, or
+/// [`EVENT_PAST_TOLERANCE_US`] before, where the clock fit puts the moment
+/// it was read is given the fit's time, µs.
+pub const EVENT_FUTURE_TOLERANCE_US: f64 = 500_000.0;
+pub const EVENT_PAST_TOLERANCE_US: f64 = 30_000_000.0;
+
+/// The host clock fit is trusted to check device times once it spans this
+/// much host time (its drift is only known well once several of its 0.5 s
+/// windows are in), ns.
+pub const FIT_TRUSTED_AFTER_NS: u64 = 5_000_000_000;
+
 /// A pong whose device times are further than this from the clock fit (one
 /// with at least [`PONG_CHECK_EXCHANGES`] exchanges) is not used, µs.
 pub const PONG_TOLERANCE_US: f64 = 250_000.0;
@@ -84,7 +95,18 @@ pub enum Output {
     Ready,
     /// End this connection. Outputs after it, if any, are moot.
     Close(LostReason),
+    /// Send host heartbeats at this period from now on (the device clock
+    /// runs at another rate than the host's; see [`LinkEvent::ClockRate`]).
+    HeartbeatInterval(Duration),
 }
+
+/// A device clock more than this far from the host's rate (a fraction) is
+/// reported, and the host heartbeat scaled to it.
+pub const RATE_WARN_FRACTION: f64 = 0.01;
+
+/// The shortest host heartbeat period the link keeps (its ticker wakes
+/// every 5 ms).
+pub const MIN_HOST_HEARTBEAT: Duration = Duration::from_millis(5);
 
 /// Where the connection is in its lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -151,6 +173,10 @@ pub struct LinkState {
     /// Anomalies seen, by [`AnomalyKind::index`].
     anomalies: [u64; AnomalyKind::ALL.len()],
     pongs_rejected_in_a_row: u32,
+    /// Host time of the first exchange of the current fit.
+    fit_since_ns: Option<u64>,
+    /// The device clock's rate was measured on this connection.
+    rate_checked: bool,
 }
 
 impl LinkState {
@@ -181,7 +207,19 @@ impl LinkState {
             off_run: None,
             anomalies: [0; AnomalyKind::ALL.len()],
             pongs_rejected_in_a_row: 0,
+            fit_since_ns: None,
+            rate_checked: false,
         }
+    }
+
+    /// The clock fit, once it is trusted to check device times against
+    /// (see [`FIT_TRUSTED_AFTER_NS`]).
+    fn trusted_fit(&self, now_ns: u64) -> Option<crate::sync::ClockFit> {
+        let since = self.fit_since_ns?;
+        let fit = self.sync.fit()?;
+        (now_ns.saturating_sub(since) >= FIT_TRUSTED_AFTER_NS
+            && fit.exchanges >= PONG_CHECK_EXCHANGES)
+            .then_some(fit)
     }
 
     /// Device-time anomalies seen since the link was made, by kind.
@@ -334,7 +372,7 @@ impl LinkState {
             _ if self.phase != Phase::Streaming => {} // stale frames from before the Reset
             DeviceMessage::LeverSamples(b) => self.on_lever(&b, now_ns, out),
             DeviceMessage::Event(e) => {
-                let t_us = self.device_time(e.t_us);
+                let t_us = self.event_time(e.t_us, now_ns, out);
                 out.push(Output::Event(LinkEvent::Device {
                     t_us,
                     kind: e.kind.into(),
@@ -354,6 +392,8 @@ impl LinkState {
                         return;
                     }
                     if let Some(fit) = self.sync.add(sample) {
+                        self.fit_since_ns.get_or_insert(sample.host_send_ns);
+                        self.check_rate(now_ns, out);
                         out.push(Output::Event(LinkEvent::Clock {
                             fit,
                             rtt_us: sample.rtt_us(),
@@ -362,7 +402,7 @@ impl LinkState {
                 }
             }
             DeviceMessage::Fault(f) => {
-                let t_us = self.device_time(f.t_us);
+                let t_us = self.event_time(f.t_us, now_ns, out);
                 out.push(Output::Event(LinkEvent::Fault {
                     t_us,
                     code: f.code.into(),
@@ -395,7 +435,7 @@ impl LinkState {
         if n == 0 {
             return;
         }
-        let host_now = self.sync.fit().map(|f| f.host_to_rig_us(now_ns));
+        let host_now = self.trusted_fit(now_ns).map(|f| f.host_to_rig_us(now_ns));
         if self.new_stream {
             self.new_stream = false;
             // Where this sample falls in the continuous count: after the
@@ -501,6 +541,65 @@ impl LinkState {
         out.push(Output::Event(LinkEvent::Lever(batch)));
     }
 
+    /// A device event's time, checked against the clock fit (when there is
+    /// one): a stamp that cannot be right gets the fit's time for `now_ns`.
+    fn event_time(&mut self, t32: u32, now_ns: u64, out: &mut Vec<Output>) -> u64 {
+        let t = self.device_time(t32);
+        let Some(host) = self.trusted_fit(now_ns).map(|f| f.host_to_rig_us(now_ns)) else {
+            return t;
+        };
+        let tf = t as f64;
+        if tf <= host + EVENT_FUTURE_TOLERANCE_US && tf >= host - EVENT_PAST_TOLERANCE_US {
+            return t;
+        }
+        let placed = host.max(0.0) as u64;
+        self.anomaly(
+            AnomalyKind::EventTime,
+            placed,
+            t as i64 - placed as i64,
+            0,
+            out,
+        );
+        placed
+    }
+
+    /// Once per connection, when the fit is trusted: the device clock's rate
+    /// against the host's, and the host heartbeat period that keeps the
+    /// device's watchdog (which counts device time) fed as configured.
+    fn check_rate(&mut self, now_ns: u64, out: &mut Vec<Output>) {
+        if self.rate_checked {
+            return;
+        }
+        let Some(fit) = self.trusted_fit(now_ns) else {
+            return;
+        };
+        self.rate_checked = true;
+        let rate = 1.0 + fit.drift_ppm * 1e-6;
+        let configured =
+            Duration::from_millis(u64::from(self.configure.heartbeat_interval_ms).max(10));
+        let (host_heartbeat, keeps_up) = if rate > 1.0 + RATE_WARN_FRACTION {
+            let scaled = configured.div_f64(rate);
+            // The device trips after heartbeat_timeout_ms of its time, which
+            // is this much host time; the host must write well within it.
+            let timeout_host =
+                Duration::from_millis(u64::from(self.configure.heartbeat_timeout_ms)).div_f64(rate);
+            (
+                scaled.max(MIN_HOST_HEARTBEAT),
+                MIN_HOST_HEARTBEAT * 2 <= timeout_host,
+            )
+        } else {
+            (configured, true)
+        };
+        if host_heartbeat != configured {
+            out.push(Output::HeartbeatInterval(host_heartbeat));
+        }
+        out.push(Output::Event(LinkEvent::ClockRate {
+            rate,
+            host_heartbeat,
+            keeps_up,
+        }));
+    }
+
     /// Whether a clock-sync exchange agrees with the fit it would join. A
     /// device clock that stepped must not bend the fit; a fit every pong
     /// disagrees with is started again.
@@ -529,6 +628,7 @@ impl LinkState {
         if self.pongs_rejected_in_a_row >= PONG_REJECTS_RESTART {
             self.pongs_rejected_in_a_row = 0;
             self.sync.clear();
+            self.fit_since_ns = None;
         }
         false
     }
@@ -560,9 +660,11 @@ impl LinkState {
                 self.clock
                     .reset(resume.saturating_sub(u64::from(hello.t_us)));
                 self.sync.clear();
+                self.fit_since_ns = None;
             }
         }
         let _ = self.clock.unwrap(hello.t_us);
+        self.rate_checked = false;
         // A new stream starts at device index 0 after Configure; its first
         // batch is placed on the link's sample count by its time.
         self.new_stream = true;
@@ -1348,17 +1450,17 @@ mod tests {
         link.handshake(10 * S, 1_000_000);
         // A fit: rig = host - 9 s.
         for i in 0..25u16 {
-            exchange(&mut link, 100 + i, 10 * S + u64::from(i) * 20 * MS);
+            exchange(&mut link, 100 + i, 10 * S + u64::from(i) * 250 * MS);
         }
-        let now = 11 * S;
-        link.lever(0, 1_990_000, &[0; 10], now);
+        let now = 17 * S;
+        link.lever(0, 7_990_000, &[0; 10], now);
         let jump = 35 * 60 * 1_000_000u32;
-        let out = link.lever(10, 2_000_000 + jump, &[1; 10], now);
+        let out = link.lever(10, 8_000_000 + jump, &[1; 10], now);
         assert_eq!(
             out,
             [
-                anomaly(AnomalyKind::TimeForward, 2_000_000, i64::from(jump), 10, 1),
-                lever_event(10, 2_000_000, &[1; 10]),
+                anomaly(AnomalyKind::TimeForward, 8_000_000, i64::from(jump), 10, 1),
+                lever_event(10, 8_000_000, &[1; 10]),
             ]
         );
         // A pong on the jumped clock is not used for the fit.
@@ -1369,8 +1471,8 @@ mod tests {
         };
         let pong = DeviceMessage::Pong(Pong {
             ping_seq: 7,
-            t_rx_us: 2_000_050 + jump,
-            t_tx_us: 2_000_060 + jump,
+            t_rx_us: 8_000_050 + jump,
+            t_tx_us: 8_000_060 + jump,
         });
         let out = link.frame(pong, Some(ping), now + 120_000);
         assert!(
@@ -1385,7 +1487,114 @@ mod tests {
             "{out:?}"
         );
         let fit = link.state.sync.fit().expect("fit");
-        assert!((fit.host_to_rig_us(now) - 2_000_000.0).abs() < 1_000.0);
+        assert!((fit.host_to_rig_us(now) - 8_000_000.0).abs() < 1_000.0);
+        // A lick on the jumped clock gets the fit's time (host 17.1 s).
+        let lick = DeviceMessage::Event(Event {
+            t_us: 8_100_000 + jump,
+            kind: EventKind::LickOn.into(),
+            aux: 0,
+            value: 0,
+        });
+        let out = link.frame(lick, None, now + 100 * MS);
+        let [Output::Event(LinkEvent::TimeAnomaly {
+            kind: AnomalyKind::EventTime,
+            count: 1,
+            ..
+        }), Output::Event(LinkEvent::Device { t_us, .. })] = out.as_slice()
+        else {
+            panic!("{out:?}");
+        };
+        assert!(t_us.abs_diff(8_100_000) < 1_000, "{t_us}");
+    }
+
+    /// Ping/pong exchanges with a device clock at `rate` times the host's
+    /// (rig 0 at host 10 s), every 250 ms from `from_ns`; returns every output.
+    fn exchanges_at_rate(link: &mut Link, rate: f64, from_ns: u64, n: u16) -> Vec<Output> {
+        let rig = |host_ns: u64| ((host_ns - 10 * S) as f64 / 1000.0 * rate) as u32 + 1_000_000;
+        let mut all = Vec::new();
+        for i in 0..n {
+            let send_ns = from_ns + u64::from(i) * 250 * MS;
+            let ping = PendingCommand {
+                seq: 200 + i,
+                cmd_type: host_type::PING,
+                sent_ns: send_ns,
+            };
+            let pong = DeviceMessage::Pong(Pong {
+                ping_seq: 200 + i,
+                t_rx_us: rig(send_ns + 50_000),
+                t_tx_us: rig(send_ns + 60_000),
+            });
+            all.extend(link.frame(pong, Some(ping), send_ns + 120_000));
+        }
+        all
+    }
+
+    #[test]
+    fn a_device_clock_at_ten_times_the_hosts_rate_is_reported_once_and_heartbeats_scaled() {
+        let mut link = Link::new();
+        link.handshake(10 * S, 1_000_000);
+        let out = exchanges_at_rate(&mut link, 10.0, 10 * S + 10 * MS, 30);
+        let scaled: Vec<_> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::HeartbeatInterval(d) => Some(*d),
+                _ => None,
+            })
+            .collect();
+        // Configured: a heartbeat every 100 ms, the watchdog at 1000 ms of
+        // device time (100 ms of host time at 10x).
+        assert_eq!(scaled, [Duration::from_millis(10)]);
+        let rates: Vec<_> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Event(LinkEvent::ClockRate {
+                    rate,
+                    host_heartbeat,
+                    keeps_up,
+                }) => Some((*rate, *host_heartbeat, *keeps_up)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(rates.len(), 1, "{out:?}");
+        assert!((rates[0].0 - 10.0).abs() < 1e-3, "{rates:?}");
+        assert!(rates[0].2);
+        // Only after the fit is trusted (5 s of exchanges).
+        let first = out
+            .iter()
+            .position(|o| matches!(o, Output::HeartbeatInterval(_)))
+            .expect("scaled");
+        assert!(first >= 20, "at output {first}");
+
+        // A device at the host's rate: reported (for the record), no change.
+        let mut link = Link::new();
+        link.handshake(10 * S, 1_000_000);
+        let out = exchanges_at_rate(&mut link, 1.0, 10 * S + 10 * MS, 30);
+        assert!(!out
+            .iter()
+            .any(|o| matches!(o, Output::HeartbeatInterval(_))));
+        assert_eq!(
+            out.iter()
+                .filter(|o| matches!(
+                    o,
+                    Output::Event(LinkEvent::ClockRate { keeps_up: true, .. })
+                ))
+                .count(),
+            1
+        );
+
+        // At 500x even 5 ms heartbeats (2.5 s of device time) cannot feed a
+        // 1 s watchdog: said so.
+        let mut link = Link::new();
+        link.handshake(10 * S, 1_000_000);
+        let out = exchanges_at_rate(&mut link, 500.0, 10 * S + 10 * MS, 30);
+        assert!(out.contains(&Output::HeartbeatInterval(MIN_HOST_HEARTBEAT)));
+        assert!(out.iter().any(|o| matches!(
+            o,
+            Output::Event(LinkEvent::ClockRate {
+                keeps_up: false,
+                ..
+            })
+        )));
     }
 
     #[test]
@@ -1393,15 +1602,15 @@ mod tests {
         let mut link = Link::new();
         link.handshake(10 * S, 1_000_000);
         for i in 0..25u16 {
-            exchange(&mut link, 100 + i, 10 * S + u64::from(i) * 20 * MS);
+            exchange(&mut link, 100 + i, 10 * S + u64::from(i) * 250 * MS);
         }
         link.lever(0, 1_500_000, &[0; 10], 10 * S + 500 * MS);
-        link.closed(LostReason::Io("unplugged".into()), 11 * S);
-        // Reconnected at host 12 s (rig 3 s); the device's first batch says
-        // 1 hour later (within the unwrap's reach: 30 min).
-        link.handshake(12 * S, 3_000_000);
+        link.closed(LostReason::Io("unplugged".into()), 17 * S);
+        // Reconnected at host 18 s (rig 9 s); the device's first batch says
+        // 30 min later.
+        link.handshake(18 * S, 9_000_000);
         let later = 30 * 60 * 1_000_000u32;
-        let out = link.lever(0, 3_001_000 + later, &[5; 10], 12 * S + 10 * MS);
+        let out = link.lever(0, 9_001_000 + later, &[5; 10], 18 * S + 10 * MS);
         let [Output::Event(LinkEvent::TimeAnomaly {
             kind: AnomalyKind::HostImplausible,
             t_us,
@@ -1413,14 +1622,14 @@ mod tests {
         else {
             panic!("{out:?}");
         };
-        // Placed at the host's now (rig 3.01 s) minus the batch's length
+        // Placed at the host's now (rig 9.01 s) minus the batch's length
         // (by the fit: within its band of the exact time).
-        assert!(t_us.abs_diff(3_001_000) < 50, "{t_us}");
+        assert!(t_us.abs_diff(9_001_000) < 50, "{t_us}");
         assert_eq!(batch.t_first_us, *t_us);
-        assert_eq!(batch.first_index, 10 + 1_491);
+        assert_eq!(batch.first_index, 10 + 7_491);
         // Later batches on the device's clock are corrected alike.
-        let out = link.lever(10, 3_011_000 + later, &[6; 10], 12 * S + 20 * MS);
-        assert_eq!(out, [lever_event(1_511, t_us + 10_000, &[6; 10])]);
+        let out = link.lever(10, 9_011_000 + later, &[6; 10], 18 * S + 20 * MS);
+        assert_eq!(out, [lever_event(7_511, t_us + 10_000, &[6; 10])]);
     }
 
     #[test]
