@@ -67,7 +67,13 @@ pub enum FaultSpec {
     PastBatch { at_s: f64, by_s: f64 },
     /// `dupbatch@T`: the first lever batch after T is sent twice.
     DuplicateBatch { at_s: f64 },
+    /// `hold@T:D`: from T for D seconds the mouse holds the lever 2.4 mm
+    /// down ([`HOLD_MM`]); its own presses go on over it.
+    Hold { at_s: f64, duration_s: f64 },
 }
+
+/// How far `hold@T:D` holds the lever down, mm (the issue's held lever).
+pub const HOLD_MM: f64 = 2.4;
 
 impl FaultSpec {
     /// When it happens, true seconds.
@@ -79,7 +85,8 @@ impl FaultSpec {
             | Self::Reboot { at_s }
             | Self::ClockStep { at_s, .. }
             | Self::PastBatch { at_s, .. }
-            | Self::DuplicateBatch { at_s } => at_s,
+            | Self::DuplicateBatch { at_s }
+            | Self::Hold { at_s, .. } => at_s,
         }
     }
 }
@@ -94,12 +101,13 @@ impl fmt::Display for FaultSpec {
             Self::ClockStep { at_s, step_s } => write!(f, "clockstep@{at_s}:{step_s}"),
             Self::PastBatch { at_s, by_s } => write!(f, "pastbatch@{at_s}:{by_s}"),
             Self::DuplicateBatch { at_s } => write!(f, "dupbatch@{at_s}"),
+            Self::Hold { at_s, duration_s } => write!(f, "hold@{at_s}:{duration_s}"),
         }
     }
 }
 
 const FAULT_FORMS: &str = "unplug@T:D, silent@T:D, garbage@T:N, reboot@T, clockstep@T:D, \
-                           pastbatch@T:D or dupbatch@T (T, D in seconds; clockstep's D may be < 0)";
+                           pastbatch@T:D, dupbatch@T or hold@T:D (T, D in seconds; clockstep's D may be < 0)";
 
 /// Which form of fault spec was expected (the error message lists them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,15 +189,15 @@ impl FromStr for FaultSpec {
         let at_s = secs(at, "time")?;
         let need_arg = |what| arg.ok_or_else(|| bad(FaultProblem::MissingArgument(what)));
         match kind.trim() {
-            "unplug" | "silent" => {
+            "unplug" | "silent" | "hold" => {
                 let duration_s = secs(need_arg("D")?, "duration")?;
                 if duration_s <= 0.0 {
                     return Err(bad(FaultProblem::ZeroDuration));
                 }
-                Ok(if kind.trim() == "unplug" {
-                    Self::Unplug { at_s, duration_s }
-                } else {
-                    Self::Silent { at_s, duration_s }
+                Ok(match kind.trim() {
+                    "unplug" => Self::Unplug { at_s, duration_s },
+                    "silent" => Self::Silent { at_s, duration_s },
+                    _ => Self::Hold { at_s, duration_s },
                 })
             }
             "garbage" => {

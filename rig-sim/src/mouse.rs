@@ -226,6 +226,9 @@ pub struct Mouse {
     /// pressing (`None`: never).
     sated_after: Option<u32>,
     drinks: u32,
+    /// Fault injection: the lever held at least this far down (mm) from
+    /// `.0` until `.1` (true µs).
+    hold: Option<(f64, f64, f64)>,
 }
 
 impl Mouse {
@@ -268,7 +271,15 @@ impl Mouse {
             truth: Vec::new(),
             sated_after: None,
             drinks: 0,
+            hold: None,
         }
+    }
+
+    /// Fault injection: from true time `from_us` for `duration_us`, the
+    /// lever is held at least `mm` down (a mouse resting its paw on it); the
+    /// encoder reads the held position, the mouse's own presses go on.
+    pub fn hold_lever(&mut self, from_us: f64, duration_us: f64, mm: f64) {
+        self.hold = Some((from_us, from_us + duration_us, mm));
     }
 
     pub fn behaviour(&self) -> &Behaviour {
@@ -290,7 +301,13 @@ impl Mouse {
     pub fn lever_counts(&mut self, t_us: f64) -> i32 {
         // A quadrature encoder reports count n once the lever has passed line
         // n: the floor of the position in counts, not the nearest count.
-        (self.lever_mm(t_us) * self.lever.counts_per_mm).floor() as i32
+        let mm = match self.hold {
+            Some((from, until, held)) if t_us >= from && t_us < until => {
+                self.lever_mm(t_us).max(held)
+            }
+            _ => self.lever_mm(t_us),
+        };
+        (mm * self.lever.counts_per_mm).floor() as i32
     }
 
     /// Run the world up to true time `t_us` (the physics grid may end up to

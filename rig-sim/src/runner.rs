@@ -843,6 +843,14 @@ impl Sim {
                 self.row(t, "fault_pastbatch", by_s);
                 self.status(t, &format!("next lever batch stamped {by_s} s in the past"));
             }
+            FaultSpec::Hold { duration_s, .. } => {
+                self.mouse.hold_lever(t, duration_s * 1e6, crate::HOLD_MM);
+                self.row(t, "fault_hold", duration_s);
+                self.status(
+                    t,
+                    &format!("lever held {} mm down for {duration_s} s", crate::HOLD_MM),
+                );
+            }
             FaultSpec::DuplicateBatch { .. } => {
                 self.device.duplicate_next_batch();
                 self.row(t, "fault_dupbatch", 0.0);

@@ -729,3 +729,68 @@ fn a_simulator_at_ten_times_real_time_is_reported_and_its_watchdog_stays_fed() {
     assert!(trips.is_empty(), "watchdog trips: {trips:?}");
     drop(sim);
 }
+
+#[test]
+fn a_lever_held_down_at_the_start_is_re_zeroed_and_no_cue_comes_off_rest() {
+    let _one = serial();
+    // The mouse rests its paw on the lever, 2.4 mm down, for the first 100 s
+    // of simulated time (20 s of wall time: the session starts inside it).
+    let rig = rig(
+        "held",
+        5.0,
+        "[task]\nmax_duration_min = 3\niti_min_ms = 1000\niti_max_ms = 2000\n",
+        &["--fault", "hold@0:100"],
+        None,
+    );
+    let _rigd = Rigd::start(&rig.config, &rig.socket);
+    wait_connected(&rig.socket);
+    let dir = start_session(&rig.socket, "M33");
+    wait_idle(&rig.socket, 240);
+    assert_eq!(session_value(&dir, "stop_reason"), "duration");
+    assert_eq!(truth_rows(&rig, "fault_hold").len(), 1);
+
+    let events = read_tsv(&dir.join("events.tsv"));
+    let rests: Vec<_> = events
+        .iter()
+        .filter(|e| e["kind"] == "lever_rest" || e["kind"] == "lever_rezeroed")
+        .collect();
+    // Held still: taken as rest first (nothing can tell), then, once let
+    // go, the lever rests 2.4 mm below it, on its stop: re-zeroed there.
+    assert!(rests.len() >= 2, "{rests:?}");
+    assert_eq!(rests[0]["kind"], "lever_rest");
+    let rezero = rests
+        .iter()
+        .find(|e| e["detail"].starts_with("method=rezero_below_rest"))
+        .unwrap_or_else(|| panic!("no re-zero below rest: {rests:?}"));
+    let offset: f64 = rezero["value"].parse().expect("mm");
+    assert!((offset + 2.4).abs() < 0.05, "{rezero:?}");
+    let t_rezero: f64 = rezero["t_s"].parse().expect("t");
+
+    // session.toml says where the lever rests and how it was found.
+    let meta: toml::Table = std::fs::read_to_string(dir.join("session.toml"))
+        .expect("session.toml")
+        .parse()
+        .expect("toml");
+    let rest = meta["lever_rest"].as_table().expect("[lever_rest]");
+    let offset_mm = rest["offset_mm"].as_float().expect("offset_mm");
+    assert!((offset_mm + 2.4).abs() < 0.05, "{rest:?}");
+    let times = rest["times_taken"].as_integer().expect("times_taken");
+    assert_eq!(times as usize, rests.len(), "{rest:?}");
+
+    // Every cue came with the lever near rest (the hold before each cue),
+    // and the mouse earned water after the re-zero: not every trial a miss.
+    let trials = read_tsv(&dir.join("trials.tsv"));
+    for t in &trials {
+        let at_cue: f64 = t["lever_mm_at_cue"].parse().expect("mm");
+        assert!(at_cue.abs() <= 0.5 + 1e-9, "cue off rest: {t:?}");
+    }
+    let rewarded_after = trials
+        .iter()
+        .filter(|t| t["outcome"] == "rewarded")
+        .filter(|t| t["t_cue_s"].parse::<f64>().expect("cue") > t_rezero)
+        .count();
+    assert!(
+        rewarded_after >= 5,
+        "{rewarded_after} rewarded after the re-zero"
+    );
+}
