@@ -362,3 +362,26 @@ pub trait SideStream: Send {
     /// Stop the stream's thread and close its files.
     fn finish(self: Box<Self>) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
 }
+
+#[cfg(test)]
+mod counters_tests {
+    use super::*;
+
+    #[test]
+    fn counters_name_every_anomaly_kind_and_keep_exact_counts() {
+        let mut c = SessionCounters::default();
+        c.anomalies[AnomalyKind::DuplicateBatch.index()] = 3;
+        c.anomalies[AnomalyKind::ClockStep.index()] = 1;
+        c.lever_samples_dropped = 30;
+        c.watchdog_trips = 2;
+        let v = c.to_json();
+        let by_kind = v["device_time_anomalies"].as_object().expect("a map");
+        assert_eq!(by_kind.len(), AnomalyKind::ALL.len());
+        assert_eq!(by_kind["device_duplicate_batch"], 3);
+        assert_eq!(by_kind["device_clock_step"], 1);
+        assert_eq!(by_kind["device_time_forward"], 0);
+        assert_eq!(v["lever_samples_dropped"], 30);
+        assert_eq!(v["watchdog_trips"], 2);
+        assert_eq!(c.anomaly(AnomalyKind::DuplicateBatch), 3);
+    }
+}
