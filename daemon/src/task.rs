@@ -313,7 +313,7 @@ pub enum TaskOutput {
     Rest(LeverRest),
     /// No still window within [`REST_WAIT_WARN_US`] of the first sample:
     /// no trial starts until the lever is still (once per session).
-    /// `range_counts` is the lever's range over that time.
+    /// `range_counts` is the lever's range (max - min) over that time.
     LeverNotAtRest { t_us: u64, range_counts: i32 },
     /// A cue is held because the lever is away from rest (once per held cue).
     CueHeld { t_us: u64, lever_mm: f64 },
@@ -461,6 +461,8 @@ pub struct TaskEngine {
     rest_tol_counts: f64,
     cue_rest_counts: Option<f64>,
     not_at_rest_reported: bool,
+    /// The lever's lowest and highest counts while waiting for rest.
+    wait_range: (i32, i32),
     /// The cue waiting now was reported held.
     cue_held: bool,
     last_counts: i32,
@@ -515,6 +517,7 @@ impl TaskEngine {
             rest_tol_counts: rest_tol,
             cue_rest_counts: cue_rest,
             not_at_rest_reported: false,
+            wait_range: (i32::MAX, i32::MIN),
             cue_held: false,
             last_counts: 0,
             armed: false,
@@ -880,6 +883,8 @@ impl TaskEngine {
     /// first ITI. Warns once when none came within [`REST_WAIT_WARN_US`].
     fn seek_rest(&mut self, t: u64, out: &mut impl FnMut(TaskOutput)) {
         let origin = self.origin_us.unwrap_or(t);
+        let (lo, hi) = self.wait_range;
+        self.wait_range = (lo.min(self.last_counts), hi.max(self.last_counts));
         if self.still.len_us(t) >= self.p.rest_still_us {
             self.take_rest(t, "still_window", out);
             self.armed = true;
@@ -890,9 +895,10 @@ impl TaskEngine {
         }
         if !self.not_at_rest_reported && t.saturating_sub(origin) >= REST_WAIT_WARN_US {
             self.not_at_rest_reported = true;
+            let (lo, hi) = self.wait_range;
             out(TaskOutput::LeverNotAtRest {
                 t_us: t,
-                range_counts: self.still.range(),
+                range_counts: hi.saturating_sub(lo),
             });
         }
         // The session's time cap counts from the first sample, rest or not.

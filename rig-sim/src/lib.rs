@@ -70,6 +70,9 @@ pub enum FaultSpec {
     /// `hold@T:D`: from T for D seconds the mouse holds the lever 2.4 mm
     /// down ([`HOLD_MM`]); its own presses go on over it.
     Hold { at_s: f64, duration_s: f64 },
+    /// `jiggle@T:D`: from T for D seconds the lever is pushed 1 mm down
+    /// every other 100 ms: never still.
+    Jiggle { at_s: f64, duration_s: f64 },
 }
 
 /// How far `hold@T:D` holds the lever down, mm (the issue's held lever).
@@ -86,7 +89,8 @@ impl FaultSpec {
             | Self::ClockStep { at_s, .. }
             | Self::PastBatch { at_s, .. }
             | Self::DuplicateBatch { at_s }
-            | Self::Hold { at_s, .. } => at_s,
+            | Self::Hold { at_s, .. }
+            | Self::Jiggle { at_s, .. } => at_s,
         }
     }
 }
@@ -102,12 +106,13 @@ impl fmt::Display for FaultSpec {
             Self::PastBatch { at_s, by_s } => write!(f, "pastbatch@{at_s}:{by_s}"),
             Self::DuplicateBatch { at_s } => write!(f, "dupbatch@{at_s}"),
             Self::Hold { at_s, duration_s } => write!(f, "hold@{at_s}:{duration_s}"),
+            Self::Jiggle { at_s, duration_s } => write!(f, "jiggle@{at_s}:{duration_s}"),
         }
     }
 }
 
 const FAULT_FORMS: &str = "unplug@T:D, silent@T:D, garbage@T:N, reboot@T, clockstep@T:D, \
-                           pastbatch@T:D, dupbatch@T or hold@T:D (T, D in seconds; clockstep's D may be < 0)";
+                           pastbatch@T:D, dupbatch@T, hold@T:D or jiggle@T:D (T, D in seconds; clockstep's D may be < 0)";
 
 /// Which form of fault spec was expected (the error message lists them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,7 +194,7 @@ impl FromStr for FaultSpec {
         let at_s = secs(at, "time")?;
         let need_arg = |what| arg.ok_or_else(|| bad(FaultProblem::MissingArgument(what)));
         match kind.trim() {
-            "unplug" | "silent" | "hold" => {
+            "unplug" | "silent" | "hold" | "jiggle" => {
                 let duration_s = secs(need_arg("D")?, "duration")?;
                 if duration_s <= 0.0 {
                     return Err(bad(FaultProblem::ZeroDuration));
@@ -197,7 +202,8 @@ impl FromStr for FaultSpec {
                 Ok(match kind.trim() {
                     "unplug" => Self::Unplug { at_s, duration_s },
                     "silent" => Self::Silent { at_s, duration_s },
-                    _ => Self::Hold { at_s, duration_s },
+                    "hold" => Self::Hold { at_s, duration_s },
+                    _ => Self::Jiggle { at_s, duration_s },
                 })
             }
             "garbage" => {

@@ -851,6 +851,11 @@ impl Sim {
                     &format!("lever held {} mm down for {duration_s} s", crate::HOLD_MM),
                 );
             }
+            FaultSpec::Jiggle { duration_s, .. } => {
+                self.mouse.jiggle_lever(t, duration_s * 1e6);
+                self.row(t, "fault_jiggle", duration_s);
+                self.status(t, &format!("lever jiggled for {duration_s} s"));
+            }
             FaultSpec::DuplicateBatch { .. } => {
                 self.device.duplicate_next_batch();
                 self.row(t, "fault_dupbatch", 0.0);

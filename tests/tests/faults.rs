@@ -801,3 +801,71 @@ fn a_lever_held_down_at_the_start_is_re_zeroed_and_no_cue_comes_off_rest() {
         "{rewarded_after} rewarded after the re-zero"
     );
 }
+
+#[test]
+fn a_lever_never_still_at_the_start_is_reported_and_no_trial_starts_until_it_is() {
+    let _one = serial();
+    // A restless mouse fidgets on the lever (1 mm every other 100 ms) for
+    // the first 60 s of simulated time (12 s of wall time).
+    let rig = rig(
+        "jiggle",
+        5.0,
+        "[task]\nmax_duration_min = 2\niti_min_ms = 1000\niti_max_ms = 2000\n",
+        &["--fault", "jiggle@0:60"],
+        None,
+    );
+    let _rigd = Rigd::start(&rig.config, &rig.socket);
+    wait_connected(&rig.socket);
+    let dir = start_session(&rig.socket, "M34");
+    wait_idle(&rig.socket, 180);
+    assert_eq!(session_value(&dir, "stop_reason"), "duration");
+    assert_eq!(truth_rows(&rig, "fault_jiggle").len(), 1);
+    // The jiggle's end in session time (the device clock starts at 0 with
+    // no drift: device µs = true µs).
+    let t0: f64 = session_value(&dir, "t0_rig_us").parse().expect("t0");
+    let jiggle_end_s = (60e6 - t0) / 1e6;
+    assert!(
+        jiggle_end_s > 6.0,
+        "the session began too late: {jiggle_end_s}"
+    );
+
+    let events = read_tsv(&dir.join("events.tsv"));
+    let warned: Vec<_> = events
+        .iter()
+        .filter(|e| e["kind"] == "lever_not_at_rest")
+        .collect();
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    let t_warned: f64 = warned[0]["t_s"].parse().expect("t");
+    // The lever moved over 1 mm (40 counts) in those 5 s.
+    let range: f64 = warned[0]["value"].parse().expect("counts");
+    assert!(range >= 39.0, "{warned:?}");
+    assert!((4.9..5.5).contains(&t_warned), "{warned:?}");
+    let rest: Vec<_> = events
+        .iter()
+        .filter(|e| e["kind"] == "lever_rest")
+        .collect();
+    assert_eq!(rest.len(), 1, "{rest:?}");
+    let t_rest: f64 = rest[0]["t_s"].parse().expect("t");
+    // The last push ends 0.1 s before the jiggle does; rest after 0.5 s
+    // still.
+    assert!(
+        t_rest >= jiggle_end_s - 0.1 + 0.5 - 0.01,
+        "rest at {t_rest} s, jiggle over at {jiggle_end_s} s"
+    );
+
+    // No trial (no cue, no water) before the lever was still; trials after.
+    let trials = read_tsv(&dir.join("trials.tsv"));
+    assert!(trials.len() >= 5, "{} trials", trials.len());
+    for t in &trials {
+        let cue: f64 = t["t_cue_s"].parse().expect("cue");
+        assert!(
+            cue > t_rest,
+            "a cue at {cue} s before the rest at {t_rest} s"
+        );
+    }
+    let early_water = truth_rows(&rig, "valve_open")
+        .iter()
+        .filter(|r| (num(r, "device_us") - t0) / 1e6 < t_rest)
+        .count();
+    assert_eq!(early_water, 0);
+}

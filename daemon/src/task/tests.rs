@@ -1055,7 +1055,7 @@ fn a_lever_never_still_is_reported_once_and_starts_no_trial_until_still() {
         warned,
         [&TaskOutput::LeverNotAtRest {
             t_us: 5_000_000,
-            range_counts: 0
+            range_counts: 80
         }]
     );
     assert_eq!(cues(&outs), 0);
