@@ -190,6 +190,8 @@ pub struct Metrics {
     /// Events the rig thread could not hand to the subscribers' fan-out.
     pub subscriber_events_dropped: Counter,
     pub lever_samples_lost: Counter,
+    /// Device times or indices found implausible (any kind).
+    pub device_time_anomalies: Counter,
     /// 1 while the serial link is connected.
     pub link_up: Counter,
     pub link_losses: Counter,
@@ -225,6 +227,7 @@ impl Metrics {
             storage_dropped: Counter::new(),
             subscriber_events_dropped: Counter::new(),
             lever_samples_lost: Counter::new(),
+            device_time_anomalies: Counter::new(),
             link_up: Counter::new(),
             link_losses: Counter::new(),
             clock_half_band_us: F64Cell::from_bits(0x7ff8_0000_0000_0000), // NaN
@@ -419,6 +422,13 @@ impl Metrics {
             "rigd_lever_samples_lost_total",
             "Lever samples the device sent but rigd never got (gaps in the sample index).",
             self.lever_samples_lost.get(),
+        );
+        counter(
+            &mut out,
+            "rigd_device_time_anomalies_total",
+            "Device times or sample indices rigd found implausible (duplicates, overlaps, \
+             clock steps, stamps off the host clock); events.tsv names each kind.",
+            self.device_time_anomalies.get(),
         );
         gauge(
             &mut out,

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
-use firmware_bridge::link::{Commander, LinkEvent, LinkHandler, LostReason};
+use firmware_bridge::link::{AnomalyKind, Commander, LinkEvent, LinkHandler, LostReason};
 use firmware_bridge::sync::ClockFit;
 use protocol::control::{
     DeviceEvent, Event, LinkEvent as LinkEventMsg, LinkState, TrialEvent, TrialOutcome,
@@ -21,8 +21,8 @@ use ringbuf::traits::{Observer, Producer};
 
 use crate::session::{
     ClockFitCell, EventDetail, EventsProducer, LiveStatus, ManualRefused, ManualReply,
-    RecordsProducer, RigNotice, RigRequest, SessionId, SessionStart, StopReason, StorageMsg,
-    StorageSource,
+    RecordsProducer, RigNotice, RigRequest, SessionCounters, SessionId, SessionStart, StopReason,
+    StorageMsg, StorageSource,
 };
 use crate::task::{TaskEngine, TaskInput, TaskOutput};
 use session_format::trial::{Outcome, TrialRecord};
@@ -40,7 +40,15 @@ struct ActiveSession {
     finished: bool,
     /// Why the experimenter (or a signal) stopped the session.
     stop_reason: Option<StopReason>,
+    /// The session's stream faults, counted.
+    counters: SessionCounters,
+    /// Host time each anomaly kind was last written to events.tsv, ns.
+    anomaly_logged_ns: [u64; AnomalyKind::ALL.len()],
 }
+
+/// An anomaly of one kind is written to `events.tsv` at most this often
+/// (each row carries the running count; the totals are written at the end).
+const ANOMALY_LOG_INTERVAL_NS: u64 = 1_000_000_000;
 
 /// The link handler that runs the task. See the module docs.
 pub struct RigHandler {
@@ -65,6 +73,10 @@ pub struct RigHandler {
     preview_pending: Vec<(u64, f32)>,
     /// Trials for the preview not yet handed over (its lock was busy).
     preview_trials: Vec<crate::preview::TrialEvent>,
+    /// The device clock's rate against the host's, once measured, with the
+    /// host heartbeat period chosen for it and whether that feeds the
+    /// device's watchdog.
+    device_clock_rate: Option<(f64, std::time::Duration, bool)>,
 }
 
 /// Most lever samples kept for the preview while its lock stays busy (20 s
@@ -107,6 +119,7 @@ impl RigHandler {
             // under this (see `on_lever`), so pushing never allocates.
             preview_pending: Vec::with_capacity(PREVIEW_PENDING_MAX + 256),
             preview_trials: Vec::with_capacity(PREVIEW_TRIALS_PENDING_MAX),
+            device_clock_rate: None,
         }
     }
 
@@ -177,7 +190,10 @@ impl RigHandler {
                         t0_us: None,
                         finished: false,
                         stop_reason: None,
+                        counters: SessionCounters::default(),
+                        anomaly_logged_ns: [0; AnomalyKind::ALL.len()],
                     });
+                    self.log_clock_rate();
                 }
                 RigRequest::Stop { id, reason } => {
                     let t_us = self.status.rig_now_us();
@@ -342,6 +358,74 @@ impl RigHandler {
                 );
             }
             TaskOutput::Trial(rec) => self.on_trial(rec),
+            TaskOutput::Rest(rest) => {
+                let cpm = self
+                    .session
+                    .as_ref()
+                    .map_or(1.0, |s| s.engine.params().counts_per_mm);
+                let times_taken = match self.session.as_mut() {
+                    Some(s) => {
+                        s.counters.lever_rests_taken += 1;
+                        u32::try_from(s.counters.lever_rests_taken).unwrap_or(u32::MAX)
+                    }
+                    None => 0,
+                };
+                if rest.rezero {
+                    tracing::warn!(
+                        "lever rest re-zeroed ({}): {} counts, {:+.2} mm from the first sample",
+                        rest.method,
+                        rest.rest_counts,
+                        rest.offset_mm(cpm)
+                    );
+                } else {
+                    tracing::info!(
+                        "lever rest {} counts ({:+.2} mm from the first sample)",
+                        rest.rest_counts,
+                        rest.offset_mm(cpm)
+                    );
+                }
+                self.log(
+                    rest.t_us,
+                    StorageSource::Task,
+                    if rest.rezero {
+                        "lever_rezeroed"
+                    } else {
+                        "lever_rest"
+                    },
+                    rest.offset_mm(cpm),
+                    EventDetail::Rest(rest),
+                );
+                self.to_storage(StorageMsg::LeverRest { rest, times_taken });
+            }
+            TaskOutput::LeverNotAtRest { t_us, range_counts } => {
+                tracing::warn!(
+                    "lever not at rest: no still window (range <= {} mm for {} ms) in the first \
+                     {} s; no trial starts until the lever is still (moved over {range_counts} \
+                     counts)",
+                    crate::task::REST_STILL_TOLERANCE_MM,
+                    crate::task::REST_STILL_WINDOW_US / 1000,
+                    crate::task::REST_WAIT_WARN_US / 1_000_000,
+                );
+                self.log(
+                    t_us,
+                    StorageSource::Task,
+                    "lever_not_at_rest",
+                    f64::from(range_counts),
+                    EventDetail::None,
+                );
+            }
+            TaskOutput::CueHeld { t_us, lever_mm } => {
+                if let Some(s) = self.session.as_mut() {
+                    s.counters.cues_held += 1;
+                }
+                self.log(
+                    t_us,
+                    StorageSource::Task,
+                    "cue_held",
+                    lever_mm,
+                    EventDetail::None,
+                );
+            }
             TaskOutput::Finished { t_us, reason } => {
                 // A stop request's own reason wins over the engine's "stopped".
                 let reason = self
@@ -415,6 +499,7 @@ impl RigHandler {
             StorageMsg::Finish {
                 reason: reason.clone(),
                 t_us,
+                counters: s.counters,
             },
             std::time::Duration::from_millis(200),
         );
@@ -573,6 +658,109 @@ impl RigHandler {
         }
     }
 
+    /// A device time or index the link found implausible: counted always,
+    /// written to events.tsv at most once a second per kind (each row with
+    /// the session's running count), warned in the log the first time.
+    fn on_time_anomaly(
+        &mut self,
+        kind: AnomalyKind,
+        t_us: u64,
+        offset_us: i64,
+        samples: u64,
+        link_count: u64,
+    ) {
+        crate::metrics::global().device_time_anomalies.inc();
+        let Some(s) = self.session.as_mut() else {
+            if link_count == 1 {
+                tracing::warn!(
+                    "{}: device time {offset_us:+} µs off ({samples} samples)",
+                    kind.as_str()
+                );
+            }
+            return;
+        };
+        let c = &mut s.counters;
+        c.anomalies[kind.index()] += 1;
+        let count = c.anomalies[kind.index()];
+        match kind {
+            AnomalyKind::DuplicateBatch | AnomalyKind::OverlapBatch => {
+                c.lever_samples_dropped += samples;
+            }
+            AnomalyKind::TimeBackward | AnomalyKind::TimeForward | AnomalyKind::HostImplausible => {
+                c.lever_samples_replaced += samples
+            }
+            AnomalyKind::ClockStep | AnomalyKind::PongRejected | AnomalyKind::EventTime => {}
+        }
+        let now_ns = firmware_bridge::link::host_now_ns();
+        let last = &mut s.anomaly_logged_ns[kind.index()];
+        if count > 1 && now_ns.saturating_sub(*last) < ANOMALY_LOG_INTERVAL_NS {
+            return;
+        }
+        *last = now_ns;
+        if count == 1 {
+            tracing::warn!(
+                "{}: the device's time was {offset_us:+} µs off where its sample index or the \
+                 host clock puts it ({samples} samples); placed by the index/host clock",
+                kind.as_str()
+            );
+        }
+        self.log(
+            t_us,
+            StorageSource::Link,
+            kind.as_str(),
+            samples as f64,
+            EventDetail::Anomaly { count, offset_us },
+        );
+    }
+
+    /// The device clock's rate, measured once per connection: reported
+    /// (a log line and an event) when it is far from the host's.
+    fn on_clock_rate(&mut self, rate: f64, host_heartbeat: std::time::Duration, keeps_up: bool) {
+        self.device_clock_rate = Some((rate, host_heartbeat, keeps_up));
+        if (rate - 1.0).abs() <= firmware_bridge::link::state::RATE_WARN_FRACTION {
+            tracing::debug!("device clock rate {rate:.6} x the host's");
+            return;
+        }
+        let hb_ms = host_heartbeat.as_secs_f64() * 1000.0;
+        if keeps_up {
+            tracing::warn!(
+                "the device clock runs {rate:.3} times as fast as the host's (a simulator at \
+                 --speed {rate:.0}? real hardware never does): its heartbeat watchdog counts \
+                 device time, so rigd now sends heartbeats every {hb_ms:.1} ms"
+            );
+        } else {
+            tracing::error!(
+                "the device clock runs {rate:.3} times as fast as the host's (a simulator at \
+                 --speed {rate:.0}?): even a heartbeat every {hb_ms:.1} ms cannot feed its \
+                 watchdog; expect watchdog trips (raise safety.heartbeat_timeout_ms or lower \
+                 the simulator's speed)"
+            );
+        }
+        self.log_clock_rate();
+    }
+
+    /// The device clock's rate into the session's events, when it is far
+    /// from the host's (at the measurement, and at each session's start).
+    fn log_clock_rate(&mut self) {
+        let Some((rate, host_heartbeat, keeps_up)) = self.device_clock_rate else {
+            return;
+        };
+        if (rate - 1.0).abs() <= firmware_bridge::link::state::RATE_WARN_FRACTION {
+            return;
+        }
+        let t_us = self.rig_now_us();
+        self.log(
+            t_us,
+            StorageSource::Link,
+            "device_clock_rate",
+            rate,
+            EventDetail::ClockRate {
+                host_heartbeat_us: host_heartbeat.as_micros() as u64,
+                keeps_up,
+            },
+        );
+    }
+
     fn set_link(&mut self, state: LinkState, detail: Option<String>) {
         self.status.set_link(state, detail.clone());
         crate::metrics::global().set_link_up(state == LinkState::Connected);
@@ -728,6 +916,10 @@ impl LinkHandler for RigHandler {
                 t_us,
             } => {
                 self.status.add_samples_lost(*missing);
+                if let Some(s) = self.session.as_mut() {
+                    s.counters.lever_samples_lost += *missing;
+                    s.counters.sample_gaps += 1;
+                }
                 crate::metrics::global().lever_samples_lost.add(*missing);
                 tracing::warn!("lever samples missing: {missing} from index {from_index}");
                 self.log(
@@ -740,6 +932,9 @@ impl LinkHandler for RigHandler {
             }
             LinkEvent::FramesLost { count } => {
                 let t_us = self.status.rig_now_us();
+                if let Some(s) = self.session.as_mut() {
+                    s.counters.frames_lost += *count;
+                }
                 self.log(
                     t_us,
                     StorageSource::Link,
@@ -750,6 +945,9 @@ impl LinkHandler for RigHandler {
             }
             LinkEvent::BadFrames { frames, bytes } => {
                 let t_us = self.status.rig_now_us();
+                if let Some(s) = self.session.as_mut() {
+                    s.counters.bad_frames += *frames;
+                }
                 self.log(
                     t_us,
                     StorageSource::Link,
@@ -760,6 +958,13 @@ impl LinkHandler for RigHandler {
             }
             LinkEvent::Fault { t_us, code, detail } => {
                 tracing::warn!("device fault {code:?} ({detail})");
+                if let Some(s) = self.session.as_mut() {
+                    if *code == protocol::serial::FaultCode::WatchdogTripped {
+                        s.counters.watchdog_trips += 1;
+                    } else {
+                        s.counters.device_faults += 1;
+                    }
+                }
                 let _ = self.notices.send(RigNotice::DeviceFault {
                     t_us: *t_us,
                     code: *code,
@@ -773,6 +978,18 @@ impl LinkHandler for RigHandler {
                     EventDetail::Fault(*code),
                 );
             }
+            LinkEvent::TimeAnomaly {
+                kind,
+                t_us,
+                offset_us,
+                samples,
+                count,
+            } => self.on_time_anomaly(*kind, *t_us, *offset_us, *samples, *count),
+            LinkEvent::ClockRate {
+                rate,
+                host_heartbeat,
+                keeps_up,
+            } => self.on_clock_rate(*rate, *host_heartbeat, *keeps_up),
             LinkEvent::Heartbeat { .. } => {}
             LinkEvent::Clock { fit, .. } => {
                 self.last_fit = Some(*fit);

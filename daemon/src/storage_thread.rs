@@ -117,6 +117,10 @@ pub fn spawn(
 
 struct State {
     zero_counts: Option<i32>,
+    /// Events stamped before the session's t0 (written at session time 0,
+    /// and counted here so the clamp is never silent).
+    events_before_t0: u64,
+    counters: crate::session::SessionCounters,
     /// Running counts, in case trials.tsv cannot be read back at the end
     /// (the trials and the lever are read back from disk for the summary,
     /// never kept here: memory stays flat over a 12-hour session).
@@ -137,6 +141,8 @@ fn run(
 ) -> Result<FinishedSession, StorageFailed> {
     let mut st = State {
         zero_counts: None,
+        events_before_t0: 0,
+        counters: Default::default(),
         counts: TrialCounts::default(),
         last_info_update: Instant::now(),
     };
@@ -158,12 +164,15 @@ fn run(
             }
         };
         match msg {
-            Some(StorageMsg::Finish { reason, .. }) => {
+            Some(StorageMsg::Finish {
+                reason, counters, ..
+            }) => {
                 // The rig thread sent Finish after its last record: take
                 // everything still in the ring and the channel, then finish.
                 if let Err(e) = inputs.drain_all(&mut w, setup, &mut st) {
                     return fail(w, setup, e);
                 }
+                st.counters = counters;
                 return finish(w, setup, st, reason, shared, &inputs.control);
             }
             Some(m) => {
@@ -255,12 +264,27 @@ fn write(
             value,
             detail,
         } => {
+            if t_us < setup.t0_us {
+                st.events_before_t0 += 1;
+            }
             w.write_event(rel(setup, t_us), source, kind, value, &detail.to_string())?;
         }
         StorageMsg::Trial(rec) => {
             let shifted = rec.to_session_time(setup.t0_us);
             w.write_trial(&shifted)?;
             st.counts.add(&rec);
+        }
+        StorageMsg::LeverRest { rest, times_taken } => {
+            w.set_lever_rest(session_format::LeverRestRecord {
+                rest_counts: i64::from(rest.rest_counts),
+                first_counts: i64::from(rest.first_counts),
+                offset_mm: rest.offset_mm(setup.counts_per_mm),
+                method: rest.method.to_owned(),
+                t_s: rel(setup, rest.t_us) as f64 / 1e6,
+                window_ms: rest.window_us as f64 / 1000.0,
+                range_counts: i64::from(rest.range_counts),
+                times_taken,
+            })?;
         }
         StorageMsg::Finish { .. } => {}
     }
@@ -316,6 +340,32 @@ fn finish(
             "records not written: storage queue full",
         );
     }
+    // The stream faults' totals (their events were rate-limited).
+    for kind in firmware_bridge::link::AnomalyKind::ALL {
+        let n = st.counters.anomaly(kind);
+        if n > 0 {
+            let _ = w.write_event(
+                0,
+                EventSource::Daemon,
+                "device_time_anomalies",
+                n as f64,
+                &format!("kind={} total", kind.as_str()),
+            );
+        }
+    }
+    if st.events_before_t0 > 0 {
+        tracing::warn!(
+            "{} events were stamped before the session's start; written at time 0",
+            st.events_before_t0
+        );
+        let _ = w.write_event(
+            0,
+            EventSource::Daemon,
+            "events_before_start",
+            st.events_before_t0 as f64,
+            "events stamped before t0, written at session time 0",
+        );
+    }
     // Every lever row on disk and declared, then read back for the summary
     // (the same (rig µs, mm) values that were written).
     w.sync()?;
@@ -362,6 +412,7 @@ fn finish(
         },
         summary_json,
         reason,
+        counters: st.counters,
     })
 }
 

@@ -29,6 +29,30 @@ pub const QUIESCENCE_TOLERANCE_MM: f64 = 0.25;
 /// or two around the threshold from counting as many presses.
 pub const REARM_HYSTERESIS_MM: f64 = 0.1;
 
+/// The lever's rest position is taken from a still window: the lever must
+/// stay within this range (mm, max - min) for [`REST_STILL_WINDOW_US`].
+pub const REST_STILL_TOLERANCE_MM: f64 = 0.1;
+
+/// How long the lever must be still before its rest position is taken, µs.
+pub const REST_STILL_WINDOW_US: u64 = 500_000;
+
+/// After this long (µs of lever samples) without a still window at the
+/// start, the engine reports [`TaskOutput::LeverNotAtRest`] (once) and keeps
+/// waiting: no trial starts until the lever is still.
+pub const REST_WAIT_WARN_US: u64 = 5_000_000;
+
+/// Before each cue the lever must be within this distance (mm) of rest
+/// (at most half the threshold); otherwise the cue is held.
+pub const CUE_REST_TOLERANCE_MM: f64 = 0.5;
+
+/// A lever held still away from rest for this long (µs) while a cue waits is
+/// taken as a new rest position (the lever or its encoder moved).
+pub const REZERO_AFTER_US: u64 = 10_000_000;
+
+/// Most samples of a still window kept for its median (a 500 ms window at
+/// up to 8 kHz); later samples of a longer window only extend it.
+const STILL_SAMPLES_MAX: usize = 4096;
+
 /// Trial-number bitcode on sync-out: bits per code (as the original rig).
 pub const BITCODE_NBITS: u8 = 12;
 /// Trial-number bitcode on sync-out: start pulse, bit and gap length, µs.
@@ -93,6 +117,16 @@ pub struct TaskParams {
     pub water_remaining_today_ul: Option<f64>,
     /// Seed of the ITI draws.
     pub seed: u64,
+    /// Still window the rest position is taken from, µs
+    /// ([`REST_STILL_WINDOW_US`]); 0 takes the first sample and never
+    /// re-zeroes (tests only).
+    pub rest_still_us: u64,
+    /// Range the lever may move within a still window, mm
+    /// ([`REST_STILL_TOLERANCE_MM`]).
+    pub rest_tolerance_mm: f64,
+    /// Before each cue the lever must be this close to rest, mm; `None`
+    /// turns the check off (tests only).
+    pub cue_rest_tolerance_mm: Option<f64>,
 }
 
 impl TaskParams {
@@ -157,6 +191,9 @@ impl TaskParams {
             max_water_session_ul: cfg.safety.max_water_per_session_ul,
             water_remaining_today_ul: None,
             seed: 0,
+            rest_still_us: REST_STILL_WINDOW_US,
+            rest_tolerance_mm: REST_STILL_TOLERANCE_MM,
+            cue_rest_tolerance_mm: Some(CUE_REST_TOLERANCE_MM.min(t.threshold_mm / 2.0)),
         }
     }
 
@@ -200,7 +237,8 @@ pub enum TaskInput {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
-    /// No lever sample yet: the rest position and the time are unknown.
+    /// No still lever yet: the rest position is unknown (see
+    /// `docs/behaviour.md`, "Lever rest").
     Waiting,
     /// Inter-trial interval.
     Iti,
@@ -270,6 +308,105 @@ pub enum TaskOutput {
     State { t_us: u64, state: TaskState },
     /// The session is over; this is the last output.
     Finished { t_us: u64, reason: FinishReason },
+    /// The rest position was taken (at the start, or re-zeroed while a cue
+    /// waited): the median of a still window.
+    Rest(LeverRest),
+    /// No still window within [`REST_WAIT_WARN_US`] of the first sample:
+    /// no trial starts until the lever is still (once per session).
+    /// `range_counts` is the lever's range (max - min) over that time.
+    LeverNotAtRest { t_us: u64, range_counts: i32 },
+    /// A cue is held because the lever is away from rest (once per held cue).
+    CueHeld { t_us: u64, lever_mm: f64 },
+}
+
+/// How the rest position was found.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LeverRest {
+    /// When it was taken (the still window's last sample), µs.
+    pub t_us: u64,
+    /// Rest position, encoder counts.
+    pub rest_counts: i32,
+    /// The session's first sample, counts (the lever files' zero).
+    pub first_counts: i32,
+    /// The still window: its length, µs, and its range (max - min), counts.
+    pub window_us: u64,
+    pub range_counts: i32,
+    /// Taken again during the session (not the first rest).
+    pub rezero: bool,
+    /// How: `still_window` (the first), `rezero_below_rest` (a lever still
+    /// below rest: it was held down when the rest was taken) or
+    /// `rezero_held_cue` (still away from rest while a cue waited for
+    /// [`REZERO_AFTER_US`]).
+    pub method: &'static str,
+}
+
+impl LeverRest {
+    /// Rest minus the first sample, mm: what to subtract from the lever
+    /// files' `mm` (which count from the first sample) to get mm from rest.
+    pub fn offset_mm(&self, counts_per_mm: f64) -> f64 {
+        (i64::from(self.rest_counts) - i64::from(self.first_counts)) as f64 / counts_per_mm
+    }
+}
+
+/// A run of samples that stayed within a range: the candidate still window.
+#[derive(Debug, Clone)]
+struct StillRun {
+    since_us: u64,
+    min: i32,
+    max: i32,
+    /// Samples of the run (at most [`STILL_SAMPLES_MAX`]); made once.
+    samples: Vec<i32>,
+}
+
+impl StillRun {
+    fn new() -> Self {
+        Self {
+            since_us: 0,
+            min: 0,
+            max: 0,
+            samples: Vec::with_capacity(STILL_SAMPLES_MAX),
+        }
+    }
+
+    fn restart(&mut self, t: u64, counts: i32) {
+        self.since_us = t;
+        self.min = counts;
+        self.max = counts;
+        self.samples.clear();
+        self.samples.push(counts);
+    }
+
+    /// Add a sample; a sample that widens the range past `tol` counts starts
+    /// a new run at itself.
+    fn push(&mut self, t: u64, counts: i32, tol: f64) {
+        let (min, max) = (self.min.min(counts), self.max.max(counts));
+        if self.samples.is_empty() || (i64::from(max) - i64::from(min)) as f64 > tol {
+            self.restart(t, counts);
+            return;
+        }
+        self.min = min;
+        self.max = max;
+        if self.samples.len() < STILL_SAMPLES_MAX {
+            self.samples.push(counts);
+        }
+    }
+
+    fn len_us(&self, t: u64) -> u64 {
+        t.saturating_sub(self.since_us)
+    }
+
+    fn range(&self) -> i32 {
+        self.max.saturating_sub(self.min)
+    }
+
+    /// The median of the run's samples (the lower middle one); sorts in place.
+    fn median(&mut self) -> i32 {
+        if self.samples.is_empty() {
+            return self.min;
+        }
+        let mid = (self.samples.len() - 1) / 2;
+        *self.samples.select_nth_unstable(mid).1
+    }
 }
 
 /// splitmix64: a tiny, well-mixed, deterministic generator for the ITI draws.
@@ -316,7 +453,18 @@ pub struct TaskEngine {
 
     /// Time and position of the first lever sample.
     origin_us: Option<u64>,
+    first_counts: i32,
+    /// The rest position, once found (`None` while [`TaskState::Waiting`]).
+    rest: Option<LeverRest>,
     rest_counts: i32,
+    still: StillRun,
+    rest_tol_counts: f64,
+    cue_rest_counts: Option<f64>,
+    not_at_rest_reported: bool,
+    /// The lever's lowest and highest counts while waiting for rest.
+    wait_range: (i32, i32),
+    /// The cue waiting now was reported held.
+    cue_held: bool,
     last_counts: i32,
     /// A crossing counts only when armed (the lever was below threshold -
     /// hysteresis since the last crossing).
@@ -351,6 +499,8 @@ pub struct TaskEngine {
 impl TaskEngine {
     pub fn new(params: TaskParams) -> Self {
         let cpm = params.counts_per_mm;
+        let rest_tol = params.rest_tolerance_mm * cpm;
+        let cue_rest = params.cue_rest_tolerance_mm.map(|mm| mm * cpm);
         Self {
             threshold_counts: params.threshold_mm * cpm,
             rearm_counts: (params.threshold_mm - params.rearm_hysteresis_mm) * cpm,
@@ -360,7 +510,15 @@ impl TaskEngine {
             state: TaskState::Waiting,
             link_up: true,
             origin_us: None,
+            first_counts: 0,
+            rest: None,
             rest_counts: 0,
+            still: StillRun::new(),
+            rest_tol_counts: rest_tol,
+            cue_rest_counts: cue_rest,
+            not_at_rest_reported: false,
+            wait_range: (i32::MAX, i32::MIN),
+            cue_held: false,
             last_counts: 0,
             armed: false,
             iti_start_us: 0,
@@ -413,9 +571,14 @@ impl TaskEngine {
         (i64::from(self.last_counts) - i64::from(self.rest_counts)) as f64 / self.p.counts_per_mm
     }
 
-    /// Rest position, encoder counts (the first sample's), once known.
+    /// Rest position, encoder counts, once found.
     pub fn rest_counts(&self) -> Option<i32> {
-        self.origin_us.map(|_| self.rest_counts)
+        self.rest.map(|r| r.rest_counts)
+    }
+
+    /// How the rest position was found, once it was.
+    pub fn rest(&self) -> Option<LeverRest> {
+        self.rest
     }
 
     /// Commands reported refused or unanswered so far.
@@ -452,18 +615,30 @@ impl TaskEngine {
     // ---- inputs -----------------------------------------------------------
 
     fn on_lever(&mut self, t: u64, counts: i32, out: &mut impl FnMut(TaskOutput)) {
-        if self.origin_us.is_none() {
+        let first = self.origin_us.is_none();
+        if first {
             self.origin_us = Some(t);
             self.last_press_us = t;
-            self.rest_counts = counts;
-            self.last_counts = counts;
-            self.armed = true;
-            if self.state == TaskState::Waiting {
-                self.enter_iti(t, 0, out);
-            }
-            return;
+            self.first_counts = counts;
+            self.still.restart(t, counts);
+        } else {
+            self.still.push(t, counts, self.rest_tol_counts);
         }
         self.last_counts = counts;
+        if self.rest.is_none() {
+            self.seek_rest(t, out);
+            return;
+        }
+        if first {
+            return;
+        }
+        if matches!(self.state, TaskState::Iti | TaskState::Quiescence) && self.still_below_rest(t)
+        {
+            // The lever rests lower than its rest: the rest was taken with
+            // the lever held down. The sample is used for nothing else.
+            self.take_rest(t, "rezero_below_rest", out);
+            return;
+        }
         let disp = self.displacement(counts);
         let crossed = self.armed && disp >= self.threshold_counts;
         if crossed {
@@ -499,7 +674,10 @@ impl TaskEngine {
                 if moved > self.quiet_counts {
                     self.quiet_anchor_counts = counts;
                     self.quiet_since_us = t;
-                } else if t.saturating_sub(self.quiet_since_us) >= self.p.quiescence_us {
+                }
+                if t.saturating_sub(self.quiet_since_us) >= self.p.quiescence_us
+                    && self.near_rest_for_cue(t, counts, out)
+                {
                     self.start_cue(t, counts, out);
                 }
             }
@@ -592,7 +770,7 @@ impl TaskEngine {
         // idle time afresh, never declare it sated over an unplugged cable.
         self.last_press_us = self.last_press_us.max(t);
         if self.state == TaskState::LinkDown {
-            if self.origin_us.is_some() {
+            if self.rest.is_some() {
                 self.enter_iti(t, 0, out);
             } else {
                 self.set_state(t, TaskState::Waiting, out);
@@ -688,13 +866,97 @@ impl TaskEngine {
             return;
         }
         self.trial_start_us = t;
-        if self.p.quiescence_us > 0 {
+        self.cue_held = false;
+        if self.p.quiescence_us > 0 || !self.near_rest_for_cue(t, counts, out) {
+            // The quiescence state also holds a cue while the lever is away
+            // from rest (with no quiescence time configured).
             self.quiet_anchor_counts = counts;
             self.quiet_since_us = t;
             self.set_state(t, TaskState::Quiescence, out);
         } else {
             self.start_cue(t, counts, out);
         }
+    }
+
+    /// Looking for the rest position (state `Waiting`): the lever still for
+    /// `rest_still_us` gives it (the median of the window) and starts the
+    /// first ITI. Warns once when none came within [`REST_WAIT_WARN_US`].
+    fn seek_rest(&mut self, t: u64, out: &mut impl FnMut(TaskOutput)) {
+        let origin = self.origin_us.unwrap_or(t);
+        let (lo, hi) = self.wait_range;
+        self.wait_range = (lo.min(self.last_counts), hi.max(self.last_counts));
+        if self.still.len_us(t) >= self.p.rest_still_us {
+            self.take_rest(t, "still_window", out);
+            self.armed = true;
+            if self.state == TaskState::Waiting {
+                self.enter_iti(t, 0, out);
+            }
+            return;
+        }
+        if !self.not_at_rest_reported && t.saturating_sub(origin) >= REST_WAIT_WARN_US {
+            self.not_at_rest_reported = true;
+            let (lo, hi) = self.wait_range;
+            out(TaskOutput::LeverNotAtRest {
+                t_us: t,
+                range_counts: hi.saturating_sub(lo),
+            });
+        }
+        // The session's time cap counts from the first sample, rest or not.
+        self.duration_finish(t, out);
+    }
+
+    fn take_rest(&mut self, t: u64, method: &'static str, out: &mut impl FnMut(TaskOutput)) {
+        let rest = LeverRest {
+            t_us: t,
+            rest_counts: self.still.median(),
+            first_counts: self.first_counts,
+            window_us: self.still.len_us(t),
+            range_counts: self.still.range(),
+            rezero: method != "still_window",
+            method,
+        };
+        self.rest_counts = rest.rest_counts;
+        self.rest = Some(rest);
+        out(TaskOutput::Rest(rest));
+    }
+
+    /// Presses move the lever up from its mechanical stop, so a lever still
+    /// for a window clearly below the rest position is resting on the stop
+    /// and the rest was taken while it was held down.
+    fn still_below_rest(&self, t: u64) -> bool {
+        let margin = self
+            .cue_rest_counts
+            .unwrap_or(0.0)
+            .max(self.rest_tol_counts);
+        self.p.rest_still_us > 0
+            && self.still.len_us(t) >= self.p.rest_still_us
+            && (i64::from(self.rest_counts) - i64::from(self.still.max)) as f64 > margin
+    }
+
+    /// Whether the lever is near enough to rest for a cue. When it is not,
+    /// reports the held cue (once per cue), and takes a new rest when the
+    /// lever has stayed still away from rest for [`REZERO_AFTER_US`].
+    fn near_rest_for_cue(&mut self, t: u64, counts: i32, out: &mut impl FnMut(TaskOutput)) -> bool {
+        let Some(tol) = self.cue_rest_counts else {
+            return true;
+        };
+        if self.displacement(counts).abs() <= tol {
+            return true;
+        }
+        if !self.cue_held {
+            self.cue_held = true;
+            out(TaskOutput::CueHeld {
+                t_us: t,
+                lever_mm: self.displacement(counts) / self.p.counts_per_mm,
+            });
+        }
+        if self.still.len_us(t) >= REZERO_AFTER_US.max(self.p.rest_still_us) {
+            // The cue comes at the next sample (this step's outputs stay
+            // within MAX_OUTPUTS_PER_STEP).
+            self.take_rest(t, "rezero_held_cue", out);
+            self.cue_held = false;
+        }
+        false
     }
 
     fn start_cue(&mut self, t: u64, counts: i32, out: &mut impl FnMut(TaskOutput)) {

@@ -246,6 +246,13 @@ pub struct Device {
     unreported_samples: u32,
     /// Frames were dropped and no `Fault TxOverflow` has said so yet.
     unreported_tx: bool,
+    /// Fault injection: added to every timestamp the device sends (its
+    /// clock stepped), µs; the device's own timing is unchanged.
+    stamp_shift_us: i64,
+    /// Fault injection: the next lever batch is stamped this far in the past.
+    past_next_batch_us: u64,
+    /// Fault injection: the next lever batch goes out twice (same bytes).
+    duplicate_next_batch: bool,
 }
 
 impl Device {
@@ -274,9 +281,33 @@ impl Device {
             tx_frames_dropped: 0,
             unreported_samples: 0,
             unreported_tx: false,
+            stamp_shift_us: 0,
+            past_next_batch_us: 0,
+            duplicate_next_batch: false,
         };
         d.send_hello(t_us, io);
         d
+    }
+
+    /// Fault injection: from now on every timestamp the device sends is
+    /// `delta_us` off (a device clock that stepped back or jumped forward).
+    pub fn step_stamps(&mut self, delta_us: i64) {
+        self.stamp_shift_us = self.stamp_shift_us.saturating_add(delta_us);
+    }
+
+    /// Fault injection: the next lever batch is stamped `by_us` in the past.
+    pub fn stamp_next_batch_in_past(&mut self, by_us: u64) {
+        self.past_next_batch_us = by_us;
+    }
+
+    /// Fault injection: the next lever batch is sent twice (the same frame).
+    pub fn duplicate_next_batch(&mut self) {
+        self.duplicate_next_batch = true;
+    }
+
+    /// A device time as the wire carries it (32 bits, with any injected step).
+    fn stamp(&self, t: u64) -> u32 {
+        t.saturating_add_signed(self.stamp_shift_us) as u32
     }
 
     /// The firmware constants.
@@ -511,8 +542,8 @@ impl Device {
             HostCommand::Ping => {
                 let pong = Pong {
                     ping_seq: seq,
-                    t_rx_us: t as u32,
-                    t_tx_us: t as u32,
+                    t_rx_us: self.stamp(t),
+                    t_tx_us: self.stamp(t),
                 };
                 self.send(t, DeviceMessage::Pong(pong), io);
             }
@@ -784,7 +815,7 @@ impl Device {
             capabilities: fw.capabilities,
             max_sample_rate_hz: fw.max_sample_rate_hz,
             hard_max_valve_open_ms: fw.hard_max_valve_open_ms,
-            t_us: t as u32,
+            t_us: self.stamp(t),
         };
         self.send(t, DeviceMessage::Hello(hello), io);
     }
@@ -792,7 +823,7 @@ impl Device {
     fn send_heartbeat(&mut self, t: u64, io: &mut impl DeviceIo) {
         let st = self.status();
         let hb = Heartbeat {
-            t_us: t as u32,
+            t_us: self.stamp(t),
             state: st.state,
             next_sample_index: st.next_sample_index,
             samples_dropped: st.samples_dropped,
@@ -807,7 +838,7 @@ impl Device {
             acked_seq: seq,
             acked_type: ty,
             status: status.into(),
-            t_us: t as u32,
+            t_us: self.stamp(t),
         };
         self.send(t, DeviceMessage::Ack(ack), io);
     }
@@ -821,7 +852,7 @@ impl Device {
         io: &mut impl DeviceIo,
     ) {
         let ev = Event {
-            t_us: t as u32,
+            t_us: self.stamp(t),
             kind: kind.into(),
             aux,
             value,
@@ -831,7 +862,7 @@ impl Device {
 
     fn send_fault(&mut self, t: u64, code: FaultCode, detail: u32, io: &mut impl DeviceIo) {
         let f = Fault {
-            t_us: t as u32,
+            t_us: self.stamp(t),
             code: code.into(),
             detail,
         };
@@ -849,15 +880,23 @@ impl Device {
     ) {
         self.report_drops(t, io);
         let mut buf = [0u8; MAX_WIRE_FRAME];
+        let past = std::mem::take(&mut self.past_next_batch_us);
+        let stamp = self.stamp(t_first_us.saturating_sub(past));
         let sent = match encode_lever_samples(
             self.tx_seq,
             first_index,
-            t_first_us as u32,
+            stamp,
             period_us,
             counts,
             &mut buf,
         ) {
-            Ok(n) => self.transmit(t, &buf[..n], io),
+            Ok(n) => {
+                let sent = self.transmit(t, &buf[..n], io);
+                if sent && std::mem::take(&mut self.duplicate_next_batch) && io.can_transmit(t, n) {
+                    io.transmit(t, &buf[..n]);
+                }
+                sent
+            }
             Err(_) => false, // cannot happen: 1..=50 samples and a full-size buffer
         };
         if !sent {
@@ -911,7 +950,7 @@ impl Device {
         self.unreported_tx = false;
         if self.unreported_samples > 0 {
             let f = Fault {
-                t_us: t as u32,
+                t_us: self.stamp(t),
                 code: FaultCode::SamplesDropped.into(),
                 detail: self.unreported_samples,
             };
@@ -919,7 +958,7 @@ impl Device {
             self.encode_and_transmit(t, &DeviceMessage::Fault(f), io);
         }
         let f = Fault {
-            t_us: t as u32,
+            t_us: self.stamp(t),
             code: FaultCode::TxOverflow.into(),
             detail: self.tx_frames_dropped,
         };

@@ -58,7 +58,25 @@ pub enum FaultSpec {
     Garbage { at_s: f64, bytes: usize },
     /// `reboot@T`: the device restarts (counter from 0, `Hello`, not streaming).
     Reboot { at_s: f64 },
+    /// `clockstep@T:D`: from T on, every timestamp the device sends is D
+    /// seconds off (D < 0: its clock stepped back; D > 0: it jumped
+    /// forward); its sampling and timing go on unchanged.
+    ClockStep { at_s: f64, step_s: f64 },
+    /// `pastbatch@T:D`: the first lever batch after T is stamped D seconds
+    /// in the past (the batches after it are right).
+    PastBatch { at_s: f64, by_s: f64 },
+    /// `dupbatch@T`: the first lever batch after T is sent twice.
+    DuplicateBatch { at_s: f64 },
+    /// `hold@T:D`: from T for D seconds the mouse holds the lever 2.4 mm
+    /// down ([`HOLD_MM`]); its own presses go on over it.
+    Hold { at_s: f64, duration_s: f64 },
+    /// `jiggle@T:D`: from T for D seconds the lever is pushed 1 mm down
+    /// every other 100 ms: never still.
+    Jiggle { at_s: f64, duration_s: f64 },
 }
+
+/// How far `hold@T:D` holds the lever down, mm (the issue's held lever).
+pub const HOLD_MM: f64 = 2.4;
 
 impl FaultSpec {
     /// When it happens, true seconds.
@@ -67,7 +85,12 @@ impl FaultSpec {
             Self::Unplug { at_s, .. }
             | Self::Silent { at_s, .. }
             | Self::Garbage { at_s, .. }
-            | Self::Reboot { at_s } => at_s,
+            | Self::Reboot { at_s }
+            | Self::ClockStep { at_s, .. }
+            | Self::PastBatch { at_s, .. }
+            | Self::DuplicateBatch { at_s }
+            | Self::Hold { at_s, .. }
+            | Self::Jiggle { at_s, .. } => at_s,
         }
     }
 }
@@ -79,11 +102,17 @@ impl fmt::Display for FaultSpec {
             Self::Silent { at_s, duration_s } => write!(f, "silent@{at_s}:{duration_s}"),
             Self::Garbage { at_s, bytes } => write!(f, "garbage@{at_s}:{bytes}"),
             Self::Reboot { at_s } => write!(f, "reboot@{at_s}"),
+            Self::ClockStep { at_s, step_s } => write!(f, "clockstep@{at_s}:{step_s}"),
+            Self::PastBatch { at_s, by_s } => write!(f, "pastbatch@{at_s}:{by_s}"),
+            Self::DuplicateBatch { at_s } => write!(f, "dupbatch@{at_s}"),
+            Self::Hold { at_s, duration_s } => write!(f, "hold@{at_s}:{duration_s}"),
+            Self::Jiggle { at_s, duration_s } => write!(f, "jiggle@{at_s}:{duration_s}"),
         }
     }
 }
 
-const FAULT_FORMS: &str = "unplug@T:D, silent@T:D, garbage@T:N or reboot@T (T, D in seconds)";
+const FAULT_FORMS: &str = "unplug@T:D, silent@T:D, garbage@T:N, reboot@T, clockstep@T:D, \
+                           pastbatch@T:D, dupbatch@T, hold@T:D or jiggle@T:D (T, D in seconds; clockstep's D may be < 0)";
 
 /// Which form of fault spec was expected (the error message lists them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,7 +158,7 @@ pub enum FaultProblem {
     ZeroDuration,
     #[error("byte count '{0}' must be 1..=1000000")]
     ByteCount(String),
-    #[error("reboot takes no ':' argument")]
+    #[error("reboot and dupbatch take no ':' argument")]
     RebootArgument,
     #[error("unknown fault '{0}'")]
     UnknownKind(String),
@@ -165,15 +194,16 @@ impl FromStr for FaultSpec {
         let at_s = secs(at, "time")?;
         let need_arg = |what| arg.ok_or_else(|| bad(FaultProblem::MissingArgument(what)));
         match kind.trim() {
-            "unplug" | "silent" => {
+            "unplug" | "silent" | "hold" | "jiggle" => {
                 let duration_s = secs(need_arg("D")?, "duration")?;
                 if duration_s <= 0.0 {
                     return Err(bad(FaultProblem::ZeroDuration));
                 }
-                Ok(if kind.trim() == "unplug" {
-                    Self::Unplug { at_s, duration_s }
-                } else {
-                    Self::Silent { at_s, duration_s }
+                Ok(match kind.trim() {
+                    "unplug" => Self::Unplug { at_s, duration_s },
+                    "silent" => Self::Silent { at_s, duration_s },
+                    "hold" => Self::Hold { at_s, duration_s },
+                    _ => Self::Jiggle { at_s, duration_s },
                 })
             }
             "garbage" => {
@@ -186,11 +216,37 @@ impl FromStr for FaultSpec {
                     .ok_or_else(|| bad(FaultProblem::ByteCount(n.to_string())))?;
                 Ok(Self::Garbage { at_s, bytes })
             }
-            "reboot" => {
+            "reboot" | "dupbatch" => {
                 if arg.is_some() {
                     return Err(bad(FaultProblem::RebootArgument));
                 }
-                Ok(Self::Reboot { at_s })
+                Ok(if kind.trim() == "reboot" {
+                    Self::Reboot { at_s }
+                } else {
+                    Self::DuplicateBatch { at_s }
+                })
+            }
+            "pastbatch" => {
+                let by_s = secs(need_arg("D")?, "duration")?;
+                if by_s <= 0.0 {
+                    return Err(bad(FaultProblem::ZeroDuration));
+                }
+                Ok(Self::PastBatch { at_s, by_s })
+            }
+            "clockstep" => {
+                let d = need_arg("D")?;
+                let step_s = d
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|x| x.is_finite() && *x != 0.0 && x.abs() < 2147.0)
+                    .ok_or_else(|| {
+                        bad(FaultProblem::NotSeconds {
+                            what: "step (non-zero, within +-2147 s)",
+                            value: d.to_string(),
+                        })
+                    })?;
+                Ok(Self::ClockStep { at_s, step_s })
             }
             other => Err(bad(FaultProblem::UnknownKind(other.to_string()))),
         }

@@ -78,7 +78,11 @@ struct Args {
     #[arg(long, default_value_t = 0.0)]
     spike_us: f64,
     /// Scheduled fault, repeatable: unplug@T:D, silent@T:D, garbage@T:N,
-    /// reboot@T (T and D in simulated seconds).
+    /// reboot@T, clockstep@T:D (the device's timestamps step by D s, D may
+    /// be < 0), pastbatch@T:D (one lever batch stamped D s in the past),
+    /// dupbatch@T (one lever batch sent twice), hold@T:D (the lever held
+    /// 2.4 mm down for D s), jiggle@T:D (the lever pushed 1 mm every other
+    /// 100 ms for D s) (T and D in simulated seconds).
     #[arg(long = "fault", value_name = "SPEC")]
     faults: Vec<FaultSpec>,
     /// Fault at a device event, repeatable: KIND@valveN:ARG (the moment the

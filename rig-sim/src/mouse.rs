@@ -38,6 +38,9 @@ const PAW_ZETA: f64 = 0.6;
 /// A press has ended when the lever is back below this, mm.
 const REST_MM: f64 = 0.1;
 
+/// How far `jiggle` pushes the lever, mm (below the usual 1.5 mm threshold).
+pub const JIGGLE_MM: f64 = 1.0;
+
 /// The lever's geometry and encoder.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LeverSpec {
@@ -226,6 +229,11 @@ pub struct Mouse {
     /// pressing (`None`: never).
     sated_after: Option<u32>,
     drinks: u32,
+    /// Fault injection: the lever held at least this far down (mm) from
+    /// `.0` until `.1` (true µs).
+    hold: Option<(f64, f64, f64)>,
+    /// Fault injection: the lever jiggled from `.0` until `.1` (true µs).
+    jiggle: Option<(f64, f64)>,
 }
 
 impl Mouse {
@@ -268,7 +276,23 @@ impl Mouse {
             truth: Vec::new(),
             sated_after: None,
             drinks: 0,
+            hold: None,
+            jiggle: None,
         }
+    }
+
+    /// Fault injection: from true time `from_us` for `duration_us`, the
+    /// lever is pushed [`JIGGLE_MM`] down every other 100 ms (a restless
+    /// mouse fidgeting on it: never still).
+    pub fn jiggle_lever(&mut self, from_us: f64, duration_us: f64) {
+        self.jiggle = Some((from_us, from_us + duration_us));
+    }
+
+    /// Fault injection: from true time `from_us` for `duration_us`, the
+    /// lever is held at least `mm` down (a mouse resting its paw on it); the
+    /// encoder reads the held position, the mouse's own presses go on.
+    pub fn hold_lever(&mut self, from_us: f64, duration_us: f64, mm: f64) {
+        self.hold = Some((from_us, from_us + duration_us, mm));
     }
 
     pub fn behaviour(&self) -> &Behaviour {
@@ -290,7 +314,18 @@ impl Mouse {
     pub fn lever_counts(&mut self, t_us: f64) -> i32 {
         // A quadrature encoder reports count n once the lever has passed line
         // n: the floor of the position in counts, not the nearest count.
-        (self.lever_mm(t_us) * self.lever.counts_per_mm).floor() as i32
+        let mut mm = match self.hold {
+            Some((from, until, held)) if t_us >= from && t_us < until => {
+                self.lever_mm(t_us).max(held)
+            }
+            _ => self.lever_mm(t_us),
+        };
+        if let Some((from, until)) = self.jiggle {
+            if t_us >= from && t_us < until && ((t_us - from) / 100_000.0) as u64 % 2 == 0 {
+                mm = mm.max(JIGGLE_MM);
+            }
+        }
+        (mm * self.lever.counts_per_mm).floor() as i32
     }
 
     /// Run the world up to true time `t_us` (the physics grid may end up to

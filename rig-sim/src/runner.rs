@@ -832,6 +832,35 @@ impl Sim {
                 self.row(t, "fault_garbage", bytes as f64);
                 self.status(t, &format!("{bytes} bytes of garbage on the line"));
             }
+            FaultSpec::ClockStep { step_s, .. } => {
+                self.device.step_stamps((step_s * 1e6).round() as i64);
+                self.row(t, "fault_clockstep", step_s);
+                self.status(t, &format!("device timestamps stepped by {step_s} s"));
+            }
+            FaultSpec::PastBatch { by_s, .. } => {
+                self.device
+                    .stamp_next_batch_in_past((by_s * 1e6).round() as u64);
+                self.row(t, "fault_pastbatch", by_s);
+                self.status(t, &format!("next lever batch stamped {by_s} s in the past"));
+            }
+            FaultSpec::Hold { duration_s, .. } => {
+                self.mouse.hold_lever(t, duration_s * 1e6, crate::HOLD_MM);
+                self.row(t, "fault_hold", duration_s);
+                self.status(
+                    t,
+                    &format!("lever held {} mm down for {duration_s} s", crate::HOLD_MM),
+                );
+            }
+            FaultSpec::Jiggle { duration_s, .. } => {
+                self.mouse.jiggle_lever(t, duration_s * 1e6);
+                self.row(t, "fault_jiggle", duration_s);
+                self.status(t, &format!("lever jiggled for {duration_s} s"));
+            }
+            FaultSpec::DuplicateBatch { .. } => {
+                self.device.duplicate_next_batch();
+                self.row(t, "fault_dupbatch", 0.0);
+                self.status(t, "next lever batch sent twice");
+            }
             FaultSpec::Reboot { .. } => {
                 let old_counter = self.epoch.device_us(t);
                 self.row(t, "reboot", old_counter as f64);

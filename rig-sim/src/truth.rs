@@ -49,6 +49,11 @@ pub const TRUTH_HEADER: &str = "true_s\tdevice_us\tkind\tvalue\tdetail";
 /// | `fault_silent_start` | seconds silent |
 /// | `fault_silent_end` | 0 |
 /// | `fault_garbage` | bytes written |
+/// | `fault_clockstep` | seconds the device's timestamps stepped by |
+/// | `fault_pastbatch` | seconds the next lever batch is stamped in the past |
+/// | `fault_dupbatch` | 0 |
+/// | `fault_hold` | seconds the lever is held 2.4 mm down |
+/// | `fault_jiggle` | seconds the lever is jiggled (1 mm every other 100 ms) |
 /// | `reboot` | the device counter just before the reboot (old epoch) |
 #[derive(Debug, Clone, PartialEq)]
 pub struct TruthEvent {

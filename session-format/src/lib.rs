@@ -62,7 +62,9 @@ pub use chunk::{
 pub use history::{water_today_ul, ImplausibleWater, MAX_REWARD_UL, MAX_SESSION_WATER_UL};
 pub use log::SessionLogFile;
 pub use manifest::write_manifest;
-pub use meta::{read_t0_and_config, ClockSyncRecord, RealtimeRecord, SessionInfo, SessionState};
+pub use meta::{
+    read_t0_and_config, ClockSyncRecord, LeverRestRecord, RealtimeRecord, SessionInfo, SessionState,
+};
 pub use npy::{
     parse_npy, read_npy, read_npy_header, NpyAppender, NpyArray, NpyData, NpyDtype, NpyElement,
     NpyHeader,

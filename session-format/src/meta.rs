@@ -72,6 +72,31 @@ pub struct RealtimeRecord {
     pub not_granted: Vec<String>,
 }
 
+/// Where the lever rests, as the task engine found it: the `[lever_rest]`
+/// table of `session.toml`. The lever files' `mm` counts from the session's
+/// first sample; `offset_mm` is rest minus that first sample, so
+/// `mm - offset_mm` is mm from rest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeverRestRecord {
+    /// Rest position, encoder counts (the median of the still window).
+    pub rest_counts: i64,
+    /// The session's first lever sample, counts (the lever files' zero).
+    pub first_counts: i64,
+    /// `rest_counts - first_counts` in mm.
+    pub offset_mm: f64,
+    /// How it was found: `still_window` (at the start), `rezero_below_rest`
+    /// or `rezero_held_cue` (taken again during the session, see
+    /// `docs/behaviour.md`).
+    pub method: String,
+    /// Session time the rest was taken at, s.
+    pub t_s: f64,
+    /// The still window: its length, ms, and its range (max - min), counts.
+    pub window_ms: f64,
+    pub range_counts: i64,
+    /// Times the rest was taken during this session (1 = only at the start).
+    pub times_taken: u32,
+}
+
 /// What the caller knows about a session, for `session.toml`. The mouse and
 /// the UTC start come from the [`super::SessionDir`].
 #[derive(Debug, Clone, PartialEq)]
@@ -120,6 +145,8 @@ pub(crate) struct SessionToml {
     pub clock_sync: Option<ClockSyncRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub realtime: Option<RealtimeRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lever_rest: Option<LeverRestRecord>,
     /// Every `.npy` stream and its chunk files in order (`lever =
     /// ["lever.npy", "lever.001.npy"]`), as of the last rewrite.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]

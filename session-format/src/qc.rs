@@ -44,6 +44,10 @@ pub struct Qc {
     pub anomalies: BTreeMap<String, u64>,
     /// Records the daemon could not queue for storage (missing from the files).
     pub storage_dropped: u64,
+    /// The device clock's rate against the host's when it was more than 1 %
+    /// off (a simulator at speed; never real hardware).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_clock_rate: Option<f64>,
     /// True when nothing above reports a loss or an anomaly.
     pub clean: bool,
 }
@@ -106,15 +110,17 @@ const RATE_LIMITED: [&str; 1] = ["producer_anomaly"];
 /// rows are counted under `device_faults` instead.
 pub fn is_anomaly(source: &str, kind: &str) -> bool {
     match source {
-        "link" => !matches!(kind, "connected" | "clock_rate"),
+        // The device-time rows are rate-limited; their exact totals come at
+        // the stop as `device_time_anomalies` (counted from there).
+        "link" => kind != "connected" && !kind.starts_with("device_"),
+        "task" => kind == "lever_not_at_rest",
         "daemon" => !matches!(
             kind,
             "imaging_attached"
                 | "producer_resumed"
                 | "frame_offset_found"
                 | "imaging_qc"
-                | "lever_rest"
-                | "session_note"
+                | "device_time_anomalies"
         ),
         _ => false,
     }
@@ -197,6 +203,12 @@ impl std::fmt::Display for Qc {
                 f,
                 "             ttl rows on a recorded edge: {}, on none: {}, before the first edge: {}",
                 fr.ttl_on_an_edge, fr.ttl_not_on_an_edge, fr.ttl_unverifiable
+            )?;
+        }
+        if let Some(r) = self.device_clock_rate {
+            writeln!(
+                f,
+                "  device     clock runs at {r:.3}x the host's (a simulator at speed?)"
             )?;
         }
         if let Some(b) = self.clock_half_band_us {
@@ -304,6 +316,17 @@ fn events(dir: &Path, qc: &mut Qc) -> Result<Edges, StorageError> {
                 qc.lever.samples_lost += count;
             }
             ("daemon", "storage_dropped") => qc.storage_dropped += count,
+            ("daemon", "device_time_anomalies") => {
+                // detail `kind=<kind> total`, value = the session's total.
+                let detail = cells.get(cd).map(|d| unescape(d)).unwrap_or_default();
+                let sub = detail
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("kind="))
+                    .unwrap_or("unknown")
+                    .to_owned();
+                *qc.anomalies.entry(sub).or_default() += count.max(1);
+            }
+            ("link", "device_clock_rate") => qc.device_clock_rate = value,
             ("device", "frame_ttl") => {
                 if let Some(t) = cells.get(ct).and_then(|t| us(t)) {
                     edges.first.get_or_insert(t);

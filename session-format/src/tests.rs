@@ -1716,6 +1716,30 @@ fn qc_reads_losses_faults_stamps_and_latency_from_the_files() {
     .unwrap();
     w.write_event(9_800, EventSource::Daemon, "imaging_qc", 100, "frames=100")
         .unwrap();
+    w.write_event(
+        9_900,
+        EventSource::Link,
+        "device_time_backward",
+        1,
+        "count=1 offset_us=-3000000",
+    )
+    .unwrap();
+    w.write_event(
+        9_950,
+        EventSource::Link,
+        "device_clock_rate",
+        5.0,
+        "host_heartbeat_us=4000 watchdog_fed=true",
+    )
+    .unwrap();
+    w.write_event(
+        0,
+        EventSource::Daemon,
+        "device_time_anomalies",
+        3,
+        "kind=device_time_backward total",
+    )
+    .unwrap();
     w.write_event(100_000, EventSource::Device, "frame_ttl", 1, "")
         .unwrap();
     w.write_event(200_000, EventSource::Device, "frame_ttl", 1, "")
@@ -1741,6 +1765,9 @@ fn qc_reads_losses_faults_stamps_and_latency_from_the_files() {
     assert!(!qc.anomalies.contains_key("connected"));
     assert!(!qc.anomalies.contains_key("imaging_qc"));
     assert_eq!(qc.anomalies.get("producer_anomaly:number_back"), Some(&7));
+    // The rate-limited device-time rows are not counted; their total is.
+    assert_eq!(qc.anomalies.get("device_time_backward"), Some(&3));
+    assert_eq!(qc.device_clock_rate, Some(5.0));
     let f = qc.frames.as_ref().unwrap();
     assert_eq!((f.rows, f.dropped, f.stamps_not_increasing), (6, 1, 1));
     assert_eq!(f.by_source.get("ttl"), Some(&4));

@@ -9,7 +9,7 @@ use nix::fcntl::Flock;
 use super::chunk::{list_chunks, parse_chunk_name, ChunkClock, ChunkedNpy};
 use super::lock::lock_dir;
 use super::manifest::stage_manifest;
-use super::meta::{parse_config, SessionToml, FORMAT_VERSION};
+use super::meta::{parse_config, LeverRestRecord, SessionToml, FORMAT_VERSION};
 #[cfg(test)]
 use super::npy::NpyAppender;
 use super::npy::NpyDtype;
@@ -47,6 +47,7 @@ pub struct SessionWriter {
     mouse: String,
     start_utc: SystemTime,
     info: SessionInfo,
+    lever_rest: Option<LeverRestRecord>,
     config: toml::Table,
     trials: TsvFile,
     events: TsvFile,
@@ -102,6 +103,7 @@ impl SessionWriter {
             mouse: dir.mouse().to_owned(),
             start_utc: dir.start_utc(),
             info,
+            lever_rest: None,
             config,
             arrays: Vec::new(),
             fsync_interval: fsync_interval.min(MAX_SYNC_INTERVAL),
@@ -375,7 +377,16 @@ impl SessionWriter {
     }
 
     fn meta(&self, state: SessionState) -> SessionToml {
-        build_meta(&self.mouse, self.start_utc, &self.info, &self.config, state)
+        let mut meta = build_meta(&self.mouse, self.start_utc, &self.info, &self.config, state);
+        meta.lever_rest = self.lever_rest.clone();
+        meta
+    }
+
+    /// Record where the lever rests (`[lever_rest]` in `session.toml`,
+    /// rewritten at once).
+    pub fn set_lever_rest(&mut self, rest: LeverRestRecord) -> Result<(), StorageError> {
+        self.lever_rest = Some(rest);
+        self.write_session_toml()
     }
 
     fn write_session_toml(&self) -> Result<(), StorageError> {
@@ -433,6 +444,7 @@ fn build_meta(
         host_monotonic_start_ns: info.host_monotonic_start_ns,
         clock_sync: info.clock_sync,
         realtime: info.realtime.clone(),
+        lever_rest: None,
         chunks: Default::default(),
         config: config.clone(),
         extra: toml::Table::new(),

@@ -526,3 +526,346 @@ fn a_stalled_frame_producer_is_recorded_and_ingest_resumes() {
     let secs: f64 = events[resumed]["value"].parse().expect("seconds");
     assert!((3.0..8.0).contains(&secs), "stalled {secs} s");
 }
+
+/// Lever rows: strictly increasing times, how many, the first and last, and
+/// the gaps over 1.5 sample periods (1 kHz); and the lever at rest.
+const LEVER_ROWS: &str = r#"
+import sys, json, numpy as np
+lever = np.load(sys.argv[1] + "/lever.npy")
+t = lever[:, 0]
+d = np.diff(t)
+print(json.dumps({
+    "rows": int(len(t)),
+    "first": float(t[0]),
+    "last": float(t[-1]),
+    "increasing": bool(np.all(d > 0)),
+    "at_zero": int(np.sum(t == 0.0)),
+    "gaps": int(np.sum(d > 0.0015)),
+}))
+"#;
+
+#[test]
+fn device_time_faults_are_counted_and_the_session_keeps_sane_files() {
+    let _one = serial();
+    // During the session: the device clock steps back 3 s (cue 2), one batch
+    // is stamped 4 s in the past (cue 3), one batch is sent twice (cue 4),
+    // and the clock jumps 35 minutes forward (cue 8, when the host clock
+    // fit is trusted to check device times: see protocol.md).
+    let rig = rig(
+        "devtime",
+        5.0,
+        "[task]\nmax_duration_min = 1\niti_min_ms = 1000\niti_max_ms = 2000\n",
+        &[
+            "--fault-on",
+            "clockstep@cue2:-3",
+            "--fault-on",
+            "pastbatch@cue3:4",
+            "--fault-on",
+            "dupbatch@cue4",
+            "--fault-on",
+            "clockstep@cue8:2100",
+        ],
+        None,
+    );
+    let _rigd = Rigd::start(&rig.config, &rig.socket);
+    wait_connected(&rig.socket);
+    let dir = start_session(&rig.socket, "M31");
+    wait_idle(&rig.socket, 120);
+    for kind in ["fault_clockstep", "fault_pastbatch", "fault_dupbatch"] {
+        assert!(
+            !truth_rows(&rig, kind).is_empty(),
+            "the sim did not apply {kind}"
+        );
+    }
+    assert_eq!(truth_rows(&rig, "fault_clockstep").len(), 2);
+
+    // The session ran its full minute: the jump neither ended nor stretched it.
+    assert_eq!(session_value(&dir, "state"), "complete");
+    assert_eq!(session_value(&dir, "stop_reason"), "duration");
+    let out = run_python(LEVER_ROWS, &[dir.as_os_str()]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    assert_eq!(v["increasing"], true, "{v}");
+    assert!(
+        v["at_zero"].as_u64() <= Some(1),
+        "rows clamped to t = 0: {v}"
+    );
+    let last = v["last"].as_f64().expect("last");
+    assert!(
+        (59.0..62.0).contains(&last),
+        "the lever ends at {last} s: {v}"
+    );
+    // Every sample once: no duplicate rows, no hole.
+    assert_eq!(v["gaps"], 0, "{v}");
+    let span = last - v["first"].as_f64().expect("first");
+    let rows = v["rows"].as_f64().expect("rows");
+    assert!((rows - (span * 1000.0 + 1.0)).abs() < 0.5, "{v}");
+
+    // Each fault is in events.tsv with its count, and the totals at the end.
+    let events = read_tsv(&dir.join("events.tsv"));
+    let rows_of = |kind: &str| -> Vec<&HashMap<String, String>> {
+        events.iter().filter(|e| e["kind"] == kind).collect()
+    };
+    let total = |kind: &str| -> u64 {
+        events
+            .iter()
+            .filter(|e| {
+                e["kind"] == "device_time_anomalies" && e["detail"] == format!("kind={kind} total")
+            })
+            .map(|e| e["value"].parse::<u64>().expect("count"))
+            .next()
+            .unwrap_or(0)
+    };
+    assert_eq!(total("device_duplicate_batch"), 1, "{events:?}");
+    let dup = rows_of("device_duplicate_batch");
+    assert_eq!(dup.len(), 1);
+    assert!(dup[0]["detail"].starts_with("count=1 "), "{dup:?}");
+    // The step back and the past batch: two batches stamped early; the
+    // step is found and corrected, as is the jump.
+    assert_eq!(total("device_time_backward"), 2, "{events:?}");
+    assert_eq!(total("device_time_forward"), 1, "{events:?}");
+    assert_eq!(total("device_clock_step"), 2, "{events:?}");
+    let steps: Vec<i64> = rows_of("device_clock_step")
+        .iter()
+        .map(|e| {
+            let off = e["detail"].split("offset_us=").nth(1).expect("offset");
+            off.parse::<i64>().expect("µs")
+        })
+        .collect();
+    assert_eq!(steps.len(), 2);
+    assert!((steps[0] + 3_000_000).abs() < 3_000, "{steps:?}");
+    assert!((steps[1] - 2_100_000_000).abs() < 3_000, "{steps:?}");
+    // No lever batch had to be placed by the host clock: the sample index
+    // placed every one.
+    assert_eq!(total("device_time_implausible"), 0, "{events:?}");
+    // The link never dropped over it.
+    assert!(rows_of("lost").is_empty(), "{events:?}");
+
+    // Trials went on after the jump, on the session's clock.
+    let trials = read_tsv(&dir.join("trials.tsv"));
+    assert!(trials.len() >= 10, "{} trials", trials.len());
+    for t in &trials {
+        let cue: f64 = t["t_cue_s"].parse().expect("cue");
+        assert!((0.0..62.0).contains(&cue), "trial cue at {cue} s: {t:?}");
+    }
+    // The rest position, from a still window, is in session.toml.
+    let meta: toml::Table = std::fs::read_to_string(dir.join("session.toml"))
+        .expect("session.toml")
+        .parse()
+        .expect("toml");
+    let rest = meta["lever_rest"].as_table().expect("[lever_rest]");
+    assert_eq!(rest["method"].as_str(), Some("still_window"), "{rest:?}");
+    assert_eq!(rest["times_taken"].as_integer(), Some(1), "{rest:?}");
+}
+
+#[test]
+fn a_simulator_at_five_times_real_time_is_reported_and_its_watchdog_stays_fed() {
+    let _one = serial();
+    // rig.toml as a lab writes it: the default heartbeat (every 100 ms, the
+    // device's watchdog at 500 ms of device time: 100 ms of host time at 5x,
+    // which the clock-sync pings every 100 ms alone would trip again and
+    // again).
+    let dir = TempDir::new("fastsim");
+    let truth = dir.path().join("truth.tsv");
+    let sim = Sim::start(
+        dir.path(),
+        &[
+            "--speed",
+            "5",
+            "--truth",
+            truth.to_str().expect("utf-8 path"),
+            "--day",
+            "14",
+        ],
+    );
+    let socket = dir.path().join("rigd.sock");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).expect("data root");
+    let config = dir.path().join("rig.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[rig]\nserial_port = {:?}\n\n[storage]\ndata_root = {:?}\n\n[control]\nsocket = \
+             {:?}\n\n[preview]\nenabled = false\n\n[imaging]\nenabled = false\n\n[task]\n\
+             max_duration_min = 3\n",
+            sim.link.display().to_string(),
+            data.display().to_string(),
+            socket.display().to_string(),
+        ),
+    )
+    .expect("write config");
+    let _rigd = Rigd::start(&config, &socket);
+    wait_connected(&socket);
+    // Three minutes of device time: 36 s of wall time, well past the link's
+    // first 20 s of fast clock-sync pings (which alone would feed the
+    // watchdog).
+    let session = start_session(&socket, "M32");
+    wait_idle(&socket, 180);
+    assert_eq!(session_value(&session, "stop_reason"), "duration");
+
+    let events = read_tsv(&session.join("events.tsv"));
+    let rate: Vec<_> = events
+        .iter()
+        .filter(|e| e["kind"] == "device_clock_rate")
+        .collect();
+    // Measured once the clock fit was trusted (5 s of host time after the
+    // connection), and recorded in the session (at its start, or then).
+    assert!(!rate.is_empty(), "no device_clock_rate event");
+    for r in &rate {
+        let v: f64 = r["value"].parse().expect("rate");
+        assert!((v - 5.0).abs() < 0.01, "{r:?}");
+        // The configured 100 ms divided by the rate.
+        let hb: f64 = r["detail"]
+            .strip_prefix("host_heartbeat_us=")
+            .and_then(|d| d.strip_suffix(" watchdog_fed=true"))
+            .and_then(|d| d.parse().ok())
+            .unwrap_or_else(|| panic!("{r:?}"));
+        assert!((hb - 20_000.0).abs() < 200.0, "{r:?}");
+    }
+    // The device's own record of its watchdog trips over the whole run.
+    // With the host's heartbeats at the configured cadence of host time it
+    // trips every half second once the fast pings end (133 times in a run
+    // of this test without the scaling). Scaled, it is fed: none on an idle
+    // machine; a 2-core machine loaded on both cores can still stall rigd
+    // past the 100 ms of host time the watchdog allows at 5x now and then
+    // (seen: 0 to 9, each with lever samples the stalled reader dropped), so
+    // the bound is on the count, far below the unscaled one.
+    let trips = read_tsv(&truth)
+        .into_iter()
+        .filter(|r| r["kind"] == "safe_state")
+        .count();
+    assert!(trips <= 30, "{trips} watchdog trips");
+    drop(sim);
+}
+
+#[test]
+fn a_lever_held_down_at_the_start_is_re_zeroed_and_no_cue_comes_off_rest() {
+    let _one = serial();
+    // The mouse rests its paw on the lever, 2.4 mm down, for the first 100 s
+    // of simulated time (20 s of wall time: the session starts inside it).
+    let rig = rig(
+        "held",
+        5.0,
+        "[task]\nmax_duration_min = 3\niti_min_ms = 1000\niti_max_ms = 2000\n",
+        &["--fault", "hold@0:100"],
+        None,
+    );
+    let _rigd = Rigd::start(&rig.config, &rig.socket);
+    wait_connected(&rig.socket);
+    let dir = start_session(&rig.socket, "M33");
+    wait_idle(&rig.socket, 240);
+    assert_eq!(session_value(&dir, "stop_reason"), "duration");
+    assert_eq!(truth_rows(&rig, "fault_hold").len(), 1);
+
+    let events = read_tsv(&dir.join("events.tsv"));
+    let rests: Vec<_> = events
+        .iter()
+        .filter(|e| e["kind"] == "lever_rest" || e["kind"] == "lever_rezeroed")
+        .collect();
+    // Held still: taken as rest first (nothing can tell), then, once let
+    // go, the lever rests 2.4 mm below it, on its stop: re-zeroed there.
+    assert!(rests.len() >= 2, "{rests:?}");
+    assert_eq!(rests[0]["kind"], "lever_rest");
+    let rezero = rests
+        .iter()
+        .find(|e| e["detail"].starts_with("method=rezero_below_rest"))
+        .unwrap_or_else(|| panic!("no re-zero below rest: {rests:?}"));
+    let offset: f64 = rezero["value"].parse().expect("mm");
+    assert!((offset + 2.4).abs() < 0.05, "{rezero:?}");
+    let t_rezero: f64 = rezero["t_s"].parse().expect("t");
+
+    // session.toml says where the lever rests and how it was found.
+    let meta: toml::Table = std::fs::read_to_string(dir.join("session.toml"))
+        .expect("session.toml")
+        .parse()
+        .expect("toml");
+    let rest = meta["lever_rest"].as_table().expect("[lever_rest]");
+    let offset_mm = rest["offset_mm"].as_float().expect("offset_mm");
+    assert!((offset_mm + 2.4).abs() < 0.05, "{rest:?}");
+    let times = rest["times_taken"].as_integer().expect("times_taken");
+    assert_eq!(times as usize, rests.len(), "{rest:?}");
+
+    // Every cue came with the lever near rest (the hold before each cue),
+    // and the mouse earned water after the re-zero: not every trial a miss.
+    let trials = read_tsv(&dir.join("trials.tsv"));
+    for t in &trials {
+        let at_cue: f64 = t["lever_mm_at_cue"].parse().expect("mm");
+        assert!(at_cue.abs() <= 0.5 + 1e-9, "cue off rest: {t:?}");
+    }
+    let rewarded_after = trials
+        .iter()
+        .filter(|t| t["outcome"] == "rewarded")
+        .filter(|t| t["t_cue_s"].parse::<f64>().expect("cue") > t_rezero)
+        .count();
+    assert!(
+        rewarded_after >= 5,
+        "{rewarded_after} rewarded after the re-zero"
+    );
+}
+
+#[test]
+fn a_lever_never_still_at_the_start_is_reported_and_no_trial_starts_until_it_is() {
+    let _one = serial();
+    // A restless mouse fidgets on the lever (1 mm every other 100 ms) for
+    // the first 60 s of simulated time (12 s of wall time).
+    let rig = rig(
+        "jiggle",
+        5.0,
+        "[task]\nmax_duration_min = 2\niti_min_ms = 1000\niti_max_ms = 2000\n",
+        &["--fault", "jiggle@0:60"],
+        None,
+    );
+    let _rigd = Rigd::start(&rig.config, &rig.socket);
+    wait_connected(&rig.socket);
+    let dir = start_session(&rig.socket, "M34");
+    wait_idle(&rig.socket, 180);
+    assert_eq!(session_value(&dir, "stop_reason"), "duration");
+    assert_eq!(truth_rows(&rig, "fault_jiggle").len(), 1);
+    // The jiggle's end in session time (the device clock starts at 0 with
+    // no drift: device µs = true µs).
+    let t0: f64 = session_value(&dir, "t0_rig_us").parse().expect("t0");
+    let jiggle_end_s = (60e6 - t0) / 1e6;
+    assert!(
+        jiggle_end_s > 6.0,
+        "the session began too late: {jiggle_end_s}"
+    );
+
+    let events = read_tsv(&dir.join("events.tsv"));
+    let warned: Vec<_> = events
+        .iter()
+        .filter(|e| e["kind"] == "lever_not_at_rest")
+        .collect();
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    let t_warned: f64 = warned[0]["t_s"].parse().expect("t");
+    // The lever moved over 1 mm (40 counts) in those 5 s.
+    let range: f64 = warned[0]["value"].parse().expect("counts");
+    assert!(range >= 39.0, "{warned:?}");
+    assert!((4.9..5.5).contains(&t_warned), "{warned:?}");
+    let rest: Vec<_> = events
+        .iter()
+        .filter(|e| e["kind"] == "lever_rest")
+        .collect();
+    assert_eq!(rest.len(), 1, "{rest:?}");
+    let t_rest: f64 = rest[0]["t_s"].parse().expect("t");
+    // The last push ends 0.1 s before the jiggle does; rest after 0.5 s
+    // still.
+    assert!(
+        t_rest >= jiggle_end_s - 0.1 + 0.5 - 0.01,
+        "rest at {t_rest} s, jiggle over at {jiggle_end_s} s"
+    );
+
+    // No trial (no cue, no water) before the lever was still; trials after.
+    let trials = read_tsv(&dir.join("trials.tsv"));
+    assert!(trials.len() >= 5, "{} trials", trials.len());
+    for t in &trials {
+        let cue: f64 = t["t_cue_s"].parse().expect("cue");
+        assert!(
+            cue > t_rest,
+            "a cue at {cue} s before the rest at {t_rest} s"
+        );
+    }
+    let early_water = truth_rows(&rig, "valve_open")
+        .iter()
+        .filter(|r| (num(r, "device_us") - t0) / 1e6 < t_rest)
+        .count();
+    assert_eq!(early_water, 0);
+}

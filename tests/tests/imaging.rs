@@ -863,10 +863,22 @@ fn every_frame_against_its_edge(order: StartOrder, speed: u32) {
         }
         last_index = Some(index);
         let n: u64 = f["frame"].parse().expect("frame");
+        // Which run of the program a row is from: by its time when it has
+        // one (the session may have started after the restart on a busy
+        // machine, so the index need not go back in the rows), else by the
+        // index going back.
+        let abs_us = f["t_s"].parse::<f64>().ok().map(|t| t0 as f64 + t * 1e6);
+        let restarted = match (restart_at, abs_us) {
+            (Some(r), Some(us)) => truth
+                .get(&r)
+                .is_some_and(|&edge_us| us >= edge_us - 1_000.0),
+            (Some(_), None) => generation > 0,
+            (None, _) => false,
+        };
         // The device counts every edge since the sim started; the program
         // numbers frames by edge, from 1 again after its restart.
-        let edge = match (generation, restart_at) {
-            (g, Some(r)) if g > 0 => n + r - 1,
+        let edge = match restart_at {
+            Some(r) if restarted => n + r - 1,
             _ => n,
         };
         match f["source"].as_str() {

@@ -610,6 +610,7 @@ const EXPECTED: &[(&str, &str)] = &[
     ("rigd_frames_dropped_total", "counter"),
     ("rigd_storage_dropped_total", "counter"),
     ("rigd_lever_samples_lost_total", "counter"),
+    ("rigd_device_time_anomalies_total", "counter"),
     ("rigd_link_up", "gauge"),
     ("rigd_link_losses_total", "counter"),
     ("rigd_clock_sync_half_band_seconds", "gauge"),

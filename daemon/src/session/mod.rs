@@ -24,7 +24,7 @@ mod plan;
 mod stop;
 
 use crossbeam_channel::Sender;
-use firmware_bridge::link::LeverBatch;
+use firmware_bridge::link::{AnomalyKind, LeverBatch};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
@@ -99,6 +99,18 @@ pub enum EventDetail {
     Fault(FaultCode),
     /// Text made where it happened (rare events: a lost link, an imaging error).
     Text(String),
+    /// The lever's rest position was taken.
+    Rest(crate::task::LeverRest),
+    /// A device-time anomaly: its running count and the offset, µs.
+    Anomaly {
+        count: u64,
+        offset_us: i64,
+    },
+    /// The device clock's rate: the host heartbeat period chosen for it.
+    ClockRate {
+        host_heartbeat_us: u64,
+        keeps_up: bool,
+    },
 }
 
 impl fmt::Display for EventDetail {
@@ -120,6 +132,24 @@ impl fmt::Display for EventDetail {
             Self::Bytes(n) => write!(f, "bytes={n}"),
             Self::Fault(code) => write!(f, "{code:?}"),
             Self::Text(text) => f.write_str(text),
+            Self::Rest(r) => write!(
+                f,
+                "method={} first_counts={} window_ms={:.0} range_counts={}",
+                r.method,
+                r.first_counts,
+                r.window_us as f64 / 1000.0,
+                r.range_counts
+            ),
+            Self::Anomaly { count, offset_us } => {
+                write!(f, "count={count} offset_us={offset_us}")
+            }
+            Self::ClockRate {
+                host_heartbeat_us,
+                keeps_up,
+            } => write!(
+                f,
+                "host_heartbeat_us={host_heartbeat_us} watchdog_fed={keeps_up}"
+            ),
         }
     }
 }
@@ -136,11 +166,71 @@ pub enum StorageMsg {
         detail: EventDetail,
     },
     Trial(TrialRecord),
+    /// The lever's rest position (for `session.toml`'s `[lever_rest]`);
+    /// `times_taken` counts this one.
+    LeverRest {
+        rest: crate::task::LeverRest,
+        times_taken: u32,
+    },
     /// The task is over: finish the folder.
     Finish {
         reason: StopReason,
         t_us: u64,
+        counters: SessionCounters,
     },
+}
+
+/// What went wrong on the device streams during one session, counted by the
+/// rig thread (every count is exact for the session; the events in
+/// `events.tsv` are rate-limited, these are not). For the session's QC record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionCounters {
+    /// Device-time anomalies by kind ([`AnomalyKind::index`]).
+    pub anomalies: [u64; AnomalyKind::ALL.len()],
+    /// Lever samples dropped as duplicates or overlaps.
+    pub lever_samples_dropped: u64,
+    /// Lever samples re-placed (stamped off their index or off the host clock).
+    pub lever_samples_replaced: u64,
+    /// Lever samples that never came, and the gaps they came in.
+    pub lever_samples_lost: u64,
+    pub sample_gaps: u64,
+    /// Device frames lost on the line, and frames the decoder dropped.
+    pub frames_lost: u64,
+    pub bad_frames: u64,
+    /// Device heartbeat-watchdog trips and other device faults.
+    pub watchdog_trips: u64,
+    pub device_faults: u64,
+    /// Cues held for a lever away from rest; rest positions taken.
+    pub cues_held: u64,
+    pub lever_rests_taken: u64,
+}
+
+impl SessionCounters {
+    pub fn anomaly(&self, kind: AnomalyKind) -> u64 {
+        self.anomalies[kind.index()]
+    }
+
+    /// Every count by name (the anomalies by their `events.tsv` kind), for
+    /// a QC record.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut anomalies = serde_json::Map::new();
+        for kind in AnomalyKind::ALL {
+            anomalies.insert(kind.as_str().to_owned(), self.anomaly(kind).into());
+        }
+        serde_json::json!({
+            "device_time_anomalies": anomalies,
+            "lever_samples_dropped": self.lever_samples_dropped,
+            "lever_samples_replaced": self.lever_samples_replaced,
+            "lever_samples_lost": self.lever_samples_lost,
+            "sample_gaps": self.sample_gaps,
+            "frames_lost": self.frames_lost,
+            "bad_frames": self.bad_frames,
+            "watchdog_trips": self.watchdog_trips,
+            "device_faults": self.device_faults,
+            "cues_held": self.cues_held,
+            "lever_rests_taken": self.lever_rests_taken,
+        })
+    }
 }
 
 /// What the storage thread hands back when the session folder is finished.
@@ -150,6 +240,8 @@ pub struct FinishedSession {
     /// The full summary as written to summary.json.
     pub summary_json: serde_json::Value,
     pub reason: StopReason,
+    /// The rig thread's counts of the session's stream faults.
+    pub counters: SessionCounters,
 }
 
 /// Why the rig thread did not carry out a manual command.
@@ -269,4 +361,27 @@ pub trait SideStream: Send {
     fn error_event_kind(&self) -> &'static str;
     /// Stop the stream's thread and close its files.
     fn finish(self: Box<Self>) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+}
+
+#[cfg(test)]
+mod counters_tests {
+    use super::*;
+
+    #[test]
+    fn counters_name_every_anomaly_kind_and_keep_exact_counts() {
+        let mut c = SessionCounters::default();
+        c.anomalies[AnomalyKind::DuplicateBatch.index()] = 3;
+        c.anomalies[AnomalyKind::ClockStep.index()] = 1;
+        c.lever_samples_dropped = 30;
+        c.watchdog_trips = 2;
+        let v = c.to_json();
+        let by_kind = v["device_time_anomalies"].as_object().expect("a map");
+        assert_eq!(by_kind.len(), AnomalyKind::ALL.len());
+        assert_eq!(by_kind["device_duplicate_batch"], 3);
+        assert_eq!(by_kind["device_clock_step"], 1);
+        assert_eq!(by_kind["device_time_forward"], 0);
+        assert_eq!(v["lever_samples_dropped"], 30);
+        assert_eq!(v["watchdog_trips"], 2);
+        assert_eq!(c.anomaly(AnomalyKind::DuplicateBatch), 3);
+    }
 }

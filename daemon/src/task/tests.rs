@@ -11,6 +11,11 @@ fn params() -> TaskParams {
     p.iti_max_us = 1_000_000;
     p.response_window_us = 2_000_000;
     p.miss_timeout_us = 500_000;
+    // The first sample is the rest position and no cue is held for an
+    // off-rest lever, so times here are exact; the rest search and the
+    // hold are tested below with the configured defaults (`rest_params`).
+    p.rest_still_us = 0;
+    p.cue_rest_tolerance_mm = None;
     p
 }
 
@@ -64,6 +69,14 @@ fn run(engine: &mut TaskEngine, inputs: &[TaskInput]) -> Vec<TaskOutput> {
         engine.step(i, &mut |o| outs.push(o));
     }
     outs
+}
+
+/// The outputs without the rest position's (taken at the first sample with
+/// `params()`; the rest is tested on its own below).
+fn no_rest(outs: Vec<TaskOutput>) -> Vec<TaskOutput> {
+    outs.into_iter()
+        .filter(|o| !matches!(o, TaskOutput::Rest(_)))
+        .collect()
 }
 
 fn cue_commands(trial: u32) -> [TaskOutput; 2] {
@@ -208,6 +221,7 @@ fn scripted_rewarded_trial_gives_exact_commands_and_record() {
         ],
     );
     let outs = run(&mut e, &inputs);
+    let outs = no_rest(outs);
     let [sync1, tone1] = cue_commands(1);
     let [sync2, tone2] = cue_commands(2);
     let expected = vec![
@@ -300,6 +314,7 @@ fn miss_times_out_and_adds_the_miss_timeout() {
     p.cue_duration_ms = 3000; // longer than the window: the miss stops it
     let mut e = TaskEngine::new(p);
     let outs = run(&mut e, &trace(0, 5000, |_| 3));
+    let outs = no_rest(outs);
     let expected_start = [
         state(0, TaskState::Iti),
         cue_commands(1)[0].clone(),
@@ -337,6 +352,7 @@ fn miss_times_out_and_adds_the_miss_timeout() {
     // With the default 1 s tone the tone has ended by itself: no ToneOff.
     let mut e = TaskEngine::new(params());
     let outs = run(&mut e, &trace(0, 3500, |_| 0));
+    let outs = no_rest(outs);
     assert!(!outs.contains(&TaskOutput::Command(HostCommand::ToneOff)));
     assert_eq!(trials(&outs).len(), 1);
 }
@@ -419,6 +435,7 @@ fn quiescence_waits_for_a_still_lever() {
         }
     };
     let outs = run(&mut e, &trace(0, 2500, lever_at));
+    let outs = no_rest(outs);
     assert_eq!(outs[1], state(1_000_000, TaskState::Quiescence));
     assert_eq!(outs[2], cue_commands(1)[0]);
     // 1200 ms moved to 20 counts (anchor), then stays within 3 counts.
@@ -631,6 +648,7 @@ fn refused_pulse_is_written_without_water() {
 fn stop_before_any_sample_and_link_loss_before_any_sample() {
     let mut e = TaskEngine::new(params());
     let outs = run(&mut e, &[TaskInput::Stop { t_us: 5 }]);
+    let outs = no_rest(outs);
     assert_eq!(
         outs,
         vec![
@@ -650,6 +668,7 @@ fn stop_before_any_sample_and_link_loss_before_any_sample() {
             lever(3, 7),
         ],
     );
+    let outs = no_rest(outs);
     assert_eq!(
         outs,
         vec![
@@ -762,7 +781,10 @@ mod prop {
             restarts in any::<bool>(),
             seed in any::<u64>(),
         ) {
-            let mut p = params().with_seed(seed).with_water_remaining_today_ul(day_left);
+            // Half the cases with the configured rest search and cue hold.
+            let mut p = if seed % 2 == 0 { rest_params() } else { params() }
+                .with_seed(seed)
+                .with_water_remaining_today_ul(day_left);
             p.max_rewards = max_rewards;
             p.max_water_session_ul = water_cap;
             p.quiescence_us = quiescence_ms * 1000;
@@ -839,7 +861,10 @@ mod prop {
                         last_record = r.trial;
                     }
                     TaskOutput::Finished { .. } => done = true,
-                    TaskOutput::State { .. } => {}
+                    TaskOutput::State { .. }
+                    | TaskOutput::Rest(_)
+                    | TaskOutput::LeverNotAtRest { .. }
+                    | TaskOutput::CueHeld { .. } => {}
                 }
                 if let TaskOutput::Command(c) = o {
                     prop_assert!(*up, "command {:?} while the link was down", c);
@@ -897,4 +922,217 @@ fn time_with_the_link_down_does_not_make_a_mouse_sated() {
     // It still counts from the link's return.
     let outs = run(&mut e, &trace(9_001, 20_000, |_| 0));
     assert_eq!(finished(&outs), Some(FinishReason::Sated));
+}
+
+// ---- lever rest ----
+
+/// The configured rest search and cue hold (`params()` turns them off).
+fn rest_params() -> TaskParams {
+    let d = TaskParams::from_config(&RigConfig::default());
+    let mut p = params();
+    p.rest_still_us = d.rest_still_us;
+    p.cue_rest_tolerance_mm = d.cue_rest_tolerance_mm;
+    p
+}
+
+fn rests(outs: &[TaskOutput]) -> Vec<LeverRest> {
+    outs.iter()
+        .filter_map(|o| match o {
+            TaskOutput::Rest(r) => Some(*r),
+            _ => None,
+        })
+        .collect()
+}
+
+fn cues(outs: &[TaskOutput]) -> usize {
+    outs.iter()
+        .filter(|o| matches!(o, TaskOutput::Command(HostCommand::Tone(_))))
+        .count()
+}
+
+#[test]
+fn configured_rest_search_is_a_half_second_window_of_a_tenth_mm() {
+    let p = TaskParams::from_config(&RigConfig::default());
+    assert_eq!(p.rest_still_us, 500_000);
+    assert_eq!(p.rest_tolerance_mm, 0.1);
+    // 0.5 mm, at most half the 1.5 mm threshold.
+    assert_eq!(p.cue_rest_tolerance_mm, Some(0.5));
+}
+
+#[test]
+fn a_lever_held_still_at_the_start_is_re_zeroed_when_let_go() {
+    // The issue: the mouse holds the lever 2.4 mm down (96 counts), still,
+    // when the session starts, and lets go at 3 s.
+    let mut e = TaskEngine::new(rest_params());
+    let outs = run(
+        &mut e,
+        &trace(0, 4_000, |ms| if ms < 3_000 { 96 } else { 0 }),
+    );
+    let r = rests(&outs);
+    assert_eq!(r.len(), 2, "{outs:?}");
+    // Held still for 500 ms: taken as rest at first (nothing can tell a
+    // lever held still from one at rest)...
+    assert_eq!(
+        (r[0].rest_counts, r[0].t_us, r[0].rezero),
+        (96, 500_000, false)
+    );
+    // ...so the first trial (cue at 1.5 s) is a miss; but a lever resting
+    // 2.4 mm *below* rest is on its stop: re-zeroed after half a second
+    // there (the first sample of the ITI after the miss), and measured from
+    // the true rest from then on.
+    assert_eq!(
+        (r[1].rest_counts, r[1].t_us, r[1].rezero),
+        (0, 3_501_000, true)
+    );
+    assert_eq!(r[1].first_counts, 96);
+    assert!((r[1].offset_mm(40.0) + 2.4).abs() < 1e-12);
+    assert_eq!(e.lever_mm(), 0.0);
+    assert_eq!(trials(&outs).len(), 1);
+    // The next press from the true rest is rewarded (cue at 5 s: the ITI
+    // after a miss is 1 s + 0.5 s).
+    let outs = run(
+        &mut e,
+        &trace(4_000, 6_000, |ms| if ms >= 5_200 { 70 } else { 0 }),
+    );
+    assert_eq!(cues(&outs), 1);
+    assert_eq!(pulses(&outs), 1);
+}
+
+#[test]
+fn a_twitching_lever_gives_no_rest_until_it_is_still() {
+    let mut e = TaskEngine::new(rest_params());
+    let twitchy = trace(0, 3_000, |ms| if (ms / 50) % 2 == 0 { 96 } else { 80 });
+    let outs = run(&mut e, &twitchy);
+    assert_eq!(rests(&outs), []);
+    assert_eq!(e.state(), TaskState::Waiting);
+    assert_eq!(e.rest_counts(), None);
+    // Let go: still at 0 from 3 s; rest after 500 ms of stillness.
+    let outs = run(&mut e, &trace(3_000, 3_600, |_| 0));
+    let r = rests(&outs);
+    assert_eq!(r.len(), 1, "{outs:?}");
+    assert_eq!(r[0].rest_counts, 0);
+    assert_eq!(r[0].first_counts, 96);
+    assert_eq!(r[0].t_us, 3_500_000);
+    assert_eq!(r[0].window_us, 500_000);
+    assert!(!r[0].rezero);
+    assert!(outs.contains(&state(3_500_000, TaskState::Iti)));
+}
+
+#[test]
+fn rest_is_the_median_of_the_still_window_so_a_twitch_does_not_move_it() {
+    // First sample mid-twitch at 3 counts (0.075 mm), then the lever at 0
+    // with the odd count of jitter: rest is 0, not the first sample.
+    let mut e = TaskEngine::new(rest_params());
+    let outs = run(
+        &mut e,
+        &trace(0, 600, |ms| match ms {
+            0..=20 => 3,
+            _ if ms % 7 == 0 => 1,
+            _ => 0,
+        }),
+    );
+    let r = rests(&outs);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].rest_counts, 0);
+    assert_eq!(r[0].first_counts, 3);
+    assert_eq!(r[0].range_counts, 3);
+    assert_eq!(r[0].t_us, 500_000);
+}
+
+#[test]
+fn a_lever_never_still_is_reported_once_and_starts_no_trial_until_still() {
+    let mut p = rest_params();
+    p.max_duration_us = Some(60_000_000);
+    let mut e = TaskEngine::new(p);
+    // Moving 2 mm back and forth every 100 ms for 8 s.
+    let moving = trace(0, 8_000, |ms| if (ms / 100) % 2 == 0 { 80 } else { 0 });
+    let outs = run(&mut e, &moving);
+    let warned: Vec<_> = outs
+        .iter()
+        .filter(|o| matches!(o, TaskOutput::LeverNotAtRest { .. }))
+        .collect();
+    assert_eq!(
+        warned,
+        [&TaskOutput::LeverNotAtRest {
+            t_us: 5_000_000,
+            range_counts: 80
+        }]
+    );
+    assert_eq!(cues(&outs), 0);
+    assert_eq!(pulses(&outs), 0);
+    assert_eq!(e.state(), TaskState::Waiting);
+    // Still at last: trials start.
+    let outs = run(&mut e, &trace(8_000, 11_000, |_| 0));
+    assert_eq!(rests(&outs).len(), 1);
+    assert_eq!(cues(&outs), 1, "ITI of 1 s after the rest at 8.5 s");
+}
+
+#[test]
+fn the_session_time_cap_counts_from_the_first_sample_while_waiting_for_rest() {
+    let mut p = rest_params();
+    p.max_duration_us = Some(2_000_000);
+    let mut e = TaskEngine::new(p);
+    let outs = run(
+        &mut e,
+        &trace(0, 3_000, |ms| if (ms / 100) % 2 == 0 { 80 } else { 0 }),
+    );
+    assert_eq!(finished(&outs), Some(FinishReason::Duration));
+    assert_eq!(cues(&outs), 0);
+}
+
+#[test]
+fn a_cue_waits_for_the_lever_to_come_back_to_rest() {
+    let mut e = TaskEngine::new(rest_params());
+    // Rest at 0 (found at 0.5 s), ITI 1 s: the cue is due at 1.5 s. The
+    // mouse holds the lever at 1 mm (40 counts, below the 60-count
+    // threshold) from 1.2 s to 2.5 s.
+    let outs = run(
+        &mut e,
+        &trace(
+            0,
+            3_000,
+            |ms| if (1_200..2_500).contains(&ms) { 40 } else { 0 },
+        ),
+    );
+    let held: Vec<_> = outs
+        .iter()
+        .filter(|o| matches!(o, TaskOutput::CueHeld { .. }))
+        .collect();
+    assert_eq!(
+        held,
+        [&TaskOutput::CueHeld {
+            t_us: 1_500_000,
+            lever_mm: 1.0
+        }]
+    );
+    assert!(outs.contains(&state(1_500_000, TaskState::Quiescence)));
+    assert_eq!(cues(&outs), 1);
+    let rec_cue = outs
+        .iter()
+        .position(|o| matches!(o, TaskOutput::Command(HostCommand::Tone(_))));
+    assert!(rec_cue.is_some());
+    // The cue came on the first sample back at rest.
+    assert!(outs.contains(&state(2_500_000, TaskState::Response)));
+}
+
+#[test]
+fn a_lever_still_away_from_rest_for_ten_seconds_becomes_the_new_rest() {
+    let mut e = TaskEngine::new(rest_params());
+    // Rest 0; from 1 s the lever sits at 30 counts (0.75 mm, past the 0.5
+    // mm cue tolerance) and stays there.
+    let outs = run(
+        &mut e,
+        &trace(0, 12_500, |ms| if ms >= 1_000 { 30 } else { 0 }),
+    );
+    let r = rests(&outs);
+    assert_eq!(r.len(), 2, "{outs:?}");
+    assert!(r[1].rezero);
+    assert_eq!(r[1].rest_counts, 30);
+    assert_eq!(r[1].first_counts, 0);
+    // Still since 1 s: re-zeroed at 11 s, and the cue on the next sample.
+    assert_eq!(r[1].t_us, 11_000_000);
+    assert!(outs.contains(&state(11_001_000, TaskState::Response)));
+    assert_eq!(cues(&outs), 1);
+    // Presses are measured from the new rest.
+    assert!((e.lever_mm()).abs() < 1e-12);
 }

@@ -150,6 +150,65 @@ pub enum LostReason {
     Shutdown,
 }
 
+/// What was implausible about a device stream's times or indices (see
+/// `docs/protocol.md`, "Device time plausibility").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AnomalyKind {
+    /// A lever batch whose samples had all been received: dropped.
+    DuplicateBatch,
+    /// A lever batch partly received already: those samples dropped.
+    OverlapBatch,
+    /// A lever batch stamped earlier than its sample index says (a batch
+    /// stamped in the past, or the first batches after a backward step).
+    TimeBackward,
+    /// A lever batch stamped later than its sample index says (a forward
+    /// jump of the device clock).
+    TimeForward,
+    /// The same offset on [`CLOCK_STEP_BATCHES`](super::state::CLOCK_STEP_BATCHES)
+    /// batches in a row: the device clock stepped; later device times are
+    /// corrected by it.
+    ClockStep,
+    /// Lever samples stamped (or indexed) in the future or long past by the
+    /// host clock fit: placed at the host's time instead.
+    HostImplausible,
+    /// A clock-sync answer far off the fit: not used for the fit.
+    PongRejected,
+    /// A device event (lick, tone, valve, fault, ack) stamped far off the
+    /// host clock fit: given the fit's time instead.
+    EventTime,
+}
+
+impl AnomalyKind {
+    pub const ALL: [Self; 8] = [
+        Self::DuplicateBatch,
+        Self::OverlapBatch,
+        Self::TimeBackward,
+        Self::TimeForward,
+        Self::ClockStep,
+        Self::HostImplausible,
+        Self::PongRejected,
+        Self::EventTime,
+    ];
+
+    /// The event kind in `events.tsv`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DuplicateBatch => "device_duplicate_batch",
+            Self::OverlapBatch => "device_overlap_batch",
+            Self::TimeBackward => "device_time_backward",
+            Self::TimeForward => "device_time_forward",
+            Self::ClockStep => "device_clock_step",
+            Self::HostImplausible => "device_time_implausible",
+            Self::PongRejected => "device_pong_rejected",
+            Self::EventTime => "device_event_time_implausible",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// Everything the link reports, in order, on the reader thread.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LinkEvent {
@@ -172,6 +231,31 @@ pub enum LinkEvent {
         from_index: u64,
         missing: u64,
         t_us: u64,
+    },
+    /// A device time or index that cannot be right (see [`AnomalyKind`]).
+    /// `offset_us` is how far the device's stamp was from where the sample
+    /// index (or the host clock) puts it (stamp minus placed time), or the
+    /// correction adopted for a [`AnomalyKind::ClockStep`]; `samples` the
+    /// lever samples dropped or re-placed; `count` how many of this kind
+    /// the link has seen.
+    TimeAnomaly {
+        kind: AnomalyKind,
+        t_us: u64,
+        offset_us: i64,
+        samples: u64,
+        count: u64,
+    },
+    /// The device clock's rate against the host's, measured once per
+    /// connection when the clock fit is trusted. `host_heartbeat` is the
+    /// host heartbeat period from then on: the configured one divided by
+    /// the rate when the device runs fast (a simulator at `--speed N`), so
+    /// its watchdog, which counts device time, hears from the host as often
+    /// as configured; `keeps_up` is false when even the fastest period the
+    /// host can keep is too slow for the device's watchdog.
+    ClockRate {
+        rate: f64,
+        host_heartbeat: std::time::Duration,
+        keeps_up: bool,
     },
     /// Device frames lost on the line (gaps in the device's transmit counter).
     FramesLost {

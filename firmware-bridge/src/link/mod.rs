@@ -35,7 +35,7 @@ use crossbeam_channel::{Receiver, Sender};
 use protocol::serial::{Configure, Decoder, HostCommand, MAX_SAMPLES_PER_BATCH, MAX_WIRE_FRAME};
 use serialport::TTYPort;
 
-pub use event::{LeverBatch, LinkEvent, LostReason, OpenError};
+pub use event::{AnomalyKind, LeverBatch, LinkEvent, LostReason, OpenError};
 use state::{LinkState, Output, PendingCommand, MAX_OUTPUTS_PER_INPUT};
 
 /// The reader calls [`LinkHandler::on_idle`] at least this often, even while
@@ -207,6 +207,9 @@ struct Writer {
     next_seq: u16,
     pending: Vec<PendingCommand>,
     last_tx_ns: u64,
+    /// Host heartbeat period set by the link state for a device clock at
+    /// another rate (`None`: the configured one).
+    heartbeat_ns: Option<u64>,
     buf: [u8; MAX_WIRE_FRAME],
 }
 
@@ -296,6 +299,7 @@ impl SerialLink {
             next_seq: 0,
             pending: Vec::new(),
             last_tx_ns: 0,
+            heartbeat_ns: None,
             buf: [0; MAX_WIRE_FRAME],
         }));
         let commander = Commander { writer };
@@ -419,8 +423,10 @@ impl Ticker {
                     continue; // the reader notices the broken port
                 }
             }
-            if now.saturating_sub(w.last_tx_ns)
-                >= self.settings.heartbeat_interval.as_nanos() as u64
+            let heartbeat_ns = w
+                .heartbeat_ns
+                .unwrap_or(self.settings.heartbeat_interval.as_nanos() as u64);
+            if now.saturating_sub(w.last_tx_ns) >= heartbeat_ns
                 && w.write_cmd(&HostCommand::HostHeartbeat).is_err()
             {
                 continue;
@@ -673,6 +679,9 @@ fn perform(
                 if let Ok(mut p) = ping_times.lock() {
                     p.connected_at_ns = Some(now_ns);
                 }
+            }
+            Output::HeartbeatInterval(d) => {
+                commander.lock().heartbeat_ns = Some(d.as_nanos() as u64);
             }
             Output::Close(reason) => return Some(reason),
         }

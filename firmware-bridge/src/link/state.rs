@@ -16,10 +16,11 @@
 use std::time::Duration;
 
 use protocol::serial::{
-    AckStatus, Configure, DecoderStats, DeviceMessage, Hello, ParseError, PROTOCOL_VERSION,
+    AckStatus, Configure, DecoderStats, DeviceMessage, Hello, LeverSamples, ParseError,
+    PROTOCOL_VERSION,
 };
 
-use super::event::{LeverBatch, LinkEvent, LostReason};
+use super::event::{AnomalyKind, LeverBatch, LinkEvent, LostReason};
 use super::LinkSettings;
 use crate::clock::RigClock;
 use crate::sync::{ClockSync, SyncSample};
@@ -28,9 +29,45 @@ use crate::sync::{ClockSync, SyncSample};
 pub const RESET_REPEAT: Duration = Duration::from_millis(250);
 
 /// Most outputs one input pushes (a frame: `FramesLost`, then `Ready` and
-/// `Connected`, or `SampleGap` and `Lever`). The reader's buffer is made this
-/// big once, so pushing never allocates.
-pub const MAX_OUTPUTS_PER_INPUT: usize = 4;
+/// `Connected`, or up to three `TimeAnomaly`s, `SampleGap` and `Lever`). The
+/// reader's buffer is made this big once, so pushing never allocates.
+pub const MAX_OUTPUTS_PER_INPUT: usize = 8;
+
+/// A lever batch whose stamp is within this of where its sample index puts
+/// it (after the previous batch, at the sample period) is on time, µs.
+pub const STAMP_TOLERANCE_US: u64 = 2_000;
+
+/// The same stamp offset on this many lever batches in a row is a step of
+/// the device clock, corrected from then on.
+pub const CLOCK_STEP_BATCHES: u32 = 3;
+
+/// A lever sample stamped more than this after the host's clock fit says
+/// it is now, or (on a new stream) more than [`HOST_PAST_TOLERANCE_US`]
+/// before, is placed at the host's time, µs. Generous: a fit is good to
+/// well under a millisecond, and a busy host reads late, never early.
+pub const HOST_FUTURE_TOLERANCE_US: f64 = 1_000_000.0;
+/// See [`HOST_FUTURE_TOLERANCE_US`]: a new stream's first batch read this
+/// long after the fit says it was sampled is placed by host time, µs.
+pub const HOST_PAST_TOLERANCE_US: f64 = 30_000_000.0;
+
+/// A device event stamped more than this after, or
+/// [`EVENT_PAST_TOLERANCE_US`] before, where the clock fit puts the moment
+/// it was read is given the fit's time, µs.
+pub const EVENT_FUTURE_TOLERANCE_US: f64 = 500_000.0;
+pub const EVENT_PAST_TOLERANCE_US: f64 = 30_000_000.0;
+
+/// The host clock fit is trusted to check device times once it spans this
+/// much host time (its drift is only known well once several of its 0.5 s
+/// windows are in), ns.
+pub const FIT_TRUSTED_AFTER_NS: u64 = 5_000_000_000;
+
+/// A pong whose device times are further than this from the clock fit (one
+/// with at least [`PONG_CHECK_EXCHANGES`] exchanges) is not used, µs.
+pub const PONG_TOLERANCE_US: f64 = 250_000.0;
+pub const PONG_CHECK_EXCHANGES: usize = 20;
+/// This many pongs rejected in a row: the fit itself is taken as wrong and
+/// started again.
+pub const PONG_REJECTS_RESTART: u32 = 10;
 
 /// A command written to the device and not yet answered, as the writer keeps
 /// it (shared with every `Commander`). The I/O layer looks one up for each
@@ -58,7 +95,18 @@ pub enum Output {
     Ready,
     /// End this connection. Outputs after it, if any, are moot.
     Close(LostReason),
+    /// Send host heartbeats at this period from now on (the device clock
+    /// runs at another rate than the host's; see [`LinkEvent::ClockRate`]).
+    HeartbeatInterval(Duration),
 }
+
+/// A device clock more than this far from the host's rate (a fraction) is
+/// reported, and the host heartbeat scaled to it.
+pub const RATE_WARN_FRACTION: f64 = 0.01;
+
+/// The shortest host heartbeat period the link keeps (its ticker wakes
+/// every 5 ms).
+pub const MIN_HOST_HEARTBEAT: Duration = Duration::from_millis(5);
 
 /// Where the connection is in its lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -116,6 +164,19 @@ pub struct LinkState {
     backoff: Duration,
     /// The last loss reported, so a reason is reported once, not every retry.
     last_lost: Option<LostReason>,
+    /// Added to every device time: the device clock steps found so far
+    /// (and new streams placed by host time), µs.
+    correction_us: i64,
+    /// Lever batches in a row stamped off their index by the same offset:
+    /// `(offset_us, batches)`.
+    off_run: Option<(i64, u32)>,
+    /// Anomalies seen, by [`AnomalyKind::index`].
+    anomalies: [u64; AnomalyKind::ALL.len()],
+    pongs_rejected_in_a_row: u32,
+    /// Host time of the first exchange of the current fit.
+    fit_since_ns: Option<u64>,
+    /// The device clock's rate was measured on this connection.
+    rate_checked: bool,
 }
 
 impl LinkState {
@@ -142,7 +203,55 @@ impl LinkState {
             connections: 0,
             backoff: settings.reconnect_min,
             last_lost: None,
+            correction_us: 0,
+            off_run: None,
+            anomalies: [0; AnomalyKind::ALL.len()],
+            pongs_rejected_in_a_row: 0,
+            fit_since_ns: None,
+            rate_checked: false,
         }
+    }
+
+    /// The clock fit, once it is trusted to check device times against
+    /// (see [`FIT_TRUSTED_AFTER_NS`]).
+    fn trusted_fit(&self, now_ns: u64) -> Option<crate::sync::ClockFit> {
+        let since = self.fit_since_ns?;
+        let fit = self.sync.fit()?;
+        (now_ns.saturating_sub(since) >= FIT_TRUSTED_AFTER_NS
+            && fit.exchanges >= PONG_CHECK_EXCHANGES)
+            .then_some(fit)
+    }
+
+    /// Device-time anomalies seen since the link was made, by kind.
+    pub fn anomalies(&self, kind: AnomalyKind) -> u64 {
+        self.anomalies[kind.index()]
+    }
+
+    /// A device time on the rig clock: unwrapped, then corrected for the
+    /// clock steps found.
+    fn device_time(&mut self, t32: u32) -> u64 {
+        self.clock
+            .unwrap(t32)
+            .saturating_add_signed(self.correction_us)
+    }
+
+    fn anomaly(
+        &mut self,
+        kind: AnomalyKind,
+        t_us: u64,
+        offset_us: i64,
+        samples: u64,
+        out: &mut Vec<Output>,
+    ) {
+        let n = &mut self.anomalies[kind.index()];
+        *n += 1;
+        out.push(Output::Event(LinkEvent::TimeAnomaly {
+            kind,
+            t_us,
+            offset_us,
+            samples,
+            count: *n,
+        }));
     }
 
     /// The port opened at `now_ns`: start the handshake. Bytes sent right
@@ -223,7 +332,10 @@ impl LinkState {
         match msg {
             DeviceMessage::Hello(hello) => self.on_hello(hello, now_ns, out),
             DeviceMessage::Ack(a) => {
-                let t_us = self.clock.peek(a.t_us);
+                let t_us = self
+                    .clock
+                    .peek(a.t_us)
+                    .saturating_add_signed(self.correction_us);
                 if let Phase::Configuring {
                     seq: Some(configure_seq),
                     hello,
@@ -258,47 +370,9 @@ impl LinkState {
                 }
             }
             _ if self.phase != Phase::Streaming => {} // stale frames from before the Reset
-            DeviceMessage::LeverSamples(b) => {
-                let t_first = self.clock.unwrap(b.t_first_us);
-                let dev_index = self.index_clock.unwrap(b.first_index);
-                let period = u32::from(b.period_us);
-                if self.new_stream {
-                    self.new_stream = false;
-                    // Where this sample falls in the continuous count: after the
-                    // last sample received, by the time that has passed.
-                    let first = match self.expected {
-                        Some((want, want_t)) => {
-                            let p = u64::from(period.max(1));
-                            want + (t_first.saturating_sub(want_t) + p / 2) / p
-                        }
-                        None => 0,
-                    };
-                    self.stream_base = first.saturating_sub(dev_index);
-                }
-                let first_index = self.stream_base + dev_index;
-                match self.expected {
-                    Some((want, _)) if first_index > want => {
-                        out.push(Output::Event(LinkEvent::SampleGap {
-                            from_index: want,
-                            missing: first_index - want,
-                            t_us: t_first,
-                        }));
-                    }
-                    // In order; or an overlap, which a sane device never sends: ignored.
-                    _ => {}
-                }
-                let batch = LeverBatch::new(
-                    first_index,
-                    t_first,
-                    period,
-                    b.iter().map(|(_, _, counts)| counts),
-                );
-                let len = batch.counts().len() as u64;
-                self.expected = Some((first_index + len, t_first + len * u64::from(period)));
-                out.push(Output::Event(LinkEvent::Lever(batch)));
-            }
+            DeviceMessage::LeverSamples(b) => self.on_lever(&b, now_ns, out),
             DeviceMessage::Event(e) => {
-                let t_us = self.clock.unwrap(e.t_us);
+                let t_us = self.event_time(e.t_us, now_ns, out);
                 out.push(Output::Event(LinkEvent::Device {
                     t_us,
                     kind: e.kind.into(),
@@ -311,10 +385,15 @@ impl LinkState {
                     let sample = SyncSample {
                         host_send_ns: sent.sent_ns,
                         host_recv_ns: now_ns,
-                        dev_rx_us: self.clock.unwrap(p.t_rx_us),
-                        dev_tx_us: self.clock.unwrap(p.t_tx_us),
+                        dev_rx_us: self.device_time(p.t_rx_us),
+                        dev_tx_us: self.device_time(p.t_tx_us),
                     };
+                    if !self.pong_plausible(&sample, out) {
+                        return;
+                    }
                     if let Some(fit) = self.sync.add(sample) {
+                        self.fit_since_ns.get_or_insert(sample.host_send_ns);
+                        self.check_rate(now_ns, out);
                         out.push(Output::Event(LinkEvent::Clock {
                             fit,
                             rtt_us: sample.rtt_us(),
@@ -323,7 +402,7 @@ impl LinkState {
                 }
             }
             DeviceMessage::Fault(f) => {
-                let t_us = self.clock.unwrap(f.t_us);
+                let t_us = self.event_time(f.t_us, now_ns, out);
                 out.push(Output::Event(LinkEvent::Fault {
                     t_us,
                     code: f.code.into(),
@@ -331,7 +410,7 @@ impl LinkState {
                 }));
             }
             DeviceMessage::Heartbeat(h) => {
-                let t_us = self.clock.unwrap(h.t_us);
+                let t_us = self.device_time(h.t_us);
                 out.push(Output::Event(LinkEvent::Heartbeat {
                     t_us,
                     state: h.state,
@@ -341,6 +420,217 @@ impl LinkState {
                 }));
             }
         }
+    }
+
+    /// One lever batch: placed on the continuous sample count, its time
+    /// checked against its index and the host clock, duplicates and
+    /// overlaps dropped (see `docs/protocol.md`, "Device time
+    /// plausibility").
+    fn on_lever(&mut self, b: &LeverSamples<'_>, now_ns: u64, out: &mut Vec<Output>) {
+        let mut stamped = self.device_time(b.t_first_us);
+        let dev_index = self.index_clock.unwrap(b.first_index);
+        let period = u32::from(b.period_us);
+        let p = u64::from(period.max(1));
+        let n = b.len() as u64;
+        if n == 0 {
+            return;
+        }
+        let host_now = self.trusted_fit(now_ns).map(|f| f.host_to_rig_us(now_ns));
+        if self.new_stream {
+            self.new_stream = false;
+            // Where this sample falls in the continuous count: after the
+            // last sample received, by the time that has passed. A stamp the
+            // host clock says cannot be right is replaced by the host's time.
+            let mut t_first = stamped;
+            if let Some(host) = host_now {
+                let t_last = (stamped + (n - 1) * p) as f64;
+                if t_last > host + HOST_FUTURE_TOLERANCE_US
+                    || t_last < host - HOST_PAST_TOLERANCE_US
+                {
+                    let placed = (host - ((n - 1) * p) as f64).max(0.0) as u64;
+                    let placed = self
+                        .expected
+                        .map_or(placed, |(_, want_t)| placed.max(want_t));
+                    let offset = stamped as i64 - placed as i64;
+                    self.correction_us -= offset;
+                    t_first = placed;
+                    stamped = placed;
+                    self.anomaly(AnomalyKind::HostImplausible, placed, offset, n, out);
+                }
+            }
+            let first = match self.expected {
+                Some((want, want_t)) => want + (t_first.saturating_sub(want_t) + p / 2) / p,
+                None => 0,
+            };
+            self.stream_base = first.saturating_sub(dev_index);
+            self.off_run = None;
+        }
+        let first_index = self.stream_base + dev_index;
+        let (mut index, mut t_first, mut skip) = (first_index, stamped, 0u64);
+        if let Some((want, want_t)) = self.expected {
+            if first_index + n <= want {
+                // Every sample of it was received already.
+                self.anomaly(AnomalyKind::DuplicateBatch, stamped, 0, n, out);
+                return;
+            }
+            if first_index < want {
+                skip = want - first_index;
+                self.anomaly(AnomalyKind::OverlapBatch, want_t, 0, skip, out);
+            }
+            index = first_index + skip;
+            // Where the index puts it: after the last sample, one period
+            // per sample (a gap in the index is a gap in time).
+            let t_index = want_t + (index - want) * p;
+            let t_stamp = stamped + skip * p;
+            let offset = t_stamp as i64 - t_index as i64;
+            t_first = t_index;
+            if offset.unsigned_abs() <= STAMP_TOLERANCE_US {
+                t_first = t_stamp;
+                self.off_run = None;
+            } else {
+                match self.off_run {
+                    Some((o, k)) if (o - offset).unsigned_abs() <= STAMP_TOLERANCE_US => {
+                        self.off_run = Some((o, k + 1));
+                        if k + 1 >= CLOCK_STEP_BATCHES {
+                            // The device clock stepped: correct every device
+                            // time from here on.
+                            self.correction_us -= offset;
+                            self.off_run = None;
+                            self.anomaly(AnomalyKind::ClockStep, t_index, offset, n - skip, out);
+                        }
+                    }
+                    _ => {
+                        self.off_run = Some((offset, 1));
+                        let kind = if offset < 0 {
+                            AnomalyKind::TimeBackward
+                        } else {
+                            AnomalyKind::TimeForward
+                        };
+                        self.anomaly(kind, t_index, offset, n - skip, out);
+                    }
+                }
+            }
+            // The last check: nothing is sampled after now.
+            if let Some(host) = host_now {
+                let t_last = (t_first + (n - skip - 1) * p) as f64;
+                if t_last > host + HOST_FUTURE_TOLERANCE_US {
+                    let placed = ((host - ((n - skip - 1) * p) as f64).max(0.0) as u64).max(want_t);
+                    let offset = t_first as i64 - placed as i64;
+                    self.anomaly(AnomalyKind::HostImplausible, placed, offset, n - skip, out);
+                    t_first = placed;
+                    index = want + (placed - want_t) / p;
+                    self.off_run = None;
+                }
+            }
+            if index > want {
+                out.push(Output::Event(LinkEvent::SampleGap {
+                    from_index: want,
+                    missing: index - want,
+                    t_us: t_first,
+                }));
+            }
+        }
+        let batch = LeverBatch::new(
+            index,
+            t_first,
+            period,
+            b.iter().skip(skip as usize).map(|(_, _, counts)| counts),
+        );
+        let len = batch.counts().len() as u64;
+        self.expected = Some((index + len, t_first + len * p));
+        out.push(Output::Event(LinkEvent::Lever(batch)));
+    }
+
+    /// A device event's time, checked against the clock fit (when there is
+    /// one): a stamp that cannot be right gets the fit's time for `now_ns`.
+    fn event_time(&mut self, t32: u32, now_ns: u64, out: &mut Vec<Output>) -> u64 {
+        let t = self.device_time(t32);
+        let Some(host) = self.trusted_fit(now_ns).map(|f| f.host_to_rig_us(now_ns)) else {
+            return t;
+        };
+        let tf = t as f64;
+        if tf <= host + EVENT_FUTURE_TOLERANCE_US && tf >= host - EVENT_PAST_TOLERANCE_US {
+            return t;
+        }
+        let placed = host.max(0.0) as u64;
+        self.anomaly(
+            AnomalyKind::EventTime,
+            placed,
+            t as i64 - placed as i64,
+            0,
+            out,
+        );
+        placed
+    }
+
+    /// Once per connection, when the fit is trusted: the device clock's rate
+    /// against the host's, and the host heartbeat period that keeps the
+    /// device's watchdog (which counts device time) fed as configured.
+    fn check_rate(&mut self, now_ns: u64, out: &mut Vec<Output>) {
+        if self.rate_checked {
+            return;
+        }
+        let Some(fit) = self.trusted_fit(now_ns) else {
+            return;
+        };
+        self.rate_checked = true;
+        let rate = 1.0 + fit.drift_ppm * 1e-6;
+        let configured =
+            Duration::from_millis(u64::from(self.configure.heartbeat_interval_ms).max(10));
+        let (host_heartbeat, keeps_up) = if rate > 1.0 + RATE_WARN_FRACTION {
+            let scaled = configured.div_f64(rate);
+            // The device trips after heartbeat_timeout_ms of its time, which
+            // is this much host time; the host must write well within it.
+            let timeout_host =
+                Duration::from_millis(u64::from(self.configure.heartbeat_timeout_ms)).div_f64(rate);
+            (
+                scaled.max(MIN_HOST_HEARTBEAT),
+                MIN_HOST_HEARTBEAT * 2 <= timeout_host,
+            )
+        } else {
+            (configured, true)
+        };
+        if host_heartbeat != configured {
+            out.push(Output::HeartbeatInterval(host_heartbeat));
+        }
+        out.push(Output::Event(LinkEvent::ClockRate {
+            rate,
+            host_heartbeat,
+            keeps_up,
+        }));
+    }
+
+    /// Whether a clock-sync exchange agrees with the fit it would join. A
+    /// device clock that stepped must not bend the fit; a fit every pong
+    /// disagrees with is started again.
+    fn pong_plausible(&mut self, sample: &SyncSample, out: &mut Vec<Output>) -> bool {
+        let Some(fit) = self
+            .sync
+            .fit()
+            .filter(|f| f.exchanges >= PONG_CHECK_EXCHANGES)
+        else {
+            return true;
+        };
+        let predicted = fit.host_to_rig_us(sample.host_send_ns);
+        let offset = sample.dev_rx_us as f64 - predicted;
+        if offset.abs() <= PONG_TOLERANCE_US + fit.half_band_us {
+            self.pongs_rejected_in_a_row = 0;
+            return true;
+        }
+        self.pongs_rejected_in_a_row += 1;
+        self.anomaly(
+            AnomalyKind::PongRejected,
+            sample.dev_rx_us,
+            offset as i64,
+            0,
+            out,
+        );
+        if self.pongs_rejected_in_a_row >= PONG_REJECTS_RESTART {
+            self.pongs_rejected_in_a_row = 0;
+            self.sync.clear();
+            self.fit_since_ns = None;
+        }
+        false
     }
 
     fn on_hello(&mut self, hello: Hello, now_ns: u64, out: &mut Vec<Output>) {
@@ -356,16 +646,25 @@ impl LinkState {
         let mut rebooted = false;
         if let Some(fit) = self.sync.fit() {
             let predicted = fit.host_to_rig_us(now_ns);
-            let got = self.clock.peek(hello.t_us) as f64;
+            let got = self
+                .clock
+                .peek(hello.t_us)
+                .saturating_add_signed(self.correction_us) as f64;
             if (got - predicted).abs() > 500_000.0 {
                 rebooted = true;
-                let resume = predicted.max(self.clock.latest_us().unwrap_or(0) as f64) as u64;
+                let latest = self.clock.latest_us().unwrap_or(0);
+                let latest = latest.saturating_add_signed(self.correction_us);
+                let resume = predicted.max(latest as f64) as u64;
+                // The new epoch starts where the corrected clock was.
+                self.correction_us = 0;
                 self.clock
                     .reset(resume.saturating_sub(u64::from(hello.t_us)));
                 self.sync.clear();
+                self.fit_since_ns = None;
             }
         }
         let _ = self.clock.unwrap(hello.t_us);
+        self.rate_checked = false;
         // A new stream starts at device index 0 after Configure; its first
         // batch is placed on the link's sample count by its time.
         self.new_stream = true;
@@ -467,9 +766,7 @@ fn duration_ns(d: Duration) -> u64 {
 mod tests {
     use std::path::PathBuf;
 
-    use protocol::serial::{
-        host_type, Ack, Event, EventKind, Fault, FaultCode, Heartbeat, LeverSamples, Pong,
-    };
+    use protocol::serial::{host_type, Ack, Event, EventKind, Fault, FaultCode, Heartbeat, Pong};
 
     use super::*;
     use crate::link::OpenError;
@@ -1021,23 +1318,318 @@ mod tests {
         );
     }
 
+    fn anomaly(kind: AnomalyKind, t_us: u64, offset_us: i64, samples: u64, count: u64) -> Output {
+        Output::Event(LinkEvent::TimeAnomaly {
+            kind,
+            t_us,
+            offset_us,
+            samples,
+            count,
+        })
+    }
+
     #[test]
-    fn a_repeated_lever_batch_is_passed_on_without_a_gap() {
+    fn a_repeated_lever_batch_is_dropped_and_counted() {
         let mut link = Link::new();
         link.handshake(10 * S, 5_000);
         let now = 10 * S + 10 * MS;
         link.lever(0, 10_000, &[1; 5], now);
         link.lever(5, 15_000, &[2; 5], now);
-        // The same batch again (an overlap a sane device never sends): no
-        // gap, no loss, handed on with its own index.
+        // The same batch again: every sample of it was received.
         assert_eq!(
             link.lever(5, 15_000, &[2; 5], now),
-            [lever_event(5, 15_000, &[2; 5])]
+            [anomaly(AnomalyKind::DuplicateBatch, 15_000, 0, 5, 1)]
+        );
+        assert_eq!(
+            link.lever(5, 15_000, &[2; 5], now),
+            [anomaly(AnomalyKind::DuplicateBatch, 15_000, 0, 5, 2)]
         );
         assert_eq!(
             link.lever(10, 20_000, &[3; 5], now),
             [lever_event(10, 20_000, &[3; 5])]
         );
+        assert_eq!(link.state.anomalies(AnomalyKind::DuplicateBatch), 2);
+    }
+
+    #[test]
+    fn an_overlapping_batch_passes_on_only_its_new_samples() {
+        let mut link = Link::new();
+        link.handshake(10 * S, 5_000);
+        let now = 10 * S + 10 * MS;
+        link.lever(0, 10_000, &[1; 5], now);
+        // Indices 3..8: 3 and 4 were received.
+        assert_eq!(
+            link.lever(3, 13_000, &[3, 4, 5, 6, 7], now),
+            [
+                anomaly(AnomalyKind::OverlapBatch, 15_000, 0, 2, 1),
+                lever_event(5, 15_000, &[5, 6, 7]),
+            ]
+        );
+        assert_eq!(
+            link.lever(8, 18_000, &[8], now),
+            [lever_event(8, 18_000, &[8])]
+        );
+    }
+
+    #[test]
+    fn a_batch_stamped_in_the_past_is_placed_by_its_index_and_counted_once() {
+        let mut link = Link::new();
+        link.handshake(10 * S, 5_000);
+        let now = 10 * S + 10 * MS;
+        link.lever(0, 3_010_000, &[0; 5], now);
+        // Index 5 is due at 3.015 s; stamped 3 s earlier (at 15 ms: it
+        // would be clamped to the session's start).
+        assert_eq!(
+            link.lever(5, 15_000, &[1; 5], now),
+            [
+                anomaly(AnomalyKind::TimeBackward, 3_015_000, -3_000_000, 5, 1),
+                lever_event(5, 3_015_000, &[1; 5]),
+            ]
+        );
+        // The next batch is on time again: no event.
+        assert_eq!(
+            link.lever(10, 3_020_000, &[2; 5], now),
+            [lever_event(10, 3_020_000, &[2; 5])]
+        );
+        assert_eq!(link.state.anomalies(AnomalyKind::TimeBackward), 1);
+        assert_eq!(link.state.anomalies(AnomalyKind::ClockStep), 0);
+    }
+
+    #[test]
+    fn a_device_clock_stepping_back_is_found_and_corrected_for_every_device_time() {
+        let mut link = Link::new();
+        link.handshake(10 * S, 5_000);
+        let now = 10 * S + 10 * MS;
+        link.lever(0, 3_010_000, &[0; 5], now);
+        // From index 5 the device clock reads 2 s less.
+        let back = 2_000_000u32;
+        assert_eq!(
+            link.lever(5, 3_015_000 - back, &[1; 5], now),
+            [
+                anomaly(AnomalyKind::TimeBackward, 3_015_000, -2_000_000, 5, 1),
+                lever_event(5, 3_015_000, &[1; 5]),
+            ]
+        );
+        assert_eq!(
+            link.lever(10, 3_020_000 - back, &[2; 5], now),
+            [lever_event(10, 3_020_000, &[2; 5])]
+        );
+        // The third batch in a row: a step, corrected from here on.
+        assert_eq!(
+            link.lever(15, 3_025_000 - back, &[3; 5], now),
+            [
+                anomaly(AnomalyKind::ClockStep, 3_025_000, -2_000_000, 5, 1),
+                lever_event(15, 3_025_000, &[3; 5]),
+            ]
+        );
+        assert_eq!(
+            link.lever(20, 3_030_000 - back, &[4; 5], now),
+            [lever_event(20, 3_030_000, &[4; 5])]
+        );
+        // Device events are corrected too.
+        let lick = DeviceMessage::Event(Event {
+            t_us: 3_031_000 - back,
+            kind: EventKind::LickOn.into(),
+            aux: 0,
+            value: 0,
+        });
+        assert_eq!(
+            link.frame(lick, None, now),
+            [Output::Event(LinkEvent::Device {
+                t_us: 3_031_000,
+                kind: EventKind::LickOn,
+                aux: 0,
+                value: 0,
+            })]
+        );
+    }
+
+    #[test]
+    fn a_forward_jump_of_35_minutes_moves_no_sample_and_pongs_stay_out_of_the_fit() {
+        let mut link = Link::new();
+        link.handshake(10 * S, 1_000_000);
+        // A fit: rig = host - 9 s.
+        for i in 0..25u16 {
+            exchange(&mut link, 100 + i, 10 * S + u64::from(i) * 250 * MS);
+        }
+        let now = 17 * S;
+        link.lever(0, 7_990_000, &[0; 10], now);
+        let jump = 35 * 60 * 1_000_000u32;
+        let out = link.lever(10, 8_000_000 + jump, &[1; 10], now);
+        assert_eq!(
+            out,
+            [
+                anomaly(AnomalyKind::TimeForward, 8_000_000, i64::from(jump), 10, 1),
+                lever_event(10, 8_000_000, &[1; 10]),
+            ]
+        );
+        // A pong on the jumped clock is not used for the fit.
+        let ping = PendingCommand {
+            seq: 7,
+            cmd_type: host_type::PING,
+            sent_ns: now,
+        };
+        let pong = DeviceMessage::Pong(Pong {
+            ping_seq: 7,
+            t_rx_us: 8_000_050 + jump,
+            t_tx_us: 8_000_060 + jump,
+        });
+        let out = link.frame(pong, Some(ping), now + 120_000);
+        assert!(
+            matches!(
+                out.as_slice(),
+                [Output::Event(LinkEvent::TimeAnomaly {
+                    kind: AnomalyKind::PongRejected,
+                    count: 1,
+                    ..
+                })]
+            ),
+            "{out:?}"
+        );
+        let fit = link.state.sync.fit().expect("fit");
+        assert!((fit.host_to_rig_us(now) - 8_000_000.0).abs() < 1_000.0);
+        // A lick on the jumped clock gets the fit's time (host 17.1 s).
+        let lick = DeviceMessage::Event(Event {
+            t_us: 8_100_000 + jump,
+            kind: EventKind::LickOn.into(),
+            aux: 0,
+            value: 0,
+        });
+        let out = link.frame(lick, None, now + 100 * MS);
+        let [Output::Event(LinkEvent::TimeAnomaly {
+            kind: AnomalyKind::EventTime,
+            count: 1,
+            ..
+        }), Output::Event(LinkEvent::Device { t_us, .. })] = out.as_slice()
+        else {
+            panic!("{out:?}");
+        };
+        assert!(t_us.abs_diff(8_100_000) < 1_000, "{t_us}");
+    }
+
+    /// Ping/pong exchanges with a device clock at `rate` times the host's
+    /// (rig 0 at host 10 s), every 250 ms from `from_ns`; returns every output.
+    fn exchanges_at_rate(link: &mut Link, rate: f64, from_ns: u64, n: u16) -> Vec<Output> {
+        let rig = |host_ns: u64| ((host_ns - 10 * S) as f64 / 1000.0 * rate) as u32 + 1_000_000;
+        let mut all = Vec::new();
+        for i in 0..n {
+            let send_ns = from_ns + u64::from(i) * 250 * MS;
+            let ping = PendingCommand {
+                seq: 200 + i,
+                cmd_type: host_type::PING,
+                sent_ns: send_ns,
+            };
+            let pong = DeviceMessage::Pong(Pong {
+                ping_seq: 200 + i,
+                t_rx_us: rig(send_ns + 50_000),
+                t_tx_us: rig(send_ns + 60_000),
+            });
+            all.extend(link.frame(pong, Some(ping), send_ns + 120_000));
+        }
+        all
+    }
+
+    #[test]
+    fn a_device_clock_at_ten_times_the_hosts_rate_is_reported_once_and_heartbeats_scaled() {
+        let mut link = Link::new();
+        link.handshake(10 * S, 1_000_000);
+        let out = exchanges_at_rate(&mut link, 10.0, 10 * S + 10 * MS, 30);
+        let scaled: Vec<_> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::HeartbeatInterval(d) => Some(*d),
+                _ => None,
+            })
+            .collect();
+        // Configured: a heartbeat every 100 ms, the watchdog at 1000 ms of
+        // device time (100 ms of host time at 10x).
+        assert_eq!(scaled, [Duration::from_millis(10)]);
+        let rates: Vec<_> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Event(LinkEvent::ClockRate {
+                    rate,
+                    host_heartbeat,
+                    keeps_up,
+                }) => Some((*rate, *host_heartbeat, *keeps_up)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(rates.len(), 1, "{out:?}");
+        assert!((rates[0].0 - 10.0).abs() < 1e-3, "{rates:?}");
+        assert!(rates[0].2);
+        // Only after the fit is trusted (5 s of exchanges).
+        let first = out
+            .iter()
+            .position(|o| matches!(o, Output::HeartbeatInterval(_)))
+            .expect("scaled");
+        assert!(first >= 20, "at output {first}");
+
+        // A device at the host's rate: reported (for the record), no change.
+        let mut link = Link::new();
+        link.handshake(10 * S, 1_000_000);
+        let out = exchanges_at_rate(&mut link, 1.0, 10 * S + 10 * MS, 30);
+        assert!(!out
+            .iter()
+            .any(|o| matches!(o, Output::HeartbeatInterval(_))));
+        assert_eq!(
+            out.iter()
+                .filter(|o| matches!(
+                    o,
+                    Output::Event(LinkEvent::ClockRate { keeps_up: true, .. })
+                ))
+                .count(),
+            1
+        );
+
+        // At 500x even 5 ms heartbeats (2.5 s of device time) cannot feed a
+        // 1 s watchdog: said so.
+        let mut link = Link::new();
+        link.handshake(10 * S, 1_000_000);
+        let out = exchanges_at_rate(&mut link, 500.0, 10 * S + 10 * MS, 30);
+        assert!(out.contains(&Output::HeartbeatInterval(MIN_HOST_HEARTBEAT)));
+        assert!(out.iter().any(|o| matches!(
+            o,
+            Output::Event(LinkEvent::ClockRate {
+                keeps_up: false,
+                ..
+            })
+        )));
+    }
+
+    #[test]
+    fn a_new_stream_stamped_in_the_future_is_placed_by_the_host_clock() {
+        let mut link = Link::new();
+        link.handshake(10 * S, 1_000_000);
+        for i in 0..25u16 {
+            exchange(&mut link, 100 + i, 10 * S + u64::from(i) * 250 * MS);
+        }
+        link.lever(0, 1_500_000, &[0; 10], 10 * S + 500 * MS);
+        link.closed(LostReason::Io("unplugged".into()), 17 * S);
+        // Reconnected at host 18 s (rig 9 s); the device's first batch says
+        // 30 min later.
+        link.handshake(18 * S, 9_000_000);
+        let later = 30 * 60 * 1_000_000u32;
+        let out = link.lever(0, 9_001_000 + later, &[5; 10], 18 * S + 10 * MS);
+        let [Output::Event(LinkEvent::TimeAnomaly {
+            kind: AnomalyKind::HostImplausible,
+            t_us,
+            samples: 10,
+            count: 1,
+            ..
+        }), Output::Event(LinkEvent::SampleGap { .. }), Output::Event(LinkEvent::Lever(batch))] =
+            out.as_slice()
+        else {
+            panic!("{out:?}");
+        };
+        // Placed at the host's now (rig 9.01 s) minus the batch's length
+        // (by the fit: within its band of the exact time).
+        assert!(t_us.abs_diff(9_001_000) < 50, "{t_us}");
+        assert_eq!(batch.t_first_us, *t_us);
+        assert_eq!(batch.first_index, 10 + 7_491);
+        // Later batches on the device's clock are corrected alike.
+        let out = link.lever(10, 9_011_000 + later, &[6; 10], 18 * S + 20 * MS);
+        assert_eq!(out, [lever_event(7_511, t_us + 10_000, &[6; 10])]);
     }
 
     #[test]
