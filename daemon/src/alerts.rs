@@ -70,6 +70,15 @@ pub struct Alert {
     pub time_utc: String,
     /// Kind-specific numbers (fault code, seconds lost, MB free, reason...).
     pub details: serde_json::Value,
+    /// Alerts of this kind held back since the last one sent (at most one
+    /// per kind per [`REPEAT_WINDOW`]); absent when none.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub repeats: u64,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Alert {
@@ -83,6 +92,7 @@ impl Alert {
             session_dir: None,
             time_utc: String::new(),
             details: serde_json::Value::Null,
+            repeats: 0,
         }
     }
 
@@ -182,6 +192,45 @@ impl Alert {
     }
 }
 
+/// Alerts of one kind go out at most once per this window; the ones between
+/// are counted into the next (each is still logged, at debug level).
+pub const REPEAT_WINDOW: Duration = Duration::from_secs(60);
+
+/// The once-per-window rule of [`Alerter::raise`], by kind. A session's own
+/// end (`session_auto_stopped`, `storage_error`) is never held back: each
+/// is about another session. Pure, so it is tested with made-up times.
+#[derive(Debug, Default)]
+pub struct RepeatGate {
+    by_kind: std::collections::HashMap<&'static str, (Instant, u64)>,
+}
+
+impl RepeatGate {
+    /// `Some(n)`: send it, mentioning `n` alerts of its kind held back since
+    /// the last one; `None`: hold it back (counted).
+    pub fn pass(&mut self, kind: AlertKind, now: Instant) -> Option<u64> {
+        if matches!(
+            kind,
+            AlertKind::SessionAutoStopped | AlertKind::StorageError
+        ) {
+            return Some(0);
+        }
+        match self.by_kind.get_mut(kind.as_str()) {
+            Some((last, held)) if now.saturating_duration_since(*last) < REPEAT_WINDOW => {
+                *held += 1;
+                None
+            }
+            Some((last, held)) => {
+                *last = now;
+                Some(std::mem::take(held))
+            }
+            None => {
+                self.by_kind.insert(kind.as_str(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
 /// Raises alerts. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Alerter {
@@ -194,6 +243,7 @@ struct Inner {
     rig: String,
     raised: AtomicU64,
     running: AtomicUsize,
+    repeats: std::sync::Mutex<RepeatGate>,
 }
 
 impl Alerter {
@@ -204,6 +254,7 @@ impl Alerter {
                 rig: rig.into(),
                 raised: AtomicU64::new(0),
                 running: AtomicUsize::new(0),
+                repeats: std::sync::Mutex::new(RepeatGate::default()),
             }),
         }
     }
@@ -215,6 +266,28 @@ impl Alerter {
 
     /// Log the alert and hand it to the configured command (in the background).
     pub fn raise(&self, mut alert: Alert) {
+        let held = self
+            .inner
+            .repeats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pass(alert.kind, Instant::now());
+        let Some(held) = held else {
+            tracing::debug!(
+                kind = alert.kind.as_str(),
+                "alert held back (repeat): {}",
+                alert.message
+            );
+            return;
+        };
+        if held > 0 {
+            alert.message.push_str(&format!(
+                " ({held} more {} alerts in the last {} s were not sent one by one)",
+                alert.kind.as_str(),
+                REPEAT_WINDOW.as_secs()
+            ));
+            alert.repeats = held;
+        }
         alert.rig.clone_from(&self.inner.rig);
         alert.time_utc = session_format::rfc3339_utc(SystemTime::now());
         self.inner.raised.fetch_add(1, Ordering::Relaxed);
@@ -390,5 +463,31 @@ mod tests {
         assert!(e.contains("killed"), "{e}");
         let e = run_command("echo nope >&2; exit 3", "{}", Duration::from_secs(5)).unwrap_err();
         assert!(e.contains("nope"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod repeat_tests {
+    use super::*;
+
+    #[test]
+    fn one_alert_per_kind_per_window_with_the_count_of_the_rest() {
+        let mut g = RepeatGate::default();
+        let t = Instant::now();
+        let s = |secs: u64| t + Duration::from_secs(secs);
+        assert_eq!(g.pass(AlertKind::ValveSafetyTrip, s(0)), Some(0));
+        // Nine more trips within the minute: held back, counted.
+        for k in 1..10 {
+            assert_eq!(g.pass(AlertKind::ValveSafetyTrip, s(k)), None);
+        }
+        // Another kind is not held back by them.
+        assert_eq!(g.pass(AlertKind::DiskLow, s(5)), Some(0));
+        // After the window, the next one says how many were held.
+        assert_eq!(g.pass(AlertKind::ValveSafetyTrip, s(61)), Some(9));
+        assert_eq!(g.pass(AlertKind::ValveSafetyTrip, s(62)), None);
+        // A session's end is never held back.
+        for k in 0..3 {
+            assert_eq!(g.pass(AlertKind::SessionAutoStopped, s(k)), Some(0));
+        }
     }
 }

@@ -28,7 +28,26 @@ fn sim_publishes_a_frame_at_every_ttl_edge() {
     let h = rig_sim::spawn(o).expect("start");
     let start_host_ns = h.start_host_ns();
     let clock = h.clock();
+    // Map the ring while the sim runs: it removes the name when it stops
+    // (a reader's mapping stays valid).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let map = loop {
+        match FrameRingMapping::open(&shm) {
+            Ok(m) => break m,
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "ring never appeared: {e:?}"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+    };
     h.wait().expect("run");
+    assert!(
+        FrameRingMapping::open(&shm).is_err(),
+        "the sim removes its ring when it stops"
+    );
 
     // The sim's own truth: TTL edges (true s, device µs).
     let truth = std::fs::read_to_string(dir.join("truth.tsv")).expect("truth");
@@ -74,7 +93,6 @@ fn sim_publishes_a_frame_at_every_ttl_edge() {
     assert_eq!(dff.len(), 128 + rows.len() * 30 * 4);
 
     // The ring holds every frame, stamped with the TTL's host time.
-    let map = FrameRingMapping::open(&shm).expect("open ring");
     map.check_geometry(64, 48, 2).expect("geometry");
     let mut reader = map.reader().expect("reader");
     reader.seek(0);

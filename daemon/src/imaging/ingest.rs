@@ -537,7 +537,7 @@ impl FrameNumbers {
 /// in the future cannot keep a dead producer alive).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct ProducerWatch {
-    /// When the silence was noticed (and reported).
+    /// The last activity before a reported silence (while it lasts).
     silent_since: Option<Instant>,
     /// The last frame or heartbeat change seen.
     last_activity: Option<Instant>,
@@ -565,16 +565,18 @@ impl ProducerWatch {
         if self.silent_since.is_some() || now.saturating_duration_since(last) <= PRODUCER_SILENT {
             return false;
         }
-        self.silent_since = Some(now);
+        // The silence began at the last activity before it.
+        self.silent_since = Some(last);
         true
     }
 
     /// A frame arrived. After a reported silence: about how many seconds
-    /// passed without frames (from the last activity).
+    /// passed without frames (from the last activity before the silence; a
+    /// heartbeat that came back before the frames does not shorten it).
     fn frame(&mut self, now: Instant) -> Option<f64> {
-        let last = self.last_activity.replace(now);
-        self.silent_since.take()?;
-        Some(last.map_or(0.0, |l| now.saturating_duration_since(l).as_secs_f64()))
+        self.last_activity = Some(now);
+        let began = self.silent_since.take()?;
+        Some(now.saturating_duration_since(began).as_secs_f64())
     }
 }
 
@@ -1723,6 +1725,12 @@ mod tests {
         let silent = w.frame(s(6900)).expect("resumed");
         assert!((silent - 5.0).abs() < 1e-9, "{silent}");
         assert_eq!(w.frame(s(7000)), None);
+        // A producer woken from a stall beats before its first frame: the
+        // silence still counts from its last activity before the stall.
+        assert!(w.nothing_new(u64::MAX, s(9100)), "silent again");
+        assert!(!w.nothing_new(7, s(11_000)), "a heartbeat again");
+        let silent = w.frame(s(11_010)).expect("resumed");
+        assert!((silent - 4.01).abs() < 1e-9, "{silent}");
     }
 
     #[test]

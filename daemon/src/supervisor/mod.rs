@@ -109,16 +109,7 @@ struct Watch {
     device_lost_alerted: bool,
     last_disk_check: Option<Instant>,
     disk_low_alerted: bool,
-    /// The last watchdog-trip alert, and the trips since it that were not
-    /// alerted (a device whose watchdog trips again and again, e.g. a fast
-    /// simulator, gets one alert a minute, not one per trip).
-    last_watchdog_alert: Option<Instant>,
-    watchdog_trips_not_alerted: u64,
 }
-
-/// Watchdog-trip alerts come at most this often; the trips between are
-/// counted in the next one (each is still an event and a log line).
-const WATCHDOG_ALERT_EVERY: Duration = Duration::from_secs(60);
 
 /// How often the data root's free space is checked.
 const DISK_CHECK_EVERY: Duration = Duration::from_secs(10);
@@ -159,8 +150,6 @@ impl Supervisor {
                 device_lost_alerted: false,
                 last_disk_check: None,
                 disk_low_alerted: false,
-                last_watchdog_alert: None,
-                watchdog_trips_not_alerted: 0,
             },
         }
     }
@@ -540,26 +529,11 @@ impl Supervisor {
     }
 
     fn on_device_fault(&mut self, t_us: u64, code: protocol::serial::FaultCode, detail: u32) {
-        let Some(mut alert) = Alert::device_fault(t_us, code, detail) else {
+        // Repeats (a watchdog that trips again and again, e.g. a fast
+        // simulator) are held back by the alerter: one per kind per minute.
+        let Some(alert) = Alert::device_fault(t_us, code, detail) else {
             return;
         };
-        if code == protocol::serial::FaultCode::WatchdogTripped {
-            let w = &mut self.watch;
-            let now = Instant::now();
-            if w.last_watchdog_alert
-                .is_some_and(|t| now.duration_since(t) < WATCHDOG_ALERT_EVERY)
-            {
-                w.watchdog_trips_not_alerted += 1;
-                return;
-            }
-            w.last_watchdog_alert = Some(now);
-            let earlier = std::mem::take(&mut w.watchdog_trips_not_alerted);
-            if earlier > 0 {
-                alert.message.push_str(&format!(
-                    " ({earlier} more trips in the last minute, not alerted one by one)"
-                ));
-            }
-        }
         self.alert(alert);
     }
 
