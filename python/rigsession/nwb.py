@@ -643,7 +643,9 @@ def _imaging(nwbfile, session, opts, ft: Table, im: dict, level: int):
         ):
             if not stream:
                 continue
-            series = RoiResponseSeries(
+            container = container_cls()
+            ophys.add(container)
+            series = container.create_roi_response_series(
                 name=name,
                 description=what + "; rows = frames.tsv rows that have a time (dropped frames, NaN, left out)",
                 data=_stream_data(stream, lambda b: b, (len(timed), n_rois), np.float32, level, rows=timed.astype(np.int64)),
@@ -653,7 +655,6 @@ def _imaging(nwbfile, session, opts, ft: Table, im: dict, level: int):
             )
             if first is None:
                 first = series
-            ophys.add(container_cls(roi_response_series=series))
     # Motion: dx, dy per frame of motion.tsv, on the frame's time.
     motion = session.motion()
     if len(motion):
