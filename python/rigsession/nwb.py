@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from .session import Session, Stream, Table
+from .session import Session, Stream, Table, read_rows
 
 # Imported lazily by export(): pynwb is an optional dependency.
 pynwb = None
@@ -138,9 +138,9 @@ def _make_iterator_class():
         int64 index array), ``transform`` maps a block of rows to the
         dataset's values (for example one column)."""
 
-        def __init__(self, arrays, transform, shape, dtype, rows=None, **kwargs):
-            self._arrays = arrays
-            self._starts = np.cumsum([0] + [a.shape[0] for a in arrays])
+        def __init__(self, layout, transform, shape, dtype, rows=None, **kwargs):
+            self._layout = layout
+            self._starts = np.cumsum([0] + [sh[0] for _, _, _, sh in layout])
             self._transform = transform
             self._shape = tuple(int(s) for s in shape)
             self._dtype = np.dtype(dtype)
@@ -149,11 +149,11 @@ def _make_iterator_class():
 
         def _raw(self, start, stop):
             parts = []
-            for k, a in enumerate(self._arrays):
+            for k, (path, offset, dtype, shape) in enumerate(self._layout):
                 lo, hi = self._starts[k], self._starts[k + 1]
                 s, e = max(start, lo), min(stop, hi)
                 if s < e:
-                    parts.append(np.asarray(a[s - lo : e - lo]))
+                    parts.extend(read_rows(path, offset, dtype, shape, s - lo, e - lo, e - s))
             return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
         def _get_data(self, selection):
@@ -182,14 +182,14 @@ def _stream_data(stream: Stream, transform, shape, dtype, level, rows=None, chun
     if shape[0] == 0:
         return np.zeros(shape, dtype=dtype)
     cls = _make_iterator_class()
-    arrays = list(stream.chunks(mmap=True))
+    layout = stream.layout()
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
     if chunk_rows is None:
         chunk_rows = max(1, min(shape[0], (1 << 20) // max(row_bytes, 1)))  # ~1 MiB chunks
     chunk_shape = (chunk_rows,) + tuple(shape[1:])
-    buffer_rows = max(chunk_rows, (64 << 20) // max(row_bytes, 1) // chunk_rows * chunk_rows)  # ~64 MiB
+    buffer_rows = max(chunk_rows, (8 << 20) // max(row_bytes, 1) // chunk_rows * chunk_rows)  # ~8 MiB
     it = cls(
-        arrays,
+        layout,
         transform,
         shape,
         dtype,
@@ -218,10 +218,10 @@ def lever_timing(stream: Stream):
     n = 0
     t0 = None
     regular = True
-    for a in stream.chunks():
+    for a in stream.blocks():
         if a.shape[0] == 0:
             continue
-        us = np.rint(np.asarray(a[:, 0]) * 1e6).astype(np.int64)
+        us = np.rint(a[:, 0] * 1e6).astype(np.int64)
         if t0 is None:
             t0 = float(a[0, 0])
         if prev is not None:
@@ -442,11 +442,8 @@ def build_nwbfile(session: Session, opts: ExportOptions):
     if lever:
         regular, t0, rate, n = lever_timing(lever)
         if n:
-            last = None
-            for a in lever.chunks():
-                if a.shape[0]:
-                    last = float(a[-1, 0])
-            end_s = last
+            path, offset, dtype, shape = [c for c in lever.layout() if c[3][0]][-1]
+            end_s = float(next(read_rows(path, offset, dtype, shape, shape[0] - 1, shape[0]))[0, 0])
             cfg_counts = session.config.get("rig", {}).get("encoder_counts_per_mm")
             pos = _stream_data(lever, lambda b: b[:, 1], (n,), np.float64, level)
             timing = (

@@ -82,45 +82,55 @@ class Table(dict):
         return pd.DataFrame({k: v for k, v in self.items()})
 
 
-def _parse_cell(cell: str, kind: str):
-    if kind == "s":
-        return unescape(cell)
-    if cell == "":
-        return None
-    if kind == "i":
-        return int(cell)
-    return float(cell)  # also NaN, Inf, -Inf
-
-
 def read_tsv(path: os.PathLike, types: Optional[Dict[str, str]] = None) -> Table:
     """A documented TSV table: header row, one row per line, no quoting.
 
     Known columns get their documented type; unknown columns are kept: as
     numbers when every cell parses as one, else as text. An empty number cell
-    is NaN (an integer column with an empty cell becomes float)."""
+    is NaN (an integer column with an empty cell becomes float). Read line by
+    line; repeated text (kinds, sources, empty details) is stored once."""
     types = types or {}
     with open(path, "r", encoding="utf-8", newline="") as fh:
-        text = fh.read()
-    lines = text.split("\n")
-    # A crashed, unrecovered session may end in a half-written row.
-    if lines and lines[-1] != "":
-        lines = lines[:-1]
-    lines = [line for line in lines if line != ""]
-    if not lines:
-        return Table()
-    header = lines[0].split("\t")
-    rows = [line.split("\t") for line in lines[1:]]
+        header_line = fh.readline()
+        if not header_line.endswith("\n"):
+            return Table()
+        header = header_line[:-1].split("\t")
+        kinds = [types.get(name) for name in header]
+        cols: List[list] = [[] for _ in header]
+        seen: Dict[str, str] = {}
+        width = len(header)
+        for line in fh:
+            # A crashed, unrecovered session may end in a half-written row.
+            if not line.endswith("\n"):
+                break
+            if line == "\n":
+                continue
+            cells = line[:-1].split("\t")
+            if len(cells) < width:
+                cells += [""] * (width - len(cells))
+            for j in range(width):
+                c = cells[j]
+                k = kinds[j]
+                if k == "s" or k is None:
+                    v = seen.get(c)
+                    if v is None:
+                        v = seen[c] = unescape(c) if k == "s" else c
+                    cols[j].append(v)
+                elif c == "":
+                    cols[j].append(None)
+                elif k == "i":
+                    cols[j].append(int(c))
+                else:
+                    cols[j].append(float(c))  # also NaN, Inf, -Inf
     table = Table()
-    for j, name in enumerate(header):
-        cells = [r[j] if j < len(r) else "" for r in rows]
-        kind = types.get(name)
+    for name, kind, values in zip(header, kinds, cols):
         if kind is None:
             try:
-                [float(c) for c in cells if c != ""]
+                values = [None if c == "" else float(c) for c in values]
                 kind = "f"
             except ValueError:
+                values = [unescape(c) for c in values]
                 kind = "s"
-        values = [_parse_cell(c, kind) for c in cells]
         if kind == "s":
             col = np.empty(len(values), dtype=object)
             col[:] = values
@@ -129,6 +139,7 @@ def read_tsv(path: os.PathLike, types: Optional[Dict[str, str]] = None) -> Table
         else:
             col = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
         table[name] = col
+        values.clear()
     return table
 
 
@@ -146,6 +157,22 @@ class Stream:
     def chunks(self, mmap: bool = True) -> Iterator[np.ndarray]:
         for f in self.files:
             yield np.load(f, mmap_mode="r" if mmap else None)
+
+    def layout(self):
+        """(path, data offset, dtype, shape) of each chunk, from its header;
+        no data is read."""
+        out = []
+        for f in self.files:
+            m = np.load(f, mmap_mode="r")
+            out.append((f, int(m.offset), m.dtype, tuple(m.shape)))
+            del m
+        return out
+
+    def blocks(self, rows: int = 1 << 18) -> Iterator[np.ndarray]:
+        """The rows of every chunk in order, ``rows`` at a time, read with
+        plain reads (no mapping stays resident): memory stays bounded."""
+        for path, offset, dtype, shape in self.layout():
+            yield from read_rows(path, offset, dtype, shape, 0, shape[0], rows)
 
     def shape(self):
         """Total shape without loading the data."""
@@ -166,6 +193,17 @@ class Stream:
         if not arrays:
             raise FileNotFoundError(f"no {self.name}.npy in the session")
         return np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+
+
+def read_rows(path, offset, dtype, shape, start, stop, rows=1 << 18):
+    """Rows [start, stop) of an .npy file's data, ``rows`` at a time."""
+    per_row = int(np.prod(shape[1:], dtype=np.int64))
+    with open(path, "rb") as fh:
+        for s in range(start, stop, rows):
+            e = min(stop, s + rows)
+            fh.seek(offset + s * per_row * dtype.itemsize)
+            a = np.fromfile(fh, dtype=dtype, count=(e - s) * per_row)
+            yield a.reshape((e - s,) + tuple(shape[1:]))
 
 
 def _chunk_key(path: str):
