@@ -162,7 +162,8 @@ def _make_iterator_class():
                 block = self._raw(rows.start, rows.stop)
             else:
                 idx = self._rows[rows.start : rows.stop]
-                block = self._raw(int(idx[0]), int(idx[-1]) + 1)[idx - idx[0]]
+                lo = int(idx.min())
+                block = self._raw(lo, int(idx.max()) + 1)[idx - lo]
             out = self._transform(block)
             return out[(slice(None),) + tuple(selection[1:])]
 
@@ -173,6 +174,14 @@ def _make_iterator_class():
             return self._dtype
 
     return StreamIterator
+
+
+def time_order(t: np.ndarray) -> np.ndarray:
+    """Indices of the rows that have a time, in time order (stable: rows
+    with equal times keep their order). NWB wants ascending timestamps;
+    frames.tsv is in arrival order and its stamps need not increase."""
+    idx = np.flatnonzero(np.isfinite(t))
+    return idx[np.argsort(t[idx], kind="stable")].astype(np.int64)
 
 
 def _stream_data(stream: Stream, transform, shape, dtype, level, rows=None, chunk_rows=None):
@@ -533,9 +542,11 @@ def _imaging(nwbfile, session, opts, ft: Table, im: dict, level: int):
     dropped = ft["dropped"].astype(bool)
     t_all = ft["t_s"].astype(np.float64)
     kept = np.flatnonzero(~dropped)
-    # Rows with a time (rows of f/dff/motion that NWB can place on the clock).
-    timed = np.flatnonzero(np.isfinite(t_all))
-    kept_timed = np.flatnonzero(np.isfinite(t_all[kept]))
+    # Rows with a time (rows of f/dff/motion that NWB can place on the clock),
+    # in time order: frames.tsv is in arrival order, and a stamp can be
+    # earlier than the one before it (see time_order).
+    timed = time_order(t_all)
+    kept_timed = time_order(t_all[kept])
 
     frames = session.stream("frames")
     if frames:
@@ -548,7 +559,7 @@ def _imaging(nwbfile, session, opts, ft: Table, im: dict, level: int):
                 (n, shape[2], shape[3]),
                 np.uint16,
                 level,
-                rows=kept_timed.astype(np.int64),
+                rows=kept_timed,
                 chunk_rows=1,
             )
             nwbfile.add_acquisition(
@@ -644,8 +655,8 @@ def _imaging(nwbfile, session, opts, ft: Table, im: dict, level: int):
             ophys.add(container)
             series = container.create_roi_response_series(
                 name=name,
-                description=what + "; rows = frames.tsv rows that have a time (dropped frames, NaN, left out)",
-                data=_stream_data(stream, lambda b: b, (len(timed), n_rois), np.float32, level, rows=timed.astype(np.int64)),
+                description=what + "; rows = frames.tsv rows that have a time (dropped frames, NaN, left out), in time order",
+                data=_stream_data(stream, lambda b: b, (len(timed), n_rois), np.float32, level, rows=timed),
                 rois=region,
                 unit=unit,
                 timestamps=times if first is None else first,
@@ -658,7 +669,7 @@ def _imaging(nwbfile, session, opts, ft: Table, im: dict, level: int):
         # motion.tsv 'frame' = frames.tsv 'frame' (the acquisition's frame number).
         t_by_frame = {int(fr): t for fr, t in zip(ft["frame"], t_all)}
         mt = np.array([t_by_frame.get(int(fr), np.nan) for fr in motion["frame"]])
-        ok = np.isfinite(mt)
+        ok = time_order(mt)
         shifts = np.column_stack([motion["dx_px"][ok], motion["dy_px"][ok]])
         ophys.add(
             TimeSeries(

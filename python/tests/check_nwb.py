@@ -13,7 +13,7 @@ import numpy as np
 from pynwb import NWBHDF5IO
 
 from rigsession import load_session
-from rigsession.nwb import join_detail
+from rigsession.nwb import join_detail, time_order
 
 
 def same(a, b, what):
@@ -95,15 +95,17 @@ def main(session_dir, nwb_path):
         if len(ft):
             t_all = ft["t_s"]
             kept = ft["dropped"] == 0
-            timed = np.isfinite(t_all)
+            timed = time_order(t_all)
+            order_moved = int(np.sum(timed != np.flatnonzero(np.isfinite(t_all))))
+            checked.append(f"frame rows moved into time order {order_moved}")
             frames = s.stream("frames")
             if frames:
                 raw = frames.load()
-                sel = np.isfinite(t_all[kept])
+                sel = time_order(t_all[kept])
                 tps = nwb.acquisition["TwoPhotonSeries"]
                 same(tps.timestamps[:], t_all[kept][sel], "frame stamps")
                 data = tps.data
-                assert data.shape == (int(sel.sum()),) + raw.shape[2:], (data.shape, raw.shape)
+                assert data.shape == (len(sel),) + raw.shape[2:], (data.shape, raw.shape)
                 assert data.dtype == np.uint16
                 assert np.array_equal(data[:], raw[sel, 0]), "raw frames differ"
                 checked.append(f"frames {data.shape[0]} of {raw.shape[0]} stored ({len(ft)} rows)")
@@ -133,12 +135,12 @@ def main(session_dir, nwb_path):
                 mo = ophys["motion"]
                 t_by_frame = {int(fr): t for fr, t in zip(ft["frame"], t_all)}
                 mt = np.array([t_by_frame.get(int(fr), np.nan) for fr in motion["frame"]])
-                ok = np.isfinite(mt)
+                ok = time_order(mt)
                 same(mo.timestamps[:], mt[ok], "motion stamps")
                 same(mo.data[:, 0], motion["dx_px"][ok], "motion dx")
                 same(mo.data[:, 1], motion["dy_px"][ok], "motion dy")
                 same(ophys["motion_flagged"].data[:], motion["flagged"][ok], "motion flagged")
-                checked.append(f"motion {int(ok.sum())} of {len(motion)}")
+                checked.append(f"motion {len(ok)} of {len(motion)}")
 
         # Kept verbatim: session.toml (config snapshot) and summary/qc.
         assert nwb.data_collection == s.session_toml_text, "session.toml not kept verbatim"
