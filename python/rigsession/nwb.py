@@ -176,6 +176,22 @@ def _make_iterator_class():
     return StreamIterator
 
 
+def times_of_frames(frames: np.ndarray, t: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """The time of each frame number in ``wanted``: of its frames.tsv row
+    (the last one, should a number repeat after a producer restart); NaN for
+    a number frames.tsv lacks."""
+    frames = np.asarray(frames, dtype=np.int64)
+    wanted = np.asarray(wanted, dtype=np.int64)
+    order = np.argsort(frames, kind="stable")
+    ordered = frames[order]
+    pos = np.searchsorted(ordered, wanted, side="right") - 1
+    found = pos >= 0
+    found[found] = ordered[pos[found]] == wanted[found]
+    out = np.full(wanted.shape, np.nan)
+    out[found] = t[order[pos[found]]]
+    return out
+
+
 def time_order(t: np.ndarray) -> np.ndarray:
     """Indices of the rows that have a time, in time order (stable: rows
     with equal times keep their order). NWB wants ascending timestamps;
@@ -329,18 +345,25 @@ def _events_tables(session: Session, level: int):
         )
         table.add_column(name="kind", description="what happened (events.tsv kind)", data=list(events["kind"][sel]))
         table.add_column(name="value", description="the event's number (events.tsv value; NaN = empty)", data=events["value"][sel])
-        details = [split_detail(d) for d in events["detail"][sel]]
+        detail = events["detail"][sel]  # object array of (shared) str
+        fields = None
+        for i in np.flatnonzero([("{" in d) for d in detail]):
+            d, f = split_detail(detail[i])
+            if f:
+                if fields is None:
+                    fields = np.full(len(detail), "", dtype=object)
+                detail[i], fields[i] = d, f
         table.add_column(
             name="detail",
             description="free text (events.tsv detail; '' = empty); a {...} part is moved to detail_fields and '{}' left in its place",
-            data=[d for d, _ in details],
+            data=list(detail),
         )
-        if any(f for _, f in details):
+        if fields is not None:
             table.add_column(
                 name="detail_fields",
                 description="the text between the first '{' and the last '}' of events.tsv detail ('' = none): "
                 "events.tsv detail = detail with its first '{}' replaced by '{' + detail_fields + '}'",
-                data=[f for _, f in details],
+                data=list(fields),
             )
         tables.append(table)
     return tables
@@ -667,8 +690,7 @@ def _imaging(nwbfile, session, opts, ft: Table, im: dict, level: int):
     motion = session.motion()
     if len(motion):
         # motion.tsv 'frame' = frames.tsv 'frame' (the acquisition's frame number).
-        t_by_frame = {int(fr): t for fr, t in zip(ft["frame"], t_all)}
-        mt = np.array([t_by_frame.get(int(fr), np.nan) for fr in motion["frame"]])
+        mt = times_of_frames(ft["frame"], t_all, motion["frame"])
         ok = time_order(mt)
         shifts = np.column_stack([motion["dx_px"][ok], motion["dy_px"][ok]])
         ophys.add(

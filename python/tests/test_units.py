@@ -76,6 +76,18 @@ def test_lever_timing_regular_and_gaps():
         assert not regular and rate is None and n == 12
 
 
+def test_times_of_frames_takes_the_last_row_of_a_number():
+    from rigsession.nwb import times_of_frames, time_order
+
+    frames = np.array([5, 6, 7, 1, 2])  # the producer restarted after 7
+    t = np.array([0.1, 0.2, np.nan, 0.4, 0.5])
+    got = times_of_frames(frames, t, np.array([6, 7, 1, 9, 5]))
+    assert np.array_equal(got, [0.2, np.nan, 0.4, np.nan, 0.1], equal_nan=True), got
+    frames = np.array([1, 2, 1])
+    assert times_of_frames(frames, np.array([1.0, 2.0, 3.0]), np.array([1]))[0] == 3.0
+    assert list(time_order(np.array([0.3, np.nan, 0.1, 0.3, 0.2]))) == [2, 4, 0, 3]
+
+
 def test_subject_needs_dandi_fields():
     with tempfile.TemporaryDirectory() as t:
         d = Path(t) / "M1" / "2026-12-01_090000"
