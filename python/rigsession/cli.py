@@ -85,6 +85,14 @@ def main(argv=None) -> int:
     from .nwb import ExportError, default_name, export
 
     opts = _options(a)
+    placeholders = [o for o, v in (("--indicator", a.indicator), ("--location", a.location),
+                                   ("--excitation-nm", a.excitation_nm), ("--emission-nm", a.emission_nm)) if v is None]
+    if placeholders:
+        print(
+            f"rigsession export-nwb: no {', '.join(placeholders)}: the imaging plane gets placeholders "
+            "(unknown / NaN; docs/python.md); without --location nwbinspector reports a BEST_PRACTICE_VIOLATION",
+            file=sys.stderr,
+        )
     if bool(a.mouse) == bool(a.session_dir):
         print("rigsession export-nwb: give either SESSION_DIR or --mouse MOUSE_DIR", file=sys.stderr)
         return 2
