@@ -54,6 +54,13 @@ def test_tsv_types_and_empty_cells():
         assert np.isnan(t["t_response_s"][1]) and np.isnan(t["t_reward_s"][1])
         assert list(t["outcome"]) == ["rewarded", "miss"]
         assert list(t["extra"]) == ["x", "y"]  # unknown columns are kept
+        try:
+            import pandas  # optional
+        except ImportError:
+            return
+        df = t.to_pandas()
+        assert list(df.columns) == list(t.columns) and len(df) == 2
+        assert df["t_cue_s"].iloc[1] == 10.557382 and df["outcome"].iloc[0] == "rewarded"
 
 
 def _npy(path, arr):
