@@ -2,13 +2,13 @@
 # Run `rigd demo` N times with different seeds (speed 10, 1 minute each) and
 # add up the frame-stamp checks of each session's qc record (summary.json):
 # ttl rows on / not on a recorded frame-clock edge, stamps not increasing.
-# Usage: scripts/demo_qc.sh [N] [speed]   (needs a built rigd; CARGO_TARGET_DIR honoured)
+# Usage: scripts/demo_qc.sh [N] [speed]   (uses $RIGD, else the debug rigd of
+# $CARGO_TARGET_DIR or ./target: build it first)
 set -euo pipefail
 n=${1:-20}
 speed=${2:-10}
 target=${CARGO_TARGET_DIR:-target}
-rigd="$target/debug/rigd"
-[ -x "$target/release/rigd" ] && rigd="$target/release/rigd"
+rigd=${RIGD:-$target/debug/rigd}
 data=$(mktemp -d)
 trap 'rm -rf "$data"' EXIT
 for i in $(seq 1 "$n"); do
