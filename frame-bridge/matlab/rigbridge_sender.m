@@ -43,6 +43,10 @@ end
 
 function s = do_open(opts)
   pkg_load_sockets();
+  [~, ~, endian] = computer();
+  if endian ~= 'L'
+    error('rigbridge_sender: only little-endian hosts are supported');
+  end
   d = struct('host', '127.0.0.1', 'port', 7690, 'token', '', 'width', 512, ...
              'height', 512, 'channels', 1, 'queue_frames', 16, 'backoff_s', 1.0, ...
              'stall_timeout_s', 10.0);
@@ -96,23 +100,19 @@ function s = enqueue(s, frame_number, stamp_ns, pixels)
 end
 
 function b = lebytes(x, type)
-  b = typecast(cast(x, type), 'uint8');
-  if ~little_endian()
-    b = fliplr(b);
+  % Little-endian bytes of x as `type` (the host byte order is checked once,
+  % in 'open': big-endian hosts are refused).
+  switch type
+    case 'uint32'
+      b = typecast(uint32(x), 'uint8');
+    otherwise
+      b = typecast(uint64(x), 'uint8');
   end
-end
-
-function tf = little_endian()
-  [~, ~, e] = computer();
-  tf = (e == 'L');
 end
 
 function msg = frame_message(s, item)
   % Header: FRAM, payload_len, frame, stamp, flags (0: sender clock), 0, dropped.
   px = item{3};
-  if ~little_endian()
-    px = swapbytes(px);
-  end
   payload = typecast(px(:).', 'uint8');
   head = [uint8('FRAM'), lebytes(numel(payload), 'uint32'), lebytes(item{1}, 'uint64'), ...
           lebytes(item{2}, 'uint64'), lebytes(0, 'uint32'), lebytes(0, 'uint32'), ...
@@ -176,16 +176,24 @@ function v = u64(b)
 end
 
 function s = read_replies(s)
+  eof = false;
   while true
     [d, n] = recv(s.sock, 65536, MSG_DONTWAIT);
     if n == 0
-      s = drop_connection(s, 'the receiver closed the connection');
-      return;
+      eof = true;
+      break;
     elseif n < 0
       break;
     end
     s.inbuf = [s.inbuf, d(1:n)];
   end
+  s = parse_replies(s);
+  if eof && ~isempty(s.sock)
+    s = drop_connection(s, 'the receiver closed the connection');
+  end
+end
+
+function s = parse_replies(s)
   while numel(s.inbuf) >= 32
     tag = char(s.inbuf(1:4));
     text_len = double(typecast(s.inbuf(5:8), 'uint32'));
@@ -274,6 +282,7 @@ function s = do_close(s, timeout_s)
     s = pump(s);
     pause(0.005);
   end
+  prev_error = s.stats.last_error;
   if strcmp(s.state, 'up')
     bye = [uint8('BYE_'), lebytes(0, 'uint32'), lebytes(0, 'uint64'), lebytes(0, 'uint64'), ...
            lebytes(0, 'uint32'), lebytes(0, 'uint32'), lebytes(s.stats.dropped, 'uint64')];
@@ -285,6 +294,8 @@ function s = do_close(s, timeout_s)
     end
   end
   if ~isempty(s.sock)
-    s = drop_connection(s, s.stats.last_error);
+    s = drop_connection(s, prev_error);
   end
+  % The receiver closing after our goodbye is no error.
+  s.stats.last_error = prev_error;
 end
