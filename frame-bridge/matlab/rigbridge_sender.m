@@ -10,9 +10,14 @@ function varargout = rigbridge_sender(action, varargin)
 %
 % The state is a struct passed by value: keep the returned one. 'send'
 % queues the frame (dropping it and counting when the queue is full) and
-% then moves as many bytes as the socket takes now (MSG_DONTWAIT): it never
-% waits for the receiver. A connection is made at most every backoff_s; the
-% hello and the receiver's replies are handled by later calls.
+% then sends queued frames while fewer than window_frames (2) are not yet
+% acknowledged by the receiver, which acks every frame it writes. Octave's
+% sockets send waits when the socket buffer is full, even with
+% MSG_DONTWAIT; the window keeps the unacknowledged bytes under what the
+% socket buffers hold (a few MB on loopback and LAN), so a stalled or slow
+% receiver costs queued and then dropped frames, not a wait. A frame larger
+% than the buffers can still make one call wait. A connection is made at
+% most every backoff_s; the hello and replies are handled by later calls.
 %
 % Transport: the GNU Octave 'sockets' package (pkg load sockets; Debian:
 % octave-sockets). Verified in Octave 7 by frame-bridge's tests. In MATLAB
@@ -49,7 +54,7 @@ function s = do_open(opts)
   end
   d = struct('host', '127.0.0.1', 'port', 7690, 'token', '', 'width', 512, ...
              'height', 512, 'channels', 1, 'queue_frames', 16, 'backoff_s', 1.0, ...
-             'stall_timeout_s', 10.0);
+             'stall_timeout_s', 10.0, 'window_frames', 2);
   f = fieldnames(opts);
   for k = 1:numel(f)
     d.(f{k}) = opts.(f{k});
@@ -71,6 +76,7 @@ function s = do_open(opts)
   s.stats = struct('queued', 0, 'sent', 0, 'dropped', 0, 'written', 0, ...
                    'connects', 0, 'refusals', 0, 'disconnects', 0, 'last_error', '');
   s.conn_written = 0;
+  s.conn_started = 0;         % frames begun on this connection
 end
 
 function pkg_load_sockets()
@@ -134,6 +140,7 @@ function s = drop_connection(s, why)
   s.state = 'down';
   s.stats.written = s.stats.written + s.conn_written;
   s.conn_written = 0;
+  s.conn_started = 0;
   s.inbuf = uint8([]);
   s.stats.last_error = why;
   s.next_connect_s = now_s() + s.opts.backoff_s;
@@ -227,6 +234,9 @@ function s = parse_replies(s)
         s = drop_connection(s, ['refused: ' text]);
         return;
       case 'ACK_'
+        if double(a) > s.conn_written
+          s.last_progress_s = now_s();
+        end
         s.conn_written = double(a);
       case 'ERR_'
         s = drop_connection(s, ['the receiver closed the connection: ' text]);
@@ -250,6 +260,16 @@ function s = pump(s)
       if isempty(s.queue)
         break;
       end
+      % Octave's send waits when the socket is full, whatever the flags:
+      % begin a frame only while fewer than window_frames are unacknowledged
+      % (the receiver acks every frame), so the socket never fills.
+      if s.conn_started - s.conn_written >= s.opts.window_frames
+        if now_s() - s.last_progress_s > s.opts.stall_timeout_s
+          s = drop_connection(s, sprintf('no ack for %g s', s.opts.stall_timeout_s));
+        end
+        break;
+      end
+      s.conn_started = s.conn_started + 1;
       item = s.queue{1};
       s.queue(1) = [];
       s.out = frame_message(s, item);

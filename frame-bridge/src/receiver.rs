@@ -172,6 +172,8 @@ impl Receiver {
             pixels: vec![0u16; frame_bytes as usize / 2],
             last_written: None,
             current: None,
+            logged_sender_dropped: 0,
+            last_drop_log: None,
             stats: ReceiverStats {
                 generations: 1,
                 ..ReceiverStats::default()
@@ -399,6 +401,8 @@ struct RingLoop<'a> {
     last_written: Option<u64>,
     current: Option<Conn>,
     stats: ReceiverStats,
+    logged_sender_dropped: u64,
+    last_drop_log: Option<Instant>,
 }
 
 impl RingLoop<'_> {
@@ -611,12 +615,18 @@ impl RingLoop<'_> {
         }
     }
 
+    /// The sender's running count of frames it dropped: logged when it grew,
+    /// at most once a second.
     fn note_sender_dropped(&mut self, total: u64) {
-        if total > self.stats.sender_dropped {
+        let due = self
+            .last_drop_log
+            .map_or(true, |t| t.elapsed() >= Duration::from_secs(1));
+        if total > self.logged_sender_dropped && due {
             log(format_args!(
-                "the sender reports {} frames dropped at the sender so far",
-                total
+                "the sender reports {total} frames dropped at the sender so far"
             ));
+            self.logged_sender_dropped = total;
+            self.last_drop_log = Some(Instant::now());
         }
         self.stats.sender_dropped = total;
     }
@@ -663,7 +673,11 @@ impl RingLoop<'_> {
         self.stats.frames_written += 1;
         if let Some(c) = self.current.as_mut() {
             c.written += 1;
+            c.last_ack = Instant::now();
         }
+        // An ack for every frame: a sender without threads (the Octave one)
+        // keeps at most a few frames unacknowledged, so its socket never fills.
+        self.send_ack();
         Ok(())
     }
 }
