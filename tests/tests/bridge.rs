@@ -50,9 +50,20 @@ impl Bridge {
             .split_whitespace()
             .nth(2)
             .and_then(|a| a.trim_end_matches(',').rsplit(':').next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no port in {line:?}"));
-        Self { child, port, log }
+            .and_then(|p| p.parse().ok());
+        let mut bridge = Self {
+            child,
+            port: port.unwrap_or(0),
+            log,
+        };
+        if port.is_none() {
+            bridge.terminate();
+            panic!(
+                "no port in {line:?}: {}",
+                std::fs::read_to_string(&bridge.log).unwrap_or_default()
+            );
+        }
+        bridge
     }
 
     /// SIGTERM, wait, and return its log.
