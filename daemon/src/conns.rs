@@ -215,6 +215,13 @@ pub struct Watched<S> {
     stall_timer: Option<Pin<Box<Sleep>>>,
 }
 
+/// `now + d`, or a year from now when `d` is longer (`Duration::MAX`
+/// means "no limit").
+fn far(now: Instant, d: Duration) -> Instant {
+    const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+    now + d.min(YEAR)
+}
+
 impl<S> Watched<S> {
     pub fn new(inner: S, guard: Arc<ConnGuard>, idle: Duration, write_stall: Duration) -> Self {
         Self {
@@ -222,14 +229,14 @@ impl<S> Watched<S> {
             guard,
             idle,
             write_stall,
-            idle_timer: Box::pin(tokio::time::sleep(idle)),
+            idle_timer: Box::pin(tokio::time::sleep_until(far(Instant::now(), idle))),
             stall_timer: None,
         }
     }
 
     fn moved(&mut self) {
         self.guard.touch();
-        let deadline = Instant::now() + self.idle;
+        let deadline = far(Instant::now(), self.idle);
         self.idle_timer.as_mut().reset(deadline);
     }
 
@@ -283,9 +290,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
                 let stall = this.write_stall;
-                let timer = this
-                    .stall_timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+                let timer = this.stall_timer.get_or_insert_with(|| {
+                    Box::pin(tokio::time::sleep_until(far(Instant::now(), stall)))
+                });
                 if timer.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Err(this.timed_out("peer stopped reading")));
                 }
@@ -319,9 +326,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
                 let stall = this.write_stall;
-                let timer = this
-                    .stall_timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+                let timer = this.stall_timer.get_or_insert_with(|| {
+                    Box::pin(tokio::time::sleep_until(far(Instant::now(), stall)))
+                });
                 if timer.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Err(this.timed_out("peer stopped reading")));
                 }
@@ -468,5 +475,22 @@ mod tests {
         let e = w.write_all(&[0u8; 1024]).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
         assert_eq!(c.timed_out.get(), 2);
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn no_limit_means_no_limit() {
+        let t = ConnTable::new(1, counters());
+        let Admission::Admitted(g) = t.admit() else {
+            panic!()
+        };
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut w = Watched::new(a, Arc::new(g), Duration::MAX, Duration::MAX);
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        b.write_all(b"hi").await.unwrap();
+        let mut buf = [0u8; 2];
+        w.read_exact(&mut buf).await.unwrap();
+        // Silent for a day: still open (the outer timeout ends the wait).
+        let r = tokio::time::timeout(Duration::from_secs(86_400), w.read(&mut buf)).await;
+        assert!(r.is_err(), "{r:?}");
     }
 }

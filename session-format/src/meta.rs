@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::{StorageError, SESSION_FILE};
 
 /// Version of the session folder format (`format_version` in session.toml).
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Whether a session folder is finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

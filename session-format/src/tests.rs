@@ -818,7 +818,7 @@ fn session_toml_says_running_then_complete_with_summary_and_manifest() {
     let dir = w.path().to_owned();
     let t = session_toml(&dir);
     assert_eq!(t["state"].as_str(), Some("running"));
-    assert_eq!(t["format_version"].as_integer(), Some(1));
+    assert_eq!(t["format_version"].as_integer(), Some(2));
     assert_eq!(t["mouse"].as_str(), Some("M12"));
     assert_eq!(t["rig"].as_str(), Some("rig7"));
     assert_eq!(t["software"].as_str(), Some("rigd"));

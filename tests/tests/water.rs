@@ -188,7 +188,7 @@ fn a_sated_mouse_ends_the_session() {
     let events = read_tsv(&dir.join("events.tsv"));
     let end: f64 = events
         .iter()
-        .filter(|e| e["kind"] == "state" && e["detail"] == "Finished")
+        .filter(|e| e["kind"] == "state" && e["detail"] == "finished")
         .map(|e| e["t_s"].parse::<f64>().expect("t_s"))
         .next()
         .expect("a Finished state");

@@ -117,10 +117,14 @@ impl fmt::Display for EventDetail {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::None => Ok(()),
-            Self::Command(cmd) => write!(f, "{cmd:?}"),
-            Self::State(state) => write!(f, "{state:?}"),
+            Self::Command(cmd) => write_command(f, cmd),
+            Self::State(state) => f.write_str(&snake_case(&format!("{state:?}"))),
             Self::Aux(aux) => write!(f, "aux={aux}"),
-            Self::Ack { cmd_type, status } => write!(f, "type=0x{cmd_type:02x} status={status:?}"),
+            Self::Ack { cmd_type, status } => write!(
+                f,
+                "type=0x{cmd_type:02x} status={}",
+                snake_case(&format!("{status:?}"))
+            ),
             Self::NoAck { cmd_type } => write!(f, "type=0x{cmd_type:02x}"),
             Self::Connected {
                 reconnect,
@@ -130,7 +134,7 @@ impl fmt::Display for EventDetail {
             }
             Self::FromIndex(i) => write!(f, "from_index={i}"),
             Self::Bytes(n) => write!(f, "bytes={n}"),
-            Self::Fault(code) => write!(f, "{code:?}"),
+            Self::Fault(code) => write!(f, "code={}", snake_case(&format!("{code:?}"))),
             Self::Text(text) => f.write_str(text),
             Self::Rest(r) => write!(
                 f,
@@ -151,6 +155,58 @@ impl fmt::Display for EventDetail {
                 "host_heartbeat_us={host_heartbeat_us} watchdog_fed={keeps_up}"
             ),
         }
+    }
+}
+
+/// `CamelCase` (a type's name, as `Debug` prints a field-less variant) in
+/// `snake_case`: the stable, documented spelling of names in `events.tsv`.
+pub fn snake_case(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 4);
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A command as `events.tsv` writes it: `cmd=<name>` and its fields as
+/// `key=value` pairs (docs/session-format.md).
+fn write_command(f: &mut fmt::Formatter<'_>, cmd: &HostCommand) -> fmt::Result {
+    match cmd {
+        HostCommand::Ping => f.write_str("cmd=ping"),
+        HostCommand::Configure(c) => write!(
+            f,
+            "cmd=configure sample_rate_hz={} samples_per_batch={} heartbeat_interval_ms={} \
+             heartbeat_timeout_ms={} max_valve_open_ms={} max_flush_ms={}",
+            c.sample_rate_hz,
+            c.samples_per_batch,
+            c.heartbeat_interval_ms,
+            c.heartbeat_timeout_ms,
+            c.max_valve_open_ms,
+            c.max_flush_ms
+        ),
+        HostCommand::Tone(t) => write!(
+            f,
+            "cmd=tone frequency_hz={} duration_ms={} level_pct={}",
+            t.frequency_hz, t.duration_ms, t.level_pct
+        ),
+        HostCommand::ToneOff => f.write_str("cmd=tone_off"),
+        HostCommand::ValvePulse(v) => write!(f, "cmd=valve_pulse duration_us={}", v.duration_us),
+        HostCommand::ValveOpen(v) => write!(f, "cmd=valve_open max_ms={}", v.max_ms),
+        HostCommand::ValveClose => f.write_str("cmd=valve_close"),
+        HostCommand::SyncOut(s) => write!(
+            f,
+            "cmd=sync_out mode={} nbits={} unit_us={} value={}",
+            s.mode, s.nbits, s.unit_us, s.value
+        ),
+        HostCommand::HostHeartbeat => f.write_str("cmd=host_heartbeat"),
+        HostCommand::Reset => f.write_str("cmd=reset"),
     }
 }
 
@@ -383,5 +439,52 @@ mod counters_tests {
         assert_eq!(v["lever_samples_dropped"], 30);
         assert_eq!(v["watchdog_trips"], 2);
         assert_eq!(c.anomaly(AnomalyKind::DuplicateBatch), 3);
+    }
+}
+
+#[cfg(test)]
+mod detail_tests {
+    use super::*;
+    use protocol::serial::{SyncOut, ValvePulse};
+
+    #[test]
+    fn event_details_are_key_value_pairs_and_snake_case_names() {
+        let d = |e: EventDetail| e.to_string();
+        assert_eq!(
+            d(EventDetail::Command(HostCommand::SyncOut(SyncOut {
+                mode: 1,
+                nbits: 16,
+                unit_us: 500,
+                value: 3
+            }))),
+            "cmd=sync_out mode=1 nbits=16 unit_us=500 value=3"
+        );
+        assert_eq!(
+            d(EventDetail::Command(HostCommand::Tone(Tone {
+                frequency_hz: 6000,
+                duration_ms: 200,
+                level_pct: 80
+            }))),
+            "cmd=tone frequency_hz=6000 duration_ms=200 level_pct=80"
+        );
+        assert_eq!(
+            d(EventDetail::Command(HostCommand::ValvePulse(ValvePulse {
+                duration_us: 41_250
+            }))),
+            "cmd=valve_pulse duration_us=41250"
+        );
+        assert_eq!(d(EventDetail::State(TaskState::Iti)), "iti");
+        assert_eq!(d(EventDetail::State(TaskState::LinkDown)), "link_down");
+        assert_eq!(
+            d(EventDetail::Fault(FaultCode::WatchdogTripped)),
+            "code=watchdog_tripped"
+        );
+        assert_eq!(
+            d(EventDetail::Ack {
+                cmd_type: 0x85,
+                status: AckStatus::BadValue
+            }),
+            "type=0x85 status=bad_value"
+        );
     }
 }
