@@ -278,11 +278,18 @@ fn us(cell: &str) -> Option<i64> {
         .map(|v| (v * 1e6).round() as i64)
 }
 
-/// The frame-clock edges of `events.tsv` (session µs, in order).
+/// The frame-clock edges of `events.tsv` (session µs, sorted: 8 bytes an
+/// edge, ~10 MB for 12 hours at 30 Hz, only while the record is computed).
 #[derive(Debug, Default)]
 struct Edges {
     first: Option<i64>,
-    times: std::collections::HashSet<i64>,
+    times: Vec<i64>,
+}
+
+impl Edges {
+    fn contains(&self, t: i64) -> bool {
+        self.times.binary_search(&t).is_ok()
+    }
 }
 
 /// Reads `events.tsv` into `qc`; returns its frame-clock edges.
@@ -329,8 +336,7 @@ fn events(dir: &Path, qc: &mut Qc) -> Result<Edges, StorageError> {
             ("link", "device_clock_rate") => qc.device_clock_rate = value,
             ("device", "frame_ttl") => {
                 if let Some(t) = cells.get(ct).and_then(|t| us(t)) {
-                    edges.first.get_or_insert(t);
-                    edges.times.insert(t);
+                    edges.times.push(t);
                 }
             }
             ("device", "fault") => {
@@ -356,6 +362,8 @@ fn events(dir: &Path, qc: &mut Qc) -> Result<Edges, StorageError> {
             }
         }
     }
+    edges.times.sort_unstable();
+    edges.first = edges.times.first().copied();
     Ok(edges)
 }
 
@@ -404,7 +412,7 @@ fn frames(dir: &Path, edges: &Edges) -> Result<Option<FramesQc>, StorageError> {
         let source = cells.get(cs).copied().unwrap_or("").to_owned();
         if source == "ttl" {
             match cells.get(ct).and_then(|t| us(t)) {
-                Some(t) if edges.times.contains(&t) => q.ttl_on_an_edge += 1,
+                Some(t) if edges.contains(t) => q.ttl_on_an_edge += 1,
                 Some(t) if edges.first.map_or(true, |f| t < f) => q.ttl_unverifiable += 1,
                 _ => q.ttl_not_on_an_edge += 1,
             }
