@@ -240,6 +240,35 @@ impl<S> Watched<S> {
         self.idle_timer.as_mut().reset(deadline);
     }
 
+    /// After a write: progress marks the connection active and ends a
+    /// stall; a write still waiting starts (or checks) the stall limit.
+    fn wrote(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match r {
+            Poll::Ready(Ok(n)) => {
+                self.stall_timer = None;
+                if n > 0 {
+                    self.moved();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                let stall = self.write_stall;
+                let timer = self.stall_timer.get_or_insert_with(|| {
+                    Box::pin(tokio::time::sleep_until(far(Instant::now(), stall)))
+                });
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(self.timed_out("peer stopped reading")));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
     fn timed_out(&self, what: &str) -> io::Error {
         self.guard.table().timed_out();
         io::Error::new(io::ErrorKind::TimedOut, what.to_owned())
@@ -279,26 +308,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_write(cx, data) {
-            Poll::Ready(Ok(n)) => {
-                this.stall_timer = None;
-                if n > 0 {
-                    this.moved();
-                }
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => {
-                let stall = this.write_stall;
-                let timer = this.stall_timer.get_or_insert_with(|| {
-                    Box::pin(tokio::time::sleep_until(far(Instant::now(), stall)))
-                });
-                if timer.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Err(this.timed_out("peer stopped reading")));
-                }
-                Poll::Pending
-            }
-        }
+        let r = Pin::new(&mut this.inner).poll_write(cx, data);
+        this.wrote(cx, r)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -315,26 +326,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
-            Poll::Ready(Ok(n)) => {
-                this.stall_timer = None;
-                if n > 0 {
-                    this.moved();
-                }
-                Poll::Ready(Ok(n))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => {
-                let stall = this.write_stall;
-                let timer = this.stall_timer.get_or_insert_with(|| {
-                    Box::pin(tokio::time::sleep_until(far(Instant::now(), stall)))
-                });
-                if timer.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Err(this.timed_out("peer stopped reading")));
-                }
-                Poll::Pending
-            }
-        }
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.wrote(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
