@@ -416,10 +416,13 @@ fn run_standin(
     let mut child = Command::new(octave)
         .args(["--no-gui", "--no-window-system", "--quiet", "--eval"])
         .arg(format!(
-            "addpath('{}'); scanimage_standin({port}, '{}', {frames}, {w}, {h}, {pace_s})",
+            "crash_dumps_octave_core(false); addpath('{}'); scanimage_standin({port}, '{}', {frames}, {w}, {h}, {pace_s})",
             dir.display(),
             token.display()
         ))
+        // Octave writes `octave-workspace` into its working folder when it
+        // is killed: keep it out of the checkout.
+        .current_dir(token.parent().unwrap_or(Path::new("/tmp")))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
