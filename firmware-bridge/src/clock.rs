@@ -38,7 +38,7 @@ impl RigClock {
                 t
             }
         };
-        if self.latest_us.is_none_or(|l| t > l) {
+        if !self.latest_us.is_some_and(|l| t <= l) {
             self.latest_us = Some(t);
         }
         t + self.epoch_offset_us

@@ -660,15 +660,20 @@ impl RingLoop<'_> {
                 *p = u16::from_le(*p);
             }
         }
-        let (host_ns, hw) = if h.flags & FLAG_STAMP_HOST_MONOTONIC != 0 {
-            (h.stamp_ns, None)
+        if h.flags & FLAG_STAMP_HOST_MONOTONIC != 0 {
+            self.ring
+                .publish(h.frame_number, h.stamp_ns, None, &self.pixels)?;
         } else {
-            // Another machine's clock: stamp the arrival on this host and
+            // Another machine's clock: stamp the arrival on this host, mark
+            // it so (rigd never takes an arrival for a frame-clock edge) and
             // keep the sender's stamp as the hardware timestamp.
-            (host_now_ns(), Some(h.stamp_ns))
-        };
-        self.ring
-            .publish(h.frame_number, host_ns, hw, &self.pixels)?;
+            self.ring.publish_arrived(
+                h.frame_number,
+                host_now_ns(),
+                Some(h.stamp_ns),
+                &self.pixels,
+            )?;
+        }
         self.last_written = Some(h.frame_number);
         self.stats.frames_written += 1;
         if let Some(c) = self.current.as_mut() {

@@ -97,12 +97,16 @@ fn connect(addr: SocketAddr, g: WireGeometry, token: &[u8]) -> (TcpStream, Reply
 }
 
 fn frame(s: &mut TcpStream, number: u64, stamp_ns: u64) {
+    frame_flagged(s, number, stamp_ns, FLAG_STAMP_HOST_MONOTONIC);
+}
+
+fn frame_flagged(s: &mut TcpStream, number: u64, stamp_ns: u64, flags: u32) {
     let h = SenderHeader {
         kind: SenderKind::Frame,
         payload_len: W * H * 2,
         frame_number: number,
         stamp_ns,
-        flags: FLAG_STAMP_HOST_MONOTONIC,
+        flags,
         sender_dropped: 0,
     };
     s.write_all(&h.encode()).expect("header");
@@ -162,6 +166,48 @@ fn frames_land_in_the_ring_with_their_numbers_and_stamps() {
     drop(s);
     let stats = r.finish();
     assert_eq!(stats.frames_written, 10);
+}
+
+#[test]
+fn a_stamp_from_another_machine_becomes_an_arrival_stamp_marked_as_such() {
+    let r = Running::start("foreign", |_| {});
+    let mut reader = r.ring.reader().expect("reader");
+    let (mut s, _) = connect(r.addr, G, TOKEN);
+    // Frame 1 with a stamp of this host's clock, frame 2 with another's.
+    frame(&mut s, 1, 5_000);
+    let before = frame_ring::host_now_ns();
+    frame_flagged(&mut s, 2, 123_456_789, 0);
+    let mut px = vec![0u16; (W * H) as usize];
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.len() < 2 && Instant::now() < deadline {
+        match reader.poll(&mut px).expect("poll") {
+            PollOutcome::Frame(m) => got.push(m),
+            _ => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+    let after = frame_ring::host_now_ns();
+    assert_eq!(got.len(), 2, "{got:?}");
+    // The rig PC's stamp is the frame's start: kept, not marked.
+    assert_eq!(
+        (
+            got[0].host_monotonic_ns,
+            got[0].hw_timestamp_ns,
+            got[0].host_stamp_at_arrival
+        ),
+        (5_000, None, false)
+    );
+    // Another machine's: the arrival here, marked as an arrival (rigd never
+    // takes it for the frame's clock edge), the sender's stamp kept.
+    assert!(got[1].host_stamp_at_arrival, "{:?}", got[1]);
+    assert_eq!(got[1].hw_timestamp_ns, Some(123_456_789));
+    assert!(
+        (before..=after).contains(&got[1].host_monotonic_ns),
+        "{:?}",
+        got[1]
+    );
+    drop(s);
+    r.finish();
 }
 
 #[test]

@@ -386,7 +386,9 @@ static inline void rigframes_set_frame_rate_mhz(rigframes_ring *ring, uint32_t r
  * Section 2.6.2: publish one frame. `pixels` holds width * height * channels
  * uint16 values, channel-major then row-major (a C array
  * [channels][height][width]); it needs only 2-byte alignment. host_ns is
- * CLOCK_MONOTONIC when the frame was complete (rigframes_now_ns()), hw_ts a
+ * CLOCK_MONOTONIC at the frame's start, its frame-clock edge, to within a
+ * quarter of a frame period (section 2.5; rigframes_now_ns() at the frame's
+ * start, or at its end less the frame period), hw_ts a
  * hardware timestamp in ns or RIGFRAMES_NO_HW_TIMESTAMP. Never waits.
  * Returns the frame's index in this generation.
  */

@@ -46,6 +46,7 @@ SLOT_ALIGN = 4096  # this producer's stride rounding (the spec allows any multip
 PIXEL_U16LE = 1
 STATE_INITIALISING, STATE_LIVE, STATE_CLOSED = 0, 1, 2
 FLAG_HW_TIMESTAMP = 1
+FLAG_HOST_STAMP_AT_ARRIVAL = 2
 
 # Header field offsets (docs/protocol.md 2.4).
 OFF_MAGIC = 0
@@ -192,12 +193,18 @@ class RingProducer:
         """Section 2.6.2: publish one frame, never waiting.
 
         pixels: uint16 array of shape (channels, height, width), or anything
-        numpy can cast and reshape to it. host_ns: CLOCK_MONOTONIC when the
-        frame was complete (default: now). hw_ns: hardware timestamp or None.
-        Returns the frame's index in this generation.
+        numpy can cast and reshape to it. host_ns: CLOCK_MONOTONIC at the
+        frame's start (its frame-clock edge), within a quarter of a frame
+        period (section 2.5). Without it the frame is stamped now and marked
+        as stamped at its arrival (flag bit 1): rigd then never uses the
+        stamp to pick the frame's clock edge, and the frame is `mapped`.
+        hw_ns: hardware timestamp or None. Returns the frame's index in this
+        generation.
         """
+        flags = 0 if hw_ns is None else FLAG_HW_TIMESTAMP
         if host_ns is None:
             host_ns = monotonic_ns()
+            flags |= FLAG_HOST_STAMP_AT_ARRIVAL
         n = self.next_index
         slot = self._slots[n % self.slot_count]
         slot["seq"].value = 2 * n + 1
@@ -207,7 +214,7 @@ class RingProducer:
         slot["frame_number"].value = frame_number & U64_MASK
         slot["host_ns"].value = host_ns
         slot["hw_ns"].value = 0 if hw_ns is None else hw_ns
-        slot["flags"].value = 0 if hw_ns is None else FLAG_HW_TIMESTAMP
+        slot["flags"].value = flags
         slot["seq"].value = 2 * n + 2
         self._write_seq.value = n + 1
         self._heartbeat.value = host_ns

@@ -355,8 +355,9 @@ impl FrameRingWriter {
 
     /// Publish one frame (never waits): `pixels` are `width * height *
     /// channels` values, channel-major then row-major. `host_ns` is
-    /// `CLOCK_MONOTONIC` when the frame was complete ([`host_now_ns`]), also
-    /// the heartbeat; `hw_ts` a hardware timestamp if there is one. Returns
+    /// `CLOCK_MONOTONIC` ([`host_now_ns`]) at the frame's start, its
+    /// frame-clock edge, to within a quarter period (`docs/protocol.md` 2.5),
+    /// also the heartbeat; `hw_ts` a hardware timestamp if there is one. Returns
     /// the frame's index in this generation.
     pub fn publish(
         &mut self,
@@ -368,6 +369,21 @@ impl FrameRingWriter {
         let name = self.name.clone();
         self.live()?
             .publish(frame_number, host_ns, hw_ts, pixels)
+            .map_err(|e| ShmError::ring(&name, e))
+    }
+
+    /// Publish a frame stamped at its arrival on this host (see
+    /// [`RingWriter::publish_arrived`]).
+    pub fn publish_arrived(
+        &mut self,
+        frame_number: u64,
+        arrival_ns: u64,
+        hw_ts: Option<u64>,
+        pixels: &[u16],
+    ) -> Result<u64, ShmError> {
+        let name = self.name.clone();
+        self.live()?
+            .publish_arrived(frame_number, arrival_ns, hw_ts, pixels)
             .map_err(|e| ShmError::ring(&name, e))
     }
 

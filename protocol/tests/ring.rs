@@ -67,6 +67,7 @@ fn round_trip_one_frame() {
             frame_number: 900,
             host_monotonic_ns: 1_000_000,
             hw_timestamp_ns: Some(777),
+            host_stamp_at_arrival: false,
         }
     );
     assert_eq!(out, pixels);

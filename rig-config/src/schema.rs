@@ -90,6 +90,12 @@ impl RigSection {
     }
 }
 
+/// Default `task.quiescence_ms`: the lab's analysis counts a trial as cued
+/// only when the lever was still for the 100 ms before the cue, so with
+/// this wait every cue is one, and a press already under way
+/// when the ITI ends is never met (and rewarded) by a cue.
+pub const DEFAULT_QUIESCENCE_MS: u32 = 100;
+
 /// `[task]`: the lever-press task (inter-trial interval, cue, response window,
 /// reward or miss).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -114,7 +120,7 @@ pub struct TaskSection {
     /// Whether a press during the ITI restarts it. Default false.
     pub iti_press_restarts: bool,
     /// The lever must be still this long before the cue, ms, 0 (off)..=60 000.
-    /// Default 0.
+    /// Default [`DEFAULT_QUIESCENCE_MS`].
     pub quiescence_ms: u32,
     /// Water per reward, µL, inside the valve calibration's range. Default 4.
     pub reward_ul: f64,
@@ -146,7 +152,7 @@ impl Default for TaskSection {
             iti_min_ms: 3000,
             iti_max_ms: 6000,
             iti_press_restarts: false,
-            quiescence_ms: 0,
+            quiescence_ms: DEFAULT_QUIESCENCE_MS,
             reward_ul: 4.0,
             miss_timeout_ms: 2000,
             max_trials: None,

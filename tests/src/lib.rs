@@ -327,6 +327,27 @@ pub fn rigctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Trials of a session's `trials.tsv` that opened the valve: rewarded, not
+/// held back by a cap, with water.
+pub fn valve_rewards(session: &Path) -> usize {
+    read_tsv(&session.join("trials.tsv"))
+        .iter()
+        .filter(|r| {
+            r["outcome"] == "rewarded"
+                && r["capped"] == "0"
+                && r["reward_ul"].parse::<f64>().is_ok_and(|v| v > 0.0)
+        })
+        .count()
+}
+
+/// Valve openings in rig-sim's truth log (the device's own record).
+pub fn valve_openings(truth: &Path) -> usize {
+    read_tsv(truth)
+        .iter()
+        .filter(|r| r["kind"] == "valve_open")
+        .count()
+}
+
 /// A TSV file (header row first, `#` lines skipped) as header-keyed rows.
 pub fn read_tsv(path: &Path) -> Vec<std::collections::HashMap<String, String>> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));

@@ -213,3 +213,37 @@ fn usage_errors_exit_2_without_panicking() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn an_unknown_key_and_the_other_errors_in_one_report() {
+    // The unknown key used to stop every other check: all are reported
+    // at once, the unknown key first, in file order.
+    let dir = scratch_dir("unknown_and_others");
+    std::fs::write(
+        dir.join("rig.toml"),
+        "[task]\nthreshhold_mm = 1.5\niti_min_ms = 9000\ncue_level_pct = 101\n",
+    )
+    .expect("write");
+    let run = check_config(&dir, Path::new("rig.toml"));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(run.code, Some(2), "{}", run.report());
+    insta::assert_snapshot!("unknown_key_and_other_errors", run.report());
+}
+
+#[test]
+fn slips_that_load_with_a_warning() {
+    // Accepted, but each is most likely a slip: a response window in
+    // seconds written as ms, a silent cue, a threshold below one count.
+    let dir = scratch_dir("slips");
+    std::fs::write(
+        dir.join("rig.toml"),
+        "[[valve.calibration]]\nopen_ms = 20.0\nvolume_ul = 2.0\n\n\
+         [[valve.calibration]]\nopen_ms = 40.0\nvolume_ul = 4.2\n\n\
+         [task]\nresponse_window_ms = 10\ncue_level_pct = 0\nthreshold_mm = 0.001\n",
+    )
+    .expect("write");
+    let run = check_config(&dir, Path::new("rig.toml"));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(run.code, Some(0), "{}", run.report());
+    insta::assert_snapshot!("slips_that_load_with_a_warning", run.report());
+}

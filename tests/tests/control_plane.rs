@@ -12,7 +12,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rig_tests::{read_tsv, rigctl, session_value, wait_connected, wait_idle, Rigd, Sim, TempDir};
+use rig_tests::{
+    rigctl, session_value, valve_openings, valve_rewards, wait_connected, wait_idle, Rigd, Sim,
+    TempDir,
+};
 
 struct Rig {
     dir: TempDir,
@@ -449,30 +452,17 @@ fn random_control_clients_never_leave_the_valve_to_no_one() {
             "{} did not finish",
             d.display()
         );
-        rewards += read_tsv(&d.join("trials.tsv"))
-            .iter()
-            .filter(|r| {
-                r["outcome"] == "rewarded"
-                    && r["capped"] == "0"
-                    && r["reward_ul"].parse::<f64>().is_ok_and(|v| v > 0.0)
-            })
-            .count();
+        rewards += valve_rewards(d);
     }
     // The device's own log: every valve opening is a session's reward or a
     // manual pulse rigd acknowledged, and nothing opens once all is idle.
     let expected = rewards + ledger.pulses;
-    let openings = |truth: &Path| {
-        read_tsv(truth)
-            .iter()
-            .filter(|r| r["kind"] == "valve_open")
-            .count()
-    };
     std::thread::sleep(Duration::from_secs(2));
     if let Some(sim) = rig.sim.take() {
         sim.stop();
     }
     assert_eq!(
-        openings(&rig.truth),
+        valve_openings(&rig.truth),
         expected,
         "device valve openings vs {rewards} rewards + {} manual pulses",
         ledger.pulses

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rig_tests::{
-    read_tsv, rigctl, run_python, session_value, start_session, wait_connected, wait_idle, Rigd,
-    Sim, TempDir,
+    read_tsv, rigctl, run_python, session_value, start_session, valve_openings, valve_rewards,
+    wait_connected, wait_idle, Rigd, Sim, TempDir,
 };
 
 struct Rig {
@@ -593,22 +593,10 @@ fn a_stop_and_a_start_sent_together_never_orphan_a_session() {
             "{} did not finish",
             d.display()
         );
-        rewards += read_tsv(&d.join("trials.tsv"))
-            .iter()
-            .filter(|r| {
-                r["outcome"] == "rewarded"
-                    && r["capped"] == "0"
-                    && r["reward_ul"].parse::<f64>().is_ok_and(|v| v > 0.0)
-            })
-            .count();
+        rewards += valve_rewards(d);
     }
     // The device's own log of valve openings (written a moment after each).
-    let openings = || {
-        read_tsv(&rig.truth)
-            .iter()
-            .filter(|r| r["kind"] == "valve_open")
-            .count()
-    };
+    let openings = || valve_openings(&rig.truth);
     let deadline = Instant::now() + Duration::from_secs(10);
     while openings() != rewards && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));

@@ -13,7 +13,8 @@
 //!      `L = ceil(3 * sigma)` frames each side, applied *centred on frame
 //!      t - L* (so it uses frames t-2L..=t only: exactly the offline centred
 //!      smoothing, delayed by L frames). Before the first 2L frames the history
-//!      is padded with the first value;
+//!      is padded with the first value; a dropped frame's period holds the F
+//!      of the frame before it, so the kernel spans frame periods of rig time;
 //!    * `maximin`: trailing minimum over the last `W` smoothed values, then
 //!      trailing maximum over the last `W` of those minima (monotone deques,
 //!      O(1) amortised per frame per ROI). The offline suite2p filters are
@@ -27,10 +28,12 @@
 //!    of the two stages spans half of the periods so far (an expanding
 //!    window: F0 is the maximin of everything seen, and follows the data
 //!    from the first frames instead of staying at the first value); with
-//!    `percentile`, the window holds the frames there are. Dropped frames
-//!    ([`OnlineDff::skip`]) count as frame periods for `maximin`, so its
-//!    window is `W` periods of the nominal frame rate, i.e. `window_s` of
-//!    rig time, however many frames arrived.
+//!    `percentile`, the window holds the frames there are. Windows count
+//!    frame periods, dropped ones too ([`OnlineDff::skip`]): a window is `W`
+//!    periods of the nominal frame rate, i.e. `window_s` of rig time, however
+//!    many frames arrived (the percentile is taken over the frames received
+//!    in that time; a value older than the window leaves it, even across a
+//!    long gap).
 //! 4. `dF/F = (F - F0') / F0'` with `F0' = max(F0, f0_floor)`: a baseline at or
 //!    below zero (possible after neuropil subtraction) is replaced by the small
 //!    positive floor `f0_floor` (default 1.0, i.e. one ADC count) so dF/F stays
@@ -135,9 +138,14 @@ enum BaselineState {
         max_q: Vec<VecDeque<(u64, f32)>>,
     },
     Percentile {
-        /// Last W smoothed values in arrival order, `[slot * n + k]`.
+        /// The window's smoothed values in arrival order, a FIFO of up to
+        /// W slots: `[slot * n + k]`, oldest at `head`.
         ring: Vec<f32>,
-        /// Sorted window per ROI, `[k * W ..][..filled]`.
+        /// Frame period (`slot_t`) of each FIFO slot.
+        times: Vec<u64>,
+        head: usize,
+        len: usize,
+        /// Sorted window per ROI, `[k * W ..][..len]`.
         sorted: Vec<f32>,
         /// Fractional rank of the percentile, 0..=1.
         q: f64,
@@ -228,6 +236,9 @@ impl OnlineDff {
             },
             BaselineMethod::Percentile => BaselineState::Percentile {
                 ring: vec![0.0; window * n],
+                times: vec![0; window],
+                head: 0,
+                len: 0,
                 sorted: vec![0.0; window * n],
                 q: (params.percentile / 100.0).clamp(0.0, 1.0),
             },
@@ -331,12 +342,15 @@ impl OnlineDff {
         assert_eq!(dff_out.len(), n, "dff_out must hold one value per ROI");
         let kl = self.kernel.len();
         // 1. History and smoothing (frame-major so the inner loop vectorises).
+        // The history is indexed by frame period, so a dropped frame's slot
+        // holds the frame before it (see `skip`) and the kernel spans
+        // `2L + 1` periods of rig time.
         if self.t == 0 {
             for slot in 0..kl {
                 self.hist[slot * n..(slot + 1) * n].copy_from_slice(f);
             }
         } else {
-            let slot = (self.t % kl as u64) as usize;
+            let slot = (self.slot_t % kl as u64) as usize;
             self.hist[slot * n..(slot + 1) * n].copy_from_slice(f);
         }
         self.smooth.iter_mut().for_each(|s| *s = 0.0);
@@ -347,7 +361,6 @@ impl OnlineDff {
             }
         }
         // 2. Baseline over the trailing window.
-        let t = self.t;
         let w = self.window as u64;
         match &mut self.state {
             BaselineState::Maximin { min_q, max_q } => {
@@ -380,39 +393,47 @@ impl OnlineDff {
                     self.f0[k] = q.front().map_or(m, |f| f.1);
                 }
             }
-            BaselineState::Percentile { ring, sorted, q } => {
+            BaselineState::Percentile {
+                ring,
+                times,
+                head,
+                len,
+                sorted,
+                q,
+            } => {
+                // The window is the last W frame periods: values older than
+                // that (before a run of dropped frames, too) leave it first.
                 let wn = self.window;
-                let filled = ((t + 1).min(w)) as usize;
-                let slot = (t % w) as usize;
+                let t = self.slot_t;
+                while *len > 0 && times[*head] + w <= t {
+                    for k in 0..n {
+                        let win = &mut sorted[k * wn..k * wn + *len];
+                        let old = ring[*head * n + k];
+                        let i = win.partition_point(|&v| v < old);
+                        win.copy_within(i + 1.., i);
+                    }
+                    *head = (*head + 1) % wn;
+                    *len -= 1;
+                }
+                // At most W - 1 values are left, all within W - 1 periods.
+                let slot = (*head + *len) % wn;
+                times[slot] = t;
+                let filled = *len + 1;
                 let rank = *q * (filled - 1) as f64;
                 let lo = rank.floor() as usize;
                 let frac = (rank - lo as f64) as f32;
                 for k in 0..n {
                     let s = self.smooth[k];
-                    let win = &mut sorted[k * wn..(k + 1) * wn];
-                    if t < w {
-                        // Insert into the first `filled - 1` values.
-                        let live = &win[..filled - 1];
-                        let j = live.partition_point(|&v| v < s);
-                        win.copy_within(j..filled - 1, j + 1);
-                        win[j] = s;
-                    } else {
-                        let old = ring[slot * n + k];
-                        let i = win.partition_point(|&v| v < old);
-                        let j = win.partition_point(|&v| v < s);
-                        if j > i {
-                            win.copy_within(i + 1..j, i);
-                            win[j - 1] = s;
-                        } else {
-                            win.copy_within(j..i, j + 1);
-                            win[j] = s;
-                        }
-                    }
+                    let win = &mut sorted[k * wn..k * wn + filled];
+                    let j = win[..filled - 1].partition_point(|&v| v < s);
+                    win.copy_within(j..filled - 1, j + 1);
+                    win[j] = s;
                     ring[slot * n + k] = s;
                     let a = win[lo];
                     let b = if lo + 1 < filled { win[lo + 1] } else { a };
                     self.f0[k] = a + frac * (b - a);
                 }
+                *len = filled;
             }
         }
         // 3. dF/F against the current (undelayed) F.
@@ -426,9 +447,22 @@ impl OnlineDff {
     }
 
     /// `frames` frame periods passed without a frame (dropped frames): the
-    /// maximin windows move on in time. (The percentile window and the
-    /// smoothing count received frames.)
+    /// baseline windows move on in time (values older than the window leave
+    /// it), and each missing period holds the last frame's F in the
+    /// smoothing history, so the kernel spans periods, not frames received.
     pub fn skip(&mut self, frames: u64) {
+        if self.t > 0 {
+            let kl = self.kernel.len() as u64;
+            let n = self.n;
+            // Only the last `kl` periods can still be in the history.
+            for j in 0..frames.min(kl) {
+                let from = ((self.slot_t + j + kl - 1) % kl) as usize;
+                let to = ((self.slot_t + j) % kl) as usize;
+                if from != to {
+                    self.hist.copy_within(from * n..(from + 1) * n, to * n);
+                }
+            }
+        }
         self.slot_t = self.slot_t.saturating_add(frames);
     }
 }
@@ -570,6 +604,79 @@ mod tests {
         };
         assert_eq!(run(30), 10.0, "30 periods later the old level is gone");
         assert_eq!(run(0), 100.0, "one period later it is not");
+    }
+
+    #[test]
+    fn the_percentile_window_spans_frame_periods_not_frames_received() {
+        // Window 10 periods, median. 10 frames at 100, then 20 periods
+        // dropped, then frames at 200: the old level left the window in
+        // time, so the first frame after the gap has a baseline of 200.
+        let mut p = params(BaselineMethod::Percentile, 10, 0.0);
+        p.percentile = 50.0;
+        let run = |skip: u64| {
+            let mut d = OnlineDff::for_traces(1, &p);
+            let mut out = [0.0f32];
+            for _ in 0..10 {
+                d.push_f(&[100.0], &mut out);
+            }
+            d.skip(skip);
+            let mut f0 = Vec::new();
+            for _ in 0..4 {
+                d.push_f(&[200.0], &mut out);
+                f0.push(d.baseline()[0]);
+            }
+            f0
+        };
+        assert_eq!(run(20), vec![200.0; 4], "the gap emptied the window");
+        // Without the gap the window holds the 100s and the new values.
+        assert_eq!(run(0), vec![100.0, 100.0, 100.0, 100.0]);
+        // A gap of 2 periods: 4 frames later the window (10 periods) holds
+        // the 100s of the last 4 periods before the gap and the 4 new
+        // frames: the median is between them.
+        assert_eq!(run(2)[3], 150.0);
+        // Never more values than W, however the pushes and skips mix.
+        let mut d = OnlineDff::for_traces(1, &p);
+        let mut out = [0.0f32];
+        for i in 0..500u64 {
+            d.push_f(&[(i % 17) as f32], &mut out);
+            d.skip(i % 3);
+            assert!(d.baseline()[0].is_finite());
+        }
+    }
+
+    #[test]
+    fn a_dropped_frame_holds_the_last_f_in_the_smoothing() {
+        // sigma 1 frame (kernel 7 periods). Dropping 3 frames is, for the
+        // baseline, the same as receiving the last frame's F 3 more times
+        // (the windows count periods; the smoothing holds the value).
+        {
+            let run = |dropped: bool| {
+                let mut d = OnlineDff::for_traces(1, &params(BaselineMethod::Maximin, 20, 1.0));
+                let mut out = [0.0f32];
+                let mut f0 = Vec::new();
+                for i in 0..30 {
+                    d.push_f(&[100.0 + (i % 5) as f32], &mut out);
+                }
+                if dropped {
+                    d.skip(3);
+                } else {
+                    for _ in 0..3 {
+                        d.push_f(&[104.0], &mut out);
+                    }
+                }
+                for i in 0..10 {
+                    d.push_f(&[300.0 - i as f32], &mut out);
+                    f0.push((d.smooth[0], d.baseline()[0]));
+                }
+                f0
+            };
+            // The smoothed values after the gap are the same (a kernel over
+            // frames received would reach 3 frames further back, to other
+            // values), and so are the baselines: the held periods' own
+            // smoothed values were no minimum the windows missed.
+            let (a, b) = (run(true), run(false));
+            assert_eq!(a, b);
+        }
     }
 
     #[test]

@@ -1313,6 +1313,7 @@ impl<'a> IngestLoop<'a> {
             frame_number: meta.frame_number,
             host_ns,
             arrival_rig_us: rig_now_us,
+            stamp_at_arrival: meta.host_stamp_at_arrival,
         };
         self.rows.push_frame(&mut self.timer, meta, info);
         self.mean.add(&self.pixels);
@@ -1746,6 +1747,7 @@ mod tests {
             frame_number,
             host_monotonic_ns: 0,
             hw_timestamp_ns: None,
+            host_stamp_at_arrival: false,
         }
     }
 
@@ -1772,6 +1774,7 @@ mod tests {
             frame_number: number,
             host_ns: host_us.map(|h| h * 1000),
             arrival_rig_us: 0,
+            stamp_at_arrival: false,
         };
         q.push_frame(timer, &meta(index, number), info);
     }

@@ -74,6 +74,9 @@ pub struct FrameInfo {
     pub host_ns: Option<u64>,
     /// The rig's latest sample time when the frame was read, µs.
     pub arrival_rig_us: u64,
+    /// `host_ns` is the frame's arrival on the rig PC (a bridge from
+    /// another machine), not its start: it never points at an edge.
+    pub stamp_at_arrival: bool,
 }
 
 /// The answer for the oldest frame.
@@ -296,6 +299,12 @@ impl FrameTimer {
         let Some(host_ns) = info.host_ns else {
             return Some(Verdict::Uncertain);
         };
+        if info.stamp_at_arrival {
+            // An arrival comes a frame or more after the frame's edge, by a
+            // delay no one measured: matching it to the nearest edge could
+            // lock one frame late, unseen.
+            return Some(Verdict::Uncertain);
+        }
         let fit = fit?;
         let m = fit.host_to_rig_us(host_ns);
         if !m.is_finite() {
@@ -621,6 +630,7 @@ mod tests {
             frame_number,
             host_ns: Some((host_us * 1000.0) as u64),
             arrival_rig_us: host_us as u64,
+            stamp_at_arrival: false,
         }
     }
 
@@ -675,6 +685,42 @@ mod tests {
                 mapped_before: 0
             }]
         );
+    }
+
+    #[test]
+    fn an_arrival_stamp_never_points_at_an_edge() {
+        // A bridge from another PC: each frame arrives one period and 2 ms
+        // after its edge, i.e. 2 ms after the *next* edge. Taken as a start
+        // stamp it would lock one frame late with every row on an edge;
+        // marked as an arrival, every frame is `mapped`.
+        let mut t = FrameTimer::new(true, 28.7);
+        let f = fit(0.0, 50.0);
+        for c in 0..60u64 {
+            t.add_edge(c, (c as f64 * P) as u64);
+        }
+        for n in 1..40u64 {
+            let mut i = info(n, n as f64 * P + P + 2000.0);
+            i.stamp_at_arrival = true;
+            t.push(i);
+        }
+        let d = drain(&mut t, &f, 1e12, false);
+        assert_eq!(d.len(), 39);
+        assert!(d.iter().all(|d| ttl(d).is_none()), "{d:?}");
+        assert_eq!((t.stats.mapped, t.stats.ttl), (39, 0));
+        assert!(t.take_events().is_empty());
+        // The same stamps as start stamps: the late lock this prevents.
+        let mut t = FrameTimer::new(true, 28.7);
+        for c in 0..60u64 {
+            t.add_edge(c, (c as f64 * P) as u64);
+        }
+        for n in 1..40u64 {
+            t.push(info(n, n as f64 * P + P + 2000.0));
+        }
+        drain(&mut t, &f, 1e12, false);
+        assert!(matches!(
+            t.take_events()[..],
+            [MatchEvent::OffsetFound { offset: 1, .. }]
+        ));
     }
 
     #[test]
@@ -913,7 +959,12 @@ mod tests {
                 } else {
                     Some((host.max(0.0) * 1000.0) as u64)
                 };
-                t.push(FrameInfo { frame_number: number, host_ns, arrival_rig_us: edge_t(edge_of(i)) });
+                t.push(FrameInfo {
+                    frame_number: number,
+                    host_ns,
+                    arrival_rig_us: edge_t(edge_of(i)),
+                    stamp_at_arrival: false,
+                });
             }
             let mut decisions = std::mem::take(&mut expected);
             decisions.extend(drain(&mut t, &f, 1e15, true));

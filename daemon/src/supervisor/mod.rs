@@ -204,7 +204,7 @@ impl Supervisor {
         if self
             .watch
             .last_disk_check
-            .is_none_or(|t| now - t >= DISK_CHECK_EVERY)
+            .map_or(true, |t| now - t >= DISK_CHECK_EVERY)
         {
             self.watch.last_disk_check = Some(now);
             self.check_disk();

@@ -16,6 +16,9 @@ fn params() -> TaskParams {
     // hold are tested below with the configured defaults (`rest_params`).
     p.rest_still_us = 0;
     p.cue_rest_tolerance_mm = None;
+    // No quiet wait before the cue (the default's, 100 ms, is tested
+    // below), so a cue follows the ITI on the same sample.
+    p.quiescence_us = 0;
     p
 }
 
@@ -146,6 +149,10 @@ fn from_config_converts_units() {
     assert_eq!(p.response_window_us, 10_000_000);
     assert_eq!(p.iti_min_us, 3_000_000);
     assert_eq!(p.iti_max_us, 6_000_000);
+    assert_eq!(
+        p.quiescence_us, 100_000,
+        "still for the 100 ms before the cue"
+    );
     assert_eq!(p.max_duration_us, Some(120 * 60_000_000));
     assert_eq!(p.max_water_session_ul, 1000.0);
     let e = TaskEngine::new(p);

@@ -27,6 +27,10 @@ pub const MAX_DIMENSION: u32 = 16384;
 pub const MAX_SLOT_COUNT: u32 = 65536;
 /// [`SlotHeader::flags`] bit 0: `hw_timestamp_ns` is valid.
 pub const FLAG_HW_TIMESTAMP_VALID: u32 = 1;
+/// [`SlotHeader::flags`] bit 1: `host_monotonic_ns` is when the frame reached
+/// this host (a bridge from another machine), not when it was acquired: it
+/// cannot tell which frame-clock edge is the frame's.
+pub const FLAG_HOST_STAMP_AT_ARRIVAL: u32 = 2;
 
 /// The ring header as it lies at offset 0 of the region (little-endian,
 /// 128 bytes; bytes 128..4096 of the header region are reserved and zero).
@@ -93,11 +97,14 @@ pub struct SlotHeader {
     pub seq: u64,
     /// The acquisition program's own frame counter (may differ from `n`).
     pub frame_number: u64,
-    /// Producer `CLOCK_MONOTONIC` in ns when the frame was complete.
+    /// Producer `CLOCK_MONOTONIC` in ns at the frame's start (its
+    /// frame-clock edge), or its arrival on this host (flag bit 1).
     pub host_monotonic_ns: u64,
     /// Hardware timestamp in ns, meaningful when flag bit 0 is set.
     pub hw_timestamp_ns: u64,
     /// Bit 0 ([`FLAG_HW_TIMESTAMP_VALID`]): `hw_timestamp_ns` is valid.
+    /// Bit 1 ([`FLAG_HOST_STAMP_AT_ARRIVAL`]): `host_monotonic_ns` is the
+    /// frame's arrival on this host, not its acquisition.
     pub flags: u32,
     /// Reserved, zero.
     pub reserved0: u32,

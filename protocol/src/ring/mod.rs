@@ -45,8 +45,9 @@ mod writer;
 
 pub use layout::{
     LayoutError, PixelType, ProducerState, RingGeometry, RingHeader, RingLayout, SlotHeader,
-    DEFAULT_SLOT_ALIGN, FLAG_HW_TIMESTAMP_VALID, HEADER_REGION, LAYOUT_VERSION, MAGIC,
-    MAX_DIMENSION, MAX_SLOT_COUNT, RING_HEADER_LEN, SLOT_ALIGN, SLOT_HEADER_SIZE,
+    DEFAULT_SLOT_ALIGN, FLAG_HOST_STAMP_AT_ARRIVAL, FLAG_HW_TIMESTAMP_VALID, HEADER_REGION,
+    LAYOUT_VERSION, MAGIC, MAX_DIMENSION, MAX_SLOT_COUNT, RING_HEADER_LEN, SLOT_ALIGN,
+    SLOT_HEADER_SIZE,
 };
 pub use reader::{FrameMeta, PollOutcome, RingReader};
 pub use region::RingRegion;

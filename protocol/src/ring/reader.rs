@@ -5,7 +5,7 @@ use core::sync::atomic::{fence, Ordering};
 
 use super::layout::{off, ProducerState, RingGeometry, RingHeader, RingLayout};
 use super::{check_host_endian, seq_published, LayoutError, RingError, RingRegion};
-use super::{FLAG_HW_TIMESTAMP_VALID, HEADER_REGION, SLOT_HEADER_SIZE};
+use super::{FLAG_HOST_STAMP_AT_ARRIVAL, FLAG_HW_TIMESTAMP_VALID, HEADER_REGION, SLOT_HEADER_SIZE};
 use zerocopy::IntoBytes;
 
 /// How many times a header snapshot is retried while the producer keeps
@@ -19,10 +19,14 @@ pub struct FrameMeta {
     pub index: u64,
     /// The acquisition program's own frame counter.
     pub frame_number: u64,
-    /// Producer `CLOCK_MONOTONIC` in ns when the frame was complete.
+    /// Producer `CLOCK_MONOTONIC` in ns at the frame's start (its
+    /// frame-clock edge), or its arrival if `host_stamp_at_arrival`.
     pub host_monotonic_ns: u64,
     /// Hardware timestamp in ns, if the producer supplied one.
     pub hw_timestamp_ns: Option<u64>,
+    /// `host_monotonic_ns` is the frame's arrival on this host (a bridge
+    /// from another machine), not its acquisition (flag bit 1).
+    pub host_stamp_at_arrival: bool,
 }
 
 /// What one [`RingReader::poll`] found.
@@ -352,6 +356,7 @@ impl RingReader {
             frame_number,
             host_monotonic_ns,
             hw_timestamp_ns: (flags & FLAG_HW_TIMESTAMP_VALID != 0).then_some(hw),
+            host_stamp_at_arrival: flags & FLAG_HOST_STAMP_AT_ARRIVAL != 0,
         }
     }
 

@@ -4,7 +4,10 @@ use core::sync::atomic::{fence, Ordering};
 
 use super::layout::{off, ProducerState, RingGeometry, RingLayout, MAGIC};
 use super::{check_host_endian, seq_published, seq_writing, LayoutError, RingError, RingRegion};
-use super::{FLAG_HW_TIMESTAMP_VALID, HEADER_REGION, RING_HEADER_LEN, SLOT_HEADER_SIZE};
+use super::{
+    FLAG_HOST_STAMP_AT_ARRIVAL, FLAG_HW_TIMESTAMP_VALID, HEADER_REGION, RING_HEADER_LEN,
+    SLOT_HEADER_SIZE,
+};
 use zerocopy::IntoBytes;
 
 /// The single producer of a ring. It never waits for readers: publishing
@@ -182,6 +185,29 @@ impl RingWriter {
         Ok(slot.commit(frame_number, host_ns, hw_ts))
     }
 
+    /// [`publish`](Self::publish) a frame whose `host_ns` is its arrival on
+    /// this host, not its acquisition (a bridge from another machine: flag
+    /// bit 1, [`FLAG_HOST_STAMP_AT_ARRIVAL`]).
+    pub fn publish_arrived(
+        &mut self,
+        frame_number: u64,
+        arrival_ns: u64,
+        hw_ts: Option<u64>,
+        pixels: &[u16],
+    ) -> Result<u64, RingError> {
+        let expected = self.frame_pixels();
+        if pixels.len() != expected {
+            return Err(RingError::FrameLength {
+                expected,
+                actual: pixels.len(),
+            });
+        }
+        let mut slot = self.begin_frame();
+        slot.write_pixels(0, pixels)?;
+        slot.at_arrival = true;
+        Ok(slot.commit(frame_number, arrival_ns, hw_ts))
+    }
+
     /// Start writing the next frame in place (two-phase publish, for a
     /// producer that fills the slot directly, e.g. row by row). The slot is
     /// marked "being written" at once, so the frame it held is lost to
@@ -200,6 +226,7 @@ impl RingWriter {
             writer: self,
             index,
             base,
+            at_arrival: false,
         }
     }
 
@@ -229,6 +256,8 @@ pub struct FrameSlot<'w> {
     writer: &'w mut RingWriter,
     index: u64,
     base: usize,
+    /// Flag bit 1: the commit's `host_ns` is the frame's arrival.
+    at_arrival: bool,
 }
 
 impl FrameSlot<'_> {
@@ -274,11 +303,14 @@ impl FrameSlot<'_> {
             .store(host_ns, Ordering::Relaxed);
         r.u64_at(base + off::SLOT_HW_NS)
             .store(hw_ts.unwrap_or(0), Ordering::Relaxed);
-        let flags = if hw_ts.is_some() {
+        let mut flags = if hw_ts.is_some() {
             FLAG_HW_TIMESTAMP_VALID
         } else {
             0
         };
+        if self.at_arrival {
+            flags |= FLAG_HOST_STAMP_AT_ARRIVAL;
+        }
         r.u32_at(base + off::SLOT_FLAGS)
             .store(flags, Ordering::Relaxed);
         r.u64_at(base + off::SLOT_SEQ)

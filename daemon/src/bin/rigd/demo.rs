@@ -154,7 +154,8 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
             let _ = sim.stop();
             let _ = std::fs::remove_dir_all(&run_dir);
             let _ = frame_ring::unlink_ring(&shm_name);
-            let hint = if e.code == protocol::control::ErrorCode::RefusedBySafety {
+            let water_cap = e.message.contains("max_water_per_day_ul");
+            let hint = if e.code == protocol::control::ErrorCode::RefusedBySafety && water_cap {
                 format!(
                     "\nThe demo mouse {} is a mouse like any other: its water today is counted \
                      from its sessions in {}. Run `rigd demo --mouse ANOTHER` or \
