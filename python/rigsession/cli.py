@@ -1,5 +1,6 @@
-"""The ``rigsession`` command: ``export-nwb SESSION_DIR [-o FILE]`` and
-``export-nwb --mouse MOUSE_DIR [-o OUTDIR]``."""
+"""The ``rigsession`` command: ``export-nwb SESSION_DIR [-o FILE]``,
+``export-nwb --mouse MOUSE_DIR [-o OUTDIR]`` and
+``suite2p-labels PLANE_DIR -o OUT``."""
 
 from __future__ import annotations
 
@@ -46,7 +47,40 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--emission-nm", type=float, help="emission wavelength, nm (default NaN)")
     m.add_argument("--raw-imaging-file", action="append", default=[], help="the acquisition's own raw file(s), referenced when rigd stored no frames")
     e.add_argument("--description", help="session description (default: made from session.toml)")
+    s = sub.add_parser(
+        "suite2p-labels",
+        help="convert suite2p's ROIs (stat.npy, iscell.npy) into rigd's label image",
+        description=(
+            "Write OUT.npy (uint32 label image for [imaging].roi_labels), OUT.tsv (for "
+            "[imaging].roi_table: the suite2p index of each ROI) and, with ops.npy, OUT_mean.npy "
+            "(suite2p's mean image, float32, for [imaging].reference_image)."
+        ),
+    )
+    s.add_argument("plane_dir", help="suite2p's plane folder, e.g. .../suite2p/plane0")
+    s.add_argument("-o", "--output", required=True, help="output stem, e.g. /data/M12/rois (writes rois.npy, rois.tsv)")
+    s.add_argument("--all", action="store_true", help="keep every ROI, not only those suite2p classified as cells")
+    s.add_argument("--min-probability", type=float, help="keep ROIs with at least this cell probability")
     return p
+
+
+def _suite2p(a) -> int:
+    from .suite2p import Suite2pError, convert, write
+
+    try:
+        conv = convert(a.plane_dir, keep_all=a.all, min_probability=a.min_probability)
+        paths = write(conv, a.output)
+    except Suite2pError as err:
+        print(f"rigsession suite2p-labels: {err}", file=sys.stderr)
+        return 1
+    ly, lx = conv.labels.shape
+    print(
+        f"{len(conv.kept)} ROIs in a {lx} x {ly} label image; skipped: {conv.skipped_not_cell} not cells, "
+        f"{conv.skipped_probability} below the probability, {conv.skipped_empty} empty; "
+        f"{conv.overlap_pixels} overlapping pixels left out"
+    )
+    for p in paths:
+        print(f"  {p}")
+    return 0
 
 
 def _options(a):
@@ -77,6 +111,8 @@ def _options(a):
 
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
+    if a.command == "suite2p-labels":
+        return _suite2p(a)
     try:
         import pynwb  # noqa: F401
     except ImportError:

@@ -251,6 +251,37 @@ fn preview_page_updates_in_headless_chromium() {
         "heatmap did not update"
     );
     assert!(num(&second, "now-us") > num(&first, "now-us"));
+    // The session's task on the page: its mouse, its threshold (the lever
+    // plot's line), reaction times for the histogram.
+    for d in [&second, &polled] {
+        assert!(
+            d.get("session").is_some_and(|m| !m.is_empty()),
+            "the running session's mouse: {d:?}"
+        );
+        let thr: f64 = d
+            .get("threshold-mm")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("threshold on the page: {d:?}"));
+        assert!(thr > 0.0, "{d:?}");
+        assert!(num(d, "rt-count") >= 1, "reaction times: {d:?}");
+        // The ROI outlines are thin lines: most of the mean image shows.
+        let cover: f64 = d
+            .get("outline-cover")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("outline cover: {d:?}"));
+        assert!(
+            cover > 0.0 && cover < 0.25,
+            "outlines cover {:.1} % of the mean image: {d:?}",
+            cover * 100.0
+        );
+    }
+    // An ROI picked (as a click does; ?roi=N for a test) is drawn as a trace.
+    let picked = dump(4, &format!("{url}?poll=1&roi=5"));
+    assert_eq!(
+        picked.get("selected-roi").map(String::as_str),
+        Some("4"),
+        "{picked:?}"
+    );
 
     let png = profile_dir()
         .parent()
@@ -258,10 +289,11 @@ fn preview_page_updates_in_headless_chromium() {
         .join("preview.png");
     let _ = std::fs::remove_file(&png);
     let profile = dir.path().join("chromium-shot");
+    let shot_page = format!("{url}?poll=1&roi=5");
     run_chromium(
         &browser,
         &profile,
-        &page,
+        &shot_page,
         &[
             "--virtual-time-budget=2500",
             "--window-size=1280,900",

@@ -37,6 +37,46 @@ fn cpu_latency_us() -> i32 {
     i32::from_ne_bytes(b[..4].try_into().expect("4 bytes"))
 }
 
+/// Processes holding `/dev/cpu_dma_latency` open (a PM QoS request).
+fn qos_holders() -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let pid = e.file_name();
+        let Some(pid) = pid.to_str().filter(|s| s.parse::<u32>().is_ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        if fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|l| l == Path::new("/dev/cpu_dma_latency"))
+        }) {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            out.push(format!("{pid} {}", comm.trim()));
+        }
+    }
+    out
+}
+
+/// The settings are system-wide: another rigd session on this machine (a
+/// second test run, a rig) holds them too. Wait up to 2 minutes for them to
+/// be free, then fail naming who holds them.
+fn wait_until_nobody_holds_the_settings() {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while (cpu_latency_us() == 0 || !raised_workers().is_empty())
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    assert!(
+        cpu_latency_us() != 0 && raised_workers().is_empty(),
+        "another process holds the latency settings this test checks (PM QoS {} µs, held          by {:?}; workers at SCHED_FIFO 1: {:?}): stop other rigd sessions and run it again",
+        cpu_latency_us(),
+        qos_holders(),
+        raised_workers()
+    );
+}
+
 /// Pids of the kernel's unbound workers at SCHED_FIFO (policy 1) priority 1.
 fn raised_workers() -> Vec<u32> {
     let mut out = Vec::new();
@@ -95,6 +135,7 @@ fn a_session_holds_the_latency_settings_and_gives_them_back() {
     if !root() {
         return;
     }
+    wait_until_nobody_holds_the_settings();
     let before_qos = cpu_latency_us();
     let before_workers = raised_workers();
     assert!(
@@ -160,6 +201,7 @@ fn a_session_holds_the_latency_settings_and_gives_them_back() {
     drop(sim);
 
     // Everything off: nothing held, and the record says so.
+    wait_until_nobody_holds_the_settings();
     let dir = TempDir::new("realtime-off");
     let sim = Sim::start(dir.path(), &["--speed", "1", "--day", "14"]);
     let (cfg, socket) = config(

@@ -72,7 +72,10 @@ enum Cmd {
         test: bool,
     },
     /// Repair a session folder left behind by a crash and mark it recovered.
-    Recover { dir: PathBuf },
+    Recover {
+        /// The session folder, `<data_root>/<mouse>/<date>_<time>`.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

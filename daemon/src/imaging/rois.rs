@@ -147,8 +147,8 @@ pub struct Roi {
     pub kind: RoiKind,
     /// Note from the sidecar table (empty if none).
     pub note: String,
-    /// Boundary pixels `(x, y)`: ROI pixels with a 4-neighbour outside the ROI
-    /// or on the image edge, in row-major order.
+    /// The ROI's contour for the preview: a closed polygon along its pixel
+    /// edges, vertices at pixel corners ([`crate::preview::roi_contour`]).
     pub outline: Vec<(u16, u16)>,
 }
 
@@ -389,26 +389,7 @@ impl RoiSet {
 }
 
 fn outline_of(labels: &[u32], w: usize, h: usize, id: u32, pixels: &[u32]) -> Vec<(u16, u16)> {
-    let mut out = Vec::new();
-    for &p in pixels {
-        let p = p as usize;
-        let (x, y) = (p % w, p / w);
-        let edge = x == 0
-            || y == 0
-            || x + 1 == w
-            || y + 1 == h
-            || labels[p - 1] != id
-            || labels[p + 1] != id
-            || labels[p - w] != id
-            || labels[p + w] != id;
-        if edge {
-            out.push((
-                x.min(u16::MAX as usize) as u16,
-                y.min(u16::MAX as usize) as u16,
-            ));
-        }
-    }
-    out
+    crate::preview::roi_contour(labels, w, h, id, pixels)
 }
 
 /// Read a label image, by extension: `.npy` as NPY, anything else as TIFF.

@@ -15,12 +15,13 @@ mod outline;
 mod server;
 mod state;
 
-pub use outline::roi_outlines;
+pub use outline::{roi_contour, roi_outlines};
 pub use server::{
     bind_listener, serve, serve_listener, start_preview, PreviewError, PreviewHandle, LIMITS,
     MAX_CONNECTIONS, TICK,
 };
 pub use state::{
-    Cursor, DffRow, Health, MeanImage, PreviewState, Rois, TrialEvent, Update, DFF_BIN_US,
-    DFF_WINDOW_US, LEVER_BIN_US, LEVER_WINDOW_US, MAX_IMAGE_SIDE, MAX_ROIS_SENT, MAX_TRIALS_KEPT,
+    Cursor, DffRow, Health, MeanImage, PreviewState, Rois, SessionView, TrialEvent, Update,
+    DFF_BIN_US, DFF_WINDOW_US, LEVER_BIN_US, LEVER_WINDOW_US, MAX_IMAGE_SIDE, MAX_ROIS_SENT,
+    MAX_TRIALS_KEPT,
 };

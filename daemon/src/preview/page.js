@@ -5,15 +5,35 @@
 (function () {
   "use strict";
   var LEVER_WINDOW_US = 10e6, DFF_WINDOW_US = 60e6, DFF_BIN_US = 1e5;
+  // Trial-aligned lever: from 1 s before the cue to 3 s after.
+  var OV_PRE_US = 1e6, OV_POST_US = 3e6, OV_KEEP = 30;
   var S = { now: 0, lever: [], trials: [], dffT: [], dff: [], rois: null, image: null,
-            health: null, updates: 0, trialCount: 0, rewarded: 0, leverTotal: 0, dffTotal: 0 };
+            health: null, session: null, updates: 0, trialCount: 0, rewarded: 0,
+            leverTotal: 0, dffTotal: 0, overlays: [], overlaid: {}, selected: -1,
+            outlineCover: 0, dffNow: 0, sessionKey: null };
   var body = document.body;
 
   function $(id) { return document.getElementById(id); }
   function fmt(x, d) { return (x === null || x === undefined || !isFinite(x)) ? "?" : Number(x).toFixed(d); }
+  function mmss(s) {
+    if (!isFinite(s)) return "?";
+    s = Math.max(0, Math.round(s));
+    var m = Math.floor(s / 60), r = s % 60;
+    return m + ":" + (r < 10 ? "0" : "") + r;
+  }
 
   function apply(u) {
-    if (u.reset) { S.lever = []; S.trials = []; S.dffT = []; S.dff = []; S.rois = null; S.image = null; }
+    if (u.reset) {
+      S.lever = []; S.trials = []; S.dffT = []; S.dff = []; S.rois = null; S.image = null;
+    }
+    if (u.session !== undefined) {
+      S.session = u.session;
+      // The trial-aligned lever is built up here from the stream: kept
+      // across snapshots of the same session (polling gets one each time),
+      // started afresh by a new session.
+      var key = u.session ? u.session.mouse + "@" + u.session.t0_us : S.sessionKey;
+      if (key !== S.sessionKey) { S.overlays = []; S.overlaid = {}; S.sessionKey = key; }
+    }
     S.now = u.now_us;
     var i;
     for (i = 0; i < u.lever.length; i++) S.lever.push(u.lever[i]);
@@ -29,11 +49,15 @@
     }
     S.trialCount = u.trial_count; S.rewarded = u.rewarded_count;
     S.leverTotal = u.lever_total; S.dffTotal = u.dff_total;
+    captureOverlays();
     // Trim to the windows.
     var cut = S.now - LEVER_WINDOW_US, k = 0;
     while (k < S.lever.length && S.lever[k][0] < cut) k++;
     if (k) S.lever.splice(0, k);
-    cut = S.now - DFF_WINDOW_US; k = 0;
+    // The heatmap ends at the newest dF/F row: imaging may run behind the
+    // lever (a busy machine); the page says by how much.
+    S.dffNow = S.dffT.length ? S.dffT[S.dffT.length - 1] : S.now;
+    cut = S.dffNow - DFF_WINDOW_US; k = 0;
     while (k < S.dffT.length && S.dffT[k] < cut) k++;
     if (k) { S.dffT.splice(0, k); S.dff.splice(0, k); }
     if (S.trials.length > 2000) S.trials.splice(0, S.trials.length - 2000);
@@ -48,6 +72,29 @@
     body.dataset.rois = S.rois ? S.rois.n : 0;
     body.dataset.nowUs = S.now;
     body.dataset.updates = S.updates;
+    body.dataset.overlays = S.overlays.length;
+    body.dataset.selectedRoi = S.selected;
+    body.dataset.session = S.session ? S.session.mouse : "";
+    body.dataset.thresholdMm = S.session ? S.session.threshold_mm : "";
+    body.dataset.outlineCover = S.outlineCover.toFixed(4);
+  }
+
+  // The lever around each cue, kept once the 3 s after it have arrived
+  // (while the 1 s before it is still in the 10 s window).
+  function captureOverlays() {
+    for (var i = 0; i < S.trials.length; i++) {
+      var t = S.trials[i], key = t.trial + ":" + t.t_us;
+      if (S.overlaid[key] || t.t_us + OV_POST_US > S.now) continue;
+      S.overlaid[key] = true;
+      if (!S.lever.length || S.lever[0][0] > t.t_us - OV_PRE_US) continue;
+      var pts = [];
+      for (var k = 0; k < S.lever.length; k++) {
+        var dt = S.lever[k][0] - t.t_us;
+        if (dt >= -OV_PRE_US && dt <= OV_POST_US) pts.push([dt, S.lever[k][1]]);
+      }
+      if (pts.length) S.overlays.push({ rewarded: t.outcome === "rewarded", pts: pts });
+    }
+    if (S.overlays.length > OV_KEEP) S.overlays.splice(0, S.overlays.length - OV_KEEP);
   }
 
   function decodeImage(m) {
@@ -63,33 +110,63 @@
   }
 
   function draw() {
-    drawLever(); drawRaster(); drawHeatmap(); drawImage(); drawHealth();
+    drawLever(); drawRaster(); drawHeatmap(); drawTrace(); drawImage(); drawOverlay();
+    drawRt(); drawHealth();
+  }
+
+  // The lever's fixed range: a little below rest to past the threshold.
+  function leverRange() {
+    var thr = S.session ? S.session.threshold_mm : 1.5;
+    var hi = Math.max(2 * thr, thr + 1);
+    if (S.session && S.session.lever_travel_mm > 0) hi = Math.min(hi, S.session.lever_travel_mm);
+    return [-0.5, Math.max(hi, thr * 1.1)];
+  }
+
+  function yAxis(ctx, H, lo, hi, ticks, unit) {
+    ctx.fillStyle = "#99a"; ctx.font = "11px system-ui, sans-serif";
+    for (var i = 0; i < ticks.length; i++) {
+      var y = H - 4 - (ticks[i] - lo) / (hi - lo) * (H - 8);
+      ctx.fillText(ticks[i] + (i === ticks.length - 1 ? " " + unit : ""), 2, y + 4);
+    }
   }
 
   function drawLever() {
-    var c = $("lever"), ctx = c.getContext("2d"), W = c.width, H = c.height;
+    var c = $("lever"), ctx = c.getContext("2d"), W = c.width, H = c.height, i;
     ctx.clearRect(0, 0, W, H);
-    var lo = 0, hi = 1, i;
-    for (i = 0; i < S.lever.length; i++) { lo = Math.min(lo, S.lever[i][1]); hi = Math.max(hi, S.lever[i][1]); }
-    ctx.strokeStyle = "#333"; ctx.beginPath();
-    for (i = 0; i <= 10; i++) { var gx = W * i / 10; ctx.moveTo(gx, 0); ctx.lineTo(gx, H); }
+    var r = leverRange(), lo = r[0], hi = r[1];
+    var L = 40, PW = W - L;
+    var ty = function (v) { return H - 4 - (Math.min(hi, Math.max(lo, v)) - lo) / (hi - lo) * (H - 8); };
+    ctx.strokeStyle = "#2a2e36"; ctx.beginPath();
+    for (i = 0; i <= 10; i++) { var gx = L + PW * i / 10; ctx.moveTo(gx, 0); ctx.lineTo(gx, H); }
+    ctx.moveTo(L, ty(0)); ctx.lineTo(W, ty(0));
     ctx.stroke();
     var t0 = S.now - LEVER_WINDOW_US;
-    // Cue ticks.
-    ctx.strokeStyle = "#6af"; ctx.beginPath();
+    var tx = function (t) { return L + (t - t0) / LEVER_WINDOW_US * PW; };
+    // Cue (blue) and reward (green) ticks.
     for (i = 0; i < S.trials.length; i++) {
-      var tc = S.trials[i].t_us;
-      if (tc >= t0) { var x0 = (tc - t0) / LEVER_WINDOW_US * W; ctx.moveTo(x0, 0); ctx.lineTo(x0, H); }
+      var t = S.trials[i];
+      if (t.t_us >= t0) { ctx.fillStyle = "#6af"; ctx.fillRect(tx(t.t_us), 0, 1.5, H); }
+      if (t.outcome === "rewarded" && t.reaction_s !== null) {
+        var tr = t.t_us + t.reaction_s * 1e6;
+        if (tr >= t0) { ctx.fillStyle = "#6d6"; ctx.fillRect(tx(tr), 0, 1.5, H); }
+      }
     }
-    ctx.stroke();
+    // The threshold.
+    if (S.session) {
+      ctx.strokeStyle = "#f84"; ctx.setLineDash([6, 4]); ctx.beginPath();
+      ctx.moveTo(L, ty(S.session.threshold_mm)); ctx.lineTo(W, ty(S.session.threshold_mm));
+      ctx.stroke(); ctx.setLineDash([]);
+    }
     ctx.strokeStyle = "#fc4"; ctx.lineWidth = 1.5; ctx.beginPath();
     for (i = 0; i < S.lever.length; i++) {
-      var x = (S.lever[i][0] - t0) / LEVER_WINDOW_US * W;
-      var y = H - 4 - (S.lever[i][1] - lo) / (hi - lo) * (H - 8);
+      var x = tx(S.lever[i][0]), y = ty(S.lever[i][1]);
       if (i) ctx.lineTo(x, y); else ctx.moveTo(x, y);
     }
     ctx.stroke(); ctx.lineWidth = 1;
-    ctx.fillStyle = "#99a"; ctx.fillText(fmt(hi, 1) + " mm", 4, 12); ctx.fillText("-10 s", 4, H - 4);
+    var ticks = [0, Math.round(hi * 2) / 2];
+    if (S.session) ticks.splice(1, 0, S.session.threshold_mm);
+    yAxis(ctx, H, lo, hi, ticks, "mm");
+    ctx.fillText("-10 s", L + 2, H - 2); ctx.fillText("now", W - 24, H - 2);
   }
 
   function drawRaster() {
@@ -113,26 +190,45 @@
     for (i = 0; i < tr.length; i++) if (tr[i].outcome === "rewarded") hits++;
     var all = S.trialCount ? (100 * S.rewarded / S.trialCount) : NaN;
     var last = tr.length ? 100 * hits / tr.length : NaN;
-    $("success").textContent = "— " + S.trialCount + " trials, success " + fmt(all, 0) +
+    $("success").textContent = "— " + S.trialCount + " trials this session, success " + fmt(all, 0) +
       "% (last " + tr.length + ": " + fmt(last, 0) + "%)";
   }
 
-  function color(v) {
-    // dF/F -0.2 → dark blue, 0 → black, 1.5+ → yellow/white.
+  // v in 0..1 (above the ROI's baseline, in units of its own 99th
+  // percentile) -> a perceptual dark-to-yellow ramp; below 0 -> blue.
+  function ramp(v) {
     if (v === null) return [60, 60, 60];
-    if (v < 0) { var b = Math.min(1, -v / 0.2); return [0, 0, Math.round(160 * b)]; }
-    var t = Math.min(1, v / 1.5);
-    return [Math.round(255 * Math.min(1, 2 * t)), Math.round(255 * Math.max(0, 2 * t - 0.5) / 1.5), Math.round(255 * Math.max(0, 2 * t - 1.4))];
+    if (v < 0) { var b = Math.min(1, -v / 0.5); return [0, 0, Math.round(170 * b)]; }
+    var t = Math.min(1, v);
+    return [Math.round(255 * Math.min(1, 1.8 * t)), Math.round(230 * Math.max(0, 1.6 * t - 0.45)),
+            Math.round(200 * Math.max(0, 2.5 * t - 1.6))];
+  }
+
+  // Each ROI's 99th percentile of positive dF/F in the window (at least
+  // 0.1): one scale per ROI, so quiet and bright cells both show.
+  function roiScales(nR) {
+    var sc = [], r, i, vals;
+    for (r = 0; r < nR; r++) {
+      vals = [];
+      for (i = 0; i < S.dff.length; i++) { var v = S.dff[i][r]; if (v !== null && v > 0) vals.push(v); }
+      vals.sort(function (a, b) { return a - b; });
+      sc.push(Math.max(0.1, vals.length ? vals[Math.floor(0.99 * (vals.length - 1))] : 0.1));
+    }
+    return sc;
   }
 
   function drawHeatmap() {
     var c = $("heatmap"), ctx = c.getContext("2d"), W = c.width, H = c.height;
     ctx.fillStyle = "#0e0f12"; ctx.fillRect(0, 0, W, H);
+    var L = 40, R = 50, B = 14, PW = W - L - R, PH = H - B;
     var nR = 0, i;
     for (i = 0; i < S.dff.length; i++) nR = Math.max(nR, S.dff[i].length);
     $("nrois").textContent = S.rois ? S.rois.n : nR;
-    var t0 = S.now - DFF_WINDOW_US, cols = Math.round(DFF_WINDOW_US / DFF_BIN_US);
+    var t0 = S.dffNow - DFF_WINDOW_US, cols = Math.round(DFF_WINDOW_US / DFF_BIN_US);
+    var lag = (S.now - S.dffNow) / 1e6;
+    $("dff-lag").textContent = lag > 2 ? " — imaging " + fmt(lag, 0) + " s behind the lever" : "";
     if (nR > 0) {
+      var sc = roiScales(nR);
       var off = document.createElement("canvas"); off.width = cols; off.height = nR;
       var octx = off.getContext("2d"), id = octx.createImageData(cols, nR);
       for (i = 0; i < S.dff.length; i++) {
@@ -140,60 +236,230 @@
         if (col < 0 || col >= cols) continue;
         var row = S.dff[i];
         for (var r = 0; r < row.length; r++) {
-          var rgb = color(row[r]), p = 4 * (r * cols + col);
+          var rgb = ramp(row[r] === null ? null : row[r] / sc[r]), p = 4 * (r * cols + col);
           id.data[p] = rgb[0]; id.data[p + 1] = rgb[1]; id.data[p + 2] = rgb[2]; id.data[p + 3] = 255;
         }
       }
       octx.putImageData(id, 0, 0);
       ctx.imageSmoothingEnabled = false;
-      ctx.drawImage(off, 0, 0, W, H);
+      ctx.drawImage(off, L, 0, PW, PH);
+      if (S.selected >= 0 && S.selected < nR) {
+        ctx.strokeStyle = "#fff"; ctx.strokeRect(L - 0.5, S.selected * PH / nR, PW + 1, Math.max(1, PH / nR));
+      }
     }
     // Trial events: cue (blue) and reward (green) ticks.
     for (i = 0; i < S.trials.length; i++) {
       var t = S.trials[i];
-      if (t.t_us >= t0) { ctx.fillStyle = "#6af"; ctx.fillRect((t.t_us - t0) / DFF_WINDOW_US * W, 0, 1.5, H); }
+      if (t.t_us >= t0) { ctx.fillStyle = "#6af"; ctx.fillRect(L + (t.t_us - t0) / DFF_WINDOW_US * PW, 0, 1.5, PH); }
       if (t.outcome === "rewarded" && t.reaction_s !== null) {
         var tr = t.t_us + t.reaction_s * 1e6;
-        if (tr >= t0) { ctx.fillStyle = "#6d6"; ctx.fillRect((tr - t0) / DFF_WINDOW_US * W, 0, 1.5, H); }
+        if (tr >= t0) { ctx.fillStyle = "#6d6"; ctx.fillRect(L + (tr - t0) / DFF_WINDOW_US * PW, 0, 1.5, PH); }
       }
     }
+    // Axes: ROI numbers, seconds, and the colour bar.
+    ctx.fillStyle = "#99a"; ctx.font = "11px system-ui, sans-serif";
+    if (nR > 0) { ctx.fillText("ROI 1", 2, 10); ctx.fillText(String(nR), 2, PH - 2); }
+    for (i = 0; i <= 6; i++) {
+      var x = L + PW * i / 6;
+      ctx.fillRect(x, PH, 1, 3);
+      ctx.fillText(i === 6 ? "now" : (i * 10 - 60) + " s", x - (i === 6 ? 20 : 10), H - 1);
+    }
+    var bx = W - R + 12, bw = 10;
+    for (i = 0; i < PH; i++) {
+      var v = 1 - i / (PH - 1) * 1.5, rgbb = ramp(v);
+      ctx.fillStyle = "rgb(" + rgbb[0] + "," + rgbb[1] + "," + rgbb[2] + ")";
+      ctx.fillRect(bx, i, bw, 1);
+    }
+    ctx.fillStyle = "#99a";
+    ctx.fillText("p99", bx + bw + 2, 9);
+    ctx.fillText("0", bx + bw + 2, PH * (1 / 1.5) + 4);
+    ctx.fillText("-", bx + bw + 2, PH - 2);
+  }
+
+  function drawTrace() {
+    var c = $("trace"), ctx = c.getContext("2d"), W = c.width, H = c.height, i;
+    ctx.clearRect(0, 0, W, H);
+    var k = S.selected;
+    body.dataset.selectedRoi = k;
+    $("trace-title").textContent = k >= 0 ? "ROI " + (k + 1) + " dF/F (last 60 s of imaging)" :
+      "ROI trace: click an ROI on the mean image";
+    if (k < 0) return;
+    var L = 40, PW = W - L, t0 = S.dffNow - DFF_WINDOW_US, lo = 0, hi = 0.2, v;
+    for (i = 0; i < S.dff.length; i++) {
+      v = S.dff[i][k];
+      if (v !== null && v !== undefined) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
+    }
+    var ty = function (x) { return H - 4 - (x - lo) / (hi - lo) * (H - 8); };
+    ctx.strokeStyle = "#2a2e36"; ctx.beginPath(); ctx.moveTo(L, ty(0)); ctx.lineTo(W, ty(0)); ctx.stroke();
+    for (i = 0; i < S.trials.length; i++) {
+      var t = S.trials[i];
+      if (t.t_us >= t0) { ctx.fillStyle = "#6af"; ctx.fillRect(L + (t.t_us - t0) / DFF_WINDOW_US * PW, 0, 1.5, H); }
+    }
+    ctx.strokeStyle = "#5df"; ctx.beginPath();
+    var started = false;
+    for (i = 0; i < S.dff.length; i++) {
+      v = S.dff[i][k];
+      if (v === null || v === undefined) { started = false; continue; }
+      var x = L + (S.dffT[i] - t0) / DFF_WINDOW_US * PW;
+      if (started) ctx.lineTo(x, ty(v)); else { ctx.moveTo(x, ty(v)); started = true; }
+    }
+    ctx.stroke();
+    yAxis(ctx, H, lo, hi, [0, Math.round(hi * 10) / 10], "dF/F");
+  }
+
+  // The image's placement on its canvas.
+  function imageBox() {
+    var c = $("image"), W = c.width, H = c.height;
+    var sw = S.image ? S.image.srcW : 512, sh = S.image ? S.image.srcH : 512;
+    var sc = Math.min(W / sw, H / sh);
+    return { sc: sc, sw: sw, sh: sh, W: W, H: H };
+  }
+
+  function outlinePath(ctx, o, sc) {
+    ctx.beginPath();
+    for (var k = 0; k < o.length; k++) {
+      var x = o[k][0] * sc, y = o[k][1] * sc;
+      if (k) ctx.lineTo(x, y); else ctx.moveTo(x, y);
+    }
+    ctx.closePath();
   }
 
   function drawImage() {
-    var c = $("image"), ctx = c.getContext("2d"), W = c.width, H = c.height;
-    ctx.fillStyle = "#0e0f12"; ctx.fillRect(0, 0, W, H);
-    var sw = S.image ? S.image.srcW : 512, sh = S.image ? S.image.srcH : 512;
-    var sc = Math.min(W / sw, H / sh);
-    if (S.image) { ctx.imageSmoothingEnabled = false; ctx.drawImage(S.image.canvas, 0, 0, sw * sc, sh * sc); }
+    var c = $("image"), ctx = c.getContext("2d"), b = imageBox(), sc = b.sc, i;
+    ctx.fillStyle = "#0e0f12"; ctx.fillRect(0, 0, b.W, b.H);
+    if (S.image) { ctx.imageSmoothingEnabled = false; ctx.drawImage(S.image.canvas, 0, 0, b.sw * sc, b.sh * sc); }
     else { ctx.fillStyle = "#667"; ctx.fillText("no mean image yet", 10, 20); }
     if (!S.rois) return;
-    for (var i = 0; i < S.rois.outlines.length; i++) {
+    // Outlines: thin lines at the ROIs' borders, so the image shows through.
+    var off = document.createElement("canvas"); off.width = b.W; off.height = b.H;
+    var octx = off.getContext("2d");
+    octx.lineWidth = 1;
+    for (i = 0; i < S.rois.outlines.length; i++) {
       var o = S.rois.outlines[i];
       if (o.length < 2) continue;
-      ctx.strokeStyle = S.rois.kinds[i] === "inhibitory" ? "#f6a" : "#5df";
-      ctx.beginPath();
-      for (var k = 0; k < o.length; k++) {
-        var x = (o[k][0] + 0.5) * sc, y = (o[k][1] + 0.5) * sc;
-        if (k) ctx.lineTo(x, y); else ctx.moveTo(x, y);
-      }
-      ctx.closePath(); ctx.stroke();
+      octx.strokeStyle = i === S.selected ? "#fff" : (S.rois.kinds[i] === "inhibitory" ? "#f6a" : "#5df");
+      octx.globalAlpha = i === S.selected ? 1 : 0.7;
+      outlinePath(octx, o, sc); octx.stroke();
     }
+    ctx.drawImage(off, 0, 0);
+    // How much of the image the outlines cover (a test reads it).
+    var area = Math.max(1, Math.floor(b.sw * sc) * Math.floor(b.sh * sc));
+    var px = octx.getImageData(0, 0, Math.floor(b.sw * sc) || 1, Math.floor(b.sh * sc) || 1).data, n = 0;
+    for (i = 3; i < px.length; i += 4) if (px[i] > 0) n++;
+    S.outlineCover = n / area;
+  }
+
+  function pickRoi(ev) {
+    if (!S.rois) return;
+    var c = $("image"), rect = c.getBoundingClientRect(), b = imageBox();
+    var x = (ev.clientX - rect.left) * c.width / rect.width / b.sc;
+    var y = (ev.clientY - rect.top) * c.height / rect.height / b.sc;
+    var ctx = document.createElement("canvas").getContext("2d"), hit = -1;
+    for (var i = 0; i < S.rois.outlines.length && hit < 0; i++) {
+      var o = S.rois.outlines[i];
+      if (o.length < 3) continue;
+      outlinePath(ctx, o, 1);
+      if (ctx.isPointInPath(x, y)) hit = i;
+    }
+    selectRoi(hit);
+  }
+
+  function selectRoi(k) {
+    S.selected = k;
+    draw();
+  }
+
+  function drawOverlay() {
+    var c = $("overlay"), ctx = c.getContext("2d"), W = c.width, H = c.height, i, k;
+    ctx.clearRect(0, 0, W, H);
+    var r = leverRange(), lo = r[0], hi = r[1], span = OV_PRE_US + OV_POST_US;
+    var tx = function (dt) { return (dt + OV_PRE_US) / span * W; };
+    var ty = function (v) { return H - 4 - (Math.min(hi, Math.max(lo, v)) - lo) / (hi - lo) * (H - 8); };
+    ctx.fillStyle = "#6af"; ctx.fillRect(tx(0), 0, 1.5, H);
+    if (S.session) {
+      ctx.strokeStyle = "#f84"; ctx.setLineDash([6, 4]); ctx.beginPath();
+      ctx.moveTo(0, ty(S.session.threshold_mm)); ctx.lineTo(W, ty(S.session.threshold_mm));
+      ctx.stroke(); ctx.setLineDash([]);
+    }
+    for (i = 0; i < S.overlays.length; i++) {
+      var ov = S.overlays[i];
+      ctx.strokeStyle = ov.rewarded ? "rgba(120,220,120,0.55)" : "rgba(220,90,90,0.55)";
+      ctx.beginPath();
+      for (k = 0; k < ov.pts.length; k++) {
+        if (k) ctx.lineTo(tx(ov.pts[k][0]), ty(ov.pts[k][1])); else ctx.moveTo(tx(ov.pts[k][0]), ty(ov.pts[k][1]));
+      }
+      ctx.stroke();
+    }
+    ctx.fillStyle = "#99a"; ctx.font = "11px system-ui, sans-serif";
+    ctx.fillText("-1 s", 2, H - 2); ctx.fillText("cue", tx(0) + 3, 10); ctx.fillText("+3 s", W - 26, H - 2);
+    if (!S.overlays.length) ctx.fillText("no trial yet", W / 2 - 30, H / 2);
+  }
+
+  function drawRt() {
+    var c = $("rthist"), ctx = c.getContext("2d"), W = c.width, H = c.height, i;
+    ctx.clearRect(0, 0, W, H);
+    var win = S.session && S.session.response_window_s ? S.session.response_window_s : 10;
+    var NB = 20, bins = [], n = 0, maxS = 0;
+    for (i = 0; i < NB; i++) bins.push(0);
+    for (i = 0; i < S.trials.length; i++) {
+      var rt = S.trials[i].reaction_s;
+      if (rt === null || rt === undefined || !isFinite(rt)) continue;
+      maxS = Math.max(maxS, rt);
+    }
+    var top = Math.max(1, Math.min(win, Math.ceil(maxS)));
+    for (i = 0; i < S.trials.length; i++) {
+      var v = S.trials[i].reaction_s;
+      if (v === null || v === undefined || !isFinite(v)) continue;
+      bins[Math.min(NB - 1, Math.floor(v / top * NB))]++; n++;
+    }
+    var most = Math.max(1, Math.max.apply(null, bins)), bw = W / NB;
+    ctx.fillStyle = "#6d6";
+    for (i = 0; i < NB; i++) {
+      var h = bins[i] / most * (H - 16);
+      ctx.fillRect(i * bw + 1, H - 12 - h, bw - 2, h);
+    }
+    ctx.fillStyle = "#99a"; ctx.font = "11px system-ui, sans-serif";
+    ctx.fillText("0", 1, H - 1); ctx.fillText(top + " s", W - 24, H - 1);
+    ctx.fillText("tallest bar: " + most, W - 90, 10);
+    $("rt-n").textContent = n;
+    body.dataset.rtCount = n;
   }
 
   function drawHealth() {
-    var h = S.health;
+    var h = S.health, s = S.session;
     if (!h) return;
     var link = $("h-link");
     link.textContent = h.link || "?";
     link.className = h.link === "up" ? "ok" : "bad";
-    $("h-frames").textContent = h.frames;
-    var d = $("h-drops"); d.textContent = h.drops; d.className = h.drops > 0 ? "warn" : "ok";
-    $("h-latency").textContent = fmt(h.latency_p50_us / 1000, 2) + " / " + fmt(h.latency_p99_us / 1000, 2) + " ms";
+    var d = $("h-frames"); d.textContent = h.frames + " / " + h.drops; d.className = h.drops > 0 ? "warn" : "";
+    $("h-latency").textContent = h.latency_p99_us > 0 ?
+      fmt(h.latency_p50_us / 1000, 1) + " / " + fmt(h.latency_p99_us / 1000, 1) + " ms" : "no reward yet";
     $("h-clock").textContent = "±" + fmt(h.clock_band_us, 1) + " µs";
-    $("h-trials").textContent = h.trials + " / " + h.rewards;
-    $("h-water").textContent = fmt(h.water_ul, 1) + " µl";
-    $("session").textContent = h.session ? "session " + h.session : "no session";
+    $("h-trials").textContent = h.trials + " / " + h.rewards +
+      (s && s.max_trials ? " (cap " + s.max_trials + ")" : "");
+    $("h-water").textContent = fmt(h.water_ul, 1) + (s ? " / " + fmt(s.max_water_session_ul, 0) : "") + " µL";
+    if (s) {
+      var today = s.water_before_today_ul + h.water_ul;
+      $("h-day").textContent = fmt(today, 0) + " / " + fmt(s.max_water_day_ul, 0) + " µL" +
+        (s.daily_water_target_ul ? ", target " + fmt(s.daily_water_target_ul, 0) : "");
+    } else {
+      $("h-day").textContent = "–";
+    }
+    $("h-state").textContent = s ? "running" : (h.session ? "stopping" : "idle");
+    $("session").textContent = h.session ? "session " + h.session : (s ? "mouse " + s.mouse : "no session");
+    var clock = "";
+    if (s && S.now >= s.t0_us) {
+      var el = (S.now - s.t0_us) / 1e6;
+      clock = "elapsed " + mmss(el);
+      if (s.max_duration_s) clock += ", left " + mmss(s.max_duration_s - el);
+    }
+    $("clock").textContent = clock;
   }
+
+  $("image").addEventListener("click", pickRoi);
+  // ?roi=N (for tests): select ROI N (1-based) as a click would.
+  var mr = /[?&]roi=(\d+)/.exec(location.search);
+  if (mr) S.selected = parseInt(mr[1], 10) - 1;
 
   function setConn(ok, text) {
     var c = $("conn"); c.textContent = text; c.className = ok ? "ok" : "bad";

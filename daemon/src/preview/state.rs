@@ -49,6 +49,32 @@ pub struct Health {
     pub session: Option<String>,
 }
 
+/// What the page shows about the running session's task, set at its start.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SessionView {
+    /// The mouse.
+    pub mouse: String,
+    /// Rig time of session time 0, µs (the lever's clock).
+    pub t0_us: u64,
+    /// Press threshold, mm from rest (the lever plot's line).
+    pub threshold_mm: f64,
+    /// Response window, s (the reaction-time histogram's range).
+    pub response_window_s: f64,
+    /// Lever travel, mm (the lever plot's fixed range).
+    pub lever_travel_mm: f64,
+    /// Water cap of the session, µL.
+    pub max_water_session_ul: f64,
+    /// The day's water cap, µL, and what the mouse had before this session.
+    pub max_water_day_ul: f64,
+    pub water_before_today_ul: f64,
+    /// The day's water target (`safety.daily_water_target_ul`), µL.
+    pub daily_water_target_ul: Option<f64>,
+    /// Session length cap, s, if any.
+    pub max_duration_s: Option<f64>,
+    /// Trial cap, if any.
+    pub max_trials: Option<u32>,
+}
+
 /// One trial as shown in the raster.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TrialEvent {
@@ -103,8 +129,8 @@ impl Serialize for MeanImage {
 pub struct Rois {
     /// Number of ROIs in the session.
     pub n: usize,
-    /// Outline polygons (pixel coordinates of the original image), at most
-    /// [`MAX_ROIS_SENT`].
+    /// Outline polygons (contours, vertices at pixel corners of the original
+    /// image: `x` in `0..=width`), at most [`MAX_ROIS_SENT`].
     pub outlines: Vec<Vec<(u16, u16)>>,
     /// Kinds (`"excitatory"`, `"inhibitory"`, `""`...), one per outline.
     pub kinds: Vec<String>,
@@ -137,6 +163,7 @@ pub struct Cursor {
     rois_version: u64,
     image_version: u64,
     qc_version: u64,
+    epoch: u64,
     started: bool,
 }
 
@@ -177,6 +204,20 @@ pub struct Update {
     /// as text), when it changed (or on reset, if there is one).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_qc: Option<String>,
+    /// The running session's task (on reset; `null` between sessions).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser_arc_opt"
+    )]
+    pub session: Option<Option<Arc<SessionView>>>,
+}
+
+#[allow(clippy::ref_option)] // serde's `serialize_with` passes `&Option<_>`
+fn ser_arc_opt<T: Serialize, S: Serializer>(
+    v: &Option<Option<Arc<T>>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    v.as_ref().and_then(|o| o.as_deref()).serialize(s)
 }
 
 #[allow(clippy::ref_option)] // serde's `serialize_with` passes `&Option<_>`
@@ -210,6 +251,9 @@ struct Inner {
     health: Health,
     last_qc: Option<String>,
     qc_version: u64,
+    session: Option<Arc<SessionView>>,
+    /// Bumped at every session start: readers get a full snapshot.
+    epoch: u64,
 }
 
 /// The data the preview page shows. Share it as `Arc<PreviewState>`.
@@ -356,6 +400,37 @@ impl PreviewState {
         g.image_version += 1;
     }
 
+    /// A session starts: the page's plots and counters start afresh (a
+    /// full snapshot to every reader), with the session's task settings.
+    /// Call it before the session's first trial, lever sample or frame.
+    pub fn begin_session(&self, view: SessionView) {
+        let mut g = self.lock();
+        let g = &mut *g;
+        g.lever_bin = None;
+        g.lever.clear();
+        g.lever_total = 0;
+        g.trials.clear();
+        g.trial_count = 0;
+        g.rewarded_count = 0;
+        g.dff_bin = None;
+        g.dff.clear();
+        g.dff_total = 0;
+        g.rois = Arc::new(Rois::default());
+        g.rois_version += 1;
+        g.image = None;
+        g.image_version += 1;
+        g.now_us = view.t0_us;
+        g.session = Some(Arc::new(view));
+        g.epoch += 1;
+    }
+
+    /// The session ended (its plots stay on the page until the next one).
+    pub fn end_session(&self) {
+        let mut g = self.lock();
+        g.session = None;
+        g.epoch += 1;
+    }
+
     /// The current health.
     pub fn set_health(&self, health: Health) {
         self.lock().health = health;
@@ -377,7 +452,10 @@ impl PreviewState {
     /// move the cursor on.
     pub fn update_since(&self, cursor: &mut Cursor) -> Update {
         let g = self.lock();
-        let reset = !cursor.started;
+        let reset = !cursor.started || cursor.epoch != g.epoch;
+        if reset {
+            *cursor = Cursor::default();
+        }
         let lever = tail(&g.lever, g.lever_total, cursor.lever);
         let trials = tail(&g.trials, g.trial_count, cursor.trials);
         let dff = tail(&g.dff, g.dff_total, cursor.dff);
@@ -407,6 +485,7 @@ impl PreviewState {
             mean_image,
             health: g.health.clone(),
             last_qc,
+            session: reset.then(|| g.session.clone()),
         };
         *cursor = Cursor {
             lever: g.lever_total,
@@ -415,6 +494,7 @@ impl PreviewState {
             rois_version: g.rois_version,
             image_version: g.image_version,
             qc_version: g.qc_version,
+            epoch: g.epoch,
             started: true,
         };
         up
@@ -552,6 +632,48 @@ mod tests {
             "2 s of 1 kHz in 10 ms bins, the last open"
         );
         assert!(up.lever.iter().all(|&(_, mm)| (mm - 2.0).abs() < 1e-6));
+    }
+
+    #[test]
+    fn a_new_session_starts_the_page_afresh() {
+        let s = PreviewState::new();
+        let mut c = Cursor::default();
+        for k in 0..54 {
+            s.push_trial(k, "rewarded", u64::from(k) * 1_000_000, Some(0.3));
+        }
+        s.push_lever(1_000, 0.5);
+        s.push_dff(1_000, &[0.1, 0.2]);
+        s.push_dff(200_000, &[0.1, 0.2]);
+        let up = s.update_since(&mut c);
+        assert_eq!(up.trial_count, 54);
+        assert!(up.session.is_some_and(|v| v.is_none()), "no session yet");
+        // Session B starts: every reader gets a full snapshot with nothing
+        // of session A in it, and B's task settings.
+        s.begin_session(SessionView {
+            mouse: "B".into(),
+            t0_us: 90_000_000,
+            threshold_mm: 1.5,
+            ..SessionView::default()
+        });
+        let up = s.update_since(&mut c);
+        assert!(up.reset);
+        assert_eq!((up.trial_count, up.rewarded_count), (0, 0));
+        assert!(up.trials.is_empty() && up.lever.is_empty() && up.dff.is_empty());
+        assert_eq!((up.lever_total, up.dff_total), (0, 0));
+        let view = up.session.flatten().expect("B's view");
+        assert_eq!((view.mouse.as_str(), view.threshold_mm), ("B", 1.5));
+        s.push_trial(1, "miss", 91_000_000, None);
+        let up = s.update_since(&mut c);
+        assert!(!up.reset && up.session.is_none(), "sent once");
+        assert_eq!((up.trial_count, up.trials.len()), (1, 1));
+        // The end: one more snapshot, the plots kept, no session.
+        s.end_session();
+        let up = s.update_since(&mut c);
+        assert!(up.reset);
+        assert_eq!(up.trials.len(), 1);
+        assert!(up.session.as_ref().is_some_and(Option::is_none));
+        let json = serde_json::to_string(&up).expect("json");
+        assert!(json.contains("\"session\":null"), "{json}");
     }
 
     #[test]

@@ -372,6 +372,23 @@ impl Supervisor {
         let facts = self.start_facts(&req.mouse);
         let plan = SessionPlan::new(&self.cfg, &req, &facts)?;
         let t0_us = plan.t0_us;
+        if let Some(p) = &self.preview {
+            // The page starts afresh before the session's first sample.
+            let c = &plan.cfg;
+            p.begin_session(crate::preview::SessionView {
+                mouse: plan.mouse.clone(),
+                t0_us,
+                threshold_mm: plan.params.threshold_mm,
+                response_window_s: plan.params.response_window_us as f64 / 1e6,
+                lever_travel_mm: c.rig.lever_travel_mm,
+                max_water_session_ul: plan.params.max_water_session_ul,
+                max_water_day_ul: c.safety.max_water_per_day_ul,
+                water_before_today_ul: plan.water_before_today_ul,
+                daily_water_target_ul: c.safety.daily_water_target_ul,
+                max_duration_s: plan.params.max_duration_us.map(|us| us as f64 / 1e6),
+                max_trials: plan.params.max_trials,
+            });
+        }
         let id = SessionId(self.next_id);
         self.next_id += 1;
         let opened = open::open(
@@ -383,7 +400,12 @@ impl Supervisor {
                 preview: self.preview.as_ref(),
                 session_log: &self.session_log,
             },
-        )?;
+        )
+        .inspect_err(|_| {
+            if let Some(p) = &self.preview {
+                p.end_session();
+            }
+        })?;
         let path = opened.dir;
         let started_utc = session_format::rfc3339_utc(opened.start_utc);
         self.open_session_log(&path);
@@ -577,6 +599,9 @@ impl Supervisor {
             if let Some(p) = &self.preview {
                 p.set_last_qc(qc.to_string());
             }
+        }
+        if let Some(p) = &self.preview {
+            p.end_session();
         }
         let reply = match &result {
             Ok(fin) => {
