@@ -437,6 +437,9 @@ const PRODUCER_SILENT: Duration = Duration::from_secs(2);
 /// The live preview gets the mean image on the first frame and every this
 /// many frames after it.
 const PREVIEW_MEAN_EVERY: u64 = 150;
+/// `mean_image.npy` is rewritten (atomically) after this much imaging, s,
+/// so a session that crashes keeps a mean image of all but its last minute.
+const MEAN_IMAGE_WRITE_EVERY_S: f64 = 60.0;
 
 /// Wait before trying to attach again after the ring could not be opened.
 const REOPEN_AFTER_FAILURE: Duration = Duration::from_millis(500);
@@ -744,6 +747,11 @@ impl MeanImage {
             *s += f64::from(p);
         }
         self.frames += 1;
+    }
+
+    /// Time to rewrite `mean_image.npy`: every `every` frames.
+    fn write_due(&self, every: u64) -> bool {
+        self.frames % every.max(1) == 0
     }
 
     /// Time to show the preview the mean image: the first frame, then
@@ -1317,6 +1325,10 @@ impl<'a> IngestLoop<'a> {
         };
         self.rows.push_frame(&mut self.timer, meta, info);
         self.mean.add(&self.pixels);
+        let every = (MEAN_IMAGE_WRITE_EVERY_S * self.setup.frame_rate_hz).round() as u64;
+        if self.mean.write_due(every) {
+            self.write_mean_now();
+        }
         if let Some(raw) = self.files.raw.as_mut() {
             raw.append(&self.pixels)?;
         }
@@ -1497,6 +1509,22 @@ impl<'a> IngestLoop<'a> {
         Ok(())
     }
 
+    /// The periodic `mean_image.npy`: a failure is an event and the session
+    /// goes on (the stop writes it again).
+    fn write_mean_now(&mut self) {
+        let Some(mean) = self.mean.mean(self.mean.sum.len()) else {
+            return;
+        };
+        if let Err(e) = write_mean_image(&self.setup.session_dir, &self.setup.frame_shape(), &mean)
+        {
+            self.session.notice(
+                "mean_image_not_written",
+                self.mean.frames as f64,
+                format!("{e}; it is written again at the stop"),
+            );
+        }
+    }
+
     /// Every row is written: sync the files and write `mean_image.npy`.
     fn finish(mut self) -> Result<(), IngestError> {
         let qc = self.counters.snapshot();
@@ -1506,12 +1534,33 @@ impl<'a> IngestLoop<'a> {
         let Some(mean) = self.mean.mean(self.mean.sum.len()) else {
             return Ok(());
         };
-        let path = self.setup.session_dir.join(MEAN_IMAGE_NPY);
-        let mut npy = NpyAppender::create(&path, NpyDtype::F4, &self.setup.frame_shape())?;
-        npy.append(&mean)?;
-        npy.sync()?;
+        write_mean_image(&self.setup.session_dir, &self.setup.frame_shape(), &mean)?;
         Ok(())
     }
+}
+
+/// Replace `dir/mean_image.npy` with `mean` atomically: written to
+/// `mean_image.npy.tmp`, fsynced, renamed, the folder fsynced. A crash
+/// leaves the previous one (and a `.tmp` that recovery removes).
+fn write_mean_image(dir: &Path, shape: &[usize], mean: &[f32]) -> Result<(), IngestError> {
+    let path = dir.join(MEAN_IMAGE_NPY);
+    let tmp = dir.join(format!("{MEAN_IMAGE_NPY}.tmp"));
+    let mut npy = NpyAppender::create(&tmp, NpyDtype::F4, shape)?;
+    npy.append(mean)?;
+    npy.sync()?;
+    drop(npy);
+    let io = |action: &'static str, p: &Path, source: std::io::Error| {
+        IngestError::Storage(StorageError::Io {
+            action,
+            path: p.to_owned(),
+            source,
+        })
+    };
+    std::fs::rename(&tmp, &path).map_err(|e| io("rename into place", &path, e))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io("fsync directory", dir, e))?;
+    Ok(())
 }
 
 /// Check that the disk under `dir` can take `bytes_per_s` with room to spare:
@@ -1908,6 +1957,41 @@ mod tests {
             })
             .collect();
         assert_eq!(due, [151, 301]);
+    }
+
+    #[test]
+    fn the_mean_image_is_rewritten_whole_every_minute_of_frames() {
+        // 28.7 Hz: every 1722 frames (60 s); the file is replaced atomically
+        // and holds the mean of every frame so far.
+        let every = (MEAN_IMAGE_WRITE_EVERY_S * 28.7).round() as u64;
+        assert_eq!(every, 1722);
+        let mut m = MeanImage::new(2);
+        let due: Vec<u64> = (1..=3500)
+            .filter(|_| {
+                m.add(&[4, 8]);
+                m.write_due(every)
+            })
+            .collect();
+        assert_eq!(due, [1722, 3444]);
+        let dir = std::env::temp_dir().join(format!("rigd-mean-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        write_mean_image(&dir, &[1, 1, 2], &[1.0, 2.0]).expect("first");
+        write_mean_image(&dir, &[1, 1, 2], &[3.0, 4.5]).expect("again");
+        let path = dir.join(MEAN_IMAGE_NPY);
+        let a = session_format::parse_npy(&std::fs::read(&path).expect("read"), &path)
+            .expect("a whole NPY file");
+        assert_eq!(a.shape, vec![1, 1, 1, 2], "(1, C, H, W)");
+        assert!(matches!(a.data, session_format::NpyData::F4(ref v) if v == &[3.0, 4.5]));
+        assert!(!dir.join(format!("{MEAN_IMAGE_NPY}.tmp")).exists());
+        // A folder that is gone: an error naming the file, nothing written.
+        let gone = dir.join("gone");
+        let e = write_mean_image(&gone, &[1, 1, 2], &[1.0, 2.0])
+            .err()
+            .expect("no folder")
+            .to_string();
+        assert!(e.contains("mean_image.npy"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
