@@ -468,6 +468,11 @@ fn online_dff_and_motion_match_the_simulated_truth() {
     let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
     eprintln!("analysis vs truth: {v}");
     assert_eq!(v["rois"], 30);
+    // The label image the ROIs came from is in the session folder.
+    assert_eq!(
+        std::fs::read(dir.join("roi_labels.npy")).expect("roi_labels.npy in the session"),
+        std::fs::read(truth.join("labels.npy")).expect("labels.npy"),
+    );
     assert!(v["median_r"].as_f64().expect("r") >= 0.9, "{v}");
     assert!(v["shift_err_p95"].as_f64().expect("err") <= 0.5, "{v}");
 }

@@ -150,6 +150,25 @@ fn load_reference(path: &Path, w: usize, h: usize) -> Result<Reference, Analysis
     })
 }
 
+/// Copy `src` into `dir` as `<stem>.<its extension>` (fsynced); `None`:
+/// nothing. The copy keeps the extension, which tells readers the format
+/// (a `.tif` label image stays a TIFF).
+fn keep_copy(src: Option<&Path>, dir: &Path, stem: &str) -> Result<(), AnalysisError> {
+    let Some(src) = src else {
+        return Ok(());
+    };
+    let name = match src.extension().and_then(|e| e.to_str()) {
+        Some(ext) => format!("{stem}.{}", ext.to_ascii_lowercase()),
+        None => stem.to_owned(),
+    };
+    let dst = dir.join(name);
+    std::fs::copy(src, &dst).map_err(|e| io_error("copy into the session folder", src, e))?;
+    std::fs::File::open(&dst)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io_error("fsync", &dst, e))?;
+    Ok(())
+}
+
 /// `rois.tsv`: which ROI each column of `f.npy` / `dff.npy` is.
 fn roi_table(rois: &RoiSet) -> String {
     let mut table = String::from("column\troi\ttype\tpixels\tneuropil_pixels\tx\ty\n");
@@ -185,6 +204,9 @@ fn create_motion_tsv(
 
 impl Analysis {
     /// Set up ROIs, dF/F and motion correction and create the files in `dir`.
+    /// The label image, its table and the reference image, once read and
+    /// checked, are copied into `dir`, so the session folder holds what its
+    /// ROIs and shifts were computed from.
     pub fn create(setup: &AnalysisSetup, dir: &Path) -> Result<Self, AnalysisError> {
         let (w, h) = (setup.width, setup.height);
         let rois = match &setup.roi_labels {
@@ -217,6 +239,11 @@ impl Analysis {
                 ReferenceBuilder::DEFAULT_FRAMES,
             )))
         };
+        keep_copy(setup.roi_labels.as_deref(), dir, "roi_labels")?;
+        keep_copy(setup.roi_table.as_deref(), dir, "roi_table")?;
+        if setup.motion_correction {
+            keep_copy(setup.reference_image.as_deref(), dir, "reference_image")?;
+        }
         let n = rois.len();
         let rois_path = dir.join(ROIS_TSV);
         std::fs::write(&rois_path, roi_table(&rois))
