@@ -37,7 +37,7 @@ pub use overrides::{OverrideError, OverrideProblem, TaskOverrideField};
 pub use schema::{
     AlertsSection, BaselineMethod, BaselineSection, CalibrationPoint, ControlSection,
     ImagingSection, PreviewSection, RealtimeSection, RigConfig, RigSection, SafetySection,
-    StorageSection, TaskSection, ValveSection,
+    StorageSection, TaskSection, ValveSection, LabSection, LowWeightAction, TrainingSection,
 };
 pub use validate::{BITS_PER_BYTE_8N1, MAX_LEVER_LINK_SHARE, MAX_SOCKET_PATH_BYTES};
 pub use valve::CalibrationError;
