@@ -51,6 +51,7 @@ fn start_time() -> SystemTime {
 }
 
 fn info() -> SessionInfo {
+        training: None,
     SessionInfo {
         rig: "rig7".to_owned(),
         notes: "day 3, \"good\" mouse".to_owned(),

@@ -11,8 +11,11 @@
 
 pub mod fsio;
 pub mod history;
+pub mod report;
 pub mod stages;
 pub mod subject;
+pub mod table;
+pub mod water;
 pub mod zone;
 
 pub use history::{read_sessions, training_day, SessionRow, TrainingRecord};

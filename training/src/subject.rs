@@ -362,3 +362,27 @@ impl fmt::Display for Subject {
         write!(f, "notes              {}", self.notes)
     }
 }
+
+/// The record `rigd demo` writes for its mouse when it has none: a
+/// simulated C57BL/6J female, 90 days old today, 24 g before restriction.
+pub fn demo_subject(id: &str) -> Subject {
+    let today = jiff::Zoned::now().date();
+    let born = today
+        .checked_sub(jiff::Span::new().days(90))
+        .unwrap_or(today);
+    Subject {
+        id: id.to_owned(),
+        species: "Mus musculus".into(),
+        sex: "F".into(),
+        date_of_birth: born.to_string(),
+        strain: "C57BL/6J".into(),
+        genotype: "wild type".into(),
+        experimenter: "rigd demo".into(),
+        baseline_weight_g: 24.0,
+        notes: "simulated mouse of rigd demo (rig-sim)".into(),
+        lab: None,
+        institution: None,
+        age: None,
+        description: None,
+    }
+}
