@@ -328,6 +328,9 @@ pub struct SimOptions {
     pub firmware: Firmware,
     /// Training day 1..=14 (naive to expert).
     pub day: u8,
+    /// The mouse learns from experience instead: its rewarded trials before
+    /// this run (its skill rises with every reward; see `mouse::experience`).
+    pub prior_rewards: Option<u64>,
     pub lever: LeverSpec,
     /// Lever position whose upward crossings the truth log records, mm.
     pub truth_threshold_mm: f64,
@@ -367,6 +370,7 @@ impl SimOptions {
             clock: SimClock::default(),
             firmware: Firmware::default(),
             day: 14,
+            prior_rewards: None,
             lever: LeverSpec::default(),
             truth_threshold_mm: 1.5,
             frame_rate_hz: 28.7,
