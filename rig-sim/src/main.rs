@@ -58,6 +58,10 @@ struct Args {
     /// with every reward, within and across sessions, and --day is ignored.
     #[arg(long, value_name = "N")]
     prior_rewards: Option<u64>,
+    /// With --prior-rewards: rewards for the mouse to learn 63 % of the task
+    /// (a smaller number is a faster learner).
+    #[arg(long, value_name = "N", default_value_t = rig_sim::mouse::LEARNING_REWARDS)]
+    learning_rewards: f64,
     /// Full lever travel, mm.
     #[arg(long, default_value_t = 6.0)]
     lever_travel_mm: f64,
@@ -173,6 +177,7 @@ impl Args {
             },
             day: self.day,
             prior_rewards: self.prior_rewards,
+            learning_rewards: self.learning_rewards,
             lever: LeverSpec {
                 travel_mm: self.lever_travel_mm,
                 counts_per_mm: self.counts_per_mm,

@@ -106,7 +106,12 @@ pub const LEARNING_REWARDS: f64 = 400.0;
 /// naive mouse, 1 - e^(-rewards / LEARNING_REWARDS), so about 0.95 after
 /// 1200 rewards (two weeks of ~90 rewards a day).
 pub fn experience(rewards: u64) -> f64 {
-    1.0 - (-(rewards as f64) / LEARNING_REWARDS).exp()
+    experience_with(rewards, LEARNING_REWARDS)
+}
+
+/// [`experience`] with another time constant (a faster or slower learner).
+pub fn experience_with(rewards: u64, learning_rewards: f64) -> f64 {
+    1.0 - (-(rewards as f64) / learning_rewards.max(1.0)).exp()
 }
 
 impl Behaviour {
@@ -250,6 +255,8 @@ pub struct Mouse {
     /// experience (`--prior-rewards`): its skill then follows
     /// [`experience`] of these plus its drinks here, updated at every drink.
     prior_rewards: Option<u64>,
+    /// The experience model's time constant, rewards.
+    learning_rewards: f64,
     /// Fault injection: the lever held at least this far down (mm) from
     /// `.0` until `.1` (true µs).
     hold: Option<(f64, f64, f64)>,
@@ -270,8 +277,17 @@ impl Mouse {
     pub fn with_prior_rewards(mut self, prior: Option<u64>) -> Self {
         self.prior_rewards = prior;
         if let Some(n) = prior {
-            self.b = Behaviour::for_progress(experience(n), self.b.day);
+            self.b =
+                Behaviour::for_progress(experience_with(n, self.learning_rewards), self.b.day);
         }
+        self
+    }
+
+    /// The same mouse learning `learning_rewards` times as slowly as a mouse
+    /// with a time constant of one reward ([`LEARNING_REWARDS`] by default).
+    /// Set before [`Mouse::with_prior_rewards`].
+    pub fn with_learning_rewards(mut self, learning_rewards: f64) -> Self {
+        self.learning_rewards = learning_rewards;
         self
     }
 
@@ -309,6 +325,7 @@ impl Mouse {
             sated_after: None,
             drinks: 0,
             prior_rewards: None,
+            learning_rewards: LEARNING_REWARDS,
             hold: None,
             jiggle: None,
         }
@@ -407,7 +424,7 @@ impl Mouse {
         self.drinks += 1;
         if let Some(prior) = self.prior_rewards {
             self.b = Behaviour::for_progress(
-                experience(prior + u64::from(self.drinks)),
+                experience_with(prior + u64::from(self.drinks), self.learning_rewards),
                 self.b.day,
             );
         }

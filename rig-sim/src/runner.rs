@@ -339,6 +339,7 @@ impl Sim {
             seeds.next_u64(),
         )
         .with_sated_after(opts.sated_after_drinks)
+        .with_learning_rewards(opts.learning_rewards)
         .with_prior_rewards(opts.prior_rewards);
         let link_rng = Rng::new(seeds.next_u64());
         let garbage_rng = Rng::new(seeds.next_u64());

@@ -22,3 +22,6 @@ pub use history::{read_sessions, training_day, SessionRow, TrainingRecord};
 pub use stages::{decide, Protocol, ProtocolError, SessionMeasures, StageDecision};
 pub use subject::{Subject, SubjectError};
 pub use zone::LabZone;
+
+#[cfg(test)]
+mod tests;
