@@ -124,7 +124,16 @@ pub fn mouse_edit(ctx: &Ctx, id: &str, f: SubjectFields) -> Result<(PathBuf, Sub
     macro_rules! set {
         ($($k:ident),*) => { $( if let Some(v) = f.$k { s.$k = v; } )* };
     }
-    set!(species, sex, date_of_birth, strain, genotype, experimenter, baseline_weight_g, notes);
+    set!(
+        species,
+        sex,
+        date_of_birth,
+        strain,
+        genotype,
+        experimenter,
+        baseline_weight_g,
+        notes
+    );
     if f.lab.is_some() {
         s.lab = f.lab;
     }
@@ -166,18 +175,17 @@ pub fn mouse_list(ctx: &Ctx) -> Result<String, String> {
     Ok(out)
 }
 
+/// A mouse's history: its sessions, the water ledger per lab-local day,
+/// and notes on what could not be read.
+#[derive(Debug, Clone)]
+pub struct History {
+    pub rows: Vec<training::SessionRow>,
+    pub ledger: std::collections::BTreeMap<String, training::water::DayWater>,
+    pub notes: Vec<String>,
+}
+
 /// The history rows and the water ledger of a mouse.
-pub fn history(
-    ctx: &Ctx,
-    mouse: &str,
-) -> Result<
-    (
-        Vec<training::SessionRow>,
-        std::collections::BTreeMap<String, training::water::DayWater>,
-        Vec<String>,
-    ),
-    String,
-> {
+pub fn history(ctx: &Ctx, mouse: &str) -> Result<History, String> {
     protocol::control::validate_mouse_id(mouse).map_err(|e| e.to_string())?;
     if !ctx.data_root.join(mouse).is_dir() {
         return Err(format!(
@@ -195,7 +203,11 @@ pub fn history(
     if bad > 0 {
         notes.push(format!("{bad} line(s) of water.tsv could not be read"));
     }
-    Ok((rows, ledger, notes))
+    Ok(History {
+        rows,
+        ledger,
+        notes,
+    })
 }
 
 /// Where `rigctl report` writes when `--out` is not given.

@@ -177,7 +177,8 @@ impl StartRequest {
     /// `stage` needs a reason; `weight_g` is a weight.
     pub fn check_training_fields(&self) -> Result<(), String> {
         if let Some(stage) = &self.stage {
-            if self.stage_reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
+            let reason = self.stage_reason.as_deref().unwrap_or("");
+            if reason.trim().is_empty() {
                 return Err(format!(
                     "stage = {stage:?} overrides the protocol's rules: give stage_reason (why), \
                      e.g. rigctl start --stage {stage} --stage-reason \"back to shaping after a \

@@ -277,8 +277,7 @@ impl Mouse {
     pub fn with_prior_rewards(mut self, prior: Option<u64>) -> Self {
         self.prior_rewards = prior;
         if let Some(n) = prior {
-            self.b =
-                Behaviour::for_progress(experience_with(n, self.learning_rewards), self.b.day);
+            self.b = Behaviour::for_progress(experience_with(n, self.learning_rewards), self.b.day);
         }
         self
     }
@@ -844,7 +843,10 @@ mod tests {
     #[test]
     fn a_mouse_learning_from_experience_improves_with_every_reward() {
         let naive = Mouse::new(14, LeverSpec::default(), 1.5, 3).with_prior_rewards(Some(0));
-        assert_eq!(naive.behaviour().response_prob, Behaviour::for_progress(0.0, 14).response_prob);
+        assert_eq!(
+            naive.behaviour().response_prob,
+            Behaviour::for_progress(0.0, 14).response_prob
+        );
         let mut m = Mouse::new(14, LeverSpec::default(), 1.5, 3).with_prior_rewards(Some(100));
         let before = *m.behaviour();
         for i in 0..50 {

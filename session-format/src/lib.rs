@@ -59,7 +59,9 @@ pub use chunk::{
     chunk_file_name, list_chunks, parse_chunk_name, read_lever_trace, ChunkClock, ChunkedNpy,
     LeverFiles,
 };
-pub use history::{water_on_day_ul, water_today_ul, ImplausibleWater, MAX_REWARD_UL, MAX_SESSION_WATER_UL};
+pub use history::{
+    water_on_day_ul, water_today_ul, ImplausibleWater, MAX_REWARD_UL, MAX_SESSION_WATER_UL,
+};
 pub use log::SessionLogFile;
 pub use manifest::write_manifest;
 pub use meta::{
@@ -258,8 +260,8 @@ pub fn rfc3339_utc(t: SystemTime) -> String {
 /// `utc_offset_s` east of UTC (0: UTC).
 pub(crate) fn folder_stamp(t: SystemTime, utc_offset_s: i32) -> String {
     let utc = time::OffsetDateTime::from(t);
-    let dt = time::UtcOffset::from_whole_seconds(utc_offset_s)
-        .map_or(utc, |off| utc.to_offset(off));
+    let dt =
+        time::UtcOffset::from_whole_seconds(utc_offset_s).map_or(utc, |off| utc.to_offset(off));
     format!(
         "{:04}-{:02}-{:02}_{:02}{:02}{:02}",
         dt.year(),

@@ -303,11 +303,10 @@ fn a_killed_and_recovered_session_exports_to_nwb_equal_to_the_files_and_dandi_cl
     let deadline = Instant::now() + Duration::from_secs(120);
     let dir = loop {
         let mouse = data.join("CRASH");
+        // The session folder (the demo also writes the mouse's subject.toml).
         if let Some(d) = std::fs::read_dir(&mouse)
             .ok()
-            .and_then(|mut r| r.next())
-            .and_then(|e| e.ok())
-            .map(|e| e.path())
+            .and_then(|r| r.flatten().map(|e| e.path()).find(|p| p.is_dir()))
         {
             if d.join("trials.tsv").is_file() && trial_rows(&d) >= 4 {
                 break d;

@@ -74,7 +74,9 @@ fn to_lab_noon_s() -> i64 {
         .output()
         .expect("date");
     let text = String::from_utf8_lossy(&out.stdout);
-    let mut it = text.split_whitespace().map(|v| v.parse::<i64>().expect("HH MM"));
+    let mut it = text
+        .split_whitespace()
+        .map(|v| v.parse::<i64>().expect("HH MM"));
     let (h, m) = (it.next().expect("hour"), it.next().expect("minute"));
     (12 * 60 - (h * 60 + m)) * 60
 }
@@ -82,8 +84,9 @@ fn to_lab_noon_s() -> i64 {
 /// The example protocol with each stage capped at TRIALS trials and its
 /// rules' min_trials scaled from 100 to MIN_TRIALS; everything else as shipped.
 fn scaled_protocol(dir: &Path) -> (PathBuf, toml::Table) {
-    let text = std::fs::read_to_string(rig_tests::workspace_root().join("docs/examples/protocol.toml"))
-        .expect("example protocol");
+    let text =
+        std::fs::read_to_string(rig_tests::workspace_root().join("docs/examples/protocol.toml"))
+            .expect("example protocol");
     let mut p: toml::Table = text.parse().expect("protocol is TOML");
     for stage in p["stage"].as_array_mut().expect("stages") {
         let stage = stage.as_table_mut().expect("stage table");
@@ -120,7 +123,13 @@ const RIGS: [RigSetup; 2] = [
     },
 ];
 
-fn write_config(dir: &Path, rig: &RigSetup, link: &Path, data: &Path, protocol: &Path) -> (PathBuf, PathBuf) {
+fn write_config(
+    dir: &Path,
+    rig: &RigSetup,
+    link: &Path,
+    data: &Path,
+    protocol: &Path,
+) -> (PathBuf, PathBuf) {
     let socket = dir.join("rigd.sock");
     let config = dir.join("rig.toml");
     let extra = rig.extra.replace("[rig]\n", "");
@@ -153,7 +162,11 @@ fn history(config: &Path) -> Vec<serde_json::Value> {
         .args(["history", MOUSE])
         .output()
         .expect("rigctl history");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     json(&String::from_utf8_lossy(&out.stdout))
         .as_array()
         .expect("rows")
@@ -223,10 +236,24 @@ fn expected_stage(protocol: &toml::Table, past: &[serde_json::Value]) -> String 
         run.len() >= k
             && run[..k].iter().all(|r| {
                 let trials = r["trials"].as_i64().unwrap_or(0);
-                let ok_min_trials = rule.get("min_trials").and_then(toml::Value::as_integer).is_none_or(|n| trials >= n);
-                let ok_min_success = rule.get("min_success").and_then(toml::Value::as_float).is_none_or(|x| f(&r["success_rate"]).is_some_and(|s| s >= x));
-                let ok_max_success = rule.get("max_success").and_then(toml::Value::as_float).is_none_or(|x| f(&r["success_rate"]).is_some_and(|s| s <= x));
-                let ok_rt = rule.get("max_reaction_time_s").and_then(toml::Value::as_float).is_none_or(|x| f(&r["reaction_time_median_s"]).is_some_and(|t| t <= x));
+                let ok_min_trials = rule
+                    .get("min_trials")
+                    .and_then(toml::Value::as_integer)
+                    .map_or(true, |n| trials >= n);
+                let ok_min_success = rule
+                    .get("min_success")
+                    .and_then(toml::Value::as_float)
+                    .map_or(true, |x| f(&r["success_rate"]).is_some_and(|s| s >= x));
+                let ok_max_success = rule
+                    .get("max_success")
+                    .and_then(toml::Value::as_float)
+                    .map_or(true, |x| f(&r["success_rate"]).is_some_and(|s| s <= x));
+                let ok_rt = rule
+                    .get("max_reaction_time_s")
+                    .and_then(toml::Value::as_float)
+                    .map_or(true, |x| {
+                        f(&r["reaction_time_median_s"]).is_some_and(|t| t <= x)
+                    });
                 ok_min_trials && ok_min_success && ok_max_success && ok_rt
             })
     };
@@ -259,15 +286,40 @@ fn a_mouse_trains_for_two_weeks_on_two_rigs_through_a_crash() {
     // The mouse's record, written on the data root (no rigd needed).
     let cfg_dir = dir.path().join("cfg");
     std::fs::create_dir_all(&cfg_dir).expect("cfg dir");
-    let (config_a, _) = write_config(&cfg_dir, &RIGS[0], Path::new("/dev/null"), &data, &protocol_path);
+    let (config_a, _) = write_config(
+        &cfg_dir,
+        &RIGS[0],
+        Path::new("/dev/null"),
+        &data,
+        &protocol_path,
+    );
     let add = Command::new(bin("rigctl"))
         .arg("--config")
         .arg(&config_a)
-        .args(["mouse", "add", MOUSE, "--sex", "F", "--date-of-birth", "2026-01-10", "--baseline-weight-g", "24.0", "--strain", "C57BL/6J", "--experimenter", "Doe, Jane"])
+        .args([
+            "mouse",
+            "add",
+            MOUSE,
+            "--sex",
+            "F",
+            "--date-of-birth",
+            "2026-01-10",
+            "--baseline-weight-g",
+            "24.0",
+            "--strain",
+            "C57BL/6J",
+            "--experimenter",
+            "Doe, Jane",
+        ])
         .output()
         .expect("rigctl mouse add");
-    assert!(add.status.success(), "{}", String::from_utf8_lossy(&add.stderr));
-    let record = std::fs::read_to_string(data.join(MOUSE).join("subject.toml")).expect("subject.toml");
+    assert!(
+        add.status.success(),
+        "{}",
+        String::from_utf8_lossy(&add.stderr)
+    );
+    let record =
+        std::fs::read_to_string(data.join(MOUSE).join("subject.toml")).expect("subject.toml");
     assert!(record.contains("baseline_weight_g = 24.0"), "{record}");
 
     let mut folders: Vec<PathBuf> = Vec::new();
@@ -285,7 +337,18 @@ fn a_mouse_trains_for_two_weeks_on_two_rigs_through_a_crash() {
         let seed = (i + 1).to_string();
         let sim = Sim::start(
             &run,
-            &["--speed", "25", "--seed", &seed, "--prior-rewards", &prior, "--learning-rewards", "40", "--truth", truth.to_str().expect("utf-8")],
+            &[
+                "--speed",
+                "25",
+                "--seed",
+                &seed,
+                "--prior-rewards",
+                &prior,
+                "--learning-rewards",
+                "40",
+                "--truth",
+                truth.to_str().expect("utf-8"),
+            ],
         );
         let (config, socket) = write_config(&run, rig, &sim.link, &data, &protocol_path);
         let mut rigd_cmd = faked(&faketime, offset, &bin("rigd"));
@@ -299,21 +362,37 @@ fn a_mouse_trains_for_two_weeks_on_two_rigs_through_a_crash() {
             assert_eq!(code, 1, "{err}");
             assert!(err.contains("rigctl mouse add M99"), "{err}");
             // The welfare rule: 18 g is 75 % of 24 g, below 80 %.
-            let (code, _, err) = rigctl(&socket, &["start", "--mouse", MOUSE, "--weight-g", "18.0"]);
+            let (code, _, err) =
+                rigctl(&socket, &["start", "--mouse", MOUSE, "--weight-g", "18.0"]);
             assert_eq!(code, 1, "{err}");
-            assert!(err.contains("75.0 %") && err.contains("min_weight_pct"), "{err}");
+            assert!(
+                err.contains("75.0 %") && err.contains("min_weight_pct"),
+                "{err}"
+            );
             // --stage needs a reason.
-            let (code, _, err) = rigctl(&socket, &["start", "--mouse", MOUSE, "--stage", "s2-threshold"]);
+            let (code, _, err) = rigctl(
+                &socket,
+                &["start", "--mouse", MOUSE, "--stage", "s2-threshold"],
+            );
             assert_ne!(code, 0, "{err}");
         }
         let weight = format!("{:.1}", 23.0 - 0.1 * i as f64);
         let mut extra = vec!["--weight-g", weight.as_str(), "--operator", "tester"];
         if i == OVERRIDDEN {
-            extra.extend_from_slice(&["--stage", "s2-threshold", "--stage-reason", "check the imaging window at the easier stage"]);
+            extra.extend_from_slice(&[
+                "--stage",
+                "s2-threshold",
+                "--stage-reason",
+                "check the imaging window at the easier stage",
+            ]);
         }
         let started = start(&socket, &extra);
         let folder = PathBuf::from(started["session_dir"].as_str().expect("session_dir"));
-        assert_eq!(started["training_day"].as_u64(), Some(day as u64 + 1), "{started}");
+        assert_eq!(
+            started["training_day"].as_u64(),
+            Some(day as u64 + 1),
+            "{started}"
+        );
 
         if i == KILLED {
             // SIGKILL in the middle of the session.
@@ -335,7 +414,11 @@ fn a_mouse_trains_for_two_weeks_on_two_rigs_through_a_crash() {
             let rigd = Rigd::start_command(again, &socket);
             let deadline = Instant::now() + Duration::from_secs(60);
             while !folder.join("summary.json").exists() {
-                assert!(Instant::now() < deadline, "not recovered: {}", folder.display());
+                assert!(
+                    Instant::now() < deadline,
+                    "not recovered: {}",
+                    folder.display()
+                );
                 std::thread::sleep(Duration::from_millis(100));
             }
             stop_rigd(rigd);
@@ -356,7 +439,11 @@ fn a_mouse_trains_for_two_weeks_on_two_rigs_through_a_crash() {
                 .stdin(Stdio::null())
                 .output()
                 .expect("rigctl water give");
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         folders.push(folder);
         truths.push(truth);
@@ -366,17 +453,33 @@ fn a_mouse_trains_for_two_weeks_on_two_rigs_through_a_crash() {
     let rows = history(&config_a);
     assert_eq!(rows.len(), SESSIONS, "{rows:#?}");
     for (i, (row, folder)) in rows.iter().zip(&folders).enumerate() {
-        assert_eq!(row["folder"].as_str(), Some(folder.to_str().expect("utf-8")), "row {i}");
+        assert_eq!(
+            row["folder"].as_str(),
+            Some(folder.to_str().expect("utf-8")),
+            "row {i}"
+        );
         assert_eq!(row["rig"].as_str(), Some(RIGS[i % 2].name), "row {i}");
         let day = if i <= KILLED { i + 1 } else { i } as u64;
         assert_eq!(row["day"].as_u64(), Some(day), "row {i}: training day");
-        assert_eq!(row["weight_g"].as_f64(), Some(((230 - i) as f64) / 10.0), "row {i}");
+        assert_eq!(
+            row["weight_g"].as_f64(),
+            Some(((230 - i) as f64) / 10.0),
+            "row {i}"
+        );
         // The folder is named with the lab's local date.
-        let name = folder.file_name().expect("name").to_string_lossy().into_owned();
+        let name = folder
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
         assert_eq!(Some(&name[..10]), row["local_date"].as_str(), "row {i}");
     }
     let last_day = rows.last().expect("rows")["day"].as_u64();
-    assert_eq!(last_day, Some(SESSIONS as u64 - 1), "13 days, one with two sessions");
+    assert_eq!(
+        last_day,
+        Some(SESSIONS as u64 - 1),
+        "13 days, one with two sessions"
+    );
 
     // ---- stages by the rules (and the override, recorded) ----
     let mut seen = std::collections::BTreeSet::new();
@@ -388,18 +491,33 @@ fn a_mouse_trains_for_two_weeks_on_two_rigs_through_a_crash() {
         if i == OVERRIDDEN {
             assert_eq!(stage, "s2-threshold");
             assert_eq!(t["stage_override_by"].as_str(), Some("tester"));
-            assert!(t["stage_override_reason"].as_str().unwrap_or("").contains("imaging window"));
+            assert!(t["stage_override_reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("imaging window"));
             assert_eq!(t["stage_overridden_from"].as_str(), Some(by_rules.as_str()));
         } else {
-            assert_eq!(stage, by_rules, "session {}: {:?}", i + 1, t.get("stage_why"));
+            assert_eq!(
+                stage,
+                by_rules,
+                "session {}: {:?}",
+                i + 1,
+                t.get("stage_why")
+            );
             assert!(!t.contains_key("stage_override_by"));
         }
         assert_eq!(t["protocol"].as_str(), Some("lever-press-shaping"));
         assert_eq!(t["timezone"].as_str(), Some(ZONE));
     }
-    assert!(seen.len() >= 3, "the mouse reached the last stage: {seen:?}");
+    assert!(
+        seen.len() >= 3,
+        "the mouse reached the last stage: {seen:?}"
+    );
     // The protocol's hash is the file's.
-    let sha = Command::new("sha256sum").arg(&protocol_path).output().expect("sha256sum");
+    let sha = Command::new("sha256sum")
+        .arg(&protocol_path)
+        .output()
+        .expect("sha256sum");
     let sha = String::from_utf8_lossy(&sha.stdout);
     assert_eq!(
         training_table(&folders[0])["protocol_sha256"].as_str(),
@@ -410,18 +528,42 @@ fn a_mouse_trains_for_two_weeks_on_two_rigs_through_a_crash() {
     for (i, (folder, truth)) in folders.iter().zip(&truths).enumerate() {
         let s = summary(folder);
         let trials = read_tsv(&folder.join("trials.tsv"));
-        assert_eq!(s["trials"].as_u64(), Some(trials.len() as u64), "session {}", i + 1);
+        assert_eq!(
+            s["trials"].as_u64(),
+            Some(trials.len() as u64),
+            "session {}",
+            i + 1
+        );
         let rewarded = trials.iter().filter(|r| r["outcome"] == "rewarded").count();
-        assert_eq!(s["rewards"].as_u64(), Some(rewarded as u64), "session {}", i + 1);
-        let water: f64 = trials.iter().map(|r| r["reward_ul"].parse::<f64>().unwrap_or(0.0)).sum();
+        assert_eq!(
+            s["rewards"].as_u64(),
+            Some(rewarded as u64),
+            "session {}",
+            i + 1
+        );
+        let water: f64 = trials
+            .iter()
+            .map(|r| r["reward_ul"].parse::<f64>().unwrap_or(0.0))
+            .sum();
         assert!((s["water_ul"].as_f64().expect("water") - water).abs() < 1e-6);
-        let opened = read_tsv(truth).iter().filter(|r| r["kind"] == "valve_open").count();
+        let opened = read_tsv(truth)
+            .iter()
+            .filter(|r| r["kind"] == "valve_open")
+            .count();
         if i == KILLED {
             // At most the last second before the kill can be lost
             // (docs/session-format.md): one reward at most at this pace.
-            assert!(opened >= rewarded && opened - rewarded <= 1, "{opened} vs {rewarded}");
+            assert!(
+                opened >= rewarded && opened - rewarded <= 1,
+                "{opened} vs {rewarded}"
+            );
         } else {
-            assert_eq!(opened, rewarded, "session {}: every valve opening is a rewarded trial", i + 1);
+            assert_eq!(
+                opened,
+                rewarded,
+                "session {}: every valve opening is a rewarded trial",
+                i + 1
+            );
             assert_eq!(trials.len() as i64, TRIALS, "session {}", i + 1);
         }
         let check = Command::new("sha256sum")
@@ -429,37 +571,82 @@ fn a_mouse_trains_for_two_weeks_on_two_rigs_through_a_crash() {
             .current_dir(folder)
             .output()
             .expect("sha256sum");
-        assert!(check.status.success(), "{}: {}", folder.display(), String::from_utf8_lossy(&check.stdout));
+        assert!(
+            check.status.success(),
+            "{}: {}",
+            folder.display(),
+            String::from_utf8_lossy(&check.stdout)
+        );
     }
 
     // ---- water per lab-local day ----
     let mut by_day: std::collections::BTreeMap<String, f64> = Default::default();
     for folder in &folders {
-        let name = folder.file_name().expect("name").to_string_lossy().into_owned();
-        *by_day.entry(name[..10].to_owned()).or_default() += summary(folder)["water_ul"].as_f64().expect("water");
+        let name = folder
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        *by_day.entry(name[..10].to_owned()).or_default() +=
+            summary(folder)["water_ul"].as_f64().expect("water");
     }
     for (i, row) in rows.iter().enumerate() {
         let date = row["local_date"].as_str().expect("date");
         let task = row["day_task_water_ul"].as_f64().expect("task water");
-        assert!((task - by_day[date]).abs() < 1e-6, "row {i}: {task} vs {}", by_day[date]);
+        assert!(
+            (task - by_day[date]).abs() < 1e-6,
+            "row {i}: {task} vs {}",
+            by_day[date]
+        );
         let hand = row["day_by_hand_ul"].as_f64().expect("by hand");
         assert_eq!(hand, if i == 3 { 300.0 } else { 0.0 }, "row {i}");
         let owed = row["day_supplement_owed_ul"].as_f64().expect("owed");
-        assert!((owed - (1000.0 - task - hand).max(0.0)).abs() < 1e-6, "row {i}");
+        assert!(
+            (owed - (1000.0 - task - hand).max(0.0)).abs() < 1e-6,
+            "row {i}"
+        );
     }
     // The second session of the shared day counted the first one's water
     // (the daily cap and the supplement use the lab's day).
-    let first = summary(&folders[KILLED])["water_ul"].as_f64().expect("water");
+    let first = summary(&folders[KILLED])["water_ul"]
+        .as_f64()
+        .expect("water");
     let second = summary(&folders[KILLED + 1]);
     let today = second["water_today_ul"].as_f64().expect("water today");
-    assert!((today - first - second["water_ul"].as_f64().expect("water")).abs() < 1e-6, "{second}");
+    assert!(
+        (today - first - second["water_ul"].as_f64().expect("water")).abs() < 1e-6,
+        "{second}"
+    );
 
     // ---- the learning curve rises ----
     let col = |k: &str| -> Vec<f64> { rows.iter().filter_map(|r| r[k].as_f64()).collect() };
-    let clean: Vec<&serde_json::Value> = rows.iter().enumerate().filter(|(i, _)| *i != KILLED).map(|(_, r)| r).collect();
-    let early = |k: &str| mean(&clean[..3].iter().filter_map(|r| r[k].as_f64()).collect::<Vec<_>>());
-    let late = |k: &str| mean(&clean[clean.len() - 3..].iter().filter_map(|r| r[k].as_f64()).collect::<Vec<_>>());
-    assert!(late("success_rate") > early("success_rate"), "success {:?}", col("success_rate"));
+    let clean: Vec<&serde_json::Value> = rows
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != KILLED)
+        .map(|(_, r)| r)
+        .collect();
+    let early = |k: &str| {
+        mean(
+            &clean[..3]
+                .iter()
+                .filter_map(|r| r[k].as_f64())
+                .collect::<Vec<_>>(),
+        )
+    };
+    let late = |k: &str| {
+        mean(
+            &clean[clean.len() - 3..]
+                .iter()
+                .filter_map(|r| r[k].as_f64())
+                .collect::<Vec<_>>(),
+        )
+    };
+    assert!(
+        late("success_rate") > early("success_rate"),
+        "success {:?}",
+        col("success_rate")
+    );
     assert!(
         late("reaction_time_median_s") < early("reaction_time_median_s"),
         "reaction time {:?}",
@@ -480,7 +667,11 @@ fn a_mouse_trains_for_two_weeks_on_two_rigs_through_a_crash() {
         .arg(&report)
         .output()
         .expect("rigctl report");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let html = std::fs::read_to_string(&report).expect("report");
     for banned in ["<script", "src=", "href=", "url("] {
         assert!(!html.contains(banned), "the report loads {banned}");
@@ -506,7 +697,10 @@ fn screenshot(report: &Path) {
             "RIG_REQUIRE_BROWSER=1 but there is no browser at {}",
             browser.display()
         );
-        eprintln!("SKIP report screenshot: no browser at {}", browser.display());
+        eprintln!(
+            "SKIP report screenshot: no browser at {}",
+            browser.display()
+        );
         return;
     }
     let target = std::env::current_exe()
@@ -552,7 +746,11 @@ fn screenshot(report: &Path) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let bytes = std::fs::read(&png).unwrap_or_else(|e| panic!("no screenshot at {}: {e}", png.display()));
-    assert!(bytes.starts_with(b"\x89PNG") && bytes.len() > 10_000, "bad screenshot");
+    let bytes =
+        std::fs::read(&png).unwrap_or_else(|e| panic!("no screenshot at {}: {e}", png.display()));
+    assert!(
+        bytes.starts_with(b"\x89PNG") && bytes.len() > 10_000,
+        "bad screenshot"
+    );
     eprintln!("screenshot: {}", png.display());
 }

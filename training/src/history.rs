@@ -142,9 +142,12 @@ fn read_row(dir: &Path, zone: &LabZone) -> Result<SessionRow, String> {
     let text = std::fs::read_to_string(&meta_path).map_err(|e| format!("no session.toml: {e}"))?;
     let meta: MetaView =
         toml::from_str(&text).map_err(|e| format!("session.toml: {}", e.message().trim_end()))?;
-    let local_date = zone
-        .local_date_of_rfc3339(&meta.start_utc)
-        .ok_or_else(|| format!("session.toml: start_utc = {:?} is not a time", meta.start_utc))?;
+    let local_date = zone.local_date_of_rfc3339(&meta.start_utc).ok_or_else(|| {
+        format!(
+            "session.toml: start_utc = {:?} is not a time",
+            meta.start_utc
+        )
+    })?;
     let mut row = SessionRow {
         dir: dir.to_owned(),
         start_utc: meta.start_utc,
@@ -167,8 +170,14 @@ fn read_row(dir: &Path, zone: &LabZone) -> Result<SessionRow, String> {
     match summary {
         Some(s) => {
             let f = |k: &str| s.get(k).and_then(serde_json::Value::as_f64);
-            row.trials = s.get("trials").and_then(serde_json::Value::as_u64).unwrap_or(0);
-            row.rewards = s.get("rewards").and_then(serde_json::Value::as_u64).unwrap_or(0);
+            row.trials = s
+                .get("trials")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0);
+            row.rewards = s
+                .get("rewards")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0);
             row.success_rate = f("success_rate");
             row.reaction_time_median_s = f("reaction_time_median_s");
             row.cue_to_reward_median_s = f("cue_to_reward_median_s");
@@ -209,12 +218,17 @@ fn count_trials(path: &Path) -> (u64, u64, f64) {
     let (mut trials, mut rewards, mut water) = (0, 0, 0.0);
     for l in lines {
         let cells: Vec<&str> = l.split('\t').collect();
-        let Some(o) = cells.get(outcome) else { continue };
+        let Some(o) = cells.get(outcome) else {
+            continue;
+        };
         trials += 1;
         if *o == "rewarded" {
             rewards += 1;
         }
-        if let Some(ul) = reward.and_then(|c| cells.get(c)).and_then(|v| v.parse::<f64>().ok()) {
+        if let Some(ul) = reward
+            .and_then(|c| cells.get(c))
+            .and_then(|v| v.parse::<f64>().ok())
+        {
             if ul.is_finite() && ul >= 0.0 {
                 water += ul;
             }

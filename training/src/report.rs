@@ -28,8 +28,19 @@ const PAD_R: f64 = 12.0;
 
 /// A line chart of one measure per session (x = session number); missing
 /// values leave a gap. The points carry their value in `data-value`.
-fn line_chart(id: &str, title: &str, unit: &str, values: &[Option<f64>], fixed: Option<(f64, f64)>) -> String {
-    let finite: Vec<f64> = values.iter().flatten().copied().filter(|v| v.is_finite()).collect();
+fn line_chart(
+    id: &str,
+    title: &str,
+    unit: &str,
+    values: &[Option<f64>],
+    fixed: Option<(f64, f64)>,
+) -> String {
+    let finite: Vec<f64> = values
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|v| v.is_finite())
+        .collect();
     let (lo, hi) = fixed.unwrap_or_else(|| {
         let lo = finite.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = finite.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -42,7 +53,15 @@ fn line_chart(id: &str, title: &str, unit: &str, values: &[Option<f64>], fixed: 
         }
     });
     let n = values.len().max(1);
-    let x = |i: usize| PAD_L + (W - PAD_L - PAD_R) * if n > 1 { i as f64 / (n - 1) as f64 } else { 0.5 };
+    let x = |i: usize| {
+        PAD_L
+            + (W - PAD_L - PAD_R)
+                * if n > 1 {
+                    i as f64 / (n - 1) as f64
+                } else {
+                    0.5
+                }
+    };
     let y = |v: f64| PAD_T + (H - PAD_T - PAD_B) * (1.0 - (v - lo) / (hi - lo));
     let mut s = String::new();
     let _ = write!(
@@ -79,7 +98,13 @@ fn line_chart(id: &str, title: &str, unit: &str, values: &[Option<f64>], fixed: 
     for (i, v) in values.iter().enumerate() {
         match v.filter(|v| v.is_finite()) {
             Some(v) => {
-                let _ = write!(path, "{}{:.1},{:.1} ", if pen_down { "L" } else { "M" }, x(i), y(v));
+                let _ = write!(
+                    path,
+                    "{}{:.1},{:.1} ",
+                    if pen_down { "L" } else { "M" },
+                    x(i),
+                    y(v)
+                );
                 pen_down = true;
             }
             None => pen_down = false,
@@ -145,7 +170,10 @@ fn session_rts(row: &SessionRow) -> Vec<f64> {
     match session_format::read_trials(&row.dir.join("trials.tsv")) {
         Ok((trials, _)) => trials
             .iter()
-            .filter_map(|t| t.t_response_us.map(|r| r.saturating_sub(t.t_cue_us) as f64 / 1e6))
+            .filter_map(|t| {
+                t.t_response_us
+                    .map(|r| r.saturating_sub(t.t_cue_us) as f64 / 1e6)
+            })
             .collect(),
         Err(_) => Vec::new(),
     }
@@ -174,9 +202,9 @@ pub fn report_html(
         m = esc(mouse)
     );
     if let Some(s) = subject {
-        let _ = write!(
+        let _ = writeln!(
             h,
-            "<p id=\"subject\">{} · {} · born {} · {} {} · baseline {:.1} g · {}</p>\n",
+            "<p id=\"subject\">{} · {} · born {} · {} {} · baseline {:.1} g · {}</p>",
             esc(&s.species),
             esc(&s.sex),
             esc(&s.date_of_birth),
@@ -193,11 +221,41 @@ pub fn report_html(
         esc(generated_utc)
     );
     let col = |f: &dyn Fn(&SessionRow) -> Option<f64>| rows.iter().map(f).collect::<Vec<_>>();
-    h.push_str(&line_chart("success", "Success rate", "fraction", &col(&|r| r.success_rate), Some((0.0, 1.0))));
-    h.push_str(&line_chart("reaction_time", "Reaction time, median", "s", &col(&|r| r.reaction_time_median_s), None));
-    h.push_str(&line_chart("cue_to_reward", "Cue to reward, median", "s", &col(&|r| r.cue_to_reward_median_s), None));
-    h.push_str(&line_chart("trajectory_corr", "Trajectory correlation, median", "r", &col(&|r| r.trajectory_corr_median), Some((-0.2, 1.0))));
-    h.push_str(&line_chart("trials", "Trials", "count", &col(&|r| Some(r.trials as f64)), None));
+    h.push_str(&line_chart(
+        "success",
+        "Success rate",
+        "fraction",
+        &col(&|r| r.success_rate),
+        Some((0.0, 1.0)),
+    ));
+    h.push_str(&line_chart(
+        "reaction_time",
+        "Reaction time, median",
+        "s",
+        &col(&|r| r.reaction_time_median_s),
+        None,
+    ));
+    h.push_str(&line_chart(
+        "cue_to_reward",
+        "Cue to reward, median",
+        "s",
+        &col(&|r| r.cue_to_reward_median_s),
+        None,
+    ));
+    h.push_str(&line_chart(
+        "trajectory_corr",
+        "Trajectory correlation, median",
+        "r",
+        &col(&|r| r.trajectory_corr_median),
+        Some((-0.2, 1.0)),
+    ));
+    h.push_str(&line_chart(
+        "trials",
+        "Trials",
+        "count",
+        &col(&|r| Some(r.trials as f64)),
+        None,
+    ));
     h.push_str(&line_chart(
         "weight",
         "Weight",
@@ -214,7 +272,8 @@ pub fn report_html(
             w.task_ul,
             w.by_hand_ul,
             w.total_ul(),
-            w.supplement_owed_ul.map_or("-".into(), |s| format!("{s:.1}"))
+            w.supplement_owed_ul
+                .map_or("-".into(), |s| format!("{s:.1}"))
         );
     }
     h.push_str("</table>\n<h2>Sessions</h2>\n<table id=\"history\"><tr><th>#</th><th>date</th><th>day</th><th>stage</th><th>rig</th><th>trials</th><th>success</th><th>reaction time s</th><th>cue to reward s</th><th>trajectory r</th><th>water µL</th><th>weight g</th><th>state</th></tr>\n");
@@ -239,12 +298,14 @@ pub fn report_html(
             esc(&r.state)
         );
     }
-    h.push_str("</table>\n<h2>Cue to threshold crossing, per session</h2>\n<div class=\"sessions\">\n");
+    h.push_str(
+        "</table>\n<h2>Cue to threshold crossing, per session</h2>\n<div class=\"sessions\">\n",
+    );
     for (i, r) in rows.iter().enumerate() {
         let rts = session_rts(r);
-        let _ = write!(
+        let _ = writeln!(
             h,
-            "<div class=\"session\"><div>#{} {} {} ({} crossings)</div>{}</div>\n",
+            "<div class=\"session\"><div>#{} {} {} ({} crossings)</div>{}</div>",
             i + 1,
             esc(&r.local_date),
             esc(r.stage().unwrap_or("")),

@@ -120,7 +120,9 @@ impl Criterion {
         if let Some(x) = self.min_trajectory_corr {
             let c = bound(m.trajectory_corr_median, "trajectory correlation")?;
             if c < x {
-                return Err(format!("trajectory correlation {c:.2} < min_trajectory_corr {x}"));
+                return Err(format!(
+                    "trajectory correlation {c:.2} < min_trajectory_corr {x}"
+                ));
             }
         }
         Ok(())
@@ -130,7 +132,10 @@ impl Criterion {
     /// first, the consecutive run ending with the latest).
     pub fn holds(&self, recent: &[SessionMeasures]) -> bool {
         let k = self.sessions as usize;
-        recent.len() >= k && recent[recent.len() - k..].iter().all(|m| self.check(m).is_ok())
+        recent.len() >= k
+            && recent[recent.len() - k..]
+                .iter()
+                .all(|m| self.check(m).is_ok())
     }
 }
 
@@ -207,7 +212,11 @@ impl Protocol {
 
     /// The stage called `name`, with its index.
     pub fn stage(&self, name: &str) -> Option<(usize, &Stage)> {
-        self.file.stages.iter().enumerate().find(|(_, s)| s.name == name)
+        self.file
+            .stages
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.name == name)
     }
 
     /// The stage names, for messages.
@@ -285,21 +294,36 @@ fn check(path: &Path, p: &ProtocolFile) -> Result<(), ProtocolError> {
                     &format!("must be 1..={MAX_CRITERION_SESSIONS}"),
                 ));
             }
-            for (k, v) in [("min_success", c.min_success), ("max_success", c.max_success)] {
+            for (k, v) in [
+                ("min_success", c.min_success),
+                ("max_success", c.max_success),
+            ] {
                 if let Some(v) = v {
                     if !(0.0..=1.0).contains(&v) {
-                        return Err(rule(key(k), v.to_string(), "must be a fraction 0..=1 (0.7, not 70)"));
+                        return Err(rule(
+                            key(k),
+                            v.to_string(),
+                            "must be a fraction 0..=1 (0.7, not 70)",
+                        ));
                     }
                 }
             }
             if let Some(v) = c.max_reaction_time_s {
                 if !(v.is_finite() && v > 0.0) {
-                    return Err(rule(key("max_reaction_time_s"), v.to_string(), "must be > 0 s"));
+                    return Err(rule(
+                        key("max_reaction_time_s"),
+                        v.to_string(),
+                        "must be > 0 s",
+                    ));
                 }
             }
             if let Some(v) = c.min_trajectory_corr {
                 if !(-1.0..=1.0).contains(&v) {
-                    return Err(rule(key("min_trajectory_corr"), v.to_string(), "must be -1..=1"));
+                    return Err(rule(
+                        key("min_trajectory_corr"),
+                        v.to_string(),
+                        "must be -1..=1",
+                    ));
                 }
             }
             if c.min_trials.is_none()

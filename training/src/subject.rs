@@ -121,7 +121,11 @@ pub fn parse_date(text: &str) -> Option<jiff::civil::Date> {
 impl Subject {
     /// Every field's rule; `path` is named in the errors. `today` (the lab's
     /// local date) bounds the date of birth.
-    pub fn validate(&self, path: &Path, today: Option<jiff::civil::Date>) -> Result<(), SubjectError> {
+    pub fn validate(
+        &self,
+        path: &Path,
+        today: Option<jiff::civil::Date>,
+    ) -> Result<(), SubjectError> {
         if let Err(e) = protocol::control::validate_mouse_id(&self.id) {
             return Err(field(path, "id", format!("{:?}", self.id), &e.to_string()));
         }
@@ -179,7 +183,9 @@ impl Subject {
                 path,
                 "baseline_weight_g",
                 self.baseline_weight_g,
-                &format!("must be a weight in grams, {lo}..={hi} (the weight before water restriction)"),
+                &format!(
+                    "must be a weight in grams, {lo}..={hi} (the weight before water restriction)"
+                ),
             ));
         }
         for (name, text) in [
@@ -231,10 +237,12 @@ impl Subject {
 
     /// Parse a record's text (the date of birth may be a TOML date or a string).
     pub fn parse(path: &Path, text: &str) -> Result<Subject, SubjectError> {
-        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| SubjectError::Syntax {
-            path: path.to_owned(),
-            reason: e.message().to_owned(),
-        })?;
+        let mut table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| SubjectError::Syntax {
+                    path: path.to_owned(),
+                    reason: e.message().to_owned(),
+                })?;
         if let Some(toml::Value::Datetime(d)) = table.get("date_of_birth") {
             let s = d.to_string();
             table.insert("date_of_birth".into(), toml::Value::String(s));
@@ -310,7 +318,12 @@ pub fn list(data_root: &Path) -> Result<Vec<Result<Subject, SubjectError>>, Subj
 /// Write a record (new: refuses to replace an existing one; otherwise
 /// replaces it), crash-safely. The mouse's folder is created if needed; the
 /// data root must exist.
-pub fn write(data_root: &Path, subject: &Subject, new: bool, today: Option<jiff::civil::Date>) -> Result<PathBuf, SubjectError> {
+pub fn write(
+    data_root: &Path,
+    subject: &Subject,
+    new: bool,
+    today: Option<jiff::civil::Date>,
+) -> Result<PathBuf, SubjectError> {
     let path = subject_path(data_root, &subject.id);
     subject.validate(&path, today)?;
     if !data_root.is_dir() {
@@ -325,7 +338,9 @@ pub fn write(data_root: &Path, subject: &Subject, new: bool, today: Option<jiff:
     }
     let dir = data_root.join(&subject.id);
     match std::fs::create_dir(&dir) {
-        Ok(()) => crate::fsio::sync_dir(data_root).map_err(|e| SubjectError::io("fsync", data_root, e))?,
+        Ok(()) => {
+            crate::fsio::sync_dir(data_root).map_err(|e| SubjectError::io("fsync", data_root, e))?
+        }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(SubjectError::io("create folder", &dir, e)),
     }

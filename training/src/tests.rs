@@ -43,7 +43,10 @@ fn the_example_protocol_loads_and_its_stages_follow_the_rules() {
     let d = decide(&p, &[s("s1-shaping", m(120, 0.8, 1.0))]).unwrap();
     assert_eq!(d.name, "s2-threshold");
     // s2 needs two consecutive good sessions at s2: one is not enough.
-    let mut past = vec![s("s1-shaping", m(120, 0.8, 1.0)), s("s2-threshold", m(150, 0.9, 0.8))];
+    let mut past = vec![
+        s("s1-shaping", m(120, 0.8, 1.0)),
+        s("s2-threshold", m(150, 0.9, 0.8)),
+    ];
     assert_eq!(decide(&p, &past).unwrap().name, "s2-threshold");
     // A bad one between resets the count.
     past.push(s("s2-threshold", m(150, 0.5, 0.8)));
@@ -52,15 +55,26 @@ fn the_example_protocol_loads_and_its_stages_follow_the_rules() {
     past.push(s("s2-threshold", m(150, 0.9, 1.2)));
     assert_eq!(decide(&p, &past).unwrap().name, "s3-full-task");
     // Reaction time too slow in the last one: stays.
-    let slow = vec![s("s2-threshold", m(150, 0.9, 0.8)), s("s2-threshold", m(150, 0.9, 2.0))];
+    let slow = vec![
+        s("s2-threshold", m(150, 0.9, 0.8)),
+        s("s2-threshold", m(150, 0.9, 2.0)),
+    ];
     let d = decide(&p, &slow).unwrap();
     assert_eq!(d.name, "s2-threshold");
     assert!(d.why.contains("reaction time"), "{}", d.why);
     // Regression: two failing sessions at s3 go back to s2.
-    let bad = vec![s("s3-full-task", m(100, 0.2, 3.0)), s("s3-full-task", m(100, 0.25, 3.0))];
+    let bad = vec![
+        s("s3-full-task", m(100, 0.2, 3.0)),
+        s("s3-full-task", m(100, 0.25, 3.0)),
+    ];
     assert_eq!(decide(&p, &bad).unwrap().name, "s2-threshold");
     // The last stage stays.
-    assert_eq!(decide(&p, &[s("s3-full-task", m(300, 0.95, 0.4))]).unwrap().name, "s3-full-task");
+    assert_eq!(
+        decide(&p, &[s("s3-full-task", m(300, 0.95, 0.4))])
+            .unwrap()
+            .name,
+        "s3-full-task"
+    );
     // A stage the protocol does not have: a clear error naming --stage.
     let e = decide(&p, &[s("old-stage", m(1, 1.0, 1.0))]).unwrap_err();
     assert!(e.contains("--stage") && e.contains("s1-shaping"), "{e}");
@@ -92,7 +106,10 @@ fn a_bad_protocol_is_refused_with_file_key_value_and_rule() {
     ];
     for (text, want) in cases {
         let e = Protocol::parse(path, text).unwrap_err().to_string();
-        assert!(e.contains("/x/protocol.toml") && e.contains(want), "{want}: {e}");
+        assert!(
+            e.contains("/x/protocol.toml") && e.contains(want),
+            "{want}: {e}"
+        );
     }
 }
 
@@ -127,7 +144,9 @@ fn a_subject_record_round_trips_and_reads_like_the_nwb_exports_file() {
     // No temporary file left behind.
     assert!(!root.join("M12/subject.toml.tmp").exists());
     // Adding it again is refused, naming edit.
-    let e = subject::write(&root, &s, true, None).unwrap_err().to_string();
+    let e = subject::write(&root, &s, true, None)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("rigctl mouse edit M12"), "{e}");
     // The file tests/tests/nwb.rs writes reads too.
     std::fs::create_dir_all(root.join("M7")).unwrap();
@@ -158,10 +177,22 @@ fn every_subject_field_is_checked() {
     let cases: Vec<(Box<dyn Fn(&mut Subject)>, &str)> = vec![
         (Box::new(|s| s.sex = "female".into()), "sex = \"female\""),
         (Box::new(|s| s.species = " ".into()), "species"),
-        (Box::new(|s| s.date_of_birth = "2026-13-01".into()), "date_of_birth"),
-        (Box::new(|s| s.date_of_birth = "2027-01-01".into()), "after today"),
-        (Box::new(|s| s.baseline_weight_g = 245.0), "baseline_weight_g = 245"),
-        (Box::new(|s| s.baseline_weight_g = f64::NAN), "baseline_weight_g"),
+        (
+            Box::new(|s| s.date_of_birth = "2026-13-01".into()),
+            "date_of_birth",
+        ),
+        (
+            Box::new(|s| s.date_of_birth = "2027-01-01".into()),
+            "after today",
+        ),
+        (
+            Box::new(|s| s.baseline_weight_g = 245.0),
+            "baseline_weight_g = 245",
+        ),
+        (
+            Box::new(|s| s.baseline_weight_g = f64::NAN),
+            "baseline_weight_g",
+        ),
         (Box::new(|s| s.id = "M13".into()), "folder name"),
         (Box::new(|s| s.age = Some("90 days".into())), "age"),
     ];
@@ -169,7 +200,10 @@ fn every_subject_field_is_checked() {
         let mut s = mouse("M12");
         change(&mut s);
         let e = s.validate(p, today).unwrap_err().to_string();
-        assert!(e.contains("/data/M12/subject.toml") && e.contains(want), "{want}: {e}");
+        assert!(
+            e.contains("/data/M12/subject.toml") && e.contains(want),
+            "{want}: {e}"
+        );
     }
     assert!(mouse("M12").validate(p, today).is_ok());
 }
@@ -195,8 +229,22 @@ fn history_days_and_water_are_counted_in_the_labs_zone() {
     // which is the next UTC day), one the next day, and one without a
     // summary (a crash not yet recovered): counted from trials.tsv.
     session(&root, "M1", "2026-07-01_090000", "2026-07-01T16:00:00Z", "[training]\nday = 1\nlocal_date = \"2026-07-01\"\ntimezone = \"America/Los_Angeles\"\nstage = \"s1\"\nweight_g = 22.0\n", r#"{"trials": 100, "rewards": 80, "water_ul": 320.0, "success_rate": 0.8}"#);
-    session(&root, "M1", "2026-07-01_170000", "2026-07-02T00:30:00Z", "", r#"{"trials": 10, "rewards": 5, "water_ul": 20.0, "success_rate": 0.5}"#);
-    session(&root, "M1", "2026-07-02_090000", "2026-07-02T16:00:00Z", "", "");
+    session(
+        &root,
+        "M1",
+        "2026-07-01_170000",
+        "2026-07-02T00:30:00Z",
+        "",
+        r#"{"trials": 10, "rewards": 5, "water_ul": 20.0, "success_rate": 0.5}"#,
+    );
+    session(
+        &root,
+        "M1",
+        "2026-07-02_090000",
+        "2026-07-02T16:00:00Z",
+        "",
+        "",
+    );
     std::fs::write(
         root.join("M1/2026-07-02_090000/trials.tsv"),
         "trial\tt_start_s\tt_cue_s\tt_response_s\toutcome\tt_reward_s\treward_ul\n1\t0\t1\t1.5\trewarded\t1.5\t4.0\n2\t3\t4\t\tmiss\t\t0\n",
@@ -248,7 +296,8 @@ fn water_given_by_hand_is_appended_and_a_torn_line_is_not_counted() {
     let z = LabZone::utc();
     assert!(crate::water::give(&root, "M1", &z, 100.0, "supplement", "me", "").is_err());
     std::fs::create_dir_all(root.join("M1")).unwrap();
-    let g = crate::water::give(&root, "M1", &z, 250.0, "supplement", "me", "after\tsession").unwrap();
+    let g =
+        crate::water::give(&root, "M1", &z, 250.0, "supplement", "me", "after\tsession").unwrap();
     crate::water::give(&root, "M1", &z, 12.5, "pulse", "me", "").unwrap();
     for bad in [0.0, -5.0, f64::NAN, 1e6] {
         assert!(crate::water::give(&root, "M1", &z, bad, "supplement", "me", "").is_err());
@@ -256,11 +305,17 @@ fn water_given_by_hand_is_appended_and_a_torn_line_is_not_counted() {
     assert!(crate::water::give(&root, "M1", &z, 5.0, "bath", "me", "").is_err());
     // A crash mid-line: no newline, not counted.
     use std::io::Write;
-    let mut f = std::fs::OpenOptions::new().append(true).open(root.join("M1/water.tsv")).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(root.join("M1/water.tsv"))
+        .unwrap();
     f.write_all(b"2026-01-01T00:00:00Z\t2026").unwrap();
     let (gifts, bad) = crate::water::gifts(&root, "M1");
     assert_eq!((gifts.len(), bad), (2, 0));
     assert_eq!(gifts[0].note, "after session");
-    assert_eq!(crate::water::by_hand_on_day(&root, "M1", &g.local_date), 262.5);
+    assert_eq!(
+        crate::water::by_hand_on_day(&root, "M1", &g.local_date),
+        262.5
+    );
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -40,7 +40,9 @@ impl LabZone {
     }
 
     fn zoned(&self, t: SystemTime) -> Option<jiff::Zoned> {
-        jiff::Timestamp::try_from(t).ok().map(|ts| ts.to_zoned(self.tz.clone()))
+        jiff::Timestamp::try_from(t)
+            .ok()
+            .map(|ts| ts.to_zoned(self.tz.clone()))
     }
 
     /// The local date of `t`, `YYYY-MM-DD`.
@@ -74,7 +76,11 @@ impl LabZone {
     /// An RFC 3339 time as local `YYYY-MM-DD HH:MM`.
     pub fn local_minute_of_rfc3339(&self, text: &str) -> Option<String> {
         let ts: jiff::Timestamp = text.parse().ok()?;
-        Some(ts.to_zoned(self.tz.clone()).strftime("%Y-%m-%d %H:%M").to_string())
+        Some(
+            ts.to_zoned(self.tz.clone())
+                .strftime("%Y-%m-%d %H:%M")
+                .to_string(),
+        )
     }
 }
 
@@ -93,7 +99,8 @@ mod tests {
         assert_eq!(la.local_date(t), "2026-07-01");
         assert_eq!(la.offset_s(t), -7 * 3600);
         assert_eq!(
-            la.local_date_of_rfc3339("2026-07-02T01:30:00.000000Z").unwrap(),
+            la.local_date_of_rfc3339("2026-07-02T01:30:00.000000Z")
+                .unwrap(),
             "2026-07-01"
         );
         // Winter: PST, UTC-8.
@@ -101,6 +108,8 @@ mod tests {
             la.local_date_of_rfc3339("2026-12-02T07:59:59Z").unwrap(),
             "2026-12-01"
         );
-        assert!(LabZone::new("America/Los_Angles").unwrap_err().contains("IANA"));
+        assert!(LabZone::new("America/Los_Angles")
+            .unwrap_err()
+            .contains("IANA"));
     }
 }

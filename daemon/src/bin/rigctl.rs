@@ -373,7 +373,10 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 if let Some(day) = v["training_day"].as_u64() {
                     print!("  training day {day}");
                     if let Some(stage) = v["stage"].as_str() {
-                        print!("   stage {stage} ({})", v["stage_why"].as_str().unwrap_or(""));
+                        print!(
+                            "   stage {stage} ({})",
+                            v["stage_why"].as_str().unwrap_or("")
+                        );
                     }
                     println!();
                 }
@@ -578,8 +581,8 @@ fn recover(dir: &Path, json: bool) -> Result<ExitCode, Failure> {
 /// The commands that work on the data root (daemon::training_cli says why).
 fn training_command(cli: Cli) -> Result<ExitCode, Failure> {
     use daemon::training_cli as t;
-    let ctx = t::Ctx::resolve(cli.config.as_deref(), cli.data_root.as_deref())
-        .map_err(Failure::Usage)?;
+    let ctx =
+        t::Ctx::resolve(cli.config.as_deref(), cli.data_root.as_deref()).map_err(Failure::Usage)?;
     let json = cli.json;
     let refused = |e: String| Failure::Refused(e);
     match cli.command {
@@ -604,7 +607,11 @@ fn training_command(cli: Cli) -> Result<ExitCode, Failure> {
             MouseCmd::List => print!("{}", t::mouse_list(&ctx).map_err(refused)?),
         },
         Cmd::History { mouse } => {
-            let (rows, ledger, notes) = t::history(&ctx, &mouse).map_err(refused)?;
+            let t::History {
+                rows,
+                ledger,
+                notes,
+            } = t::history(&ctx, &mouse).map_err(refused)?;
             if json {
                 println!("{}", training::table::history_json(&rows, &ledger));
             } else {
@@ -616,7 +623,7 @@ fn training_command(cli: Cli) -> Result<ExitCode, Failure> {
             }
         }
         Cmd::Report { mouse, out } => {
-            let (rows, ledger, _) = t::history(&ctx, &mouse).map_err(refused)?;
+            let t::History { rows, ledger, .. } = t::history(&ctx, &mouse).map_err(refused)?;
             let subject = training::subject::read(&ctx.data_root, &mouse).ok();
             let now = session_format::rfc3339_utc(std::time::SystemTime::now());
             let html =
@@ -637,8 +644,9 @@ fn training_command(cli: Cli) -> Result<ExitCode, Failure> {
                 let by = by
                     .or_else(|| std::env::var("USER").ok())
                     .unwrap_or_default();
-                let g = training::water::give(&ctx.data_root, &mouse, &ctx.zone, ul, &kind, &by, &note)
-                    .map_err(refused)?;
+                let g =
+                    training::water::give(&ctx.data_root, &mouse, &ctx.zone, ul, &kind, &by, &note)
+                        .map_err(refused)?;
                 let day = training::water::by_hand_on_day(&ctx.data_root, &mouse, &g.local_date);
                 println!(
                     "{mouse}: {:.1} µL ({}) on {} ({}); by hand that day: {day:.1} µL",

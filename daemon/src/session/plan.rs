@@ -262,8 +262,8 @@ mod tests {
             mouse: mouse.into(),
             notes: Some("day 3".into()),
             task: None,
+            ..Default::default()
         }
-        ..Default::default()
     }
 
     fn refusal(facts: &StartFacts, req: &StartRequest) -> StartError {

@@ -388,7 +388,9 @@ impl Supervisor {
         }
         let mut plan = SessionPlan::new(&self.cfg, &req, &facts)?;
         plan.utc_offset_s = zone.offset_s(now);
-        plan.training = trained.as_ref().and_then(|t| training::record_table(&t.record));
+        plan.training = trained
+            .as_ref()
+            .and_then(|t| training::record_table(&t.record));
         let t0_us = plan.t0_us;
         let id = SessionId(self.next_id);
         self.next_id += 1;

@@ -87,8 +87,13 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
     cfg.training = Some(rig_config::TrainingSection::default());
     if let Err(training::SubjectError::Unknown { .. }) = training::subject::read(&data, &opts.mouse)
     {
-        training::subject::write(&data, &training::subject::demo_subject(&opts.mouse), true, None)
-            .map_err(|e| anyhow::anyhow!("cannot write the demo mouse's record: {e}"))?;
+        training::subject::write(
+            &data,
+            &training::subject::demo_subject(&opts.mouse),
+            true,
+            None,
+        )
+        .map_err(|e| anyhow::anyhow!("cannot write the demo mouse's record: {e}"))?;
     }
     // The preview page on a free loopback port (printed at start).
     cfg.preview.enabled = true;
