@@ -183,3 +183,135 @@ pub(super) fn record_table(record: &TrainingRecord) -> Option<toml::Table> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use rig_config::TrainingSection;
+
+    fn setup(name: &str) -> (std::path::PathBuf, RigConfig) {
+        let root =
+            std::env::temp_dir().join(format!("rigd-sv-training-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let mut cfg = RigConfig::default();
+        cfg.storage.data_root = root.clone();
+        cfg.training = Some(TrainingSection::default());
+        (root, cfg)
+    }
+
+    fn req(mouse: &str) -> StartRequest {
+        StartRequest {
+            mouse: mouse.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_mouse_record_and_the_welfare_rule_decide_a_start() {
+        let (root, mut cfg) = setup("welfare");
+        let zone = LabZone::utc();
+        let now = SystemTime::now();
+        // Unknown mouse: refused with the command that adds it.
+        let e = prepare(&cfg, &req("M1"), &zone, now).unwrap_err();
+        assert!(matches!(e, StartError::UnknownMouse(_)));
+        assert!(e.to_string().contains("rigctl mouse add M1"), "{e}");
+        training::subject::write(&root, &training::subject::demo_subject("M1"), true, None)
+            .unwrap();
+        // 18 g of a 24 g baseline is 75 %: refused by default.
+        let heavy = StartRequest {
+            weight_g: Some(18.0),
+            ..req("M1")
+        };
+        let e = prepare(&cfg, &heavy, &zone, now).unwrap_err();
+        assert!(matches!(e, StartError::Welfare(_)), "{e}");
+        assert!(e.to_string().contains("75.0 %"), "{e}");
+        // Warn instead: the start goes on, with the warning and the weight.
+        cfg.training.as_mut().unwrap().low_weight = LowWeightAction::Warn;
+        let t = prepare(&cfg, &heavy, &zone, now).unwrap();
+        assert_eq!(t.warnings.len(), 1);
+        assert_eq!(t.record.weight_g, Some(18.0));
+        assert_eq!(t.record.weight_pct_of_baseline, Some(75.0));
+        assert_eq!(t.record.day, 1);
+        // A weight required and not given.
+        cfg.training.as_mut().unwrap().require_weight = true;
+        assert!(matches!(
+            prepare(&cfg, &req("M1"), &zone, now).unwrap_err(),
+            StartError::Welfare(_)
+        ));
+        // Without [training], any mouse and no stage.
+        cfg.training = None;
+        let t = prepare(&cfg, &req("M2"), &zone, now).unwrap();
+        assert!(t.record.stage.is_none());
+        let staged = StartRequest {
+            stage: Some("s1".into()),
+            stage_reason: Some("why".into()),
+            ..req("M2")
+        };
+        assert!(matches!(
+            prepare(&cfg, &staged, &zone, now).unwrap_err(),
+            StartError::Training(_)
+        ));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn the_stage_comes_from_the_protocol_and_the_request_overrides_on_top() {
+        let (root, mut cfg) = setup("stage");
+        let protocol = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/protocol.toml");
+        cfg.training.as_mut().unwrap().protocol = Some(protocol);
+        training::subject::write(&root, &training::subject::demo_subject("M1"), true, None)
+            .unwrap();
+        let zone = LabZone::new("America/Los_Angeles").unwrap();
+        let now = SystemTime::now();
+        let r = StartRequest {
+            task: Some(TaskOverrides {
+                reward_ul: Some(3.0),
+                ..Default::default()
+            }),
+            ..req("M1")
+        };
+        let t = prepare(&cfg, &r, &zone, now).unwrap();
+        assert_eq!(t.record.stage.as_deref(), Some("s1-shaping"));
+        assert_eq!(t.record.stage_number, Some(1));
+        assert_eq!(t.record.protocol_sha256.as_ref().map(String::len), Some(64));
+        assert_eq!(t.record.timezone, "America/Los_Angeles");
+        let task = t.task.unwrap();
+        assert_eq!(task.threshold_mm, Some(0.8), "the stage's");
+        assert_eq!(task.reward_ul, Some(3.0), "the request's wins");
+        // --stage: a stage the protocol has, recorded with who and why.
+        let over = StartRequest {
+            stage: Some("s3-full-task".into()),
+            stage_reason: Some("imaging day".into()),
+            operator: Some("jdoe".into()),
+            ..req("M1")
+        };
+        let t = prepare(&cfg, &over, &zone, now).unwrap();
+        assert_eq!(t.record.stage.as_deref(), Some("s3-full-task"));
+        assert_eq!(
+            t.record.stage_overridden_from.as_deref(),
+            Some("s1-shaping")
+        );
+        assert_eq!(t.record.stage_override_by.as_deref(), Some("jdoe"));
+        assert_eq!(t.task.unwrap().quiescence_ms, Some(200));
+        let table = record_table(&t.record).unwrap();
+        assert_eq!(table["stage_override_reason"].as_str(), Some("imaging day"));
+        // One it does not have: the error lists the stages.
+        let bad = StartRequest {
+            stage: Some("s9".into()),
+            ..over
+        };
+        let e = prepare(&cfg, &bad, &zone, now).unwrap_err().to_string();
+        assert!(e.contains("s1-shaping, s2-threshold, s3-full-task"), "{e}");
+        // A broken protocol file: the start is refused, naming it.
+        let broken = root.join("broken.toml");
+        std::fs::write(&broken, "name = \"x\"\n").unwrap();
+        cfg.training.as_mut().unwrap().protocol = Some(broken);
+        let e = prepare(&cfg, &req("M1"), &zone, now)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("broken.toml"), "{e}");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
