@@ -232,6 +232,8 @@ fn demo_and_day1_sessions_export_to_nwb_equal_to_the_files_and_dandi_clean() {
     // Day 1 (naive); no mouse record: the export refuses, naming what is
     // missing and how to give it, then works with the options.
     let naive = demo(&data, "NAIVE", "1");
+    // The demo writes a record for its mouse; this one is to have none.
+    std::fs::remove_file(data.join("NAIVE/subject.toml")).expect("the demo's mouse record");
     let out = tmp.path().join("naive.nwb");
     let args: Vec<&OsStr> = vec![
         OsStr::new("-m"),

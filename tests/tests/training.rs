@@ -685,6 +685,14 @@ fn a_mouse_trains_for_two_weeks_on_two_rigs_through_a_crash() {
         .map(|s| s[..s.find('"').expect("quote")].parse().expect("number"))
         .collect();
     assert_eq!(points, col("success_rate"));
+    // Per session, the cue-aligned lever traces from its lever files.
+    for i in 1..=SESSIONS {
+        let at = html
+            .find(&format!("id=\"lever{i}\""))
+            .unwrap_or_else(|| panic!("no lever overlay for session {i}"));
+        let svg = &html[at..at + html[at..].find("</svg>").expect("end")];
+        assert!(svg.matches("class=\"tr").count() >= 7, "session {i}: {svg}");
+    }
     screenshot(&report);
 }
 

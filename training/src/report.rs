@@ -179,6 +179,77 @@ fn session_rts(row: &SessionRow) -> Vec<f64> {
     }
 }
 
+/// Seconds shown before and after each cue in the lever overlay.
+const OVERLAY_BEFORE_S: f64 = 0.5;
+const OVERLAY_AFTER_S: f64 = 2.0;
+/// Trials drawn per session (the first ones), so a page stays small.
+const OVERLAY_MAX_TRIALS: usize = 60;
+
+/// The cue-aligned lever traces of a session's trials (lever mm minus its
+/// value at the cue; rewarded trials in blue, the others grey), from its
+/// `lever.npy` chunks and `trials.tsv`. None when they cannot be read.
+fn lever_overlay(id: &str, row: &SessionRow) -> Option<(String, usize)> {
+    let (t0, _) = session_format::read_t0_and_config(&row.dir).ok()?;
+    let (trials, _) = session_format::read_trials_in_rig_time(&row.dir, t0).ok()?;
+    let lever = session_format::read_lever_trace(&row.dir, t0).ok()?;
+    if lever.is_empty() {
+        return None;
+    }
+    let (w, h) = (260.0, 120.0);
+    let (ymin, ymax) = (-1.0, 4.0);
+    let x =
+        |t: f64| 5.0 + (w - 10.0) * (t + OVERLAY_BEFORE_S) / (OVERLAY_BEFORE_S + OVERLAY_AFTER_S);
+    let y = |mm: f64| 5.0 + (h - 20.0) * (1.0 - (mm.clamp(ymin, ymax) - ymin) / (ymax - ymin));
+    let mut s = format!(
+        "<svg id=\"{id}\" class=\"overlay\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" \
+         xmlns=\"http://www.w3.org/2000/svg\">\
+         <line x1=\"{cx:.1}\" y1=\"5\" x2=\"{cx:.1}\" y2=\"{yb}\" class=\"cue\"/>",
+        cx = x(0.0),
+        yb = h - 15.0
+    );
+    let mut drawn = 0;
+    for t in trials.iter().take(OVERLAY_MAX_TRIALS) {
+        let cue = t.t_cue_us;
+        let from = cue.saturating_sub((OVERLAY_BEFORE_S * 1e6) as u64);
+        let to = cue + (OVERLAY_AFTER_S * 1e6) as u64;
+        let start = lever.partition_point(|(ts, _)| *ts < from);
+        let end = lever.partition_point(|(ts, _)| *ts <= to);
+        let window = &lever[start..end];
+        let at_cue = lever.partition_point(|(ts, _)| *ts < cue);
+        let (Some(&(_, base)), false) = (lever.get(at_cue), window.is_empty()) else {
+            continue;
+        };
+        let step = (window.len() / 120).max(1);
+        let mut d = String::new();
+        for (k, (ts, mm)) in window.iter().step_by(step).enumerate() {
+            let dt = (*ts as f64 - cue as f64) / 1e6;
+            let _ = write!(
+                d,
+                "{}{:.1},{:.1} ",
+                if k == 0 { "M" } else { "L" },
+                x(dt),
+                y(mm - base)
+            );
+        }
+        let class = if t.outcome == session_format::Outcome::Rewarded {
+            "tr rw"
+        } else {
+            "tr"
+        };
+        let _ = write!(s, "<path d=\"{}\" class=\"{class}\"/>", d.trim_end());
+        drawn += 1;
+    }
+    let _ = write!(
+        s,
+        "<text x=\"5\" y=\"{h}\" class=\"tick\">-{OVERLAY_BEFORE_S} s</text>\
+         <text x=\"{cx:.1}\" y=\"{h}\" class=\"tick\" text-anchor=\"middle\">cue</text>\
+         <text x=\"{xr}\" y=\"{h}\" class=\"tick\" text-anchor=\"end\">+{OVERLAY_AFTER_S} s</text></svg>",
+        cx = x(0.0),
+        xr = w - 5.0
+    );
+    Some((s, drawn))
+}
+
 /// The page.
 pub fn report_html(
     mouse: &str,
@@ -198,6 +269,8 @@ pub fn report_html(
          .line{{fill:none;stroke:#1f6fb4;stroke-width:2}}.pt{{fill:#1f6fb4}}.axis{{stroke:#888}}\
          .title{{font-size:13px;font-weight:bold}}.tick{{font-size:10px;fill:#555}}.bar{{fill:#e07b39}}\
          .sessions{{display:flex;flex-wrap:wrap}}.session{{margin:4px;font-size:12px}}\
+         .overlay{{border:1px solid #ddd;margin:4px;background:#fff}}.tr{{fill:none;stroke:#999;stroke-width:0.7;opacity:0.6}}\
+         .rw{{stroke:#1f6fb4}}.cue{{stroke:#e07b39;stroke-dasharray:3,2}}\
          </style></head><body>\n<h1>Training report: {m}</h1>\n",
         m = esc(mouse)
     );
@@ -299,13 +372,16 @@ pub fn report_html(
         );
     }
     h.push_str(
-        "</table>\n<h2>Cue to threshold crossing, per session</h2>\n<div class=\"sessions\">\n",
+        "</table>\n<h2>Per session: the lever around each cue (mm from its position at the cue; \
+         rewarded trials blue) and cue to threshold crossing</h2>\n<div class=\"sessions\">\n",
     );
     for (i, r) in rows.iter().enumerate() {
         let rts = session_rts(r);
+        let overlay = lever_overlay(&format!("lever{}", i + 1), r)
+            .map_or_else(|| "<div>(no lever data)</div>".to_owned(), |(svg, _)| svg);
         let _ = writeln!(
             h,
-            "<div class=\"session\"><div>#{} {} {} ({} crossings)</div>{}</div>",
+            "<div class=\"session\"><div>#{} {} {} ({} crossings)</div>{overlay}{}</div>",
             i + 1,
             esc(&r.local_date),
             esc(r.stage().unwrap_or("")),
