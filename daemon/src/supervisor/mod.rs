@@ -386,7 +386,20 @@ impl Supervisor {
                 tracing::warn!(mouse = %req.mouse, "{w}");
             }
         }
-        let mut plan = SessionPlan::new(&self.cfg, &req, &facts)?;
+        let mut plan = SessionPlan::new(&self.cfg, &req, &facts).map_err(|e| {
+            // A stage's settings this rig cannot run: say which stage.
+            match (e, trained.as_ref().map(|t| &t.record)) {
+                (StartError::Overrides(o), Some(r)) if r.stage.is_some() => {
+                    StartError::Training(format!(
+                        "stage {} of {}: {o} (change the stage's [stage.task] in the protocol, \
+                         or this rig's configuration)",
+                        r.stage.as_deref().unwrap_or_default(),
+                        r.protocol_file.as_deref().unwrap_or_default()
+                    ))
+                }
+                (e, _) => e,
+            }
+        })?;
         plan.utc_offset_s = zone.offset_s(now);
         plan.training = trained
             .as_ref()
