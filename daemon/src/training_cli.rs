@@ -214,3 +214,35 @@ pub fn history(ctx: &Ctx, mouse: &str) -> Result<History, String> {
 pub fn default_report_path(ctx: &Ctx, mouse: &str) -> PathBuf {
     ctx.data_root.join(mouse).join("report.html")
 }
+
+/// What the mouse's next session will be: its training day if it ran
+/// today, and with a protocol the stage the rules choose and why.
+pub fn next_session(ctx: &Ctx, mouse: &str) -> String {
+    let (rows, _) = training::read_sessions(&ctx.data_root, mouse, &ctx.zone);
+    let day = training::training_day(&rows, &ctx.zone.today());
+    let mut out = format!(
+        "next session  training day {day} if today ({})",
+        ctx.zone.name()
+    );
+    let protocol = ctx
+        .config
+        .as_ref()
+        .and_then(|c| c.training.as_ref())
+        .and_then(|t| t.protocol.as_ref());
+    if let Some(path) = protocol {
+        match training::Protocol::load(path) {
+            Ok(p) => {
+                let past = training::history::past_on_protocol(&rows, &p.file.name);
+                match training::decide(&p, &past) {
+                    Ok(d) => out.push_str(&format!(
+                        "\n              stage {} of {} ({})",
+                        d.name, p.file.name, d.why
+                    )),
+                    Err(e) => out.push_str(&format!("\n              stage: {e}")),
+                }
+            }
+            Err(e) => out.push_str(&format!("\n              protocol: {e}")),
+        }
+    }
+    out
+}

@@ -258,3 +258,21 @@ pub fn task_water_by_day(rows: &[SessionRow]) -> BTreeMap<String, f64> {
     }
     out
 }
+
+/// The sessions the stage rules look at: those that ran a stage of the
+/// protocol called `protocol_name`, oldest first, with their stage and
+/// numbers.
+pub fn past_on_protocol(
+    rows: &[SessionRow],
+    protocol_name: &str,
+) -> Vec<(String, SessionMeasures)> {
+    rows.iter()
+        .filter(|r| {
+            r.training
+                .as_ref()
+                .and_then(|t| t.protocol.as_deref())
+                .is_some_and(|p| p == protocol_name)
+        })
+        .filter_map(|r| Some((r.stage()?.to_owned(), r.measures())))
+        .collect()
+}

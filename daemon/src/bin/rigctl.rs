@@ -601,7 +601,7 @@ fn training_command(cli: Cli) -> Result<ExitCode, Failure> {
                 if json {
                     println!("{}", serde_json::to_string(&s).unwrap_or_default());
                 } else {
-                    println!("{s}");
+                    println!("{s}\n{}", t::next_session(&ctx, &id));
                 }
             }
             MouseCmd::List => print!("{}", t::mouse_list(&ctx).map_err(refused)?),

@@ -107,16 +107,7 @@ pub(super) fn prepare(
         });
     };
     let protocol = Protocol::load(path).map_err(|e| StartError::Training(e.to_string()))?;
-    let past: Vec<(String, training::SessionMeasures)> = rows
-        .iter()
-        .filter(|r| {
-            r.training
-                .as_ref()
-                .and_then(|t| t.protocol.as_deref())
-                .is_some_and(|p| p == protocol.file.name)
-        })
-        .filter_map(|r| Some((r.stage()?.to_owned(), r.measures())))
-        .collect();
+    let past = training::history::past_on_protocol(&rows, &protocol.file.name);
     let decided = training::decide(&protocol, &past);
     let (index, why) = match (&req.stage, decided) {
         (Some(want), decided) => {
