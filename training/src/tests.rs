@@ -174,7 +174,8 @@ fn a_subject_record_round_trips_and_reads_like_the_nwb_exports_file() {
 fn every_subject_field_is_checked() {
     let p = Path::new("/data/M12/subject.toml");
     let today = "2026-06-01".parse().ok();
-    let cases: Vec<(Box<dyn Fn(&mut Subject)>, &str)> = vec![
+    type Change = Box<dyn Fn(&mut Subject)>;
+    let cases: Vec<(Change, &str)> = vec![
         (Box::new(|s| s.sex = "female".into()), "sex = \"female\""),
         (Box::new(|s| s.species = " ".into()), "species"),
         (
