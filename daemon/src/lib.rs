@@ -20,6 +20,7 @@ pub mod shutdown;
 pub mod storage_thread;
 pub mod supervisor;
 pub mod task;
+pub mod training_cli;
 /// `println!` that ignores a closed stdout (a pager quit, a pipe closed)
 /// instead of panicking: progress output must never stop a session.
 #[macro_export]

@@ -124,8 +124,13 @@ impl Request {
     /// `valve` ([`ErrorCode::BadRequest`]).
     pub fn validate(&self) -> Result<(), ControlError> {
         match self {
-            Self::Start(start) => validate_mouse_id(&start.mouse)
-                .map_err(|e| ControlError::new(ErrorCode::InvalidMouse, e.to_string())),
+            Self::Start(start) => {
+                validate_mouse_id(&start.mouse)
+                    .map_err(|e| ControlError::new(ErrorCode::InvalidMouse, e.to_string()))?;
+                start
+                    .check_training_fields()
+                    .map_err(|e| ControlError::new(ErrorCode::BadRequest, e))
+            }
             Self::Valve(valve) => valve
                 .action()
                 .map(|_| ())
@@ -153,6 +158,43 @@ pub struct StartRequest {
         deserialize_with = "task_object"
     )]
     pub task: Option<TaskOverrides>,
+    /// Run this stage of the training protocol instead of the one the rules
+    /// choose (needs `stage_reason`; recorded with `operator`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+    /// Why `stage` overrides the rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage_reason: Option<String>,
+    /// Who starts the session (recorded with a stage override).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator: Option<String>,
+    /// The mouse's weight before the session, g.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_g: Option<f64>,
+}
+
+impl StartRequest {
+    /// `stage` needs a reason; `weight_g` is a weight.
+    pub fn check_training_fields(&self) -> Result<(), String> {
+        if let Some(stage) = &self.stage {
+            let reason = self.stage_reason.as_deref().unwrap_or("");
+            if reason.trim().is_empty() {
+                return Err(format!(
+                    "stage = {stage:?} overrides the protocol's rules: give stage_reason (why), \
+                     e.g. rigctl start --stage {stage} --stage-reason \"back to shaping after a \
+                     week off\""
+                ));
+            }
+        }
+        if let Some(w) = self.weight_g {
+            if !(w.is_finite() && (5.0..=80.0).contains(&w)) {
+                return Err(format!(
+                    "weight_g = {w}: must be the mouse's weight in grams, 5..=80"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `task` must be a JSON object (or null): serde would otherwise also accept
@@ -731,6 +773,17 @@ pub struct StartReply {
     pub mouse: String,
     /// UTC, RFC 3339.
     pub started_utc: String,
+    /// The mouse's training day (1 = its first lab-local day with a session).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training_day: Option<u32>,
+    /// The training protocol's stage this session runs, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage_why: Option<String>,
+    /// What the experimenter should know (a weight below the welfare threshold).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// Payload of the `stop` response.

@@ -29,6 +29,7 @@ fn every_request() -> Vec<Request> {
             mouse: "M12".into(),
             notes: None,
             task: None,
+            ..Default::default()
         }),
         Request::Start(StartRequest {
             mouse: "cohort3_m-07".into(),
@@ -45,6 +46,7 @@ fn every_request() -> Vec<Request> {
                 max_duration_min: Some(60),
                 sated_after_min: None,
             }),
+            ..Default::default()
         }),
         Request::Start(StartRequest {
             mouse: "m".into(),
@@ -53,6 +55,15 @@ fn every_request() -> Vec<Request> {
                 threshold_mm: Some(2.0),
                 ..Default::default()
             }),
+            ..Default::default()
+        }),
+        Request::Start(StartRequest {
+            mouse: "M12".into(),
+            stage: Some("full-task".into()),
+            stage_reason: Some("back after a week off".into()),
+            operator: Some("jdoe".into()),
+            weight_g: Some(21.5),
+            ..Default::default()
         }),
         Request::Stop(StopRequest { reason: None }),
         Request::Stop(StopRequest {
@@ -122,6 +133,7 @@ fn request_wire_shapes() {
                     max_trials: Some(5),
                     ..Default::default()
                 }),
+                ..Default::default()
             })
         )),
         json!({"id": "x", "cmd": "start", "mouse": "M12", "notes": "n", "task": {"max_trials": 5}})
@@ -624,6 +636,7 @@ fn typed_replies_round_trip() {
         session_dir: "/data/M12/2025-03-14_092653".into(),
         mouse: "M12".into(),
         started_utc: "2025-03-14T09:26:53Z".into(),
+        ..Default::default()
     };
     let response = Response::ok(Some(1.into()), &start);
     assert_eq!(

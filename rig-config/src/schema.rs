@@ -34,6 +34,12 @@ pub struct RigConfig {
     pub alerts: AlertsSection,
     /// `[realtime]`: how rigd keeps the press-to-valve path short.
     pub realtime: RealtimeSection,
+    /// `[lab]`: the lab's time zone (which day a session belongs to).
+    pub lab: LabSection,
+    /// `[training]`: mouse records, the training protocol, the welfare rule.
+    /// Absent: the rig runs any mouse id with its own `[task]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub training: Option<TrainingSection>,
 }
 
 /// `[rig]`: the rig's hardware and the serial link to its microcontroller.
@@ -501,6 +507,66 @@ impl Default for RealtimeSection {
             lock_memory: true,
             hold_cpus_awake: true,
             boost_tty_workers: false,
+        }
+    }
+}
+
+/// `[lab]`: facts about the lab the rig is in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LabSection {
+    /// The lab's IANA time zone (`"America/Los_Angeles"`): session folder
+    /// names, "today" for the daily water cap and ledger, and the training
+    /// day are in this zone. Default `"UTC"`.
+    pub timezone: String,
+}
+
+impl Default for LabSection {
+    fn default() -> Self {
+        Self {
+            timezone: "UTC".to_owned(),
+        }
+    }
+}
+
+/// What the rig does about a weight below the welfare threshold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LowWeightAction {
+    /// Start, and say so (in the answer, the log and session.toml).
+    Warn,
+    /// Refuse the start.
+    Refuse,
+}
+
+/// `[training]`: training across days (docs/training.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainingSection {
+    /// The training protocol file (stages and their rules). Absent: the
+    /// rig's `[task]` for every session, no stages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<PathBuf>,
+    /// Refuse a start for a mouse without `<data_root>/<mouse>/subject.toml`.
+    /// Default true.
+    pub require_subject: bool,
+    /// Refuse a start without `--weight-g`. Default false.
+    pub require_weight: bool,
+    /// The welfare threshold: a weight below this share of the mouse's
+    /// baseline weight, %, 50..=100. Default 80.
+    pub min_weight_pct: f64,
+    /// `"refuse"` (default) or `"warn"` below the threshold.
+    pub low_weight: LowWeightAction,
+}
+
+impl Default for TrainingSection {
+    fn default() -> Self {
+        Self {
+            protocol: None,
+            require_subject: true,
+            require_weight: false,
+            min_weight_pct: 80.0,
+            low_weight: LowWeightAction::Refuse,
         }
     }
 }

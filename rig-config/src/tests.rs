@@ -763,3 +763,34 @@ fn a_long_value_is_elided_in_its_message() {
     assert!(e.len() < 1000, "{} bytes of message", e.len());
     assert!(e.contains("bytes in all"), "{e}");
 }
+
+#[test]
+fn the_lab_zone_and_the_training_table_are_checked() {
+    let p = Path::new("/etc/rigd/rig.toml");
+    let ok = crate::parse_str(
+        "[lab]\ntimezone = \"America/Los_Angeles\"\n\n[training]\nprotocol = \"/etc/rigd/protocol.toml\"\nlow_weight = \"warn\"\n",
+        p,
+    )
+    .expect("valid");
+    let t = ok.config.training.expect("[training]");
+    assert_eq!(t.low_weight, crate::LowWeightAction::Warn);
+    assert!(t.require_subject);
+    assert_eq!(t.min_weight_pct, 80.0);
+    assert!(crate::parse_str("", p)
+        .expect("empty")
+        .config
+        .training
+        .is_none());
+    for (text, want) in [
+        ("[lab]\ntimezone = \"America/Los_Angles\"\n", "lab.timezone"),
+        (
+            "[training]\nmin_weight_pct = 40.0\n",
+            "training.min_weight_pct",
+        ),
+        ("[training]\nlow_weight = \"ignore\"\n", "low_weight"),
+        ("[training]\nprotocl = \"x\"\n", "protocl"),
+    ] {
+        let e = crate::parse_str(text, p).expect_err(want).to_string();
+        assert!(e.contains(want) && e.contains("rig.toml"), "{want}: {e}");
+    }
+}

@@ -167,6 +167,7 @@ pub(crate) fn validate(c: &RigConfig) -> Vec<Issue> {
     safety(c, &mut out);
     alerts(c, &mut out);
     realtime(c, &mut out);
+    lab_and_training(c, &mut out);
     out.0
 }
 
@@ -716,4 +717,33 @@ fn realtime(c: &RigConfig, out: &mut Issues) {
         98,
         "",
     );
+}
+
+fn lab_and_training(c: &RigConfig, out: &mut Issues) {
+    let tz = &c.lab.timezone;
+    if jiff::tz::TimeZone::get(tz).is_err() {
+        out.push(
+            "lab.timezone",
+            quoted(tz),
+            "must be a time zone of the tz database: an IANA name like \"America/Los_Angeles\", \
+             \"Europe/Berlin\" or \"UTC\"",
+        );
+    }
+    let Some(t) = &c.training else { return };
+    if !(t.min_weight_pct.is_finite() && (50.0..=100.0).contains(&t.min_weight_pct)) {
+        out.push(
+            "training.min_weight_pct",
+            fmt_f64(t.min_weight_pct),
+            "must be a percentage of the baseline weight, 50..=100 (80 is the usual rule)",
+        );
+    }
+    if let Some(p) = &t.protocol {
+        if p.as_os_str().is_empty() {
+            out.push(
+                "training.protocol",
+                "\"\"".to_owned(),
+                "must name a protocol file (or leave the key out)",
+            );
+        }
+    }
 }

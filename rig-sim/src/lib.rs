@@ -328,6 +328,11 @@ pub struct SimOptions {
     pub firmware: Firmware,
     /// Training day 1..=14 (naive to expert).
     pub day: u8,
+    /// The mouse learns from experience instead: its rewarded trials before
+    /// this run (its skill rises with every reward; see `mouse::experience`).
+    pub prior_rewards: Option<u64>,
+    /// The experience model's time constant, rewards (`mouse::LEARNING_REWARDS`).
+    pub learning_rewards: f64,
     pub lever: LeverSpec,
     /// Lever position whose upward crossings the truth log records, mm.
     pub truth_threshold_mm: f64,
@@ -367,6 +372,8 @@ impl SimOptions {
             clock: SimClock::default(),
             firmware: Firmware::default(),
             day: 14,
+            prior_rewards: None,
+            learning_rewards: mouse::LEARNING_REWARDS,
             lever: LeverSpec::default(),
             truth_threshold_mm: 1.5,
             frame_rate_hz: 28.7,
@@ -397,6 +404,13 @@ impl SimOptions {
         }
         if !(c.drift_ppm.is_finite() && c.drift_ppm.abs() <= 10_000.0) {
             return bad("--drift-ppm", c.drift_ppm, "must be within ±10000");
+        }
+        if !(self.learning_rewards.is_finite() && self.learning_rewards >= 1.0) {
+            return bad(
+                "--learning-rewards",
+                self.learning_rewards,
+                "must be >= 1 (rewards to learn 63 % of the task)",
+            );
         }
         if !(1..=14).contains(&self.day) {
             return bad("--day", self.day, "must be 1..=14");

@@ -53,6 +53,15 @@ struct Args {
     /// Training day, 1 (naive) ..= 14 (expert).
     #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u8).range(1..=14))]
     day: u8,
+    /// Learn from experience: the mouse's rewarded trials before this run
+    /// (e.g. the sum of `rewards` over its sessions); its skill then rises
+    /// with every reward, within and across sessions, and --day is ignored.
+    #[arg(long, value_name = "N")]
+    prior_rewards: Option<u64>,
+    /// With --prior-rewards: rewards for the mouse to learn 63 % of the task
+    /// (a smaller number is a faster learner).
+    #[arg(long, value_name = "N", default_value_t = rig_sim::mouse::LEARNING_REWARDS)]
+    learning_rewards: f64,
     /// Full lever travel, mm.
     #[arg(long, default_value_t = 6.0)]
     lever_travel_mm: f64,
@@ -167,6 +176,8 @@ impl Args {
                 ..Firmware::default()
             },
             day: self.day,
+            prior_rewards: self.prior_rewards,
+            learning_rewards: self.learning_rewards,
             lever: LeverSpec {
                 travel_mm: self.lever_travel_mm,
                 counts_per_mm: self.counts_per_mm,

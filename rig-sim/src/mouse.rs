@@ -98,11 +98,33 @@ pub struct Behaviour {
     pub spontaneous_lick_rate_hz: f64,
 }
 
+/// Rewarded trials after which the mouse has learned `1 - 1/e` (63 %) of
+/// the task: the experience model's time constant.
+pub const LEARNING_REWARDS: f64 = 400.0;
+
+/// Progress of learning after `rewards` rewarded trials in all: 0 for a
+/// naive mouse, 1 - e^(-rewards / LEARNING_REWARDS), so about 0.95 after
+/// 1200 rewards (two weeks of ~90 rewards a day).
+pub fn experience(rewards: u64) -> f64 {
+    experience_with(rewards, LEARNING_REWARDS)
+}
+
+/// [`experience`] with another time constant (a faster or slower learner).
+pub fn experience_with(rewards: u64, learning_rewards: f64) -> f64 {
+    1.0 - (-(rewards as f64) / learning_rewards.max(1.0)).exp()
+}
+
 impl Behaviour {
     /// Naive on day 1, expert on day 14 (clamped to 1..=14).
     pub fn for_day(day: u8) -> Self {
         let day = day.clamp(1, 14);
-        let s = learning(day);
+        Self::for_progress(learning(day), day)
+    }
+
+    /// The behaviour at learning progress `s` (0 naive ..= 1 expert); `day`
+    /// is only recorded.
+    pub fn for_progress(s: f64, day: u8) -> Self {
+        let s = s.clamp(0.0, 1.0);
         let lerp = |a: f64, b: f64| a + (b - a) * s;
         let glerp = |a: f64, b: f64| (a.ln() + (b.ln() - a.ln()) * s).exp();
         Self {
@@ -229,6 +251,12 @@ pub struct Mouse {
     /// pressing (`None`: never).
     sated_after: Option<u32>,
     drinks: u32,
+    /// Rewarded trials before this run, when the mouse learns from its
+    /// experience (`--prior-rewards`): its skill then follows
+    /// [`experience`] of these plus its drinks here, updated at every drink.
+    prior_rewards: Option<u64>,
+    /// The experience model's time constant, rewards.
+    learning_rewards: f64,
     /// Fault injection: the lever held at least this far down (mm) from
     /// `.0` until `.1` (true µs).
     hold: Option<(f64, f64, f64)>,
@@ -240,6 +268,25 @@ impl Mouse {
     /// The same mouse, sated after `drinks` valve openings.
     pub fn with_sated_after(mut self, drinks: Option<u32>) -> Self {
         self.sated_after = drinks;
+        self
+    }
+
+    /// The same mouse learning from experience: `prior` rewarded trials
+    /// before this run set its skill (not the day), and every drink here
+    /// adds to it. `None` keeps the day's behaviour.
+    pub fn with_prior_rewards(mut self, prior: Option<u64>) -> Self {
+        self.prior_rewards = prior;
+        if let Some(n) = prior {
+            self.b = Behaviour::for_progress(experience_with(n, self.learning_rewards), self.b.day);
+        }
+        self
+    }
+
+    /// The same mouse learning `learning_rewards` times as slowly as a mouse
+    /// with a time constant of one reward ([`LEARNING_REWARDS`] by default).
+    /// Set before [`Mouse::with_prior_rewards`].
+    pub fn with_learning_rewards(mut self, learning_rewards: f64) -> Self {
+        self.learning_rewards = learning_rewards;
         self
     }
 
@@ -276,6 +323,8 @@ impl Mouse {
             truth: Vec::new(),
             sated_after: None,
             drinks: 0,
+            prior_rewards: None,
+            learning_rewards: LEARNING_REWARDS,
             hold: None,
             jiggle: None,
         }
@@ -372,6 +421,12 @@ impl Mouse {
     /// Water came (the valve opened) at `t_us`: a lick bout follows.
     pub fn water(&mut self, t_us: f64) {
         self.drinks += 1;
+        if let Some(prior) = self.prior_rewards {
+            self.b = Behaviour::for_progress(
+                experience_with(prior + u64::from(self.drinks), self.learning_rewards),
+                self.b.day,
+            );
+        }
         if self.sated_after == Some(self.drinks) {
             self.truth
                 .push(TruthEvent::new(t_us, "sated", f64::from(self.drinks)));
@@ -783,5 +838,29 @@ mod tests {
         assert!(edges
             .windows(2)
             .all(|w| w[1].0 > w[0].0 && w[1].1 != w[0].1));
+    }
+
+    #[test]
+    fn a_mouse_learning_from_experience_improves_with_every_reward() {
+        let naive = Mouse::new(14, LeverSpec::default(), 1.5, 3).with_prior_rewards(Some(0));
+        assert_eq!(
+            naive.behaviour().response_prob,
+            Behaviour::for_progress(0.0, 14).response_prob
+        );
+        let mut m = Mouse::new(14, LeverSpec::default(), 1.5, 3).with_prior_rewards(Some(100));
+        let before = *m.behaviour();
+        for i in 0..50 {
+            m.water(1e6 * f64::from(i));
+        }
+        let after = *m.behaviour();
+        assert!(after.response_prob > before.response_prob);
+        assert!(after.rt_median_s < before.rt_median_s);
+        // Deterministic: the same rewards give the same mouse.
+        let again = Mouse::new(14, LeverSpec::default(), 1.5, 3).with_prior_rewards(Some(150));
+        assert_eq!(*again.behaviour(), after);
+        // Without it, the day decides, as before.
+        let by_day = Mouse::new(3, LeverSpec::default(), 1.5, 3).with_prior_rewards(None);
+        assert_eq!(*by_day.behaviour(), Behaviour::for_day(3));
+        assert!(experience(1200) > 0.94 && experience(1200) < 0.96);
     }
 }

@@ -338,7 +338,9 @@ impl Sim {
             opts.truth_threshold_mm,
             seeds.next_u64(),
         )
-        .with_sated_after(opts.sated_after_drinks);
+        .with_sated_after(opts.sated_after_drinks)
+        .with_learning_rewards(opts.learning_rewards)
+        .with_prior_rewards(opts.prior_rewards);
         let link_rng = Rng::new(seeds.next_u64());
         let garbage_rng = Rng::new(seeds.next_u64());
         let mut frame_rng = Rng::new(seeds.next_u64());

@@ -36,7 +36,13 @@ pub struct ImplausibleWater {
 /// is an error, never counted as 0 or subtracted: the daily cap depends on it.
 pub fn water_today_ul(data_root: &Path, mouse: &str) -> Result<f64, ImplausibleWater> {
     let today = rfc3339_utc(SystemTime::now());
-    let day = &today[..10.min(today.len())];
+    water_on_day_ul(data_root, mouse, &today[..10.min(today.len())])
+}
+
+/// Water the mouse had on `day` (`YYYY-MM-DD`, the date its session folders
+/// are named with: the lab's local date when rigd names folders in the
+/// lab's zone), counted as [`water_today_ul`] counts it.
+pub fn water_on_day_ul(data_root: &Path, mouse: &str, day: &str) -> Result<f64, ImplausibleWater> {
     let Ok(entries) = std::fs::read_dir(data_root.join(mouse)) else {
         return Ok(0.0);
     };

@@ -59,7 +59,9 @@ pub use chunk::{
     chunk_file_name, list_chunks, parse_chunk_name, read_lever_trace, ChunkClock, ChunkedNpy,
     LeverFiles,
 };
-pub use history::{water_today_ul, ImplausibleWater, MAX_REWARD_UL, MAX_SESSION_WATER_UL};
+pub use history::{
+    water_on_day_ul, water_today_ul, ImplausibleWater, MAX_REWARD_UL, MAX_SESSION_WATER_UL,
+};
 pub use log::SessionLogFile;
 pub use manifest::write_manifest;
 pub use meta::{
@@ -254,9 +256,12 @@ pub fn rfc3339_utc(t: SystemTime) -> String {
     )
 }
 
-/// The folder stamp `YYYY-MM-DD_HHMMSS` (UTC) of a session start.
-pub(crate) fn folder_stamp(t: SystemTime) -> String {
-    let dt = time::OffsetDateTime::from(t);
+/// The folder stamp `YYYY-MM-DD_HHMMSS` of a session start, in local time
+/// `utc_offset_s` east of UTC (0: UTC).
+pub(crate) fn folder_stamp(t: SystemTime, utc_offset_s: i32) -> String {
+    let utc = time::OffsetDateTime::from(t);
+    let dt =
+        time::UtcOffset::from_whole_seconds(utc_offset_s).map_or(utc, |off| utc.to_offset(off));
     format!(
         "{:04}-{:02}-{:02}_{:02}{:02}{:02}",
         dt.year(),

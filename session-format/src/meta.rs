@@ -117,6 +117,10 @@ pub struct SessionInfo {
     pub clock_sync: Option<ClockSyncRecord>,
     /// The latency settings in force at the start.
     pub realtime: Option<RealtimeRecord>,
+    /// The session's place in the mouse's training (stage, protocol hash,
+    /// training day, weight), written as the `[training]` table; its keys
+    /// are the `training` crate's (docs/training.md).
+    pub training: Option<toml::Table>,
 }
 
 /// The on-disk shape of session.toml. Field order is file order.
@@ -147,6 +151,9 @@ pub(crate) struct SessionToml {
     pub realtime: Option<RealtimeRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lever_rest: Option<LeverRestRecord>,
+    /// The session's place in the mouse's training (docs/training.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<toml::Table>,
     /// Every `.npy` stream and its chunk files in order (`lever =
     /// ["lever.npy", "lever.001.npy"]`), as of the last rewrite.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]

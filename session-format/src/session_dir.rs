@@ -10,9 +10,10 @@ use super::{folder_stamp, sync_dir, StorageError};
 const MAX_SUFFIX: u32 = 9;
 
 /// A freshly created, empty session folder
-/// `<data_root>/<mouse>/<YYYY-MM-DD>_<HHMMSS>[_n]/` (UTC).
+/// `<data_root>/<mouse>/<YYYY-MM-DD>_<HHMMSS>[_n]/` (the lab's local time,
+/// UTC unless [`SessionDir::create_at_offset`] says otherwise).
 ///
-/// Policy for two starts of one mouse within the same UTC second: the second
+/// Policy for two starts of one mouse within the same second: the second
 /// folder gets `_2`, the next `_3`, up to `_9`; after that the start is refused.
 /// A folder is never reused or overwritten: the leaf is made with `mkdir`, which
 /// fails if anything is already there, so two processes cannot share a folder.
@@ -36,6 +37,18 @@ impl SessionDir {
         mouse: &str,
         start_utc: SystemTime,
     ) -> Result<SessionDir, StorageError> {
+        Self::create_at_offset(data_root, mouse, start_utc, 0)
+    }
+
+    /// [`SessionDir::create`] with the folder named in the lab's local time:
+    /// `utc_offset_s` is the lab zone's offset from UTC at `start_utc`
+    /// (east positive), so `<YYYY-MM-DD>` is the lab's calendar day.
+    pub fn create_at_offset(
+        data_root: &Path,
+        mouse: &str,
+        start_utc: SystemTime,
+        utc_offset_s: i32,
+    ) -> Result<SessionDir, StorageError> {
         protocol::control::validate_mouse_id(mouse)?;
         // Belt and braces: the rule above already excludes these.
         assert!(
@@ -56,7 +69,7 @@ impl SessionDir {
         // The mouse's folder must be a real folder: not followed if it is a
         // symbolic link (which would send the session anywhere).
         plain_folder(&mouse_dir)?;
-        let stamp = folder_stamp(start_utc);
+        let stamp = folder_stamp(start_utc, utc_offset_s);
         for n in 1..=MAX_SUFFIX {
             let leaf = if n == 1 {
                 stamp.clone()

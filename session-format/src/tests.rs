@@ -52,6 +52,7 @@ fn start_time() -> SystemTime {
 
 fn info() -> SessionInfo {
     SessionInfo {
+        training: None,
         rig: "rig7".to_owned(),
         notes: "day 3, \"good\" mouse".to_owned(),
         config_toml: toml::to_string(&rig_config::RigConfig::default()).unwrap(),

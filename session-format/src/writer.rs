@@ -445,6 +445,7 @@ fn build_meta(
         clock_sync: info.clock_sync,
         realtime: info.realtime.clone(),
         lever_rest: None,
+        training: info.training.clone(),
         chunks: Default::default(),
         config: config.clone(),
         extra: toml::Table::new(),

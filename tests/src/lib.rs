@@ -241,6 +241,12 @@ impl Rigd {
         Self::spawn(cmd, socket)
     }
 
+    /// Start rigd from a prepared command (extra environment, a wrapper
+    /// such as `faketime`) and wait until its control socket answers.
+    pub fn start_command(cmd: Command, socket: &Path) -> Self {
+        Self::spawn(cmd, socket)
+    }
+
     /// rigd's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -232,6 +232,8 @@ fn demo_and_day1_sessions_export_to_nwb_equal_to_the_files_and_dandi_clean() {
     // Day 1 (naive); no mouse record: the export refuses, naming what is
     // missing and how to give it, then works with the options.
     let naive = demo(&data, "NAIVE", "1");
+    // The demo writes a record for its mouse; this one is to have none.
+    std::fs::remove_file(data.join("NAIVE/subject.toml")).expect("the demo's mouse record");
     let out = tmp.path().join("naive.nwb");
     let args: Vec<&OsStr> = vec![
         OsStr::new("-m"),
@@ -303,11 +305,10 @@ fn a_killed_and_recovered_session_exports_to_nwb_equal_to_the_files_and_dandi_cl
     let deadline = Instant::now() + Duration::from_secs(120);
     let dir = loop {
         let mouse = data.join("CRASH");
+        // The session folder (the demo also writes the mouse's subject.toml).
         if let Some(d) = std::fs::read_dir(&mouse)
             .ok()
-            .and_then(|mut r| r.next())
-            .and_then(|e| e.ok())
-            .map(|e| e.path())
+            .and_then(|r| r.flatten().map(|e| e.path()).find(|p| p.is_dir()))
         {
             if d.join("trials.tsv").is_file() && trial_rows(&d) >= 4 {
                 break d;

@@ -32,11 +32,15 @@ fn subcommands(help: &str) -> Vec<String> {
 }
 
 /// Lines of the `Arguments:` and `Options:` sections that name an item
-/// but give it no description.
+/// but give it no description: neither on the same line (after two or more
+/// spaces) nor on the next line, indented further (clap's layout when the
+/// texts are long).
 fn undescribed(help: &str) -> Vec<String> {
+    let lines: Vec<&str> = help.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start().len();
     let mut bad = Vec::new();
     let mut in_items = false;
-    for l in help.lines() {
+    for (i, l) in lines.iter().enumerate() {
         if l.starts_with("Arguments:") || l.starts_with("Options:") {
             in_items = true;
             continue;
@@ -45,16 +49,18 @@ fn undescribed(help: &str) -> Vec<String> {
             in_items = false;
             continue;
         }
-        if in_items {
-            // "  --mouse <MOUSE>  The mouse's id ..." (short help: the
-            // description follows two or more spaces on the same line).
-            let t = l.trim_start();
-            let described = t
-                .split_once("  ")
-                .is_some_and(|(_, d)| !d.trim().is_empty());
-            if !described {
-                bad.push(l.to_owned());
-            }
+        let t = l.trim_start();
+        if !in_items || !(t.starts_with('-') || t.starts_with('<') || t.starts_with('[')) {
+            continue;
+        }
+        let same_line = t
+            .split_once("  ")
+            .is_some_and(|(_, d)| !d.trim().is_empty());
+        let next_line = lines
+            .get(i + 1)
+            .is_some_and(|n| !n.trim().is_empty() && indent(n) > indent(l));
+        if !same_line && !next_line {
+            bad.push((*l).to_owned());
         }
     }
     bad

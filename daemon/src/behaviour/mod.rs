@@ -99,7 +99,8 @@ pub struct Summary {
     pub capped: u64,
     /// Water given, µL (sum of the records' `reward_ul`).
     pub water_ul: f64,
-    /// Water this mouse had today (UTC date) including this session, µL.
+    /// Water this mouse had today (the lab's local date, `[lab].timezone`)
+    /// including this session and water given by hand, µL.
     /// Filled in by the daemon (`None` from [`summarize`] alone).
     #[serde(default)]
     pub water_today_ul: Option<f64>,

@@ -511,6 +511,7 @@ fn summary_from_the_chunk_files_is_the_summary_of_the_written_trace() {
     std::fs::create_dir_all(&root).unwrap();
     let cfg = rig_config::RigConfig::default();
     let info = SessionInfo {
+        training: None,
         rig: "rig1".into(),
         notes: String::new(),
         config_toml: cfg.to_toml_string().unwrap(),

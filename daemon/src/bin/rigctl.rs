@@ -34,6 +34,10 @@ struct Cli {
     /// Print the daemon's JSON answer instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// For mouse, history, report, water: the data root (default: the
+    /// configuration's [storage].data_root).
+    #[arg(long, global = true)]
+    data_root: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -49,6 +53,19 @@ enum Cmd {
         /// Free text kept in the session's session.toml (`notes`).
         #[arg(long)]
         notes: Option<String>,
+        /// Run this stage of the training protocol instead of the one its
+        /// rules choose (needs --stage-reason; recorded with --operator).
+        #[arg(long, requires = "stage_reason")]
+        stage: Option<String>,
+        /// Why --stage overrides the rules.
+        #[arg(long)]
+        stage_reason: Option<String>,
+        /// Who starts the session (default: $USER).
+        #[arg(long)]
+        operator: Option<String>,
+        /// The mouse's weight today, g (checked against the welfare rule).
+        #[arg(long)]
+        weight_g: Option<f64>,
     },
     /// Stop the running session and print its summary.
     Stop {
@@ -75,6 +92,128 @@ enum Cmd {
     Recover {
         /// The session folder, `<data_root>/<mouse>/<date>_<time>`.
         dir: PathBuf,
+    },
+    /// Mouse records (<data_root>/<mouse>/subject.toml), on the data root.
+    Mouse {
+        #[command(subcommand)]
+        action: MouseCmd,
+    },
+    /// A mouse's sessions as a table: date, day, stage, trials, success,
+    /// reaction time, water, weight.
+    History {
+        /// The mouse's id.
+        mouse: String,
+    },
+    /// Write a mouse's training report (one self-contained HTML file).
+    Report {
+        /// The mouse's id.
+        mouse: String,
+        /// Output file (default: <data_root>/<mouse>/report.html).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// The water ledger: record water given by hand.
+    Water {
+        #[command(subcommand)]
+        action: WaterCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum WaterCmd {
+    /// Record water given to a mouse by hand (a supplement, or manual valve
+    /// pulses given to it): it counts for the mouse's lab-local day.
+    Give {
+        /// The mouse's id.
+        mouse: String,
+        /// Volume, µL.
+        #[arg(long)]
+        ul: f64,
+        /// `supplement` (default) or `pulse`.
+        #[arg(long, default_value = "supplement")]
+        kind: String,
+        /// Free text kept in the ledger line.
+        #[arg(long, default_value = "")]
+        note: String,
+        /// Who gave it (default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct SubjectArgs {
+    /// Latin name (default for add: "Mus musculus").
+    #[arg(long)]
+    species: Option<String>,
+    /// M, F, U (unknown) or O (other).
+    #[arg(long)]
+    sex: Option<String>,
+    /// YYYY-MM-DD.
+    #[arg(long)]
+    date_of_birth: Option<String>,
+    /// Strain, e.g. "C57BL/6J".
+    #[arg(long)]
+    strain: Option<String>,
+    /// Genotype, e.g. "wild type".
+    #[arg(long)]
+    genotype: Option<String>,
+    /// "Last, First".
+    #[arg(long)]
+    experimenter: Option<String>,
+    /// Weight before water restriction, g.
+    #[arg(long)]
+    baseline_weight_g: Option<f64>,
+    /// Free text.
+    #[arg(long)]
+    notes: Option<String>,
+    /// The lab (for NWB).
+    #[arg(long)]
+    lab: Option<String>,
+    /// The institution (for NWB).
+    #[arg(long)]
+    institution: Option<String>,
+}
+
+impl From<SubjectArgs> for daemon::training_cli::SubjectFields {
+    fn from(a: SubjectArgs) -> Self {
+        Self {
+            species: a.species,
+            sex: a.sex,
+            date_of_birth: a.date_of_birth,
+            strain: a.strain,
+            genotype: a.genotype,
+            experimenter: a.experimenter,
+            baseline_weight_g: a.baseline_weight_g,
+            notes: a.notes,
+            lab: a.lab,
+            institution: a.institution,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum MouseCmd {
+    /// Add a mouse: writes <data_root>/<mouse>/subject.toml.
+    Add {
+        /// The mouse's id (letters, digits, `_` and `-`; at most 64).
+        id: String,
+        #[command(flatten)]
+        fields: SubjectArgs,
+    },
+    /// Print a mouse's record.
+    Show {
+        /// The mouse's id.
+        id: String,
+    },
+    /// Every mouse on the data root.
+    List,
+    /// Change fields of a mouse's record.
+    Edit {
+        /// The mouse's id.
+        id: String,
+        #[command(flatten)]
+        fields: SubjectArgs,
     },
 }
 
@@ -211,17 +350,35 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
     if let Cmd::Recover { dir } = &cli.command {
         return recover(dir, cli.json);
     }
+    if matches!(
+        cli.command,
+        Cmd::Mouse { .. } | Cmd::History { .. } | Cmd::Report { .. } | Cmd::Water { .. }
+    ) {
+        return training_command(cli);
+    }
     let path = socket_path(&cli)?;
     let mut client = Client::connect(&path)?;
     let quick = Duration::from_secs(10);
     let json = cli.json;
     let answer = match cli.command {
-        Cmd::Start { mouse, notes } => {
+        Cmd::Start {
+            mouse,
+            notes,
+            stage,
+            stage_reason,
+            operator,
+            weight_g,
+        } => {
+            let operator = operator.or_else(|| std::env::var("USER").ok());
             let v = client.call(
                 Request::Start(StartRequest {
                     mouse,
                     notes,
                     task: None,
+                    stage,
+                    stage_reason,
+                    operator,
+                    weight_g,
                 }),
                 quick,
             )?;
@@ -232,6 +389,19 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     v["started_utc"].as_str().unwrap_or("?"),
                     v["session_dir"].as_str().unwrap_or("?")
                 );
+                if let Some(day) = v["training_day"].as_u64() {
+                    print!("  training day {day}");
+                    if let Some(stage) = v["stage"].as_str() {
+                        print!(
+                            "   stage {stage} ({})",
+                            v["stage_why"].as_str().unwrap_or("")
+                        );
+                    }
+                    println!();
+                }
+                for w in v["warnings"].as_array().into_iter().flatten() {
+                    println!("  WARNING: {}", w.as_str().unwrap_or_default());
+                }
             }
             v
         }
@@ -278,7 +448,11 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             }
             v
         }
-        Cmd::Recover { .. } => unreachable!("handled above"),
+        Cmd::Recover { .. }
+        | Cmd::Mouse { .. }
+        | Cmd::History { .. }
+        | Cmd::Report { .. }
+        | Cmd::Water { .. } => unreachable!("handled above"),
     };
     if json {
         println!("{answer}");
@@ -421,4 +595,88 @@ fn recover(dir: &Path, json: bool) -> Result<ExitCode, Failure> {
         }
         Err(e) => Err(Failure::Refused(format!("recover {}: {e}", dir.display()))),
     }
+}
+
+/// The commands that work on the data root (daemon::training_cli says why).
+fn training_command(cli: Cli) -> Result<ExitCode, Failure> {
+    use daemon::training_cli as t;
+    let ctx =
+        t::Ctx::resolve(cli.config.as_deref(), cli.data_root.as_deref()).map_err(Failure::Usage)?;
+    let json = cli.json;
+    let refused = |e: String| Failure::Refused(e);
+    match cli.command {
+        Cmd::Mouse { action } => match action {
+            MouseCmd::Add { id, fields } => {
+                let p = t::mouse_add(&ctx, &id, fields.into()).map_err(refused)?;
+                println!("added {id}: {}", p.display());
+            }
+            MouseCmd::Edit { id, fields } => {
+                let (p, s) = t::mouse_edit(&ctx, &id, fields.into()).map_err(refused)?;
+                println!("{s}\nsaved {}", p.display());
+            }
+            MouseCmd::Show { id } => {
+                let s = training::subject::read(&ctx.data_root, &id)
+                    .map_err(|e| refused(e.to_string()))?;
+                if json {
+                    println!("{}", serde_json::to_string(&s).unwrap_or_default());
+                } else {
+                    println!("{s}\n{}", t::next_session(&ctx, &id));
+                }
+            }
+            MouseCmd::List => print!("{}", t::mouse_list(&ctx).map_err(refused)?),
+        },
+        Cmd::History { mouse } => {
+            let t::History {
+                rows,
+                ledger,
+                notes,
+            } = t::history(&ctx, &mouse).map_err(refused)?;
+            if json {
+                println!("{}", training::table::history_json(&rows, &ledger));
+            } else {
+                print!("{}", training::table::history_table(&rows, &ledger));
+                println!("(dates and days in {})", ctx.zone.name());
+            }
+            for n in notes {
+                eprintln!("rigctl: {n}");
+            }
+        }
+        Cmd::Report { mouse, out } => {
+            let t::History { rows, ledger, .. } = t::history(&ctx, &mouse).map_err(refused)?;
+            let subject = training::subject::read(&ctx.data_root, &mouse).ok();
+            let now = session_format::rfc3339_utc(std::time::SystemTime::now());
+            let html =
+                training::report::report_html(&mouse, subject.as_ref(), &rows, &ledger, &now);
+            let out = out.unwrap_or_else(|| t::default_report_path(&ctx, &mouse));
+            std::fs::write(&out, html)
+                .map_err(|e| refused(format!("write {}: {e}", out.display())))?;
+            println!("{}", out.display());
+        }
+        Cmd::Water { action } => match action {
+            WaterCmd::Give {
+                mouse,
+                ul,
+                kind,
+                note,
+                by,
+            } => {
+                let by = by
+                    .or_else(|| std::env::var("USER").ok())
+                    .unwrap_or_default();
+                let g =
+                    training::water::give(&ctx.data_root, &mouse, &ctx.zone, ul, &kind, &by, &note)
+                        .map_err(refused)?;
+                let day = training::water::by_hand_on_day(&ctx.data_root, &mouse, &g.local_date);
+                println!(
+                    "{mouse}: {:.1} µL ({}) on {} ({}); by hand that day: {day:.1} µL",
+                    g.ul,
+                    g.kind,
+                    g.local_date,
+                    ctx.zone.name()
+                );
+            }
+        },
+        _ => unreachable!("only training commands come here"),
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -48,6 +48,11 @@ pub struct SessionPlan {
     pub water_before_today_ul: f64,
     /// Rig time of session time 0: the latest sample when it was planned.
     pub t0_us: u64,
+    /// `session.toml`'s `[training]` table (set by the supervisor).
+    pub training: Option<toml::Table>,
+    /// The lab zone's offset from UTC at the start, s: the folder is named
+    /// in the lab's local time.
+    pub utc_offset_s: i32,
 }
 
 /// Why a session did not start. Each message names what is wrong and the fix.
@@ -61,6 +66,15 @@ pub enum StartError {
     Stopping { mouse: String },
     #[error("{0}")]
     InvalidMouse(#[from] InvalidMouseId),
+    /// No record for the mouse (`[training].require_subject`).
+    #[error("{0}")]
+    UnknownMouse(String),
+    /// The training side of the start (protocol, stage, mouse record).
+    #[error("{0}")]
+    Training(String),
+    /// The welfare rule (weight) refused the start.
+    #[error("{0}")]
+    Welfare(String),
     #[error(
         "the rig is not connected ({detail}): check the USB cable and [rig].serial_port = {port:?}"
     )]
@@ -111,7 +125,9 @@ impl StartError {
         match self {
             Self::AlreadyRunning { .. } => ErrorCode::AlreadyRunning,
             Self::Stopping { .. } => ErrorCode::Busy,
-            Self::InvalidMouse(_) => ErrorCode::InvalidMouse,
+            Self::InvalidMouse(_) | Self::UnknownMouse(_) => ErrorCode::InvalidMouse,
+            Self::Training(_) => ErrorCode::BadRequest,
+            Self::Welfare(_) => ErrorCode::RefusedBySafety,
             Self::NotConnected { .. } | Self::NoSampleYet => ErrorCode::DeviceUnavailable,
             Self::Overrides(_) => ErrorCode::BadRequest,
             Self::DailyWaterCap { .. }
@@ -208,6 +224,8 @@ impl SessionPlan {
             params,
             water_before_today_ul: today,
             t0_us: facts.rig_now_us,
+            training: None,
+            utc_offset_s: 0,
         })
     }
 
@@ -244,6 +262,7 @@ mod tests {
             mouse: mouse.into(),
             notes: Some("day 3".into()),
             task: None,
+            ..Default::default()
         }
     }
 

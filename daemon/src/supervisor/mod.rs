@@ -7,6 +7,7 @@
 //! [`crate::session`].
 
 mod open;
+mod training;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,7 +30,7 @@ use crate::session::{
     SessionLog, SessionPlan, StartError, StartFacts, StopReason,
 };
 use crate::storage_thread::StorageFailed;
-use session_format::{water_today_ul, SessionLogFile};
+use session_format::{water_on_day_ul, SessionLogFile};
 
 /// Why a SIGHUP did not reload the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -368,9 +369,41 @@ impl Supervisor {
     /// Start a session: plan it (a pure decision over the configuration,
     /// the request and what is known now), open its files and threads, then
     /// hand the task to the rig thread.
-    pub async fn start(&mut self, req: StartRequest) -> Result<StartReply, ControlError> {
-        let facts = self.start_facts(&req.mouse);
-        let plan = SessionPlan::new(&self.cfg, &req, &facts)?;
+    pub async fn start(&mut self, mut req: StartRequest) -> Result<StartReply, ControlError> {
+        // The lab's zone was checked with the configuration; UTC otherwise.
+        let zone = ::training::LabZone::new(&self.cfg.lab.timezone)
+            .unwrap_or_else(|_| ::training::LabZone::utc());
+        let now = SystemTime::now();
+        let facts = self.start_facts(&req.mouse, &zone);
+        let trained = if facts.running.is_none() && validate_mouse_id(&req.mouse).is_ok() {
+            Some(training::prepare(&self.cfg, &req, &zone, now)?)
+        } else {
+            None
+        };
+        if let Some(t) = &trained {
+            req.task = t.task.clone();
+            for w in &t.warnings {
+                tracing::warn!(mouse = %req.mouse, "{w}");
+            }
+        }
+        let mut plan = SessionPlan::new(&self.cfg, &req, &facts).map_err(|e| {
+            // A stage's settings this rig cannot run: say which stage.
+            match (e, trained.as_ref().map(|t| &t.record)) {
+                (StartError::Overrides(o), Some(r)) if r.stage.is_some() => {
+                    StartError::Training(format!(
+                        "stage {} of {}: {o} (change the stage's [stage.task] in the protocol, \
+                         or this rig's configuration)",
+                        r.stage.as_deref().unwrap_or_default(),
+                        r.protocol_file.as_deref().unwrap_or_default()
+                    ))
+                }
+                (e, _) => e,
+            }
+        })?;
+        plan.utc_offset_s = zone.offset_s(now);
+        plan.training = trained
+            .as_ref()
+            .and_then(|t| training::record_table(&t.record));
         let t0_us = plan.t0_us;
         if let Some(p) = &self.preview {
             // The page starts afresh before the session's first sample.
@@ -431,20 +464,29 @@ impl Supervisor {
             started_utc: started_utc.clone(),
             t0_us,
         }));
+        let record = trained.map(|t| (t.record, t.warnings));
         Ok(StartReply {
             session_dir: path.display().to_string(),
             mouse: req.mouse,
             started_utc,
+            training_day: record.as_ref().map(|(r, _)| r.day),
+            stage: record.as_ref().and_then(|(r, _)| r.stage.clone()),
+            stage_why: record.as_ref().and_then(|(r, _)| r.stage_why.clone()),
+            warnings: record.map(|(_, w)| w).unwrap_or_default(),
         })
     }
 
     /// What a start decision needs to know now (reads the mouse's folders
     /// and the disk's free space).
-    fn start_facts(&mut self, mouse: &str) -> StartFacts {
+    fn start_facts(&mut self, mouse: &str, zone: &::training::LabZone) -> StartFacts {
         let live = self.live();
         let root = Path::new(&self.cfg.storage.data_root);
         let water = if validate_mouse_id(mouse).is_ok() {
-            water_today_ul(root, mouse)
+            // The lab's day: session folders are named in its zone. Water
+            // given by hand that day (`rigctl water give`) counts too.
+            let day = zone.today();
+            water_on_day_ul(root, mouse, &day)
+                .map(|w| w + ::training::water::by_hand_on_day(root, mouse, &day))
         } else {
             Ok(0.0)
         };

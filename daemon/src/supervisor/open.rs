@@ -49,8 +49,13 @@ pub(super) fn open(plan: SessionPlan, ctx: OpenContext<'_>) -> Result<Opened, St
             .map_err(|e| StartError::DiskTooSlow(e.to_string()))?;
     }
     let start_utc = SystemTime::now();
-    let dir = SessionDir::create(Path::new(&cfg.storage.data_root), &plan.mouse, start_utc)
-        .map_err(StartError::Folder)?;
+    let dir = SessionDir::create_at_offset(
+        Path::new(&cfg.storage.data_root),
+        &plan.mouse,
+        start_utc,
+        plan.utc_offset_s,
+    )
+    .map_err(StartError::Folder)?;
     let tuning = crate::realtime::SessionTuning::acquire(&cfg.realtime);
     let info = SessionInfo {
         rig: cfg.rig.name.clone(),
@@ -62,6 +67,7 @@ pub(super) fn open(plan: SessionPlan, ctx: OpenContext<'_>) -> Result<Opened, St
         host_monotonic_start_ns: firmware_bridge::link::host_now_ns(),
         clock_sync: None,
         realtime: Some(tuning.record().clone()),
+        training: plan.training.clone(),
     };
     let fsync = Duration::from_millis(u64::from(cfg.storage.fsync_interval_ms));
     let chunk_len = Duration::from_secs(u64::from(cfg.storage.chunk_minutes) * 60);

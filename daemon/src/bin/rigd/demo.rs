@@ -82,6 +82,19 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
     cfg.storage.data_root = data.clone();
     cfg.control.socket = run_dir.join("rigd.sock");
     cfg.task.max_duration_min = Some(opts.minutes);
+    // The demo mouse is a mouse like any other: it has a record (made here
+    // the first time), and a start needs one.
+    cfg.training = Some(rig_config::TrainingSection::default());
+    if let Err(training::SubjectError::Unknown { .. }) = training::subject::read(&data, &opts.mouse)
+    {
+        training::subject::write(
+            &data,
+            &training::subject::demo_subject(&opts.mouse),
+            true,
+            None,
+        )
+        .map_err(|e| anyhow::anyhow!("cannot write the demo mouse's record: {e}"))?;
+    }
     // The preview page on a free loopback port (printed at start).
     cfg.preview.enabled = true;
     cfg.preview.port = 0;
@@ -143,6 +156,7 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
                 opts.day, opts.speed, opts.seed
             )),
             task: None,
+            ..Default::default()
         })
         .await;
     let reply = match reply {
