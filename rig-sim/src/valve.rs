@@ -59,8 +59,17 @@ mod tests {
     fn short_pulses_deliver_less_than_their_share() {
         let v = ValveModel::on_day(1);
         let per_ms = |ms: u32| v.volume_ul(ms * 1000) / f64::from(ms);
-        assert!(per_ms(10) < 0.5 * per_ms(80), "{} {}", per_ms(10), per_ms(80));
-        assert!((v.volume_ul(80_000) - 7.92).abs() < 0.01, "{}", v.volume_ul(80_000));
+        assert!(
+            per_ms(10) < 0.5 * per_ms(80),
+            "{} {}",
+            per_ms(10),
+            per_ms(80)
+        );
+        assert!(
+            (v.volume_ul(80_000) - 7.92).abs() < 0.01,
+            "{}",
+            v.volume_ul(80_000)
+        );
         assert_eq!(v.volume_ul(0), 0.0);
         let mut last = 0.0;
         for us in (1_000..200_000).step_by(1_000) {
