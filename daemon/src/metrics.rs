@@ -222,6 +222,8 @@ pub struct Metrics {
     pub calibration_pulses: Counter,
     /// Free space on the data root, bytes (NaN until the first check).
     pub data_root_free_bytes: F64Cell,
+    /// `[alerts].disk_free_min_mb`, in bytes (NaN until the first check).
+    pub data_root_free_min_bytes: F64Cell,
     /// Age of the valve calibration, days (NaN when it has no date).
     pub valve_calibration_age_days: F64Cell,
     /// `[valve].max_calibration_age_days`.
@@ -258,6 +260,7 @@ impl Metrics {
             alerts: [ZERO; ALERT_KINDS.len()],
             calibration_pulses: Counter::new(),
             data_root_free_bytes: NAN,
+            data_root_free_min_bytes: NAN,
             valve_calibration_age_days: NAN,
             valve_calibration_max_age_days: NAN,
         }
@@ -500,6 +503,12 @@ impl Metrics {
             "rigd_data_root_free_bytes",
             "Free space on [storage].data_root, bytes (NaN before the first check).",
             self.data_root_free_bytes.get(),
+        );
+        gauge(
+            &mut out,
+            "rigd_data_root_free_min_bytes",
+            "[alerts].disk_free_min_mb in bytes: below it rigd raises disk_low.",
+            self.data_root_free_min_bytes.get(),
         );
         gauge(
             &mut out,

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use crate::{bin, workspace_root, Rigd, Sim};
 
 /// One rig of the room.
+#[derive(Debug)]
 pub struct RoomRig {
     pub name: String,
     pub config: PathBuf,

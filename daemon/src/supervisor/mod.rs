@@ -238,6 +238,9 @@ impl Supervisor {
             .set(free_bytes as f64);
         let free = free_bytes / (1024 * 1024);
         let min = self.cfg.alerts.disk_free_min_mb;
+        crate::metrics::global()
+            .data_root_free_min_bytes
+            .set(min as f64 * 1024.0 * 1024.0);
         if free < min && !self.watch.disk_low_alerted {
             self.watch.disk_low_alerted = true;
             self.alert(Alert::disk_low(&root, free, min));
