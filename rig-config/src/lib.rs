@@ -7,7 +7,8 @@
 //! obeys every rule.
 //!
 //! Architecture invariant: this crate does no I/O beyond reading the one file
-//! [`load`] is given. It never opens the serial port, the socket or the data
+//! [`load`] is given and the valve calibration file it names
+//! (`[valve].calibration_file`). It never opens the serial port, the socket or the data
 //! root, and never checks that paths named in the file exist: that is the
 //! daemon's job when it starts a session.
 //!
