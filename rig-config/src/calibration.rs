@@ -346,14 +346,14 @@ mod tests {
 
     #[test]
     fn fits_through_the_weighings_in_order() {
-        let p = fit(&[m(40.0, 50, 176.0), m(10.0, 50, 23.5), m(20.0, 50, 70.0)]).unwrap();
+        let p = fit(&[m(40.0, 50, 176.0), m(10.0, 50, 23.5), m(20.0, 50, 70.0)]).expect("valid");
         let v: Vec<(f64, f64)> = p.iter().map(|p| (p.open_ms, p.volume_ul)).collect();
         assert_eq!(v, vec![(10.0, 0.47), (20.0, 1.4), (40.0, 3.52)]);
     }
 
     #[test]
     fn refuses_what_is_not_a_curve() {
-        let e = fit(&[m(10.0, 50, 30.0), m(20.0, 50, 29.0)]).unwrap_err();
+        let e = fit(&[m(10.0, 50, 30.0), m(20.0, 50, 29.0)]).expect_err("refused");
         assert!(matches!(e, FitError::NotMonotonic { .. }));
         assert!(e
             .to_string()
@@ -376,20 +376,23 @@ mod tests {
         let f = CalibrationFile {
             calibrated_utc: "2026-12-06T23:10:00Z".into(),
             fit: Some("piecewise-linear".into()),
-            point: fit(&[m(10.0, 50, 23.5), m(20.0, 50, 70.0)]).unwrap(),
+            point: fit(&[m(10.0, 50, 23.5), m(20.0, 50, 70.0)]).expect("valid"),
         };
         let text = f.to_toml_string();
-        assert_eq!(CalibrationFile::parse(&text, "v.toml".as_ref()).unwrap(), f);
+        assert_eq!(
+            CalibrationFile::parse(&text, "v.toml".as_ref()).expect("valid"),
+            f
+        );
         let bad = text.replace("volume_ul = 1.4", "volume_ul = 0.1");
         let e = CalibrationFile::parse(&bad, "v.toml".as_ref())
-            .unwrap_err()
+            .expect_err("refused")
             .to_string();
         assert!(
             e.contains("v.toml:") && e.contains("point[1].volume_ul = 0.1"),
             "{e}"
         );
         let e = CalibrationFile::parse("x = 1\n", "v.toml".as_ref())
-            .unwrap_err()
+            .expect_err("refused")
             .to_string();
         assert!(e.contains("not a valve calibration file"), "{e}");
     }

@@ -769,22 +769,22 @@ fn a_long_value_is_elided_in_its_message() {
 #[test]
 fn the_calibration_file_replaces_the_inline_points() {
     let dir = std::env::temp_dir().join(format!("rig-config-cal-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir).expect("valid");
     let cfg = dir.join("rig.toml");
     std::fs::write(
         &cfg,
         "[task]\nreward_ul = 1.0\n[valve]\ncalibration_file = \"valve.toml\"\n",
     )
-    .unwrap();
+    .expect("valid");
     // Missing: a warning, the inline (example) points, and 1 µL is outside them.
-    let e = crate::load(&cfg).unwrap_err().to_string();
+    let e = crate::load(&cfg).expect_err("refused").to_string();
     assert!(e.contains("task.reward_ul = 1.0"), "{e}");
     std::fs::write(
         &cfg,
         "[valve]\ncalibration_file = \"valve.toml\"\nmax_calibration_age_days = 10\n",
     )
-    .unwrap();
-    let l = crate::load(&cfg).unwrap();
+    .expect("valid");
+    let l = crate::load(&cfg).expect("valid");
     assert!(
         l.warnings
             .iter()
@@ -807,22 +807,22 @@ fn the_calibration_file_replaces_the_inline_points() {
                 weight_mg: 45.0,
             },
         ])
-        .unwrap(),
+        .expect("valid"),
     };
-    std::fs::write(dir.join("valve.toml"), file.to_toml_string()).unwrap();
+    std::fs::write(dir.join("valve.toml"), file.to_toml_string()).expect("valid");
     std::fs::write(
         &cfg,
         "[task]\nreward_ul = 1.0\n[valve]\ncalibration_file = \"valve.toml\"\nmax_calibration_age_days = 10\n",
     )
-    .unwrap();
-    let l = crate::load(&cfg).unwrap();
+    .expect("valid");
+    let l = crate::load(&cfg).expect("valid");
     assert!(l.warnings.is_empty(), "{:?}", l.warnings);
     let v = &l.config.valve;
     assert_eq!(v.calibration.len(), 2);
     assert_eq!(v.calibrated_utc.as_deref(), Some("2026-12-01T10:00:00Z"));
-    let day = crate::days_from_date("2026-12-01").unwrap();
+    let day = crate::days_from_date("2026-12-01").expect("valid");
     assert_eq!(v.calibration_age_warning(day + 10), None);
-    let w = v.calibration_age_warning(day + 11).unwrap();
+    let w = v.calibration_age_warning(day + 11).expect("valid");
     assert!(
         w.contains("11 days old") && w.contains("max_calibration_age_days = 10"),
         "{w}"
@@ -832,8 +832,8 @@ fn the_calibration_file_replaces_the_inline_points() {
         dir.join("valve.toml"),
         "calibrated_utc = \"yesterday\"\n[[point]]\nopen_ms = 1.0\nvolume_ul = 1.0\n",
     )
-    .unwrap();
-    let e = crate::load(&cfg).unwrap_err().to_string();
+    .expect("valid");
+    let e = crate::load(&cfg).expect_err("refused").to_string();
     assert!(
         e.contains("valve.toml") && e.contains("calibrated_utc"),
         "{e}"

@@ -161,7 +161,7 @@ fn socket_path(cli: &Cli) -> Result<PathBuf, Failure> {
     if cli.rig.is_some() {
         let cfg = config_path(cli)?.unwrap_or_default();
         return match rig_config::load(&cfg) {
-            Ok(l) => Ok(PathBuf::from(l.config.control.socket)),
+            Ok(l) => Ok(l.config.control.socket),
             Err(e) => Err(Failure::Usage(format!("{e}"))),
         };
     }
@@ -170,7 +170,7 @@ fn socket_path(cli: &Cli) -> Result<PathBuf, Failure> {
     }
     if let Some(cfg) = &cli.config {
         return match rig_config::load(cfg) {
-            Ok(l) => Ok(PathBuf::from(l.config.control.socket)),
+            Ok(l) => Ok(l.config.control.socket),
             Err(e) => Err(Failure::Usage(format!("{e}"))),
         };
     }

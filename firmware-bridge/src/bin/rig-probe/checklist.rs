@@ -335,7 +335,7 @@ mod tests {
             .iter()
             .find(|i| i.item == name)
             .map(|i| i.status)
-            .unwrap()
+            .expect("every item is in the checklist")
     }
 
     #[test]
