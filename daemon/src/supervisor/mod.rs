@@ -208,12 +208,22 @@ impl Supervisor {
         {
             self.watch.last_disk_check = Some(now);
             self.check_disk();
+            self.publish_calibration_age();
         }
     }
 
     /// Publish the valve calibration's age and warn when it is too old (at
     /// rigd's start, after a reload, at every session start).
     pub fn check_calibration_age(&self) {
+        let today = self.publish_calibration_age();
+        if let Some(w) = self.cfg.valve.calibration_age_warning(today) {
+            tracing::warn!("{w}");
+        }
+    }
+
+    /// The calibration's age into the metrics (also every disk check, so
+    /// the gauge grows while rigd runs); returns today (days since 1970).
+    fn publish_calibration_age(&self) -> i64 {
         let today = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| (d.as_secs() / 86_400) as i64);
@@ -223,9 +233,7 @@ impl Supervisor {
             .set(v.calibration_age_days(today).map_or(f64::NAN, |d| d as f64));
         m.valve_calibration_max_age_days
             .set(f64::from(v.max_calibration_age_days));
-        if let Some(w) = v.calibration_age_warning(today) {
-            tracing::warn!("{w}");
-        }
+        today
     }
 
     fn check_disk(&mut self) {
