@@ -23,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 mod calibration;
+mod date;
 mod error;
 mod locate;
 mod overrides;

@@ -396,7 +396,7 @@ fn calibration_is_valid(c: &RigConfig) -> bool {
 fn valve_record(c: &RigConfig, out: &mut Issues) {
     let v = &c.valve;
     if let Some(d) = &v.calibrated_utc {
-        if crate::calibration::days_from_date(d).is_none() {
+        if crate::date::days_from_date(d).is_none() {
             out.push(
                 "valve.calibrated_utc",
                 quoted(d),

@@ -90,7 +90,7 @@ impl ValveSection {
     /// Age of the calibration in days on day `today` (days since
     /// 1970-01-01), or `None` without a (valid) `calibrated_utc`.
     pub fn calibration_age_days(&self, today: i64) -> Option<i64> {
-        let d = crate::calibration::days_from_date(self.calibrated_utc.as_deref()?)?;
+        let d = crate::date::days_from_date(self.calibrated_utc.as_deref()?)?;
         Some(today - d)
     }
 
