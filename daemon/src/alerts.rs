@@ -266,6 +266,7 @@ impl Alerter {
 
     /// Log the alert and hand it to the configured command (in the background).
     pub fn raise(&self, mut alert: Alert) {
+        crate::metrics::global().alert_raised(alert.kind.as_str());
         let held = self
             .inner
             .repeats

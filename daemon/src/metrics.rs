@@ -173,6 +173,15 @@ pub const STOP_REASONS: [&str; 8] = [
     "error",
 ];
 
+/// The `kind` label of `rigd_alerts_total` (`alerts::AlertKind::as_str`).
+pub const ALERT_KINDS: [&str; 5] = [
+    "valve_safety_trip",
+    "device_lost",
+    "disk_low",
+    "session_auto_stopped",
+    "storage_error",
+];
+
 /// The registry. See the module docs.
 #[derive(Debug)]
 pub struct Metrics {
@@ -207,6 +216,18 @@ pub struct Metrics {
     pub control_conns: ConnCounters,
     /// Bumped by the rig thread every time the link calls it.
     rig_thread_beats: Counter,
+    /// Alerts raised (before the repeat gate), one per [`ALERT_KINDS`].
+    alerts: [Counter; ALERT_KINDS.len()],
+    /// Valve pulses given for a calibration (water for no mouse).
+    pub calibration_pulses: Counter,
+    /// Free space on the data root, bytes (NaN until the first check).
+    pub data_root_free_bytes: F64Cell,
+    /// `[alerts].disk_free_min_mb`, in bytes (NaN until the first check).
+    pub data_root_free_min_bytes: F64Cell,
+    /// Age of the valve calibration, days (NaN when it has no date).
+    pub valve_calibration_age_days: F64Cell,
+    /// `[valve].max_calibration_age_days`.
+    pub valve_calibration_max_age_days: F64Cell,
 }
 
 impl Metrics {
@@ -236,6 +257,12 @@ impl Metrics {
             preview_conns: ConnCounters::new(),
             control_conns: ConnCounters::new(),
             rig_thread_beats: Counter::new(),
+            alerts: [ZERO; ALERT_KINDS.len()],
+            calibration_pulses: Counter::new(),
+            data_root_free_bytes: NAN,
+            data_root_free_min_bytes: NAN,
+            valve_calibration_age_days: NAN,
+            valve_calibration_max_age_days: NAN,
         }
     }
 
@@ -260,6 +287,13 @@ impl Metrics {
             .iter()
             .position(|&r| r == label)
             .map_or(0, |i| self.sessions_completed[i].get())
+    }
+
+    /// An alert of `kind` (one of [`ALERT_KINDS`]) was raised.
+    pub fn alert_raised(&self, kind: &str) {
+        if let Some(i) = ALERT_KINDS.iter().position(|&k| k == kind) {
+            self.alerts[i].inc();
+        }
     }
 
     pub fn set_link_up(&self, up: bool) {
@@ -447,6 +481,46 @@ impl Metrics {
             "rigd_clock_sync_half_band_seconds",
             "Half width of the host-to-rig clock fit's band (NaN before the first fit).",
             self.clock_half_band_us.get() / 1e6,
+        );
+        family(
+            &mut out,
+            "rigd_alerts_total",
+            "Alerts raised, by kind (before repeats are held back); [alerts].command \
+             gets each.",
+            "counter",
+        );
+        for (kind, c) in ALERT_KINDS.iter().zip(&self.alerts) {
+            let _ = writeln!(out, "rigd_alerts_total{{kind=\"{kind}\"}} {}", c.get());
+        }
+        counter(
+            &mut out,
+            "rigd_calibration_pulses_total",
+            "Valve pulses given for a valve calibration (water into a cup, for no mouse).",
+            self.calibration_pulses.get(),
+        );
+        gauge(
+            &mut out,
+            "rigd_data_root_free_bytes",
+            "Free space on [storage].data_root, bytes (NaN before the first check).",
+            self.data_root_free_bytes.get(),
+        );
+        gauge(
+            &mut out,
+            "rigd_data_root_free_min_bytes",
+            "[alerts].disk_free_min_mb in bytes: below it rigd raises disk_low.",
+            self.data_root_free_min_bytes.get(),
+        );
+        gauge(
+            &mut out,
+            "rigd_valve_calibration_age_days",
+            "Age of the valve calibration, days (NaN when it has no date).",
+            self.valve_calibration_age_days.get(),
+        );
+        gauge(
+            &mut out,
+            "rigd_valve_calibration_max_age_days",
+            "[valve].max_calibration_age_days: older calibrations are warned about.",
+            self.valve_calibration_max_age_days.get(),
         );
         let name = "rigd_control_latency_seconds";
         family(

@@ -259,6 +259,11 @@ pub struct ValveRequest {
     pub pulse_ms: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flush_ms: Option<f64>,
+    /// The pulse is part of a valve calibration (`rigctl calibrate valve`):
+    /// its water goes into a cup, not to a mouse. The daemon logs it as such
+    /// and counts it in `rigd_calibration_pulses_total`. Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub calibration: bool,
 }
 
 /// What a valid [`ValveRequest`] asks for.

@@ -74,10 +74,17 @@ fn every_request() -> Vec<Request> {
         Request::Valve(ValveRequest {
             pulse_ms: Some(40.0),
             flush_ms: None,
+            ..Default::default()
         }),
         Request::Valve(ValveRequest {
             pulse_ms: None,
             flush_ms: Some(2500.5),
+            ..Default::default()
+        }),
+        Request::Valve(ValveRequest {
+            pulse_ms: Some(20.0),
+            flush_ms: None,
+            calibration: true,
         }),
         Request::Tone(ToneRequest { test: true }),
     ]
@@ -143,7 +150,8 @@ fn request_wire_shapes() {
             2,
             Request::Valve(ValveRequest {
                 pulse_ms: Some(40.0),
-                flush_ms: None
+                flush_ms: None,
+                ..Default::default()
             })
         )),
         json!({"id": 2, "cmd": "valve", "pulse_ms": 40.0})
@@ -196,7 +204,14 @@ fn handwritten_requests_parse() {
 
 #[test]
 fn a_valve_request_without_one_positive_duration_says_which_rule() {
-    let action = |pulse_ms, flush_ms| ValveRequest { pulse_ms, flush_ms }.action();
+    let action = |pulse_ms, flush_ms| {
+        ValveRequest {
+            pulse_ms,
+            flush_ms,
+            ..Default::default()
+        }
+        .action()
+    };
     assert_eq!(action(None, None), Err(InvalidValveRequest::Neither));
     assert_eq!(action(Some(1.0), Some(1.0)), Err(InvalidValveRequest::Both));
     let e = action(Some(0.0), None).expect_err("a zero pulse");

@@ -7,7 +7,8 @@
 //! obeys every rule.
 //!
 //! Architecture invariant: this crate does no I/O beyond reading the one file
-//! [`load`] is given. It never opens the serial port, the socket or the data
+//! [`load`] is given and the valve calibration file it names
+//! (`[valve].calibration_file`). It never opens the serial port, the socket or the data
 //! root, and never checks that paths named in the file exist: that is the
 //! daemon's job when it starts a session.
 //!
@@ -21,6 +22,8 @@
 
 #![forbid(unsafe_code)]
 
+mod calibration;
+mod date;
 mod error;
 mod locate;
 mod overrides;
@@ -32,6 +35,10 @@ use std::path::Path;
 
 use toml_edit::ImDocument;
 
+pub use calibration::{
+    days_from_date, fit as fit_calibration, resolve as resolve_calibration_file, CalibrationFile,
+    FilePoint, FitError, Measurement,
+};
 pub use error::{ConfigError, Problem, ToTomlError};
 pub use overrides::{OverrideError, OverrideProblem, TaskOverrideField};
 pub use schema::{
@@ -122,12 +129,41 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
             });
         }
     };
-    parse_str(&text, path)
+    // The calibration file the configuration names, if any.
+    let named = toml::from_str::<toml::Table>(&text).ok().and_then(|t| {
+        t.get("valve")?
+            .get("calibration_file")?
+            .as_str()
+            .map(str::to_owned)
+    });
+    let calibration = match named {
+        None => None,
+        Some(name) => {
+            let cal_path = calibration::resolve(path, &name);
+            if cal_path.exists() {
+                Some(Ok(CalibrationFile::read(&cal_path)?))
+            } else {
+                Some(Err(cal_path))
+            }
+        }
+    };
+    parse_inner(&text, path, calibration)
 }
 
 /// Parses and validates configuration `text`; `path_for_messages` is only
 /// used to prefix problems (`rig.toml:14:15: ...`).
 pub fn parse_str(text: &str, path_for_messages: &Path) -> Result<Loaded, ConfigError> {
+    parse_inner(text, path_for_messages, None)
+}
+
+/// [`parse_str`] with the calibration file `[valve].calibration_file`
+/// names: read (its points replace the inline ones before the rules run), or
+/// missing (its path, for a warning).
+fn parse_inner(
+    text: &str,
+    path_for_messages: &Path,
+    calibration: Option<Result<CalibrationFile, std::path::PathBuf>>,
+) -> Result<Loaded, ConfigError> {
     let file = path_for_messages;
     let invalid = |problems: Vec<Problem>| ConfigError::Invalid {
         path: file.to_path_buf(),
@@ -183,6 +219,12 @@ pub fn parse_str(text: &str, path_for_messages: &Path) -> Result<Loaded, ConfigE
             }
         }
     };
+
+    let mut parsed = parsed;
+    if let (Some(config), Some(Ok(cal))) = (parsed.as_mut(), calibration.as_ref()) {
+        config.valve.calibration = cal.points();
+        config.valve.calibrated_utc = Some(cal.calibrated_utc.clone());
+    }
 
     // 3. The rules, all of them, reported in file order (with the schema's
     // problems; the rules run on the file without the lines they blamed).
@@ -250,7 +292,16 @@ pub fn parse_str(text: &str, path_for_messages: &Path) -> Result<Loaded, ConfigE
             config.rig.encoder_counts_per_mm
         ));
     }
-    if !locate(&doc, &KeyPath::dotted("valve.calibration")).present {
+    if let Some(Err(missing)) = &calibration {
+        warnings.push(format!(
+            "{}: valve.calibration_file: {} does not exist, so the calibration in this file \
+             is in use; run rigctl calibrate valve to write it",
+            file.display(),
+            missing.display()
+        ));
+    }
+    let from_file = matches!(calibration, Some(Ok(_)));
+    if !from_file && !locate(&doc, &KeyPath::dotted("valve.calibration")).present {
         let points: Vec<String> = ValveSection::EXAMPLE_CALIBRATION
             .iter()
             .map(|p| format!("{} ms -> {} µL", p.open_ms, p.volume_ul))

@@ -178,6 +178,20 @@ pub struct ValveSection {
     /// curve is linear; outside them it is not defined. Default:
     /// [`ValveSection::EXAMPLE_CALIBRATION`], which is an example only.
     pub calibration: Vec<CalibrationPoint>,
+    /// A calibration file written by `rigctl calibrate valve`, relative to
+    /// this file's folder (or absolute). When set and present, its points
+    /// replace `calibration` and its date is `calibrated_utc`; when set and
+    /// missing, loading warns and `calibration` is used. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration_file: Option<String>,
+    /// When the calibration was weighed, `YYYY-MM-DD` or RFC 3339 UTC.
+    /// Taken from the calibration file when there is one. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibrated_utc: Option<String>,
+    /// rigd warns (at start, at every session start, and in
+    /// `rigd_valve_calibration_age_days`) when the calibration is older than
+    /// this, days, 1..=3650. Default 30.
+    pub max_calibration_age_days: u32,
 }
 
 /// One measured point of the valve calibration: opening the valve for
@@ -214,6 +228,9 @@ impl Default for ValveSection {
     fn default() -> Self {
         Self {
             calibration: Self::EXAMPLE_CALIBRATION.to_vec(),
+            calibration_file: None,
+            calibrated_utc: None,
+            max_calibration_age_days: 30,
         }
     }
 }

@@ -106,6 +106,8 @@ fn example_file_sets_every_key() {
         "reference_image",
         "group",
         "daily_water_target_ul",
+        "calibration_file",
+        "calibrated_utc",
     ] {
         assert!(EXAMPLE.contains(&format!("# {key} = ")), "{key} not shown");
     }
@@ -793,4 +795,89 @@ fn the_lab_zone_and_the_training_table_are_checked() {
         let e = crate::parse_str(text, p).expect_err(want).to_string();
         assert!(e.contains(want) && e.contains("rig.toml"), "{want}: {e}");
     }
+}
+
+#[test]
+fn the_calibration_file_replaces_the_inline_points() {
+    let dir = std::env::temp_dir().join(format!("rig-config-cal-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("valid");
+    let cfg = dir.join("rig.toml");
+    std::fs::write(
+        &cfg,
+        "[task]\nreward_ul = 1.0\n[valve]\ncalibration_file = \"valve.toml\"\n",
+    )
+    .expect("valid");
+    // Missing: a warning, the inline (example) points, and 1 µL is outside them.
+    let e = crate::load(&cfg).expect_err("refused").to_string();
+    assert!(e.contains("task.reward_ul = 1.0"), "{e}");
+    std::fs::write(
+        &cfg,
+        "[valve]\ncalibration_file = \"valve.toml\"\nmax_calibration_age_days = 10\n",
+    )
+    .expect("valid");
+    let l = crate::load(&cfg).expect("valid");
+    assert!(
+        l.warnings
+            .iter()
+            .any(|w| w.contains("valve.toml does not exist")),
+        "{:?}",
+        l.warnings
+    );
+    let file = crate::CalibrationFile {
+        calibrated_utc: "2026-12-01T10:00:00Z".into(),
+        fit: None,
+        point: crate::fit_calibration(&[
+            crate::Measurement {
+                open_ms: 10.0,
+                pulses: 10,
+                weight_mg: 5.0,
+            },
+            crate::Measurement {
+                open_ms: 50.0,
+                pulses: 10,
+                weight_mg: 45.0,
+            },
+        ])
+        .expect("valid"),
+    };
+    std::fs::write(dir.join("valve.toml"), file.to_toml_string()).expect("valid");
+    std::fs::write(
+        &cfg,
+        "[task]\nreward_ul = 1.0\n[valve]\ncalibration_file = \"valve.toml\"\nmax_calibration_age_days = 10\n",
+    )
+    .expect("valid");
+    let l = crate::load(&cfg).expect("valid");
+    assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+    let v = &l.config.valve;
+    assert_eq!(v.calibration.len(), 2);
+    assert_eq!(v.calibrated_utc.as_deref(), Some("2026-12-01T10:00:00Z"));
+    let day = crate::days_from_date("2026-12-01").expect("valid");
+    assert_eq!(v.calibration_age_warning(day + 10), None);
+    let w = v.calibration_age_warning(day + 11).expect("valid");
+    assert!(
+        w.contains("11 days old") && w.contains("max_calibration_age_days = 10"),
+        "{w}"
+    );
+    // A broken file is an error naming it.
+    std::fs::write(
+        dir.join("valve.toml"),
+        "calibrated_utc = \"yesterday\"\n[[point]]\nopen_ms = 1.0\nvolume_ul = 1.0\n",
+    )
+    .expect("valid");
+    let e = crate::load(&cfg).expect_err("refused").to_string();
+    assert!(
+        e.contains("valve.toml") && e.contains("calibrated_utc"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn calibration_dates_and_ages_are_checked() {
+    let e = error("[valve]\ncalibrated_utc = \"last week\"\n");
+    assert!(
+        e.contains("valve.calibrated_utc = \"last week\": must start with a date"),
+        "{e}"
+    );
+    assert!(error("[valve]\nmax_calibration_age_days = 0\n").contains("max_calibration_age_days"));
 }

@@ -160,6 +160,7 @@ pub(crate) fn validate(c: &RigConfig) -> Vec<Issue> {
     rig(c, &mut out);
     task(c, &mut out);
     valve(c, &mut out);
+    valve_record(c, &mut out);
     imaging(c, &mut out);
     storage(c, &mut out);
     control(c, &mut out);
@@ -390,6 +391,36 @@ fn calibration_is_valid(c: &RigConfig) -> bool {
     let mut probe = Issues::default();
     valve(c, &mut probe);
     probe.0.is_empty()
+}
+
+/// The calibration's date, its age limit and its file name.
+fn valve_record(c: &RigConfig, out: &mut Issues) {
+    let v = &c.valve;
+    if let Some(d) = &v.calibrated_utc {
+        if crate::date::days_from_date(d).is_none() {
+            out.push(
+                "valve.calibrated_utc",
+                quoted(d),
+                "must start with a date YYYY-MM-DD (e.g. \"2026-12-06\" or \"2026-12-06T23:10:00Z\")",
+            );
+        }
+    }
+    out.int_range(
+        "valve.max_calibration_age_days",
+        u64::from(v.max_calibration_age_days),
+        1,
+        3650,
+        "days",
+    );
+    if let Some(f) = &v.calibration_file {
+        if f.trim().is_empty() {
+            out.push(
+                "valve.calibration_file",
+                quoted(f),
+                "must name a file (e.g. \"valve-calibration.toml\", next to this file) or be left out",
+            );
+        }
+    }
 }
 
 fn valve(c: &RigConfig, out: &mut Issues) {

@@ -86,6 +86,35 @@ impl ValveSection {
     }
 }
 
+impl ValveSection {
+    /// Age of the calibration in days on day `today` (days since
+    /// 1970-01-01), or `None` without a (valid) `calibrated_utc`.
+    pub fn calibration_age_days(&self, today: i64) -> Option<i64> {
+        let d = crate::date::days_from_date(self.calibrated_utc.as_deref()?)?;
+        Some(today - d)
+    }
+
+    /// The warning for a calibration older than `max_calibration_age_days`
+    /// on day `today`, or for one without a date.
+    pub fn calibration_age_warning(&self, today: i64) -> Option<String> {
+        match self.calibration_age_days(today) {
+            Some(age) if age > i64::from(self.max_calibration_age_days) => Some(format!(
+                "the valve calibration is {age} days old (calibrated {}), older than \
+                 valve.max_calibration_age_days = {}: valves drift; run rigctl calibrate valve",
+                self.calibrated_utc.as_deref().unwrap_or("?"),
+                self.max_calibration_age_days
+            )),
+            Some(_) => None,
+            None if self.calibration_file.is_some() => None, // the load warned
+            None => Some(
+                "the valve calibration has no date (valve.calibrated_utc): its age is unknown; \
+                 run rigctl calibrate valve"
+                    .into(),
+            ),
+        }
+    }
+}
+
 fn range(
     points: &[CalibrationPoint],
     get: impl Fn(&CalibrationPoint) -> f64,
@@ -184,6 +213,7 @@ mod tests {
                 open_ms: 10.0,
                 volume_ul: 1.0,
             }],
+            ..ValveSection::default()
         };
         assert_eq!(
             v.open_ms_for_volume(1.0),
@@ -191,6 +221,7 @@ mod tests {
         );
         let empty = ValveSection {
             calibration: vec![],
+            ..ValveSection::default()
         };
         assert!(empty.volume_for_open_ms(1.0).is_err());
     }

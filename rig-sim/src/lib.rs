@@ -30,6 +30,7 @@ mod pty;
 pub mod rng;
 mod runner;
 pub mod truth;
+pub mod valve;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -43,6 +44,7 @@ pub use device::{Device, DeviceIo, DeviceStatus, DigitalInput, Firmware, OutputC
 pub use mouse::{Behaviour, LeverSpec, Mouse};
 pub use pty::LinkError;
 pub use truth::{TruthEvent, TruthLog, TRUTH_HEADER};
+pub use valve::ValveModel;
 
 /// A fault scheduled at a sim true time (seconds since the simulator started).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -326,7 +328,8 @@ pub struct SimOptions {
     pub clock: SimClock,
     /// The firmware: protocol version, caps, device id.
     pub firmware: Firmware,
-    /// Training day 1..=14 (naive to expert).
+    /// Training day 1..=14 (naive to expert); also the valve's drift
+    /// ([`ValveModel::on_day`]).
     pub day: u8,
     /// The mouse learns from experience instead: its rewarded trials before
     /// this run (its skill rises with every reward; see `mouse::experience`).

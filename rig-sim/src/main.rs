@@ -50,7 +50,8 @@ struct Args {
     /// Device id announced in Hello.
     #[arg(long, default_value_t = Firmware::DEFAULT_DEVICE_ID)]
     device_id: u64,
-    /// Training day, 1 (naive) ..= 14 (expert).
+    /// Training day, 1 (naive) ..= 14 (expert); the valve's flow drifts
+    /// with it (0.4 % less a day, see the truth log's valve_water).
     #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u8).range(1..=14))]
     day: u8,
     /// Learn from experience: the mouse's rewarded trials before this run

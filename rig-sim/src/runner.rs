@@ -28,6 +28,7 @@ use crate::mouse::Mouse;
 use crate::pty::{self, Pty};
 use crate::rng::Rng;
 use crate::truth::{TruthEvent, TruthLog};
+use crate::valve::ValveModel;
 use crate::{FaultSpec, LatencyModel, SimClock, SimError, SimOptions, SimStats};
 
 /// Longest stretch of true time simulated in one piece, µs.
@@ -211,6 +212,7 @@ struct World<'a> {
     mouse: &'a mut Mouse,
     link: &'a mut Link,
     rows: &'a mut Vec<(TruthEvent, u64)>,
+    valve: ValveModel,
 }
 
 impl DeviceIo for World<'_> {
@@ -235,6 +237,10 @@ impl DeviceIo for World<'_> {
                 ("valve_open", f64::from(duration_us), String::new())
             }
             OutputChange::ValveClose { open_us, cause } => {
+                // What a scale under the spout would weigh for this opening.
+                let water = TruthEvent::new(t, "valve_water", self.valve.volume_ul(open_us))
+                    .with_detail(format!("open_us={open_us}"));
+                self.rows.push((water, t_us));
                 ("valve_close", f64::from(open_us), format!("cause={cause}"))
             }
             OutputChange::ToneOn {
@@ -396,6 +402,7 @@ impl Sim {
                 mouse: &mut mouse,
                 link: &mut link,
                 rows: &mut rows,
+                valve: ValveModel::on_day(opts.day),
             };
             Device::boot(opts.firmware, epoch.device_us(0.0), &mut world)
         };
@@ -695,6 +702,7 @@ impl Sim {
             mouse: &mut self.mouse,
             link: &mut self.link,
             rows: &mut self.rows,
+            valve: ValveModel::on_day(self.opts.day),
         };
         self.device.advance(dev_t, &mut world);
         self.mouse.advance_to(t);
@@ -727,6 +735,7 @@ impl Sim {
             mouse: &mut self.mouse,
             link: &mut self.link,
             rows: &mut self.rows,
+            valve: ValveModel::on_day(self.opts.day),
         };
         match input {
             Input::Deliver => {
@@ -883,6 +892,7 @@ impl Sim {
                     mouse: &mut self.mouse,
                     link: &mut self.link,
                     rows: &mut self.rows,
+                    valve: ValveModel::on_day(self.opts.day),
                 };
                 self.device = Device::boot(self.opts.firmware, 0, &mut world);
                 self.stats.reboots += 1;

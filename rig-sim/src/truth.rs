@@ -38,6 +38,7 @@ pub const TRUTH_HEADER: &str = "true_s\tdevice_us\tkind\tvalue\tdetail";
 /// | `lick_on`, `lick_off` | licks since device boot |
 /// | `valve_open` | commanded µs (0 for a flush) |
 /// | `valve_close` | µs open (detail: `cause=N`) |
+/// | `valve_water` | µL the opening really delivered ([`crate::ValveModel`]; detail: `open_us=N`), just before its `valve_close` |
 /// | `tone_on` | frequency, Hz (detail: `level_pct=N`) |
 /// | `tone_off` | 0 (detail: `cause=N`) |
 /// | `ttl` | frame-clock edges since device boot |

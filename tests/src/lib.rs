@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+pub mod room;
 pub mod soak;
 
 /// The workspace's binaries that end-to-end tests run.

@@ -1,5 +1,6 @@
 //! `rig-probe` against the virtual rig: the bring-up numbers a person reads
-//! off a newly wired rig.
+//! off a newly wired rig, and its checklist (lever, valve, tone, lick, frame
+//! clock, sync-out loopback), pass, fail or skip per item.
 
 use std::process::Command;
 
@@ -8,7 +9,8 @@ use rig_tests::{bin, Sim, TempDir};
 #[test]
 fn probe_measures_drift_and_reports_no_loss_as_json() {
     let dir = TempDir::new("probe");
-    let sim = Sim::start(dir.path(), &["--drift-ppm", "40"]);
+    // The lever held down for a second: the checklist's lever item passes.
+    let sim = Sim::start(dir.path(), &["--drift-ppm", "40", "--fault", "hold@2:1"]);
     let out = Command::new(bin("rig-probe"))
         .arg(&sim.link)
         .args(["--seconds", "5", "--json"])
@@ -73,5 +75,98 @@ fn probe_without_a_device_exits_2_with_one_clear_line() {
     assert!(
         stderr.contains("ttyNONE") && !stderr.contains("panicked"),
         "{stderr}"
+    );
+}
+
+fn probe_json(link: &std::path::Path, args: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let out = Command::new(bin("rig-probe"))
+        .arg(link)
+        .args(["--json"])
+        .args(args)
+        .output()
+        .expect("run rig-probe");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "not one JSON object ({e}): {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code(), v)
+}
+
+fn item<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    v["checklist"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["item"] == name))
+        .unwrap_or_else(|| panic!("no checklist item {name}: {v}"))
+}
+
+#[test]
+fn the_checklist_passes_on_a_working_rig() {
+    let dir = TempDir::new("probe-checklist");
+    let sim = Sim::start(
+        dir.path(),
+        &["--fault", "hold@2:1", "--frame-rate-hz", "30"],
+    );
+    let (code, v) = probe_json(&sim.link, &["--seconds", "4", "--frame-rate-hz", "30"]);
+    for name in ["lever", "valve", "tone", "lick", "frame_clock"] {
+        assert_eq!(item(&v, name)["status"], "pass", "{name}: {v}");
+    }
+    // Not wired, so not checked: a skip, never a pass.
+    assert_eq!(item(&v, "sync_out")["status"], "skip", "{v}");
+    assert_eq!(v["checklist_failed"], 0, "{v}");
+    assert_eq!(code, Some(0), "{v}");
+    let lever = item(&v, "lever")["detail"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(lever.contains("a press counts up"), "{lever}");
+    let fc = item(&v, "frame_clock")["detail"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(fc.starts_with("30.000 Hz"), "{fc}");
+}
+
+#[test]
+fn the_checklist_fails_what_is_missing_and_exits_1() {
+    let dir = TempDir::new("probe-checklist-fail");
+    // No frame clock, the lever untouched, and no loopback wire in the sim.
+    let sim = Sim::start(dir.path(), &["--frame-rate-hz", "0"]);
+    let (code, v) = probe_json(
+        &sim.link,
+        &[
+            "--seconds",
+            "3",
+            "--sync-loopback",
+            "lick",
+            "--lever-min-mm",
+            "5",
+        ],
+    );
+    assert_eq!(code, Some(1), "{v}");
+    assert_eq!(item(&v, "frame_clock")["status"], "fail", "{v}");
+    assert!(item(&v, "frame_clock")["detail"]
+        .as_str()
+        .is_some_and(|d| d.starts_with("0 frame-clock edges")));
+    assert_eq!(item(&v, "sync_out")["status"], "fail", "{v}");
+    assert!(item(&v, "sync_out")["detail"]
+        .as_str()
+        .is_some_and(|d| d.contains("check the loopback wire")));
+    assert_eq!(item(&v, "lever")["status"], "fail", "{v}");
+    // The outputs still work.
+    assert_eq!(item(&v, "valve")["status"], "pass", "{v}");
+    assert_eq!(item(&v, "tone")["status"], "pass", "{v}");
+    assert_eq!(v["checklist_failed"], 3, "{v}");
+
+    let out = Command::new(bin("rig-probe"))
+        .arg(&sim.link)
+        .args(["--skip", "lever,teleporter"])
+        .output()
+        .expect("run rig-probe");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--skip teleporter: not a checklist item")
     );
 }

@@ -15,6 +15,11 @@ use protocol::control::{
 };
 use serde_json::Value;
 
+#[path = "rigctl/calibrate.rs"]
+mod calibrate;
+#[path = "rigctl/rigs.rs"]
+mod rigs;
+
 const EXIT_REFUSED: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 
@@ -31,6 +36,14 @@ struct Cli {
     /// Rig configuration to read the socket path from.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// The rig named NAME: its configuration is NAME.toml in the rigs folder
+    /// (--rigs-dir), which gives the socket.
+    #[arg(long, global = true, value_name = "NAME", conflicts_with = "config")]
+    rig: Option<String>,
+    /// The folder of per-rig configurations. Default: $RIGD_RIGS_DIR, else
+    /// /etc/rigd/rigs.
+    #[arg(long, global = true, value_name = "DIR")]
+    rigs_dir: Option<PathBuf>,
     /// Print the daemon's JSON answer instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -74,7 +87,16 @@ enum Cmd {
         reason: Option<String>,
     },
     /// Show what the daemon is doing.
-    Status,
+    Status {
+        /// Every rig in the rigs folder (--rigs-dir), one line each.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Calibrate the water valve (weigh the water of many openings).
+    Calibrate {
+        #[command(subcommand)]
+        what: CalibrateCmd,
+    },
     /// Follow trials and events live (Ctrl-C to quit).
     Watch,
     /// Open the water valve outside the task.
@@ -218,6 +240,13 @@ enum MouseCmd {
 }
 
 #[derive(Debug, Subcommand)]
+enum CalibrateCmd {
+    /// Open the valve N times at each of several open times, ask for the
+    /// weight of each cup, fit and write the rig's calibration file.
+    Valve(calibrate::ValveArgs),
+}
+
+#[derive(Debug, Subcommand)]
 enum ValveCmd {
     /// One pulse of the given length: `rigctl valve pulse 40` or `--ms 40`.
     Pulse {
@@ -271,16 +300,34 @@ fn socket_path(cli: &Cli) -> Result<PathBuf, Failure> {
     if let Some(s) = &cli.socket {
         return Ok(s.clone());
     }
+    if cli.rig.is_some() {
+        let cfg = config_path(cli)?.unwrap_or_default();
+        return match rig_config::load(&cfg) {
+            Ok(l) => Ok(l.config.control.socket),
+            Err(e) => Err(Failure::Usage(format!("{e}"))),
+        };
+    }
     if let Some(s) = std::env::var_os("RIGD_SOCKET") {
         return Ok(PathBuf::from(s));
     }
     if let Some(cfg) = &cli.config {
         return match rig_config::load(cfg) {
-            Ok(l) => Ok(PathBuf::from(l.config.control.socket)),
+            Ok(l) => Ok(l.config.control.socket),
             Err(e) => Err(Failure::Usage(format!("{e}"))),
         };
     }
     Ok(PathBuf::from(DEFAULT_SOCKET))
+}
+
+/// The configuration file named by --config or --rig, if any.
+fn config_path(cli: &Cli) -> Result<Option<PathBuf>, Failure> {
+    if let Some(c) = &cli.config {
+        return Ok(Some(c.clone()));
+    }
+    let Some(name) = &cli.rig else {
+        return Ok(None);
+    };
+    rigs::config_of(&rigs::rigs_dir(cli.rigs_dir.as_deref()), name).map(Some)
 }
 
 struct Client {
@@ -356,6 +403,17 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
     ) {
         return training_command(cli);
     }
+    if let Cmd::Status { all: true } = &cli.command {
+        return rigs::status_all(&rigs::rigs_dir(cli.rigs_dir.as_deref()), cli.json);
+    }
+    if let Cmd::Calibrate {
+        what: CalibrateCmd::Valve(args),
+    } = &cli.command
+    {
+        let cfg = config_path(&cli)?;
+        let socket = socket_path(&cli)?;
+        return calibrate::valve(args, cfg.as_deref(), &socket, cli.json);
+    }
     let path = socket_path(&cli)?;
     let mut client = Client::connect(&path)?;
     let quick = Duration::from_secs(10);
@@ -416,7 +474,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             }
             v
         }
-        Cmd::Status => {
+        Cmd::Status { all: _ } => {
             let v = client.call(Request::Status {}, quick)?;
             if !json {
                 print_status(&v);
@@ -429,10 +487,12 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 ValveCmd::Pulse { ms, ms_flag } => ValveRequest {
                     pulse_ms: ms.or(ms_flag),
                     flush_ms: None,
+                    calibration: false,
                 },
                 ValveCmd::Flush { ms, ms_flag } => ValveRequest {
                     pulse_ms: None,
                     flush_ms: ms.or(ms_flag),
+                    calibration: false,
                 },
             };
             let v = client.call(Request::Valve(req), quick)?;
@@ -449,6 +509,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             v
         }
         Cmd::Recover { .. }
+        | Cmd::Calibrate { .. }
         | Cmd::Mouse { .. }
         | Cmd::History { .. }
         | Cmd::Report { .. }
@@ -496,7 +557,7 @@ fn print_summary(s: &Value) {
     }
 }
 
-fn print_status(v: &Value) {
+pub(crate) fn print_status(v: &Value) {
     let state = v["state"].as_str().unwrap_or("?");
     print!("{state}");
     if let Some(link) = v["link"].as_str() {
@@ -600,8 +661,10 @@ fn recover(dir: &Path, json: bool) -> Result<ExitCode, Failure> {
 /// The commands that work on the data root (daemon::training_cli says why).
 fn training_command(cli: Cli) -> Result<ExitCode, Failure> {
     use daemon::training_cli as t;
+    // `--rig NAME` names the rig's configuration (and so its data root).
+    let config = config_path(&cli)?;
     let ctx =
-        t::Ctx::resolve(cli.config.as_deref(), cli.data_root.as_deref()).map_err(Failure::Usage)?;
+        t::Ctx::resolve(config.as_deref(), cli.data_root.as_deref()).map_err(Failure::Usage)?;
     let json = cli.json;
     let refused = |e: String| Failure::Refused(e);
     match cli.command {

@@ -209,15 +209,47 @@ impl Supervisor {
         {
             self.watch.last_disk_check = Some(now);
             self.check_disk();
+            self.publish_calibration_age();
         }
+    }
+
+    /// Publish the valve calibration's age and warn when it is too old (at
+    /// rigd's start, after a reload, at every session start).
+    pub fn check_calibration_age(&self) {
+        let today = self.publish_calibration_age();
+        if let Some(w) = self.cfg.valve.calibration_age_warning(today) {
+            tracing::warn!("{w}");
+        }
+    }
+
+    /// The calibration's age into the metrics (also every disk check, so
+    /// the gauge grows while rigd runs); returns today (days since 1970).
+    fn publish_calibration_age(&self) -> i64 {
+        let today = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| (d.as_secs() / 86_400) as i64);
+        let v = &self.cfg.valve;
+        let m = crate::metrics::global();
+        m.valve_calibration_age_days
+            .set(v.calibration_age_days(today).map_or(f64::NAN, |d| d as f64));
+        m.valve_calibration_max_age_days
+            .set(f64::from(v.max_calibration_age_days));
+        today
     }
 
     fn check_disk(&mut self) {
         let root = PathBuf::from(&self.cfg.storage.data_root);
-        let Some(free) = crate::alerts::free_mb(&root) else {
+        let Some(free_bytes) = crate::alerts::free_bytes(&root) else {
             return;
         };
+        crate::metrics::global()
+            .data_root_free_bytes
+            .set(free_bytes as f64);
+        let free = free_bytes / (1024 * 1024);
         let min = self.cfg.alerts.disk_free_min_mb;
+        crate::metrics::global()
+            .data_root_free_min_bytes
+            .set(min as f64 * 1024.0 * 1024.0);
         if free < min && !self.watch.disk_low_alerted {
             self.watch.disk_low_alerted = true;
             self.alert(Alert::disk_low(&root, free, min));
@@ -446,6 +478,7 @@ impl Supervisor {
             .send(RigRequest::Start(Box::new(opened.start)))
             .map_err(|_| StartError::RigGone)?;
         tracing::info!(mouse = %req.mouse, dir = %path.display(), "session started");
+        self.check_calibration_age();
         self.session = Some(Running {
             id,
             mouse: req.mouse.clone(),
@@ -736,7 +769,16 @@ impl Supervisor {
                 }
             }
         };
-        self.ask_rig(req, rx).await
+        let answer = self.ask_rig(req, rx).await;
+        if answer.is_ok() && v.calibration {
+            // Water into the calibration cup: for no mouse.
+            crate::metrics::global().calibration_pulses.inc();
+            tracing::info!(
+                ?action,
+                "valve calibration pulse given (water for no mouse)"
+            );
+        }
+        answer
     }
 
     async fn tone_test(&mut self) -> Result<(), ControlError> {
@@ -790,7 +832,11 @@ impl Supervisor {
         {
             tracing::warn!("[rig].serial_port and [control].socket changes take effect after a restart of rigd");
         }
+        for w in &loaded.warnings {
+            tracing::warn!("{w}");
+        }
         self.cfg = Arc::new(loaded.config);
+        self.check_calibration_age();
         Ok(())
     }
 

@@ -1,9 +1,16 @@
 //! `rig-probe PORT`: the bring-up tool for a newly wired rig. Connects,
-//! prints the device's Hello, shows the lever live, and measures round-trip
-//! latency, clock drift and offset, the sample rate and losses.
+//! prints the device's Hello, shows the lever live, measures round-trip
+//! latency, clock drift and offset, the sample rate and losses, and runs the
+//! bring-up checklist (`checklist.rs`): lever range and direction, a valve
+//! click, a tone, the lick sensor, the frame clock and its rate, and the
+//! sync-out loopback when it is wired, each pass, fail or skip.
 //!
-//! Exit codes: 0 measured, 1 the device misbehaved (lost, refused, samples
-//! lost), 2 cannot connect or bad usage.
+//! Exit codes: 0 measured and no checklist item failed, 1 the device
+//! misbehaved (lost, refused, samples lost) or an item failed, 2 cannot
+//! connect or bad usage.
+
+#[path = "rig-probe/checklist.rs"]
+mod checklist;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -14,7 +21,9 @@ use clap::Parser;
 use firmware_bridge::link::{
     host_now_ns, ChannelHandler, LinkEvent, LinkSettings, LostReason, SerialLink,
 };
-use protocol::serial::{Configure, EventKind, Hello};
+use protocol::serial::{
+    sync_mode, Configure, EventKind, Hello, HostCommand, SyncOut, Tone, ValvePulse,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -46,6 +55,27 @@ struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// The lever must move at least this far from rest during the probe, mm.
+    #[arg(long, default_value_t = 1.0)]
+    lever_min_mm: f64,
+    /// Length of the valve check's one pulse, ms (1..=100).
+    #[arg(long, default_value_t = 20)]
+    valve_ms: u32,
+    /// The tone check's frequency, Hz, and length, ms.
+    #[arg(long, default_value_t = 6000)]
+    tone_hz: u32,
+    #[arg(long, default_value_t = 100)]
+    tone_ms: u16,
+    /// The frame clock's expected rate, Hz (checked within 1 %).
+    #[arg(long)]
+    frame_rate_hz: Option<f64>,
+    /// The sync-out line is wired back into this input: check it.
+    #[arg(long, value_enum)]
+    sync_loopback: Option<checklist::Loopback>,
+    /// Checklist items to skip, comma-separated (lever, valve, tone, lick,
+    /// frame_clock, sync_out); valve and tone skipped send nothing.
+    #[arg(long, value_delimiter = ',')]
+    skip: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -97,12 +127,27 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    if let Some(bad) = args
+        .skip
+        .iter()
+        .find(|s| !checklist::ITEMS.contains(&s.as_str()))
+    {
+        eprintln!(
+            "error: --skip {bad}: not a checklist item; the items are {}",
+            checklist::ITEMS.join(", ")
+        );
+        return ExitCode::from(2);
+    }
+    if !(1..=100).contains(&args.valve_ms) || args.tone_ms == 0 || args.tone_hz == 0 {
+        eprintln!("error: --valve-ms must be 1..=100, --tone-ms and --tone-hz > 0");
+        return ExitCode::from(2);
+    }
     let configure = Configure {
         sample_rate_hz: args.rate,
         samples_per_batch: args.batch,
         heartbeat_interval_ms: 100,
         heartbeat_timeout_ms: 1000,
-        // The probe never opens the valve; keep the caps small.
+        // The probe opens the valve once, briefly; keep the caps small.
         max_valve_open_ms: 100,
         max_flush_ms: 100,
     };
@@ -162,14 +207,65 @@ fn main() -> ExitCode {
         );
     }
 
+    if !args.json {
+        println!(
+            "checklist: press the lever fully and release it, and touch the lick spout, in the \
+             next {} s; the valve clicks once and the tone plays",
+            args.seconds
+        );
+    }
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(args.seconds);
+    let commander = link.commander();
+    let skipped = |item: &str| args.skip.iter().any(|s| s == item);
+    // The outputs, one after the other early in the probe (host time).
+    let mut actions: Vec<(Duration, &'static str)> = vec![
+        (Duration::from_millis(300), "tone"),
+        (Duration::from_millis(800), "valve"),
+        (Duration::from_millis(1300), "sync_out"),
+    ];
+    actions.retain(|(_, what)| {
+        !skipped(what) && (*what != "sync_out" || args.sync_loopback.is_some())
+    });
+    let mut obs = checklist::Observations::default();
     let mut last_print = Instant::now();
     let mut stderr = std::io::stderr();
     while Instant::now() < end {
-        let ev = match rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+        while let Some(&(at, what)) = actions.first() {
+            if start.elapsed() < at {
+                break;
+            }
+            actions.remove(0);
+            let cmd = match what {
+                "tone" => HostCommand::Tone(Tone {
+                    frequency_hz: args.tone_hz,
+                    duration_ms: args.tone_ms,
+                    level_pct: 50,
+                }),
+                "valve" => HostCommand::ValvePulse(ValvePulse {
+                    duration_us: args.valve_ms * 1000,
+                }),
+                _ => HostCommand::SyncOut(SyncOut {
+                    mode: sync_mode::PULSE,
+                    nbits: 0,
+                    unit_us: 10_000,
+                    value: 1,
+                }),
+            };
+            let seq = commander.send(cmd).ok().map(|s| s.seq);
+            match what {
+                "tone" => obs.tone.seq = seq,
+                "valve" => obs.valve.seq = seq,
+                _ => obs.sync.seq = seq,
+            }
+        }
+        let wait = end
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(50));
+        let ev = match rx.recv_timeout(wait) {
             Ok(ev) => ev,
-            Err(_) => break,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
         };
         match ev {
             LinkEvent::Lever(b) => {
@@ -178,6 +274,45 @@ fn main() -> ExitCode {
                 m.last_sample_us =
                     b.t_first_us + (b.counts().len() as u64 - 1) * u64::from(b.period_us);
                 m.last_counts = b.counts().last().copied().unwrap_or(0);
+                for &c in b.counts() {
+                    obs.lever(c);
+                }
+            }
+            LinkEvent::Acked { seq, status, .. } => {
+                for out in [&mut obs.valve, &mut obs.tone, &mut obs.sync] {
+                    if out.seq == Some(seq) {
+                        out.acked = Some(format!("{status:?}"));
+                    }
+                }
+            }
+            LinkEvent::Device {
+                t_us, kind, value, ..
+            } if matches!(
+                kind,
+                EventKind::ValveOpen
+                    | EventKind::ValveClose
+                    | EventKind::ToneOn
+                    | EventKind::ToneOff
+                    | EventKind::SyncOutStart
+                    | EventKind::SyncOutEnd
+            ) =>
+            {
+                let (out, on) = match kind {
+                    EventKind::ValveOpen => (&mut obs.valve, true),
+                    EventKind::ValveClose => (&mut obs.valve, false),
+                    EventKind::ToneOn => (&mut obs.tone, true),
+                    EventKind::ToneOff => (&mut obs.tone, false),
+                    EventKind::SyncOutStart => (&mut obs.sync, true),
+                    _ => (&mut obs.sync, false),
+                };
+                if out.seq.is_some() {
+                    if on {
+                        out.on_us.get_or_insert(t_us);
+                    } else if out.on_us.is_some() && out.off_us.is_none() {
+                        out.off_us = Some(t_us);
+                        out.off_value = Some(value);
+                    }
+                }
             }
             LinkEvent::SampleGap { missing, .. } => m.samples_lost += missing,
             LinkEvent::BadFrames { frames, .. } => m.bad_frames += frames,
@@ -197,12 +332,21 @@ fn main() -> ExitCode {
             }
             LinkEvent::Device {
                 kind: EventKind::LickOn,
+                t_us,
                 ..
-            } => m.licks += 1,
+            } => {
+                m.licks += 1;
+                obs.licks += 1;
+                obs.lick_times_us.push(t_us);
+            }
             LinkEvent::Device {
                 kind: EventKind::FrameTtl,
+                t_us,
                 ..
-            } => m.ttl_edges += 1,
+            } => {
+                m.ttl_edges += 1;
+                obs.ttl_times_us.push(t_us);
+            }
             LinkEvent::Lost { reason, .. } => m.lost.push(reason.to_string()),
             _ => {}
         }
@@ -240,6 +384,20 @@ fn main() -> ExitCode {
         .device_samples_dropped
         .wrapping_sub(m.device_dropped_first.unwrap_or(m.device_samples_dropped));
     let rate_note = m.drift_ppm.and_then(clock_rate_note);
+    let expect = checklist::Expect {
+        counts_per_mm: args.counts_per_mm,
+        lever_min_mm: args.lever_min_mm,
+        valve_us: args.valve_ms * 1000,
+        tone_ms: args.tone_ms,
+        frame_rate_hz: args.frame_rate_hz,
+        loopback: args.sync_loopback,
+        skip: args.skip.clone(),
+    };
+    let items = checklist::evaluate(&obs, &expect);
+    let failed = items
+        .iter()
+        .filter(|i| i.status == checklist::Status::Fail)
+        .count();
     let report = serde_json::json!({
         "port": args.port.display().to_string(),
         "firmware_version": format!("{}.{}.{}", hello.firmware_major, hello.firmware_minor, hello.firmware_patch),
@@ -269,6 +427,10 @@ fn main() -> ExitCode {
         "link_lost": m.lost,
         "events_dropped": dropped.load(std::sync::atomic::Ordering::Relaxed),
         "seconds": args.seconds,
+        "checklist": items.iter().map(|i| serde_json::json!({
+            "item": i.item, "status": i.status.as_str(), "detail": i.detail,
+        })).collect::<Vec<_>>(),
+        "checklist_failed": failed,
     });
     if args.json {
         println!("{report}");
@@ -302,8 +464,20 @@ fn main() -> ExitCode {
         for l in &m.lost {
             println!("link lost    {l}");
         }
+        println!("checklist");
+        for i in &items {
+            println!(
+                "  {:4}  {:<12} {}",
+                i.status.as_str().to_uppercase(),
+                i.item,
+                i.detail
+            );
+        }
+        if failed > 0 {
+            println!("{failed} item(s) FAILED");
+        }
     }
-    if samples_lost > 0 || !m.lost.is_empty() {
+    if samples_lost > 0 || !m.lost.is_empty() || failed > 0 {
         return ExitCode::from(1);
     }
     ExitCode::SUCCESS

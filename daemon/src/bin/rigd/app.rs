@@ -250,6 +250,7 @@ impl App {
         let mut core =
             Supervisor::new(cfg, config_path, rig_tx, live.clone(), fan_out, session_log);
         core.set_preview(preview);
+        core.check_calibration_age();
         let mut app = Self {
             core,
             core_rx,
