@@ -74,7 +74,7 @@ pub use npy::{
 pub use qc::{is_anomaly, FramesQc, LatencyQc, LeverQc, Qc, FRAMES_FILE};
 pub use recover::{find_running, recover, recover_with_summary, RecoveryOutcome, RecoveryReport};
 pub use reserve::{free_reserve, make_reserve, RESERVE_BYTES, RESERVE_FILE};
-pub use session_dir::SessionDir;
+pub use session_dir::{plain_folder, SessionDir};
 pub use trial::{Outcome, TrialRecord};
 pub use tsv::{read_trials, EventSource, EventValue, EVENTS_COLUMNS, TRIALS_COLUMNS};
 pub use writer::{ArrayId, SessionWriter};

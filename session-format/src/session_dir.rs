@@ -115,8 +115,10 @@ impl SessionDir {
     }
 }
 
-/// `path` is a folder, and not a symbolic link (looked at with `lstat`).
-fn plain_folder(path: &Path) -> Result<(), StorageError> {
+/// `path` is a folder, and not a symbolic link (looked at with `lstat`): a
+/// mouse's folder must be one before anything is written into it (a link
+/// would send the files anywhere). The error names the link and its target.
+pub fn plain_folder(path: &Path) -> Result<(), StorageError> {
     let meta = std::fs::symlink_metadata(path).map_err(|e| StorageError::io("look at", path, e))?;
     let t = meta.file_type();
     let reason = if t.is_symlink() {

@@ -43,7 +43,7 @@ fn a_refused_demo_says_why_and_leaves_nothing_behind() {
     );
     assert!(!out.status.success(), "the demo must fail:\n{text}");
     assert!(
-        text.contains("cannot start the session") && text.contains("link"),
+        text.contains("LINKED") && text.contains("symbolic link"),
         "says why:\n{text}"
     );
     // The water-cap hint is for the water cap only.

@@ -235,3 +235,61 @@ fn an_implausible_record_of_today_refuses_the_start() {
     let (code, out, err) = rigctl(&rig.socket, &["stop"]);
     assert_eq!(code, 0, "{out}{err}");
 }
+
+#[test]
+fn a_manual_pulse_given_to_a_mouse_counts_for_its_day() {
+    let rig = rig("pulse-mouse", "", &[]);
+    let _rigd = Rigd::start(&rig.config, &rig.socket);
+    wait_connected(&rig.socket);
+    let cfg = rig.config.to_str().expect("utf-8");
+    let (code, out, err) = rigctl(
+        &rig.socket,
+        &[
+            "--config",
+            cfg,
+            "mouse",
+            "add",
+            "P1",
+            "--sex",
+            "F",
+            "--date-of-birth",
+            "2026-01-10",
+            "--baseline-weight-g",
+            "24.0",
+        ],
+    );
+    assert_eq!(code, 0, "mouse add: {out}{err}");
+    let openings = || {
+        read_tsv(&rig.truth)
+            .iter()
+            .filter(|r| r["kind"] == "valve_open")
+            .count()
+    };
+    // A mouse without a record: refused before the valve opens.
+    let (code, out, err) = rigctl(
+        &rig.socket,
+        &["--config", cfg, "valve", "pulse", "40", "--mouse", "NOPE"],
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("rigctl mouse add NOPE"), "{err}");
+    // The mouse's pulse: the calibration's volume for 40 ms (the example
+    // calibration: 4.2 µL) goes into its ledger for today.
+    let (code, out, err) = rigctl(
+        &rig.socket,
+        &["--config", cfg, "valve", "pulse", "40", "--mouse", "P1"],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("4.20 µL recorded for P1"), "{out}");
+    let data = rig.config.parent().expect("dir").join("data");
+    let ledger = std::fs::read_to_string(data.join("P1/water.tsv")).expect("water.tsv");
+    let lines: Vec<&str> = ledger.lines().filter(|l| l.contains("\tpulse\t")).collect();
+    assert_eq!(lines.len(), 1, "{ledger}");
+    assert!(lines[0].contains("\t4.2"), "{ledger}");
+    // The device opened the valve once: for P1, not for NOPE.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while openings() < 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(openings(), 1);
+}

@@ -78,6 +78,8 @@ pub enum SubjectError {
     },
     #[error("{}: not a mouse record: {reason}", .path.display())]
     Syntax { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Unsafe(session_format::StorageError),
     #[error("{what} {}: {source}", .path.display())]
     Io {
         what: &'static str,
@@ -344,6 +346,8 @@ pub fn write(
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(SubjectError::io("create folder", &dir, e)),
     }
+    // Never written through a link (the rule of the session folders).
+    session_format::plain_folder(&dir).map_err(SubjectError::Unsafe)?;
     if new && path.exists() {
         return Err(SubjectError::Exists {
             path,

@@ -320,3 +320,21 @@ fn water_given_by_hand_is_appended_and_a_torn_line_is_not_counted() {
     );
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[test]
+fn a_mouse_folder_that_is_a_link_is_never_written_through() {
+    let root = temp("link");
+    let elsewhere = temp("link-target");
+    std::os::unix::fs::symlink(&elsewhere, root.join("M7")).unwrap();
+    let e = subject::write(&root, &subject::demo_subject("M7"), true, None).unwrap_err();
+    assert!(matches!(e, SubjectError::Unsafe(_)), "{e}");
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+    let zone = LabZone::utc();
+    let e = crate::water::give(&root, "M7", &zone, 10.0, "supplement", "me", "").unwrap_err();
+    assert!(e.contains("symbolic link"), "{e}");
+    assert_eq!(
+        std::fs::read_dir(&elsewhere).unwrap().count(),
+        0,
+        "nothing written"
+    );
+}

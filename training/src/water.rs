@@ -64,6 +64,8 @@ pub fn give(
             data_root.display()
         ));
     }
+    // Never written through a link (the rule of the session folders).
+    session_format::plain_folder(&dir).map_err(|e| e.to_string())?;
     let now = SystemTime::now();
     let gift = Gift {
         utc: session_format::rfc3339_utc(now),

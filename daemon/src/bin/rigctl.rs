@@ -256,6 +256,10 @@ enum ValveCmd {
         /// The same, as an option.
         #[arg(long = "ms", value_name = "MS", conflicts_with = "ms")]
         ms_flag: Option<f64>,
+        /// The mouse that drank it: the pulse's water (from the valve
+        /// calibration) goes into its water ledger for today.
+        #[arg(long)]
+        mouse: Option<String>,
     },
     /// Flush the line for the given time: `rigctl valve flush 2000` or `--ms 2000`.
     Flush {
@@ -320,14 +324,37 @@ fn socket_path(cli: &Cli) -> Result<PathBuf, Failure> {
 }
 
 /// The configuration file named by --config or --rig, if any.
+/// What names the rig's configuration on the command line.
+#[derive(Clone)]
+struct ConfigOnly {
+    config: Option<PathBuf>,
+    rig: Option<String>,
+    rigs_dir: Option<PathBuf>,
+}
+
+impl ConfigOnly {
+    fn of(cli: &Cli) -> Self {
+        Self {
+            config: cli.config.clone(),
+            rig: cli.rig.clone(),
+            rigs_dir: cli.rigs_dir.clone(),
+        }
+    }
+}
+
+/// `--config`, else the file of `--rig NAME`, else none.
 fn config_path(cli: &Cli) -> Result<Option<PathBuf>, Failure> {
-    if let Some(c) = &cli.config {
+    config_of(&ConfigOnly::of(cli))
+}
+
+fn config_of(c: &ConfigOnly) -> Result<Option<PathBuf>, Failure> {
+    if let Some(c) = &c.config {
         return Ok(Some(c.clone()));
     }
-    let Some(name) = &cli.rig else {
+    let Some(name) = &c.rig else {
         return Ok(None);
     };
-    rigs::config_of(&rigs::rigs_dir(cli.rigs_dir.as_deref()), name).map(Some)
+    rigs::config_of(&rigs::rigs_dir(c.rigs_dir.as_deref()), name).map(Some)
 }
 
 struct Client {
@@ -418,6 +445,8 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
     let mut client = Client::connect(&path)?;
     let quick = Duration::from_secs(10);
     let json = cli.json;
+    let cli_data_root = cli.data_root.clone();
+    let cli_config = ConfigOnly::of(&cli);
     let answer = match cli.command {
         Cmd::Start {
             mouse,
@@ -482,9 +511,68 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             v
         }
         Cmd::Watch => return watch(&mut client, json),
+        Cmd::Valve {
+            action:
+                ValveCmd::Pulse {
+                    ms,
+                    ms_flag,
+                    mouse: Some(mouse),
+                },
+        } => {
+            // Everything the ledger needs is checked before the valve opens:
+            // water that cannot be counted for the mouse is not given.
+            let config = config_of(&cli_config)?;
+            let ctx =
+                daemon::training_cli::Ctx::resolve(config.as_deref(), cli_data_root.as_deref())
+                    .map_err(Failure::Usage)?;
+            let pulse_ms = ms.or(ms_flag).unwrap_or(0.0);
+            let ul = ctx
+                .config
+                .as_ref()
+                .ok_or_else(|| {
+                    Failure::Usage(
+                        "--mouse needs the rig's configuration (its valve calibration): give --config or --rig"
+                            .into(),
+                    )
+                })?
+                .valve
+                .volume_for_open_ms(pulse_ms)
+                .map_err(|e| Failure::Refused(format!("--mouse {mouse}: {e}")))?;
+            if !ctx.data_root.join(&mouse).is_dir() {
+                return Err(Failure::Refused(format!(
+                    "no folder for mouse {mouse} in {}: add it with `rigctl mouse add {mouse} ...`",
+                    ctx.data_root.display()
+                )));
+            }
+            let v = client.call(
+                Request::Valve(ValveRequest {
+                    pulse_ms: Some(pulse_ms),
+                    flush_ms: None,
+                    calibration: false,
+                }),
+                quick,
+            )?;
+            let by = std::env::var("USER").unwrap_or_default();
+            let note = format!("rigctl valve pulse {pulse_ms} ms");
+            let g =
+                training::water::give(&ctx.data_root, &mouse, &ctx.zone, ul, "pulse", &by, &note)
+                    .map_err(|e| {
+                    Failure::Refused(format!(
+                        "the valve opened for {pulse_ms} ms but the water was not recorded ({e}): \
+                     record it with `rigctl water give {mouse} --ul {ul:.2} --kind pulse`"
+                    ))
+                })?;
+            if !json {
+                println!(
+                    "valve: done; {:.2} µL recorded for {mouse} on {}",
+                    g.ul, g.local_date
+                );
+            }
+            v
+        }
         Cmd::Valve { action } => {
             let req = match action {
-                ValveCmd::Pulse { ms, ms_flag } => ValveRequest {
+                ValveCmd::Pulse { ms, ms_flag, .. } => ValveRequest {
                     pulse_ms: ms.or(ms_flag),
                     flush_ms: None,
                     calibration: false,

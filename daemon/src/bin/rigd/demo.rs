@@ -51,6 +51,19 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
     };
     std::fs::create_dir_all(&data)
         .with_context(|| format!("cannot create the data folder {}", data.display()))?;
+    // The demo mouse is a mouse like any other: it has a record, made here
+    // the first time (before anything else is set up, so a refusal leaves
+    // nothing behind).
+    if let Err(training::SubjectError::Unknown { .. }) = training::subject::read(&data, &opts.mouse)
+    {
+        training::subject::write(
+            &data,
+            &training::subject::demo_subject(&opts.mouse),
+            true,
+            None,
+        )
+        .map_err(|e| anyhow::anyhow!("cannot write the demo mouse's record: {e}"))?;
+    }
     let run_dir = std::env::temp_dir().join(format!("rigd-demo-{}", std::process::id()));
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
@@ -82,19 +95,8 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
     cfg.storage.data_root = data.clone();
     cfg.control.socket = run_dir.join("rigd.sock");
     cfg.task.max_duration_min = Some(opts.minutes);
-    // The demo mouse is a mouse like any other: it has a record (made here
-    // the first time), and a start needs one.
+    // A start needs the mouse's record.
     cfg.training = Some(rig_config::TrainingSection::default());
-    if let Err(training::SubjectError::Unknown { .. }) = training::subject::read(&data, &opts.mouse)
-    {
-        training::subject::write(
-            &data,
-            &training::subject::demo_subject(&opts.mouse),
-            true,
-            None,
-        )
-        .map_err(|e| anyhow::anyhow!("cannot write the demo mouse's record: {e}"))?;
-    }
     // The preview page on a free loopback port (printed at start).
     cfg.preview.enabled = true;
     cfg.preview.port = 0;
