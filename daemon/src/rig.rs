@@ -791,6 +791,8 @@ fn command_kind(cmd: &HostCommand) -> (&'static str, f64) {
         HostCommand::Ping => ("ping", 0.0),
         HostCommand::HostHeartbeat => ("heartbeat", 0.0),
         HostCommand::Reset => ("reset", 0.0),
+        HostCommand::ArmReward(a) => ("arm_reward", f64::from(a.pulse_us)),
+        HostCommand::Disarm(_) => ("disarm", 0.0),
     }
 }
 
@@ -991,6 +993,8 @@ impl LinkHandler for RigHandler {
                 keeps_up,
             } => self.on_clock_rate(*rate, *host_heartbeat, *keeps_up),
             LinkEvent::Heartbeat { .. } => {}
+            // Only a host that armed a reward gets these; this one never arms.
+            LinkEvent::RewardFired { .. } | LinkEvent::RewardEnded { .. } => {}
             LinkEvent::Clock { fit, .. } => {
                 self.last_fit = Some(*fit);
                 self.clock.publish(*fit);

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use firmware_bridge::clock::RigClock;
 use protocol::serial::{
     cause, Ack, AckStatus, Configure, Decoder, DeviceMessage, Event, EventKind, Fault, FaultCode,
-    Heartbeat, Hello, HostCommand, Pong, ValveOpen, ValvePulse, MAX_WIRE_FRAME,
+    Heartbeat, Hello, HostCommand, Pong, RewardEnded, RewardFired, ValveOpen, ValvePulse,
+    MAX_WIRE_FRAME,
 };
 use rig_sim::{FaultSpec, LatencyModel, SimClock, SimHandle, SimOptions};
 use serialport::TTYPort;
@@ -35,6 +36,8 @@ enum Msg {
     Ack(Ack),
     Fault(Fault),
     Heartbeat(Heartbeat),
+    RewardFired(RewardFired),
+    RewardEnded(RewardEnded),
 }
 
 fn event_kind(m: &Msg) -> Option<EventKind> {
@@ -89,6 +92,8 @@ impl Host {
                         Ok(DeviceMessage::Ack(a)) => Msg::Ack(a),
                         Ok(DeviceMessage::Fault(x)) => Msg::Fault(x),
                         Ok(DeviceMessage::Heartbeat(h)) => Msg::Heartbeat(h),
+                        Ok(DeviceMessage::RewardFired(r)) => Msg::RewardFired(r),
+                        Ok(DeviceMessage::RewardEnded(r)) => Msg::RewardEnded(r),
                         Err(e) => panic!("device sent an unparsable frame: {e}"),
                     };
                     inbox.push_back((now, f.seq, m));

@@ -207,6 +207,19 @@ fn write_command(f: &mut fmt::Formatter<'_>, cmd: &HostCommand) -> fmt::Result {
         ),
         HostCommand::HostHeartbeat => f.write_str("cmd=host_heartbeat"),
         HostCommand::Reset => f.write_str("cmd=reset"),
+        HostCommand::ArmReward(a) => write!(
+            f,
+            "cmd=arm_reward trial_tag={} rest_counts={} threshold_counts={} rearm_counts={} \
+             direction={} window_end_us={} pulse_us={}",
+            a.trial_tag,
+            a.rest_counts,
+            a.threshold_counts,
+            a.rearm_counts,
+            a.direction,
+            a.window_end_us,
+            a.pulse_us
+        ),
+        HostCommand::Disarm(d) => write!(f, "cmd=disarm trial_tag={}", d.trial_tag),
     }
 }
 

@@ -184,7 +184,7 @@ static void test_boot(void)
         return;
     }
     CHECK_EQ(rp_unpack_hello(f->body, f->len, &h), RP_OK);
-    CHECK_EQ(h.protocol_version, 1);
+    CHECK_EQ(h.protocol_version, RP_PROTOCOL_VERSION);
     CHECK_EQ(h.clock_hz, 1000000);
     CHECKF(h.hard_max_valve_open_ms >= 200, "these checks need a hard cap of 200 ms or more");
     CHECK(h.max_sample_rate_hz >= 1000);

@@ -465,7 +465,7 @@ static void test_boot_hello(void)
     CHECK_EQ(c->seq, 0);
     CHECK_EQ(c->body_len, RP_HELLO_LEN);
     CHECK_EQ(rp_unpack_hello(c->body, c->body_len, &h), RP_OK);
-    CHECK_EQ(h.protocol_version, 1);
+    CHECK_EQ(h.protocol_version, RP_PROTOCOL_VERSION);
     CHECK_EQ(h.firmware_major, RD_FW_MAJOR);
     CHECK_EQ(h.device_id, 0x0123456789ABCDEFull);
     CHECK_EQ(h.clock_hz, 1000000);
