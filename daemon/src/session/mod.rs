@@ -272,6 +272,11 @@ pub struct SessionCounters {
     /// Cues held for a lever away from rest; rest positions taken.
     pub cues_held: u64,
     pub lever_rests_taken: u64,
+    /// Device mode: rewards the device fired, arms that ended unfired, and
+    /// trials where the device's decision and the lever samples disagree.
+    pub rewards_fired: u64,
+    pub arms_ended: u64,
+    pub decision_mismatches: u64,
 }
 
 impl SessionCounters {
@@ -298,6 +303,9 @@ impl SessionCounters {
             "device_faults": self.device_faults,
             "cues_held": self.cues_held,
             "lever_rests_taken": self.lever_rests_taken,
+            "rewards_fired": self.rewards_fired,
+            "arms_ended": self.arms_ended,
+            "decision_mismatches": self.decision_mismatches,
         })
     }
 }

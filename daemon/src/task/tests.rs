@@ -16,6 +16,8 @@ fn params() -> TaskParams {
     // hold are tested below with the configured defaults (`rest_params`).
     p.rest_still_us = 0;
     p.cue_rest_tolerance_mm = None;
+    // The host-decided path; device mode has its own tests (`device_params`).
+    p.reward_decision = RewardDecision::Host;
     p
 }
 
@@ -41,7 +43,9 @@ fn time_of(input: &TaskInput) -> u64 {
         | TaskInput::CommandRefused { t_us, .. }
         | TaskInput::LinkLost { t_us }
         | TaskInput::LinkRestored { t_us }
-        | TaskInput::Stop { t_us } => t_us,
+        | TaskInput::Stop { t_us }
+        | TaskInput::RewardFired { t_us, .. }
+        | TaskInput::RewardEnded { t_us, .. } => t_us,
     }
 }
 
@@ -864,7 +868,8 @@ mod prop {
                     TaskOutput::State { .. }
                     | TaskOutput::Rest(_)
                     | TaskOutput::LeverNotAtRest { .. }
-                    | TaskOutput::CueHeld { .. } => {}
+                    | TaskOutput::CueHeld { .. }
+                    | TaskOutput::DecisionMismatch { .. } => {}
                 }
                 if let TaskOutput::Command(c) = o {
                     prop_assert!(*up, "command {:?} while the link was down", c);
@@ -1135,4 +1140,219 @@ fn a_lever_still_away_from_rest_for_ten_seconds_becomes_the_new_rest() {
     assert_eq!(cues(&outs), 1);
     // Presses are measured from the new rest.
     assert!((e.lever_mm()).abs() < 1e-12);
+}
+
+// ---- device-armed reward (reward_decision = "device") ----
+
+fn device_params() -> TaskParams {
+    let mut p = params();
+    p.reward_decision = RewardDecision::Device;
+    p
+}
+
+fn arms(outs: &[TaskOutput]) -> Vec<ArmReward> {
+    outs.iter()
+        .filter_map(|o| match o {
+            TaskOutput::Command(HostCommand::ArmReward(a)) => Some(*a),
+            _ => None,
+        })
+        .collect()
+}
+
+fn mismatches(outs: &[TaskOutput]) -> Vec<(u32, Option<u64>, Option<u64>, &'static str)> {
+    outs.iter()
+        .filter_map(|o| match o {
+            TaskOutput::DecisionMismatch {
+                trial,
+                device_cross_us,
+                host_cross_us,
+                device,
+                ..
+            } => Some((*trial, *device_cross_us, *host_cross_us, *device)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn fired(t_us: u64, trial_tag: u32, t_cross_us: u64) -> TaskInput {
+    TaskInput::RewardFired {
+        t_us,
+        trial_tag,
+        t_cross_us,
+        pulse_us: VALVE_US,
+    }
+}
+
+fn ended(t_us: u64, trial_tag: u32, reason: u8) -> TaskInput {
+    TaskInput::RewardEnded {
+        t_us,
+        trial_tag,
+        reason,
+    }
+}
+
+#[test]
+fn device_mode_arms_at_the_cue_and_the_device_decides_at_the_crossing_sample() {
+    let mut e = TaskEngine::new(device_params());
+    // Cue at 1 s (1 s ITI from the first sample); the press crosses 60
+    // counts at 1.360 s. The device's report arrives before that sample.
+    let inputs = merge(
+        trace(0, 3000, press_at(1300)),
+        &[fired(1_359_999, 1, 1_360_000)],
+    );
+    let outs = run(&mut e, &inputs);
+    let a = arms(&outs);
+    assert_eq!(a.len(), 2, "trial 2 is cued at 2.36 s");
+    assert_eq!(
+        a[..1],
+        [ArmReward {
+            trial_tag: 1,
+            rest_counts: 0,
+            threshold_counts: 60,
+            rearm_counts: 56,
+            direction: direction::UP,
+            window_end_us: 3_000_000,
+            pulse_us: VALVE_US,
+        }]
+    );
+    // The arm goes out with the cue, after the tone.
+    let cue_at = outs
+        .iter()
+        .position(|o| matches!(o, TaskOutput::Command(HostCommand::Tone(_))))
+        .expect("a cue");
+    assert!(matches!(
+        outs[cue_at + 1],
+        TaskOutput::Command(HostCommand::ArmReward(_))
+    ));
+    assert_eq!(pulses(&outs), 0, "the host never pulses in device mode");
+    assert!(mismatches(&outs).is_empty(), "{:?}", mismatches(&outs));
+    let t = trials(&outs);
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].outcome, Outcome::Rewarded);
+    assert_eq!(t[0].t_response_us, Some(1_360_000));
+    assert_eq!(t[0].t_reward_us, Some(1_359_999));
+    assert_eq!(t[0].valve_open_us, VALVE_US);
+    assert_eq!(e.rewards(), 1);
+    assert!((e.water_ul() - 4.0).abs() < 1e-9);
+    // Trial 2's arm (cued at 2.36 s) is water committed, not yet given.
+    assert!((e.committed_ul() - 4.0).abs() < 1e-9);
+    // ITI from the crossing sample, as in host mode.
+    assert!(outs.contains(&state(1_360_000, TaskState::Iti)));
+}
+
+#[test]
+fn device_mode_report_after_the_sample_still_rewards_at_its_sample() {
+    let mut e = TaskEngine::new(device_params());
+    let inputs = merge(
+        trace(0, 3000, press_at(1300)),
+        &[fired(1_365_000, 1, 1_360_000)],
+    );
+    let outs = run(&mut e, &inputs);
+    let t = trials(&outs);
+    assert_eq!(t[0].outcome, Outcome::Rewarded);
+    assert_eq!(t[0].t_response_us, Some(1_360_000));
+    assert!(mismatches(&outs).is_empty());
+    // The trial ends at the first sample after the report.
+    assert!(outs.contains(&state(1_366_000, TaskState::Iti)));
+}
+
+#[test]
+fn device_mode_disagreements_are_reported() {
+    // The device fires on a sample where the host's samples do not cross.
+    let mut e = TaskEngine::new(device_params());
+    let inputs = merge(
+        trace(0, 3000, press_at(1300)),
+        &[fired(1_320_100, 1, 1_320_000)],
+    );
+    let outs = run(&mut e, &inputs);
+    assert_eq!(mismatches(&outs), vec![(1, Some(1_320_000), None, "fired")]);
+    assert_eq!(
+        trials(&outs)[0].outcome,
+        Outcome::Rewarded,
+        "the device's decision stands"
+    );
+
+    // The window expires at the device, but the samples crossed.
+    let mut e = TaskEngine::new(device_params());
+    let inputs = merge(
+        trace(0, 3200, press_at(1300)),
+        &[ended(3_000_000, 1, disarm_reason::EXPIRED)],
+    );
+    let outs = run(&mut e, &inputs);
+    assert_eq!(
+        mismatches(&outs),
+        vec![(1, None, Some(1_360_000), "expired")]
+    );
+    let t = trials(&outs);
+    assert_eq!(t[0].outcome, Outcome::Miss);
+    assert_eq!(e.rewards(), 0);
+    assert_eq!(e.committed_ul(), 0.0, "an ended arm releases its water");
+}
+
+#[test]
+fn device_mode_miss_and_silent_device() {
+    // No press, the device reports the expiry: a plain miss.
+    let mut e = TaskEngine::new(device_params());
+    let inputs = merge(
+        trace(0, 3200, |_| 0),
+        &[ended(3_000_000, 1, disarm_reason::EXPIRED)],
+    );
+    let outs = run(&mut e, &inputs);
+    assert!(mismatches(&outs).is_empty());
+    assert_eq!(trials(&outs)[0].outcome, Outcome::Miss);
+    // The report came after the 3.0 s sample: the miss is at the next one.
+    assert!(outs.contains(&state(3_001_000, TaskState::Iti)));
+
+    // No report at all: a miss after the grace, the water still committed.
+    let mut e = TaskEngine::new(device_params());
+    let outs = run(&mut e, &trace(0, 3600, |_| 0));
+    assert_eq!(mismatches(&outs), vec![(1, None, None, "silent")]);
+    assert_eq!(trials(&outs)[0].outcome, Outcome::Miss);
+    assert!(outs.contains(&state(3_000_000 + DEVICE_VERDICT_GRACE_US, TaskState::Iti)));
+    assert!((e.committed_ul() - 4.0).abs() < 1e-9);
+    // A late report settles it: fired counts as water given.
+    e.step(&fired(3_600_000, 1, 2_000_000), &mut |_| {});
+    assert_eq!(e.committed_ul(), 0.0);
+    assert_eq!(e.rewards(), 1);
+}
+
+#[test]
+fn device_mode_an_armed_reward_counts_against_the_caps_and_stop_disarms() {
+    let mut p = device_params();
+    p.max_water_session_ul = 4.0; // one reward
+    let mut e = TaskEngine::new(p);
+    // Trial 1 armed, never reported; stop mid-window: the engine disarms.
+    let mut outs = run(&mut e, &trace(0, 1500, |_| 0));
+    assert_eq!(arms(&outs).len(), 1);
+    e.step(&TaskInput::Stop { t_us: 1_500_000 }, &mut |o| outs.push(o));
+    assert!(
+        outs.contains(&TaskOutput::Command(HostCommand::Disarm(Disarm {
+            trial_tag: 1
+        })))
+    );
+    assert_eq!(finished(&outs), Some(FinishReason::Stopped));
+    assert!((e.committed_ul() - 4.0).abs() < 1e-9, "still committed");
+
+    // With the cap reached by the armed water, no next trial starts.
+    let mut p = device_params();
+    p.max_water_session_ul = 4.0;
+    let mut e = TaskEngine::new(p);
+    let outs = run(&mut e, &trace(0, 6000, |_| 0)); // trial 1 silent: a miss
+    assert_eq!(arms(&outs).len(), 1);
+    assert_eq!(finished(&outs), Some(FinishReason::WaterCap));
+    assert_eq!(e.trials(), 1);
+}
+
+#[test]
+fn device_mode_replay_is_deterministic() {
+    let inputs = merge(
+        trace(0, 20_000, press_at(1300)),
+        &[
+            fired(1_359_999, 1, 1_360_000),
+            ended(5_000_000, 2, disarm_reason::EXPIRED),
+        ],
+    );
+    let a = run(&mut TaskEngine::new(device_params().with_seed(7)), &inputs);
+    let b = run(&mut TaskEngine::new(device_params().with_seed(7)), &inputs);
+    assert_eq!(a, b);
 }
