@@ -371,6 +371,14 @@ impl Device {
         t
     }
 
+    /// The simulator is executing now what is due up to device time `t_us`
+    /// (the real time, on the device clock): a `RewardFired` decided in this
+    /// pass reports it as the valve's opening time, so a simulator running
+    /// late shows its lag (see [`arm`]).
+    pub fn executing_at(&mut self, t_us: u64) {
+        self.executed_at_us = self.executed_at_us.max(t_us);
+    }
+
     /// Forget any partially received frame (the USB connection was lost).
     pub fn reset_serial(&mut self) {
         self.decoder.reset();
@@ -382,7 +390,7 @@ impl Device {
         if t_us < self.now_us {
             return;
         }
-        self.executed_at_us = t_us;
+        self.executed_at_us = self.executed_at_us.max(t_us);
         loop {
             let other = self.next_timer();
             // Lever samples up to the next other timer (samples first on a tie).
