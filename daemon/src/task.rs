@@ -746,6 +746,15 @@ impl TaskEngine {
             .iter_mut()
             .find(|s| s.is_some_and(|(t, _)| t == tag))
         else {
+            // Not tracked (every slot was taken when it was armed): its
+            // water was counted in `untracked_ul`. Given, it moves to the
+            // water given; the caps see the same total either way.
+            if fired {
+                let ul = self.p.reward_ul;
+                self.untracked_ul = (self.untracked_ul - ul).max(0.0);
+                self.water_ul += ul;
+                self.rewards = self.rewards.saturating_add(1);
+            }
             return false;
         };
         let (_, ul) = slot.take().unwrap_or((tag, 0.0));

@@ -1356,3 +1356,209 @@ fn device_mode_replay_is_deterministic() {
     let b = run(&mut TaskEngine::new(device_params().with_seed(7)), &inputs);
     assert_eq!(a, b);
 }
+
+mod device_prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Move the lever towards `target` counts over `ms` ms.
+        Move {
+            target: i32,
+            ms: u16,
+        },
+        LinkLost,
+        LinkRestored,
+        /// From now on the device ignores arms (refused or never arrived).
+        DeviceDeaf(bool),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            10 => (-30i32..160, 1u16..600).prop_map(|(target, ms)| Op::Move { target, ms }),
+            1 => Just(Op::LinkLost),
+            1 => Just(Op::LinkRestored),
+            1 => any::<bool>().prop_map(Op::DeviceDeaf),
+        ]
+    }
+
+    /// The device's side of the arm, as docs/protocol.md 1.10 says.
+    #[derive(Debug, Default)]
+    struct FakeDevice {
+        arm: Option<(ArmReward, bool)>,
+        last_counts: Option<i32>,
+        deaf: bool,
+        fired: u32,
+    }
+
+    impl FakeDevice {
+        fn command(&mut self, t: u64, cmd: &HostCommand, reports: &mut Vec<TaskInput>) {
+            match cmd {
+                HostCommand::ArmReward(a) if !self.deaf && self.arm.is_none() => {
+                    let d = |c: i32| i64::from(c) - i64::from(a.rest_counts);
+                    let ready = self
+                        .last_counts
+                        .is_some_and(|c| d(c) < i64::from(a.rearm_counts));
+                    self.arm = Some((*a, ready));
+                }
+                HostCommand::Disarm(d) => {
+                    if self.arm.is_some_and(|(a, _)| a.trial_tag == d.trial_tag) {
+                        self.arm = None;
+                        reports.push(TaskInput::RewardEnded {
+                            t_us: t,
+                            trial_tag: d.trial_tag,
+                            reason: disarm_reason::HOST,
+                        });
+                    }
+                }
+                _ => {}
+            }
+        }
+
+        fn sample(&mut self, t: u64, counts: i32, reports: &mut Vec<TaskInput>) {
+            self.last_counts = Some(counts);
+            let Some((a, ready)) = self.arm else { return };
+            if t >= u64::from(a.window_end_us) {
+                self.arm = None;
+                reports.push(TaskInput::RewardEnded {
+                    t_us: u64::from(a.window_end_us),
+                    trial_tag: a.trial_tag,
+                    reason: disarm_reason::EXPIRED,
+                });
+                return;
+            }
+            let d = i64::from(counts) - i64::from(a.rest_counts);
+            if ready && d >= i64::from(a.threshold_counts) {
+                self.arm = None;
+                self.fired += 1;
+                reports.push(TaskInput::RewardFired {
+                    t_us: t + 30,
+                    trial_tag: a.trial_tag,
+                    t_cross_us: t,
+                    pulse_us: a.pulse_us,
+                });
+            } else if d < i64::from(a.rearm_counts) {
+                self.arm = Some((a, true));
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        #[test]
+        fn device_mode_never_passes_the_caps_and_counts_every_firing(
+            ops in proptest::collection::vec(op(), 1..120),
+            max_rewards in proptest::option::of(1u32..6),
+            water_cap in 3.0f64..30.0,
+            day_left in proptest::option::of(0.0f64..20.0),
+            window_ms in 50u64..1500,
+            seed in any::<u64>(),
+        ) {
+            let mut p = device_params()
+                .with_seed(seed)
+                .with_water_remaining_today_ul(day_left);
+            p.max_rewards = max_rewards;
+            p.max_water_session_ul = water_cap;
+            p.response_window_us = window_ms * 1000;
+            p.iti_min_us = 100_000;
+            p.iti_max_us = 300_000;
+            p.miss_timeout_us = 100_000;
+            p.max_duration_us = None;
+            let reward = p.reward_ul;
+            let mut e = TaskEngine::new(p);
+            let mut dev = FakeDevice::default();
+            let mut link_up = true;
+            let mut t = 0u64;
+            let mut pos = 0i32;
+            let mut outs: Vec<TaskOutput> = Vec::new();
+            let mut cued = 0u32;
+            let mut arms_sent: Vec<u32> = Vec::new();
+            let mut step = |e: &mut TaskEngine,
+                            dev: &mut FakeDevice,
+                            input: TaskInput,
+                            up: bool,
+                            outs: &mut Vec<TaskOutput>|
+             -> Result<(), TestCaseError> {
+                let mut reports = Vec::new();
+                let mut mine = Vec::new();
+                e.step(&input, &mut |o| mine.push(o));
+                prop_assert!(mine.len() <= MAX_OUTPUTS_PER_STEP);
+                for o in &mine {
+                    if let TaskOutput::Command(c) = o {
+                        prop_assert!(up, "command {:?} with the link down", c);
+                        prop_assert!(!matches!(c, HostCommand::ValvePulse(_)), "a host pulse in device mode");
+                        if let HostCommand::SyncOut(_) = c {
+                            cued += 1;
+                        }
+                        if let HostCommand::ArmReward(a) = c {
+                            prop_assert_eq!(a.trial_tag, cued, "the arm is the cued trial's");
+                            prop_assert!(!arms_sent.contains(&a.trial_tag), "two arms for one trial");
+                            arms_sent.push(a.trial_tag);
+                        }
+                        dev.command(time_of(&input), c, &mut reports);
+                    }
+                }
+                outs.extend(mine);
+                let committed = e.water_ul() + e.committed_ul();
+                prop_assert!(committed <= water_cap + 1e-9, "{} µL committed, cap {}", committed, water_cap);
+                if let Some(left) = day_left {
+                    prop_assert!(committed <= left + 1e-9);
+                }
+                if let TaskInput::Lever { t_us, counts } = input {
+                    if up {
+                        dev.sample(t_us, counts, &mut reports);
+                    }
+                }
+                if up {
+                    for r in reports {
+                        let mut more = Vec::new();
+                        e.step(&r, &mut |o| more.push(o));
+                        prop_assert!(more.is_empty(), "a report's outputs come on samples: {:?}", more);
+                    }
+                }
+                Ok(())
+            };
+            for op in &ops {
+                match *op {
+                    Op::Move { target, ms } => {
+                        for k in 0..u64::from(ms) {
+                            let f = (k + 1) as f64 / f64::from(ms);
+                            let c = pos + ((target - pos) as f64 * f).round() as i32;
+                            t += 1000;
+                            step(&mut e, &mut dev, lever(t, c), link_up, &mut outs)?;
+                        }
+                        pos = target;
+                    }
+                    Op::LinkLost => {
+                        link_up = false;
+                        dev.arm = None; // the watchdog disarms; its report is lost
+                        step(&mut e, &mut dev, TaskInput::LinkLost { t_us: t + 1 }, false, &mut outs)?;
+                    }
+                    Op::LinkRestored => {
+                        step(&mut e, &mut dev, TaskInput::LinkRestored { t_us: t + 1 }, true, &mut outs)?;
+                        link_up = true;
+                    }
+                    Op::DeviceDeaf(deaf) => dev.deaf = deaf,
+                }
+            }
+            step(&mut e, &mut dev, TaskInput::Stop { t_us: t + 2 }, link_up, &mut outs)?;
+            prop_assert!(finished(&outs).is_some());
+            // The engine counted every firing the device made, and no other.
+            prop_assert_eq!(e.rewards(), dev.fired);
+            prop_assert!((e.water_ul() - f64::from(dev.fired) * reward).abs() < 1e-6);
+            if let Some(m) = max_rewards {
+                prop_assert!(dev.fired <= m);
+            }
+            // Records: in order, once each; rewarded ones are the device's firings.
+            let recs = trials(&outs);
+            for (i, r) in recs.iter().enumerate() {
+                prop_assert_eq!(r.trial, i as u32 + 1);
+            }
+            prop_assert_eq!(recs.len() as u32, cued);
+            let rewarded = recs.iter().filter(|r| r.outcome == Outcome::Rewarded && !r.capped).count() as u32;
+            prop_assert!(rewarded <= dev.fired);
+        }
+    }
+}
