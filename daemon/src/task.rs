@@ -587,6 +587,12 @@ pub struct TaskEngine {
     outstanding: [Option<(u32, f64)>; OUTSTANDING_ARMS],
     /// Arms that could not be tracked (every slot taken): counted for good.
     untracked_ul: f64,
+    /// Device mode: the trial whose response window the link's loss cut
+    /// while its arm was unresolved. The device may have fired before the
+    /// link went; when the link is back the engine asks (`Disarm` of its
+    /// tag, which makes the device repeat its report) and writes the trial
+    /// from the answer, or aborted when none comes before the next trial.
+    lost: Option<(DeviceArm, TrialRecord)>,
 }
 
 impl TaskEngine {
@@ -635,6 +641,7 @@ impl TaskEngine {
             arm: None,
             outstanding: [None; OUTSTANDING_ARMS],
             untracked_ul: 0.0,
+            lost: None,
         }
     }
 
@@ -714,10 +721,10 @@ impl TaskEngine {
                 trial_tag,
                 t_cross_us,
                 pulse_us,
-            } => self.on_reward_fired(t_us, trial_tag, t_cross_us, pulse_us),
+            } => self.on_reward_fired(t_us, trial_tag, t_cross_us, pulse_us, out),
             TaskInput::RewardEnded {
                 trial_tag, reason, ..
-            } => self.on_reward_ended(trial_tag, reason),
+            } => self.on_reward_ended(trial_tag, reason, out),
         }
     }
 
@@ -765,7 +772,23 @@ impl TaskEngine {
         true
     }
 
-    fn on_reward_fired(&mut self, t_valve: u64, tag: u32, t_cross: u64, pulse_us: u32) {
+    fn on_reward_fired(
+        &mut self,
+        t_valve: u64,
+        tag: u32,
+        t_cross: u64,
+        pulse_us: u32,
+        out: &mut impl FnMut(TaskOutput),
+    ) {
+        if self.lost.as_ref().is_some_and(|(a, _)| a.trial == tag) {
+            if let Some((_, rec)) = self.lost.take() {
+                self.settle_outstanding(tag, true);
+                out(TaskOutput::Trial(Self::rewarded_record(
+                    rec, t_cross, t_valve, pulse_us, &self.p,
+                )));
+            }
+            return;
+        }
         match self.arm.as_mut().filter(|a| a.trial == tag) {
             Some(a) if a.verdict.is_none() => {
                 a.verdict = Some(Verdict::Fired {
@@ -782,12 +805,41 @@ impl TaskEngine {
         }
     }
 
-    fn on_reward_ended(&mut self, tag: u32, reason: u8) {
+    fn on_reward_ended(&mut self, tag: u32, reason: u8, out: &mut impl FnMut(TaskOutput)) {
+        if self.lost.as_ref().is_some_and(|(a, _)| a.trial == tag) {
+            self.settle_outstanding(tag, false);
+            self.flush_lost(out);
+            return;
+        }
         match self.arm.as_mut().filter(|a| a.trial == tag) {
             Some(a) if a.verdict.is_none() => a.verdict = Some(Verdict::Ended { reason }),
             _ => {
                 self.settle_outstanding(tag, false);
             }
+        }
+    }
+
+    /// A trial the device rewarded: its crossing, its valve time, its pulse.
+    fn rewarded_record(
+        mut rec: TrialRecord,
+        t_cross: u64,
+        t_valve: u64,
+        pulse_us: u32,
+        p: &TaskParams,
+    ) -> TrialRecord {
+        rec.outcome = Outcome::Rewarded;
+        rec.t_response_us = Some(t_cross);
+        rec.t_reward_us = Some(t_valve);
+        rec.reward_ul = p.reward_ul;
+        rec.valve_open_us = pulse_us;
+        rec
+    }
+
+    /// The trial cut by a link loss, when no report came for it: aborted.
+    fn flush_lost(&mut self, out: &mut impl FnMut(TaskOutput)) {
+        if let Some((_, mut rec)) = self.lost.take() {
+            rec.outcome = Outcome::Aborted;
+            out(TaskOutput::Trial(rec));
         }
     }
 
@@ -853,13 +905,10 @@ impl TaskEngine {
                     });
                 }
                 self.settle_outstanding(arm.trial, true);
-                if let Some(mut rec) = self.current.take() {
-                    rec.outcome = Outcome::Rewarded;
-                    rec.t_response_us = Some(t_cross_us);
-                    rec.t_reward_us = Some(t_valve_us);
-                    rec.reward_ul = self.p.reward_ul;
-                    rec.valve_open_us = pulse_us;
-                    out(TaskOutput::Trial(rec));
+                if let Some(rec) = self.current.take() {
+                    out(TaskOutput::Trial(Self::rewarded_record(
+                        rec, t_cross_us, t_valve_us, pulse_us, &self.p,
+                    )));
                 }
                 self.last_press_us = self.last_press_us.max(t_cross_us);
                 self.tone_off_if_on(t, out);
@@ -1040,10 +1089,34 @@ impl TaskEngine {
         // The device silences the tone itself when the host goes quiet, and
         // disarms; an arm's water stays committed until its report comes.
         self.tone_on = false;
-        self.arm = None;
+        let arm = self.arm.take();
         if let Some(mut rec) = self.current.take() {
-            rec.outcome = Outcome::Aborted;
-            out(TaskOutput::Trial(rec));
+            match arm.filter(|a| a.trial == rec.trial) {
+                Some(a) => match a.verdict {
+                    Some(Verdict::Fired {
+                        t_cross_us,
+                        t_valve_us,
+                        pulse_us,
+                    }) => {
+                        // It fired before the link went: the mouse got it.
+                        self.settle_outstanding(a.trial, true);
+                        out(TaskOutput::Trial(Self::rewarded_record(
+                            rec, t_cross_us, t_valve_us, pulse_us, &self.p,
+                        )));
+                    }
+                    Some(Verdict::Ended { .. }) => {
+                        self.settle_outstanding(a.trial, false);
+                        rec.outcome = Outcome::Aborted;
+                        out(TaskOutput::Trial(rec));
+                    }
+                    // Unknown: ask the device when the link is back.
+                    None => self.lost = Some((a, rec)),
+                },
+                None => {
+                    rec.outcome = Outcome::Aborted;
+                    out(TaskOutput::Trial(rec));
+                }
+            }
         }
         self.awaiting_tone_on = false;
         self.set_state(t, TaskState::LinkDown, out);
@@ -1057,6 +1130,12 @@ impl TaskEngine {
         // The lever was not seen while the link was down: count the mouse's
         // idle time afresh, never declare it sated over an unplugged cable.
         self.last_press_us = self.last_press_us.max(t);
+        if let Some((a, _)) = &self.lost {
+            // The device repeats the last arm's report for its tag.
+            out(TaskOutput::Command(HostCommand::Disarm(Disarm {
+                trial_tag: a.trial,
+            })));
+        }
         if self.state == TaskState::LinkDown {
             if self.rest.is_some() {
                 self.enter_iti(t, 0, out);
@@ -1154,6 +1233,7 @@ impl TaskEngine {
 
     fn end_iti(&mut self, t: u64, counts: i32, out: &mut impl FnMut(TaskOutput)) {
         self.flush_pending(out);
+        self.flush_lost(out);
         if let Some(reason) = self.trial_cap() {
             self.finish(t, reason, out);
             return;
@@ -1367,6 +1447,7 @@ impl TaskEngine {
             out(TaskOutput::Trial(rec));
         }
         self.flush_pending(out);
+        self.flush_lost(out);
         self.set_state(t, TaskState::Finished, out);
         out(TaskOutput::Finished { t_us: t, reason });
     }

@@ -257,6 +257,8 @@ pub struct Device {
     armed: Option<arm::Armed>,
     /// The latest lever sample's counts.
     last_counts: Option<i32>,
+    /// The last arm's report, repeated on a `Disarm` of its tag.
+    last_report: Option<arm::Report>,
     /// The device time the latest `advance` ran up to: when the simulator
     /// actually executed what it processes now.
     executed_at_us: u64,
@@ -293,6 +295,7 @@ impl Device {
             duplicate_next_batch: false,
             armed: None,
             last_counts: None,
+            last_report: None,
             executed_at_us: t_us,
         };
         d.send_hello(t_us, io);

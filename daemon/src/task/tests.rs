@@ -1562,3 +1562,55 @@ mod device_prop {
         }
     }
 }
+
+#[test]
+fn device_mode_a_link_lost_mid_window_asks_the_device_when_it_is_back() {
+    // Trial 1 cued at 1 s; the device fires at 1.36 s but the report is lost
+    // with the link at 1.361 s.
+    let mut e = TaskEngine::new(device_params());
+    let mut outs = run(
+        &mut e,
+        &merge(
+            trace(0, 1361, press_at(1300)),
+            &[TaskInput::LinkLost { t_us: 1_361_000 }],
+        ),
+    );
+    assert!(trials(&outs).is_empty(), "not written while unknown");
+    e.step(&TaskInput::LinkRestored { t_us: 3_000_000 }, &mut |o| {
+        outs.push(o)
+    });
+    assert!(
+        outs.contains(&TaskOutput::Command(HostCommand::Disarm(Disarm {
+            trial_tag: 1
+        })))
+    );
+    // The device repeats its report: the trial is rewarded, as given.
+    e.step(&fired(1_360_030, 1, 1_360_000), &mut |o| outs.push(o));
+    let t = trials(&outs);
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].outcome, Outcome::Rewarded);
+    assert_eq!(t[0].t_response_us, Some(1_360_000));
+    assert_eq!(e.rewards(), 1);
+    assert_eq!(e.committed_ul(), 0.0);
+
+    // No answer before the next trial: aborted, the water still committed.
+    let mut e = TaskEngine::new(device_params());
+    let mut outs = run(
+        &mut e,
+        &merge(
+            trace(0, 1200, |_| 0),
+            &[TaskInput::LinkLost { t_us: 1_200_000 }],
+        ),
+    );
+    e.step(&TaskInput::LinkRestored { t_us: 1_300_000 }, &mut |o| {
+        outs.push(o)
+    });
+    outs.extend(run(&mut e, &trace(1300, 2500, |_| 0)));
+    let t = trials(&outs);
+    assert_eq!(t[0].trial, 1);
+    assert_eq!(t[0].outcome, Outcome::Aborted);
+    assert!(
+        (e.committed_ul() - 8.0).abs() < 1e-9,
+        "trial 1's and trial 2's arms"
+    );
+}

@@ -152,6 +152,7 @@ static void rd_arm_end(rd_device *d, uint32_t now, uint8_t reason)
     d->ended.reason = reason;
     d->ended.next_sample_index = d->next_index;
     d->report = RD_REPORT_ENDED;
+    d->last_report = RD_REPORT_ENDED;
 }
 
 void rd_arm_fire(rd_device *d, int32_t counts)
@@ -175,6 +176,7 @@ void rd_arm_fire(rd_device *d, int32_t counts)
     d->fired.counts = counts;
     d->fired.pulse_us = d->arm_pulse_us;
     d->report = RD_REPORT_FIRED;
+    d->last_report = RD_REPORT_FIRED;
 }
 
 /* ---- periodic tick (interrupt context) ---------------------------------- */
@@ -853,6 +855,12 @@ static void rd_cmd_disarm(rd_device *d, const rp_frame *f)
     now = rd_now(d);
     if (d->arm_state != RD_ARM_NONE && d->arm_tag == a.trial_tag) {
         rd_arm_end(d, now, RP_DISARM_HOST);
+    } else if (d->arm_state == RD_ARM_NONE && d->report == RD_REPORT_NONE &&
+               ((d->last_report == RD_REPORT_FIRED && d->fired.trial_tag == a.trial_tag) ||
+                (d->last_report == RD_REPORT_ENDED && d->ended.trial_tag == a.trial_tag))) {
+        /* The last arm, already reported: say it again (a host that lost
+         * the link in between learns what happened). */
+        d->report = d->last_report;
     }
     rd_unlock(d, s);
     rd_send_ack(d, f, RP_ACK_OK, now);

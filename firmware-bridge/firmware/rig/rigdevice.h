@@ -206,7 +206,8 @@ typedef struct rd_device {
     uint32_t arm_pulse_us;
     volatile int32_t enc_last; /* the encoder count at its latest update */
     /* the arm's one report (RewardFired or RewardEnded), sent by rd_poll */
-    volatile uint8_t report; /* RD_REPORT_* */
+    volatile uint8_t report; /* RD_REPORT_*: waiting to be sent */
+    uint8_t last_report;     /* RD_REPORT_*: the last arm's, repeated on a Disarm of its tag */
     rp_reward_fired fired;
     rp_reward_ended ended;
 

@@ -1533,6 +1533,23 @@ static void test_armed_reward_fires_in_the_encoder_update(void)
            "open for %u us", hw.valve_edges[1].t - hw.valve_edges[0].t);
     CHECK_EQ(count_of(RP_T_REWARD_FIRED, NULL), 1);
     CHECK_EQ(count_of(RP_T_REWARD_ENDED, NULL), 0);
+    /* a Disarm of the spent tag repeats its report; of another, nothing */
+    skip_all();
+    s = send_disarm(5);
+    CHECK(expect_ack(s, RP_T_DISARM, RP_ACK_OK));
+    rd_poll(&dev);
+    CHECK_EQ(count_of(RP_T_REWARD_FIRED, &c), 1);
+    if (c) {
+        CHECK_EQ(rp_unpack_reward_fired(c->body, c->body_len, &f), RP_OK);
+        CHECK_EQ(f.trial_tag, 5);
+        CHECK_EQ(f.t_cross_us, t_cross);
+    }
+    skip_all();
+    s = send_disarm(6);
+    CHECK(expect_ack(s, RP_T_DISARM, RP_ACK_OK));
+    rd_poll(&dev);
+    CHECK_EQ(count_of(RP_T_REWARD_FIRED, NULL), 0);
+    CHECK_EQ(hw.n_valve_edges, 2);
     CHECK(seqs_contiguous());
 }
 

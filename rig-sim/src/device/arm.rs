@@ -16,6 +16,13 @@ use protocol::serial::{
 
 use super::{cause, Device, DeviceIo};
 
+/// The report the last arm ended with.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Report {
+    Fired(RewardFired),
+    Ended(RewardEnded),
+}
+
 /// An armed reward waiting for its crossing.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Armed {
@@ -90,10 +97,22 @@ impl Device {
         AckStatus::Ok
     }
 
-    /// The host's `Disarm`: ends the arm if it carries `tag`.
+    /// The host's `Disarm`: ends the arm if it carries `tag`; for the last
+    /// arm, already ended, repeats its report (a host that lost the link in
+    /// between learns what happened).
     pub(super) fn disarm_tag(&mut self, t: u64, tag: u32, io: &mut impl DeviceIo) {
         if self.armed.is_some_and(|a| a.tag == tag) {
             self.disarm(t, disarm_reason::HOST, io);
+            return;
+        }
+        match self.last_report {
+            Some(Report::Fired(r)) if r.trial_tag == tag => {
+                self.send(t, DeviceMessage::RewardFired(r), io);
+            }
+            Some(Report::Ended(r)) if r.trial_tag == tag => {
+                self.send(t, DeviceMessage::RewardEnded(r), io);
+            }
+            _ => {}
         }
     }
 
@@ -107,6 +126,7 @@ impl Device {
                 reason,
                 next_sample_index: next,
             };
+            self.last_report = Some(Report::Ended(ended));
             self.send(t, DeviceMessage::RewardEnded(ended), io);
         }
     }
@@ -130,6 +150,7 @@ impl Device {
                     reason: disarm_reason::VALVE_BUSY,
                     next_sample_index: index.wrapping_add(1),
                 };
+                self.last_report = Some(Report::Ended(ended));
                 self.send(t, DeviceMessage::RewardEnded(ended), io);
                 return;
             }
@@ -141,6 +162,7 @@ impl Device {
                 counts,
                 pulse_us: a.pulse_us,
             };
+            self.last_report = Some(Report::Fired(fired));
             self.send(t, DeviceMessage::RewardFired(fired), io);
             self.open_valve(
                 t,

@@ -1569,3 +1569,61 @@ mod armed {
         );
     }
 }
+
+#[test]
+fn disarm_of_the_last_arm_repeats_its_report() {
+    use protocol::serial::{direction, ArmReward, Disarm};
+    let (mut d, mut io) = boot(1_000_000);
+    send(
+        &mut d,
+        &mut io,
+        1_000_000,
+        1,
+        HostCommand::Configure(configure(1000, 1)),
+    );
+    d.advance(1_010_000, &mut io);
+    let arm = ArmReward {
+        trial_tag: 11,
+        rest_counts: 7,
+        threshold_counts: 50,
+        rearm_counts: 20,
+        direction: direction::UP,
+        window_end_us: 1_500_000,
+        pulse_us: 10_000,
+    };
+    send(&mut d, &mut io, 1_010_000, 2, HostCommand::ArmReward(arm));
+    io.lever = 100;
+    d.advance(1_020_000, &mut io);
+    io.take();
+    // The host lost the link and asks: the report comes again, once.
+    send(
+        &mut d,
+        &mut io,
+        1_100_000,
+        3,
+        HostCommand::Disarm(Disarm { trial_tag: 11 }),
+    );
+    let again: Vec<_> = io
+        .take()
+        .into_iter()
+        .filter_map(|m| match m {
+            Msg::RewardFired(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].trial_tag, 11);
+    assert_eq!(u64::from(again[0].t_cross_us), 1_011_000);
+    // Another tag: nothing.
+    send(
+        &mut d,
+        &mut io,
+        1_100_000,
+        4,
+        HostCommand::Disarm(Disarm { trial_tag: 12 }),
+    );
+    assert!(!io
+        .take()
+        .iter()
+        .any(|m| matches!(m, Msg::RewardFired(_) | Msg::RewardEnded(_))));
+}
