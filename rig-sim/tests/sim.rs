@@ -809,7 +809,10 @@ fn armed_reward_disarms_when_the_host_goes_silent_and_never_fires_late() {
     use protocol::serial::{direction, disarm_reason, ArmReward};
     let mut o = options("armed-silent");
     // The lever held pressed 2.4 mm (96 counts) at 2 s and at 6 s, for 1 s each.
-    o.faults = vec!["hold@2:1".parse().unwrap(), "hold@6:1".parse().unwrap()];
+    o.faults = vec![
+        "hold@2:1".parse().expect("fault spec"),
+        "hold@6:1".parse().expect("fault spec"),
+    ];
     let (_sim, mut host) = start(o);
     let c = Configure {
         heartbeat_interval_ms: 100,

@@ -1402,15 +1402,15 @@ mod device_prop {
                         .is_some_and(|c| d(c) < i64::from(a.rearm_counts));
                     self.arm = Some((*a, ready));
                 }
-                HostCommand::Disarm(d) => {
-                    if self.arm.is_some_and(|(a, _)| a.trial_tag == d.trial_tag) {
-                        self.arm = None;
-                        reports.push(TaskInput::RewardEnded {
-                            t_us: t,
-                            trial_tag: d.trial_tag,
-                            reason: disarm_reason::HOST,
-                        });
-                    }
+                HostCommand::Disarm(d)
+                    if self.arm.is_some_and(|(a, _)| a.trial_tag == d.trial_tag) =>
+                {
+                    self.arm = None;
+                    reports.push(TaskInput::RewardEnded {
+                        t_us: t,
+                        trial_tag: d.trial_tag,
+                        reason: disarm_reason::HOST,
+                    });
                 }
                 _ => {}
             }
