@@ -426,6 +426,35 @@ impl RigHandler {
                     EventDetail::None,
                 );
             }
+            TaskOutput::DecisionMismatch {
+                t_us,
+                trial,
+                device_cross_us,
+                host_cross_us,
+                device,
+            } => {
+                if let Some(s) = self.session.as_mut() {
+                    s.counters.decision_mismatches += 1;
+                }
+                let at = |t: Option<u64>| t.map_or_else(|| "none".to_owned(), |t| t.to_string());
+                tracing::warn!(
+                    "trial {trial}: the device's decision ({device}) and the lever samples \
+                     disagree (device crossing {}, host crossing {})",
+                    at(device_cross_us),
+                    at(host_cross_us)
+                );
+                self.log(
+                    t_us,
+                    StorageSource::Task,
+                    "decision_mismatch",
+                    f64::from(trial),
+                    EventDetail::Text(format!(
+                        "trial={trial} device={device} device_cross_us={} host_cross_us={}",
+                        at(device_cross_us),
+                        at(host_cross_us)
+                    )),
+                );
+            }
             TaskOutput::Finished { t_us, reason } => {
                 // A stop request's own reason wins over the engine's "stopped".
                 let reason = self
@@ -775,7 +804,23 @@ fn input_time(input: &TaskInput) -> u64 {
         | TaskInput::CommandRefused { t_us, .. }
         | TaskInput::LinkLost { t_us }
         | TaskInput::LinkRestored { t_us }
-        | TaskInput::Stop { t_us } => t_us,
+        | TaskInput::Stop { t_us }
+        | TaskInput::RewardFired { t_us, .. }
+        | TaskInput::RewardEnded { t_us, .. } => t_us,
+    }
+}
+
+/// `RewardEnded.reason` as `events.tsv` writes it.
+fn disarm_reason_name(reason: u8) -> &'static str {
+    use protocol::serial::disarm_reason as r;
+    match reason {
+        r::EXPIRED => "expired",
+        r::HOST => "host",
+        r::WATCHDOG => "watchdog",
+        r::RESET => "reset",
+        r::CONFIGURE => "configure",
+        r::VALVE_BUSY => "valve_busy",
+        _ => "unknown",
     }
 }
 
@@ -791,6 +836,8 @@ fn command_kind(cmd: &HostCommand) -> (&'static str, f64) {
         HostCommand::Ping => ("ping", 0.0),
         HostCommand::HostHeartbeat => ("heartbeat", 0.0),
         HostCommand::Reset => ("reset", 0.0),
+        HostCommand::ArmReward(a) => ("arm_reward", f64::from(a.pulse_us)),
+        HostCommand::Disarm(_) => ("disarm", 0.0),
     }
 }
 
@@ -991,6 +1038,65 @@ impl LinkHandler for RigHandler {
                 keeps_up,
             } => self.on_clock_rate(*rate, *host_heartbeat, *keeps_up),
             LinkEvent::Heartbeat { .. } => {}
+            LinkEvent::RewardFired {
+                trial_tag,
+                sample_index,
+                t_cross_us,
+                t_valve_us,
+                counts,
+                pulse_us,
+            } => {
+                self.feed(
+                    &TaskInput::RewardFired {
+                        t_us: *t_valve_us,
+                        trial_tag: *trial_tag,
+                        t_cross_us: *t_cross_us,
+                        pulse_us: *pulse_us,
+                    },
+                    commander,
+                );
+                if let Some(s) = self.session.as_mut() {
+                    s.counters.rewards_fired += 1;
+                }
+                self.log(
+                    *t_valve_us,
+                    StorageSource::Device,
+                    "reward_fired",
+                    f64::from(*trial_tag),
+                    EventDetail::Text(format!(
+                        "trial={trial_tag} sample_index={sample_index} t_cross_us={t_cross_us} \
+                         t_valve_us={t_valve_us} counts={counts} pulse_us={pulse_us}"
+                    )),
+                );
+            }
+            LinkEvent::RewardEnded {
+                trial_tag,
+                t_us,
+                reason,
+                next_sample_index,
+            } => {
+                self.feed(
+                    &TaskInput::RewardEnded {
+                        t_us: *t_us,
+                        trial_tag: *trial_tag,
+                        reason: *reason,
+                    },
+                    commander,
+                );
+                if let Some(s) = self.session.as_mut() {
+                    s.counters.arms_ended += 1;
+                }
+                self.log(
+                    *t_us,
+                    StorageSource::Device,
+                    "reward_ended",
+                    f64::from(*trial_tag),
+                    EventDetail::Text(format!(
+                        "trial={trial_tag} reason={} next_sample_index={next_sample_index}",
+                        disarm_reason_name(*reason)
+                    )),
+                );
+            }
             LinkEvent::Clock { fit, .. } => {
                 self.last_fit = Some(*fit);
                 self.clock.publish(*fit);

@@ -14,7 +14,11 @@
 //! The state machine, what each output means and the safety rules are
 //! described in `docs/behaviour.md`.
 
-use protocol::serial::{host_type, sync_mode, EventKind, HostCommand, SyncOut, Tone, ValvePulse};
+use protocol::serial::{
+    direction, disarm_reason, host_type, sync_mode, ArmReward, Disarm, EventKind, HostCommand,
+    SyncOut, Tone, ValvePulse,
+};
+pub use rig_config::RewardDecision;
 use rig_config::RigConfig;
 use serde::{Deserialize, Serialize};
 
@@ -60,7 +64,16 @@ pub const BITCODE_UNIT_US: u16 = 5000;
 
 /// No call to [`TaskEngine::step`] produces more outputs than this, so a
 /// caller can collect them in a fixed array.
-pub const MAX_OUTPUTS_PER_STEP: usize = 5;
+pub const MAX_OUTPUTS_PER_STEP: usize = 6;
+
+/// In device mode, how long (µs after the response window's end) the engine
+/// waits for the device's verdict on an armed reward before it writes the
+/// trial as a miss (and a `decision_mismatch` when its own samples crossed).
+pub const DEVICE_VERDICT_GRACE_US: u64 = 500_000;
+
+/// Armed rewards whose report may still come (the water stays committed
+/// until it does); one more and the oldest stays committed for good.
+const OUTSTANDING_ARMS: usize = 4;
 
 /// When a time cap ends the session right after a reward, the engine waits at
 /// most this long (µs after the pulse was commanded) for the device's
@@ -127,6 +140,8 @@ pub struct TaskParams {
     /// Before each cue the lever must be this close to rest, mm; `None`
     /// turns the check off (tests only).
     pub cue_rest_tolerance_mm: Option<f64>,
+    /// Who opens the valve at the crossing (`task.reward_decision`).
+    pub reward_decision: RewardDecision,
 }
 
 impl TaskParams {
@@ -194,6 +209,7 @@ impl TaskParams {
             rest_still_us: REST_STILL_WINDOW_US,
             rest_tolerance_mm: REST_STILL_TOLERANCE_MM,
             cue_rest_tolerance_mm: Some(CUE_REST_TOLERANCE_MM.min(t.threshold_mm / 2.0)),
+            reward_decision: t.reward_decision,
         }
     }
 
@@ -231,6 +247,23 @@ pub enum TaskInput {
     LinkRestored { t_us: u64 },
     /// The experimenter (or the daemon) stops the session.
     Stop { t_us: u64 },
+    /// The device fired the reward armed with `trial_tag` (device mode):
+    /// `t_cross_us` is the crossing (the sample that shows it, on the
+    /// virtual rig; the encoder edge, on the firmware), `t_valve_us` when
+    /// the valve opened. `t_us` is `t_valve_us`.
+    RewardFired {
+        t_us: u64,
+        trial_tag: u32,
+        t_cross_us: u64,
+        pulse_us: u32,
+    },
+    /// The reward armed with `trial_tag` ended without firing (`reason`: a
+    /// `protocol::serial::disarm_reason`).
+    RewardEnded {
+        t_us: u64,
+        trial_tag: u32,
+        reason: u8,
+    },
 }
 
 /// The engine's state, reported on every change.
@@ -317,6 +350,59 @@ pub enum TaskOutput {
     LeverNotAtRest { t_us: u64, range_counts: i32 },
     /// A cue is held because the lever is away from rest (once per held cue).
     CueHeld { t_us: u64, lever_mm: f64 },
+    /// Device mode: the device's decision and the one the host derives from
+    /// the lever samples disagree. `device_cross_us` is the device's
+    /// crossing (`None`: it did not fire), `host_cross_us` the first sample
+    /// in the window that crosses by the host's rule (`None`: none did).
+    DecisionMismatch {
+        t_us: u64,
+        trial: u32,
+        device_cross_us: Option<u64>,
+        host_cross_us: Option<u64>,
+        /// The device's report: `fired`, `expired`, `disarmed_<reason>` or
+        /// `silent` (no report within [`DEVICE_VERDICT_GRACE_US`]).
+        device: &'static str,
+    },
+}
+
+/// The device's report on an armed reward.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Verdict {
+    Fired {
+        t_cross_us: u64,
+        t_valve_us: u64,
+        pulse_us: u32,
+    },
+    Ended {
+        reason: u8,
+    },
+}
+
+/// Device mode: the current trial's armed reward.
+#[derive(Debug, Clone, Copy)]
+struct DeviceArm {
+    trial: u32,
+    /// Rig-clock end of the response window (the arm's `window_end_us`).
+    window_end_us: u64,
+    verdict: Option<Verdict>,
+    /// The host's own decision: the first sample in the window that crosses.
+    host_cross_us: Option<u64>,
+}
+
+fn verdict_name(v: Option<Verdict>) -> &'static str {
+    match v {
+        None => "silent",
+        Some(Verdict::Fired { .. }) => "fired",
+        Some(Verdict::Ended { reason }) => match reason {
+            disarm_reason::EXPIRED => "expired",
+            disarm_reason::HOST => "disarmed_host",
+            disarm_reason::WATCHDOG => "disarmed_watchdog",
+            disarm_reason::RESET => "disarmed_reset",
+            disarm_reason::CONFIGURE => "disarmed_configure",
+            disarm_reason::VALVE_BUSY => "disarmed_valve_busy",
+            _ => "disarmed_other",
+        },
+    }
 }
 
 /// How the rest position was found.
@@ -494,6 +580,19 @@ pub struct TaskEngine {
     rewards: u32,
     water_ul: f64,
     refused: u32,
+
+    /// Device mode: the current trial's arm.
+    arm: Option<DeviceArm>,
+    /// Armed rewards not yet reported (tag, µL): counted against the caps.
+    outstanding: [Option<(u32, f64)>; OUTSTANDING_ARMS],
+    /// Arms that could not be tracked (every slot taken): counted for good.
+    untracked_ul: f64,
+    /// Device mode: the trial whose response window the link's loss cut
+    /// while its arm was unresolved. The device may have fired before the
+    /// link went; when the link is back the engine asks (`Disarm` of its
+    /// tag, which makes the device repeat its report) and writes the trial
+    /// from the answer, or aborted when none comes before the next trial.
+    lost: Option<(DeviceArm, TrialRecord)>,
 }
 
 impl TaskEngine {
@@ -539,6 +638,10 @@ impl TaskEngine {
             rewards: 0,
             water_ul: 0.0,
             refused: 0,
+            arm: None,
+            outstanding: [None; OUTSTANDING_ARMS],
+            untracked_ul: 0.0,
+            lost: None,
         }
     }
 
@@ -598,6 +701,10 @@ impl TaskEngine {
     /// of its step.
     pub fn step(&mut self, input: &TaskInput, out: &mut impl FnMut(TaskOutput)) {
         if self.state == TaskState::Finished {
+            // A reward the device gave after the end still counts as water.
+            if let TaskInput::RewardFired { trial_tag, .. } = *input {
+                self.settle_outstanding(trial_tag, true);
+            }
             return;
         }
         match *input {
@@ -609,7 +716,231 @@ impl TaskEngine {
             TaskInput::LinkLost { t_us } => self.on_link_lost(t_us, out),
             TaskInput::LinkRestored { t_us } => self.on_link_restored(t_us, out),
             TaskInput::Stop { t_us } => self.finish(t_us, FinishReason::Stopped, out),
+            TaskInput::RewardFired {
+                t_us,
+                trial_tag,
+                t_cross_us,
+                pulse_us,
+            } => self.on_reward_fired(t_us, trial_tag, t_cross_us, pulse_us, out),
+            TaskInput::RewardEnded {
+                trial_tag, reason, ..
+            } => self.on_reward_ended(trial_tag, reason, out),
         }
+    }
+
+    /// Water armed and not yet reported by the device, µL.
+    pub fn committed_ul(&self) -> f64 {
+        self.untracked_ul
+            + self
+                .outstanding
+                .iter()
+                .flatten()
+                .map(|&(_, ul)| ul)
+                .sum::<f64>()
+    }
+
+    fn device_mode(&self) -> bool {
+        self.p.reward_decision == RewardDecision::Device
+    }
+
+    // ---- device-armed reward ------------------------------------------------
+
+    /// The device's report on `tag` came: the arm's water is no longer
+    /// pending; when it fired, it is water given.
+    fn settle_outstanding(&mut self, tag: u32, fired: bool) -> bool {
+        let Some(slot) = self
+            .outstanding
+            .iter_mut()
+            .find(|s| s.is_some_and(|(t, _)| t == tag))
+        else {
+            // Not tracked (every slot was taken when it was armed): its
+            // water was counted in `untracked_ul`. Given, it moves to the
+            // water given; the caps see the same total either way.
+            if fired {
+                let ul = self.p.reward_ul;
+                self.untracked_ul = (self.untracked_ul - ul).max(0.0);
+                self.water_ul += ul;
+                self.rewards = self.rewards.saturating_add(1);
+            }
+            return false;
+        };
+        let (_, ul) = slot.take().unwrap_or((tag, 0.0));
+        if fired {
+            self.water_ul += ul;
+            self.rewards = self.rewards.saturating_add(1);
+        }
+        true
+    }
+
+    fn on_reward_fired(
+        &mut self,
+        t_valve: u64,
+        tag: u32,
+        t_cross: u64,
+        pulse_us: u32,
+        out: &mut impl FnMut(TaskOutput),
+    ) {
+        if self.lost.as_ref().is_some_and(|(a, _)| a.trial == tag) {
+            if let Some((_, rec)) = self.lost.take() {
+                self.settle_outstanding(tag, true);
+                out(TaskOutput::Trial(Self::rewarded_record(
+                    rec, t_cross, t_valve, pulse_us, &self.p,
+                )));
+            }
+            return;
+        }
+        match self.arm.as_mut().filter(|a| a.trial == tag) {
+            Some(a) if a.verdict.is_none() => {
+                a.verdict = Some(Verdict::Fired {
+                    t_cross_us: t_cross,
+                    t_valve_us: t_valve,
+                    pulse_us,
+                });
+            }
+            // An older trial's arm (its trial was already written, e.g.
+            // aborted when the link dropped): the water still counts.
+            _ => {
+                self.settle_outstanding(tag, true);
+            }
+        }
+    }
+
+    fn on_reward_ended(&mut self, tag: u32, reason: u8, out: &mut impl FnMut(TaskOutput)) {
+        if self.lost.as_ref().is_some_and(|(a, _)| a.trial == tag) {
+            self.settle_outstanding(tag, false);
+            self.flush_lost(out);
+            return;
+        }
+        match self.arm.as_mut().filter(|a| a.trial == tag) {
+            Some(a) if a.verdict.is_none() => a.verdict = Some(Verdict::Ended { reason }),
+            _ => {
+                self.settle_outstanding(tag, false);
+            }
+        }
+    }
+
+    /// A trial the device rewarded: its crossing, its valve time, its pulse.
+    fn rewarded_record(
+        mut rec: TrialRecord,
+        t_cross: u64,
+        t_valve: u64,
+        pulse_us: u32,
+        p: &TaskParams,
+    ) -> TrialRecord {
+        rec.outcome = Outcome::Rewarded;
+        rec.t_response_us = Some(t_cross);
+        rec.t_reward_us = Some(t_valve);
+        rec.reward_ul = p.reward_ul;
+        rec.valve_open_us = pulse_us;
+        rec
+    }
+
+    /// The trial cut by a link loss, when no report came for it: aborted.
+    fn flush_lost(&mut self, out: &mut impl FnMut(TaskOutput)) {
+        if let Some((_, mut rec)) = self.lost.take() {
+            rec.outcome = Outcome::Aborted;
+            out(TaskOutput::Trial(rec));
+        }
+    }
+
+    /// Arm the device at the cue (device mode). Returns false when a cap
+    /// would be exceeded: then nothing is armed.
+    fn arm_reward(&mut self, t: u64, trial: u32, out: &mut impl FnMut(TaskOutput)) -> bool {
+        if self.reward_cap().is_some() {
+            return false;
+        }
+        let window_end_us = t.saturating_add(self.p.response_window_us);
+        // Integer counts cross exactly when the host's f64 rule says so.
+        let threshold = self.threshold_counts.ceil().clamp(1.0, f64::from(i32::MAX)) as u32;
+        let rearm = (self.rearm_counts.ceil().max(0.0) as u32).min(threshold - 1);
+        out(TaskOutput::Command(HostCommand::ArmReward(ArmReward {
+            trial_tag: trial,
+            rest_counts: self.rest_counts,
+            threshold_counts: threshold,
+            rearm_counts: rearm,
+            direction: direction::UP,
+            // The rig clock is the device's counter unwrapped: its low 32
+            // bits are the device's time.
+            window_end_us: window_end_us as u32,
+            pulse_us: self.p.valve_open_us,
+        })));
+        match self.outstanding.iter_mut().find(|s| s.is_none()) {
+            Some(slot) => *slot = Some((trial, self.p.reward_ul)),
+            None => self.untracked_ul += self.p.reward_ul,
+        }
+        self.arm = Some(DeviceArm {
+            trial,
+            window_end_us,
+            verdict: None,
+            host_cross_us: None,
+        });
+        true
+    }
+
+    /// Device mode, response window: the device's verdict decides the trial
+    /// at the sample it names; the host's own crossing is the audit.
+    fn device_response(&mut self, t: u64, crossed: bool, out: &mut impl FnMut(TaskOutput)) {
+        let Some(mut arm) = self.arm else {
+            return;
+        };
+        if crossed && t > self.cue_cmd_us && t < arm.window_end_us && arm.host_cross_us.is_none() {
+            arm.host_cross_us = Some(t);
+        }
+        self.arm = Some(arm);
+        match arm.verdict {
+            Some(Verdict::Fired {
+                t_cross_us,
+                t_valve_us,
+                pulse_us,
+            }) if t >= t_cross_us => {
+                self.arm = None;
+                let agree = arm.host_cross_us == Some(t_cross_us);
+                if !agree {
+                    out(TaskOutput::DecisionMismatch {
+                        t_us: t,
+                        trial: arm.trial,
+                        device_cross_us: Some(t_cross_us),
+                        host_cross_us: arm.host_cross_us,
+                        device: "fired",
+                    });
+                }
+                self.settle_outstanding(arm.trial, true);
+                if let Some(rec) = self.current.take() {
+                    out(TaskOutput::Trial(Self::rewarded_record(
+                        rec, t_cross_us, t_valve_us, pulse_us, &self.p,
+                    )));
+                }
+                self.last_press_us = self.last_press_us.max(t_cross_us);
+                self.tone_off_if_on(t, out);
+                self.enter_iti(t, 0, out);
+            }
+            Some(Verdict::Ended { .. }) if t >= arm.window_end_us => {
+                self.device_miss(t, arm, out);
+            }
+            None if t >= arm.window_end_us.saturating_add(DEVICE_VERDICT_GRACE_US) => {
+                // No report: the trial is a miss on the host's books; the
+                // arm's water stays committed until a report comes.
+                self.device_miss(t, arm, out);
+            }
+            _ => {}
+        }
+    }
+
+    fn device_miss(&mut self, t: u64, arm: DeviceArm, out: &mut impl FnMut(TaskOutput)) {
+        self.arm = None;
+        if let Some(Verdict::Ended { .. }) = arm.verdict {
+            self.settle_outstanding(arm.trial, false);
+        }
+        if arm.host_cross_us.is_some() || arm.verdict.is_none() {
+            out(TaskOutput::DecisionMismatch {
+                t_us: t,
+                trial: arm.trial,
+                device_cross_us: None,
+                host_cross_us: arm.host_cross_us,
+                device: verdict_name(arm.verdict),
+            });
+        }
+        self.miss(t, out);
     }
 
     // ---- inputs -----------------------------------------------------------
@@ -681,6 +1012,7 @@ impl TaskEngine {
                     self.start_cue(t, counts, out);
                 }
             }
+            TaskState::Response if self.arm.is_some() => self.device_response(t, crossed, out),
             TaskState::Response => {
                 if t >= self.cue_cmd_us.saturating_add(self.p.response_window_us) {
                     self.miss(t, out);
@@ -735,6 +1067,9 @@ impl TaskEngine {
 
     fn on_refused(&mut self, _t: u64, cmd_type: u8, out: &mut impl FnMut(TaskOutput)) {
         self.refused = self.refused.saturating_add(1);
+        // A refused (or unanswered) ArmReward: no report will come unless the
+        // device armed after all; the trial ends on the host's books after
+        // the window (device_response), the water stays committed.
         if cmd_type == host_type::VALVE_PULSE {
             // The device did not confirm the pulse: write the trial without a
             // reward time or volume. The water stays counted against the caps
@@ -751,11 +1086,37 @@ impl TaskEngine {
             return;
         }
         self.link_up = false;
-        // The device silences the tone itself when the host goes quiet.
+        // The device silences the tone itself when the host goes quiet, and
+        // disarms; an arm's water stays committed until its report comes.
         self.tone_on = false;
+        let arm = self.arm.take();
         if let Some(mut rec) = self.current.take() {
-            rec.outcome = Outcome::Aborted;
-            out(TaskOutput::Trial(rec));
+            match arm.filter(|a| a.trial == rec.trial) {
+                Some(a) => match a.verdict {
+                    Some(Verdict::Fired {
+                        t_cross_us,
+                        t_valve_us,
+                        pulse_us,
+                    }) => {
+                        // It fired before the link went: the mouse got it.
+                        self.settle_outstanding(a.trial, true);
+                        out(TaskOutput::Trial(Self::rewarded_record(
+                            rec, t_cross_us, t_valve_us, pulse_us, &self.p,
+                        )));
+                    }
+                    Some(Verdict::Ended { .. }) => {
+                        self.settle_outstanding(a.trial, false);
+                        rec.outcome = Outcome::Aborted;
+                        out(TaskOutput::Trial(rec));
+                    }
+                    // Unknown: ask the device when the link is back.
+                    None => self.lost = Some((a, rec)),
+                },
+                None => {
+                    rec.outcome = Outcome::Aborted;
+                    out(TaskOutput::Trial(rec));
+                }
+            }
         }
         self.awaiting_tone_on = false;
         self.set_state(t, TaskState::LinkDown, out);
@@ -769,6 +1130,12 @@ impl TaskEngine {
         // The lever was not seen while the link was down: count the mouse's
         // idle time afresh, never declare it sated over an unplugged cable.
         self.last_press_us = self.last_press_us.max(t);
+        if let Some((a, _)) = &self.lost {
+            // The device repeats the last arm's report for its tag.
+            out(TaskOutput::Command(HostCommand::Disarm(Disarm {
+                trial_tag: a.trial,
+            })));
+        }
         if self.state == TaskState::LinkDown {
             if self.rest.is_some() {
                 self.enter_iti(t, 0, out);
@@ -841,14 +1208,19 @@ impl TaskEngine {
 
     /// Which cap one more reward would exceed, if any.
     fn reward_cap(&self) -> Option<FinishReason> {
-        if self.p.max_rewards.is_some_and(|m| self.rewards >= m) {
+        let pending = self.outstanding.iter().flatten().count() as u32;
+        if self
+            .p
+            .max_rewards
+            .is_some_and(|m| self.rewards.saturating_add(pending) >= m)
+        {
             return Some(FinishReason::RewardCap);
         }
         // A hair of tolerance so that caps that are exact multiples of the
         // reward are reached, not missed by rounding.
         // `fits` is false for NaN, so a cap that is not a number stops rewards.
         let fits = |total: f64, cap: f64| total <= cap;
-        let after = self.water_ul + self.p.reward_ul - 1e-9;
+        let after = self.water_ul + self.committed_ul() + self.p.reward_ul - 1e-9;
         let over_day = self
             .p
             .water_remaining_today_ul
@@ -861,6 +1233,7 @@ impl TaskEngine {
 
     fn end_iti(&mut self, t: u64, counts: i32, out: &mut impl FnMut(TaskOutput)) {
         self.flush_pending(out);
+        self.flush_lost(out);
         if let Some(reason) = self.trial_cap() {
             self.finish(t, reason, out);
             return;
@@ -973,6 +1346,9 @@ impl TaskEngine {
             duration_ms: self.p.cue_duration_ms,
             level_pct: self.p.cue_level_pct,
         })));
+        if self.device_mode() {
+            self.arm_reward(t, trial, out);
+        }
         self.tone_on = true;
         self.tone_cmd_us = t;
         self.tone_until_us = t + u64::from(self.p.cue_duration_ms) * 1000;
@@ -1001,7 +1377,13 @@ impl TaskEngine {
         };
         rec.outcome = Outcome::Rewarded;
         rec.t_response_us = Some(t);
-        if let Some(reason) = self.reward_cap() {
+        let cap = match self.reward_cap() {
+            // Device mode with nothing armed: a cap held the arm back, and
+            // the host never opens the valve itself in this mode.
+            None if self.device_mode() => Some(FinishReason::WaterCap),
+            cap => cap,
+        };
+        if let Some(reason) = cap {
             // Caps are checked before every cue, so this only happens when
             // the day's remaining water was lowered during the trial.
             rec.capped = true;
@@ -1047,12 +1429,25 @@ impl TaskEngine {
 
     fn finish(&mut self, t: u64, reason: FinishReason, out: &mut impl FnMut(TaskOutput)) {
         self.tone_off_if_on(t, out);
+        if let Some(arm) = self.arm.take() {
+            if arm.verdict.is_none() && self.link_up {
+                out(TaskOutput::Command(HostCommand::Disarm(Disarm {
+                    trial_tag: arm.trial,
+                })));
+            }
+            if let Some(Verdict::Fired { .. }) = arm.verdict {
+                // It fired, but the session ends before its sample came: the
+                // water was given.
+                self.settle_outstanding(arm.trial, true);
+            }
+        }
         // A trial cut short in its response window is written as aborted.
         if let Some(mut rec) = self.current.take() {
             rec.outcome = Outcome::Aborted;
             out(TaskOutput::Trial(rec));
         }
         self.flush_pending(out);
+        self.flush_lost(out);
         self.set_state(t, TaskState::Finished, out);
         out(TaskOutput::Finished { t_us: t, reason });
     }

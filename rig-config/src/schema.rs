@@ -145,6 +145,32 @@ pub struct TaskSection {
     /// minutes: it is sated. Absent = never; 1..=1440 if set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sated_after_min: Option<u32>,
+    /// Who decides the reward at the threshold crossing: `"device"` (the
+    /// host arms the threshold at the cue, the microcontroller opens the
+    /// valve at the crossing and the host audits it) or `"host"` (the host
+    /// sees the crossing sample and sends the pulse). Default `"device"`.
+    pub reward_decision: RewardDecision,
+}
+
+/// `task.reward_decision`: who opens the valve at the crossing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardDecision {
+    /// The device, armed by the host (protocol version 2): the valve opens
+    /// within microseconds of the crossing whatever the host is doing.
+    #[default]
+    Device,
+    /// The host, from the lever samples it receives.
+    Host,
+}
+
+impl RewardDecision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Device => "device",
+            Self::Host => "host",
+        }
+    }
 }
 
 impl Default for TaskSection {
@@ -165,6 +191,7 @@ impl Default for TaskSection {
             max_rewards: None,
             max_duration_min: None,
             sated_after_min: None,
+            reward_decision: RewardDecision::Device,
         }
     }
 }

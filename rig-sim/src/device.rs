@@ -253,6 +253,15 @@ pub struct Device {
     past_next_batch_us: u64,
     /// Fault injection: the next lever batch goes out twice (same bytes).
     duplicate_next_batch: bool,
+    /// The armed reward, if any (see [`arm`]).
+    armed: Option<arm::Armed>,
+    /// The latest lever sample's counts.
+    last_counts: Option<i32>,
+    /// The last arm's report, repeated on a `Disarm` of its tag.
+    last_report: Option<arm::Report>,
+    /// The device time the latest `advance` ran up to: when the simulator
+    /// actually executed what it processes now.
+    executed_at_us: u64,
 }
 
 impl Device {
@@ -284,6 +293,10 @@ impl Device {
             stamp_shift_us: 0,
             past_next_batch_us: 0,
             duplicate_next_batch: false,
+            armed: None,
+            last_counts: None,
+            last_report: None,
+            executed_at_us: t_us,
         };
         d.send_hello(t_us, io);
         d
@@ -355,7 +368,18 @@ impl Device {
         if let Some(w) = self.watchdog_at() {
             t = t.min(w);
         }
+        if let Some(a) = self.armed_deadline() {
+            t = t.min(a);
+        }
         t
+    }
+
+    /// The simulator is executing now what is due up to device time `t_us`
+    /// (the real time, on the device clock): a `RewardFired` decided in this
+    /// pass reports it as the valve's opening time, so a simulator running
+    /// late shows its lag (see [`arm`]).
+    pub fn executing_at(&mut self, t_us: u64) {
+        self.executed_at_us = self.executed_at_us.max(t_us);
     }
 
     /// Forget any partially received frame (the USB connection was lost).
@@ -369,6 +393,7 @@ impl Device {
         if t_us < self.now_us {
             return;
         }
+        self.executed_at_us = self.executed_at_us.max(t_us);
         loop {
             let other = self.next_timer();
             // Lever samples up to the next other timer (samples first on a tie).
@@ -444,6 +469,9 @@ impl Device {
         if let Some(w) = self.watchdog_at() {
             t = t.min(w);
         }
+        if let Some(a) = self.armed_deadline() {
+            t = t.min(a);
+        }
         t
     }
 
@@ -468,6 +496,9 @@ impl Device {
         }
         if self.watchdog_at().is_some_and(|w| w <= t) {
             self.trip_watchdog(t, io);
+        }
+        if let Some(end) = self.armed_deadline().filter(|&end| end <= t) {
+            self.disarm(end, protocol::serial::disarm_reason::EXPIRED, io);
         }
         if self.next_heartbeat_us <= t {
             self.send_heartbeat(t, io);
@@ -498,9 +529,14 @@ impl Device {
             }
             s.batch[s.batch_len] = counts;
             s.batch_len += 1;
+            let index = s.next_index;
             s.next_index = s.next_index.wrapping_add(1);
             s.next_t_us += s.period_us;
             self.now_us = t;
+            self.check_armed(t, index, counts, io);
+            let Some(s) = self.stream.as_mut() else {
+                return;
+            };
             if s.batch_len == s.samples_per_batch {
                 let (first, t_first, period, n) = (
                     s.batch_first_index,
@@ -551,6 +587,18 @@ impl Device {
             HostCommand::Configure(c) => {
                 let status = self.configure(t, c);
                 self.ack(t, seq, ty, status, io);
+                if status == AckStatus::Ok {
+                    self.disarm(t, protocol::serial::disarm_reason::CONFIGURE, io);
+                    self.last_counts = None;
+                }
+            }
+            HostCommand::ArmReward(a) => {
+                let status = self.arm(t, a);
+                self.ack(t, seq, ty, status, io);
+            }
+            HostCommand::Disarm(d) => {
+                self.ack(t, seq, ty, AckStatus::Ok, io);
+                self.disarm_tag(t, d.trial_tag, io);
             }
             HostCommand::Tone(tone) => {
                 if tone.frequency_hz == 0 || tone.duration_ms == 0 || tone.level_pct > 100 {
@@ -659,6 +707,8 @@ impl Device {
             HostCommand::Reset => {
                 self.ack(t, seq, ty, AckStatus::Ok, io);
                 self.outputs_off(t, cause::RESET, io);
+                self.disarm(t, protocol::serial::disarm_reason::RESET, io);
+                self.last_counts = None;
                 self.stream = None;
                 self.limits = Limits::boot(&self.fw);
                 self.next_heartbeat_us = t + u64::from(self.limits.heartbeat_interval_ms) * 1000;
@@ -765,6 +815,7 @@ impl Device {
 
     fn trip_watchdog(&mut self, t: u64, io: &mut impl DeviceIo) {
         let since_ms = (t.saturating_sub(self.last_host_us) / 1000).min(u64::from(u32::MAX)) as u32;
+        self.disarm(t, protocol::serial::disarm_reason::WATCHDOG, io);
         self.outputs_off(t, cause::WATCHDOG, io);
         self.safe = true;
         io.output(
@@ -966,5 +1017,6 @@ impl Device {
     }
 }
 
+mod arm;
 #[cfg(test)]
 mod tests;

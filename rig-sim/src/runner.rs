@@ -474,6 +474,7 @@ impl Sim {
                     done = true;
                 }
             }
+            self.device.executing_at(self.epoch.device_us(target));
             self.simulate_to(target);
             self.link.flush(now);
             self.commit_truth();

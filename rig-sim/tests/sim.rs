@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use firmware_bridge::clock::RigClock;
 use protocol::serial::{
     cause, Ack, AckStatus, Configure, Decoder, DeviceMessage, Event, EventKind, Fault, FaultCode,
-    Heartbeat, Hello, HostCommand, Pong, ValveOpen, ValvePulse, MAX_WIRE_FRAME,
+    Heartbeat, Hello, HostCommand, Pong, RewardEnded, RewardFired, ValveOpen, ValvePulse,
+    MAX_WIRE_FRAME,
 };
 use rig_sim::{FaultSpec, LatencyModel, SimClock, SimHandle, SimOptions};
 use serialport::TTYPort;
@@ -35,6 +36,8 @@ enum Msg {
     Ack(Ack),
     Fault(Fault),
     Heartbeat(Heartbeat),
+    RewardFired(RewardFired),
+    RewardEnded(RewardEnded),
 }
 
 fn event_kind(m: &Msg) -> Option<EventKind> {
@@ -89,6 +92,8 @@ impl Host {
                         Ok(DeviceMessage::Ack(a)) => Msg::Ack(a),
                         Ok(DeviceMessage::Fault(x)) => Msg::Fault(x),
                         Ok(DeviceMessage::Heartbeat(h)) => Msg::Heartbeat(h),
+                        Ok(DeviceMessage::RewardFired(r)) => Msg::RewardFired(r),
+                        Ok(DeviceMessage::RewardEnded(r)) => Msg::RewardEnded(r),
                         Err(e) => panic!("device sent an unparsable frame: {e}"),
                     };
                     inbox.push_back((now, f.seq, m));
@@ -767,4 +772,144 @@ fn binary_refuses_bad_flags() {
         assert!(err.contains(needle), "{all:?}: {err}");
         assert!(link.symlink_metadata().is_err());
     }
+}
+
+// ---------------------------------------------------------------- armed reward
+
+/// Lever counts with their device times, from lever batches.
+fn lever_samples(msgs: &[Msg]) -> Vec<(u32, u32, i32)> {
+    let mut out = Vec::new();
+    for m in msgs {
+        if let Msg::Lever {
+            first,
+            t_first,
+            period,
+            counts,
+        } = m
+        {
+            for (i, c) in counts.iter().enumerate() {
+                let i = i as u32;
+                out.push((
+                    first.wrapping_add(i),
+                    t_first.wrapping_add(i * u32::from(*period)),
+                    *c,
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// A host that arms a reward and then goes silent: the device disarms on the
+/// watchdog, and the lever's crossing after that never opens the valve. The
+/// same arm with the host alive fires at the crossing sample (so the first
+/// half can fail).
+#[test]
+fn armed_reward_disarms_when_the_host_goes_silent_and_never_fires_late() {
+    use protocol::serial::{direction, disarm_reason, ArmReward};
+    let mut o = options("armed-silent");
+    // The lever held pressed 2.4 mm (96 counts) at 2 s and at 6 s, for 1 s each.
+    o.faults = vec![
+        "hold@2:1".parse().expect("fault spec"),
+        "hold@6:1".parse().expect("fault spec"),
+    ];
+    let (_sim, mut host) = start(o);
+    let c = Configure {
+        heartbeat_interval_ms: 100,
+        heartbeat_timeout_ms: 300,
+        ..configure(1000, 1)
+    };
+    host.command(HostCommand::Configure(c));
+    let first = host.collect(Duration::from_millis(300));
+    let samples = lever_samples(&first);
+    let &(_, t_now, rest) = samples.last().expect("lever samples");
+    assert!(t_now < 1_500_000, "the arm must come well before the hold");
+    let arm = |tag: u32, end: u32| ArmReward {
+        trial_tag: tag,
+        rest_counts: rest,
+        threshold_counts: 60,
+        rearm_counts: 20,
+        direction: direction::UP,
+        window_end_us: end,
+        pulse_us: 50_000,
+    };
+    let (ack, _) = host.command(HostCommand::ArmReward(arm(1, 5_000_000)));
+    assert_eq!(AckStatus::from(ack.status), AckStatus::Ok);
+    // Silence, through the hold (2 s to 3 s) and on to 3.5 s.
+    let silent = host.collect(Duration::from_millis(
+        3_500u64.saturating_sub(u64::from(t_now / 1000)),
+    ));
+    let crossed = lever_samples(&silent)
+        .iter()
+        .filter(|&&(_, _, c)| c - rest >= 60)
+        .count();
+    assert!(
+        crossed > 500,
+        "the lever crossed while the host was silent ({crossed} samples)"
+    );
+    let ended: Vec<RewardEnded> = silent
+        .iter()
+        .filter_map(|m| match m {
+            Msg::RewardEnded(r) => Some(*r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    assert_eq!(ended[0].reason, disarm_reason::WATCHDOG);
+    assert_eq!(ended[0].trial_tag, 1);
+    assert!(
+        !silent.iter().any(
+            |m| matches!(m, Msg::RewardFired(_)) || event_kind(m) == Some(EventKind::ValveOpen)
+        ),
+        "the valve opened with the host silent"
+    );
+    // The host is back: the same arm, fed, fires at the crossing sample.
+    let (_, back) = host.command(HostCommand::HostHeartbeat);
+    let mut seen = back;
+    let (ack, more) = host.command(HostCommand::ArmReward(arm(2, 7_500_000)));
+    seen.extend(more);
+    assert_eq!(AckStatus::from(ack.status), AckStatus::Ok);
+    for _ in 0..40 {
+        seen.extend(host.collect(Duration::from_millis(100)));
+        host.send(HostCommand::HostHeartbeat);
+    }
+    seen.extend(host.collect(Duration::from_millis(200)));
+    let fired: Vec<RewardFired> = seen
+        .iter()
+        .filter_map(|m| match m {
+            Msg::RewardFired(r) => Some(*r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(fired.len(), 1, "one firing per arm");
+    let f = fired[0];
+    assert_eq!(f.trial_tag, 2);
+    assert!(f.counts - rest >= 60, "fired at {} (rest {rest})", f.counts);
+    // The sample it names is the first crossing by the device's rule: at or
+    // past the threshold after the lever was below the re-arm point.
+    let all = lever_samples(&seen);
+    let mut ready = all
+        .iter()
+        .rev()
+        .find(|&&(_, t, _)| t < ack.t_us)
+        .is_some_and(|&(_, _, c)| c - rest < 20);
+    let mut want = None;
+    for &(i, t, c) in all.iter().filter(|&&(_, t, _)| t >= ack.t_us) {
+        if ready && c - rest >= 60 {
+            want = Some((i, t));
+            break;
+        }
+        ready |= c - rest < 20;
+    }
+    assert_eq!(want, Some((f.sample_index, f.t_cross_us)));
+    let opens: Vec<Event> = seen
+        .iter()
+        .filter_map(|m| match m {
+            Msg::Event(e) if e.kind == u8::from(EventKind::ValveOpen) => Some(*e),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(opens.len(), 1);
+    assert_eq!(opens[0].t_us, f.t_cross_us);
+    assert_eq!(opens[0].value, 50_000);
 }

@@ -44,6 +44,11 @@ pub struct Qc {
     pub anomalies: BTreeMap<String, u64>,
     /// Records the daemon could not queue for storage (missing from the files).
     pub storage_dropped: u64,
+    /// Trials where the device's reward decision and the one re-derived
+    /// from the lever samples disagree (`decision_mismatch` rows; device
+    /// mode). Also under `anomalies`.
+    #[serde(default)]
+    pub decision_mismatches: u64,
     /// The device clock's rate against the host's when it was more than 1 %
     /// off (a simulator at speed; never real hardware).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -113,7 +118,7 @@ pub fn is_anomaly(source: &str, kind: &str) -> bool {
         // The device-time rows are rate-limited; their exact totals come at
         // the stop as `device_time_anomalies` (counted from there).
         "link" => kind != "connected" && !kind.starts_with("device_"),
-        "task" => kind == "lever_not_at_rest",
+        "task" => kind == "lever_not_at_rest" || kind == "decision_mismatch",
         "daemon" => !matches!(
             kind,
             "imaging_attached"
@@ -226,6 +231,13 @@ impl std::fmt::Display for Qc {
         if !self.device_faults.is_empty() {
             writeln!(f, "  faults     {}", counts(&self.device_faults))?;
         }
+        if self.decision_mismatches > 0 {
+            writeln!(
+                f,
+                "  decisions  {} trials where the device's reward decision and the lever samples disagree",
+                self.decision_mismatches
+            )?;
+        }
         if !self.anomalies.is_empty() {
             writeln!(f, "  anomalies  {}", counts(&self.anomalies))?;
         }
@@ -323,6 +335,7 @@ fn events(dir: &Path, qc: &mut Qc) -> Result<Edges, StorageError> {
                 qc.lever.samples_lost += count;
             }
             ("daemon", "storage_dropped") => qc.storage_dropped += count,
+            ("task", "decision_mismatch") => qc.decision_mismatches += 1,
             ("daemon", "device_time_anomalies") => {
                 // detail `kind=<kind> total`, value = the session's total.
                 let detail = cells.get(cd).map(|d| unescape(d)).unwrap_or_default();

@@ -1,13 +1,23 @@
-//! Control latency, end to end through the pty: from the device time of the
-//! lever sample that crossed the threshold to the device time at which the
-//! virtual rig received the valve command (its ValveOpen event), for every
-//! rewarded trial. Real `rigd`, real `rig-sim` at real-time speed, real pty.
+//! Control latency, end to end through the pty, for every rewarded trial,
+//! in both reward modes (`task.reward_decision`):
 //!
-//! Two runs: the machine idle, and under load (a parallel disk writer doing
-//! fsync'd writes and one CPU hog per core).
+//! * `host`: from the device time of the lever sample that crossed the
+//!   threshold to the device time at which the virtual rig received the
+//!   valve command (its ValveOpen event): the host's decision and the link.
+//! * `device`: the device decides at the sample; from the crossing sample's
+//!   device time to the device time at which the virtual rig actually
+//!   executed that sample and opened the valve (`RewardFired`'s
+//!   `t_valve_us - t_cross_us`): the simulator's own scheduling lag, the
+//!   only delay left (the firmware's, encoder edge -> valve pin, is measured
+//!   in simavr: `firmware/build.sh avr-sim`).
+//!
+//! Real `rigd`, real `rig-sim` at real-time speed, real pty. Runs: the
+//! machine idle, and under load (a parallel disk writer doing fsync'd writes
+//! and one CPU hog per core), each mode in turn.
 //!
 //! Run: `cargo bench -p rig-tests --bench latency [-- --minutes M] [--pin]
-//! [--precise-us N] [--load both|cpu|disk] [--no-idle] [--realtime "K = V"]`.
+//! [--precise-us N] [--load both|cpu|disk] [--no-idle] [--realtime "K = V"]
+//! [--mode host|device|both]` (`--mode` default both).
 //! `--pin` gives the virtual rig the last CPU and rigd the others;
 //! `--precise-us N` makes the virtual rig spin the last N µs before each
 //! sample (default 0: it sleeps, woken on time because rigd holds the CPUs
@@ -49,6 +59,7 @@ fn run_session(
     pinned: bool,
     precise_us: &str,
     realtime: &str,
+    mode: &str,
 ) -> Vec<f64> {
     let dir = TempDir::new(name);
     // The virtual rig sleeps until each sample is due; rigd holds the CPUs
@@ -75,7 +86,7 @@ fn run_session(
     std::fs::write(
         &config,
         format!(
-            "[rig]\nserial_port = {:?}\n\n[task]\niti_min_ms = 500\niti_max_ms = 1000\nresponse_window_ms = 3000\nmiss_timeout_ms = 0\n\n\
+            "[rig]\nserial_port = {:?}\n\n[task]\nreward_decision = {mode:?}\niti_min_ms = 500\niti_max_ms = 1000\nresponse_window_ms = 3000\nmiss_timeout_ms = 0\n\n\
              [storage]\ndata_root = {:?}\n\n[control]\nsocket = {:?}\n\n[preview]\nenabled = false\n\n[imaging]\nenabled = false\n\n\
              [safety]\nmax_water_per_session_ul = 100000.0\nmax_water_per_day_ul = 100000.0\n\n\
              [realtime]\n{realtime}\n",
@@ -111,9 +122,35 @@ fn run_session(
             .collect();
         println!("{name}: session.toml [realtime]:\n{table}");
     }
-    // Pair each rewarded trial's response sample with the device's valve opening.
     let trials = read_tsv(&session.join("trials.tsv"));
     let events = read_tsv(&session.join("events.tsv"));
+    if mode == "device" {
+        // The device's own report: crossing sample -> valve open.
+        let field = |d: &str, k: &str| -> Option<f64> {
+            d.split_whitespace()
+                .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
+                .and_then(|v| v.parse().ok())
+        };
+        let mut lat: Vec<f64> = events
+            .iter()
+            .filter(|e| e["source"] == "device" && e["kind"] == "reward_fired")
+            .filter_map(|e| {
+                Some(field(&e["detail"], "t_valve_us")? - field(&e["detail"], "t_cross_us")?)
+            })
+            .collect();
+        let rewarded = trials.iter().filter(|t| t["outcome"] == "rewarded").count();
+        let mismatches = events
+            .iter()
+            .filter(|e| e["kind"] == "decision_mismatch")
+            .count();
+        println!(
+            "{name}: {rewarded} rewarded trials, {} device firings, {mismatches} decision mismatches",
+            lat.len()
+        );
+        lat.sort_by(f64::total_cmp);
+        return lat;
+    }
+    // Pair each rewarded trial's response sample with the device's valve opening.
     let mut opens: Vec<f64> = events
         .iter()
         .filter(|e| e["source"] == "device" && e["kind"] == "valve_open")
@@ -208,15 +245,35 @@ fn main() {
         .position(|a| a == "--precise-us")
         .and_then(|i| args.get(i + 1))
         .map_or("0", String::as_str);
-    println!("control latency: threshold-crossing sample -> valve command at the device, µs (device clock), 1 kHz lever, {minutes} min per run");
+    println!("control latency: threshold-crossing sample -> valve open at the device, µs (device clock), 1 kHz lever, {minutes} min per run (host mode: the valve command received; device mode: the sample executed and the valve opened)");
     println!("| condition | rewarded trials | min | p50 | p99 | max |");
     println!("|---|---|---|---|---|---|");
     if pinned {
         println!("(virtual rig pinned to the last CPU, rigd to the others)");
     }
+    let modes: &[&str] = match args
+        .iter()
+        .position(|a| a == "--mode")
+        .and_then(|i| args.get(i + 1))
+        .map_or("both", String::as_str)
+    {
+        "host" => &["host"],
+        "device" => &["device"],
+        "both" => &["host", "device"],
+        other => panic!("--mode takes host, device or both, not {other}"),
+    };
     if !args.iter().any(|a| a == "--no-idle") {
-        let idle = run_session(minutes, "lat-idle", pinned, precise_us, &realtime);
-        report("idle", &idle);
+        for mode in modes {
+            let idle = run_session(
+                minutes,
+                &format!("lat-idle-{mode}"),
+                pinned,
+                precise_us,
+                &realtime,
+                mode,
+            );
+            report(&format!("{mode}: idle"), &idle);
+        }
     }
     let load_kind = args
         .iter()
@@ -228,7 +285,18 @@ fn main() {
         "--load takes both, cpu or disk"
     );
     let mut hogs = load(load_kind);
-    let loaded = run_session(minutes, "lat-load", pinned, precise_us, &realtime);
+    let mut rows = Vec::new();
+    for mode in modes {
+        let loaded = run_session(
+            minutes,
+            &format!("lat-load-{mode}"),
+            pinned,
+            precise_us,
+            &realtime,
+            mode,
+        );
+        rows.push((*mode, loaded));
+    }
     for h in &mut hogs {
         let _ = h.kill();
         let _ = h.wait();
@@ -236,12 +304,12 @@ fn main() {
     let _ = std::fs::remove_file(
         std::env::temp_dir().join(format!("rig-latency-disk-{}", std::process::id())),
     );
-    report(
-        match load_kind {
-            "cpu" => "load: CPU hog per core",
-            "disk" => "load: fsync'd disk writer",
-            _ => "load: CPU hog per core + fsync'd disk writer",
-        },
-        &loaded,
-    );
+    let what = match load_kind {
+        "cpu" => "load: CPU hog per core",
+        "disk" => "load: fsync'd disk writer",
+        _ => "load: CPU hog per core + fsync'd disk writer",
+    };
+    for (mode, lat) in rows {
+        report(&format!("{mode}: {what}"), &lat);
+    }
 }

@@ -418,7 +418,9 @@ fn simulated_session(day: u8, minutes: u64, seed: u64) -> Summary {
     use rig_sim::{LeverSpec, Mouse};
 
     let cfg = rig_config::RigConfig::default();
-    let params = TaskParams::from_config(&cfg).with_seed(seed);
+    let mut params = TaskParams::from_config(&cfg).with_seed(seed);
+    // The host decides here (no device to arm).
+    params.reward_decision = crate::task::RewardDecision::Host;
     let summary_params = SummaryParams::from_task(&params);
     let mut engine = TaskEngine::new(params);
     let mut mouse = Mouse::new(day, LeverSpec::default(), cfg.task.threshold_mm, seed);

@@ -207,6 +207,19 @@ fn write_command(f: &mut fmt::Formatter<'_>, cmd: &HostCommand) -> fmt::Result {
         ),
         HostCommand::HostHeartbeat => f.write_str("cmd=host_heartbeat"),
         HostCommand::Reset => f.write_str("cmd=reset"),
+        HostCommand::ArmReward(a) => write!(
+            f,
+            "cmd=arm_reward trial_tag={} rest_counts={} threshold_counts={} rearm_counts={} \
+             direction={} window_end_us={} pulse_us={}",
+            a.trial_tag,
+            a.rest_counts,
+            a.threshold_counts,
+            a.rearm_counts,
+            a.direction,
+            a.window_end_us,
+            a.pulse_us
+        ),
+        HostCommand::Disarm(d) => write!(f, "cmd=disarm trial_tag={}", d.trial_tag),
     }
 }
 
@@ -259,6 +272,11 @@ pub struct SessionCounters {
     /// Cues held for a lever away from rest; rest positions taken.
     pub cues_held: u64,
     pub lever_rests_taken: u64,
+    /// Device mode: rewards the device fired, arms that ended unfired, and
+    /// trials where the device's decision and the lever samples disagree.
+    pub rewards_fired: u64,
+    pub arms_ended: u64,
+    pub decision_mismatches: u64,
 }
 
 impl SessionCounters {
@@ -285,6 +303,9 @@ impl SessionCounters {
             "device_faults": self.device_faults,
             "cues_held": self.cues_held,
             "lever_rests_taken": self.lever_rests_taken,
+            "rewards_fired": self.rewards_fired,
+            "arms_ended": self.arms_ended,
+            "decision_mismatches": self.decision_mismatches,
         })
     }
 }

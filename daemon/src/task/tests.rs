@@ -19,6 +19,8 @@ fn params() -> TaskParams {
     // No quiet wait before the cue (the default's, 100 ms, is tested
     // below), so a cue follows the ITI on the same sample.
     p.quiescence_us = 0;
+    // The host-decided path; device mode has its own tests (`device_params`).
+    p.reward_decision = RewardDecision::Host;
     p
 }
 
@@ -44,7 +46,9 @@ fn time_of(input: &TaskInput) -> u64 {
         | TaskInput::CommandRefused { t_us, .. }
         | TaskInput::LinkLost { t_us }
         | TaskInput::LinkRestored { t_us }
-        | TaskInput::Stop { t_us } => t_us,
+        | TaskInput::Stop { t_us }
+        | TaskInput::RewardFired { t_us, .. }
+        | TaskInput::RewardEnded { t_us, .. } => t_us,
     }
 }
 
@@ -871,7 +875,8 @@ mod prop {
                     TaskOutput::State { .. }
                     | TaskOutput::Rest(_)
                     | TaskOutput::LeverNotAtRest { .. }
-                    | TaskOutput::CueHeld { .. } => {}
+                    | TaskOutput::CueHeld { .. }
+                    | TaskOutput::DecisionMismatch { .. } => {}
                 }
                 if let TaskOutput::Command(c) = o {
                     prop_assert!(*up, "command {:?} while the link was down", c);
@@ -1142,4 +1147,477 @@ fn a_lever_still_away_from_rest_for_ten_seconds_becomes_the_new_rest() {
     assert_eq!(cues(&outs), 1);
     // Presses are measured from the new rest.
     assert!((e.lever_mm()).abs() < 1e-12);
+}
+
+// ---- device-armed reward (reward_decision = "device") ----
+
+fn device_params() -> TaskParams {
+    let mut p = params();
+    p.reward_decision = RewardDecision::Device;
+    p
+}
+
+fn arms(outs: &[TaskOutput]) -> Vec<ArmReward> {
+    outs.iter()
+        .filter_map(|o| match o {
+            TaskOutput::Command(HostCommand::ArmReward(a)) => Some(*a),
+            _ => None,
+        })
+        .collect()
+}
+
+fn mismatches(outs: &[TaskOutput]) -> Vec<(u32, Option<u64>, Option<u64>, &'static str)> {
+    outs.iter()
+        .filter_map(|o| match o {
+            TaskOutput::DecisionMismatch {
+                trial,
+                device_cross_us,
+                host_cross_us,
+                device,
+                ..
+            } => Some((*trial, *device_cross_us, *host_cross_us, *device)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn fired(t_us: u64, trial_tag: u32, t_cross_us: u64) -> TaskInput {
+    TaskInput::RewardFired {
+        t_us,
+        trial_tag,
+        t_cross_us,
+        pulse_us: VALVE_US,
+    }
+}
+
+fn ended(t_us: u64, trial_tag: u32, reason: u8) -> TaskInput {
+    TaskInput::RewardEnded {
+        t_us,
+        trial_tag,
+        reason,
+    }
+}
+
+#[test]
+fn device_mode_arms_at_the_cue_and_the_device_decides_at_the_crossing_sample() {
+    let mut e = TaskEngine::new(device_params());
+    // Cue at 1 s (1 s ITI from the first sample); the press crosses 60
+    // counts at 1.360 s. The device's report arrives before that sample.
+    let inputs = merge(
+        trace(0, 3000, press_at(1300)),
+        &[fired(1_359_999, 1, 1_360_000)],
+    );
+    let outs = run(&mut e, &inputs);
+    let a = arms(&outs);
+    assert_eq!(a.len(), 2, "trial 2 is cued at 2.36 s");
+    assert_eq!(
+        a[..1],
+        [ArmReward {
+            trial_tag: 1,
+            rest_counts: 0,
+            threshold_counts: 60,
+            rearm_counts: 56,
+            direction: direction::UP,
+            window_end_us: 3_000_000,
+            pulse_us: VALVE_US,
+        }]
+    );
+    // The arm goes out with the cue, after the tone.
+    let cue_at = outs
+        .iter()
+        .position(|o| matches!(o, TaskOutput::Command(HostCommand::Tone(_))))
+        .expect("a cue");
+    assert!(matches!(
+        outs[cue_at + 1],
+        TaskOutput::Command(HostCommand::ArmReward(_))
+    ));
+    assert_eq!(pulses(&outs), 0, "the host never pulses in device mode");
+    assert!(mismatches(&outs).is_empty(), "{:?}", mismatches(&outs));
+    let t = trials(&outs);
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].outcome, Outcome::Rewarded);
+    assert_eq!(t[0].t_response_us, Some(1_360_000));
+    assert_eq!(t[0].t_reward_us, Some(1_359_999));
+    assert_eq!(t[0].valve_open_us, VALVE_US);
+    assert_eq!(e.rewards(), 1);
+    assert!((e.water_ul() - 4.0).abs() < 1e-9);
+    // Trial 2's arm (cued at 2.36 s) is water committed, not yet given.
+    assert!((e.committed_ul() - 4.0).abs() < 1e-9);
+    // ITI from the crossing sample, as in host mode.
+    assert!(outs.contains(&state(1_360_000, TaskState::Iti)));
+}
+
+#[test]
+fn device_mode_report_after_the_sample_still_rewards_at_its_sample() {
+    let mut e = TaskEngine::new(device_params());
+    let inputs = merge(
+        trace(0, 3000, press_at(1300)),
+        &[fired(1_365_000, 1, 1_360_000)],
+    );
+    let outs = run(&mut e, &inputs);
+    let t = trials(&outs);
+    assert_eq!(t[0].outcome, Outcome::Rewarded);
+    assert_eq!(t[0].t_response_us, Some(1_360_000));
+    assert!(mismatches(&outs).is_empty());
+    // The trial ends at the first sample after the report.
+    assert!(outs.contains(&state(1_366_000, TaskState::Iti)));
+}
+
+#[test]
+fn device_mode_disagreements_are_reported() {
+    // The device fires on a sample where the host's samples do not cross.
+    let mut e = TaskEngine::new(device_params());
+    let inputs = merge(
+        trace(0, 3000, press_at(1300)),
+        &[fired(1_320_100, 1, 1_320_000)],
+    );
+    let outs = run(&mut e, &inputs);
+    assert_eq!(mismatches(&outs), vec![(1, Some(1_320_000), None, "fired")]);
+    assert_eq!(
+        trials(&outs)[0].outcome,
+        Outcome::Rewarded,
+        "the device's decision stands"
+    );
+
+    // The window expires at the device, but the samples crossed.
+    let mut e = TaskEngine::new(device_params());
+    let inputs = merge(
+        trace(0, 3200, press_at(1300)),
+        &[ended(3_000_000, 1, disarm_reason::EXPIRED)],
+    );
+    let outs = run(&mut e, &inputs);
+    assert_eq!(
+        mismatches(&outs),
+        vec![(1, None, Some(1_360_000), "expired")]
+    );
+    let t = trials(&outs);
+    assert_eq!(t[0].outcome, Outcome::Miss);
+    assert_eq!(e.rewards(), 0);
+    assert_eq!(e.committed_ul(), 0.0, "an ended arm releases its water");
+}
+
+#[test]
+fn device_mode_miss_and_silent_device() {
+    // No press, the device reports the expiry: a plain miss.
+    let mut e = TaskEngine::new(device_params());
+    let inputs = merge(
+        trace(0, 3200, |_| 0),
+        &[ended(3_000_000, 1, disarm_reason::EXPIRED)],
+    );
+    let outs = run(&mut e, &inputs);
+    assert!(mismatches(&outs).is_empty());
+    assert_eq!(trials(&outs)[0].outcome, Outcome::Miss);
+    // The report came after the 3.0 s sample: the miss is at the next one.
+    assert!(outs.contains(&state(3_001_000, TaskState::Iti)));
+
+    // No report at all: a miss after the grace, the water still committed.
+    let mut e = TaskEngine::new(device_params());
+    let outs = run(&mut e, &trace(0, 3600, |_| 0));
+    assert_eq!(mismatches(&outs), vec![(1, None, None, "silent")]);
+    assert_eq!(trials(&outs)[0].outcome, Outcome::Miss);
+    assert!(outs.contains(&state(3_000_000 + DEVICE_VERDICT_GRACE_US, TaskState::Iti)));
+    assert!((e.committed_ul() - 4.0).abs() < 1e-9);
+    // A late report settles it: fired counts as water given.
+    e.step(&fired(3_600_000, 1, 2_000_000), &mut |_| {});
+    assert_eq!(e.committed_ul(), 0.0);
+    assert_eq!(e.rewards(), 1);
+}
+
+#[test]
+fn device_mode_an_armed_reward_counts_against_the_caps_and_stop_disarms() {
+    let mut p = device_params();
+    p.max_water_session_ul = 4.0; // one reward
+    let mut e = TaskEngine::new(p);
+    // Trial 1 armed, never reported; stop mid-window: the engine disarms.
+    let mut outs = run(&mut e, &trace(0, 1500, |_| 0));
+    assert_eq!(arms(&outs).len(), 1);
+    e.step(&TaskInput::Stop { t_us: 1_500_000 }, &mut |o| outs.push(o));
+    assert!(
+        outs.contains(&TaskOutput::Command(HostCommand::Disarm(Disarm {
+            trial_tag: 1
+        })))
+    );
+    assert_eq!(finished(&outs), Some(FinishReason::Stopped));
+    assert!((e.committed_ul() - 4.0).abs() < 1e-9, "still committed");
+
+    // With the cap reached by the armed water, no next trial starts.
+    let mut p = device_params();
+    p.max_water_session_ul = 4.0;
+    let mut e = TaskEngine::new(p);
+    let outs = run(&mut e, &trace(0, 6000, |_| 0)); // trial 1 silent: a miss
+    assert_eq!(arms(&outs).len(), 1);
+    assert_eq!(finished(&outs), Some(FinishReason::WaterCap));
+    assert_eq!(e.trials(), 1);
+}
+
+#[test]
+fn device_mode_replay_is_deterministic() {
+    let inputs = merge(
+        trace(0, 20_000, press_at(1300)),
+        &[
+            fired(1_359_999, 1, 1_360_000),
+            ended(5_000_000, 2, disarm_reason::EXPIRED),
+        ],
+    );
+    let a = run(&mut TaskEngine::new(device_params().with_seed(7)), &inputs);
+    let b = run(&mut TaskEngine::new(device_params().with_seed(7)), &inputs);
+    assert_eq!(a, b);
+}
+
+mod device_prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Move the lever towards `target` counts over `ms` ms.
+        Move {
+            target: i32,
+            ms: u16,
+        },
+        LinkLost,
+        LinkRestored,
+        /// From now on the device ignores arms (refused or never arrived).
+        DeviceDeaf(bool),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            10 => (-30i32..160, 1u16..600).prop_map(|(target, ms)| Op::Move { target, ms }),
+            1 => Just(Op::LinkLost),
+            1 => Just(Op::LinkRestored),
+            1 => any::<bool>().prop_map(Op::DeviceDeaf),
+        ]
+    }
+
+    /// The device's side of the arm, as docs/protocol.md 1.10 says.
+    #[derive(Debug, Default)]
+    struct FakeDevice {
+        arm: Option<(ArmReward, bool)>,
+        last_counts: Option<i32>,
+        deaf: bool,
+        fired: u32,
+    }
+
+    impl FakeDevice {
+        fn command(&mut self, t: u64, cmd: &HostCommand, reports: &mut Vec<TaskInput>) {
+            match cmd {
+                HostCommand::ArmReward(a) if !self.deaf && self.arm.is_none() => {
+                    let d = |c: i32| i64::from(c) - i64::from(a.rest_counts);
+                    let ready = self
+                        .last_counts
+                        .is_some_and(|c| d(c) < i64::from(a.rearm_counts));
+                    self.arm = Some((*a, ready));
+                }
+                HostCommand::Disarm(d)
+                    if self.arm.is_some_and(|(a, _)| a.trial_tag == d.trial_tag) =>
+                {
+                    self.arm = None;
+                    reports.push(TaskInput::RewardEnded {
+                        t_us: t,
+                        trial_tag: d.trial_tag,
+                        reason: disarm_reason::HOST,
+                    });
+                }
+                _ => {}
+            }
+        }
+
+        fn sample(&mut self, t: u64, counts: i32, reports: &mut Vec<TaskInput>) {
+            self.last_counts = Some(counts);
+            let Some((a, ready)) = self.arm else { return };
+            if t >= u64::from(a.window_end_us) {
+                self.arm = None;
+                reports.push(TaskInput::RewardEnded {
+                    t_us: u64::from(a.window_end_us),
+                    trial_tag: a.trial_tag,
+                    reason: disarm_reason::EXPIRED,
+                });
+                return;
+            }
+            let d = i64::from(counts) - i64::from(a.rest_counts);
+            if ready && d >= i64::from(a.threshold_counts) {
+                self.arm = None;
+                self.fired += 1;
+                reports.push(TaskInput::RewardFired {
+                    t_us: t + 30,
+                    trial_tag: a.trial_tag,
+                    t_cross_us: t,
+                    pulse_us: a.pulse_us,
+                });
+            } else if d < i64::from(a.rearm_counts) {
+                self.arm = Some((a, true));
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        #[test]
+        fn device_mode_never_passes_the_caps_and_counts_every_firing(
+            ops in proptest::collection::vec(op(), 1..120),
+            max_rewards in proptest::option::of(1u32..6),
+            water_cap in 3.0f64..30.0,
+            day_left in proptest::option::of(0.0f64..20.0),
+            window_ms in 50u64..1500,
+            seed in any::<u64>(),
+        ) {
+            let mut p = device_params()
+                .with_seed(seed)
+                .with_water_remaining_today_ul(day_left);
+            p.max_rewards = max_rewards;
+            p.max_water_session_ul = water_cap;
+            p.response_window_us = window_ms * 1000;
+            p.iti_min_us = 100_000;
+            p.iti_max_us = 300_000;
+            p.miss_timeout_us = 100_000;
+            p.max_duration_us = None;
+            let reward = p.reward_ul;
+            let mut e = TaskEngine::new(p);
+            let mut dev = FakeDevice::default();
+            let mut link_up = true;
+            let mut t = 0u64;
+            let mut pos = 0i32;
+            let mut outs: Vec<TaskOutput> = Vec::new();
+            let mut cued = 0u32;
+            let mut arms_sent: Vec<u32> = Vec::new();
+            let mut step = |e: &mut TaskEngine,
+                            dev: &mut FakeDevice,
+                            input: TaskInput,
+                            up: bool,
+                            outs: &mut Vec<TaskOutput>|
+             -> Result<(), TestCaseError> {
+                let mut reports = Vec::new();
+                let mut mine = Vec::new();
+                e.step(&input, &mut |o| mine.push(o));
+                prop_assert!(mine.len() <= MAX_OUTPUTS_PER_STEP);
+                for o in &mine {
+                    if let TaskOutput::Command(c) = o {
+                        prop_assert!(up, "command {:?} with the link down", c);
+                        prop_assert!(!matches!(c, HostCommand::ValvePulse(_)), "a host pulse in device mode");
+                        if let HostCommand::SyncOut(_) = c {
+                            cued += 1;
+                        }
+                        if let HostCommand::ArmReward(a) = c {
+                            prop_assert_eq!(a.trial_tag, cued, "the arm is the cued trial's");
+                            prop_assert!(!arms_sent.contains(&a.trial_tag), "two arms for one trial");
+                            arms_sent.push(a.trial_tag);
+                        }
+                        dev.command(time_of(&input), c, &mut reports);
+                    }
+                }
+                outs.extend(mine);
+                let committed = e.water_ul() + e.committed_ul();
+                prop_assert!(committed <= water_cap + 1e-9, "{} µL committed, cap {}", committed, water_cap);
+                if let Some(left) = day_left {
+                    prop_assert!(committed <= left + 1e-9);
+                }
+                if let TaskInput::Lever { t_us, counts } = input {
+                    if up {
+                        dev.sample(t_us, counts, &mut reports);
+                    }
+                }
+                if up {
+                    for r in reports {
+                        let mut more = Vec::new();
+                        e.step(&r, &mut |o| more.push(o));
+                        prop_assert!(more.is_empty(), "a report's outputs come on samples: {:?}", more);
+                    }
+                }
+                Ok(())
+            };
+            for op in &ops {
+                match *op {
+                    Op::Move { target, ms } => {
+                        for k in 0..u64::from(ms) {
+                            let f = (k + 1) as f64 / f64::from(ms);
+                            let c = pos + ((target - pos) as f64 * f).round() as i32;
+                            t += 1000;
+                            step(&mut e, &mut dev, lever(t, c), link_up, &mut outs)?;
+                        }
+                        pos = target;
+                    }
+                    Op::LinkLost => {
+                        link_up = false;
+                        dev.arm = None; // the watchdog disarms; its report is lost
+                        step(&mut e, &mut dev, TaskInput::LinkLost { t_us: t + 1 }, false, &mut outs)?;
+                    }
+                    Op::LinkRestored => {
+                        step(&mut e, &mut dev, TaskInput::LinkRestored { t_us: t + 1 }, true, &mut outs)?;
+                        link_up = true;
+                    }
+                    Op::DeviceDeaf(deaf) => dev.deaf = deaf,
+                }
+            }
+            step(&mut e, &mut dev, TaskInput::Stop { t_us: t + 2 }, link_up, &mut outs)?;
+            prop_assert!(finished(&outs).is_some());
+            // The engine counted every firing the device made, and no other.
+            prop_assert_eq!(e.rewards(), dev.fired);
+            prop_assert!((e.water_ul() - f64::from(dev.fired) * reward).abs() < 1e-6);
+            if let Some(m) = max_rewards {
+                prop_assert!(dev.fired <= m);
+            }
+            // Records: in order, once each; rewarded ones are the device's firings.
+            let recs = trials(&outs);
+            for (i, r) in recs.iter().enumerate() {
+                prop_assert_eq!(r.trial, i as u32 + 1);
+            }
+            prop_assert_eq!(recs.len() as u32, cued);
+            let rewarded = recs.iter().filter(|r| r.outcome == Outcome::Rewarded && !r.capped).count() as u32;
+            prop_assert!(rewarded <= dev.fired);
+        }
+    }
+}
+
+#[test]
+fn device_mode_a_link_lost_mid_window_asks_the_device_when_it_is_back() {
+    // Trial 1 cued at 1 s; the device fires at 1.36 s but the report is lost
+    // with the link at 1.361 s.
+    let mut e = TaskEngine::new(device_params());
+    let mut outs = run(
+        &mut e,
+        &merge(
+            trace(0, 1361, press_at(1300)),
+            &[TaskInput::LinkLost { t_us: 1_361_000 }],
+        ),
+    );
+    assert!(trials(&outs).is_empty(), "not written while unknown");
+    e.step(&TaskInput::LinkRestored { t_us: 3_000_000 }, &mut |o| {
+        outs.push(o)
+    });
+    assert!(
+        outs.contains(&TaskOutput::Command(HostCommand::Disarm(Disarm {
+            trial_tag: 1
+        })))
+    );
+    // The device repeats its report: the trial is rewarded, as given.
+    e.step(&fired(1_360_030, 1, 1_360_000), &mut |o| outs.push(o));
+    let t = trials(&outs);
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].outcome, Outcome::Rewarded);
+    assert_eq!(t[0].t_response_us, Some(1_360_000));
+    assert_eq!(e.rewards(), 1);
+    assert_eq!(e.committed_ul(), 0.0);
+
+    // No answer before the next trial: aborted, the water still committed.
+    let mut e = TaskEngine::new(device_params());
+    let mut outs = run(
+        &mut e,
+        &merge(
+            trace(0, 1200, |_| 0),
+            &[TaskInput::LinkLost { t_us: 1_200_000 }],
+        ),
+    );
+    e.step(&TaskInput::LinkRestored { t_us: 1_300_000 }, &mut |o| {
+        outs.push(o)
+    });
+    outs.extend(run(&mut e, &trace(1300, 2500, |_| 0)));
+    let t = trials(&outs);
+    assert_eq!(t[0].trial, 1);
+    assert_eq!(t[0].outcome, Outcome::Aborted);
+    assert!(
+        (e.committed_ul() - 8.0).abs() < 1e-9,
+        "trial 1's and trial 2's arms"
+    );
 }

@@ -135,6 +135,50 @@ static void rd_outputs_off(rd_device *d, uint32_t now, uint16_t cause)
     d->hal->set_sync(0);
 }
 
+static void rd_valve_open(rd_device *d, uint32_t now, uint32_t limit_us, uint8_t cause,
+                          uint16_t cap_ms, uint32_t event_value);
+
+/* ---- armed reward (any context, interrupts off) -------------------------- */
+
+/* End the arm without firing; the report goes out from rd_poll. */
+static void rd_arm_end(rd_device *d, uint32_t now, uint8_t reason)
+{
+    if (d->arm_state == RD_ARM_NONE) {
+        return;
+    }
+    d->arm_state = RD_ARM_NONE;
+    d->ended.trial_tag = d->arm_tag;
+    d->ended.t_us = now;
+    d->ended.reason = reason;
+    d->ended.next_sample_index = d->next_index;
+    d->report = RD_REPORT_ENDED;
+    d->last_report = RD_REPORT_ENDED;
+}
+
+void rd_arm_fire(rd_device *d, int32_t counts)
+{
+    uint32_t now = rd_now(d);
+    if (rd_reached(now, d->arm_end_us)) {
+        /* The window is over (the tick has not expired it yet): never late. */
+        rd_arm_end(d, d->arm_end_us, RP_DISARM_EXPIRED);
+        return;
+    }
+    if (d->valve_open) {
+        rd_arm_end(d, now, RP_DISARM_VALVE_BUSY);
+        return;
+    }
+    d->arm_state = RD_ARM_NONE; /* one firing per arm */
+    rd_valve_open(d, now, d->arm_pulse_us, RP_CAUSE_COMPLETED, 0, d->arm_pulse_us);
+    d->fired.trial_tag = d->arm_tag;
+    d->fired.sample_index = d->next_index; /* the next sample shows the crossing */
+    d->fired.t_cross_us = now;
+    d->fired.t_valve_us = now;
+    d->fired.counts = counts;
+    d->fired.pulse_us = d->arm_pulse_us;
+    d->report = RD_REPORT_FIRED;
+    d->last_report = RD_REPORT_FIRED;
+}
+
 /* ---- periodic tick (interrupt context) ---------------------------------- */
 
 void rd_tick(rd_device *d)
@@ -168,11 +212,16 @@ void rd_tick(rd_device *d)
         }
     }
 
+    if (d->arm_state != RD_ARM_NONE && rd_reached(now, d->arm_end_us)) {
+        rd_arm_end(d, d->arm_end_us, RP_DISARM_EXPIRED);
+    }
+
     if (!d->safe) {
         uint32_t silent = (uint32_t)(now - d->last_rx_us);
         if (silent >= d->hb_timeout_us) {
             uint32_t ms = silent / 1000ul;
             d->safe = 1;
+            rd_arm_end(d, now, RP_DISARM_WATCHDOG);
             rd_outputs_off(d, now, RP_CAUSE_WATCHDOG);
             rd_push_event(d, now, RP_EV_SAFE_STATE, RP_CAUSE_WATCHDOG, ms);
             rd_push_fault(d, now, RP_FAULT_WATCHDOG_TRIPPED, ms);
@@ -390,6 +439,38 @@ static void rd_send_counter_faults(rd_device *d, uint32_t now)
     }
 }
 
+/* The arm's report (RewardFired or RewardEnded), if one waits. It stays
+ * pending until the line has room; a new arm is Busy until it is sent. */
+static void rd_send_report(rd_device *d)
+{
+    uint8_t body[RP_REWARD_FIRED_LEN];
+    rp_reward_fired fired;
+    rp_reward_ended ended;
+    uint8_t kind;
+    size_t n;
+    uint8_t s = rd_lock(d);
+    kind = d->report;
+    fired = d->fired;
+    ended = d->ended;
+    rd_unlock(d, s);
+    if (kind == RD_REPORT_FIRED) {
+        n = rp_build_frame(d->wire, RP_T_REWARD_FIRED, d->tx_seq, body,
+                           rp_pack_reward_fired(body, &fired));
+    } else if (kind == RD_REPORT_ENDED) {
+        n = rp_build_frame(d->wire, RP_T_REWARD_ENDED, d->tx_seq, body,
+                           rp_pack_reward_ended(body, &ended));
+    } else {
+        return;
+    }
+    if (rd_try_send(d, n, 0)) {
+        s = rd_lock(d);
+        if (d->report == kind) {
+            d->report = RD_REPORT_NONE;
+        }
+        rd_unlock(d, s);
+    }
+}
+
 /* ---- lever batches (main loop) ------------------------------------------ */
 
 static void rd_send_batch(rd_device *d)
@@ -545,9 +626,13 @@ static void rd_cmd_configure(rd_device *d, const rp_frame *f)
     }
     status = rd_check_configure(d, &c);
     if (status == RP_ACK_OK) {
+        uint8_t s = rd_lock(d);
+        rd_arm_end(d, rd_now(d), RP_DISARM_CONFIGURE);
+        rd_unlock(d, s);
         rd_configure(d, &c, rd_now(d));
     }
     rd_send_ack(d, f, status, rd_now(d));
+    rd_send_report(d);
 }
 
 static void rd_cmd_tone(rd_device *d, const rp_frame *f)
@@ -704,10 +789,89 @@ static void rd_cmd_sync_out(rd_device *d, const rp_frame *f)
     rd_send_ack(d, f, status, now);
 }
 
+/* Absolute count `rest + sign * delta`, clamped to the i32 range. */
+static int32_t rd_counts_at(int32_t rest, uint32_t delta, uint8_t down)
+{
+    int64_t v = down ? (int64_t)rest - (int64_t)delta : (int64_t)rest + (int64_t)delta;
+    if (v > (int64_t)INT32_MAX) {
+        return INT32_MAX;
+    }
+    if (v < (int64_t)INT32_MIN) {
+        return INT32_MIN;
+    }
+    return (int32_t)v;
+}
+
+static void rd_cmd_arm_reward(rd_device *d, const rp_frame *f)
+{
+    rp_arm_reward a;
+    uint32_t now;
+    uint8_t s;
+    uint8_t status = RP_ACK_OK;
+    if (rp_unpack_arm_reward(f->body, f->body_len, &a) != RP_OK) {
+        rd_send_ack(d, f, RP_ACK_BAD_LENGTH, rd_now(d));
+        return;
+    }
+    s = rd_lock(d);
+    now = rd_now(d);
+    {
+        uint32_t ahead = (uint32_t)(a.window_end_us - now);
+        if (a.threshold_counts == 0 || a.threshold_counts > (uint32_t)INT32_MAX ||
+            a.rearm_counts >= a.threshold_counts || a.direction > RP_DIR_DOWN ||
+            a.pulse_us == 0 || ahead == 0 || ahead >= 0x80000000ul) {
+            status = RP_ACK_BAD_VALUE;
+        } else if (a.pulse_us > rd_ms_to_us(d->max_valve_open_ms) ||
+                   a.pulse_us > rd_ms_to_us(RD_HARD_MS) || !d->streaming) {
+            status = RP_ACK_REFUSED; /* never clamped: it would be the wrong volume */
+        } else if (d->arm_state != RD_ARM_NONE || d->report != RD_REPORT_NONE || d->valve_open) {
+            status = RP_ACK_BUSY;
+        } else {
+            int32_t c = d->enc_last;
+            d->arm_tag = a.trial_tag;
+            d->arm_down = a.direction == RP_DIR_DOWN;
+            d->arm_fire_at = rd_counts_at(a.rest_counts, a.threshold_counts, d->arm_down);
+            d->arm_rearm_at = rd_counts_at(a.rest_counts, a.rearm_counts, d->arm_down);
+            d->arm_end_us = a.window_end_us;
+            d->arm_pulse_us = a.pulse_us;
+            d->arm_state = (d->arm_down ? c > d->arm_rearm_at : c < d->arm_rearm_at)
+                               ? RD_ARM_READY
+                               : RD_ARM_WAIT;
+        }
+    }
+    rd_unlock(d, s);
+    rd_send_ack(d, f, status, now);
+}
+
+static void rd_cmd_disarm(rd_device *d, const rp_frame *f)
+{
+    rp_disarm a;
+    uint32_t now;
+    uint8_t s;
+    if (rp_unpack_disarm(f->body, f->body_len, &a) != RP_OK) {
+        rd_send_ack(d, f, RP_ACK_BAD_LENGTH, rd_now(d));
+        return;
+    }
+    s = rd_lock(d);
+    now = rd_now(d);
+    if (d->arm_state != RD_ARM_NONE && d->arm_tag == a.trial_tag) {
+        rd_arm_end(d, now, RP_DISARM_HOST);
+    } else if (d->arm_state == RD_ARM_NONE && d->report == RD_REPORT_NONE &&
+               ((d->last_report == RD_REPORT_FIRED && d->fired.trial_tag == a.trial_tag) ||
+                (d->last_report == RD_REPORT_ENDED && d->ended.trial_tag == a.trial_tag))) {
+        /* The last arm, already reported: say it again (a host that lost
+         * the link in between learns what happened). */
+        d->report = d->last_report;
+    }
+    rd_unlock(d, s);
+    rd_send_ack(d, f, RP_ACK_OK, now);
+    rd_send_report(d);
+}
+
 static void rd_cmd_reset(rd_device *d, const rp_frame *f)
 {
     uint8_t s = rd_lock(d);
     uint32_t now = rd_now(d);
+    rd_arm_end(d, now, RP_DISARM_RESET);
     rd_outputs_off(d, now, RP_CAUSE_RESET);
     rd_unlock(d, s);
     rd_stop_stream(d);
@@ -719,6 +883,7 @@ static void rd_cmd_reset(rd_device *d, const rp_frame *f)
     rd_unlock(d, s);
     d->batch.count = 0;
     rd_send_ack(d, f, RP_ACK_OK, now);
+    rd_send_report(d);
     rd_drain_events(d); /* Ack, the events (cause 4), then Hello */
     rd_send_hello(d);
     d->last_hb_us = rd_now(d);
@@ -780,6 +945,12 @@ static void rd_handle_frame(rd_device *d, const rp_frame *f, uint32_t t_rx)
     case RP_T_RESET:
         rd_cmd_reset(d, f);
         break;
+    case RP_T_ARM_REWARD:
+        rd_cmd_arm_reward(d, f);
+        break;
+    case RP_T_DISARM:
+        rd_cmd_disarm(d, f);
+        break;
     default:
         rd_send_ack(d, f, RP_ACK_UNKNOWN_COMMAND, now);
         break;
@@ -826,6 +997,7 @@ void rd_rx_byte(rd_device *d, uint8_t byte, uint32_t t_us)
 void rd_poll(rd_device *d)
 {
     uint32_t now;
+    rd_send_report(d);
     rd_drain_events(d);
     now = rd_now(d);
     rd_send_counter_faults(d, now);

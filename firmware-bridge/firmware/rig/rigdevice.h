@@ -195,6 +195,22 @@ typedef struct rd_device {
     volatile uint8_t q_head;
     volatile uint8_t q_tail;
 
+    /* armed reward (protocol version 2): armed by the main loop under
+     * irq_save, checked and fired by rd_isr_encoder, expired by rd_tick */
+    volatile uint8_t arm_state; /* RD_ARM_* */
+    uint8_t arm_down;           /* direction DOWN */
+    int32_t arm_fire_at;        /* absolute counts that fire */
+    int32_t arm_rearm_at;       /* absolute counts the lever must pass back over first */
+    uint32_t arm_tag;
+    uint32_t arm_end_us;
+    uint32_t arm_pulse_us;
+    volatile int32_t enc_last; /* the encoder count at its latest update */
+    /* the arm's one report (RewardFired or RewardEnded), sent by rd_poll */
+    volatile uint8_t report; /* RD_REPORT_*: waiting to be sent */
+    uint8_t last_report;     /* RD_REPORT_*: the last arm's, repeated on a Disarm of its tag */
+    rp_reward_fired fired;
+    rp_reward_ended ended;
+
     /* inputs (their interrupts only) */
     uint8_t lick_level;
     uint32_t lick_count;
@@ -281,6 +297,36 @@ static inline void rd_isr_lever_sample(rd_device *d, uint32_t t_us, int32_t coun
     d->samples[head].counts = counts;
     RD_BARRIER();
     d->s_head = next;
+}
+
+/* The armed reward (docs/protocol.md 1.10). */
+#define RD_ARM_NONE 0u
+#define RD_ARM_WAIT 1u  /* armed; the lever must first come back below the re-arm point */
+#define RD_ARM_READY 2u /* armed; the next update at or past the threshold fires */
+#define RD_REPORT_NONE 0u
+#define RD_REPORT_FIRED 1u
+#define RD_REPORT_ENDED 2u
+
+/* Out of line: the crossing was seen; checks the window, opens the valve. */
+void rd_arm_fire(rd_device *d, int32_t counts);
+
+/* Every encoder update, in the encoder interrupt, with the new count. The
+ * threshold is checked here, so the valve opens within the interrupt that
+ * saw the crossing edge (a few microseconds), not at the next sample. Inline
+ * and branch-light: when nothing is armed it is one store and one test. */
+static inline void rd_isr_encoder(rd_device *d, int32_t counts)
+{
+    uint8_t st = d->arm_state;
+    d->enc_last = counts;
+    if (st == RD_ARM_READY) {
+        if (d->arm_down ? counts <= d->arm_fire_at : counts >= d->arm_fire_at) {
+            rd_arm_fire(d, counts);
+        }
+    } else if (st == RD_ARM_WAIT) {
+        if (d->arm_down ? counts > d->arm_rearm_at : counts < d->arm_rearm_at) {
+            d->arm_state = RD_ARM_READY;
+        }
+    }
 }
 
 /* Lick sensor changed: touching = 1 when the tongue is on the spout. */

@@ -522,6 +522,44 @@ size_t rp_pack_sync_out(uint8_t *out, const rp_sync_out *m)
     return RP_SYNC_OUT_LEN;
 }
 
+size_t rp_pack_reward_fired(uint8_t *out, const rp_reward_fired *m)
+{
+    rp_put_u32(out + 0, m->trial_tag);
+    rp_put_u32(out + 4, m->sample_index);
+    rp_put_u32(out + 8, m->t_cross_us);
+    rp_put_u32(out + 12, m->t_valve_us);
+    rp_put_u32(out + 16, rp_i32_bits(m->counts));
+    rp_put_u32(out + 20, m->pulse_us);
+    return RP_REWARD_FIRED_LEN;
+}
+
+size_t rp_pack_reward_ended(uint8_t *out, const rp_reward_ended *m)
+{
+    rp_put_u32(out + 0, m->trial_tag);
+    rp_put_u32(out + 4, m->t_us);
+    out[8] = m->reason;
+    rp_put_u32(out + 9, m->next_sample_index);
+    return RP_REWARD_ENDED_LEN;
+}
+
+size_t rp_pack_arm_reward(uint8_t *out, const rp_arm_reward *m)
+{
+    rp_put_u32(out + 0, m->trial_tag);
+    rp_put_u32(out + 4, rp_i32_bits(m->rest_counts));
+    rp_put_u32(out + 8, m->threshold_counts);
+    rp_put_u32(out + 12, m->rearm_counts);
+    out[16] = m->direction;
+    rp_put_u32(out + 17, m->window_end_us);
+    rp_put_u32(out + 21, m->pulse_us);
+    return RP_ARM_REWARD_LEN;
+}
+
+size_t rp_pack_disarm(uint8_t *out, const rp_disarm *m)
+{
+    rp_put_u32(out + 0, m->trial_tag);
+    return RP_DISARM_LEN;
+}
+
 /* ---- unpackers --------------------------------------------------------- */
 
 int rp_unpack_hello(const uint8_t *b, size_t len, rp_hello *m)
@@ -683,6 +721,56 @@ int rp_unpack_sync_out(const uint8_t *b, size_t len, rp_sync_out *m)
     m->nbits = b[1];
     m->unit_us = rp_get_u16(b + 2);
     m->value = rp_get_u32(b + 4);
+    return RP_OK;
+}
+
+int rp_unpack_reward_fired(const uint8_t *b, size_t len, rp_reward_fired *m)
+{
+    if (len < RP_REWARD_FIRED_LEN) {
+        return RP_ERR_SHORT;
+    }
+    m->trial_tag = rp_get_u32(b + 0);
+    m->sample_index = rp_get_u32(b + 4);
+    m->t_cross_us = rp_get_u32(b + 8);
+    m->t_valve_us = rp_get_u32(b + 12);
+    m->counts = rp_bits_i32(rp_get_u32(b + 16));
+    m->pulse_us = rp_get_u32(b + 20);
+    return RP_OK;
+}
+
+int rp_unpack_reward_ended(const uint8_t *b, size_t len, rp_reward_ended *m)
+{
+    if (len < RP_REWARD_ENDED_LEN) {
+        return RP_ERR_SHORT;
+    }
+    m->trial_tag = rp_get_u32(b + 0);
+    m->t_us = rp_get_u32(b + 4);
+    m->reason = b[8];
+    m->next_sample_index = rp_get_u32(b + 9);
+    return RP_OK;
+}
+
+int rp_unpack_arm_reward(const uint8_t *b, size_t len, rp_arm_reward *m)
+{
+    if (len < RP_ARM_REWARD_LEN) {
+        return RP_ERR_SHORT;
+    }
+    m->trial_tag = rp_get_u32(b + 0);
+    m->rest_counts = rp_bits_i32(rp_get_u32(b + 4));
+    m->threshold_counts = rp_get_u32(b + 8);
+    m->rearm_counts = rp_get_u32(b + 12);
+    m->direction = b[16];
+    m->window_end_us = rp_get_u32(b + 17);
+    m->pulse_us = rp_get_u32(b + 21);
+    return RP_OK;
+}
+
+int rp_unpack_disarm(const uint8_t *b, size_t len, rp_disarm *m)
+{
+    if (len < RP_DISARM_LEN) {
+        return RP_ERR_SHORT;
+    }
+    m->trial_tag = rp_get_u32(b + 0);
     return RP_OK;
 }
 

@@ -26,7 +26,7 @@ extern "C" {
 
 /* ---- sizes ------------------------------------------------------------- */
 
-#define RP_PROTOCOL_VERSION 1u
+#define RP_PROTOCOL_VERSION 2u
 #define RP_CLOCK_HZ 1000000ul
 #define RP_HEADER_LEN 4u   /* type, flags, seq */
 #define RP_CRC_LEN 2u
@@ -50,6 +50,8 @@ extern "C" {
 #define RP_T_ACK 0x05u
 #define RP_T_FAULT 0x06u
 #define RP_T_HEARTBEAT 0x07u
+#define RP_T_REWARD_FIRED 0x08u /* version 2 */
+#define RP_T_REWARD_ENDED 0x09u /* version 2 */
 /* host -> device */
 #define RP_T_PING 0x81u
 #define RP_T_CONFIGURE 0x82u
@@ -61,6 +63,8 @@ extern "C" {
 #define RP_T_SYNC_OUT 0x88u
 #define RP_T_HOST_HEARTBEAT 0x89u
 #define RP_T_RESET 0x8Au
+#define RP_T_ARM_REWARD 0x8Bu /* version 2 */
+#define RP_T_DISARM 0x8Cu     /* version 2 */
 
 /* ---- body lengths (bytes) ---------------------------------------------- */
 
@@ -76,6 +80,10 @@ extern "C" {
 #define RP_VALVE_PULSE_LEN 4u
 #define RP_VALVE_OPEN_LEN 2u
 #define RP_SYNC_OUT_LEN 8u
+#define RP_REWARD_FIRED_LEN 24u
+#define RP_REWARD_ENDED_LEN 13u
+#define RP_ARM_REWARD_LEN 25u
+#define RP_DISARM_LEN 4u
 
 /* ---- codes ------------------------------------------------------------- */
 
@@ -132,6 +140,18 @@ extern "C" {
 /* SyncOut.mode */
 #define RP_SYNC_PULSE 0u
 #define RP_SYNC_BITCODE 1u
+
+/* ArmReward.direction */
+#define RP_DIR_UP 0u   /* counts - rest >= threshold */
+#define RP_DIR_DOWN 1u /* rest - counts >= threshold */
+
+/* RewardEnded.reason */
+#define RP_DISARM_EXPIRED 0u
+#define RP_DISARM_HOST 1u
+#define RP_DISARM_WATCHDOG 2u
+#define RP_DISARM_RESET 3u
+#define RP_DISARM_CONFIGURE 4u
+#define RP_DISARM_VALVE_BUSY 5u
 
 /* Return values of the unpackers. */
 #define RP_OK 0
@@ -313,6 +333,36 @@ typedef struct rp_sync_out {
     uint32_t value;
 } rp_sync_out;
 
+typedef struct rp_reward_fired {
+    uint32_t trial_tag;
+    uint32_t sample_index;
+    uint32_t t_cross_us;
+    uint32_t t_valve_us;
+    int32_t counts;
+    uint32_t pulse_us;
+} rp_reward_fired;
+
+typedef struct rp_reward_ended {
+    uint32_t trial_tag;
+    uint32_t t_us;
+    uint8_t reason;
+    uint32_t next_sample_index;
+} rp_reward_ended;
+
+typedef struct rp_arm_reward {
+    uint32_t trial_tag;
+    int32_t rest_counts;
+    uint32_t threshold_counts;
+    uint32_t rearm_counts;
+    uint8_t direction;
+    uint32_t window_end_us;
+    uint32_t pulse_us;
+} rp_arm_reward;
+
+typedef struct rp_disarm {
+    uint32_t trial_tag;
+} rp_disarm;
+
 /* Packers write the body at `out` and return its length. */
 size_t rp_pack_hello(uint8_t *out, const rp_hello *m);
 size_t rp_pack_lever_header(uint8_t *out, const rp_lever_header *m);
@@ -328,6 +378,10 @@ size_t rp_pack_tone(uint8_t *out, const rp_tone *m);
 size_t rp_pack_valve_pulse(uint8_t *out, const rp_valve_pulse *m);
 size_t rp_pack_valve_open(uint8_t *out, const rp_valve_open *m);
 size_t rp_pack_sync_out(uint8_t *out, const rp_sync_out *m);
+size_t rp_pack_reward_fired(uint8_t *out, const rp_reward_fired *m);
+size_t rp_pack_reward_ended(uint8_t *out, const rp_reward_ended *m);
+size_t rp_pack_arm_reward(uint8_t *out, const rp_arm_reward *m);
+size_t rp_pack_disarm(uint8_t *out, const rp_disarm *m);
 
 /* Unpackers return RP_OK, or RP_ERR_SHORT if the body is shorter than the
  * message. Longer bodies are accepted and the extra bytes ignored. */
@@ -346,6 +400,10 @@ int rp_unpack_tone(const uint8_t *body, size_t len, rp_tone *m);
 int rp_unpack_valve_pulse(const uint8_t *body, size_t len, rp_valve_pulse *m);
 int rp_unpack_valve_open(const uint8_t *body, size_t len, rp_valve_open *m);
 int rp_unpack_sync_out(const uint8_t *body, size_t len, rp_sync_out *m);
+int rp_unpack_reward_fired(const uint8_t *body, size_t len, rp_reward_fired *m);
+int rp_unpack_reward_ended(const uint8_t *body, size_t len, rp_reward_ended *m);
+int rp_unpack_arm_reward(const uint8_t *body, size_t len, rp_arm_reward *m);
+int rp_unpack_disarm(const uint8_t *body, size_t len, rp_disarm *m);
 
 /* A LeverSamples frame straight from a header and counts (no body buffer).
  * Returns the wire length, 0 if count is 0 or > 50. */

@@ -301,11 +301,17 @@ ISR(TIMER5_CAPT_vect)
 
 /* ---- encoder: INT4 / INT5 (pins 2, 3), x4 ------------------------------- */
 
+/* Every edge also goes to the armed reward's check (rd_isr_encoder): the
+ * crossing edge opens the valve inside this interrupt. The check is here and
+ * not in the sampling interrupt because a sample comes only every period
+ * (1 ms at 1 kHz); measured edge -> valve pin in test/sim_avr.c. */
 ISR(INT4_vect)
 {
     uint8_t ab = (uint8_t)((PINE >> ENC_A_BIT) & 3u); /* bit 0 = A, bit 1 = B */
-    enc_count += rd_quadrature_delta(enc_state, ab);
+    int32_t c = enc_count + rd_quadrature_delta(enc_state, ab);
+    enc_count = c;
     enc_state = ab;
+    rd_isr_encoder(&dev, c);
 }
 
 ISR(INT5_vect, ISR_ALIASOF(INT4_vect));

@@ -80,10 +80,15 @@ static void log_pin(edge *log, int *n, uint32_t value)
     (*n)++;
 }
 
+static uint64_t valve_rise_cycle; /* simulated cycle of the latest valve rise */
+
 static void valve_hook(struct avr_irq_t *irq, uint32_t value, void *param)
 {
     (void)irq;
     (void)param;
+    if (value && (n_valve == 0 || valve_edges[n_valve - 1].level == 0)) {
+        valve_rise_cycle = avr->cycle;
+    }
     log_pin(valve_edges, &n_valve, value);
 }
 
@@ -184,7 +189,7 @@ static void test_boot(void)
         return;
     }
     CHECK_EQ(rp_unpack_hello(f->body, f->len, &h), RP_OK);
-    CHECK_EQ(h.protocol_version, 1);
+    CHECK_EQ(h.protocol_version, RP_PROTOCOL_VERSION);
     CHECK_EQ(h.clock_hz, 1000000);
     CHECKF(h.hard_max_valve_open_ms >= 200, "these checks need a hard cap of 200 ms or more");
     CHECK(h.max_sample_rate_hz >= 1000);
@@ -576,6 +581,141 @@ static void test_max_rate(void)
     run_fed(20000);
 }
 
+/* ---- armed reward: encoder edge -> valve pin ------------------------------ */
+
+/* The encoder's quadrature phase (forward: 00 01 11 10), as the previous
+ * tests left it (A = B = 0). */
+static int enc_phase;
+
+static void enc_step(int dir)
+{
+    static const uint8_t fwd[4] = {0, 1, 3, 2};
+    uint8_t ab;
+    enc_phase = (enc_phase + dir + 4) % 4;
+    ab = fwd[enc_phase];
+    set_pin('E', 4, ab & 1);
+    set_pin('E', 5, (ab >> 1) & 1);
+}
+
+/* The latest lever count the device reported. */
+static int32_t last_lever_count(void)
+{
+    int i;
+    for (i = n_frames - 1; i >= 0; i--) {
+        rp_lever_header h;
+        int32_t counts[RP_MAX_SAMPLES_PER_BATCH];
+        if (frames[i].type == RP_T_LEVER_SAMPLES &&
+            rp_unpack_lever_samples(frames[i].body, frames[i].len, &h, counts) == RP_OK) {
+            return counts[h.count - 1];
+        }
+    }
+    return 0;
+}
+
+/* Device time now, from the latest frame that carries one (an Ack). */
+static uint32_t device_now_us(void)
+{
+    int i;
+    for (i = n_frames - 1; i >= 0; i--) {
+        rp_ack a;
+        if (frames[i].type == RP_T_ACK && rp_unpack_ack(frames[i].body, frames[i].len, &a) == 0) {
+            return a.t_us + (uint32_t)(sim_us() - frames[i].t_sim_us);
+        }
+    }
+    return 0;
+}
+
+#define ARM_TRIALS 16
+#define ARM_THRESHOLD 20
+/* 50 us at 16 MHz: the budget from the crossing edge to the valve pin. */
+#define ARM_MAX_CYCLES 800u
+
+static void test_armed_reward(void)
+{
+    uint64_t lat_min = UINT64_MAX, lat_max = 0, lat_sum = 0;
+    int trial, fired_ok = 0;
+    /* the lever stream of test_stream_and_encoder runs (1 kHz, 10 a batch) */
+    for (trial = 0; trial < ARM_TRIALS; trial++) {
+        uint8_t b[RP_ARM_REWARD_LEN];
+        rp_arm_reward a;
+        uint16_t s;
+        int edge, edges_to_fire = -1, mark;
+        uint64_t edge_cycle = 0, lat;
+        int32_t rest;
+        run_fed(30000);
+        rest = last_lever_count();
+        a.trial_tag = (uint32_t)(100 + trial);
+        a.rest_counts = rest;
+        a.threshold_counts = ARM_THRESHOLD;
+        a.rearm_counts = ARM_THRESHOLD / 2;
+        a.direction = RP_DIR_UP;
+        a.window_end_us = device_now_us() + 1000000u;
+        a.pulse_us = 2000;
+        s = send_cmd(RP_T_ARM_REWARD, b, rp_pack_arm_reward(b, &a));
+        run_us(8000); /* the Ack waits behind lever batches on the line */
+        CHECKF(ack_status(s) == RP_ACK_OK, "trial %d: arm status %d", trial, ack_status(s));
+        mark = n_frames;
+        valve_rise_cycle = 0;
+        /* press: one edge every 97 + 13 * trial us, so the crossing edge meets
+         * the sampling and tick interrupts at a different phase each trial */
+        for (edge = 1; edge <= ARM_THRESHOLD + 5; edge++) {
+            uint64_t c;
+            enc_step(1);
+            c = avr->cycle;
+            run_us((uint64_t)(97 + 13 * trial));
+            if (valve_rise_cycle != 0 && edges_to_fire < 0) {
+                edges_to_fire = edge;
+                edge_cycle = c;
+            }
+        }
+        CHECKF(edges_to_fire == ARM_THRESHOLD, "trial %d: valve opened at edge %d, want %d", trial,
+               edges_to_fire, ARM_THRESHOLD);
+        if (edges_to_fire > 0) {
+            lat = valve_rise_cycle - edge_cycle;
+            lat_sum += lat;
+            if (lat < lat_min) {
+                lat_min = lat;
+            }
+            if (lat > lat_max) {
+                lat_max = lat;
+            }
+            fired_ok++;
+        }
+        run_fed(10000);
+        {
+            int i, n_fired = 0;
+            for (i = mark; i < n_frames; i++) {
+                rp_reward_fired f;
+                if (frames[i].type == RP_T_REWARD_FIRED &&
+                    rp_unpack_reward_fired(frames[i].body, frames[i].len, &f) == RP_OK) {
+                    n_fired++;
+                    CHECK_EQ(f.trial_tag, a.trial_tag);
+                    CHECK_EQ(f.counts, rest + ARM_THRESHOLD);
+                    CHECK_EQ(f.pulse_us, 2000);
+                }
+            }
+            CHECKF(n_fired == 1, "trial %d: %d RewardFired", trial, n_fired);
+        }
+        /* release back to rest */
+        for (edge = 0; edge < ARM_THRESHOLD + 5; edge++) {
+            enc_step(-1);
+            run_us(60);
+        }
+    }
+    CHECK_EQ(fired_ok, ARM_TRIALS);
+    CHECK_EQ(n_valve, 2 * ARM_TRIALS); /* each crossing: one opening, closed again */
+    n_valve = 0;                       /* the next tests count their own */
+    if (fired_ok > 0) {
+        printf("     encoder edge -> valve pin: min %llu, mean %llu, max %llu cycles "
+               "(%.2f / %.2f / %.2f us at 16 MHz) over %d crossings\n",
+               (unsigned long long)lat_min, (unsigned long long)(lat_sum / (uint64_t)fired_ok),
+               (unsigned long long)lat_max, (double)lat_min / 16.0,
+               (double)lat_sum / (double)fired_ok / 16.0, (double)lat_max / 16.0, fired_ok);
+        CHECKF(lat_max <= ARM_MAX_CYCLES, "edge -> valve %llu cycles, budget %u (50 us)",
+               (unsigned long long)lat_max, ARM_MAX_CYCLES);
+    }
+}
+
 int main(int argc, char **argv)
 {
     elf_firmware_t fw;
@@ -612,6 +752,7 @@ int main(int argc, char **argv)
 
     RUN(test_boot);
     RUN(test_stream_and_encoder);
+    RUN(test_armed_reward);
     RUN(test_valve);
     RUN(test_bitcode);
     RUN(test_tone);

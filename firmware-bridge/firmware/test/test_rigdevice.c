@@ -465,7 +465,7 @@ static void test_boot_hello(void)
     CHECK_EQ(c->seq, 0);
     CHECK_EQ(c->body_len, RP_HELLO_LEN);
     CHECK_EQ(rp_unpack_hello(c->body, c->body_len, &h), RP_OK);
-    CHECK_EQ(h.protocol_version, 1);
+    CHECK_EQ(h.protocol_version, RP_PROTOCOL_VERSION);
     CHECK_EQ(h.firmware_major, RD_FW_MAJOR);
     CHECK_EQ(h.device_id, 0x0123456789ABCDEFull);
     CHECK_EQ(h.clock_hz, 1000000);
@@ -1440,6 +1440,267 @@ static void test_quadrature(void)
     }
 }
 
+/* ---- armed reward (protocol version 2) ---------------------------------- */
+
+static uint16_t send_arm(uint32_t tag, int32_t rest, uint32_t thr, uint32_t rearm, uint8_t dir,
+                         uint32_t end, uint32_t pulse)
+{
+    uint8_t b[RP_ARM_REWARD_LEN];
+    rp_arm_reward a;
+    a.trial_tag = tag;
+    a.rest_counts = rest;
+    a.threshold_counts = thr;
+    a.rearm_counts = rearm;
+    a.direction = dir;
+    a.window_end_us = end;
+    a.pulse_us = pulse;
+    return send_raw(RP_T_ARM_REWARD, b, rp_pack_arm_reward(b, &a));
+}
+
+static uint16_t send_disarm(uint32_t tag)
+{
+    uint8_t b[RP_DISARM_LEN];
+    rp_disarm a;
+    a.trial_tag = tag;
+    return send_raw(RP_T_DISARM, b, rp_pack_disarm(b, &a));
+}
+
+/* Frames of one type from the cursor on, noise skipped; the last one into *out. */
+static int count_of(uint8_t type, const captured **out)
+{
+    int i, n = 0;
+    for (i = hw.cursor; i < hw.n_frames; i++) {
+        if (hw.frames[i].type == type) {
+            n++;
+            if (out) {
+                *out = &hw.frames[i];
+            }
+        }
+    }
+    return n;
+}
+
+static void test_armed_reward_fires_in_the_encoder_update(void)
+{
+    uint16_t s;
+    const captured *c = NULL;
+    rp_reward_fired f;
+    rp_event e;
+    uint32_t t_cross, index;
+    int mark;
+    boot(0);
+    connect(1000, 1, 200, 5000);
+    advance_fed(10000);
+    skip_all();
+    rd_isr_encoder(&dev, 0);
+    s = send_arm(5, 0, 100, 60, RP_DIR_UP, hw.now + 300000u, 40000);
+    CHECK(expect_ack(s, RP_T_ARM_REWARD, RP_ACK_OK));
+    rd_isr_encoder(&dev, 50);
+    rd_isr_encoder(&dev, 99);
+    CHECK_EQ(hw.valve, 0);
+    advance_fed(1000);
+    hw.now += 17; /* between two samples and two ticks */
+    t_cross = hw.now;
+    index = dev.next_index;
+    rd_isr_encoder(&dev, 100);
+    /* open in the interrupt that saw the edge, before any main loop */
+    CHECK_EQ(hw.valve, 1);
+    CHECK_EQ(hw.n_valve_edges, 1);
+    CHECK_EQ(hw.valve_edges[0].t, t_cross);
+    rd_poll(&dev);
+    mark = hw.cursor;
+    CHECK_EQ(count_of(RP_T_REWARD_FIRED, &c), 1);
+    if (c) {
+        CHECK_EQ(rp_unpack_reward_fired(c->body, c->body_len, &f), RP_OK);
+        CHECK_EQ(f.trial_tag, 5);
+        CHECK_EQ(f.t_cross_us, t_cross);
+        CHECK_EQ(f.t_valve_us, t_cross);
+        CHECK_EQ(f.sample_index, index);
+        CHECK_EQ(f.counts, 100);
+        CHECK_EQ(f.pulse_us, 40000);
+    }
+    CHECK(next_of(RP_T_REWARD_FIRED) != NULL); /* the report, then the valve's event */
+    CHECK(expect_event(RP_EV_VALVE_OPEN, 0, &e));
+    CHECK_EQ(e.value, 40000);
+    hw.cursor = mark;
+    /* one firing per arm: down and up again does nothing */
+    rd_isr_encoder(&dev, 0);
+    rd_isr_encoder(&dev, 150);
+    advance_fed(100000);
+    CHECK_EQ(hw.n_valve_edges, 2);
+    CHECKF(hw.valve_edges[1].t - hw.valve_edges[0].t >= 40000 &&
+               hw.valve_edges[1].t - hw.valve_edges[0].t < 40100,
+           "open for %u us", hw.valve_edges[1].t - hw.valve_edges[0].t);
+    CHECK_EQ(count_of(RP_T_REWARD_FIRED, NULL), 1);
+    CHECK_EQ(count_of(RP_T_REWARD_ENDED, NULL), 0);
+    /* a Disarm of the spent tag repeats its report; of another, nothing */
+    skip_all();
+    s = send_disarm(5);
+    CHECK(expect_ack(s, RP_T_DISARM, RP_ACK_OK));
+    rd_poll(&dev);
+    CHECK_EQ(count_of(RP_T_REWARD_FIRED, &c), 1);
+    if (c) {
+        CHECK_EQ(rp_unpack_reward_fired(c->body, c->body_len, &f), RP_OK);
+        CHECK_EQ(f.trial_tag, 5);
+        CHECK_EQ(f.t_cross_us, t_cross);
+    }
+    skip_all();
+    s = send_disarm(6);
+    CHECK(expect_ack(s, RP_T_DISARM, RP_ACK_OK));
+    rd_poll(&dev);
+    CHECK_EQ(count_of(RP_T_REWARD_FIRED, NULL), 0);
+    CHECK_EQ(hw.n_valve_edges, 2);
+    CHECK(seqs_contiguous());
+}
+
+static void test_armed_reward_never_fires_late(void)
+{
+    uint16_t s;
+    const captured *c = NULL;
+    rp_reward_ended en;
+    uint32_t end;
+    boot(0);
+    connect(1000, 1, 200, 5000);
+    advance_fed(10000);
+    rd_isr_encoder(&dev, 0);
+    skip_all();
+    /* the window ends: RewardEnded, expired, stamped at the window's end */
+    end = hw.now + 20000u;
+    s = send_arm(6, 0, 100, 60, RP_DIR_UP, end, 40000);
+    CHECK(expect_ack(s, RP_T_ARM_REWARD, RP_ACK_OK));
+    advance_fed(30000);
+    rd_isr_encoder(&dev, 200);
+    CHECK_EQ(hw.n_valve_edges, 0);
+    CHECK_EQ(count_of(RP_T_REWARD_ENDED, &c), 1);
+    if (c) {
+        CHECK_EQ(rp_unpack_reward_ended(c->body, c->body_len, &en), RP_OK);
+        CHECK_EQ(en.reason, RP_DISARM_EXPIRED);
+        CHECK_EQ(en.t_us, end);
+        CHECK_EQ(en.trial_tag, 6);
+    }
+    /* a crossing after the end but before the tick noticed: still refused */
+    rd_isr_encoder(&dev, 0);
+    skip_all();
+    end = hw.now + 1000u;
+    s = send_arm(7, 0, 100, 60, RP_DIR_DOWN, end, 40000);
+    CHECK(expect_ack(s, RP_T_ARM_REWARD, RP_ACK_OK));
+    hw.now += 1500; /* no tick ran */
+    rd_isr_encoder(&dev, -100);
+    CHECK_EQ(hw.n_valve_edges, 0);
+    rd_poll(&dev);
+    CHECK_EQ(count_of(RP_T_REWARD_ENDED, &c), 1);
+    if (c) {
+        CHECK_EQ(rp_unpack_reward_ended(c->body, c->body_len, &en), RP_OK);
+        CHECK_EQ(en.reason, RP_DISARM_EXPIRED);
+        CHECK_EQ(en.t_us, end);
+    }
+    /* the host goes quiet: the watchdog disarms, a later crossing never opens */
+    rd_isr_encoder(&dev, 0);
+    advance_fed(1000);
+    skip_all();
+    s = send_arm(8, 0, 100, 60, RP_DIR_UP, hw.now + 2000000u, 40000);
+    CHECK(expect_ack(s, RP_T_ARM_REWARD, RP_ACK_OK));
+    advance(600000);
+    CHECK(rd_state(&dev) & RP_STATE_SAFE);
+    rd_isr_encoder(&dev, 500);
+    advance(100000);
+    CHECK_EQ(hw.n_valve_edges, 0);
+    CHECK_EQ(count_of(RP_T_REWARD_ENDED, &c), 1);
+    if (c) {
+        CHECK_EQ(rp_unpack_reward_ended(c->body, c->body_len, &en), RP_OK);
+        CHECK_EQ(en.reason, RP_DISARM_WATCHDOG);
+        CHECK_EQ(en.trial_tag, 8);
+    }
+    CHECK_EQ(count_of(RP_T_REWARD_FIRED, NULL), 0);
+}
+
+static void test_armed_reward_checks(void)
+{
+    uint16_t s;
+    uint32_t end;
+    const captured *c = NULL;
+    rp_reward_ended en;
+    boot(0);
+    connect(0, 1, 200, 5000); /* not streaming */
+    skip_all();
+    end = hw.now + 500000u;
+    s = send_arm(1, 0, 100, 60, RP_DIR_UP, end, 40000);
+    CHECK(expect_ack(s, RP_T_ARM_REWARD, RP_ACK_REFUSED));
+    connect(1000, 1, 200, 5000);
+    skip_all();
+    end = hw.now + 500000u;
+    s = send_arm(1, 0, 100, 60, RP_DIR_UP, end, 200001); /* over the cap */
+    CHECK(expect_ack(s, RP_T_ARM_REWARD, RP_ACK_REFUSED));
+    s = send_arm(1, 0, 100, 100, RP_DIR_UP, end, 40000); /* rearm not below */
+    CHECK(expect_ack(s, RP_T_ARM_REWARD, RP_ACK_BAD_VALUE));
+    s = send_arm(1, 0, 0, 0, RP_DIR_UP, end, 40000);
+    CHECK(expect_ack(s, RP_T_ARM_REWARD, RP_ACK_BAD_VALUE));
+    s = send_arm(1, 0, 100, 60, 2, end, 40000);
+    CHECK(expect_ack(s, RP_T_ARM_REWARD, RP_ACK_BAD_VALUE));
+    s = send_arm(1, 0, 100, 60, RP_DIR_UP, hw.now, 40000); /* not in the future */
+    CHECK(expect_ack(s, RP_T_ARM_REWARD, RP_ACK_BAD_VALUE));
+    s = send_arm(1, 0, 100, 60, RP_DIR_UP, end, 0);
+    CHECK(expect_ack(s, RP_T_ARM_REWARD, RP_ACK_BAD_VALUE));
+    CHECK(nothing_more());
+    s = send_arm(1, 0, 100, 60, RP_DIR_UP, end, 40000);
+    CHECK(expect_ack(s, RP_T_ARM_REWARD, RP_ACK_OK));
+    s = send_arm(2, 0, 100, 60, RP_DIR_UP, end, 40000);
+    CHECK(expect_ack(s, RP_T_ARM_REWARD, RP_ACK_BUSY));
+    /* Disarm of another tag does nothing; of this one ends it (reason host) */
+    s = send_disarm(2);
+    CHECK(expect_ack(s, RP_T_DISARM, RP_ACK_OK));
+    CHECK(nothing_more());
+    s = send_disarm(1);
+    CHECK(expect_ack(s, RP_T_DISARM, RP_ACK_OK));
+    c = next_of(RP_T_REWARD_ENDED);
+    CHECK(c != NULL);
+    if (c) {
+        CHECK_EQ(rp_unpack_reward_ended(c->body, c->body_len, &en), RP_OK);
+        CHECK_EQ(en.reason, RP_DISARM_HOST);
+        CHECK_EQ(en.trial_tag, 1);
+    }
+    /* lever held past the threshold at the arm: it must come back first */
+    rd_isr_encoder(&dev, 150);
+    s = send_arm(3, 0, 100, 60, RP_DIR_UP, end, 40000);
+    CHECK(expect_ack(s, RP_T_ARM_REWARD, RP_ACK_OK));
+    rd_isr_encoder(&dev, 151);
+    CHECK_EQ(hw.valve, 0);
+    rd_isr_encoder(&dev, 59);
+    rd_isr_encoder(&dev, 100);
+    CHECK_EQ(hw.valve, 1);
+    /* Reset and Configure disarm */
+    advance_fed(100000);
+    skip_all();
+    CHECK_EQ(hw.valve, 0);
+    s = send_arm(4, 0, 100, 60, RP_DIR_UP, hw.now + 500000u, 40000);
+    CHECK(expect_ack(s, RP_T_ARM_REWARD, RP_ACK_OK));
+    s = send_configure(1000, 1, 100, 500, 200, 5000);
+    CHECK(expect_ack(s, RP_T_CONFIGURE, RP_ACK_OK));
+    c = next_of(RP_T_REWARD_ENDED);
+    CHECK(c != NULL);
+    if (c) {
+        CHECK_EQ(rp_unpack_reward_ended(c->body, c->body_len, &en), RP_OK);
+        CHECK_EQ(en.reason, RP_DISARM_CONFIGURE);
+        CHECK_EQ(en.trial_tag, 4);
+    }
+    skip_all();
+    s = send_arm(5, 0, 100, 60, RP_DIR_UP, hw.now + 500000u, 40000);
+    CHECK(expect_ack(s, RP_T_ARM_REWARD, RP_ACK_OK));
+    s = send0(RP_T_RESET);
+    CHECK(expect_ack(s, RP_T_RESET, RP_ACK_OK));
+    c = next_of(RP_T_REWARD_ENDED);
+    CHECK(c != NULL);
+    if (c) {
+        CHECK_EQ(rp_unpack_reward_ended(c->body, c->body_len, &en), RP_OK);
+        CHECK_EQ(en.reason, RP_DISARM_RESET);
+        CHECK_EQ(en.trial_tag, 5);
+    }
+    rd_isr_encoder(&dev, 0);
+    rd_isr_encoder(&dev, 500);
+    CHECK_EQ(hw.valve, 0);
+    CHECK(seqs_contiguous());
+}
+
 int main(void)
 {
     RUN(test_quadrature);
@@ -1459,6 +1720,9 @@ int main(void)
     RUN(test_inputs);
     RUN(test_clock_wrap);
     RUN(test_fault_rate_limit);
+    RUN(test_armed_reward_fires_in_the_encoder_update);
+    RUN(test_armed_reward_never_fires_late);
+    RUN(test_armed_reward_checks);
     if (hw.irq_violations || hw.irq_depth) {
         fprintf(stderr, "FAIL: tx with interrupts off (%d) or unbalanced irq (%d)\n",
                 hw.irq_violations, hw.irq_depth);

@@ -94,6 +94,22 @@ static const fdesc sync_out_f[] = {
     FD(rp_sync_out, mode), FD(rp_sync_out, nbits), FD(rp_sync_out, unit_us),
     FD(rp_sync_out, value),
 };
+static const fdesc reward_fired_f[] = {
+    FD(rp_reward_fired, trial_tag),  FD(rp_reward_fired, sample_index),
+    FD(rp_reward_fired, t_cross_us), FD(rp_reward_fired, t_valve_us),
+    FD(rp_reward_fired, counts),     FD(rp_reward_fired, pulse_us),
+};
+static const fdesc reward_ended_f[] = {
+    FD(rp_reward_ended, trial_tag), FD(rp_reward_ended, t_us), FD(rp_reward_ended, reason),
+    FD(rp_reward_ended, next_sample_index),
+};
+static const fdesc arm_reward_f[] = {
+    FD(rp_arm_reward, trial_tag),     FD(rp_arm_reward, rest_counts),
+    FD(rp_arm_reward, threshold_counts), FD(rp_arm_reward, rearm_counts),
+    FD(rp_arm_reward, direction),     FD(rp_arm_reward, window_end_us),
+    FD(rp_arm_reward, pulse_us),
+};
+static const fdesc disarm_f[] = {FD(rp_disarm, trial_tag)};
 
 /* Adapters so every message fits one table. */
 #define ADAPT(name, T, LEN)                                                          \
@@ -113,6 +129,10 @@ ADAPT(tone, rp_tone, RP_TONE_LEN)
 ADAPT(valve_pulse, rp_valve_pulse, RP_VALVE_PULSE_LEN)
 ADAPT(valve_open, rp_valve_open, RP_VALVE_OPEN_LEN)
 ADAPT(sync_out, rp_sync_out, RP_SYNC_OUT_LEN)
+ADAPT(reward_fired, rp_reward_fired, RP_REWARD_FIRED_LEN)
+ADAPT(reward_ended, rp_reward_ended, RP_REWARD_ENDED_LEN)
+ADAPT(arm_reward, rp_arm_reward, RP_ARM_REWARD_LEN)
+ADAPT(disarm, rp_disarm, RP_DISARM_LEN)
 
 typedef struct msgdesc {
     uint8_t type;
@@ -137,6 +157,8 @@ static msgdesc messages[] = {
     MSG(RP_T_ACK, ack, RP_ACK_LEN, ack_f),
     MSG(RP_T_FAULT, fault, RP_FAULT_LEN, fault_f),
     MSG(RP_T_HEARTBEAT, heartbeat, RP_HEARTBEAT_LEN, heartbeat_f),
+    MSG(RP_T_REWARD_FIRED, reward_fired, RP_REWARD_FIRED_LEN, reward_fired_f),
+    MSG(RP_T_REWARD_ENDED, reward_ended, RP_REWARD_ENDED_LEN, reward_ended_f),
     BODYLESS(RP_T_PING, ping),
     MSG(RP_T_CONFIGURE, configure, RP_CONFIGURE_LEN, configure_f),
     MSG(RP_T_TONE, tone, RP_TONE_LEN, tone_f),
@@ -147,6 +169,8 @@ static msgdesc messages[] = {
     MSG(RP_T_SYNC_OUT, sync_out, RP_SYNC_OUT_LEN, sync_out_f),
     BODYLESS(RP_T_HOST_HEARTBEAT, host_heartbeat),
     BODYLESS(RP_T_RESET, reset),
+    MSG(RP_T_ARM_REWARD, arm_reward, RP_ARM_REWARD_LEN, arm_reward_f),
+    MSG(RP_T_DISARM, disarm, RP_DISARM_LEN, disarm_f),
 };
 
 static msgdesc *find_msg(uint8_t type)
@@ -199,8 +223,17 @@ static int parse_u64(const char *s, uint64_t *v)
 {
     char *end;
     errno = 0;
+    if (s[0] == '-') {
+        /* a signed field (i32): two's complement, compared on the field's bytes */
+        long long sv = strtoll(s, &end, 10);
+        if (errno != 0 || end == s || *end != 0 || sv < INT32_MIN) {
+            return -1;
+        }
+        *v = (uint64_t)(uint32_t)(int32_t)sv;
+        return 0;
+    }
     *v = strtoull(s, &end, 0);
-    return (errno == 0 && end != s && *end == 0 && s[0] != '-') ? 0 : -1;
+    return (errno == 0 && end != s && *end == 0) ? 0 : -1;
 }
 
 static int parse_counts(const char *s, int32_t *counts, size_t max)
@@ -390,7 +423,8 @@ static int check_vector(const char *name, const char *dir, const char *type_s, c
         union {
             rp_hello hello; rp_event event; rp_pong pong; rp_ack ack; rp_fault fault;
             rp_heartbeat hb; rp_configure cfg; rp_tone tone; rp_valve_pulse vp;
-            rp_valve_open vo; rp_sync_out so;
+            rp_valve_open vo; rp_sync_out so; rp_reward_fired rf; rp_reward_ended re;
+            rp_arm_reward ar; rp_disarm da;
         } got_s, want_s;
         size_t j, blen;
         int matched = 0;

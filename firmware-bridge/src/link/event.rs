@@ -137,7 +137,8 @@ pub enum LostReason {
     NoHello,
     /// The device answered with a protocol version we do not speak.
     #[error(
-        "device speaks protocol version {device}, this host speaks {host}: flash the firmware that matches this rigd"
+        "device speaks protocol version {device}, this host speaks {host}: {}",
+        version_hint(*device, *host)
     )]
     VersionMismatch { device: u16, host: u16 },
     /// The device refused our `Configure` (e.g. a rate above its maximum).
@@ -148,6 +149,20 @@ pub enum LostReason {
     /// The link is shutting down.
     #[error("link shut down")]
     Shutdown,
+}
+
+/// The fix for a protocol version mismatch, in words.
+fn version_hint(device: u16, host: u16) -> &'static str {
+    if device < host && host == 2 {
+        "the firmware is older than this rigd (version 2 added the device-armed reward); \
+         flash the firmware that matches this rigd (firmware-bridge/firmware, docs/wiring.md)"
+    } else if device < host {
+        "the firmware is older than this rigd; flash the firmware that matches this rigd \
+         (firmware-bridge/firmware, docs/wiring.md)"
+    } else {
+        "the firmware is newer than this rigd; flash the firmware that matches this rigd \
+         (firmware-bridge/firmware, docs/wiring.md) or update rigd"
+    }
 }
 
 /// What was implausible about a device stream's times or indices (see
@@ -271,6 +286,25 @@ pub enum LinkEvent {
         kind: EventKind,
         aux: u16,
         value: u32,
+    },
+    /// An armed reward fired at the device (protocol version 2). Times are
+    /// rig-clock µs; `sample_index` is the device's (32-bit) index of the
+    /// first lever sample at or after the crossing.
+    RewardFired {
+        trial_tag: u32,
+        sample_index: u32,
+        t_cross_us: u64,
+        t_valve_us: u64,
+        counts: i32,
+        pulse_us: u32,
+    },
+    /// An armed reward ended without firing (`reason`: a
+    /// `protocol::serial::disarm_reason` code).
+    RewardEnded {
+        trial_tag: u32,
+        t_us: u64,
+        reason: u8,
+        next_sample_index: u32,
     },
     Acked {
         seq: u16,

@@ -409,6 +409,27 @@ impl LinkState {
                     detail: f.detail,
                 }));
             }
+            DeviceMessage::RewardFired(r) => {
+                let t_cross_us = self.event_time(r.t_cross_us, now_ns, out);
+                let t_valve_us = self.event_time(r.t_valve_us, now_ns, out);
+                out.push(Output::Event(LinkEvent::RewardFired {
+                    trial_tag: r.trial_tag,
+                    sample_index: r.sample_index,
+                    t_cross_us,
+                    t_valve_us,
+                    counts: r.counts,
+                    pulse_us: r.pulse_us,
+                }));
+            }
+            DeviceMessage::RewardEnded(r) => {
+                let t_us = self.event_time(r.t_us, now_ns, out);
+                out.push(Output::Event(LinkEvent::RewardEnded {
+                    trial_tag: r.trial_tag,
+                    t_us,
+                    reason: r.reason,
+                    next_sample_index: r.next_sample_index,
+                }));
+            }
             DeviceMessage::Heartbeat(h) => {
                 let t_us = self.device_time(h.t_us);
                 out.push(Output::Event(LinkEvent::Heartbeat {
@@ -1009,8 +1030,16 @@ mod tests {
         );
         assert_eq!(
             reason.to_string(),
-            "device speaks protocol version 2, this host speaks 1: flash the firmware that \
-             matches this rigd"
+            "device speaks protocol version 3, this host speaks 2: the firmware is newer than \
+             this rigd; flash the firmware that matches this rigd (firmware-bridge/firmware, \
+             docs/wiring.md) or update rigd"
+        );
+        let older = LostReason::VersionMismatch { device: 1, host: 2 };
+        assert!(
+            older
+                .to_string()
+                .contains("older than this rigd (version 2 added"),
+            "{older}"
         );
         // Retrying soon cannot help: the wait is the longest at once.
         let (wait, out) = link.closed(reason.clone(), 10 * S + 2 * MS);

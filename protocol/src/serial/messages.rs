@@ -157,6 +157,38 @@ messages! {
         tx_frames_dropped: u32,
     }
 
+    /// Device -> host (protocol version 2): an armed reward fired. The device
+    /// saw the lever cross the armed threshold and opened the valve for the
+    /// armed `pulse_us` (a `ValveOpen` event with the same time follows).
+    RewardFired (RewardFiredWire) = 0x08 {
+        /// The `trial_tag` of the `ArmReward` that fired.
+        trial_tag: u32,
+        /// Index of the first lever sample taken at or after the crossing: the
+        /// sample that shows it (the next one the stream will carry when the
+        /// crossing was seen between two samples).
+        sample_index: u32,
+        /// Device time of the crossing (the encoder update that crossed).
+        t_cross_us: u32,
+        /// Device time the valve was opened.
+        t_valve_us: u32,
+        /// Encoder count that crossed the threshold.
+        counts: i32,
+        /// The valve opening commanded, µs.
+        pulse_us: u32,
+    }
+
+    /// Device -> host (protocol version 2): an armed reward ended without
+    /// firing. Every arm ends in exactly one `RewardFired` or one `RewardEnded`.
+    RewardEnded (RewardEndedWire) = 0x09 {
+        trial_tag: u32,
+        t_us: u32,
+        /// A [`disarm_reason`] code.
+        reason: u8,
+        /// Lever samples with a lower index were all checked against the
+        /// threshold while armed.
+        next_sample_index: u32,
+    }
+
     /// Host -> device: set up and start (or, with `sample_rate_hz = 0`, stop)
     /// the lever stream, and set the safety limits.
     Configure (ConfigureWire) = 0x82 {
@@ -172,6 +204,37 @@ messages! {
         max_valve_open_ms: u16,
         /// Cap on a `ValveOpen` (flush).
         max_flush_ms: u16,
+    }
+
+    /// Host -> device (protocol version 2): arm a reward. From now until
+    /// `window_end_us` the device checks every encoder update; the first one
+    /// that crosses the threshold (after the lever was below the re-arm point)
+    /// opens the valve for `pulse_us`, at once, and ends the arm. Answered by an
+    /// `Ack`, later by exactly one `RewardFired` or `RewardEnded`.
+    ArmReward (ArmRewardWire) = 0x8B {
+        /// The host's tag for this arm (the trial number), echoed in the events.
+        trial_tag: u32,
+        /// Encoder count of the lever's rest position; the threshold counts from it.
+        rest_counts: i32,
+        /// Crossing: the lever `threshold_counts` or more from rest, in `direction`. >= 1.
+        threshold_counts: u32,
+        /// Before a crossing counts the lever must be less than this far from
+        /// rest, in `direction` (hysteresis, as the host's re-arm point).
+        /// Less than `threshold_counts`. A lever already past it when the arm
+        /// arrives must come back below it first.
+        rearm_counts: u32,
+        /// A [`direction`] code.
+        direction: u8,
+        /// Device time the arm expires (a crossing at or after it never fires).
+        window_end_us: u32,
+        /// Valve opening on a crossing, µs; at most `max_valve_open_ms`.
+        pulse_us: u32,
+    }
+
+    /// Host -> device (protocol version 2): disarm the reward armed with
+    /// `trial_tag`, if it is still armed (`RewardEnded`, reason host).
+    Disarm (DisarmWire) = 0x8C {
+        trial_tag: u32,
     }
 
     /// Host -> device: play the cue tone.
@@ -232,6 +295,32 @@ pub mod sync_mode {
     /// `value`, most significant first, each a `unit_us` slot (high for 1, low
     /// for 0) followed by a `unit_us` low gap.
     pub const BITCODE: u8 = 1;
+}
+
+/// Values of `ArmReward::direction`.
+pub mod direction {
+    /// The crossing is `counts - rest_counts >= threshold_counts` (a press
+    /// moves the lever up, the rig's convention).
+    pub const UP: u8 = 0;
+    /// The crossing is `rest_counts - counts >= threshold_counts`.
+    pub const DOWN: u8 = 1;
+}
+
+/// Values of `RewardEnded::reason`.
+pub mod disarm_reason {
+    /// The window ended (`window_end_us` reached) without a crossing.
+    pub const EXPIRED: u8 = 0;
+    /// The host sent `Disarm`.
+    pub const HOST: u8 = 1;
+    /// The host watchdog tripped (safe state): no reward without a host.
+    pub const WATCHDOG: u8 = 2;
+    /// `Reset`.
+    pub const RESET: u8 = 3;
+    /// `Configure` (the stream restarted or the caps changed).
+    pub const CONFIGURE: u8 = 4;
+    /// The lever crossed but the valve was already open (a flush or a host
+    /// pulse): nothing fired.
+    pub const VALVE_BUSY: u8 = 5;
 }
 
 /// Causes carried in `Event::aux` for `ValveClose`, `ToneOff` and `SafeState`.

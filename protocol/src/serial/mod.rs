@@ -16,14 +16,15 @@ mod messages;
 
 pub use decoder::{Decoder, DecoderStats, Frame};
 pub use messages::{
-    capability, cause, state, sync_mode, Ack, AckStatus, Configure, Event, EventKind, Fault,
-    FaultCode, Heartbeat, Hello, LeverBatchHeader, LeverSamples, Pong, SyncOut, Tone, ValveOpen,
-    ValvePulse,
+    capability, cause, direction, disarm_reason, state, sync_mode, Ack, AckStatus, ArmReward,
+    Configure, Disarm, Event, EventKind, Fault, FaultCode, Heartbeat, Hello, LeverBatchHeader,
+    LeverSamples, Pong, RewardEnded, RewardFired, SyncOut, Tone, ValveOpen, ValvePulse,
 };
 
 /// Protocol version exchanged in `Hello`. A host talks only to a device with
-/// the same version.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// the same version. Version 2 added the device-armed reward (`ArmReward`,
+/// `Disarm`, `RewardFired`, `RewardEnded`).
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Bytes of frame header before the body: type (u8), flags (u8), seq (u16 LE).
 pub const HEADER_LEN: usize = 4;
@@ -50,6 +51,8 @@ pub mod host_type {
     pub const SYNC_OUT: u8 = super::SyncOut::TYPE;
     pub const HOST_HEARTBEAT: u8 = 0x89;
     pub const RESET: u8 = 0x8A;
+    pub const ARM_REWARD: u8 = super::ArmReward::TYPE;
+    pub const DISARM: u8 = super::Disarm::TYPE;
 }
 
 /// Worst-case bytes on the wire for one frame whose unencoded length
@@ -105,6 +108,8 @@ pub enum DeviceMessage<'a> {
     Ack(Ack),
     Fault(Fault),
     Heartbeat(Heartbeat),
+    RewardFired(RewardFired),
+    RewardEnded(RewardEnded),
 }
 
 impl<'a> DeviceMessage<'a> {
@@ -118,6 +123,8 @@ impl<'a> DeviceMessage<'a> {
             Ack::TYPE => Self::Ack(Ack::read_body(body)?),
             Fault::TYPE => Self::Fault(Fault::read_body(body)?),
             Heartbeat::TYPE => Self::Heartbeat(Heartbeat::read_body(body)?),
+            RewardFired::TYPE => Self::RewardFired(RewardFired::read_body(body)?),
+            RewardEnded::TYPE => Self::RewardEnded(RewardEnded::read_body(body)?),
             other => return Err(ParseError::UnknownType(other)),
         })
     }
@@ -132,6 +139,8 @@ impl<'a> DeviceMessage<'a> {
             Self::Ack(_) => Ack::TYPE,
             Self::Fault(_) => Fault::TYPE,
             Self::Heartbeat(_) => Heartbeat::TYPE,
+            Self::RewardFired(_) => RewardFired::TYPE,
+            Self::RewardEnded(_) => RewardEnded::TYPE,
         }
     }
 
@@ -146,6 +155,8 @@ impl<'a> DeviceMessage<'a> {
             Self::Ack(m) => m.write_body(body),
             Self::Fault(m) => m.write_body(body),
             Self::Heartbeat(m) => m.write_body(body),
+            Self::RewardFired(m) => m.write_body(body),
+            Self::RewardEnded(m) => m.write_body(body),
         })
     }
 }
@@ -192,6 +203,8 @@ pub enum HostCommand {
     SyncOut(SyncOut),
     HostHeartbeat,
     Reset,
+    ArmReward(ArmReward),
+    Disarm(Disarm),
 }
 
 impl HostCommand {
@@ -208,6 +221,8 @@ impl HostCommand {
             host_type::SYNC_OUT => Self::SyncOut(SyncOut::read_body(body)?),
             host_type::HOST_HEARTBEAT => Self::HostHeartbeat,
             host_type::RESET => Self::Reset,
+            host_type::ARM_REWARD => Self::ArmReward(ArmReward::read_body(body)?),
+            host_type::DISARM => Self::Disarm(Disarm::read_body(body)?),
             other => return Err(ParseError::UnknownType(other)),
         })
     }
@@ -225,6 +240,8 @@ impl HostCommand {
             Self::SyncOut(_) => host_type::SYNC_OUT,
             Self::HostHeartbeat => host_type::HOST_HEARTBEAT,
             Self::Reset => host_type::RESET,
+            Self::ArmReward(_) => host_type::ARM_REWARD,
+            Self::Disarm(_) => host_type::DISARM,
         }
     }
 
@@ -237,6 +254,8 @@ impl HostCommand {
             Self::ValvePulse(m) => m.write_body(body),
             Self::ValveOpen(m) => m.write_body(body),
             Self::SyncOut(m) => m.write_body(body),
+            Self::ArmReward(m) => m.write_body(body),
+            Self::Disarm(m) => m.write_body(body),
             Self::Ping | Self::ToneOff | Self::ValveClose | Self::HostHeartbeat | Self::Reset => 0,
         })
     }

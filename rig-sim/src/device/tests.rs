@@ -18,6 +18,8 @@ enum Msg {
     Ack(Ack),
     Fault(Fault),
     Heartbeat(Heartbeat),
+    RewardFired(protocol::serial::RewardFired),
+    RewardEnded(protocol::serial::RewardEnded),
 }
 
 #[derive(Debug)]
@@ -102,6 +104,8 @@ impl DeviceIo for TestIo {
                 DeviceMessage::Ack(a) => Msg::Ack(a),
                 DeviceMessage::Fault(f) => Msg::Fault(f),
                 DeviceMessage::Heartbeat(h) => Msg::Heartbeat(h),
+                DeviceMessage::RewardFired(r) => Msg::RewardFired(r),
+                DeviceMessage::RewardEnded(r) => Msg::RewardEnded(r),
             };
             got.push((t_us, f.seq, m));
         });
@@ -1217,4 +1221,409 @@ fn timestamps_wrap_with_the_32_bit_counter() {
         batches,
         vec![(0, u32::MAX - 2_499), (2, u32::MAX - 499), (4, 1_500)]
     );
+}
+
+// ---------------------------------------------------------------- armed reward
+
+mod armed {
+    use super::*;
+    use protocol::serial::{direction, disarm_reason, ArmReward, Disarm, RewardEnded, RewardFired};
+
+    const T0: u64 = 1_000_000;
+
+    fn arm_cmd(tag: u32, window_end_us: u32, pulse_us: u32) -> ArmReward {
+        ArmReward {
+            trial_tag: tag,
+            rest_counts: 7,
+            threshold_counts: 100,
+            rearm_counts: 60,
+            direction: direction::UP,
+            window_end_us,
+            pulse_us,
+        }
+    }
+
+    /// A device streaming at 1 kHz, one sample a batch, lever at rest (7).
+    fn streaming() -> (Device, TestIo) {
+        let (mut d, mut io) = boot(T0);
+        send(
+            &mut d,
+            &mut io,
+            T0,
+            1,
+            HostCommand::Configure(configure(1000, 1)),
+        );
+        d.advance(T0 + 10_000, &mut io);
+        io.take();
+        (d, io)
+    }
+
+    fn fired(io: &TestIo) -> Vec<RewardFired> {
+        io.frames
+            .iter()
+            .filter_map(|(_, _, m)| match m {
+                Msg::RewardFired(r) => Some(*r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn ended(io: &TestIo) -> Vec<RewardEnded> {
+        io.frames
+            .iter()
+            .filter_map(|(_, _, m)| match m {
+                Msg::RewardEnded(r) => Some(*r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn valve_opens(io: &TestIo) -> Vec<u64> {
+        io.outputs
+            .iter()
+            .filter(|(_, o)| matches!(o, OutputChange::ValveOpen { .. }))
+            .map(|(t, _)| *t)
+            .collect()
+    }
+
+    #[test]
+    fn the_crossing_sample_opens_the_valve_once_per_arm() {
+        let (mut d, mut io) = streaming();
+        let t = T0 + 10_000;
+        send(
+            &mut d,
+            &mut io,
+            t,
+            2,
+            HostCommand::ArmReward(arm_cmd(5, (t + 500_000) as u32, 40_000)),
+        );
+        assert_eq!(status_of(&io.acks()[0]), AckStatus::Ok);
+        d.advance(t + 20_000, &mut io);
+        assert!(fired(&io).is_empty(), "no crossing, no reward");
+        // The lever crosses (7 + 100): the next sample fires.
+        io.lever = 107;
+        d.advance(t + 20_500, &mut io);
+        d.advance(t + 21_000, &mut io);
+        let f = fired(&io);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].trial_tag, 5);
+        assert_eq!(
+            u64::from(f[0].t_cross_us),
+            t + 21_000,
+            "the first sample at or after the crossing"
+        );
+        assert_eq!(f[0].counts, 107);
+        assert_eq!(f[0].pulse_us, 40_000);
+        // The sample that fired is the one the stream carries at that index.
+        let sample_t: Vec<u64> = io
+            .frames
+            .iter()
+            .filter_map(|(_, _, m)| match m {
+                Msg::Lever {
+                    first,
+                    t_first,
+                    counts,
+                    ..
+                } if *first == f[0].sample_index => {
+                    assert_eq!(counts[0], 107);
+                    Some(u64::from(*t_first))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sample_t, vec![t + 21_000]);
+        assert_eq!(valve_opens(&io), vec![t + 21_000]);
+        let ev = io.events();
+        assert!(ev
+            .iter()
+            .any(|e| e.kind == u8::from(EventKind::ValveOpen) && e.value == 40_000));
+        // Down and up again within the window: the arm is spent.
+        io.lever = 7;
+        d.advance(t + 100_000, &mut io);
+        io.lever = 200;
+        d.advance(t + 200_000, &mut io);
+        assert_eq!(fired(&io).len(), 1, "one firing per arm");
+        assert_eq!(valve_opens(&io).len(), 1);
+        assert!(ended(&io).is_empty(), "a fired arm has no RewardEnded");
+        let closes: Vec<_> = io
+            .outputs
+            .iter()
+            .filter_map(|(t, o)| match o {
+                OutputChange::ValveClose { open_us, .. } => Some((*t, *open_us)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(closes, vec![(t + 61_000, 40_000)]);
+    }
+
+    #[test]
+    fn the_window_end_expires_the_arm_and_nothing_fires_late() {
+        let (mut d, mut io) = streaming();
+        let t = T0 + 10_000;
+        send(
+            &mut d,
+            &mut io,
+            t,
+            2,
+            HostCommand::ArmReward(arm_cmd(9, (t + 30_000) as u32, 40_000)),
+        );
+        // The lever crosses exactly at the window's end: too late.
+        d.advance(t + 29_999, &mut io);
+        io.lever = 300;
+        d.advance(t + 60_000, &mut io);
+        assert!(fired(&io).is_empty());
+        assert!(valve_opens(&io).is_empty());
+        let e = ended(&io);
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].reason, disarm_reason::EXPIRED);
+        assert_eq!(u64::from(e[0].t_us), t + 30_000);
+        assert_eq!(e[0].trial_tag, 9);
+    }
+
+    #[test]
+    fn a_lever_already_past_the_threshold_must_come_back_first() {
+        let (mut d, mut io) = streaming();
+        io.lever = 150;
+        d.advance(T0 + 20_000, &mut io);
+        let t = T0 + 20_000;
+        send(
+            &mut d,
+            &mut io,
+            t,
+            2,
+            HostCommand::ArmReward(arm_cmd(1, (t + 500_000) as u32, 40_000)),
+        );
+        d.advance(t + 50_000, &mut io);
+        assert!(
+            fired(&io).is_empty(),
+            "held past the threshold: not a crossing"
+        );
+        io.lever = 60; // 53 from rest: below the re-arm point (60)
+        d.advance(t + 60_000, &mut io);
+        io.lever = 120;
+        d.advance(t + 70_000, &mut io);
+        assert_eq!(fired(&io).len(), 1);
+        assert_eq!(u64::from(fired(&io)[0].t_cross_us), t + 61_000);
+    }
+
+    #[test]
+    fn the_watchdog_disarms_and_a_later_crossing_never_opens_the_valve() {
+        let (mut d, mut io) = streaming();
+        let t = T0 + 10_000;
+        send(
+            &mut d,
+            &mut io,
+            t,
+            2,
+            HostCommand::ArmReward(arm_cmd(3, (t + 2_000_000) as u32, 40_000)),
+        );
+        // The host goes silent: the watchdog (500 ms) trips before the crossing.
+        d.advance(t + 600_000, &mut io);
+        io.lever = 500;
+        d.advance(t + 1_900_000, &mut io);
+        assert!(fired(&io).is_empty());
+        assert!(valve_opens(&io).is_empty());
+        let e = ended(&io);
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].reason, disarm_reason::WATCHDOG);
+        assert_eq!(u64::from(e[0].t_us), t + 500_000);
+    }
+
+    #[test]
+    fn disarm_reset_and_configure_end_the_arm() {
+        let (mut d, mut io) = streaming();
+        let t = T0 + 10_000;
+        let end = (t + 500_000) as u32;
+        send(
+            &mut d,
+            &mut io,
+            t,
+            2,
+            HostCommand::ArmReward(arm_cmd(3, end, 40_000)),
+        );
+        send(
+            &mut d,
+            &mut io,
+            t + 1000,
+            3,
+            HostCommand::Disarm(Disarm { trial_tag: 4 }),
+        );
+        assert!(ended(&io).is_empty(), "another tag: nothing");
+        send(
+            &mut d,
+            &mut io,
+            t + 2000,
+            4,
+            HostCommand::Disarm(Disarm { trial_tag: 3 }),
+        );
+        send(
+            &mut d,
+            &mut io,
+            t + 3000,
+            5,
+            HostCommand::ArmReward(arm_cmd(6, end, 40_000)),
+        );
+        send(
+            &mut d,
+            &mut io,
+            t + 4000,
+            6,
+            HostCommand::Configure(configure(1000, 1)),
+        );
+        send(
+            &mut d,
+            &mut io,
+            t + 5000,
+            7,
+            HostCommand::ArmReward(arm_cmd(7, end, 40_000)),
+        );
+        send(&mut d, &mut io, t + 6000, 8, HostCommand::Reset);
+        let reasons: Vec<(u32, u8)> = ended(&io).iter().map(|e| (e.trial_tag, e.reason)).collect();
+        assert_eq!(
+            reasons,
+            vec![
+                (3, disarm_reason::HOST),
+                (6, disarm_reason::CONFIGURE),
+                (7, disarm_reason::RESET)
+            ]
+        );
+        assert!(io.acks().iter().all(|a| status_of(a) == AckStatus::Ok));
+    }
+
+    #[test]
+    fn bad_arms_are_refused_with_the_right_status() {
+        let (mut d, mut io) = boot(T0);
+        let t = T0 + 1000;
+        let end = (t + 500_000) as u32;
+        // Not streaming: nothing to decide on.
+        send(
+            &mut d,
+            &mut io,
+            t,
+            1,
+            HostCommand::ArmReward(arm_cmd(1, end, 40_000)),
+        );
+        send(
+            &mut d,
+            &mut io,
+            t,
+            2,
+            HostCommand::Configure(configure(1000, 1)),
+        );
+        // Over the pulse cap (200 ms): refused, never clamped.
+        send(
+            &mut d,
+            &mut io,
+            t,
+            3,
+            HostCommand::ArmReward(arm_cmd(1, end, 200_001)),
+        );
+        let mut bad = arm_cmd(1, end, 40_000);
+        bad.rearm_counts = 100;
+        send(&mut d, &mut io, t, 4, HostCommand::ArmReward(bad));
+        send(
+            &mut d,
+            &mut io,
+            t,
+            5,
+            HostCommand::ArmReward(arm_cmd(1, t as u32, 40_000)),
+        );
+        send(
+            &mut d,
+            &mut io,
+            t,
+            6,
+            HostCommand::ArmReward(arm_cmd(1, end, 0)),
+        );
+        send(
+            &mut d,
+            &mut io,
+            t,
+            7,
+            HostCommand::ArmReward(arm_cmd(1, end, 40_000)),
+        );
+        send(
+            &mut d,
+            &mut io,
+            t,
+            8,
+            HostCommand::ArmReward(arm_cmd(2, end, 40_000)),
+        );
+        let got: Vec<(u16, AckStatus)> = io
+            .acks()
+            .iter()
+            .map(|a| (a.acked_seq, status_of(a)))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, AckStatus::Refused),
+                (2, AckStatus::Ok),
+                (3, AckStatus::Refused),
+                (4, AckStatus::BadValue),
+                (5, AckStatus::BadValue),
+                (6, AckStatus::BadValue),
+                (7, AckStatus::Ok),
+                (8, AckStatus::Busy),
+            ]
+        );
+    }
+}
+
+#[test]
+fn disarm_of_the_last_arm_repeats_its_report() {
+    use protocol::serial::{direction, ArmReward, Disarm};
+    let (mut d, mut io) = boot(1_000_000);
+    send(
+        &mut d,
+        &mut io,
+        1_000_000,
+        1,
+        HostCommand::Configure(configure(1000, 1)),
+    );
+    d.advance(1_010_000, &mut io);
+    let arm = ArmReward {
+        trial_tag: 11,
+        rest_counts: 7,
+        threshold_counts: 50,
+        rearm_counts: 20,
+        direction: direction::UP,
+        window_end_us: 1_500_000,
+        pulse_us: 10_000,
+    };
+    send(&mut d, &mut io, 1_010_000, 2, HostCommand::ArmReward(arm));
+    io.lever = 100;
+    d.advance(1_020_000, &mut io);
+    io.take();
+    // The host lost the link and asks: the report comes again, once.
+    send(
+        &mut d,
+        &mut io,
+        1_100_000,
+        3,
+        HostCommand::Disarm(Disarm { trial_tag: 11 }),
+    );
+    let again: Vec<_> = io
+        .take()
+        .into_iter()
+        .filter_map(|m| match m {
+            Msg::RewardFired(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].trial_tag, 11);
+    assert_eq!(u64::from(again[0].t_cross_us), 1_011_000);
+    // Another tag: nothing.
+    send(
+        &mut d,
+        &mut io,
+        1_100_000,
+        4,
+        HostCommand::Disarm(Disarm { trial_tag: 12 }),
+    );
+    assert!(!io
+        .take()
+        .iter()
+        .any(|m| matches!(m, Msg::RewardFired(_) | Msg::RewardEnded(_))));
 }
