@@ -609,3 +609,36 @@ fn a_stop_and_a_start_sent_together_never_orphan_a_session() {
         dirs.len()
     );
 }
+
+#[test]
+fn a_sigterm_the_moment_rigd_answers_is_a_clean_exit() {
+    // systemd (or a person) may stop rigd as soon as it is up: the signal
+    // must be rigd's to act on from before its socket exists, never the
+    // default action that kills it on the spot and leaves the socket.
+    let dir = TempDir::new("term-at-once");
+    let socket = dir.path().join("rigd.sock");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).expect("data");
+    let config = dir.path().join("rig.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[rig]\nserial_port = {:?}\n\n[storage]\ndata_root = {:?}\n\n[control]\nsocket = {:?}\n\n\
+             [preview]\nenabled = false\n\n[imaging]\nenabled = false\n",
+            dir.path().join("no-such-tty").display().to_string(),
+            data.display().to_string(),
+            socket.display().to_string()
+        ),
+    )
+    .expect("config");
+    for round in 0..5 {
+        let rigd = Rigd::start(&config, &socket);
+        rigd.signal("TERM");
+        let (status, stderr) = rigd.wait(30);
+        assert!(
+            status.success(),
+            "round {round}: rigd exit {status}: {stderr}"
+        );
+        assert!(!socket.exists(), "round {round}: socket removed at exit");
+    }
+}

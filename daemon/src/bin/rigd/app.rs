@@ -129,6 +129,28 @@ impl std::fmt::Debug for App {
     }
 }
 
+/// The signals rigd acts on, registered before anything else is set up: a
+/// SIGTERM from the moment rigd starts (systemd stopping it at once, a test)
+/// is taken and acted on, never the default action (killed on the spot,
+/// leaving its socket behind).
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Register SIGTERM, SIGINT and SIGHUP (inside the runtime).
+    pub fn register() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 impl App {
     /// Start the link and the control socket.
     pub async fn start(
@@ -286,12 +308,14 @@ impl App {
 
     /// Serve requests until SIGTERM or SIGINT; SIGHUP reloads the
     /// configuration between sessions. A running session is stopped cleanly
-    /// (files finished) before returning.
-    pub async fn run_until_signal(&mut self) -> anyhow::Result<()> {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
+    /// (files finished) before returning. `signals` were registered before
+    /// the socket was bound, so a signal sent at any moment is taken.
+    pub async fn run_until_signal(&mut self, signals: Signals) -> anyhow::Result<()> {
+        let Signals {
+            mut term,
+            mut int,
+            mut hup,
+        } = signals;
         let mut health = tokio::time::interval(Duration::from_secs(1));
         // Set by SIGTERM/SIGINT: exit once the running session (if any) has
         // finished its files. Requests are served until then.

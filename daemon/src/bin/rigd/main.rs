@@ -147,6 +147,8 @@ fn run_daemon(path: PathBuf, format: app::LogFormat) -> ExitCode {
         }
     };
     with_runtime(format, false, |log| async move {
+        // First: a SIGTERM from now on is rigd's to act on.
+        let signals = app::Signals::register()?;
         for w in &loaded.warnings {
             tracing::warn!("{w}");
         }
@@ -161,7 +163,7 @@ fn run_daemon(path: PathBuf, format: app::LogFormat) -> ExitCode {
         }
         let settings = firmware_bridge::link::LinkSettings::from_config(&cfg);
         let mut app = app::App::start(cfg, Some(path), settings, log).await?;
-        let result = app.run_until_signal().await;
+        let result = app.run_until_signal(signals).await;
         app.shutdown().await;
         result
     })
