@@ -193,6 +193,17 @@ pub fn python() -> PathBuf {
     std::env::var_os("RIG_PYTHON").map_or_else(|| PathBuf::from("python3"), PathBuf::from)
 }
 
+/// `PYTHONPATH` with the checkout's `python/` first, so tests import
+/// `rigsession` from this very commit, not from an installed copy.
+pub fn checkout_pythonpath() -> std::ffi::OsString {
+    let mut path = std::ffi::OsString::from(workspace_root().join("python"));
+    if let Some(old) = std::env::var_os("PYTHONPATH") {
+        path.push(":");
+        path.push(old);
+    }
+    path
+}
+
 /// Run a Python snippet with `args`; panics with its output if it fails.
 pub fn run_python(code: &str, args: &[&std::ffi::OsStr]) -> String {
     let out = Command::new(python())

@@ -62,11 +62,7 @@ fn nwb_available() -> bool {
 /// `$RIG_PYTHON args`, with this checkout's `python/` first on the path, so
 /// the code under test is the working tree's, not an installed copy.
 fn py<S: AsRef<OsStr>>(args: &[S]) -> Output {
-    let mut path = std::ffi::OsString::from(workspace_root().join("python"));
-    if let Some(old) = std::env::var_os("PYTHONPATH") {
-        path.push(":");
-        path.push(old);
-    }
+    let path = rig_tests::checkout_pythonpath();
     Command::new(python())
         .args(args)
         .env("PYTHONPATH", path)

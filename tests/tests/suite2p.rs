@@ -11,11 +11,7 @@ use session_format::NpyData;
 #[test]
 fn suite2p_rois_convert_to_a_label_image_rigd_reads() {
     let dir = TempDir::new("suite2p");
-    let mut path = std::ffi::OsString::from(workspace_root().join("python"));
-    if let Some(old) = std::env::var_os("PYTHONPATH") {
-        path.push(":");
-        path.push(old);
-    }
+    let path = rig_tests::checkout_pythonpath();
     // numpy is what the conversion needs (CI installs it; without it this
     // fails, it does not skip).
     let out = Command::new(python())

@@ -81,10 +81,7 @@ fn alerts(rig: &Rig, want: usize) -> Vec<serde_json::Value> {
 }
 
 fn valve_openings(rig: &Rig) -> usize {
-    read_tsv(&rig.truth)
-        .iter()
-        .filter(|r| r["kind"] == "valve_open")
-        .count()
+    rig_tests::valve_openings(&rig.truth)
 }
 
 #[test]
@@ -259,12 +256,7 @@ fn a_manual_pulse_given_to_a_mouse_counts_for_its_day() {
         ],
     );
     assert_eq!(code, 0, "mouse add: {out}{err}");
-    let openings = || {
-        read_tsv(&rig.truth)
-            .iter()
-            .filter(|r| r["kind"] == "valve_open")
-            .count()
-    };
+    let openings = || valve_openings(&rig);
     // A mouse without a record: refused before the valve opens.
     let (code, out, err) = rigctl(
         &rig.socket,
