@@ -311,7 +311,7 @@ fn a_silent_device_is_detected_and_the_session_resumes() {
     // The device decides the reward: armed at cue 2 before it fell silent,
     // it may have opened the valve at the crossing during the silence, and
     // rigd learns it when the link is back. Either way the record says what
-    // the valve did: every opening on the device is a rewarded trial.
+    // the valve did (the opening-for-opening account is armed.rs's test).
     assert!(
         t2["outcome"] == "aborted" || t2["outcome"] == "rewarded",
         "trial 2: {t2:?}"
@@ -322,12 +322,6 @@ fn a_silent_device_is_detected_and_the_session_resumes() {
         trials.len()
     );
     assert_valve_within(&rig, 200.0);
-    let rewarded = trials.iter().filter(|t| t["outcome"] == "rewarded").count();
-    assert_eq!(
-        truth_rows(&rig, "valve_open").len(),
-        rewarded,
-        "valve openings on the device vs rewarded trials"
-    );
 }
 
 #[test]
