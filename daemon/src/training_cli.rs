@@ -246,3 +246,77 @@ pub fn next_session(ctx: &Ctx, mouse: &str) -> String {
     }
     out
 }
+
+/// `rigctl mouse reference set`: check the image and, when given, that the
+/// label image (and table) fits it as rigd will read them, then make them
+/// the mouse's imaging reference.
+pub fn reference_set(
+    ctx: &Ctx,
+    id: &str,
+    new: training::reference::NewReference,
+) -> Result<training::reference::MouseReference, String> {
+    let (w, h) = training::reference::check_image(&new.image).map_err(|e| e.to_string())?;
+    if let Some(labels) = &new.roi_labels {
+        let rois = crate::imaging::rois::RoiSet::load(
+            labels,
+            new.roi_table.as_deref(),
+            w as usize,
+            h as usize,
+            &crate::imaging::rois::NeuropilParams::default(),
+        )
+        .map_err(|e| format!("{e} (the reference image is {w} x {h})"))?;
+        if rois.is_empty() {
+            return Err(format!(
+                "{}: no ROI in the label image (every pixel is 0)",
+                labels.display()
+            ));
+        }
+    }
+    if let Some(c) = &ctx.config {
+        if c.imaging.enabled && (c.imaging.width, c.imaging.height) != (w, h) {
+            return Err(format!(
+                "{}: the image is {w} x {h} pixels, this rig's frames are {} x {} ([imaging] \
+                 width/height): give a mean image from a session at this frame size",
+                new.image.display(),
+                c.imaging.width,
+                c.imaging.height
+            ));
+        }
+    }
+    let now = session_format::rfc3339_utc(std::time::SystemTime::now());
+    training::reference::set(&ctx.data_root, id, &new, now).map_err(|e| e.to_string())
+}
+
+/// The reference record, for people.
+pub fn reference_text(r: &training::reference::MouseReference) -> String {
+    let rec = &r.record;
+    let mut out = format!(
+        "imaging reference    {}\nset                  {}{}\nsource               {}\nsize                 {} x {} px\n",
+        r.image.display(),
+        rec.set_utc,
+        rec.operator
+            .as_deref()
+            .map(|o| format!(" by {o}"))
+            .unwrap_or_default(),
+        rec.from_session.as_deref().unwrap_or(&rec.source),
+        rec.width,
+        rec.height
+    );
+    match &r.roi_labels {
+        Some(l) => out += &format!("roi labels           {}\n", l.display()),
+        None => out += "roi labels           none (the rig's [imaging].roi_labels, if any)\n",
+    }
+    if let Some(t) = &r.roi_table {
+        out += &format!("roi table            {}\n", t.display());
+    }
+    if let Some(n) = &rec.note {
+        out += &format!("note                 {n}\n");
+    }
+    if let Some(p) = &rec.previous_set_utc {
+        out += &format!(
+            "replaces             the reference set {p} from {}\n",
+            rec.previous_source.as_deref().unwrap_or("?")
+        );
+    }
+    out
+}

@@ -171,6 +171,10 @@ pub struct StartRequest {
     /// The mouse's weight before the session, g.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight_g: Option<f64>,
+    /// Start even if the field-of-view check finds the image beyond its
+    /// limits (recorded in session.toml's `[fov_check]`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub accept_fov: bool,
 }
 
 impl StartRequest {
@@ -772,7 +776,7 @@ pub struct StatusReply {
 }
 
 /// Payload of the `start` response.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct StartReply {
     pub session_dir: String,
     pub mouse: String,
@@ -786,9 +790,42 @@ pub struct StartReply {
     pub stage: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage_why: Option<String>,
-    /// What the experimenter should know (a weight below the welfare threshold).
+    /// What the experimenter should know (a weight below the welfare
+    /// threshold, a field of view beyond its limits).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// The field-of-view check against the imaging reference, if one was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fov_check: Option<FovSummary>,
+}
+
+/// The field-of-view check of a start: the first frames' mean image
+/// registered against the imaging reference.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct FovSummary {
+    /// `"pass"`, `"warned"` (beyond a limit, started under `on_fail =
+    /// "warn"`), `"accepted"` (beyond a limit, started with `accept_fov`)
+    /// or `"not_checked"` (the check could not be made).
+    pub verdict: String,
+    /// Where the reference came from: `"mouse"` or `"rig"`.
+    pub reference: String,
+    /// Shift of the image content from the reference, px (x right, y down).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dx_px: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dy_px: Option<f64>,
+    /// The shift's length in µm, when the pixel size is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shift_um: Option<f64>,
+    /// Rotation, degrees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation_deg: Option<f64>,
+    /// Pearson's r with the reference, shift and rotation undone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation: Option<f64>,
+    /// What was beyond the limits, or why no check could be made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
 }
 
 /// Payload of the `stop` response.

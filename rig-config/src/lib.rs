@@ -42,10 +42,10 @@ pub use calibration::{
 pub use error::{ConfigError, Problem, ToTomlError};
 pub use overrides::{OverrideError, OverrideProblem, TaskOverrideField};
 pub use schema::{
-    AlertsSection, BaselineMethod, BaselineSection, CalibrationPoint, ControlSection,
-    ImagingSection, LabSection, LowWeightAction, PreviewSection, RealtimeSection, RewardDecision,
-    RigConfig, RigSection, SafetySection, StorageSection, TaskSection, TrainingSection,
-    ValveSection,
+    AlertsSection, BaselineMethod, BaselineSection, CalibrationPoint, ControlSection, FovAction,
+    FovCheckSection, ImagingSection, LabSection, LowWeightAction, PreviewSection, RealtimeSection,
+    RewardDecision, RigConfig, RigSection, SafetySection, StorageSection, TaskSection,
+    TrainingSection, ValveSection,
 };
 pub use validate::{BITS_PER_BYTE_8N1, MAX_LEVER_LINK_SHARE, MAX_SOCKET_PATH_BYTES};
 pub use valve::CalibrationError;

@@ -296,8 +296,15 @@ pub struct ImagingSection {
     pub reference_image: Option<PathBuf>,
     /// Neuropil coefficient r in F - r * Fneu, 0..=1. Default 0.7.
     pub neuropil_coefficient: f64,
+    /// Size of one pixel in the sample, µm (> 0, <= 100). Absent = unknown:
+    /// shifts are then given in pixels only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pixel_size_um: Option<f64>,
     /// `[imaging.baseline]`: the causal F0 estimate.
     pub baseline: BaselineSection,
+    /// `[imaging.fov_check]`: the field of view against the mouse's
+    /// reference at each start.
+    pub fov_check: FovCheckSection,
 }
 
 impl Default for ImagingSection {
@@ -315,9 +322,68 @@ impl Default for ImagingSection {
             motion_correction: true,
             reference_image: None,
             neuropil_coefficient: 0.7,
+            pixel_size_um: None,
             baseline: BaselineSection::default(),
+            fov_check: FovCheckSection::default(),
         }
     }
+}
+
+/// `[imaging.fov_check]`: before the task starts, the mean of the first
+/// frames is registered against the imaging reference (the mouse's, or the
+/// rig's `reference_image`); a shift, rotation or correlation beyond these
+/// limits warns or refuses the start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FovCheckSection {
+    /// Check at all (when there is a reference). Default true.
+    pub enabled: bool,
+    /// Frames averaged for the check, 1..=1000. Default 60 (about 2 s at
+    /// 28.7 Hz).
+    pub frames: u32,
+    /// Longest wait for those frames, s, 1..=120. Default 10.
+    pub timeout_s: f64,
+    /// Largest shift accepted, px, > 0. Default 8 (well under a cell body
+    /// at 512 x 512; an assumption, set it for your objective and zoom).
+    pub max_shift_px: f64,
+    /// Largest shift accepted, µm: replaces `max_shift_px` when set (needs
+    /// `[imaging].pixel_size_um`). No default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_shift_um: Option<f64>,
+    /// Largest rotation accepted, degrees, 0..=10. Default 2.
+    pub max_rotation_deg: f64,
+    /// Smallest correlation with the reference accepted (after the shift
+    /// and rotation are undone), 0..=1. Default 0.5.
+    pub min_correlation: f64,
+    /// What a check beyond the limits (or one that cannot be made) does:
+    /// `"refuse"` the start, or `"warn"` and start. Default `"refuse"`.
+    pub on_fail: FovAction,
+}
+
+impl Default for FovCheckSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            frames: 60,
+            timeout_s: 10.0,
+            max_shift_px: 8.0,
+            max_shift_um: None,
+            max_rotation_deg: 2.0,
+            min_correlation: 0.5,
+            on_fail: FovAction::Refuse,
+        }
+    }
+}
+
+/// What a field-of-view check beyond its limits does to the start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FovAction {
+    /// Refuse the start (the operator moves the stage, or starts again
+    /// with `--accept-fov`).
+    Refuse,
+    /// Start, and say so (in the answer, the log and session.toml).
+    Warn,
 }
 
 /// `[imaging.baseline]`: how F0 is estimated from a trailing window.

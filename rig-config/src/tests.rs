@@ -108,6 +108,8 @@ fn example_file_sets_every_key() {
         "daily_water_target_ul",
         "calibration_file",
         "calibrated_utc",
+        "pixel_size_um",
+        "max_shift_um",
     ] {
         assert!(EXAMPLE.contains(&format!("# {key} = ")), "{key} not shown");
     }
@@ -704,6 +706,28 @@ fn edit_distance_and_suggestions() {
     assert_eq!(closest("zzz", &allowed), None);
     assert_eq!(closest("window", &allowed), Some("window_s"));
     assert_eq!(closest("win", &allowed), None);
+}
+
+#[test]
+fn fov_check_limits_are_checked_and_a_limit_in_um_needs_the_pixel_size() {
+    let e = error("[imaging.fov_check]\nmax_shift_um = 5.0\n");
+    assert!(
+        e.contains("imaging.fov_check.max_shift_um") && e.contains("pixel_size_um"),
+        "{e}"
+    );
+    let l = loaded("[imaging]\npixel_size_um = 0.8\n[imaging.fov_check]\nmax_shift_um = 5.0\n");
+    assert_eq!(l.config.imaging.fov_check.max_shift_um, Some(5.0));
+    for (bad, key) in [
+        ("frames = 0", "imaging.fov_check.frames"),
+        ("min_correlation = 1.5", "imaging.fov_check.min_correlation"),
+        ("max_shift_px = 0.0", "imaging.fov_check.max_shift_px"),
+        ("on_fail = \"ignore\"", "on_fail"),
+    ] {
+        let e = error(&format!("[imaging.fov_check]\n{bad}\n"));
+        assert!(e.contains(key), "{bad}: {e}");
+    }
+    let e = error("[imaging]\npixel_size_um = -1.0\n");
+    assert!(e.contains("imaging.pixel_size_um"), "{e}");
 }
 
 #[test]

@@ -536,6 +536,67 @@ fn imaging(c: &RigConfig, out: &mut Issues) {
             }
         }
     }
+    if let Some(px) = im.pixel_size_um {
+        if !(px > 0.0 && px <= 100.0) {
+            out.push(
+                "imaging.pixel_size_um",
+                fmt_f64(px),
+                "must be > 0 and <= 100 µm (the size of one pixel in the sample)",
+            );
+        }
+    }
+    let fc = &im.fov_check;
+    out.int_range(
+        "imaging.fov_check.frames",
+        fc.frames.into(),
+        1,
+        1000,
+        " frames",
+    );
+    out.float_range(
+        "imaging.fov_check.timeout_s",
+        fc.timeout_s,
+        1.0,
+        120.0,
+        " s",
+    );
+    if !(fc.max_shift_px > 0.0 && fc.max_shift_px.is_finite()) {
+        out.push(
+            "imaging.fov_check.max_shift_px",
+            fmt_f64(fc.max_shift_px),
+            "must be a finite number > 0 pixels",
+        );
+    }
+    if let Some(um) = fc.max_shift_um {
+        if !(um > 0.0 && um.is_finite()) {
+            out.push(
+                "imaging.fov_check.max_shift_um",
+                fmt_f64(um),
+                "must be a finite number > 0 µm",
+            );
+        } else if im.pixel_size_um.is_none() {
+            out.push(
+                "imaging.fov_check.max_shift_um",
+                fmt_f64(um),
+                "needs [imaging].pixel_size_um (µm per pixel) to convert it: set \
+                 pixel_size_um, or give the limit in pixels with max_shift_px",
+            );
+        }
+    }
+    out.float_range(
+        "imaging.fov_check.max_rotation_deg",
+        fc.max_rotation_deg,
+        0.0,
+        10.0,
+        " degrees",
+    );
+    out.float_range(
+        "imaging.fov_check.min_correlation",
+        fc.min_correlation,
+        0.0,
+        1.0,
+        "",
+    );
     out.float_range(
         "imaging.neuropil_coefficient",
         im.neuropil_coefficient,

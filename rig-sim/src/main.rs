@@ -145,6 +145,10 @@ struct Args {
     /// ring generation, frame numbers from 1 again.
     #[arg(long, value_name = "N")]
     microscope_restart_frame: Option<u64>,
+    /// Move the microscope's whole field of view by DX,DY pixels (the same
+    /// neurons, placed differently, as on another day), e.g. 3.5,-2.
+    #[arg(long, value_name = "DX,DY", default_value = "0,0", value_parser = parse_offset, allow_hyphen_values = true)]
+    fov_offset: (f64, f64),
 }
 
 /// `WxH`, e.g. `512x512`.
@@ -160,6 +164,20 @@ fn parse_size(s: &str) -> anyhow::Result<(u32, u32)> {
             .with_context(|| format!("'{s}': each side must be 8..=4096"))
     };
     Ok((n(w)?, n(h)?))
+}
+
+fn parse_offset(s: &str) -> anyhow::Result<(f64, f64)> {
+    let (x, y) = s
+        .split_once(',')
+        .with_context(|| format!("'{s}': expected DX,DY in pixels, e.g. 3.5,-2"))?;
+    let n = |v: &str| {
+        v.trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite() && v.abs() <= 64.0)
+            .with_context(|| format!("'{s}': each offset must be a number within +-64 px"))
+    };
+    Ok((n(x)?, n(y)?))
 }
 
 impl Args {
@@ -207,6 +225,7 @@ impl Args {
                 m.truth_dir = self.microscope_truth;
                 m.start_frame = self.microscope_start_frame;
                 m.restart_frame = self.microscope_restart_frame;
+                m.fov_offset_px = self.fov_offset;
                 m
             }),
         }

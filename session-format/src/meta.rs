@@ -121,6 +121,11 @@ pub struct SessionInfo {
     /// training day, weight), written as the `[training]` table; its keys
     /// are the `training` crate's (docs/training.md).
     pub training: Option<toml::Table>,
+    /// The imaging reference the session's motion correction and ROIs used
+    /// (the mouse's or the rig's), written as `[imaging_reference]`.
+    pub imaging_reference: Option<toml::Table>,
+    /// The field-of-view check at the start, written as `[fov_check]`.
+    pub fov_check: Option<toml::Table>,
 }
 
 /// The on-disk shape of session.toml. Field order is file order.
@@ -154,6 +159,12 @@ pub(crate) struct SessionToml {
     /// The session's place in the mouse's training (docs/training.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training: Option<toml::Table>,
+    /// The imaging reference used (docs/session-format.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imaging_reference: Option<toml::Table>,
+    /// The field-of-view check at the start (docs/session-format.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fov_check: Option<toml::Table>,
     /// Every `.npy` stream and its chunk files in order (`lever =
     /// ["lever.npy", "lever.001.npy"]`), as of the last rewrite.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]

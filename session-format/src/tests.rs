@@ -53,6 +53,8 @@ fn start_time() -> SystemTime {
 fn info() -> SessionInfo {
     SessionInfo {
         training: None,
+        imaging_reference: None,
+        fov_check: None,
         rig: "rig7".to_owned(),
         notes: "day 3, \"good\" mouse".to_owned(),
         config_toml: toml::to_string(&rig_config::RigConfig::default()).unwrap(),

@@ -446,6 +446,8 @@ fn build_meta(
         realtime: info.realtime.clone(),
         lever_rest: None,
         training: info.training.clone(),
+        imaging_reference: info.imaging_reference.clone(),
+        fov_check: info.fov_check.clone(),
         chunks: Default::default(),
         config: config.clone(),
         extra: toml::Table::new(),

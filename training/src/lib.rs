@@ -11,6 +11,7 @@
 
 pub mod fsio;
 pub mod history;
+pub mod reference;
 pub mod report;
 pub mod stages;
 pub mod subject;

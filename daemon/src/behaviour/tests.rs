@@ -514,6 +514,8 @@ fn summary_from_the_chunk_files_is_the_summary_of_the_written_trace() {
     let cfg = rig_config::RigConfig::default();
     let info = SessionInfo {
         training: None,
+        imaging_reference: None,
+        fov_check: None,
         rig: "rig1".into(),
         notes: String::new(),
         config_toml: cfg.to_toml_string().unwrap(),

@@ -79,6 +79,10 @@ enum Cmd {
         /// The mouse's weight today, g (checked against the welfare rule).
         #[arg(long)]
         weight_g: Option<f64>,
+        /// Start even if the field of view is beyond the limits of
+        /// [imaging.fov_check] (recorded in session.toml).
+        #[arg(long)]
+        accept_fov: bool,
     },
     /// Stop the running session and print its summary.
     Stop {
@@ -215,6 +219,46 @@ impl From<SubjectArgs> for daemon::training_cli::SubjectFields {
 }
 
 #[derive(Debug, Subcommand)]
+enum ReferenceCmd {
+    /// Set (or replace) the mouse's imaging reference: a session's mean
+    /// image (and the ROI label image and table it used), or files.
+    Set {
+        /// The mouse's id.
+        id: String,
+        /// A session folder of the mouse: its mean_image.npy, and its
+        /// roi_labels.* and roi_table.tsv if it has them.
+        #[arg(
+            long,
+            value_name = "DIR",
+            required_unless_present = "image",
+            conflicts_with = "image"
+        )]
+        from_session: Option<PathBuf>,
+        /// A mean image instead: float32 NPY (..., height, width).
+        #[arg(long, value_name = "FILE")]
+        image: Option<PathBuf>,
+        /// The ROI label image drawn on it (NPY or TIFF; replaces the
+        /// session's).
+        #[arg(long, value_name = "FILE")]
+        labels: Option<PathBuf>,
+        /// The ROI table for the labels (TSV).
+        #[arg(long, value_name = "FILE", requires = "labels")]
+        table: Option<PathBuf>,
+        /// Who sets it (default: $USER).
+        #[arg(long)]
+        operator: Option<String>,
+        /// Why (kept in the record).
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Print the mouse's imaging reference record.
+    Show {
+        /// The mouse's id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum MouseCmd {
     /// Add a mouse: writes <data_root>/<mouse>/subject.toml.
     Add {
@@ -230,6 +274,12 @@ enum MouseCmd {
     },
     /// Every mouse on the data root.
     List,
+    /// The mouse's imaging reference (its day-1 field of view and ROIs),
+    /// kept in its folder and used by every rig.
+    Reference {
+        #[command(subcommand)]
+        action: ReferenceCmd,
+    },
     /// Change fields of a mouse's record.
     Edit {
         /// The mouse's id.
@@ -455,6 +505,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             stage_reason,
             operator,
             weight_g,
+            accept_fov,
         } => {
             let operator = operator.or_else(|| std::env::var("USER").ok());
             let v = client.call(
@@ -466,8 +517,11 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     stage_reason,
                     operator,
                     weight_g,
+                    accept_fov,
                 }),
-                quick,
+                // The field-of-view check waits for frames first (at most
+                // [imaging.fov_check].timeout_s, 120 s).
+                Duration::from_secs(150),
             )?;
             if !json {
                 println!(
@@ -485,6 +539,18 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                         );
                     }
                     println!();
+                }
+                if let Some(f) = v.get("fov_check").filter(|f| f.is_object()) {
+                    let n = |k: &str| f[k].as_f64().map_or("-".into(), |x| format!("{x:+.1}"));
+                    println!(
+                        "  field of view: {} (reference: {}; dx {} px, dy {} px, rotation {}°, r = {})",
+                        f["verdict"].as_str().unwrap_or("?"),
+                        f["reference"].as_str().unwrap_or("?"),
+                        n("dx_px"),
+                        n("dy_px"),
+                        n("rotation_deg"),
+                        f["correlation"].as_f64().map_or("-".into(), |x| format!("{x:.2}"))
+                    );
                 }
                 for w in v["warnings"].as_array().into_iter().flatten() {
                     println!("  WARNING: {}", w.as_str().unwrap_or_default());
@@ -775,6 +841,61 @@ fn training_command(cli: Cli) -> Result<ExitCode, Failure> {
                 }
             }
             MouseCmd::List => print!("{}", t::mouse_list(&ctx).map_err(refused)?),
+            MouseCmd::Reference {
+                action:
+                    ReferenceCmd::Set {
+                        id,
+                        from_session,
+                        image,
+                        labels,
+                        table,
+                        operator,
+                        note,
+                    },
+            } => {
+                let mut new = match (from_session, image) {
+                    (Some(dir), _) => training::reference::NewReference::from_session(&dir)
+                        .map_err(|e| refused(e.to_string()))?,
+                    (None, Some(image)) => training::reference::NewReference {
+                        image,
+                        ..Default::default()
+                    },
+                    (None, None) => {
+                        return Err(Failure::Usage(
+                            "give --from-session DIR or --image FILE".into(),
+                        ))
+                    }
+                };
+                if labels.is_some() {
+                    new.roi_labels = labels;
+                    new.roi_table = table;
+                }
+                new.operator = operator.or_else(|| std::env::var("USER").ok());
+                new.note = note;
+                let r = t::reference_set(&ctx, &id, new).map_err(refused)?;
+                if json {
+                    println!("{}", serde_json::to_string(&r.record).unwrap_or_default());
+                } else {
+                    print!("{}", t::reference_text(&r));
+                    println!("saved {}", r.record_path.display());
+                }
+            }
+            MouseCmd::Reference {
+                action: ReferenceCmd::Show { id },
+            } => match training::reference::read(&ctx.data_root, &id)
+                .map_err(|e| refused(e.to_string()))?
+            {
+                Some(r) if json => {
+                    println!("{}", serde_json::to_string(&r.record).unwrap_or_default())
+                }
+                Some(r) => print!("{}", t::reference_text(&r)),
+                None => {
+                    return Err(refused(format!(
+                        "mouse {id} has no imaging reference: set one with `rigctl mouse \
+                         reference set {id} --from-session DIR`"
+                    )))
+                }
+            },
         },
         Cmd::History { mouse } => {
             let t::History {

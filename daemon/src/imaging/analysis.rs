@@ -128,7 +128,7 @@ impl std::fmt::Debug for Analysis {
 
 /// The motion reference from an earlier session's `mean_image.npy` (float32,
 /// `(..., H, W)`; the first H x W plane is used).
-fn load_reference(path: &Path, w: usize, h: usize) -> Result<Reference, AnalysisError> {
+pub(crate) fn load_reference(path: &Path, w: usize, h: usize) -> Result<Reference, AnalysisError> {
     let array = read_npy(path)?;
     let NpyData::F4(values) = &array.data else {
         return Err(AnalysisError::ReferenceDtype {

@@ -3,6 +3,7 @@
 
 pub mod analysis;
 pub mod dff;
+pub mod fov;
 pub mod ingest;
 pub mod motion;
 pub mod rois;

@@ -53,6 +53,11 @@ pub struct SessionPlan {
     /// The lab zone's offset from UTC at the start, s: the folder is named
     /// in the lab's local time.
     pub utc_offset_s: i32,
+    /// `session.toml`'s `[imaging_reference]` and `[fov_check]` tables (set
+    /// by the supervisor), and the mean image the check registered, H x W.
+    pub imaging_reference: Option<toml::Table>,
+    pub fov_check: Option<toml::Table>,
+    pub fov_mean: Option<Vec<f32>>,
 }
 
 /// Why a session did not start. Each message names what is wrong and the fix.
@@ -117,6 +122,12 @@ pub enum StartError {
     ConfigSnapshot(String),
     #[error("the rig thread is gone")]
     RigGone,
+    /// The field-of-view check refused the start (or could not be made).
+    #[error("{0}")]
+    FieldOfView(String),
+    /// The mouse's imaging reference cannot be used.
+    #[error("{0}")]
+    ImagingReference(String),
 }
 
 impl StartError {
@@ -134,6 +145,7 @@ impl StartError {
             | Self::WaterHistory(_)
             | Self::DiskFull { .. }
             | Self::DiskTooSlow(_) => ErrorCode::RefusedBySafety,
+            Self::FieldOfView(_) | Self::ImagingReference(_) => ErrorCode::BadRequest,
             // Not a fault of rigd's: the lab's folder needs attention.
             Self::Folder(
                 session_format::StorageError::DataRootMissing { .. }
@@ -226,6 +238,9 @@ impl SessionPlan {
             t0_us: facts.rig_now_us,
             training: None,
             utc_offset_s: 0,
+            imaging_reference: None,
+            fov_check: None,
+            fov_mean: None,
         })
     }
 

@@ -6,6 +6,7 @@
 //! path: it talks to the rig and storage threads through the messages of
 //! [`crate::session`].
 
+mod fov;
 mod open;
 mod training;
 
@@ -98,6 +99,36 @@ pub struct Supervisor {
     preview: Option<Arc<crate::preview::PreviewState>>,
     alerts: Alerter,
     watch: Watch,
+    /// A start waiting for its field-of-view check.
+    pending: Option<PendingStart>,
+}
+
+/// A start whose refusals are checked, waiting for its field-of-view check.
+#[derive(Debug)]
+struct PendingStart {
+    prepared: Prepared,
+    job: fov::FovJob,
+    reply: oneshot::Sender<Result<Value, ControlError>>,
+}
+
+/// What a start has decided before its files are opened.
+#[derive(Debug)]
+struct Prepared {
+    req: StartRequest,
+    trained: Option<training::TrainingStart>,
+    choice: fov::ImagingChoice,
+}
+
+/// The result of a start's field-of-view check (see
+/// [`Supervisor::background`]).
+#[derive(Debug)]
+pub struct FovCheckDone(Result<fov::Measured, String>);
+
+/// What [`Supervisor::background`] saw happen.
+#[derive(Debug)]
+pub enum Background {
+    FovCheck(FovCheckDone),
+    Finished(Result<FinishedSession, String>),
 }
 
 /// What the supervisor's once-a-second tick watches for alerts.
@@ -152,6 +183,7 @@ impl Supervisor {
                 last_disk_check: None,
                 disk_low_alerted: false,
             },
+            pending: None,
         }
     }
 
@@ -326,7 +358,48 @@ impl Supervisor {
         let answer = match request {
             Request::Start(start) => {
                 tracing::info!(%peer, mouse = %start.mouse, "start requested");
-                self.start(start).await.and_then(|r| to_value(&r))
+                if let Some(p) = &self.pending {
+                    Err(err(
+                        ErrorCode::Busy,
+                        format!(
+                            "the start for {} is checking its field of view: wait for its \
+                             answer, or stop to cancel it",
+                            p.prepared.req.mouse
+                        ),
+                    ))
+                } else {
+                    match self.begin_start(start) {
+                        Ok((prepared, Some(job))) => {
+                            // Answered when the check is done
+                            // (`complete_start`); requests go on being
+                            // served meanwhile.
+                            self.pending = Some(PendingStart {
+                                prepared,
+                                job,
+                                reply,
+                            });
+                            return;
+                        }
+                        Ok((prepared, None)) => self
+                            .finish_start(prepared, None)
+                            .await
+                            .map_err(ControlError::from)
+                            .and_then(|r| to_value(&r)),
+                        Err(e) => Err(e.into()),
+                    }
+                }
+            }
+            Request::Stop(_) if self.session.is_none() && self.pending.is_some() => {
+                tracing::info!(%peer, "stop requested during a field-of-view check");
+                let mouse = self.cancel_pending_start(&format!("stopped by {peer}"));
+                Err(err(
+                    ErrorCode::NotRunning,
+                    format!(
+                        "no session is running: the start for {} was cancelled during its \
+                         field-of-view check",
+                        mouse.unwrap_or_default()
+                    ),
+                ))
             }
             Request::Stop(stop) => {
                 tracing::info!(%peer, reason = ?stop.reason, "stop requested");
@@ -398,10 +471,28 @@ impl Supervisor {
         reply
     }
 
-    /// Start a session: plan it (a pure decision over the configuration,
-    /// the request and what is known now), open its files and threads, then
-    /// hand the task to the rig thread.
-    pub async fn start(&mut self, mut req: StartRequest) -> Result<StartReply, ControlError> {
+    /// Start a session and wait for it (field-of-view check included): for
+    /// callers that own the loop (`rigd demo`). The control socket's starts
+    /// go through [`Self::handle`], which keeps serving during the check.
+    pub async fn start(&mut self, req: StartRequest) -> Result<StartReply, ControlError> {
+        let (prepared, job) = self.begin_start(req)?;
+        let result =
+            match job {
+                Some(job) => Some(job.result.await.unwrap_or_else(|_| {
+                    Err("the field-of-view check ended without a result".into())
+                })),
+                None => None,
+            };
+        Ok(self.finish_start(prepared, result).await?)
+    }
+
+    /// The first half of a start: every refusal that can be decided now
+    /// (training, welfare, link, water, disk), the imaging reference, and
+    /// the field-of-view check's thread when there is one to make.
+    fn begin_start(
+        &mut self,
+        mut req: StartRequest,
+    ) -> Result<(Prepared, Option<fov::FovJob>), StartError> {
         // The lab's zone was checked with the configuration; UTC otherwise.
         let zone = ::training::LabZone::new(&self.cfg.lab.timezone)
             .unwrap_or_else(|_| ::training::LabZone::utc());
@@ -418,9 +509,34 @@ impl Supervisor {
                 tracing::warn!(mouse = %req.mouse, "{w}");
             }
         }
-        let mut plan = SessionPlan::new(&self.cfg, &req, &facts).map_err(|e| {
+        let plan = self.plan(&req, trained.as_ref(), &facts)?;
+        let choice = fov::ImagingChoice::resolve(&plan.cfg, &req.mouse);
+        let job = if choice.wants_check(&plan.cfg) {
+            tracing::info!(mouse = %req.mouse, "checking the field of view");
+            Some(fov::FovJob::spawn(&plan.cfg, &choice)?)
+        } else {
+            None
+        };
+        Ok((
+            Prepared {
+                req,
+                trained,
+                choice,
+            },
+            job,
+        ))
+    }
+
+    /// Plan a start (the stage named in a refusal of its settings).
+    fn plan(
+        &self,
+        req: &StartRequest,
+        trained: Option<&training::TrainingStart>,
+        facts: &StartFacts,
+    ) -> Result<SessionPlan, StartError> {
+        SessionPlan::new(&self.cfg, req, facts).map_err(|e| {
             // A stage's settings this rig cannot run: say which stage.
-            match (e, trained.as_ref().map(|t| &t.record)) {
+            match (e, trained.map(|t| &t.record)) {
                 (StartError::Overrides(o), Some(r)) if r.stage.is_some() => {
                     StartError::Training(format!(
                         "stage {} of {}: {o} (change the stage's [stage.task] in the protocol, \
@@ -431,7 +547,108 @@ impl Supervisor {
                 }
                 (e, _) => e,
             }
-        })?;
+        })
+    }
+
+    /// What the supervisor waits for besides requests and signals: the
+    /// waiting start's field-of-view check (pass it to
+    /// [`Self::complete_start`]), or the session's end
+    /// ([`Self::stop_finished`]; pass it to [`Self::complete_stop`]). No
+    /// session runs while a start waits, so it is one or the other.
+    /// Cancel-safe: for a `select!`.
+    pub async fn background(&mut self) -> Background {
+        match self.pending.as_mut() {
+            Some(p) => Background::FovCheck(FovCheckDone(match (&mut p.job.result).await {
+                Ok(r) => r,
+                Err(_) => Err("the field-of-view check ended without a result".into()),
+            })),
+            None => Background::Finished(self.stop_finished().await),
+        }
+    }
+
+    /// Finish the waiting start with its check's result and answer it.
+    pub async fn complete_start(&mut self, done: FovCheckDone) {
+        let Some(p) = self.pending.take() else {
+            return;
+        };
+        let answer = self
+            .finish_start(p.prepared, Some(done.0))
+            .await
+            .map_err(ControlError::from)
+            .and_then(|r| to_value(&r));
+        if let Err(e) = &answer {
+            tracing::warn!("start refused: {}", e.message);
+        }
+        let _ = p.reply.send(answer);
+    }
+
+    /// Cancel the start waiting for its field-of-view check (a stop, a
+    /// signal), answering it with `why`. Returns its mouse.
+    pub fn cancel_pending_start(&mut self, why: &str) -> Option<String> {
+        let p = self.pending.take()?;
+        p.job
+            .cancel
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let mouse = p.prepared.req.mouse.clone();
+        tracing::info!(%mouse, "start cancelled during its field-of-view check: {why}");
+        let _ = p.reply.send(Err(err(
+            ErrorCode::Busy,
+            format!("the start for {mouse} was cancelled during its field-of-view check: {why}"),
+        )));
+        Some(mouse)
+    }
+
+    /// The second half of a start: plan it again (its t0 is now; a pure
+    /// decision over the configuration, the request and what is known now),
+    /// decide on the field of view, open its files and threads, then hand
+    /// the task to the rig thread.
+    async fn finish_start(
+        &mut self,
+        prepared: Prepared,
+        fov_result: Option<Result<fov::Measured, String>>,
+    ) -> Result<StartReply, StartError> {
+        let Prepared {
+            req,
+            trained,
+            choice,
+        } = prepared;
+        let zone = ::training::LabZone::new(&self.cfg.lab.timezone)
+            .unwrap_or_else(|_| ::training::LabZone::utc());
+        let now = SystemTime::now();
+        let facts = self.start_facts(&req.mouse, &zone);
+        let mut plan = self.plan(&req, trained.as_ref(), &facts)?;
+        let mut decision = match fov_result {
+            Some(r) => Some(fov::decide(&plan.cfg, &choice, &req, r)?),
+            None => None,
+        };
+        let mut warnings: Vec<String> = trained
+            .as_ref()
+            .map(|t| t.warnings.clone())
+            .unwrap_or_default();
+        if let Some(d) = &decision {
+            let s = &d.summary;
+            tracing::info!(
+                mouse = %req.mouse,
+                verdict = %s.verdict,
+                dx_px = ?s.dx_px,
+                dy_px = ?s.dy_px,
+                rotation_deg = ?s.rotation_deg,
+                correlation = ?s.correlation,
+                "field-of-view check"
+            );
+            for w in &d.warnings {
+                tracing::warn!(mouse = %req.mouse, "{w}");
+            }
+            warnings.extend(d.warnings.iter().cloned());
+        } else if let Some(p) = &choice.problem {
+            // Not checked (the check is off): the rig's files are used.
+            tracing::warn!(mouse = %req.mouse, "{p}");
+            warnings.push(p.clone());
+        }
+        choice.apply(&mut plan.cfg);
+        plan.imaging_reference = choice.table();
+        plan.fov_check = decision.as_ref().map(|d| d.table.clone());
+        plan.fov_mean = decision.as_mut().and_then(|d| d.mean.take());
         plan.utc_offset_s = zone.offset_s(now);
         plan.training = trained
             .as_ref()
@@ -497,7 +714,7 @@ impl Supervisor {
             started_utc: started_utc.clone(),
             t0_us,
         }));
-        let record = trained.map(|t| (t.record, t.warnings));
+        let record = trained.map(|t| (t.record, ()));
         Ok(StartReply {
             session_dir: path.display().to_string(),
             mouse: req.mouse,
@@ -505,7 +722,8 @@ impl Supervisor {
             training_day: record.as_ref().map(|(r, _)| r.day),
             stage: record.as_ref().and_then(|(r, _)| r.stage.clone()),
             stage_why: record.as_ref().and_then(|(r, _)| r.stage_why.clone()),
-            warnings: record.map(|(_, w)| w).unwrap_or_default(),
+            warnings,
+            fov_check: decision.map(|d| d.summary),
         })
     }
 

@@ -68,11 +68,17 @@ pub(super) fn open(plan: SessionPlan, ctx: OpenContext<'_>) -> Result<Opened, St
         clock_sync: None,
         realtime: Some(tuning.record().clone()),
         training: plan.training.clone(),
+        imaging_reference: plan.imaging_reference.clone(),
+        fov_check: plan.fov_check.clone(),
     };
     let fsync = Duration::from_millis(u64::from(cfg.storage.fsync_interval_ms));
     let chunk_len = Duration::from_secs(u64::from(cfg.storage.chunk_minutes) * 60);
     let writer = SessionWriter::create(dir, info, fsync, chunk_len).map_err(StartError::Writer)?;
     let path = writer.path().to_path_buf();
+    if let Some(mean) = &plan.fov_mean {
+        write_fov_mean(&path, mean, cfg.imaging.width, cfg.imaging.height)
+            .map_err(StartError::Writer)?;
+    }
 
     let (records, records_out) = records_ring();
     let (tx, rx) = crossbeam_channel::bounded(storage_thread::CONTROL_QUEUE);
@@ -126,6 +132,27 @@ pub(super) fn open(plan: SessionPlan, ctx: OpenContext<'_>) -> Result<Opened, St
         tuning,
     })
 }
+
+/// `fov_check_mean.npy`: the mean image the field-of-view check registered
+/// against the reference, float32 `(1, H, W)` like `mean_image.npy`.
+fn write_fov_mean(
+    dir: &Path,
+    mean: &[f32],
+    width: u32,
+    height: u32,
+) -> Result<(), session_format::StorageError> {
+    let path = dir.join(FOV_MEAN_FILE);
+    let mut npy = session_format::NpyAppender::create(
+        &path,
+        session_format::NpyDtype::F4,
+        &[height as usize, width as usize],
+    )?;
+    npy.append(mean)?;
+    npy.sync()
+}
+
+/// The mean image of the field-of-view check, in the session folder.
+pub const FOV_MEAN_FILE: &str = "fov_check_mean.npy";
 
 /// The imaging ingest on its own thread, writing frames.tsv (and
 /// frames.npy) into the same folder; frame-clock edges come from the rig

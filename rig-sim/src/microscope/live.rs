@@ -214,6 +214,9 @@ pub struct MicroscopeOptions {
     /// At this TTL edge the acquisition program restarts: the ring gets a
     /// new generation and the frame numbers start again at 1.
     pub restart_frame: Option<u64>,
+    /// Constant displacement of the field of view, px (x, y): see
+    /// [`MicroscopeSpec::fov_offset_px`].
+    pub fov_offset_px: (f64, f64),
 }
 
 impl MicroscopeOptions {
@@ -230,6 +233,7 @@ impl MicroscopeOptions {
             slot_count: 0,
             start_frame: 0,
             restart_frame: None,
+            fov_offset_px: (0.0, 0.0),
         }
     }
 
@@ -241,6 +245,7 @@ impl MicroscopeOptions {
         s.seed = seed;
         s.day = day;
         s.frame_rate_hz = frame_rate_hz;
+        s.fov_offset_px = self.fov_offset_px;
         s
     }
 

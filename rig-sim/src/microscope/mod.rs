@@ -89,6 +89,11 @@ pub struct MicroscopeSpec {
     pub noise: bool,
     /// Largest brain shift on either axis, px (0: no motion).
     pub motion_px: f64,
+    /// A constant displacement of the whole field of view, px (x, y): the
+    /// microscope placed a little differently on another day. Added to the
+    /// motion; a feature at label-image `(x, y)` appears at `(x + ox, y + oy)`.
+    /// Each axis within +-64. Default (0, 0).
+    pub fov_offset_px: (f64, f64),
     /// Mean neuropil brightness, photons per pixel per frame (0: none).
     pub neuropil: f64,
     /// Size of the slow baseline drift, fraction (0: none).
@@ -119,6 +124,7 @@ impl MicroscopeSpec {
             spontaneous_hz: 0.2,
             noise: true,
             motion_px: (2.0 * s).max(0.5),
+            fov_offset_px: (0.0, 0.0),
             neuropil: 8.0,
             drift: 0.05,
             gain: 20.0,
@@ -182,6 +188,8 @@ impl MicroscopeSpec {
         for (name, value, max) in [
             ("spontaneous_hz", self.spontaneous_hz, 100.0),
             ("motion_px", self.motion_px, 64.0),
+            ("fov_offset_px.x", self.fov_offset_px.0.abs(), 64.0),
+            ("fov_offset_px.y", self.fov_offset_px.1.abs(), 64.0),
             ("neuropil", self.neuropil, 10_000.0),
             ("gain", self.gain, 10_000.0),
             ("offset", self.offset, 60_000.0),
@@ -391,7 +399,14 @@ impl Microscope {
         spec.validate()?;
         let w = spec.width as usize;
         let h = spec.height as usize;
-        let margin = spec.motion_px.ceil() as usize + 2;
+        // The scene is padded for the motion and the offset; the random
+        // draws use the motion's padding alone, so an offset moves the same
+        // field of view (the same seed gives the same neurons and neuropil).
+        let base_margin = spec.motion_px.ceil() as usize + 2;
+        let (ox, oy) = spec.fov_offset_px;
+        let margin = (spec.motion_px + ox.abs().max(oy.abs())).ceil() as usize + 2;
+        let extra = (margin - base_margin) as f64;
+        let (base_pw, base_ph) = (w + 2 * base_margin, h + 2 * base_margin);
         let pw = w + 2 * margin;
         let ph = h + 2 * margin;
         let scale = (w.min(h) as f64 / 512.0).max(0.0);
@@ -551,9 +566,9 @@ impl Microscope {
             let blobs: Vec<(f64, f64, f64, f64)> = (0..6)
                 .map(|_| {
                     (
-                        rng.range(0.0, pw as f64),
-                        rng.range(0.0, ph as f64),
-                        rng.range(0.15, 0.3) * pw.max(ph) as f64,
+                        rng.range(0.0, base_pw as f64) + extra,
+                        rng.range(0.0, base_ph as f64) + extra,
+                        rng.range(0.15, 0.3) * base_pw.max(base_ph) as f64,
                         rng.range(0.5, 1.0),
                     )
                 })
@@ -719,7 +734,9 @@ impl Microscope {
         }
         let horizon = latest - 20.0 * BUMP_TAU_S - self.spec.lookahead_s() - 1.0;
         self.presses.retain(|p| p.onset_s >= horizon);
-        let (shift_x_px, shift_y_px) = self.shift_at(t_s);
+        let (mx, my) = self.shift_at(t_s);
+        let (ox, oy) = self.spec.fov_offset_px;
+        let (shift_x_px, shift_y_px) = (mx + ox, my + oy);
         FrameTruth {
             shift_x_px,
             shift_y_px,

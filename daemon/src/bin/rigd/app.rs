@@ -15,7 +15,7 @@ use daemon::control::{self, CoreRequest, EventLine};
 use daemon::rig::RigHandler;
 use daemon::session::{events_ring, LiveView, RigNotice, SessionLog, StopReason};
 use daemon::shutdown::Shutdown;
-use daemon::supervisor::Supervisor;
+use daemon::supervisor::{Background, Supervisor};
 
 /// How the daemon logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -325,14 +325,17 @@ impl App {
                 _ = health.tick() => self.core.tick(),
                 Some(req) = self.core_rx.recv() => self.core.handle(req).await,
                 Some(n) = self.notices.recv() => self.core.on_notice(n),
-                finished = self.core.stop_finished() => {
-                    if let Err(e) = self.core.complete_stop(finished) {
-                        tracing::debug!("session ended: {}", e.message);
+                bg = self.core.background() => match bg {
+                    Background::FovCheck(done) => self.core.complete_start(done).await,
+                    Background::Finished(finished) => {
+                        if let Err(e) = self.core.complete_stop(finished) {
+                            tracing::debug!("session ended: {}", e.message);
+                        }
+                        if exiting {
+                            break;
+                        }
                     }
-                    if exiting {
-                        break;
-                    }
-                }
+                },
                 _ = term.recv() => exiting = self.exit_on("SIGTERM") || exiting,
                 _ = int.recv() => exiting = self.exit_on("SIGINT") || exiting,
                 _ = hup.recv() => {
@@ -361,6 +364,8 @@ impl App {
             None => format!("{what}: shutting down"),
         };
         self.service.stopping(text);
+        self.core
+            .cancel_pending_start(&format!("rigd is shutting down ({what})"));
         if self.core.is_running() {
             tracing::info!("{what}: stopping the running session");
             self.core.begin_stop(StopReason::Signal(what), false);

@@ -194,7 +194,10 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
         tokio::select! {
             Some(req) = app.core_rx.recv() => app.core.handle(req).await,
             Some(n) = app.notices.recv() => app.core.on_notice(n),
-            finished = app.core.stop_finished() => break app.core.complete_stop(finished),
+            bg = app.core.background() => match bg {
+                daemon::supervisor::Background::FovCheck(done) => app.core.complete_start(done).await,
+                daemon::supervisor::Background::Finished(f) => break app.core.complete_stop(f),
+            },
             ev = events.recv() => {
                 if let Ok(line) = ev {
                     if let Ok(protocol::control::ServerMessage::Event(e)) = protocol::control::parse_server_line(&line) {
