@@ -126,7 +126,7 @@ impl FovLimits {
 /// `image` rotated by `deg` about its centre into `out` (bilinear; pixels
 /// from outside are the image's mean): `out(p) = image(R(-deg) (p - c) + c)`,
 /// so content at `q` in `image` appears at `R(deg) (q - c) + c`.
-fn rotate(image: &[f32], w: usize, h: usize, deg: f64, out: &mut [f32]) {
+pub fn rotate(image: &[f32], w: usize, h: usize, deg: f64, out: &mut [f32]) {
     let mean = image.iter().map(|&v| f64::from(v)).sum::<f64>() / image.len().max(1) as f64;
     let (s, c) = deg.to_radians().sin_cos();
     let (cx, cy) = ((w as f64 - 1.0) / 2.0, (h as f64 - 1.0) / 2.0);
