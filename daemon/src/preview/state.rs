@@ -513,7 +513,7 @@ impl PreviewState {
         b.peak = b.peak.min(peak);
         b.flagged += u32::from(flagged);
         b.n += 1;
-        let cut = g.now_us.saturating_sub(DFF_WINDOW_US);
+        let cut = t_us.saturating_sub(DFF_WINDOW_US);
         while g.motion.front().is_some_and(|m| m.t_us < cut) {
             g.motion.pop_front();
         }
@@ -567,7 +567,8 @@ impl PreviewState {
             *s += f64::from(v);
         }
         bin.n += 1;
-        let cut = g.now_us.saturating_sub(DFF_WINDOW_US);
+        // The last minute of imaging, however far it runs behind the lever.
+        let cut = t_us.saturating_sub(DFF_WINDOW_US);
         while g.dff.front().is_some_and(|&(t, _)| t < cut) {
             g.dff.pop_front();
         }
@@ -1064,6 +1065,20 @@ mod tests {
         );
         assert_eq!(up.dff[0].0.len(), MAX_ROIS_SENT);
         assert!((up.dff[0].0[0] - 0.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_last_minute_of_imaging_is_kept_when_it_runs_behind_the_lever() {
+        let s = PreviewState::new();
+        // The lever is 5 minutes ahead of the imaging (a busy machine).
+        s.push_lever(400_000_000, 0.0);
+        for i in 0..300u64 {
+            s.push_dff(i * 100_000, &[0.5]);
+            s.push_motion(i * 100_000, 0.5, 0.5, 0.9, false);
+        }
+        let up = s.snapshot();
+        assert!(up.dff.len() >= 290, "{}", up.dff.len());
+        assert!(up.motion.len() >= 290, "{}", up.motion.len());
     }
 
     #[test]
