@@ -360,7 +360,7 @@ impl RigHandler {
                 );
             }
             TaskOutput::State { t_us, state } => {
-                self.to_preview(crate::preview::RigMark::State {
+                self.mark_for_preview(crate::preview::RigMark::State {
                     t_us,
                     state: state.as_str(),
                 });
@@ -485,7 +485,7 @@ impl RigHandler {
     /// A lick or a task state for the preview: handed over unless its lock
     /// is busy this instant (then kept, in a buffer allocated once, for the
     /// next one). Only while a session runs (the page shows sessions).
-    fn to_preview(&mut self, mark: crate::preview::RigMark) {
+    fn mark_for_preview(&mut self, mark: crate::preview::RigMark) {
         let Some(p) = &self.preview else { return };
         if self.session.is_none() {
             return;
@@ -620,7 +620,7 @@ impl RigHandler {
             commander,
         );
         if kind == EventKind::LickOn {
-            self.to_preview(crate::preview::RigMark::Lick(t_us));
+            self.mark_for_preview(crate::preview::RigMark::Lick(t_us));
         }
         let (name, ev) = match kind {
             EventKind::LickOn => ("lick_on", Some(DeviceEvent::Lick { t_us, on: true })),

@@ -1,7 +1,7 @@
 //! The live preview page in a real headless browser (Debian's `chromium`):
 //! load the page twice a few seconds apart and check from the dumped DOM that
 //! the trial count, the lever trace and the dF/F heatmap update; save a
-//! screenshot as `<target>/preview.png`.
+//! screenshot (the whole page, 1280 x 1400) as `<target>/preview.png`.
 //!
 //! The server is, for now, the `preview_feed` example of the daemon crate (a
 //! real preview server fed with changing synthetic data by a thread); once
@@ -313,8 +313,14 @@ fn preview_page_updates_in_headless_chromium() {
         "the task state did not change: {first:?} {second:?}"
     );
     for d in [&second, &polled] {
-        assert!(num(d, "licks") > 0 && num(d, "licks-shown") > 0, "licks: {d:?}");
-        assert!(num(d, "motion-points") > 0 && num(d, "motion-shown") > 0, "motion: {d:?}");
+        assert!(
+            num(d, "licks") > 0 && num(d, "licks-shown") > 0,
+            "licks: {d:?}"
+        );
+        assert!(
+            num(d, "motion-points") > 0 && num(d, "motion-shown") > 0,
+            "motion: {d:?}"
+        );
         assert!(
             num(d, "success20") <= 100,
             "success over the last 20 trials: {d:?}"
@@ -345,7 +351,7 @@ fn preview_page_updates_in_headless_chromium() {
         &shot_page,
         &[
             "--virtual-time-budget=2500",
-            "--window-size=1280,900",
+            "--window-size=1280,1400",
             "--hide-scrollbars",
             &format!("--screenshot={}", png.display()),
         ],
@@ -546,7 +552,10 @@ fn licks_task_state_and_motion_start_afresh_at_a_new_session() {
         let state = d.get("task-state").map_or("", String::as_str);
         assert!(TASK_STATES.contains(&state), "task state {state:?}: {d:?}");
     }
-    assert!(num(&b2, "licks") > 0, "no lick of B reached the page: {b2:?}");
+    assert!(
+        num(&b2, "licks") > 0,
+        "no lick of B reached the page: {b2:?}"
+    );
     assert!(num(&b2, "motion-points") > 0, "no motion of B: {b2:?}");
 
     // Accounting against the sessions' files: each page shows its own

@@ -493,7 +493,10 @@ mod tests {
                 .and_then(|(_, t)| t.split_once('"'))
                 .map_or("", |(t, _)| t);
             assert!(title.len() > 20, "a row without its meaning: {r}");
-            assert!(r.contains("class=\"unit\""), "a row without a unit cell: {r}");
+            assert!(
+                r.contains("class=\"unit\""),
+                "a row without a unit cell: {r}"
+            );
         }
         for (id, unit) in [
             ("h-latency", "µs"),

@@ -669,10 +669,13 @@ impl PreviewState {
         let dff = tail(&g.dff, g.dff_total, cursor.dff);
         let licks = tail(&g.licks, g.lick_total, cursor.licks);
         let motion = tail(&g.motion, g.motion_total, cursor.motion);
-        let counters = g.live.as_ref().map_or_else(RigCounters::default, |l| RigCounters {
-            samples_lost: l.samples_lost(),
-            records_dropped: l.storage_drops(),
-        });
+        let counters = g
+            .live
+            .as_ref()
+            .map_or_else(RigCounters::default, |l| RigCounters {
+                samples_lost: l.samples_lost(),
+                records_dropped: l.storage_drops(),
+            });
         let rois = (reset || cursor.rois_version != g.rois_version).then(|| Arc::clone(&g.rois));
         let mean_image = if reset || cursor.image_version != g.image_version {
             g.image.clone()
@@ -936,7 +939,10 @@ mod tests {
         });
         let up = s.update_since(&mut c);
         let task = up.task.expect("a session's task state");
-        assert_eq!((task.state, task.since_us, task.changes), ("waiting", 1_000_000, 0));
+        assert_eq!(
+            (task.state, task.since_us, task.changes),
+            ("waiting", 1_000_000, 0)
+        );
         // The rig thread's marks, held back while the lock is busy.
         let mut pending = vec![
             RigMark::State {
@@ -962,13 +968,22 @@ mod tests {
         }
         let up = s.update_since(&mut c);
         assert!(!up.reset);
-        assert_eq!((up.lick_total, up.licks.clone()), (2, vec![2_100_000, 2_200_000]));
+        assert_eq!(
+            (up.lick_total, up.licks.clone()),
+            (2, vec![2_100_000, 2_200_000])
+        );
         let task = up.task.expect("task");
-        assert_eq!((task.state, task.since_us, task.changes), ("quiescence", 3_000_000, 2));
+        assert_eq!(
+            (task.state, task.since_us, task.changes),
+            ("quiescence", 3_000_000, 2)
+        );
         assert_eq!(up.motion_total, 19, "2 s in 100 ms bins, the last open");
         let frames: u32 = up.motion.iter().map(|m| m.frames).sum();
         let flagged: u32 = up.motion.iter().map(|m| m.flagged).sum();
-        assert!(frames >= 55 && flagged >= 5, "{frames} frames, {flagged} flagged");
+        assert!(
+            frames >= 55 && flagged >= 5,
+            "{frames} frames, {flagged} flagged"
+        );
         let m = up.motion[3];
         assert!((m.dx - 1.0).abs() < 1e-6 && (m.dy + 2.0).abs() < 1e-6 && m.peak == 0.5);
         let json = serde_json::to_value(&up).expect("json");
@@ -992,9 +1007,15 @@ mod tests {
         let up = s.update_since(&mut c);
         assert!(up.reset);
         assert!(up.licks.is_empty() && up.motion.is_empty());
-        assert_eq!((up.lick_total, up.motion_total, up.lick_floor_us), (0, 0, 90_000_000));
+        assert_eq!(
+            (up.lick_total, up.motion_total, up.lick_floor_us),
+            (0, 0, 90_000_000)
+        );
         let task = up.task.expect("task");
-        assert_eq!((task.state, task.since_us, task.changes), ("waiting", 90_000_000, 0));
+        assert_eq!(
+            (task.state, task.since_us, task.changes),
+            ("waiting", 90_000_000, 0)
+        );
     }
 
     #[test]
