@@ -73,6 +73,8 @@ pub struct RigHandler {
     preview_pending: Vec<(u64, f32)>,
     /// Trials for the preview not yet handed over (its lock was busy).
     preview_trials: Vec<crate::preview::TrialEvent>,
+    /// Lick onsets and task states for the preview not yet handed over.
+    preview_marks: Vec<crate::preview::RigMark>,
     /// The device clock's rate against the host's, once measured, with the
     /// host heartbeat period chosen for it and whether that feeds the
     /// device's watchdog.
@@ -86,6 +88,10 @@ const PREVIEW_PENDING_MAX: usize = 20_000;
 /// Most trials kept for the preview while its lock stays busy (allocated
 /// once; beyond it a trial is not shown, the files have it).
 const PREVIEW_TRIALS_PENDING_MAX: usize = 64;
+
+/// Most licks and task states kept for the preview while its lock stays
+/// busy (allocated once; beyond it the oldest is let go).
+const PREVIEW_MARKS_PENDING_MAX: usize = 256;
 
 impl std::fmt::Debug for RigHandler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -119,6 +125,7 @@ impl RigHandler {
             // under this (see `on_lever`), so pushing never allocates.
             preview_pending: Vec::with_capacity(PREVIEW_PENDING_MAX + 256),
             preview_trials: Vec::with_capacity(PREVIEW_TRIALS_PENDING_MAX),
+            preview_marks: Vec::with_capacity(PREVIEW_MARKS_PENDING_MAX),
             device_clock_rate: None,
         }
     }
@@ -172,6 +179,10 @@ impl RigHandler {
                         }
                     }
                     self.status.reset_session();
+                    // What the preview did not take from the last session
+                    // is not this one's.
+                    self.preview_trials.clear();
+                    self.preview_marks.clear();
                     if let Some(old) = &self.session {
                         // The supervisor starts a session only when the last
                         // one has finished; if one still runs here, it is
@@ -349,6 +360,10 @@ impl RigHandler {
                 );
             }
             TaskOutput::State { t_us, state } => {
+                self.mark_for_preview(crate::preview::RigMark::State {
+                    t_us,
+                    state: state.as_str(),
+                });
                 self.log(
                     t_us,
                     StorageSource::Task,
@@ -465,6 +480,21 @@ impl RigHandler {
                 self.finish_session(reason, t_us);
             }
         }
+    }
+
+    /// A lick or a task state for the preview: handed over unless its lock
+    /// is busy this instant (then kept, in a buffer allocated once, for the
+    /// next one). Only while a session runs (the page shows sessions).
+    fn mark_for_preview(&mut self, mark: crate::preview::RigMark) {
+        let Some(p) = &self.preview else { return };
+        if self.session.is_none() {
+            return;
+        }
+        if self.preview_marks.len() >= PREVIEW_MARKS_PENDING_MAX {
+            self.preview_marks.remove(0);
+        }
+        self.preview_marks.push(mark);
+        p.try_push_marks(&mut self.preview_marks);
     }
 
     fn on_trial(&mut self, rec: TrialRecord) {
@@ -589,6 +619,9 @@ impl RigHandler {
             },
             commander,
         );
+        if kind == EventKind::LickOn {
+            self.mark_for_preview(crate::preview::RigMark::Lick(t_us));
+        }
         let (name, ev) = match kind {
             EventKind::LickOn => ("lick_on", Some(DeviceEvent::Lick { t_us, on: true })),
             EventKind::LickOff => ("lick_off", Some(DeviceEvent::Lick { t_us, on: false })),

@@ -1340,9 +1340,12 @@ impl<'a> IngestLoop<'a> {
         let Some(a) = self.files.analysis.as_mut() else {
             return Ok(());
         };
-        a.frame(frame_number, &self.pixels)?;
+        let shift = a.frame(frame_number, &self.pixels)?;
         if let Some(p) = &self.setup.preview {
             p.push_dff(t_rig, a.dff_row());
+            if let Some(m) = shift {
+                p.push_motion(t_rig, m.dx, m.dy, m.peak, m.flagged);
+            }
             if self.mean.preview_due() {
                 let (w, h) = (self.setup.width, self.setup.height);
                 if let Some(mean) = self.mean.mean((w * h) as usize) {

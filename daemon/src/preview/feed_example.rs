@@ -73,6 +73,7 @@ fn main() {
     let start = Instant::now();
     let (mut trial, mut rewards, mut last_trial_us, mut frames) = (0u32, 0u32, 0u64, 0u64);
     let mut last_frame_us = 0u64;
+    let mut last_hit = false;
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     let mut rand = move || {
         rng ^= rng << 13;
@@ -106,6 +107,14 @@ fn main() {
                 now_us,
                 hit.then_some(0.3),
             );
+            state.set_task_state(now_us, "response");
+            if last_hit {
+                // The last trial's lick bout, after its reward.
+                for k in 0..5u64 {
+                    state.push_lick(last_trial_us + 450_000 + k * 140_000);
+                }
+            }
+            last_hit = hit;
             last_trial_us = now_us;
         }
         // Imaging at 30 Hz.
@@ -124,6 +133,8 @@ fn main() {
                 })
                 .collect();
             state.push_dff(last_frame_us, &row);
+            let drift = (last_frame_us as f32 / 4e6).sin();
+            state.push_motion(last_frame_us, drift, 0.5 * drift, 0.8, rand() < 0.01);
         }
         state.set_health(Health {
             frames,

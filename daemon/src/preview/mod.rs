@@ -6,7 +6,8 @@
 //! * `/` — the page; `/?poll=1` makes it poll `/api/state` instead of SSE.
 //! * `/page.js`, `/page.css` — its assets.
 //! * `/events` — SSE: a full snapshot first (`"reset": true`), then every
-//!   [`server::TICK`] what is new (lever points, trials, dF/F rows, health;
+//!   [`server::TICK`] what is new (lever points, trials, dF/F rows, lick
+//!   onsets, motion bins, the task state, health;
 //!   ROIs and the mean image when they change).
 //! * `/api/state` — the full snapshot as JSON.
 //! * `/metrics` — the daemon's counters for Prometheus ([`crate::metrics`]).
@@ -21,7 +22,8 @@ pub use server::{
     MAX_CONNECTIONS, TICK,
 };
 pub use state::{
-    Cursor, DffRow, Health, MeanImage, PreviewState, Rois, SessionView, TrialEvent, Update,
-    DFF_BIN_US, DFF_WINDOW_US, LEVER_BIN_US, LEVER_WINDOW_US, MAX_IMAGE_SIDE, MAX_ROIS_SENT,
-    MAX_TRIALS_KEPT,
+    Cursor, DffRow, Health, MeanImage, MotionBin, PreviewState, RigCounters, RigMark, Rois,
+    SessionView, TaskStateView, TrialEvent, Update, DFF_BIN_US, DFF_WINDOW_US, LEVER_BIN_US,
+    LEVER_WINDOW_US, LICK_WINDOW_US, MAX_IMAGE_SIDE, MAX_LICKS_KEPT, MAX_ROIS_SENT,
+    MAX_TRIALS_KEPT, MOTION_BIN_US,
 };

@@ -7,10 +7,23 @@
   var LEVER_WINDOW_US = 10e6, DFF_WINDOW_US = 60e6, DFF_BIN_US = 1e5;
   // Trial-aligned lever: from 1 s before the cue to 3 s after.
   var OV_PRE_US = 1e6, OV_POST_US = 3e6, OV_KEEP = 30;
+  // Cue-aligned licks: from 1 s before the cue to 4 s after.
+  var LR_PRE_US = 1e6, LR_POST_US = 4e6, LR_KEEP = 30, LICK_WINDOW_US = 120e6;
+  // The task engine's states (daemon/src/task.rs, TaskState::as_str).
+  var TASK_MEANING = {
+    waiting: "waiting for a still lever (its rest position is not known yet)",
+    iti: "inter-trial interval",
+    quiescence: "trial started: waiting for the lever to be still before the cue",
+    response: "cue on: response window open",
+    link_down: "serial link down: the task waits for it",
+    finished: "the session is over"
+  };
   var S = { now: 0, lever: [], trials: [], dffT: [], dff: [], rois: null, image: null,
             health: null, session: null, updates: 0, trialCount: 0, rewarded: 0,
             leverTotal: 0, dffTotal: 0, overlays: [], overlaid: {}, selected: -1,
-            outlineCover: 0, dffNow: 0, sessionKey: null };
+            outlineCover: 0, dffNow: 0, sessionKey: null, licks: [], lickTotal: 0,
+            lickFloor: 0, lickRows: [], lickSeen: {}, motion: [], motionTotal: 0,
+            task: null, counters: null };
   var body = document.body;
 
   function $(id) { return document.getElementById(id); }
@@ -25,6 +38,7 @@
   function apply(u) {
     if (u.reset) {
       S.lever = []; S.trials = []; S.dffT = []; S.dff = []; S.rois = null; S.image = null;
+      S.licks = []; S.motion = [];
     }
     if (u.session !== undefined) {
       S.session = u.session;
@@ -32,13 +46,19 @@
       // across snapshots of the same session (polling gets one each time),
       // started afresh by a new session.
       var key = u.session ? u.session.mouse + "@" + u.session.t0_us : S.sessionKey;
-      if (key !== S.sessionKey) { S.overlays = []; S.overlaid = {}; S.sessionKey = key; }
+      if (key !== S.sessionKey) {
+        S.overlays = []; S.overlaid = {}; S.lickRows = []; S.lickSeen = {}; S.sessionKey = key;
+      }
     }
     S.now = u.now_us;
     var i;
     for (i = 0; i < u.lever.length; i++) S.lever.push(u.lever[i]);
     for (i = 0; i < u.trials.length; i++) S.trials.push(u.trials[i]);
     for (i = 0; i < u.dff.length; i++) { S.dffT.push(u.dff_t_us[i]); S.dff.push(u.dff[i]); }
+    for (i = 0; i < u.licks.length; i++) S.licks.push(u.licks[i]);
+    for (i = 0; i < u.motion.length; i++) S.motion.push(u.motion[i]);
+    S.lickTotal = u.lick_total; S.lickFloor = u.lick_floor_us; S.motionTotal = u.motion_total;
+    S.task = u.task; S.counters = u.counters;
     if (u.rois) S.rois = u.rois;
     if (u.mean_image) S.image = decodeImage(u.mean_image);
     S.health = u.health;
@@ -50,6 +70,7 @@
     S.trialCount = u.trial_count; S.rewarded = u.rewarded_count;
     S.leverTotal = u.lever_total; S.dffTotal = u.dff_total;
     captureOverlays();
+    captureLickRows();
     // Trim to the windows.
     var cut = S.now - LEVER_WINDOW_US, k = 0;
     while (k < S.lever.length && S.lever[k][0] < cut) k++;
@@ -60,6 +81,12 @@
     cut = S.dffNow - DFF_WINDOW_US; k = 0;
     while (k < S.dffT.length && S.dffT[k] < cut) k++;
     if (k) { S.dffT.splice(0, k); S.dff.splice(0, k); }
+    k = 0;
+    while (k < S.motion.length && S.motion[k][0] < cut) k++;
+    if (k) S.motion.splice(0, k);
+    cut = S.now - LICK_WINDOW_US; k = 0;
+    while (k < S.licks.length && S.licks[k] < cut) k++;
+    if (k) { S.lickFloor = Math.max(S.lickFloor, S.licks[k - 1] + 1); S.licks.splice(0, k); }
     if (S.trials.length > 2000) S.trials.splice(0, S.trials.length - 2000);
     S.updates++;
     draw();
@@ -77,6 +104,36 @@
     body.dataset.session = S.session ? S.session.mouse : "";
     body.dataset.thresholdMm = S.session ? S.session.threshold_mm : "";
     body.dataset.outlineCover = S.outlineCover.toFixed(4);
+    body.dataset.t0Us = S.session ? S.session.t0_us : "";
+    body.dataset.licks = S.lickTotal;
+    body.dataset.licksShown = S.licks.length;
+    body.dataset.lickTimes = S.licks.slice(-200).join(",");
+    body.dataset.lickRows = S.lickRows.length;
+    body.dataset.lickRowLicks = S.lickRows.reduce(function (a, r) { return a + r.licks.length; }, 0);
+    body.dataset.motionPoints = S.motionTotal;
+    body.dataset.motionShown = S.motion.length;
+    body.dataset.motionFirstUs = S.motion.length ? S.motion[0][0] : "";
+    body.dataset.taskState = S.task ? S.task.state : "";
+    body.dataset.taskChanges = S.task ? S.task.changes : "";
+    body.dataset.taskSinceUs = S.task ? S.task.since_us : "";
+  }
+
+  // The licks around each cue, kept once the 4 s after it have arrived, for
+  // trials whose 1 s before the cue is still within the licks kept.
+  function captureLickRows() {
+    for (var i = 0; i < S.trials.length; i++) {
+      var t = S.trials[i], key = t.trial + ":" + t.t_us;
+      if (S.lickSeen[key] || t.t_us + LR_POST_US > S.now) continue;
+      S.lickSeen[key] = true;
+      if (t.t_us - LR_PRE_US < S.lickFloor) continue;
+      var dts = [];
+      for (var k = 0; k < S.licks.length; k++) {
+        var dt = S.licks[k] - t.t_us;
+        if (dt >= -LR_PRE_US && dt <= LR_POST_US) dts.push(dt);
+      }
+      S.lickRows.push({ rewarded: t.outcome === "rewarded", rt: t.reaction_s, licks: dts });
+    }
+    if (S.lickRows.length > LR_KEEP) S.lickRows.splice(0, S.lickRows.length - LR_KEEP);
   }
 
   // The lever around each cue, kept once the 3 s after it have arrived
@@ -111,7 +168,7 @@
 
   function draw() {
     drawLever(); drawRaster(); drawHeatmap(); drawTrace(); drawImage(); drawOverlay();
-    drawRt(); drawHealth();
+    drawRt(); drawHealth(); drawMotion(); drawLickRaster(); drawTask();
   }
 
   // The lever's fixed range: a little below rest to past the threshold.
@@ -156,6 +213,13 @@
       ctx.strokeStyle = "#f84"; ctx.setLineDash([6, 4]); ctx.beginPath();
       ctx.moveTo(L, ty(S.session.threshold_mm)); ctx.lineTo(W, ty(S.session.threshold_mm));
       ctx.stroke(); ctx.setLineDash([]);
+    }
+    // Lick onsets: marks along the top.
+    ctx.fillStyle = "#e6e";
+    for (i = 0; i < S.licks.length; i++) {
+      if (S.licks[i] < t0) continue;
+      var lx = tx(S.licks[i]);
+      ctx.beginPath(); ctx.moveTo(lx - 3, 0); ctx.lineTo(lx + 3, 0); ctx.lineTo(lx, 7); ctx.fill();
     }
     ctx.strokeStyle = "#fc4"; ctx.lineWidth = 1.5; ctx.beginPath();
     for (i = 0; i < S.lever.length; i++) {
@@ -220,7 +284,7 @@
   function drawHeatmap() {
     var c = $("heatmap"), ctx = c.getContext("2d"), W = c.width, H = c.height;
     ctx.fillStyle = "#0e0f12"; ctx.fillRect(0, 0, W, H);
-    var L = 40, R = 50, B = 14, PW = W - L - R, PH = H - B;
+    var L = 40, R = 50, B = 24, PW = W - L - R, PH = H - B;
     var nR = 0, i;
     for (i = 0; i < S.dff.length; i++) nR = Math.max(nR, S.dff[i].length);
     $("nrois").textContent = S.rois ? S.rois.n : nR;
@@ -256,12 +320,18 @@
         if (tr >= t0) { ctx.fillStyle = "#6d6"; ctx.fillRect(L + (tr - t0) / DFF_WINDOW_US * PW, 0, 1.5, PH); }
       }
     }
+    // Lick onsets: a strip just under the plot, on its time axis.
+    ctx.fillStyle = "#e6e";
+    for (i = 0; i < S.licks.length; i++) {
+      if (S.licks[i] >= t0 && S.licks[i] <= S.dffNow) ctx.fillRect(L + (S.licks[i] - t0) / DFF_WINDOW_US * PW, PH + 1, 1.5, 6);
+    }
     // Axes: ROI numbers, seconds, and the colour bar.
     ctx.fillStyle = "#99a"; ctx.font = "11px system-ui, sans-serif";
     if (nR > 0) { ctx.fillText("ROI 1", 2, 10); ctx.fillText(String(nR), 2, PH - 2); }
+    ctx.fillText("licks", 2, PH + 8);
     for (i = 0; i <= 6; i++) {
       var x = L + PW * i / 6;
-      ctx.fillRect(x, PH, 1, 3);
+      ctx.fillRect(x, PH + 8, 1, 3);
       ctx.fillText(i === 6 ? "now" : (i * 10 - 60) + " s", x - (i === 6 ? 20 : 10), H - 1);
     }
     var bx = W - R + 12, bw = 10;
@@ -433,14 +503,21 @@
     link.className = h.link === "up" ? "ok" : "bad";
     var d = $("h-frames"); d.textContent = h.frames + " / " + h.drops; d.className = h.drops > 0 ? "warn" : "";
     $("h-latency").textContent = h.latency_p99_us > 0 ?
-      fmt(h.latency_p50_us / 1000, 1) + " / " + fmt(h.latency_p99_us / 1000, 1) + " ms" : "no reward yet";
-    $("h-clock").textContent = "±" + fmt(h.clock_band_us, 1) + " µs";
+      fmt(h.latency_p50_us, 0) + " / " + fmt(h.latency_p99_us, 0) : "no reward yet";
+    $("h-clock").textContent = fmt(h.clock_band_us, 1);
+    var c = S.counters || { samples_lost: 0, records_dropped: 0 };
+    var lost = $("h-lost"); lost.textContent = c.samples_lost; lost.className = c.samples_lost > 0 ? "warn" : "";
+    var rec = $("h-records"); rec.textContent = c.records_dropped; rec.className = c.records_dropped > 0 ? "bad" : "";
+    body.dataset.samplesLost = c.samples_lost; body.dataset.recordsDropped = c.records_dropped;
+    var fl = 0;
+    for (var mi = 0; mi < S.motion.length; mi++) fl += S.motion[mi][4];
+    var hf = $("h-flagged"); hf.textContent = S.motion.length ? String(fl) : "–"; hf.className = fl > 0 ? "warn" : "";
     $("h-trials").textContent = h.trials + " / " + h.rewards +
       (s && s.max_trials ? " (cap " + s.max_trials + ")" : "");
-    $("h-water").textContent = fmt(h.water_ul, 1) + (s ? " / " + fmt(s.max_water_session_ul, 0) : "") + " µL";
+    $("h-water").textContent = fmt(h.water_ul, 1) + (s ? " / " + fmt(s.max_water_session_ul, 0) : "");
     if (s) {
       var today = s.water_before_today_ul + h.water_ul;
-      $("h-day").textContent = fmt(today, 0) + " / " + fmt(s.max_water_day_ul, 0) + " µL" +
+      $("h-day").textContent = fmt(today, 0) + " / " + fmt(s.max_water_day_ul, 0) +
         (s.daily_water_target_ul ? ", target " + fmt(s.daily_water_target_ul, 0) : "");
     } else {
       $("h-day").textContent = "–";
@@ -454,6 +531,74 @@
       if (s.max_duration_s) clock += ", left " + mmss(s.max_duration_s - el);
     }
     $("clock").textContent = clock;
+  }
+
+  // The rigid shift per 100 ms bin over the last 60 s of imaging: x and y
+  // lines, flagged bins as red marks along the top.
+  function drawMotion() {
+    var c = $("motion"), ctx = c.getContext("2d"), W = c.width, H = c.height, i;
+    ctx.clearRect(0, 0, W, H);
+    var L = 40, PW = W - L, t0 = S.dffNow - DFF_WINDOW_US, r = 1, minPeak = Infinity;
+    for (i = 0; i < S.motion.length; i++) {
+      r = Math.max(r, Math.abs(S.motion[i][1]), Math.abs(S.motion[i][2]));
+      minPeak = Math.min(minPeak, S.motion[i][3]);
+    }
+    r = Math.ceil(r);
+    var ty = function (v) { return H / 2 - v / r * (H / 2 - 10); };
+    var tx = function (t) { return L + (t - t0) / DFF_WINDOW_US * PW; };
+    ctx.strokeStyle = "#2a2e36"; ctx.beginPath(); ctx.moveTo(L, ty(0)); ctx.lineTo(W, ty(0)); ctx.stroke();
+    ctx.fillStyle = "#f66";
+    for (i = 0; i < S.motion.length; i++) if (S.motion[i][4] > 0) ctx.fillRect(tx(S.motion[i][0]), 0, 1.5, 6);
+    [[1, "#5df"], [2, "#fa5"]].forEach(function (d) {
+      ctx.strokeStyle = d[1]; ctx.beginPath();
+      for (var j = 0; j < S.motion.length; j++) {
+        var x = tx(S.motion[j][0]), y = ty(S.motion[j][d[0]]);
+        if (j) ctx.lineTo(x, y); else ctx.moveTo(x, y);
+      }
+      ctx.stroke();
+    });
+    ctx.fillStyle = "#99a"; ctx.font = "11px system-ui, sans-serif";
+    ctx.fillText("+" + r + " px", 2, ty(r) + 4); ctx.fillText("0", 2, ty(0) + 4); ctx.fillText("-" + r, 2, ty(-r));
+    ctx.fillText("-60 s", L + 2, H - 2); ctx.fillText("now", W - 24, H - 2);
+    var note = S.motion.length ? "— weakest match (peak, 1 = perfect) " + fmt(minPeak, 2) :
+      "— no shifts yet: motion correction is off, or its reference is being built from the first frames";
+    $("motion-note").textContent = note;
+  }
+
+  function drawLickRaster() {
+    var c = $("lickraster"), ctx = c.getContext("2d"), W = c.width, H = c.height, i, k;
+    ctx.clearRect(0, 0, W, H);
+    var span = LR_PRE_US + LR_POST_US, B = 12, PH = H - B;
+    var tx = function (dt) { return 6 + (dt + LR_PRE_US) / span * (W - 6); };
+    ctx.fillStyle = "#6af"; ctx.fillRect(tx(0), 0, 1.5, PH);
+    var n = S.lickRows.length, rh = PH / LR_KEEP;
+    for (i = 0; i < n; i++) {
+      var row = S.lickRows[i], y = PH - (n - i) * rh;
+      ctx.fillStyle = row.rewarded ? "#4c4" : "#c44"; ctx.fillRect(0, y + 1, 4, Math.max(1, rh - 2));
+      if (row.rewarded && row.rt !== null && row.rt !== undefined) {
+        ctx.fillStyle = "#6d6"; ctx.fillRect(tx(row.rt * 1e6) - 1.5, y + rh / 2 - 1.5, 3, 3);
+      }
+      ctx.fillStyle = "#e6e";
+      for (k = 0; k < row.licks.length; k++) ctx.fillRect(tx(row.licks[k]), y + 0.5, 1.5, Math.max(1, rh - 1));
+    }
+    ctx.fillStyle = "#99a"; ctx.font = "11px system-ui, sans-serif";
+    ctx.fillText("-1 s", 6, H - 1); ctx.fillText("cue", tx(0) + 3, H - 1); ctx.fillText("+4 s", W - 26, H - 1);
+    if (!n) ctx.fillText("no trial yet", W / 2 - 30, PH / 2);
+  }
+
+  function drawTask() {
+    var el = $("task-state"), t = S.task;
+    if (!t) { el.textContent = "–"; el.className = "taskstate"; return; }
+    var dt = Math.max(0, (S.now - t.since_us) / 1e6);
+    el.textContent = t.state.replace("_", " ") + "  " + (dt < 60 ? fmt(dt, 1) + " s" : mmss(dt));
+    el.className = "taskstate " + t.state;
+    $("task-meaning").textContent = TASK_MEANING[t.state] || t.state;
+    var last = S.trials.slice(-20), hits = 0;
+    for (var i = 0; i < last.length; i++) if (last[i].outcome === "rewarded") hits++;
+    $("task-success").textContent = last.length ?
+      "success, last " + last.length + " trials: " + fmt(100 * hits / last.length, 0) + " % (" + hits + "/" + last.length + ")" :
+      "no trial yet";
+    body.dataset.success20 = last.length ? fmt(100 * hits / last.length, 0) : "";
   }
 
   $("image").addEventListener("click", pickRoi);

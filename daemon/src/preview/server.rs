@@ -478,6 +478,44 @@ mod tests {
         resp.split_once("\r\n\r\n").map_or("", |(_, b)| b)
     }
 
+    #[test]
+    fn every_health_number_has_a_unit_column_and_a_meaning() {
+        let table = PAGE_HTML
+            .split_once("<table id=\"health\">")
+            .and_then(|(_, t)| t.split_once("</table>"))
+            .map(|(t, _)| t)
+            .expect("the health table");
+        let rows: Vec<&str> = table.split("<tr").skip(1).collect();
+        assert!(rows.len() >= 10, "{} rows", rows.len());
+        for r in rows {
+            let title = r
+                .split_once("title=\"")
+                .and_then(|(_, t)| t.split_once('"'))
+                .map_or("", |(t, _)| t);
+            assert!(title.len() > 20, "a row without its meaning: {r}");
+            assert!(
+                r.contains("class=\"unit\""),
+                "a row without a unit cell: {r}"
+            );
+        }
+        for (id, unit) in [
+            ("h-latency", "µs"),
+            ("h-clock", "± µs"),
+            ("h-lost", "samples"),
+            ("h-records", "records"),
+            ("h-water", "µL"),
+        ] {
+            let row = table
+                .split("<tr")
+                .find(|r| r.contains(&format!("id=\"{id}\"")))
+                .unwrap_or_else(|| panic!("no {id}"));
+            assert!(
+                row.contains(&format!("<td class=\"unit\">{unit}</td>")),
+                "{id}: {row}"
+            );
+        }
+    }
+
     fn filled() -> Arc<PreviewState> {
         let s = Arc::new(PreviewState::new());
         for i in 0..3000u64 {

@@ -23,6 +23,15 @@ pub const MAX_ROIS_SENT: usize = 512;
 pub const MAX_TRIALS_KEPT: usize = 2000;
 /// The mean image is block-averaged down to at most this many pixels a side.
 pub const MAX_IMAGE_SIDE: usize = 256;
+/// Lick onsets kept for the page: the last this many microseconds (the
+/// lever plot's and heatmap's marks, the cue-aligned lick raster).
+pub const LICK_WINDOW_US: u64 = 120_000_000;
+/// At most this many lick onsets are kept (a stuck lick sensor cannot make
+/// the page's messages large).
+pub const MAX_LICKS_KEPT: usize = 2000;
+/// Motion shifts are averaged into bins this long (as the dF/F), and the
+/// last [`DFF_WINDOW_US`] are kept.
+pub const MOTION_BIN_US: u64 = DFF_BIN_US;
 
 /// The rig's health, as shown in the page's health panel.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -73,6 +82,77 @@ pub struct SessionView {
     pub max_duration_s: Option<f64>,
     /// Trial cap, if any.
     pub max_trials: Option<u32>,
+}
+
+/// The task engine's current state (`crate::task::TaskState::as_str`:
+/// `waiting`, `iti`, `quiescence`, `response`, `link_down`, `finished`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TaskStateView {
+    /// The state's name.
+    pub state: &'static str,
+    /// Rig time it was entered, µs (the lever's clock).
+    pub since_us: u64,
+    /// State changes this session.
+    pub changes: u64,
+}
+
+/// What the rig thread hands the page besides lever samples and trials:
+/// lick onsets and the task engine's state changes (see
+/// [`PreviewState::try_push_marks`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RigMark {
+    /// A lick onset (the lick sensor's contact), rig µs.
+    Lick(u64),
+    /// The task engine entered `state` at `t_us`.
+    State {
+        /// Rig µs.
+        t_us: u64,
+        /// `crate::task::TaskState::as_str`.
+        state: &'static str,
+    },
+}
+
+/// One motion bin: the mean rigid shift of the frames in it, as
+/// `[t_us, dx_px, dy_px, min_peak, flagged_frames, frames]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MotionBin {
+    /// Bin centre, rig µs.
+    pub t_us: u64,
+    /// Mean x shift, full-resolution pixels.
+    pub dx: f32,
+    /// Mean y shift, full-resolution pixels.
+    pub dy: f32,
+    /// Lowest correlation peak of the bin's frames (1 = perfect match).
+    pub peak: f32,
+    /// Frames whose shift was flagged unreliable.
+    pub flagged: u32,
+    /// Frames in the bin.
+    pub frames: u32,
+}
+
+impl Serialize for MotionBin {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let r = |v: f32, k: f64| (f64::from(v) * k).round() / k;
+        let mut seq = s.serialize_seq(Some(6))?;
+        seq.serialize_element(&self.t_us)?;
+        seq.serialize_element(&r(self.dx, 100.0))?;
+        seq.serialize_element(&r(self.dy, 100.0))?;
+        seq.serialize_element(&r(self.peak, 1000.0))?;
+        seq.serialize_element(&self.flagged)?;
+        seq.serialize_element(&self.frames)?;
+        seq.end()
+    }
+}
+
+/// Lever-sample and record losses of the running session, read from the
+/// rig's live counters when an update is built (nothing on the rig thread).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RigCounters {
+    /// Lever samples the device sent that never arrived (index gaps).
+    pub samples_lost: u64,
+    /// Records the rig thread could not hand to the storage thread (its
+    /// ring was full): missing from the session files.
+    pub records_dropped: u64,
 }
 
 /// One trial as shown in the raster.
@@ -163,6 +243,8 @@ pub struct Cursor {
     rois_version: u64,
     image_version: u64,
     qc_version: u64,
+    licks: u64,
+    motion: u64,
     epoch: u64,
     started: bool,
 }
@@ -204,6 +286,21 @@ pub struct Update {
     /// as text), when it changed (or on reset, if there is one).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_qc: Option<String>,
+    /// Lick onsets ever pushed this session (the page's `data-licks`).
+    pub lick_total: u64,
+    /// Licks before this rig time may be missing from the page (older
+    /// ones were let go): the cue-aligned raster only shows trials after it.
+    pub lick_floor_us: u64,
+    /// New lick onsets, rig µs.
+    pub licks: Vec<u64>,
+    /// Motion bins ever made this session.
+    pub motion_total: u64,
+    /// New motion bins.
+    pub motion: Vec<MotionBin>,
+    /// The task engine's state now (`null` before the first session).
+    pub task: Option<TaskStateView>,
+    /// Losses of the running session.
+    pub counters: RigCounters,
     /// The running session's task (on reset; `null` between sessions).
     #[serde(
         skip_serializing_if = "Option::is_none",
@@ -233,6 +330,16 @@ struct Bin {
 }
 
 #[derive(Debug, Default)]
+struct MotionAcc {
+    index: u64,
+    dx: f64,
+    dy: f64,
+    peak: f32,
+    flagged: u32,
+    n: u32,
+}
+
+#[derive(Debug, Default)]
 struct Inner {
     now_us: u64,
     lever_bin: Option<(u64, f64, u32)>,
@@ -252,6 +359,14 @@ struct Inner {
     last_qc: Option<String>,
     qc_version: u64,
     session: Option<Arc<SessionView>>,
+    licks: VecDeque<u64>,
+    lick_total: u64,
+    lick_floor_us: u64,
+    motion_bin: Option<MotionAcc>,
+    motion: VecDeque<MotionBin>,
+    motion_total: u64,
+    task: Option<TaskStateView>,
+    live: Option<Arc<crate::session::LiveStatus>>,
     /// Bumped at every session start: readers get a full snapshot.
     epoch: u64,
 }
@@ -333,6 +448,77 @@ impl PreviewState {
         true
     }
 
+    /// A lick onset at `t_us` (rig µs).
+    pub fn push_lick(&self, t_us: u64) {
+        add_mark(&mut self.lock(), RigMark::Lick(t_us));
+    }
+
+    /// The task engine entered `state` at `t_us` (rig µs).
+    pub fn set_task_state(&self, t_us: u64, state: &'static str) {
+        add_mark(&mut self.lock(), RigMark::State { t_us, state });
+    }
+
+    /// Licks and task states from the rig thread, which must never wait:
+    /// they are added (and `pending` emptied) unless the state is busy this
+    /// instant; then they stay for the next call.
+    pub fn try_push_marks(&self, pending: &mut Vec<RigMark>) -> bool {
+        let mut g = match self.inner.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+        };
+        for m in pending.drain(..) {
+            add_mark(&mut g, m);
+        }
+        true
+    }
+
+    /// The rig's live counters, read (relaxed atomics) whenever an update
+    /// is built: the page's lost-sample and dropped-record counts.
+    pub fn set_live_status(&self, live: Arc<crate::session::LiveStatus>) {
+        self.lock().live = Some(live);
+    }
+
+    /// One imaging frame's rigid shift (`dx`, `dy` in pixels, the
+    /// correlation `peak`, whether it was `flagged` unreliable), from the
+    /// ingest thread that computed it. Averaged into [`MOTION_BIN_US`] bins;
+    /// the last [`DFF_WINDOW_US`] are kept.
+    pub fn push_motion(&self, t_us: u64, dx: f32, dy: f32, peak: f32, flagged: bool) {
+        let idx = t_us / MOTION_BIN_US;
+        let mut g = self.lock();
+        g.now_us = g.now_us.max(t_us);
+        if g.motion_bin.as_ref().is_some_and(|b| b.index != idx) {
+            if let Some(b) = g.motion_bin.take() {
+                let n = f64::from(b.n.max(1));
+                #[allow(clippy::cast_possible_truncation)]
+                let bin = MotionBin {
+                    t_us: b.index * MOTION_BIN_US + MOTION_BIN_US / 2,
+                    dx: (b.dx / n) as f32,
+                    dy: (b.dy / n) as f32,
+                    peak: b.peak,
+                    flagged: b.flagged,
+                    frames: b.n,
+                };
+                g.motion.push_back(bin);
+                g.motion_total += 1;
+            }
+        }
+        let b = g.motion_bin.get_or_insert_with(|| MotionAcc {
+            index: idx,
+            peak: f32::INFINITY,
+            ..MotionAcc::default()
+        });
+        b.dx += f64::from(dx);
+        b.dy += f64::from(dy);
+        b.peak = b.peak.min(peak);
+        b.flagged += u32::from(flagged);
+        b.n += 1;
+        let cut = t_us.saturating_sub(DFF_WINDOW_US);
+        while g.motion.front().is_some_and(|m| m.t_us < cut) {
+            g.motion.pop_front();
+        }
+    }
+
     /// The session's ROIs: one outline polygon (original image pixels) and
     /// one kind per ROI. Only the first [`MAX_ROIS_SENT`] are sent.
     pub fn set_rois(&self, mut outlines: Vec<Vec<(u16, u16)>>, mut kinds: Vec<String>) {
@@ -381,7 +567,8 @@ impl PreviewState {
             *s += f64::from(v);
         }
         bin.n += 1;
-        let cut = g.now_us.saturating_sub(DFF_WINDOW_US);
+        // The last minute of imaging, however far it runs behind the lever.
+        let cut = t_us.saturating_sub(DFF_WINDOW_US);
         while g.dff.front().is_some_and(|&(t, _)| t < cut) {
             g.dff.pop_front();
         }
@@ -420,6 +607,18 @@ impl PreviewState {
         g.image = None;
         g.image_version += 1;
         g.now_us = view.t0_us;
+        g.licks.clear();
+        g.lick_total = 0;
+        g.lick_floor_us = view.t0_us;
+        g.motion_bin = None;
+        g.motion.clear();
+        g.motion_total = 0;
+        // The engine starts waiting for a still lever (it reports changes).
+        g.task = Some(TaskStateView {
+            state: "waiting",
+            since_us: view.t0_us,
+            changes: 0,
+        });
         g.session = Some(Arc::new(view));
         g.epoch += 1;
     }
@@ -428,6 +627,15 @@ impl PreviewState {
     pub fn end_session(&self) {
         let mut g = self.lock();
         g.session = None;
+        let now = g.now_us;
+        if let Some(t) = g.task.as_mut().filter(|t| t.state != "finished") {
+            // The engine's own `finished` may not have reached the page.
+            *t = TaskStateView {
+                state: "finished",
+                since_us: now,
+                changes: t.changes + 1,
+            };
+        }
         g.epoch += 1;
     }
 
@@ -459,6 +667,15 @@ impl PreviewState {
         let lever = tail(&g.lever, g.lever_total, cursor.lever);
         let trials = tail(&g.trials, g.trial_count, cursor.trials);
         let dff = tail(&g.dff, g.dff_total, cursor.dff);
+        let licks = tail(&g.licks, g.lick_total, cursor.licks);
+        let motion = tail(&g.motion, g.motion_total, cursor.motion);
+        let counters = g
+            .live
+            .as_ref()
+            .map_or_else(RigCounters::default, |l| RigCounters {
+                samples_lost: l.samples_lost(),
+                records_dropped: l.storage_drops(),
+            });
         let rois = (reset || cursor.rois_version != g.rois_version).then(|| Arc::clone(&g.rois));
         let mean_image = if reset || cursor.image_version != g.image_version {
             g.image.clone()
@@ -485,6 +702,13 @@ impl PreviewState {
             mean_image,
             health: g.health.clone(),
             last_qc,
+            lick_total: g.lick_total,
+            lick_floor_us: g.lick_floor_us,
+            licks,
+            motion_total: g.motion_total,
+            motion,
+            task: g.task,
+            counters,
             session: reset.then(|| g.session.clone()),
         };
         *cursor = Cursor {
@@ -494,6 +718,8 @@ impl PreviewState {
             rois_version: g.rois_version,
             image_version: g.image_version,
             qc_version: g.qc_version,
+            licks: g.lick_total,
+            motion: g.motion_total,
             epoch: g.epoch,
             started: true,
         };
@@ -567,6 +793,32 @@ fn add_trial(g: &mut Inner, ev: TrialEvent) {
     g.trials.push_back(ev);
     while g.trials.len() > MAX_TRIALS_KEPT {
         g.trials.pop_front();
+    }
+}
+
+fn add_mark(g: &mut Inner, m: RigMark) {
+    match m {
+        RigMark::Lick(t_us) => {
+            g.now_us = g.now_us.max(t_us);
+            g.licks.push_back(t_us);
+            g.lick_total += 1;
+            let cut = g.now_us.saturating_sub(LICK_WINDOW_US);
+            while let Some(&t) = g.licks.front() {
+                if t >= cut && g.licks.len() <= MAX_LICKS_KEPT {
+                    break;
+                }
+                g.licks.pop_front();
+                g.lick_floor_us = g.lick_floor_us.max(t + 1);
+            }
+        }
+        RigMark::State { t_us, state } => {
+            let changes = g.task.map_or(0, |t| t.changes) + 1;
+            g.task = Some(TaskStateView {
+                state,
+                since_us: t_us,
+                changes,
+            });
+        }
     }
 }
 
@@ -677,6 +929,128 @@ mod tests {
     }
 
     #[test]
+    fn licks_task_state_and_motion_reach_the_page_and_start_afresh() {
+        let s = PreviewState::new();
+        let mut c = Cursor::default();
+        s.begin_session(SessionView {
+            mouse: "A".into(),
+            t0_us: 1_000_000,
+            ..SessionView::default()
+        });
+        let up = s.update_since(&mut c);
+        let task = up.task.expect("a session's task state");
+        assert_eq!(
+            (task.state, task.since_us, task.changes),
+            ("waiting", 1_000_000, 0)
+        );
+        // The rig thread's marks, held back while the lock is busy.
+        let mut pending = vec![
+            RigMark::State {
+                t_us: 2_000_000,
+                state: "iti",
+            },
+            RigMark::Lick(2_100_000),
+            RigMark::Lick(2_200_000),
+            RigMark::State {
+                t_us: 3_000_000,
+                state: "quiescence",
+            },
+        ];
+        {
+            let _held = s.lock();
+            assert!(!s.try_push_marks(&mut pending));
+            assert_eq!(pending.len(), 4, "kept for the next try");
+        }
+        assert!(s.try_push_marks(&mut pending) && pending.is_empty());
+        // 30 Hz shifts for 2 s, every tenth flagged.
+        for i in 0..60u64 {
+            s.push_motion(3_000_000 + i * 33_333, 1.0, -2.0, 0.5, i % 10 == 0);
+        }
+        let up = s.update_since(&mut c);
+        assert!(!up.reset);
+        assert_eq!(
+            (up.lick_total, up.licks.clone()),
+            (2, vec![2_100_000, 2_200_000])
+        );
+        let task = up.task.expect("task");
+        assert_eq!(
+            (task.state, task.since_us, task.changes),
+            ("quiescence", 3_000_000, 2)
+        );
+        assert_eq!(up.motion_total, 19, "2 s in 100 ms bins, the last open");
+        let frames: u32 = up.motion.iter().map(|m| m.frames).sum();
+        let flagged: u32 = up.motion.iter().map(|m| m.flagged).sum();
+        assert!(
+            frames >= 55 && flagged >= 5,
+            "{frames} frames, {flagged} flagged"
+        );
+        let m = up.motion[3];
+        assert!((m.dx - 1.0).abs() < 1e-6 && (m.dy + 2.0).abs() < 1e-6 && m.peak == 0.5);
+        let json = serde_json::to_value(&up).expect("json");
+        assert_eq!(json["motion"][3][1], 1.0);
+        assert_eq!(json["task"]["state"], "quiescence");
+        // Only what is new goes out next time.
+        s.push_lick(4_000_000);
+        let up = s.update_since(&mut c);
+        assert_eq!((up.licks.len(), up.motion.len(), up.lick_total), (1, 0, 3));
+        // The session ends: the task is over, the plots stay.
+        s.end_session();
+        let up = s.update_since(&mut c);
+        assert_eq!(up.task.map(|t| t.state), Some("finished"));
+        assert_eq!(up.licks.len(), 3);
+        // Session B: nothing of A's licks, motion or task state.
+        s.begin_session(SessionView {
+            mouse: "B".into(),
+            t0_us: 90_000_000,
+            ..SessionView::default()
+        });
+        let up = s.update_since(&mut c);
+        assert!(up.reset);
+        assert!(up.licks.is_empty() && up.motion.is_empty());
+        assert_eq!(
+            (up.lick_total, up.motion_total, up.lick_floor_us),
+            (0, 0, 90_000_000)
+        );
+        let task = up.task.expect("task");
+        assert_eq!(
+            (task.state, task.since_us, task.changes),
+            ("waiting", 90_000_000, 0)
+        );
+    }
+
+    #[test]
+    fn licks_are_windowed_and_capped_with_a_floor() {
+        let s = PreviewState::new();
+        // 10 Hz for 150 s: the last 120 s are kept.
+        for i in 0..1500u64 {
+            s.push_lick(i * 100_000);
+        }
+        let up = s.snapshot();
+        assert_eq!(up.lick_total, 1500);
+        assert_eq!(up.licks.len(), 1201, "120 s, both ends");
+        assert_eq!(up.lick_floor_us, up.licks[0] - 100_000 + 1);
+        // A stuck sensor: 1 kHz for 10 s is capped.
+        for i in 0..10_000u64 {
+            s.push_lick(150_000_000 + i * 1000);
+        }
+        let up = s.snapshot();
+        assert_eq!(up.licks.len(), MAX_LICKS_KEPT);
+        assert!(up.lick_floor_us > up.licks[0] - 1000 && up.lick_floor_us <= up.licks[0]);
+    }
+
+    #[test]
+    fn live_counters_are_read_when_an_update_is_built() {
+        let s = PreviewState::new();
+        assert_eq!(s.snapshot().counters, RigCounters::default());
+        let live = Arc::new(crate::session::LiveStatus::default());
+        s.set_live_status(Arc::clone(&live));
+        live.add_samples_lost(7);
+        live.add_storage_drop();
+        let c = s.snapshot().counters;
+        assert_eq!((c.samples_lost, c.records_dropped), (7, 1));
+    }
+
+    #[test]
     fn cursor_gives_only_new_items() {
         let s = PreviewState::new();
         let mut c = Cursor::default();
@@ -712,6 +1086,20 @@ mod tests {
         );
         assert_eq!(up.dff[0].0.len(), MAX_ROIS_SENT);
         assert!((up.dff[0].0[0] - 0.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_last_minute_of_imaging_is_kept_when_it_runs_behind_the_lever() {
+        let s = PreviewState::new();
+        // The lever is 5 minutes ahead of the imaging (a busy machine).
+        s.push_lever(400_000_000, 0.0);
+        for i in 0..300u64 {
+            s.push_dff(i * 100_000, &[0.5]);
+            s.push_motion(i * 100_000, 0.5, 0.5, 0.9, false);
+        }
+        let up = s.snapshot();
+        assert!(up.dff.len() >= 290, "{}", up.dff.len());
+        assert!(up.motion.len() >= 290, "{}", up.motion.len());
     }
 
     #[test]

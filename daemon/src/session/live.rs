@@ -136,6 +136,11 @@ impl LiveStatus {
         self.storage_drops.load(Relaxed)
     }
 
+    /// Lever samples lost this session (index gaps in the device's stream).
+    pub fn samples_lost(&self) -> u64 {
+        self.samples_lost.load(Relaxed)
+    }
+
     /// Link state changes (the rig thread, on a link event: never per sample).
     pub fn set_link(&self, state: LinkState, detail: Option<String>) {
         if let Ok(mut d) = self.link_detail.lock() {

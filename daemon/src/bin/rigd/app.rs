@@ -207,6 +207,7 @@ impl App {
         let listener =
             control::bind(&socket, cfg.control.mode, cfg.control.group.as_deref()).await?;
         let preview = Arc::new(daemon::preview::PreviewState::new());
+        preview.set_live_status(live.status.clone());
         let handler = RigHandler::new(
             rig_rx,
             live.status.clone(),
