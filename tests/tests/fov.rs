@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use rig_tests::browser::{body_data, chromium, run_chromium};
 use rig_tests::{read_tsv, rigctl, stop_session, wait_connected, wait_idle, Rigd, Sim, TempDir};
 use serde_json::Value;
 
@@ -38,13 +39,28 @@ impl Lab {
 
     /// The rig's configuration for a simulator at `link`.
     fn config(&self, name: &str, link: &Path, on_fail: &str, timeout_s: u32) -> (PathBuf, PathBuf) {
+        self.config_with_preview(name, link, on_fail, timeout_s, None)
+    }
+
+    fn config_with_preview(
+        &self,
+        name: &str,
+        link: &Path,
+        on_fail: &str,
+        timeout_s: u32,
+        preview_port: Option<u16>,
+    ) -> (PathBuf, PathBuf) {
+        let preview = match preview_port {
+            Some(port) => format!("enabled = true\nport = {port}"),
+            None => "enabled = false".to_owned(),
+        };
         let socket = self.dir.path().join(format!("{name}.sock"));
         let config = self.dir.path().join(format!("{name}.toml"));
         std::fs::write(
             &config,
             format!(
                 "[rig]\nserial_port = {:?}\n\n[storage]\ndata_root = {:?}\nfsync_interval_ms = 200\n\n\
-                 [control]\nsocket = {:?}\n\n[preview]\nenabled = false\n\n\
+                 [control]\nsocket = {:?}\n\n[preview]\n{preview}\n\n\
                  [imaging]\nenabled = true\nshm_name = {:?}\nwidth = {W}\nheight = {H}\nchannels = 1\n\
                  pixel_size_um = 1.5\n\n\
                  [imaging.fov_check]\nframes = 30\ntimeout_s = {timeout_s}\nmax_shift_px = 8.0\n\
@@ -210,7 +226,8 @@ fn the_field_of_view_is_checked_against_the_mouses_day_1_reference() {
     // tolerance. The check measures it, the session registers against the
     // mouse's reference and uses its ROIs.
     let (sim, _keep) = lab.sim("day7", 7, "3.4,-2.2", &[]);
-    let (config, socket) = lab.config("rig", &sim.link, "refuse", 30);
+    let port = rig_tests::room::free_port();
+    let (config, socket) = lab.config_with_preview("rig", &sim.link, "refuse", 30, Some(port));
     let rigd = Rigd::start(&config, &socket);
     wait_connected(&socket);
     let (code, v, err) = start(&socket, &[]);
@@ -229,6 +246,65 @@ fn the_field_of_view_is_checked_against_the_mouses_day_1_reference() {
     assert!((um - 1.5 * dx.hypot(dy)).abs() < 0.05, "{f}");
     let day7 = PathBuf::from(v["session_dir"].as_str().expect("session_dir"));
     std::thread::sleep(Duration::from_secs(5));
+    // What the experimenter sees: the check on the live page, and the
+    // session's mean image over the reference.
+    if let Some(browser) = chromium() {
+        let url = format!("http://127.0.0.1:{port}/?poll=1&overlay=1");
+        let profile = lab.dir.path().join("chromium-fov");
+        let dom = run_chromium(
+            &browser,
+            &profile,
+            &url,
+            &["--virtual-time-budget=4000", "--dump-dom"],
+            Duration::from_secs(90),
+        );
+        let d = body_data(&dom);
+        assert_eq!(
+            d.get("fov-verdict").map(String::as_str),
+            Some("pass"),
+            "{d:?}"
+        );
+        let page_dx: f64 = d["fov-dx"].parse().expect("fov-dx");
+        assert_eq!(page_dx, dx, "the page shows the check's shift");
+        assert_eq!(
+            d.get("ref-overlay").map(String::as_str),
+            Some("on"),
+            "{d:?}"
+        );
+        // The ROIs (drawn on day 1) are outlined where their cells are in
+        // today's raw mean image: moved by the registration's shift.
+        let (sx, sy) = d["roi-shift"].split_once(',').expect("roi-shift");
+        let (sx, sy): (f64, f64) = (sx.parse().expect("x"), sy.parse().expect("y"));
+        assert!(
+            (sx - 3.4).abs() < 1.0 && (sy + 2.2).abs() < 1.0,
+            "roi shift ({sx}, {sy})"
+        );
+        assert!(
+            dom.contains("field of view vs mouse reference: pass"),
+            "{dom}"
+        );
+        let png = rig_tests::bin("rigd")
+            .parent()
+            .expect("target dir")
+            .join("fov-preview.png");
+        run_chromium(
+            &browser,
+            &lab.dir.path().join("chromium-fov-shot"),
+            &url,
+            &[
+                "--virtual-time-budget=4000",
+                "--window-size=1280,1400",
+                &format!("--screenshot={}", png.display()),
+            ],
+            Duration::from_secs(90),
+        );
+        let bytes = std::fs::read(&png).expect("screenshot");
+        assert!(
+            bytes.starts_with(b"\x89PNG") && bytes.len() > 10_000,
+            "bad screenshot"
+        );
+        eprintln!("screenshot: {}", png.display());
+    }
     stop_session(&socket);
     wait_idle(&socket, 60);
 

@@ -22,8 +22,8 @@ pub use server::{
     MAX_CONNECTIONS, TICK,
 };
 pub use state::{
-    Cursor, DffRow, Health, MeanImage, MotionBin, PreviewState, RigCounters, RigMark, Rois,
-    SessionView, TaskStateView, TrialEvent, Update, DFF_BIN_US, DFF_WINDOW_US, LEVER_BIN_US,
+    page_image, Cursor, DffRow, Health, MeanImage, MotionBin, PreviewState, RigCounters, RigMark,
+    Rois, SessionView, TaskStateView, TrialEvent, Update, DFF_BIN_US, DFF_WINDOW_US, LEVER_BIN_US,
     LEVER_WINDOW_US, LICK_WINDOW_US, MAX_IMAGE_SIDE, MAX_LICKS_KEPT, MAX_ROIS_SENT,
     MAX_TRIALS_KEPT, MOTION_BIN_US,
 };

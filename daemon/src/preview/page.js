@@ -42,6 +42,8 @@
     }
     if (u.session !== undefined) {
       S.session = u.session;
+      S.ref = u.session && u.session.reference_image ? decodeImage(u.session.reference_image) : null;
+      showFov(u.session ? u.session.fov_check : null);
       // The trial-aligned lever is built up here from the stream: kept
       // across snapshots of the same session (polling gets one each time),
       // started afresh by a new session.
@@ -158,12 +160,46 @@
     var c = document.createElement("canvas");
     c.width = m.w; c.height = m.h;
     var ctx = c.getContext("2d"), id = ctx.createImageData(m.w, m.h), n = m.w * m.h;
+    var vals = new Uint8Array(n);
     for (var i = 0; i < n; i++) {
       var v = parseInt(m.hex.substr(2 * i, 2), 16);
+      vals[i] = v;
       id.data[4 * i] = v; id.data[4 * i + 1] = v; id.data[4 * i + 2] = v; id.data[4 * i + 3] = 255;
     }
     ctx.putImageData(id, 0, 0);
-    return { canvas: c, srcW: m.src_w, srcH: m.src_h };
+    return { canvas: c, srcW: m.src_w, srcH: m.src_h, w: m.w, h: m.h, vals: vals };
+  }
+
+  // The session's mean image (green) over the reference (magenta).
+  function overlayImage(now, ref) {
+    if (!now || !ref || now.w !== ref.w || now.h !== ref.h) return null;
+    var c = document.createElement("canvas");
+    c.width = now.w; c.height = now.h;
+    var ctx = c.getContext("2d"), id = ctx.createImageData(now.w, now.h), n = now.w * now.h;
+    for (var i = 0; i < n; i++) {
+      id.data[4 * i] = ref.vals[i]; id.data[4 * i + 1] = now.vals[i];
+      id.data[4 * i + 2] = ref.vals[i]; id.data[4 * i + 3] = 255;
+    }
+    ctx.putImageData(id, 0, 0);
+    return c;
+  }
+
+  function showFov(f) {
+    var el = $("fov");
+    body.dataset.fovVerdict = f ? f.verdict : "";
+    body.dataset.fovDx = f && f.dx_px != null ? f.dx_px : "";
+    body.dataset.fovDy = f && f.dy_px != null ? f.dy_px : "";
+    if (!f) { el.textContent = "no field-of-view check (no reference for this mouse)"; el.className = ""; return; }
+    var num = function (v, d) { return v == null ? "–" : (v >= 0 ? "+" : "") + v.toFixed(d); };
+    var txt = "field of view vs " + f.reference + " reference: " + f.verdict;
+    if (f.dx_px != null) {
+      txt += " — shift dx " + num(f.dx_px, 1) + " px, dy " + num(f.dy_px, 1) + " px";
+      if (f.shift_um != null) txt += " (" + f.shift_um.toFixed(1) + " µm)";
+      txt += ", rotation " + num(f.rotation_deg, 1) + "°, r = " + f.correlation.toFixed(2);
+    }
+    if (f.problems && f.problems.length) txt += " — " + f.problems.join("; ");
+    el.textContent = txt;
+    el.className = f.verdict === "pass" ? "ok" : "bad";
   }
 
   function draw() {
@@ -397,12 +433,21 @@
   function drawImage() {
     var c = $("image"), ctx = c.getContext("2d"), b = imageBox(), sc = b.sc, i;
     ctx.fillStyle = "#0e0f12"; ctx.fillRect(0, 0, b.W, b.H);
-    if (S.image) { ctx.imageSmoothingEnabled = false; ctx.drawImage(S.image.canvas, 0, 0, b.sw * sc, b.sh * sc); }
+    var ov = $("ref-overlay").checked ? overlayImage(S.image, S.ref) : null;
+    body.dataset.refOverlay = ov ? "on" : "off";
+    if (ov) { ctx.imageSmoothingEnabled = false; ctx.drawImage(ov, 0, 0, b.sw * sc, b.sh * sc); }
+    else if (S.image) { ctx.imageSmoothingEnabled = false; ctx.drawImage(S.image.canvas, 0, 0, b.sw * sc, b.sh * sc); }
     else { ctx.fillStyle = "#667"; ctx.fillText("no mean image yet", 10, 20); }
     if (!S.rois) return;
     // Outlines: thin lines at the ROIs' borders, so the image shows through.
+    // ROIs are drawn on the reference; the mean image is of the raw frames,
+    // whose content sits where the registration found it: move the outlines
+    // by the recent median shift so they lie on their cells.
+    var shift = roiShift();
+    body.dataset.roiShift = shift.x.toFixed(2) + "," + shift.y.toFixed(2);
     var off = document.createElement("canvas"); off.width = b.W; off.height = b.H;
     var octx = off.getContext("2d");
+    octx.translate(shift.x * sc, shift.y * sc);
     octx.lineWidth = 1;
     for (i = 0; i < S.rois.outlines.length; i++) {
       var o = S.rois.outlines[i];
@@ -419,11 +464,23 @@
     S.outlineCover = n / area;
   }
 
+  // Median rigid shift (px) of the last 10 s of unflagged motion bins: where
+  // the reference's content lies in the raw frames now.
+  function roiShift() {
+    var xs = [], ys = [], cut = S.motion.length ? S.motion[S.motion.length - 1][0] - 10e6 : 0;
+    for (var k = 0; k < S.motion.length; k++) {
+      var m = S.motion[k];
+      if (m[0] >= cut && m[4] === 0) { xs.push(m[1]); ys.push(m[2]); }
+    }
+    var med = function (v) { v.sort(function (a, b) { return a - b; }); return v.length ? v[v.length >> 1] : 0; };
+    return { x: med(xs), y: med(ys) };
+  }
+
   function pickRoi(ev) {
     if (!S.rois) return;
-    var c = $("image"), rect = c.getBoundingClientRect(), b = imageBox();
-    var x = (ev.clientX - rect.left) * c.width / rect.width / b.sc;
-    var y = (ev.clientY - rect.top) * c.height / rect.height / b.sc;
+    var c = $("image"), rect = c.getBoundingClientRect(), b = imageBox(), shift = roiShift();
+    var x = (ev.clientX - rect.left) * c.width / rect.width / b.sc - shift.x;
+    var y = (ev.clientY - rect.top) * c.height / rect.height / b.sc - shift.y;
     var ctx = document.createElement("canvas").getContext("2d"), hit = -1;
     for (var i = 0; i < S.rois.outlines.length && hit < 0; i++) {
       var o = S.rois.outlines[i];
@@ -605,6 +662,9 @@
   // ?roi=N (for tests): select ROI N (1-based) as a click would.
   var mr = /[?&]roi=(\d+)/.exec(location.search);
   if (mr) S.selected = parseInt(mr[1], 10) - 1;
+  // ?overlay=1: the reference overlay on, as ticking the box does.
+  if (/[?&]overlay=1/.test(location.search)) $("ref-overlay").checked = true;
+  $("ref-overlay").addEventListener("change", function () { draw(); });
 
   function setConn(ok, text) {
     var c = $("conn"); c.textContent = text; c.className = ok ? "ok" : "bad";

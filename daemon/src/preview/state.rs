@@ -82,6 +82,12 @@ pub struct SessionView {
     pub max_duration_s: Option<f64>,
     /// Trial cap, if any.
     pub max_trials: Option<u32>,
+    /// The field-of-view check at the start, if one was made.
+    pub fov_check: Option<protocol::control::FovSummary>,
+    /// The imaging reference the session registers against (the mouse's
+    /// day-1 mean image), scaled as the mean image is: the page overlays
+    /// the two.
+    pub reference_image: Option<MeanImage>,
 }
 
 /// The task engine's current state (`crate::task::TaskState::as_str`:
@@ -733,6 +739,13 @@ fn tail<T: Clone>(q: &VecDeque<T>, total: u64, seen: u64) -> Vec<T> {
     let new = usize::try_from(total.saturating_sub(seen)).unwrap_or(usize::MAX);
     let skip = q.len().saturating_sub(new);
     q.iter().skip(skip).cloned().collect()
+}
+
+/// An image (`w * h` row-major pixels) as the page shows it: 8 bits
+/// between its 0.5th and 99.5th percentiles, block-averaged to at most
+/// [`MAX_IMAGE_SIDE`] a side. None for an empty or non-finite image.
+pub fn page_image(w: u32, h: u32, pixels: &[f32]) -> Option<MeanImage> {
+    scale_image(w, h, pixels)
 }
 
 fn scale_image(w: u32, h: u32, pixels: &[f32]) -> Option<MeanImage> {

@@ -669,6 +669,8 @@ impl Supervisor {
                 daily_water_target_ul: c.safety.daily_water_target_ul,
                 max_duration_s: plan.params.max_duration_us.map(|us| us as f64 / 1e6),
                 max_trials: plan.params.max_trials,
+                fov_check: decision.as_ref().map(|d| d.summary.clone()),
+                reference_image: page_reference(&plan.cfg),
             });
         }
         let id = SessionId(self.next_id);
@@ -1074,6 +1076,19 @@ impl Supervisor {
             *g = None;
         }
     }
+}
+
+/// The session's imaging reference as the page shows it (None: imaging
+/// off, no reference, or one that does not load; the ingest reports that).
+fn page_reference(cfg: &RigConfig) -> Option<crate::preview::MeanImage> {
+    let im = &cfg.imaging;
+    let path = im
+        .reference_image
+        .as_ref()
+        .filter(|_| im.enabled && im.motion_correction)?;
+    let r = crate::imaging::analysis::load_reference(path, im.width as usize, im.height as usize)
+        .ok()?;
+    crate::preview::page_image(im.width, im.height, r.image())
 }
 
 fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, ControlError> {
