@@ -773,6 +773,10 @@ pub struct StatusReply {
     /// Imaging frames lost this session (ring overruns).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drops: Option<u64>,
+    /// A start waiting for its field-of-view check: its mouse (the state
+    /// is `idle` until the session starts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checking_fov: Option<String>,
 }
 
 /// Payload of the `start` response.

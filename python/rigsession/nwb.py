@@ -615,6 +615,7 @@ def _imaging(nwbfile, session, opts, ft: Table, im: dict, level: int):
     ophys = nwbfile.create_processing_module(
         name="ophys", description="online motion correction, ROIs, F and dF/F computed by rigd"
     )
+    _summary_images(session, ophys)
     rois = session.rois()
     f = session.stream("f")
     dff = session.stream("dff")
@@ -723,6 +724,50 @@ def _imaging(nwbfile, session, opts, ft: Table, im: dict, level: int):
                 timestamps=ophys["motion"],
             )
         )
+
+
+def _summary_images(session: Session, ophys) -> None:
+    """The session's mean image, the reference it registered against (the
+    mouse's day-1 field of view, when it has one) and the field-of-view
+    check's mean image, as ``ophys/SummaryImages``."""
+    from pynwb.base import Images
+    from pynwb.image import GrayscaleImage
+
+    images = []
+    mean = session.mean_image()
+    if mean is not None:
+        plane = mean.reshape(mean.shape[-2:]) if mean.ndim > 2 else mean
+        images.append(GrayscaleImage(
+            name="mean",
+            data=plane.astype(np.float32),
+            description="mean of the session's raw frames, first channel (mean_image.npy); (y, x) as stored",
+        ))
+    ref = session.reference_image()
+    if ref is not None:
+        src = session.imaging_reference
+        origin = src.get("source", "?")
+        if origin == "mouse":
+            origin = f"the mouse's imaging reference, set {src.get('set_utc', '?')} from {src.get('from_session', '?')}"
+        images.append(GrayscaleImage(
+            name="reference",
+            data=ref.astype(np.float32),
+            description=f"motion-correction reference (reference_image.npy): {origin}; (y, x) as stored",
+        ))
+    fov = session.fov_check_mean()
+    if fov is not None:
+        c = session.fov_check
+        what = ", ".join(f"{k} = {c[k]}" for k in ("verdict", "dx_px", "dy_px", "rotation_deg", "correlation") if k in c)
+        images.append(GrayscaleImage(
+            name="fov_check",
+            data=fov.astype(np.float32),
+            description=f"mean of the first frames, registered against the reference at the start (fov_check_mean.npy): {what}; (y, x) as stored",
+        ))
+    if images:
+        ophys.add(Images(
+            name="SummaryImages",
+            images=images,
+            description="the session's mean image, its motion-correction reference and the field-of-view check",
+        ))
 
 
 def export(session_dir, out_path=None, opts: Optional[ExportOptions] = None) -> Path:

@@ -339,11 +339,50 @@ class Session:
         p = self.path / "mean_image.npy"
         return np.load(p) if p.is_file() else None
 
+    def reference_image(self) -> Optional[np.ndarray]:
+        """The motion-correction reference the session registered its frames
+        against (H, W), from its copy ``reference_image.npy``: the mouse's
+        imaging reference (see ``imaging_reference``) or the rig's. None when
+        the reference was built from the session's first frames."""
+        p = self.path / "reference_image.npy"
+        if not p.is_file():
+            return None
+        a = np.load(p)
+        return a.reshape(a.shape[-2:]) if a.ndim > 2 else a
+
+    @property
+    def imaging_reference(self) -> dict:
+        """session.toml's ``[imaging_reference]``: where the reference came
+        from (``source`` = ``mouse`` or ``rig``, when it was set, from which
+        session); {} when none was used."""
+        return self.meta.get("imaging_reference", {})
+
+    @property
+    def fov_check(self) -> dict:
+        """session.toml's ``[fov_check]``: the field of view at the start
+        against the reference (``verdict``, ``dx_px``, ``dy_px``,
+        ``rotation_deg``, ``correlation``, the limits, any ``problems``); {}
+        when no check was made."""
+        return self.meta.get("fov_check", {})
+
+    def fov_check_mean(self) -> Optional[np.ndarray]:
+        """The mean image (H, W) the field-of-view check registered
+        (``fov_check_mean.npy``), or None."""
+        p = self.path / "fov_check_mean.npy"
+        if not p.is_file():
+            return None
+        a = np.load(p)
+        return a.reshape(a.shape[-2:]) if a.ndim > 2 else a
+
     def roi_labels(self) -> Optional[np.ndarray]:
-        """The ROI label image (H, W) the session ran with: the file named by
-        ``[config.imaging].roi_labels``, when it is still there. None when the
+        """The ROI label image (H, W) the session ran with: its copy in the
+        session folder (``roi_labels.npy``), else the file named by
+        ``[config.imaging].roi_labels`` when it is still there. None when the
         session used no label image (the daemon then uses a grid of tiles whose
         layout the session format does not record) or the file is gone."""
+        own = self.path / "roi_labels.npy"
+        if own.is_file():
+            return np.load(own)
         p = self.config.get("imaging", {}).get("roi_labels")
         if not p:
             return None

@@ -163,6 +163,18 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[test]
 fn the_field_of_view_is_checked_against_the_mouses_day_1_reference() {
     let lab = Lab::new();
+    let (code, out, err) = lab.rigctl_data(&[
+        "mouse",
+        "add",
+        "M7",
+        "--sex",
+        "F",
+        "--date-of-birth",
+        "2026-09-01",
+        "--baseline-weight-g",
+        "24",
+    ]);
+    assert_eq!(code, 0, "mouse add: {out}{err}");
 
     // ---- Day 1: no reference yet, so no check; the session's mean image
     // becomes the mouse's reference, with the microscope's true ROIs.
@@ -342,6 +354,7 @@ fn the_field_of_view_is_checked_against_the_mouses_day_1_reference() {
         (mdx - 3.4).abs() < 1.0 && (mdy + 2.2).abs() < 1.0,
         "motion ({mdx}, {mdy})"
     );
+    python_sees_the_check(&day7, dx);
     drop(rigd);
     drop(sim);
 
@@ -414,21 +427,29 @@ fn the_field_of_view_is_checked_against_the_mouses_day_1_reference() {
         let socket = socket.clone();
         std::thread::spawn(move || start(&socket, &[]))
     };
-    // The start is waiting (its check has no frames): status still answers.
+    // The start is waiting (its check has no frames): status answers, and
+    // says so.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (code, _, err) = rigctl(&socket, &["start", "--mouse", "M8"]);
-        if code != 0 && err.contains("checking its field of view") {
+        let (code, out, err) = rigctl(&socket, &["status", "--json"]);
+        assert_eq!(code, 0, "status during the check: {out}{err}");
+        if out.contains("\"checking_fov\":\"M7\"") {
+            assert!(out.contains("\"state\":\"idle\""), "{out}");
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "no start waiting for its check: {err}"
+            "no start waiting for its check: {out}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let (code, out, _) = rigctl(&socket, &["status", "--json"]);
-    assert_eq!(code, 0, "status during the check: {out}");
+    // Another start meanwhile is told to wait.
+    let (code, _, err) = rigctl(&socket, &["start", "--mouse", "M8"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("the start for M7 is checking its field of view"),
+        "{err}"
+    );
     let (code, _, err) = rigctl(&socket, &["stop"]);
     assert_ne!(code, 0);
     assert!(
@@ -444,6 +465,78 @@ fn the_field_of_view_is_checked_against_the_mouses_day_1_reference() {
     assert_eq!(lab.sessions("M7").len(), before);
     drop(rigd);
     drop(sim);
+}
+
+/// The Python loader reads the check, the reference and the session's own
+/// copy of the labels; the NWB export carries the summary images. Needs
+/// numpy and pynwb in `$RIG_PYTHON` (required under `RIG_REQUIRE_NWB=1`).
+fn python_sees_the_check(session: &Path, dx: f64) {
+    let py = |args: &[&std::ffi::OsStr]| {
+        Command::new(rig_tests::python())
+            .args(args)
+            .env("PYTHONPATH", rig_tests::checkout_pythonpath())
+            .env("PYTHONWARNINGS", "ignore")
+            .output()
+            .expect("run python")
+    };
+    let probe = py(&["-c".as_ref(), "import numpy, pynwb".as_ref()]);
+    if !probe.status.success() {
+        assert!(
+            std::env::var("RIG_REQUIRE_NWB").as_deref() != Ok("1"),
+            "RIG_REQUIRE_NWB=1 but {} cannot import numpy and pynwb",
+            rig_tests::python().display()
+        );
+        eprintln!(
+            "SKIP the Python check: no numpy/pynwb in {}",
+            rig_tests::python().display()
+        );
+        return;
+    }
+    let code = r#"
+import sys
+from pathlib import Path
+import rigsession
+from rigsession import nwb
+from pynwb import NWBHDF5IO
+s = rigsession.Session(sys.argv[1])
+print("verdict", s.fov_check["verdict"])
+print("dx", s.fov_check["dx_px"])
+print("source", s.imaging_reference["source"])
+print("ref", s.reference_image().shape)
+print("labels", int(s.roi_labels().max()))
+print("fovmean", s.fov_check_mean().shape)
+out = Path(sys.argv[2])
+nwb.export(sys.argv[1], out)
+with NWBHDF5IO(str(out), "r") as io:
+    f = io.read()
+    imgs = f.processing["ophys"]["SummaryImages"]
+    print("images", ",".join(sorted(imgs.images.keys())))
+    print("refdesc", imgs.images["reference"].description)
+"#;
+    let out_nwb = session.with_extension("nwb");
+    let out = py(&[
+        "-c".as_ref(),
+        code.as_ref(),
+        session.as_os_str(),
+        out_nwb.as_os_str(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "python: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("verdict pass\n"), "{text}");
+    assert!(text.contains(&format!("dx {dx}\n")), "{text}");
+    assert!(text.contains("source mouse\n"), "{text}");
+    assert!(text.contains(&format!("ref ({H}, {W})\n")), "{text}");
+    assert!(text.contains("labels 60\n"), "{text}");
+    assert!(text.contains(&format!("fovmean ({H}, {W})\n")), "{text}");
+    assert!(text.contains("images fov_check,mean,reference\n"), "{text}");
+    assert!(
+        text.contains("the mouse's imaging reference, set"),
+        "{text}"
+    );
 }
 
 /// A little uint16 NPY file, C order.

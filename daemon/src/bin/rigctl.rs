@@ -718,6 +718,9 @@ pub(crate) fn print_status(v: &Value) {
         print!("   link {link}");
     }
     println!();
+    if let Some(m) = v["checking_fov"].as_str() {
+        println!("starting {m}: checking the field of view against its reference");
+    }
     if state != "idle" {
         println!(
             "mouse {}   elapsed {} s   trials {}   rewards {}   water {} µL",

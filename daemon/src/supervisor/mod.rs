@@ -444,6 +444,7 @@ impl Supervisor {
         let mut reply = StatusReply {
             state: SessionState::Idle,
             link: live.link,
+            checking_fov: self.pending.as_ref().map(|p| p.prepared.req.mouse.clone()),
             ..Default::default()
         };
         if let Some(s) = &self.session {
