@@ -387,6 +387,9 @@ struct DeviceArm {
     verdict: Option<Verdict>,
     /// The host's own decision: the first sample in the window that crosses.
     host_cross_us: Option<u64>,
+    /// When the engine asked the device to repeat a report that did not
+    /// come (`Disarm` of the arm's tag, after the window and its grace).
+    asked_at_us: Option<u64>,
 }
 
 fn verdict_name(v: Option<Verdict>) -> &'static str {
@@ -873,6 +876,7 @@ impl TaskEngine {
             window_end_us,
             verdict: None,
             host_cross_us: None,
+            asked_at_us: None,
         });
         true
     }
@@ -918,9 +922,26 @@ impl TaskEngine {
                 self.device_miss(t, arm, out);
             }
             None if t >= arm.window_end_us.saturating_add(DEVICE_VERDICT_GRACE_US) => {
-                // No report: the trial is a miss on the host's books; the
-                // arm's water stays committed until a report comes.
-                self.device_miss(t, arm, out);
+                match arm.asked_at_us {
+                    None if self.link_up => {
+                        // The report may have been lost on the wire (a
+                        // dropped or corrupt message): ask the device to
+                        // repeat it (a `Disarm` of an ended arm repeats its
+                        // report) before writing the trial, so that a valve
+                        // the device opened is never written as a miss.
+                        let mut asked = arm;
+                        asked.asked_at_us = Some(t);
+                        self.arm = Some(asked);
+                        out(TaskOutput::Command(HostCommand::Disarm(Disarm {
+                            trial_tag: arm.trial,
+                        })));
+                    }
+                    Some(at) if t < at.saturating_add(DEVICE_VERDICT_GRACE_US) => {}
+                    // Still no report: the trial is a miss on the host's
+                    // books; the arm's water stays committed until a report
+                    // comes.
+                    _ => self.device_miss(t, arm, out),
+                }
             }
             _ => {}
         }

@@ -253,6 +253,8 @@ pub struct Device {
     past_next_batch_us: u64,
     /// Fault injection: the next lever batch goes out twice (same bytes).
     duplicate_next_batch: bool,
+    /// Fault injection: the next `RewardFired` is not sent (lost on the wire).
+    pub(super) drop_next_report: bool,
     /// The armed reward, if any (see [`arm`]).
     armed: Option<arm::Armed>,
     /// The latest lever sample's counts.
@@ -293,6 +295,7 @@ impl Device {
             stamp_shift_us: 0,
             past_next_batch_us: 0,
             duplicate_next_batch: false,
+            drop_next_report: false,
             armed: None,
             last_counts: None,
             last_report: None,
@@ -316,6 +319,12 @@ impl Device {
     /// Fault injection: the next lever batch is sent twice (the same frame).
     pub fn duplicate_next_batch(&mut self) {
         self.duplicate_next_batch = true;
+    }
+
+    /// Fault injection: the next `RewardFired` report is lost on the wire
+    /// (the valve opens; the report is kept for a `Disarm` to repeat).
+    pub fn drop_next_report(&mut self) {
+        self.drop_next_report = true;
     }
 
     /// A device time as the wire carries it (32 bits, with any injected step).

@@ -69,6 +69,9 @@ pub enum FaultSpec {
     PastBatch { at_s: f64, by_s: f64 },
     /// `dupbatch@T`: the first lever batch after T is sent twice.
     DuplicateBatch { at_s: f64 },
+    /// `dropreport@T`: the first `RewardFired` after T is lost on the wire
+    /// (never sent; the valve opens, and a `Disarm` of its tag repeats it).
+    DropReport { at_s: f64 },
     /// `hold@T:D`: from T for D seconds the mouse holds the lever 2.4 mm
     /// down ([`HOLD_MM`]); its own presses go on over it.
     Hold { at_s: f64, duration_s: f64 },
@@ -91,6 +94,7 @@ impl FaultSpec {
             | Self::ClockStep { at_s, .. }
             | Self::PastBatch { at_s, .. }
             | Self::DuplicateBatch { at_s }
+            | Self::DropReport { at_s }
             | Self::Hold { at_s, .. }
             | Self::Jiggle { at_s, .. } => at_s,
         }
@@ -107,6 +111,7 @@ impl fmt::Display for FaultSpec {
             Self::ClockStep { at_s, step_s } => write!(f, "clockstep@{at_s}:{step_s}"),
             Self::PastBatch { at_s, by_s } => write!(f, "pastbatch@{at_s}:{by_s}"),
             Self::DuplicateBatch { at_s } => write!(f, "dupbatch@{at_s}"),
+            Self::DropReport { at_s } => write!(f, "dropreport@{at_s}"),
             Self::Hold { at_s, duration_s } => write!(f, "hold@{at_s}:{duration_s}"),
             Self::Jiggle { at_s, duration_s } => write!(f, "jiggle@{at_s}:{duration_s}"),
         }
@@ -114,7 +119,7 @@ impl fmt::Display for FaultSpec {
 }
 
 const FAULT_FORMS: &str = "unplug@T:D, silent@T:D, garbage@T:N, reboot@T, clockstep@T:D, \
-                           pastbatch@T:D, dupbatch@T, hold@T:D or jiggle@T:D (T, D in seconds; clockstep's D may be < 0)";
+                           pastbatch@T:D, dupbatch@T, dropreport@T, hold@T:D or jiggle@T:D (T, D in seconds; clockstep's D may be < 0)";
 
 /// Which form of fault spec was expected (the error message lists them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,7 +165,7 @@ pub enum FaultProblem {
     ZeroDuration,
     #[error("byte count '{0}' must be 1..=1000000")]
     ByteCount(String),
-    #[error("reboot and dupbatch take no ':' argument")]
+    #[error("reboot, dupbatch and dropreport take no ':' argument")]
     RebootArgument,
     #[error("unknown fault '{0}'")]
     UnknownKind(String),
@@ -218,14 +223,14 @@ impl FromStr for FaultSpec {
                     .ok_or_else(|| bad(FaultProblem::ByteCount(n.to_string())))?;
                 Ok(Self::Garbage { at_s, bytes })
             }
-            "reboot" | "dupbatch" => {
+            "reboot" | "dupbatch" | "dropreport" => {
                 if arg.is_some() {
                     return Err(bad(FaultProblem::RebootArgument));
                 }
-                Ok(if kind.trim() == "reboot" {
-                    Self::Reboot { at_s }
-                } else {
-                    Self::DuplicateBatch { at_s }
+                Ok(match kind.trim() {
+                    "reboot" => Self::Reboot { at_s },
+                    "dupbatch" => Self::DuplicateBatch { at_s },
+                    _ => Self::DropReport { at_s },
                 })
             }
             "pastbatch" => {

@@ -90,7 +90,8 @@ struct Args {
     /// Scheduled fault, repeatable: unplug@T:D, silent@T:D, garbage@T:N,
     /// reboot@T, clockstep@T:D (the device's timestamps step by D s, D may
     /// be < 0), pastbatch@T:D (one lever batch stamped D s in the past),
-    /// dupbatch@T (one lever batch sent twice), hold@T:D (the lever held
+    /// dupbatch@T (one lever batch sent twice), dropreport@T (the next
+    /// RewardFired lost on the wire), hold@T:D (the lever held
     /// 2.4 mm down for D s), jiggle@T:D (the lever pushed 1 mm every other
     /// 100 ms for D s) (T and D in simulated seconds).
     #[arg(long = "fault", value_name = "SPEC")]

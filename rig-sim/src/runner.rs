@@ -868,6 +868,11 @@ impl Sim {
                 self.row(t, "fault_jiggle", duration_s);
                 self.status(t, &format!("lever jiggled for {duration_s} s"));
             }
+            FaultSpec::DropReport { .. } => {
+                self.device.drop_next_report();
+                self.row(t, "fault_dropreport", 0.0);
+                self.status(t, "next RewardFired report lost");
+            }
             FaultSpec::DuplicateBatch { .. } => {
                 self.device.duplicate_next_batch();
                 self.row(t, "fault_dupbatch", 0.0);

@@ -164,3 +164,94 @@ fn device_mode_session_rewards_at_the_device_and_the_books_agree() {
     );
     drop(dir);
 }
+
+#[test]
+fn a_reward_report_lost_on_the_wire_is_asked_for_and_the_trial_is_rewarded() {
+    // The device fires and opens the valve, but its RewardFired never
+    // reaches rigd (`dropreport`: lost on the wire, as a full transmit
+    // buffer loses it). After the window and its grace rigd asks (`Disarm`
+    // of the trial's tag), the device repeats the report, and the trial is
+    // written rewarded: the valve opened, so the books say so.
+    let dir = TempDir::new("armed-lost-report");
+    let truth = dir.path().join("truth.tsv");
+    let sim = Sim::start(
+        dir.path(),
+        &[
+            "--speed",
+            "10",
+            "--day",
+            "14",
+            "--truth",
+            truth.to_str().expect("utf-8"),
+            "--fault-on",
+            "dropreport@cue2",
+        ],
+    );
+    let socket = dir.path().join("rigd.sock");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).expect("data root");
+    let config = dir.path().join("rig.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[rig]\nserial_port = {:?}\n\n[storage]\ndata_root = {:?}\nfsync_interval_ms = 100\n\n\
+             [control]\nsocket = {:?}\n\n[preview]\nenabled = false\n\n[imaging]\nenabled = false\n\n\
+             [safety]\nheartbeat_interval_ms = 20\nheartbeat_timeout_ms = 2000\n\n\
+             [task]\nreward_decision = \"device\"\nmax_duration_min = 1\n",
+            sim.link.display().to_string(),
+            data.display().to_string(),
+            socket.display().to_string(),
+        ),
+    )
+    .expect("config");
+    let rigd = Rigd::start(&config, &socket);
+    wait_connected(&socket);
+    let session = start_session(&socket, "M8");
+    wait_idle(&socket, 120);
+    assert_eq!(session_value(&session, "state"), "complete");
+    sim.stop(); // the truth log is complete
+    drop(rigd);
+
+    let truth_rows = read_tsv(&truth);
+    assert_eq!(
+        truth_rows
+            .iter()
+            .filter(|r| r["kind"] == "fault_dropreport")
+            .count(),
+        1
+    );
+    assert_eq!(
+        rig_tests::valve_openings(&truth),
+        rig_tests::valve_rewards(&session),
+        "every valve opening is a rewarded trial"
+    );
+    let events = read_tsv(&session.join("events.tsv"));
+    assert!(
+        !events.iter().any(|e| e["kind"] == "lost"),
+        "the link stayed up"
+    );
+    // The one ask: a Disarm of a tag whose report then came, and that trial
+    // rewarded.
+    let asks: Vec<u64> = events
+        .iter()
+        .filter(|e| e["kind"] == "disarm")
+        .filter_map(|e| detail_value(&e["detail"], "trial_tag"))
+        .collect();
+    assert_eq!(asks.len(), 1, "one report asked for: {asks:?}");
+    let tag = asks[0];
+    let reports = events
+        .iter()
+        .filter(|e| e["kind"] == "reward_fired" && e["value"] == tag.to_string())
+        .count();
+    assert_eq!(reports, 1, "the repeated report, once");
+    let trials = read_tsv(&session.join("trials.tsv"));
+    let t = trials
+        .iter()
+        .find(|t| t["trial"] == tag.to_string())
+        .expect("the trial");
+    assert_eq!(t["outcome"], "rewarded", "{t:?}");
+    assert!(
+        !events.iter().any(|e| e["kind"] == "decision_mismatch"),
+        "the host saw the same crossing"
+    );
+}

@@ -1310,17 +1310,55 @@ fn device_mode_miss_and_silent_device() {
     // The report came after the 3.0 s sample: the miss is at the next one.
     assert!(outs.contains(&state(3_001_000, TaskState::Iti)));
 
-    // No report at all: a miss after the grace, the water still committed.
+    // No report at all: after the grace the engine asks the device to
+    // repeat it; after another grace without one, a miss, the water still
+    // committed.
     let mut e = TaskEngine::new(device_params());
-    let outs = run(&mut e, &trace(0, 3600, |_| 0));
+    let outs = run(&mut e, &trace(0, 4600, |_| 0));
+    let ask = TaskOutput::Command(HostCommand::Disarm(Disarm { trial_tag: 1 }));
+    assert_eq!(outs.iter().filter(|o| **o == ask).count(), 1, "asked once");
     assert_eq!(mismatches(&outs), vec![(1, None, None, "silent")]);
     assert_eq!(trials(&outs)[0].outcome, Outcome::Miss);
-    assert!(outs.contains(&state(3_000_000 + DEVICE_VERDICT_GRACE_US, TaskState::Iti)));
+    assert!(outs.contains(&state(
+        3_000_000 + 2 * DEVICE_VERDICT_GRACE_US,
+        TaskState::Iti
+    )));
     assert!((e.committed_ul() - 4.0).abs() < 1e-9);
     // A late report settles it: fired counts as water given.
-    e.step(&fired(3_600_000, 1, 2_000_000), &mut |_| {});
+    e.step(&fired(4_600_000, 1, 2_000_000), &mut |_| {});
     assert_eq!(e.committed_ul(), 0.0);
     assert_eq!(e.rewards(), 1);
+}
+
+#[test]
+fn device_mode_a_lost_report_is_asked_for_and_the_trial_written_from_the_answer() {
+    // The device fired at the press, but its RewardFired never arrived (a
+    // dropped message): the engine asks after the window's grace, the
+    // device repeats it, and the trial is written rewarded, not a miss.
+    let mut e = TaskEngine::new(device_params());
+    let mut outs = run(&mut e, &trace(0, 3600, press_at(1300)));
+    let ask = TaskOutput::Command(HostCommand::Disarm(Disarm { trial_tag: 1 }));
+    assert!(outs.contains(&ask), "asked for the report");
+    assert!(
+        trials(&outs).is_empty(),
+        "nothing written before the answer"
+    );
+    outs.extend(run(
+        &mut e,
+        &merge(
+            trace(3601, 4600, press_at(1300)),
+            &[fired(3_610_000, 1, 1_360_000)],
+        ),
+    ));
+    let t = trials(&outs);
+    assert_eq!(t.len(), 1, "{t:?}");
+    assert_eq!(t[0].outcome, Outcome::Rewarded);
+    assert!(
+        mismatches(&outs).is_empty(),
+        "the host saw the same crossing"
+    );
+    assert_eq!(e.rewards(), 1);
+    assert_eq!(e.committed_ul(), 0.0);
 }
 
 #[test]

@@ -163,7 +163,9 @@ impl Device {
                 pulse_us: a.pulse_us,
             };
             self.last_report = Some(Report::Fired(fired));
-            self.send(t, DeviceMessage::RewardFired(fired), io);
+            if !std::mem::take(&mut self.drop_next_report) {
+                self.send(t, DeviceMessage::RewardFired(fired), io);
+            }
             self.open_valve(
                 t,
                 a.pulse_us,
