@@ -561,6 +561,7 @@ fn ok_response_shape() {
         link: Some(LinkState::Connected),
         frames: Some(1830),
         drops: Some(0),
+        checking_fov: None,
     };
     let response = Response::ok(Some(RequestId::Number(7)), &reply);
     assert_eq!(

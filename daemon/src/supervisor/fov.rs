@@ -263,24 +263,24 @@ pub(super) fn decide(
         (false, true, _) => "accepted",
         (false, false, FovAction::Warn) if checked => "warned",
         (false, false, FovAction::Warn) => "not_checked",
-        (false, false, FovAction::Refuse) => {
-            let what = if checked {
-                format!(
-                    "the field of view does not match mouse {}'s reference ({}): {}",
-                    req.mouse,
-                    reference_origin(choice),
-                    problems.join("; ")
-                )
-            } else {
-                problems.join("; ")
-            };
+        (false, false, FovAction::Refuse) if checked => {
             return Err(StartError::FieldOfView(format!(
-                "{what}. Move the stage (or fix the microscope) and start again; or start with \
-                 --accept-fov to run anyway (recorded in session.toml); or, if the field of \
-                 view is meant to change, set a new reference (`rigctl mouse reference set {} \
-                 --from-session DIR`). [imaging.fov_check].on_fail = \"warn\" starts with a \
-                 warning instead.",
-                req.mouse
+                "the field of view does not match mouse {m}'s reference ({}): {}. Move the stage \
+                 (or fix the microscope) and start again; or start with --accept-fov to run \
+                 anyway (recorded in session.toml); or, if the field of view is meant to \
+                 change, set a new reference (`rigctl mouse reference set {m} --from-session \
+                 DIR`). [imaging.fov_check].on_fail = \"warn\" starts with a warning instead.",
+                reference_origin(choice),
+                problems.join("; "),
+                m = req.mouse,
+            )));
+        }
+        (false, false, FovAction::Refuse) => {
+            return Err(StartError::FieldOfView(format!(
+                "{}. The field of view could not be checked: fix that and start again; or \
+                 start with --accept-fov to run without the check (recorded in session.toml). \
+                 [imaging.fov_check].on_fail = \"warn\" starts with a warning instead.",
+                problems.join("; ")
             )));
         }
     };
@@ -379,7 +379,10 @@ mod tests {
         let e = decide(&cfg, &choice(), &req, Err("no frames".into()))
             .expect_err("refused")
             .to_string();
-        assert!(e.starts_with("no frames. Move the stage"), "{e}");
+        assert!(
+            e.starts_with("no frames. The field of view could not be checked"),
+            "{e}"
+        );
 
         let accept = StartRequest {
             accept_fov: true,

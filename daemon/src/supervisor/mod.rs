@@ -717,14 +717,14 @@ impl Supervisor {
             started_utc: started_utc.clone(),
             t0_us,
         }));
-        let record = trained.map(|t| (t.record, ()));
+        let record = trained.map(|t| t.record);
         Ok(StartReply {
             session_dir: path.display().to_string(),
             mouse: req.mouse,
             started_utc,
-            training_day: record.as_ref().map(|(r, _)| r.day),
-            stage: record.as_ref().and_then(|(r, _)| r.stage.clone()),
-            stage_why: record.as_ref().and_then(|(r, _)| r.stage_why.clone()),
+            training_day: record.as_ref().map(|r| r.day),
+            stage: record.as_ref().and_then(|r| r.stage.clone()),
+            stage_why: record.as_ref().and_then(|r| r.stage_why.clone()),
             warnings,
             fov_check: decision.map(|d| d.summary),
         })
