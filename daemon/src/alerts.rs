@@ -382,6 +382,7 @@ pub fn free_mb(path: &std::path::Path) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

@@ -280,6 +280,7 @@ impl RigHandler {
     /// A record for the session files: into the ring, never waiting. A full
     /// ring (the storage thread fell behind) drops it and counts it; the
     /// storage thread writes the count into the session.
+    #[allow(clippy::wrong_self_convention)] // "to" the storage thread, not a conversion
     fn to_storage(&mut self, msg: StorageMsg) {
         let Some(s) = self.session.as_mut() else {
             return;
@@ -1033,7 +1034,7 @@ impl LinkHandler for RigHandler {
                     StorageSource::Link,
                     "bad_frames",
                     *frames as f64,
-                    EventDetail::Bytes(*bytes as u64),
+                    EventDetail::Bytes(*bytes),
                 );
             }
             LinkEvent::Fault { t_us, code, detail } => {

@@ -1,4 +1,5 @@
 //! Loading, defaults, validation rules and error locations.
+#![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 

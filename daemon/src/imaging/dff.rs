@@ -318,12 +318,12 @@ impl OnlineDff {
             "frame size does not match the ROI set"
         );
         assert_eq!(f_out.len(), self.n, "f_out must hold one value per ROI");
-        for k in 0..self.n {
+        for (k, out) in f_out.iter_mut().enumerate() {
             let f = self.roi.mean(k, frame);
             let fn_ = self.neu.mean(k, frame);
             self.raw_f[k] = f;
             self.fneu[k] = fn_;
-            f_out[k] = f - self.coef * fn_;
+            *out = f - self.coef * fn_;
         }
         self.fcorr.copy_from_slice(f_out);
         let mut fc = std::mem::take(&mut self.fcorr);

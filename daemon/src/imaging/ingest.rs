@@ -1990,8 +1990,7 @@ mod tests {
         // A folder that is gone: an error naming the file, nothing written.
         let gone = dir.join("gone");
         let e = write_mean_image(&gone, &[1, 1, 2], &[1.0, 2.0])
-            .err()
-            .expect("no folder")
+            .expect_err("no folder")
             .to_string();
         assert!(e.contains("mean_image.npy"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);

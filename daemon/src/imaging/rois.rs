@@ -597,7 +597,7 @@ pub fn parse_tiff_labels(bytes: &[u8], path: &Path) -> Result<LabelImage, RoiErr
             278 => rows_per_strip = first(&t)?,
             279 => counts = Some(t.values(e)?),
             284 => planar = first(&t)?,
-            322 | 323 | 324 | 325 => {
+            322..=325 => {
                 return Err(t.err("tiled TIFF is not supported (strips only)"));
             }
             339 => sample_format = first(&t)?,
@@ -663,7 +663,7 @@ pub fn parse_tiff_labels(bytes: &[u8], path: &Path) -> Result<LabelImage, RoiErr
         )));
     }
     let mut labels = Vec::with_capacity(width * height);
-    for s in 0..nstrips {
+    for (s, &offset) in offsets.iter().enumerate().take(nstrips) {
         let rows = rps.min(height - s * rps);
         let need = rows * width * bpp;
         if let Some(c) = counts.as_ref().and_then(|c| c.get(s)) {
@@ -671,7 +671,7 @@ pub fn parse_tiff_labels(bytes: &[u8], path: &Path) -> Result<LabelImage, RoiErr
                 return Err(t.err(format!("strip {s} has {c} bytes, expected {need}")));
             }
         }
-        let off = offsets[s] as usize;
+        let off = offset as usize;
         let data = bytes
             .get(off..off + need)
             .ok_or_else(|| t.err(format!("truncated TIFF (strip {s} out of range)")))?;

@@ -259,6 +259,7 @@ impl SessionPlan {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use protocol::control::TaskOverrides;
 

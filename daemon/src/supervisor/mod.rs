@@ -128,7 +128,8 @@ pub struct FovCheckDone(Result<fov::Measured, String>);
 #[derive(Debug)]
 pub enum Background {
     FovCheck(FovCheckDone),
-    Finished(Result<FinishedSession, String>),
+    /// Boxed: a session's summary is large, and this is once per session.
+    Finished(Box<Result<FinishedSession, String>>),
 }
 
 /// What the supervisor's once-a-second tick watches for alerts.
@@ -563,7 +564,7 @@ impl Supervisor {
                 Ok(r) => r,
                 Err(_) => Err("the field-of-view check ended without a result".into()),
             })),
-            None => Background::Finished(self.stop_finished().await),
+            None => Background::Finished(Box::new(self.stop_finished().await)),
         }
     }
 

@@ -329,7 +329,7 @@ impl App {
                 bg = self.core.background() => match bg {
                     Background::FovCheck(done) => self.core.complete_start(done).await,
                     Background::Finished(finished) => {
-                        if let Err(e) = self.core.complete_stop(finished) {
+                        if let Err(e) = self.core.complete_stop(*finished) {
                             tracing::debug!("session ended: {}", e.message);
                         }
                         if exiting {

@@ -196,7 +196,7 @@ pub async fn run(opts: DemoOptions, session_log: SessionLog) -> anyhow::Result<P
             Some(n) = app.notices.recv() => app.core.on_notice(n),
             bg = app.core.background() => match bg {
                 daemon::supervisor::Background::FovCheck(done) => app.core.complete_start(done).await,
-                daemon::supervisor::Background::Finished(f) => break app.core.complete_stop(f),
+                daemon::supervisor::Background::Finished(f) => break app.core.complete_stop(*f),
             },
             ev = events.recv() => {
                 if let Ok(line) = ev {
