@@ -247,3 +247,49 @@ fn slips_that_load_with_a_warning() {
     assert_eq!(run.code, Some(0), "{}", run.report());
     insta::assert_snapshot!("slips_that_load_with_a_warning", run.report());
 }
+
+#[test]
+fn the_training_protocol_and_each_stage_on_this_rig_are_checked() {
+    let dir = scratch_dir("protocol");
+    let example = rig_tests::workspace_root().join("docs/examples/protocol.toml");
+    std::fs::copy(&example, dir.join("protocol.toml")).expect("copy the example protocol");
+    let rig = |lever_travel_mm: f64| {
+        format!(
+            "[rig]\nlever_travel_mm = {lever_travel_mm:?}\n\n[task]\nthreshold_mm = 0.5\n\n\
+             [training]\nprotocol = {:?}\n",
+            dir.join("protocol.toml").display().to_string()
+        )
+    };
+    // The example protocol on a rig with the usual lever: fine.
+    std::fs::write(dir.join("rig.toml"), rig(6.0)).expect("write rig.toml");
+    let run = check_config(&dir, Path::new("rig.toml"));
+    assert_eq!(run.code, Some(0), "{}", run.report());
+    // On a rig whose lever travels 1 mm, a stage's 1.5 mm threshold cannot
+    // run: said now, naming the file and the stage, not at the start of the
+    // first mouse to reach it.
+    std::fs::write(dir.join("rig.toml"), rig(1.0)).expect("write rig.toml");
+    let run = check_config(&dir, Path::new("rig.toml"));
+    assert_eq!(run.code, Some(2), "{}", run.report());
+    assert!(
+        run.stderr.contains("protocol.toml: stage \"")
+            && run.stderr.contains("threshold_mm")
+            && run.stderr.contains("[stage.task]"),
+        "{}",
+        run.report()
+    );
+    assert!(
+        !run.stderr.contains("stage \"s1-shaping\""),
+        "the 0.8 mm stage fits a 1 mm lever: {}",
+        run.report()
+    );
+    // A protocol file that is not one: its own error.
+    std::fs::write(
+        dir.join("protocol.toml"),
+        "name = \"x\"\n[[stage]]\nnam = \"a\"\n",
+    )
+    .expect("write protocol");
+    let run = check_config(&dir, Path::new("rig.toml"));
+    assert_eq!(run.code, Some(2), "{}", run.report());
+    assert!(run.stderr.contains("protocol.toml"), "{}", run.report());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -169,6 +169,33 @@ fn run_daemon(path: PathBuf, format: app::LogFormat) -> ExitCode {
     })
 }
 
+/// The `[training].protocol` file's problems, and each stage whose task
+/// settings this rig's configuration refuses. Empty: fine (or no protocol).
+fn check_protocol(cfg: &rig_config::RigConfig) -> Vec<String> {
+    let Some(path) = cfg.training.as_ref().and_then(|t| t.protocol.as_ref()) else {
+        return Vec::new();
+    };
+    let protocol = match training::Protocol::load(path) {
+        Ok(p) => p,
+        Err(e) => return vec![e.to_string()],
+    };
+    protocol
+        .file
+        .stages
+        .iter()
+        .filter_map(|stage| {
+            cfg.with_task_overrides(&stage.task).err().map(|e| {
+                format!(
+                    "{}: stage {:?}: {e} (change the stage's [stage.task], or this rig's \
+                     configuration)",
+                    path.display(),
+                    stage.name
+                )
+            })
+        })
+        .collect()
+}
+
 fn check_config(path: &std::path::Path) -> ExitCode {
     let mut stderr = std::io::stderr().lock();
     let loaded = match rig_config::load(path) {
@@ -190,6 +217,16 @@ fn check_config(path: &std::path::Path) -> ExitCode {
     };
     for warning in &loaded.warnings {
         let _ = writeln!(stderr, "warning: {warning}");
+    }
+    // The training protocol the configuration names: the file itself, and
+    // every stage's task settings on this rig (otherwise found only at the
+    // start of the first mouse to reach that stage).
+    let protocol_problems = check_protocol(&loaded.config);
+    if !protocol_problems.is_empty() {
+        for p in &protocol_problems {
+            let _ = writeln!(stderr, "error: {p}");
+        }
+        return ExitCode::from(EXIT_CONFIG_NOT_LOADED);
     }
     let text = match loaded.config.to_toml_string() {
         Ok(text) => text,
