@@ -150,6 +150,15 @@ struct Args {
     /// neurons, placed differently, as on another day), e.g. 3.5,-2.
     #[arg(long, value_name = "DX,DY", default_value = "0,0", value_parser = parse_offset, allow_hyphen_values = true)]
     fov_offset: (f64, f64),
+    /// Rotate the microscope's field of view by DEG degrees about the
+    /// frame's centre (after --fov-offset), within +-10.
+    #[arg(
+        long,
+        value_name = "DEG",
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
+    fov_rotation: f64,
 }
 
 /// `WxH`, e.g. `512x512`.
@@ -227,6 +236,7 @@ impl Args {
                 m.start_frame = self.microscope_start_frame;
                 m.restart_frame = self.microscope_restart_frame;
                 m.fov_offset_px = self.fov_offset;
+                m.fov_rotation_deg = self.fov_rotation;
                 m
             }),
         }

@@ -4,8 +4,8 @@
 //! The real rigd checks the field of view before the task starts: a small
 //! shift is measured (within 1 px) and the session registers its frames
 //! against the mouse's reference with the mouse's ROIs; a shift beyond the
-//! tolerance is refused with the fix named, started with `--accept-fov`,
-//! or warned under `on_fail = "warn"`; a check that waits for frames keeps
+//! tolerance (or a turn beyond 2°) is refused with the fix named, started
+//! with `--accept-fov`, or warned under `on_fail = "warn"`; a check that waits for frames keeps
 //! rigd answering, and a stop cancels it.
 
 use std::path::{Path, PathBuf};
@@ -413,6 +413,22 @@ fn the_field_of_view_is_checked_against_the_mouses_day_1_reference() {
     );
     stop_session(&socket);
     wait_idle(&socket, 60);
+    drop(rigd);
+    drop(sim);
+
+    // ---- The microscope turned by 3°: beyond the 2° allowed, refused.
+    let (sim, _keep) = lab.sim("turned", 7, "0,0", &["--fov-rotation", "3"]);
+    let (config, socket) = lab.config("rig", &sim.link, "refuse", 30);
+    let rigd = Rigd::start(&config, &socket);
+    wait_connected(&socket);
+    let (code, _, err) = start(&socket, &[]);
+    assert_ne!(code, 0, "a 3° rotation must be refused");
+    println!("rotated: {err}");
+    assert!(
+        err.contains("rotated +2.") || err.contains("rotated +3."),
+        "{err}"
+    );
+    assert!(err.contains("more than the 2.0° allowed"), "{err}");
     drop(rigd);
     drop(sim);
 

@@ -395,11 +395,21 @@ mod tests {
     /// The simulated microscope's mean image over `n` frames from `t0_s`,
     /// with its field of view moved by `offset` px.
     fn sim_mean(seed: u64, offset: (f64, f64), n: usize) -> (Vec<f32>, usize, usize) {
+        sim_mean_rotated(seed, offset, 0.0, n)
+    }
+
+    fn sim_mean_rotated(
+        seed: u64,
+        offset: (f64, f64),
+        rotation_deg: f64,
+        n: usize,
+    ) -> (Vec<f32>, usize, usize) {
         let (w, h) = (128usize, 128usize);
         let mut spec = MicroscopeSpec::new(w as u32, h as u32);
         spec.seed = seed;
         spec.neurons = 60;
         spec.fov_offset_px = offset;
+        spec.fov_rotation_deg = rotation_deg;
         let mut m = Microscope::new(spec).expect("spec");
         let mut frame = vec![0u16; w * h];
         let mut dff = vec![0.0f32; m.neurons().len()];
@@ -464,6 +474,24 @@ mod tests {
         let p = limits.problems(&m);
         assert_eq!(p.len(), 1, "{p:?}");
         assert!(p[0].starts_with("rotated +2."), "{p:?}");
+    }
+
+    #[test]
+    fn a_rotated_microscope_is_measured() {
+        // The simulated microscope itself turned by 1.5° (after a shift of
+        // (2, -1) px): the rotation and the rotated shift are found.
+        let (reference, w, h) = sim_mean(7, (0.0, 0.0), 30);
+        let (turned, _, _) = sim_mean_rotated(7, (2.0, -1.0), 1.5, 30);
+        let m = measure(&reference, &turned, w, h).expect("measure");
+        println!("microscope rotated 1.5°: {m:?}");
+        let (s, c) = 1.5f64.to_radians().sin_cos();
+        let (tx, ty) = (c * 2.0 + s * 1.0, s * 2.0 - c * 1.0);
+        assert!((m.rotation_deg - 1.5).abs() < 0.3, "{m:?}");
+        assert!(
+            (m.dx_px - tx).abs() < 0.5 && (m.dy_px - ty).abs() < 0.5,
+            "{m:?}"
+        );
+        assert!(m.correlation > 0.8, "{m:?}");
     }
 
     #[test]

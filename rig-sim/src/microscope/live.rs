@@ -217,6 +217,9 @@ pub struct MicroscopeOptions {
     /// Constant displacement of the field of view, px (x, y): see
     /// [`MicroscopeSpec::fov_offset_px`].
     pub fov_offset_px: (f64, f64),
+    /// Constant rotation of the field of view, degrees: see
+    /// [`MicroscopeSpec::fov_rotation_deg`].
+    pub fov_rotation_deg: f64,
 }
 
 impl MicroscopeOptions {
@@ -234,6 +237,7 @@ impl MicroscopeOptions {
             start_frame: 0,
             restart_frame: None,
             fov_offset_px: (0.0, 0.0),
+            fov_rotation_deg: 0.0,
         }
     }
 
@@ -246,6 +250,7 @@ impl MicroscopeOptions {
         s.day = day;
         s.frame_rate_hz = frame_rate_hz;
         s.fov_offset_px = self.fov_offset_px;
+        s.fov_rotation_deg = self.fov_rotation_deg;
         s
     }
 

@@ -94,6 +94,10 @@ pub struct MicroscopeSpec {
     /// motion; a feature at label-image `(x, y)` appears at `(x + ox, y + oy)`.
     /// Each axis within +-64. Default (0, 0).
     pub fov_offset_px: (f64, f64),
+    /// A constant rotation of the field of view about the frame's centre,
+    /// degrees (counter-clockwise as displayed, rows down), applied after
+    /// the shift: within +-10. Default 0.
+    pub fov_rotation_deg: f64,
     /// Mean neuropil brightness, photons per pixel per frame (0: none).
     pub neuropil: f64,
     /// Size of the slow baseline drift, fraction (0: none).
@@ -125,6 +129,7 @@ impl MicroscopeSpec {
             noise: true,
             motion_px: (2.0 * s).max(0.5),
             fov_offset_px: (0.0, 0.0),
+            fov_rotation_deg: 0.0,
             neuropil: 8.0,
             drift: 0.05,
             gain: 20.0,
@@ -190,6 +195,7 @@ impl MicroscopeSpec {
             ("motion_px", self.motion_px, 64.0),
             ("fov_offset_px.x", self.fov_offset_px.0.abs(), 64.0),
             ("fov_offset_px.y", self.fov_offset_px.1.abs(), 64.0),
+            ("fov_rotation_deg", self.fov_rotation_deg.abs(), 10.0),
             ("neuropil", self.neuropil, 10_000.0),
             ("gain", self.gain, 10_000.0),
             ("offset", self.offset, 60_000.0),
@@ -404,7 +410,10 @@ impl Microscope {
         // field of view (the same seed gives the same neurons and neuropil).
         let base_margin = spec.motion_px.ceil() as usize + 2;
         let (ox, oy) = spec.fov_offset_px;
-        let margin = (spec.motion_px + ox.abs().max(oy.abs())).ceil() as usize + 2;
+        // A rotation moves the frame's corners by up to sin(angle) x the
+        // half-diagonal.
+        let turn = spec.fov_rotation_deg.to_radians().sin().abs() * (w + h) as f64 / 2.0;
+        let margin = (spec.motion_px + ox.abs().max(oy.abs()) + turn).ceil() as usize + 2;
         let extra = (margin - base_margin) as f64;
         let (base_pw, base_ph) = (w + 2 * base_margin, h + 2 * base_margin);
         let pw = w + 2 * margin;
@@ -796,6 +805,7 @@ impl Microscope {
             self.h,
             sx,
             sy,
+            self.spec.fov_rotation_deg,
             &self.spec,
             &self.normal,
             &mut rng,
@@ -810,6 +820,7 @@ impl Microscope {
                 self.h,
                 sx,
                 sy,
+                self.spec.fov_rotation_deg,
                 &self.spec,
                 &self.normal,
                 &mut rng,
@@ -831,11 +842,27 @@ fn sample_plane(
     h: usize,
     sx: f64,
     sy: f64,
+    rotation_deg: f64,
     spec: &MicroscopeSpec,
     normal: &[f32],
     rng: &mut Rng,
     out: &mut [u16],
 ) {
+    if rotation_deg != 0.0 {
+        return sample_rotated(
+            scene,
+            pw,
+            margin,
+            w,
+            h,
+            (sx, sy),
+            rotation_deg,
+            spec,
+            normal,
+            rng,
+            out,
+        );
+    }
     // out(x, y) = scene(x + margin - sx, y + margin - sy)
     let fx = margin as f64 - sx;
     let fy = margin as f64 - sy;
@@ -873,6 +900,65 @@ fn sample_plane(
                 lam.max(0.0)
             };
             dst[x] = (offset + gain * photons).clamp(0.0, 65535.0) as u16;
+        }
+    }
+}
+
+/// [`sample_plane`] with the field rotated by `rotation_deg` about the
+/// frame's centre after the shift: `out(p) = scene(R(-a) (p - c) + c + margin
+/// - shift)`, bilinear, zero outside the scene. The noise draws are made in
+/// the same order as the unrotated path.
+#[allow(clippy::too_many_arguments)]
+fn sample_rotated(
+    scene: &[f32],
+    pw: usize,
+    margin: usize,
+    w: usize,
+    h: usize,
+    (sx, sy): (f64, f64),
+    rotation_deg: f64,
+    spec: &MicroscopeSpec,
+    normal: &[f32],
+    rng: &mut Rng,
+    out: &mut [u16],
+) {
+    let ph = scene.len() / pw.max(1);
+    let (sin, cos) = rotation_deg.to_radians().sin_cos();
+    let (cx, cy) = ((w as f64 - 1.0) / 2.0, (h as f64 - 1.0) / 2.0);
+    let at = |x: usize, y: usize| scene.get(y * pw + x).copied().unwrap_or(0.0);
+    let gain = spec.gain as f32;
+    let offset = spec.offset as f32 + 0.5;
+    let mask = (1usize << NORMAL_TABLE_BITS) - 1;
+    let mut bits = 0u64;
+    let mut left = 0u32;
+    for y in 0..h {
+        for x in 0..w {
+            let (px, py) = (x as f64 - cx, y as f64 - cy);
+            let fx = cos * px + sin * py + cx + margin as f64 - sx;
+            let fy = -sin * px + cos * py + cy + margin as f64 - sy;
+            let lam = if fx >= 0.0 && fy >= 0.0 && fx < (pw - 1) as f64 && fy < (ph - 1) as f64 {
+                let (ix, iy) = (fx.floor() as usize, fy.floor() as usize);
+                let (ax, ay) = ((fx - fx.floor()) as f32, (fy - fy.floor()) as f32);
+                (1.0 - ax) * (1.0 - ay) * at(ix, iy)
+                    + ax * (1.0 - ay) * at(ix + 1, iy)
+                    + (1.0 - ax) * ay * at(ix, iy + 1)
+                    + ax * ay * at(ix + 1, iy + 1)
+            } else {
+                0.0
+            };
+            let photons = if spec.noise {
+                if left == 0 {
+                    bits = rng.next_u64();
+                    left = 4;
+                }
+                let z = normal[(bits as usize) & mask];
+                bits >>= 16;
+                left -= 1;
+                (lam + lam.max(0.0).sqrt() * z).max(0.0)
+            } else {
+                lam.max(0.0)
+            };
+            out[y * w + x] = (offset + gain * photons).clamp(0.0, 65535.0) as u16;
         }
     }
 }
