@@ -905,9 +905,10 @@ fn sample_plane(
 }
 
 /// [`sample_plane`] with the field rotated by `rotation_deg` about the
-/// frame's centre after the shift: `out(p) = scene(R(-a) (p - c) + c + margin
-/// - shift)`, bilinear, zero outside the scene. The noise draws are made in
-/// the same order as the unrotated path.
+/// frame's centre after the shift:
+/// `out(p) = scene(R(-a) (p - c) + c + margin - shift)`, bilinear, zero
+/// outside the scene. The noise draws are made in the same order as the
+/// unrotated path.
 #[allow(clippy::too_many_arguments)]
 fn sample_rotated(
     scene: &[f32],
