@@ -881,6 +881,9 @@ pub enum Event {
     Device(DeviceEvent),
     Link(LinkEvent),
     Session(SessionEvent),
+    /// A command given by hand outside the task (`valve`, `tone`), once the
+    /// device took it.
+    Manual(ManualEvent),
     /// The client read too slowly and `dropped` events were not sent to it.
     Lagged {
         dropped: u64,
@@ -893,6 +896,22 @@ impl Event {
         // Cannot fail for this type; if it somehow did, nothing is sent.
         encode_line(self).unwrap_or_default()
     }
+}
+
+/// A command given by hand: `{"event":"manual","action":"valve_pulse",
+/// "duration_ms":40.0,"calibration":true,"by":"uid 1000 (pid 4242)"}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManualEvent {
+    /// `valve_pulse`, `valve_flush` or `tone_test`.
+    pub action: String,
+    /// The valve's open time, ms (valve actions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<f64>,
+    /// Part of a valve calibration: the water went into a cup, for no mouse.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub calibration: bool,
+    /// Who asked (the control client's credentials).
+    pub by: String,
 }
 
 /// A trial ended.

@@ -368,6 +368,33 @@ fn bad_requests_get_clear_errors_and_the_daemon_carries_on() {
         }
     }
     assert!(saw_start, "the subscribed client kept getting events");
+    // Water given by hand reaches the subscribers, marked when it went into
+    // a calibration cup (for no mouse).
+    let answers = send_lines(
+        &rig.socket,
+        &[b"{\"cmd\":\"valve\",\"pulse_ms\":20,\"calibration\":true,\"id\":21}"],
+    );
+    assert_eq!(answers[0]["ok"], true, "{}", answers[0]);
+    let mut manual = None;
+    for _ in 0..5000 {
+        let mut line = String::new();
+        if r.read_line(&mut line).is_err() {
+            break;
+        }
+        if line.contains("\"event\":\"manual\"") {
+            manual = Some(line);
+            break;
+        }
+    }
+    let manual: serde_json::Value =
+        serde_json::from_str(&manual.expect("a manual event")).expect("json");
+    assert_eq!(manual["action"], "valve_pulse", "{manual}");
+    assert_eq!(manual["duration_ms"], 20.0, "{manual}");
+    assert_eq!(manual["calibration"], true, "{manual}");
+    assert!(
+        manual["by"].as_str().is_some_and(|b| !b.is_empty()),
+        "{manual}"
+    );
     // Task overrides are checked by the file's rules; a refused start names
     // the override, its value and the rule.
     let answers = send_lines(

@@ -789,6 +789,18 @@ fn watch(client: &mut Client, json: bool) -> Result<ExitCode, Failure> {
                 "valve open {} ms",
                 duration_ms.map_or("-".into(), |d| format!("{d:.1}"))
             )),
+            Event::Manual(m) => Some(format!(
+                "by hand: {}{} (by {}){}",
+                m.action.replace('_', " "),
+                m.duration_ms
+                    .map_or(String::new(), |d| format!(" {d:.1} ms")),
+                m.by,
+                if m.calibration {
+                    ", calibration: water for no mouse"
+                } else {
+                    ""
+                }
+            )),
             Event::Lagged { dropped } => Some(format!("({dropped} events not shown: too slow)")),
             _ => None,
         };

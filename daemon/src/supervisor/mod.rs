@@ -15,8 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use protocol::control::{
-    validate_mouse_id, ControlError, ErrorCode, Event, LinkState, Request, SessionEvent,
-    SessionState, SessionSummary, StartReply, StartRequest, StatusReply, StopReply, ValveAction,
+    validate_mouse_id, ControlError, ErrorCode, Event, LinkState, ManualEvent, Request,
+    SessionEvent, SessionState, SessionSummary, StartReply, StartRequest, StatusReply, StopReply,
+    ValveAction,
 };
 use protocol::serial::Tone;
 use rig_config::RigConfig;
@@ -418,9 +419,23 @@ impl Supervisor {
             Request::Status {} => to_value(&self.status_reply()),
             Request::Valve(v) => {
                 tracing::info!(%peer, "valve requested: {v:?}");
-                self.valve(&v)
-                    .await
-                    .map(|()| Value::Object(Default::default()))
+                let answer = self.valve(&v).await;
+                if answer.is_ok() {
+                    // Subscribers see water given by hand, and whether it
+                    // was for a calibration cup.
+                    let (action, duration_ms) = match v.action() {
+                        Ok(ValveAction::Pulse { duration_ms }) => ("valve_pulse", duration_ms),
+                        Ok(ValveAction::Flush { duration_ms }) => ("valve_flush", duration_ms),
+                        Err(_) => ("valve", f64::NAN),
+                    };
+                    self.events.publish(&Event::Manual(ManualEvent {
+                        action: action.to_owned(),
+                        duration_ms: Some(duration_ms).filter(|d| d.is_finite()),
+                        calibration: v.calibration,
+                        by: peer.to_string(),
+                    }));
+                }
+                answer.map(|()| Value::Object(Default::default()))
             }
             Request::Tone(t) => {
                 tracing::info!(%peer, "tone requested: {t:?}");
@@ -430,9 +445,16 @@ impl Supervisor {
                         "tone: only {\"test\": true} is supported",
                     ))
                 } else {
-                    self.tone_test()
-                        .await
-                        .map(|()| Value::Object(Default::default()))
+                    let answer = self.tone_test().await;
+                    if answer.is_ok() {
+                        self.events.publish(&Event::Manual(ManualEvent {
+                            action: "tone_test".to_owned(),
+                            duration_ms: None,
+                            calibration: false,
+                            by: peer.to_string(),
+                        }));
+                    }
+                    answer.map(|()| Value::Object(Default::default()))
                 }
             }
             Request::Subscribe {} => Ok(Value::Object(Default::default())),
