@@ -16,21 +16,27 @@ fn detail_value(detail: &str, key: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-#[test]
-fn device_mode_session_rewards_at_the_device_and_the_books_agree() {
-    let dir = TempDir::new("armed");
+/// One device-mode session of `minutes` on a fresh virtual rig at 10x
+/// (`extra` added to its arguments), run to its end; returns the folder (keep
+/// it alive), the session folder and the simulator's complete truth log.
+fn device_session(
+    name: &str,
+    mouse: &str,
+    minutes: u32,
+    extra: &[&str],
+) -> (TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let dir = TempDir::new(name);
     let truth = dir.path().join("truth.tsv");
-    let sim = Sim::start(
-        dir.path(),
-        &[
-            "--speed",
-            "10",
-            "--day",
-            "14",
-            "--truth",
-            truth.to_str().expect("utf-8"),
-        ],
-    );
+    let mut args = vec![
+        "--speed",
+        "10",
+        "--day",
+        "14",
+        "--truth",
+        truth.to_str().expect("utf-8"),
+    ];
+    args.extend_from_slice(extra);
+    let sim = Sim::start(dir.path(), &args);
     let socket = dir.path().join("rigd.sock");
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).expect("data root");
@@ -41,7 +47,7 @@ fn device_mode_session_rewards_at_the_device_and_the_books_agree() {
             "[rig]\nserial_port = {:?}\n\n[storage]\ndata_root = {:?}\nfsync_interval_ms = 100\n\n\
              [control]\nsocket = {:?}\n\n[preview]\nenabled = false\n\n[imaging]\nenabled = false\n\n\
              [safety]\nheartbeat_interval_ms = 20\nheartbeat_timeout_ms = 2000\n\n\
-             [task]\nreward_decision = \"device\"\nmax_duration_min = 3\n",
+             [task]\nreward_decision = \"device\"\nmax_duration_min = {minutes}\n",
             sim.link.display().to_string(),
             data.display().to_string(),
             socket.display().to_string(),
@@ -50,11 +56,17 @@ fn device_mode_session_rewards_at_the_device_and_the_books_agree() {
     .expect("config");
     let rigd = Rigd::start(&config, &socket);
     wait_connected(&socket);
-    let session = start_session(&socket, "M7");
+    let session = start_session(&socket, mouse);
     wait_idle(&socket, 120);
     assert_eq!(session_value(&session, "state"), "complete");
     sim.stop(); // the truth log is complete
     drop(rigd);
+    (dir, session, truth)
+}
+
+#[test]
+fn device_mode_session_rewards_at_the_device_and_the_books_agree() {
+    let (dir, session, truth) = device_session("armed", "M7", 3, &[]);
 
     let t0: u64 = session_value(&session, "t0_rig_us").parse().expect("t0");
     let trials = read_tsv(&session.join("trials.tsv"));
@@ -172,45 +184,12 @@ fn a_reward_report_lost_on_the_wire_is_asked_for_and_the_trial_is_rewarded() {
     // buffer loses it). After the window and its grace rigd asks (`Disarm`
     // of the trial's tag), the device repeats the report, and the trial is
     // written rewarded: the valve opened, so the books say so.
-    let dir = TempDir::new("armed-lost-report");
-    let truth = dir.path().join("truth.tsv");
-    let sim = Sim::start(
-        dir.path(),
-        &[
-            "--speed",
-            "10",
-            "--day",
-            "14",
-            "--truth",
-            truth.to_str().expect("utf-8"),
-            "--fault-on",
-            "dropreport@cue2",
-        ],
+    let (_dir, session, truth) = device_session(
+        "armed-lost-report",
+        "M8",
+        1,
+        &["--fault-on", "dropreport@cue2"],
     );
-    let socket = dir.path().join("rigd.sock");
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).expect("data root");
-    let config = dir.path().join("rig.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[rig]\nserial_port = {:?}\n\n[storage]\ndata_root = {:?}\nfsync_interval_ms = 100\n\n\
-             [control]\nsocket = {:?}\n\n[preview]\nenabled = false\n\n[imaging]\nenabled = false\n\n\
-             [safety]\nheartbeat_interval_ms = 20\nheartbeat_timeout_ms = 2000\n\n\
-             [task]\nreward_decision = \"device\"\nmax_duration_min = 1\n",
-            sim.link.display().to_string(),
-            data.display().to_string(),
-            socket.display().to_string(),
-        ),
-    )
-    .expect("config");
-    let rigd = Rigd::start(&config, &socket);
-    wait_connected(&socket);
-    let session = start_session(&socket, "M8");
-    wait_idle(&socket, 120);
-    assert_eq!(session_value(&session, "state"), "complete");
-    sim.stop(); // the truth log is complete
-    drop(rigd);
 
     let truth_rows = read_tsv(&truth);
     assert_eq!(

@@ -258,12 +258,12 @@ pub(super) fn decide(
         toml::Value::String(summary.reference.clone()),
     );
     let checked = mean.is_some();
-    let verdict = match (problems.is_empty(), req.accept_fov, fc.on_fail) {
-        (true, _, _) => "pass",
-        (false, true, _) => "accepted",
-        (false, false, FovAction::Warn) if checked => "warned",
-        (false, false, FovAction::Warn) => "not_checked",
-        (false, false, FovAction::Refuse) if checked => {
+    let verdict = match (problems.is_empty(), checked, req.accept_fov, fc.on_fail) {
+        (true, ..) => "pass",
+        (false, true, true, _) => "accepted",
+        (false, true, false, FovAction::Warn) => "warned",
+        (false, false, true, _) | (false, false, false, FovAction::Warn) => "not_checked",
+        (false, true, false, FovAction::Refuse) => {
             return Err(StartError::FieldOfView(format!(
                 "the field of view does not match mouse {m}'s reference ({}): {}. Move the stage \
                  (or fix the microscope) and start again; or start with --accept-fov to run \
@@ -275,7 +275,7 @@ pub(super) fn decide(
                 m = req.mouse,
             )));
         }
-        (false, false, FovAction::Refuse) => {
+        (false, false, false, FovAction::Refuse) => {
             return Err(StartError::FieldOfView(format!(
                 "{}. The field of view could not be checked: fix that and start again; or \
                  start with --accept-fov to run without the check (recorded in session.toml). \
@@ -283,11 +283,6 @@ pub(super) fn decide(
                 problems.join("; ")
             )));
         }
-    };
-    let verdict = if !checked && verdict == "accepted" {
-        "not_checked"
-    } else {
-        verdict
     };
     t.insert("verdict".into(), toml::Value::String(verdict.into()));
     if !problems.is_empty() {
